@@ -1,0 +1,1 @@
+"""shardps.client: the SDK (``LocalCluster``) and the ``shardps`` command line."""

@@ -1,0 +1,108 @@
+"""CoordinatorClient: the typed stub that servers, workers and tools use to reach the coordinator.
+
+Every call has a deadline. ``register_worker`` and ``register_server`` retry while the
+coordinator is unreachable or not ready (servers still starting), up to ``wait`` seconds.
+
+    coord = CoordinatorClient("127.0.0.1:7070")
+    reg = coord.register_worker(job, name="host-a", device="cpu", wait=60)
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable, TypeVar
+
+import grpc
+
+from ..proto.errors import Unavailable
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.messages import JobConfig, View, job_from_pb, job_to_pb, plan_from_pb, view_from_pb
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+from .state import Registration
+
+T = TypeVar("T")
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, timeout: float = CONTROL_TIMEOUT_S):
+        self.address, self.timeout = address, timeout
+        self._channel = insecure_channel(address)
+        self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"{what} at coordinator {self.address}") from None
+
+    def _retrying(self, what: str, fn: Callable[[], T], wait: float) -> T:
+        """Call ``fn`` until it stops failing with UNAVAILABLE/DEADLINE_EXCEEDED or ``wait`` s pass."""
+        deadline, delay = time.monotonic() + wait, 0.05
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE or time.monotonic() + delay > deadline:
+                    raise error_from_rpc(exc, f"{what} at coordinator {self.address} (waited {wait:.0f}s)") from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+    def register_server(self, address: str, shard_id: int, wait: float) -> tuple[int, int]:
+        req = pb.RegisterServerRequest(address=address, shard_id=shard_id)
+        reply = self._retrying("RegisterServer", lambda: self._stub.RegisterServer(req, timeout=self.timeout), wait)
+        return reply.shard_id, reply.num_servers
+
+    def register_worker(self, job: JobConfig, name: str, device: str, wait: float) -> Registration:
+        req = pb.RegisterWorkerRequest(job=job_to_pb(job), name=name, device=device)
+        reply = self._retrying("RegisterWorker", lambda: self._stub.RegisterWorker(req, timeout=self.timeout), wait)
+        return Registration(reply.job_id, reply.worker_id, job_from_pb(reply.job), plan_from_pb(reply.plan),
+                            reply.initializer)
+
+    def watch(self, job_id: str, after_epoch: int, timeout: float) -> View:
+        req = pb.WatchMembershipRequest(job_id=job_id, after_epoch=after_epoch, timeout_ms=int(timeout * 1000))
+        reply = self._call("WatchMembership", lambda: self._stub.WatchMembership(req, timeout=timeout + self.timeout))
+        return view_from_pb(reply.view)
+
+    def wait_for_view(self, job_id: str, worker_id: int, timeout: float) -> View:
+        """Block until a view containing ``worker_id`` exists; raise Unavailable after ``timeout`` s."""
+        deadline, epoch = time.monotonic() + timeout, 0
+        while True:
+            left = deadline - time.monotonic()
+            view = self.watch(job_id, epoch, max(0.0, min(left, 10.0)))
+            if worker_id in view.worker_ids:
+                return view
+            epoch = view.epoch
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"training did not start within {timeout:.0f}s: the job waits for min_workers to register "
+                    f"(view epoch {view.epoch} has {len(view.members)} workers); start more workers"
+                )
+
+    def view(self, job_id: str, epoch: int) -> View:
+        req = pb.GetMembershipRequest(job_id=job_id, epoch=epoch)
+        return view_from_pb(self._call("GetMembership", lambda: self._stub.GetMembership(req, timeout=self.timeout)).view)
+
+    def job(self):
+        """(job_id, JobConfig, plan) of the current job; job_id is "" while none is defined."""
+        reply = self._call("GetJob", lambda: self._stub.GetJob(pb.GetJobRequest(), timeout=self.timeout))
+        if not reply.job_id:
+            return "", None, []
+        return reply.job_id, job_from_pb(reply.job), plan_from_pb(reply.plan)
+
+    def leave(self, job_id: str, worker_id: int) -> None:
+        req = pb.LeaveJobRequest(job_id=job_id, worker_id=worker_id)
+        self._call("LeaveJob", lambda: self._stub.LeaveJob(req, timeout=self.timeout))
+
+    def status(self) -> pb.GetJobStatusResponse:
+        return self._call("GetJobStatus", lambda: self._stub.GetJobStatus(pb.GetJobStatusRequest(), timeout=self.timeout))

@@ -1,0 +1,54 @@
+"""Run the coordinator: ``shardps coordinator --port 7070 --num-servers 2``.
+
+It serves CoordinatorService and grpc.health.v1 until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.process import wait_for_stop_signal, write_port_file
+from ..proto.rpc import add_health, create_server as new_grpc_server
+from .service import CoordinatorServicer
+from .state import Coordinator
+
+log = logging.getLogger("shardps.coordinator")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" in containers
+    port: int = 7070  # 0 picks a free port (see port_file)
+    num_servers: int = 2  # shard servers the flat parameter vector is cut across
+    threads: int = 32  # gRPC handler threads (membership watches hold one each)
+    port_file: str = ""  # if set, the bound port is written here
+
+    def __post_init__(self):
+        if self.num_servers < 1:
+            raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
+    """Build (not start) the coordinator's gRPC server; returns (server, bound port, core)."""
+    coordinator = Coordinator(config.num_servers)
+    server = new_grpc_server(config.threads)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
+    add_health(server, ["shardps.v1.CoordinatorService"])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port} (in use?)")
+    return server, port, coordinator
+
+
+def serve(config: CoordinatorConfig) -> None:
+    server, port, _ = create_server(config)
+    server.start()
+    write_port_file(config.port_file, port)
+    log.info("coordinator serving on %s:%d for %d shard servers", config.host, port, config.num_servers)
+    wait_for_stop_signal()
+    server.stop(grace=2).wait(5)

@@ -1,0 +1,72 @@
+"""Domain errors shared by every role.
+
+Cores raise these; each gRPC adapter maps them to a status code in one function
+(``shardps.proto.rpc.abort_with``), and the worker maps a status back to the same
+class, so a user sees the server's own message. ``code`` names a
+``grpc.StatusCode`` member; this module does not import grpc.
+"""
+from __future__ import annotations
+
+
+class ShardpsError(Exception):
+    """Base class; ``code`` is the gRPC status it travels as."""
+
+    code = "INTERNAL"
+    reason = "internal"  # short key for rejection counters
+
+
+class InvalidArgument(ShardpsError):
+    """Malformed input: wrong size, offset, dtype, NaN/Inf values, bad numbers."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "invalid_argument"
+
+
+class FailedPrecondition(ShardpsError):
+    """Valid input that does not fit the job: other fingerprint, other job, not initialised, future step."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "failed_precondition"
+
+
+class FutureStep(FailedPrecondition):
+    """A push for a step the shard has not reached."""
+
+    reason = "future_step"
+
+
+class WrongJob(FailedPrecondition):
+    """A call for another job, another layout fingerprint or another shard range."""
+
+    reason = "wrong_job"
+
+
+class UnknownWorker(ShardpsError):
+    """The worker id is not in the membership view the push names."""
+
+    code = "NOT_FOUND"
+    reason = "unknown_worker"
+
+
+class StaleStep(ShardpsError):
+    """The push is for a step that closed long ago; pull and carry on."""
+
+    code = "ABORTED"
+    reason = "stale_step"
+
+
+class Unavailable(ShardpsError):
+    """The cluster is not ready yet (servers missing); retry shortly."""
+
+    code = "UNAVAILABLE"
+    reason = "unavailable"
+
+
+class WaitTimeout(ShardpsError):
+    """A bounded wait ran out (a sync step did not close in time)."""
+
+    code = "DEADLINE_EXCEEDED"
+    reason = "timeout"
+
+
+BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout)}

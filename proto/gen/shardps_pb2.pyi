@@ -1,0 +1,420 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+
+class UpdateMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPDATE_MODE_UNSPECIFIED: _ClassVar[UpdateMode]
+    UPDATE_MODE_SYNC: _ClassVar[UpdateMode]
+    UPDATE_MODE_ASYNC: _ClassVar[UpdateMode]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_INT8: DType
+DTYPE_UINT8: DType
+DTYPE_INT16: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_BOOL: DType
+UPDATE_MODE_UNSPECIFIED: UpdateMode
+UPDATE_MODE_SYNC: UpdateMode
+UPDATE_MODE_ASYNC: UpdateMode
+
+class TensorChunk(_message.Message):
+    __slots__ = ("dtype", "shape", "offset", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ParamInfo(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Layout(_message.Message):
+    __slots__ = ("params", "numel", "fingerprint")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[ParamInfo]
+    numel: int
+    fingerprint: str
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., numel: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class OptimizerSpec(_message.Message):
+    __slots__ = ("name", "kwargs_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kwargs_json: str
+    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("layout", "optimizer", "mode", "min_workers")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    layout: Layout
+    optimizer: OptimizerSpec
+    mode: UpdateMode
+    min_workers: int
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ...) -> None: ...
+
+class ShardAssignment(_message.Message):
+    __slots__ = ("shard_id", "start", "stop", "address")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    start: int
+    stop: int
+    address: str
+    def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ShardPlan(_message.Message):
+    __slots__ = ("shards", "numel", "align")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardAssignment]
+    numel: int
+    align: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardAssignment, _Mapping]]] = ..., numel: _Optional[int] = ..., align: _Optional[int] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("worker_id", "rank", "name", "device")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    rank: int
+    name: str
+    device: str
+    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., name: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class MembershipView(_message.Message):
+    __slots__ = ("epoch", "start_step", "members")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    start_step: int
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, epoch: _Optional[int] = ..., start_step: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class RegisterServerRequest(_message.Message):
+    __slots__ = ("address", "shard_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    shard_id: int
+    def __init__(self, address: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
+
+class RegisterServerResponse(_message.Message):
+    __slots__ = ("shard_id", "num_servers")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    num_servers: int
+    def __init__(self, shard_id: _Optional[int] = ..., num_servers: _Optional[int] = ...) -> None: ...
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("job", "name", "device")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    job: JobSpec
+    name: str
+    device: str
+    def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ..., name: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RegisterWorkerResponse(_message.Message):
+    __slots__ = ("job_id", "worker_id", "job", "plan", "initializer")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZER_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: int
+    job: JobSpec
+    plan: ShardPlan
+    initializer: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., initializer: _Optional[bool] = ...) -> None: ...
+
+class WatchMembershipRequest(_message.Message):
+    __slots__ = ("job_id", "after_epoch", "timeout_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_epoch: int
+    timeout_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., after_epoch: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class WatchMembershipResponse(_message.Message):
+    __slots__ = ("view",)
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    view: MembershipView
+    def __init__(self, view: _Optional[_Union[MembershipView, _Mapping]] = ...) -> None: ...
+
+class GetMembershipRequest(_message.Message):
+    __slots__ = ("job_id", "epoch")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class GetMembershipResponse(_message.Message):
+    __slots__ = ("view",)
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    view: MembershipView
+    def __init__(self, view: _Optional[_Union[MembershipView, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job_id", "job", "plan")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    job: JobSpec
+    plan: ShardPlan
+    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ...) -> None: ...
+
+class LeaveJobRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ...) -> None: ...
+
+class LeaveJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetJobStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("shard_id", "address")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    address: str
+    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class GetJobStatusResponse(_message.Message):
+    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    LEFT_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    job: JobSpec
+    plan: ShardPlan
+    view: MembershipView
+    servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
+    num_servers: int
+    pending: _containers.RepeatedCompositeFieldContainer[Member]
+    left_worker_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShardTarget(_message.Message):
+    __slots__ = ("job_id", "fingerprint", "shard_id", "start", "stop")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    fingerprint: str
+    shard_id: int
+    start: int
+    stop: int
+    def __init__(self, job_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class InitShardRequest(_message.Message):
+    __slots__ = ("target", "worker_id", "params")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    target: ShardTarget
+    worker_id: int
+    params: TensorChunk
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class InitShardResponse(_message.Message):
+    __slots__ = ("version", "already_initialized")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_INITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    already_initialized: bool
+    def __init__(self, version: _Optional[int] = ..., already_initialized: _Optional[bool] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "batch_size", "lr")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    target: ShardTarget
+    worker_id: int
+    step: int
+    epoch: int
+    base_version: int
+    batch_size: int
+    lr: float
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "grad")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    grad: TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushResult(_message.Message):
+    __slots__ = ("version", "staleness", "duplicate")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    staleness: int
+    duplicate: bool
+    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("result", "params")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    result: PushResult
+    params: TensorChunk
+    def __init__(self, result: _Optional[_Union[PushResult, _Mapping]] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("target", "include_optimizer_state")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    target: ShardTarget
+    include_optimizer_state: bool
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("version", "name", "chunk")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    name: str
+    chunk: TensorChunk
+    def __init__(self, version: _Optional[int] = ..., name: _Optional[str] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class GetShardStatusRequest(_message.Message):
+    __slots__ = ("include_digest",)
+    INCLUDE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    include_digest: bool
+    def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
+
+class GetShardStatusResponse(_message.Message):
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections")
+    class StalenessCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class RejectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    APPLY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    job_id: str
+    mode: UpdateMode
+    start: int
+    stop: int
+    initialized: bool
+    version: int
+    pushes_received: int
+    pushes_rejected: int
+    pushes_duplicate: int
+    bytes_in: int
+    bytes_out: int
+    workers_seen: _containers.RepeatedScalarFieldContainer[int]
+    staleness_counts: _containers.ScalarMap[int, int]
+    apply_seconds: float
+    state_digest: str
+    rejections: _containers.ScalarMap[str, int]
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -1,0 +1,202 @@
+"""Plain dataclasses for job specs, plans and membership, and their protobuf forms.
+
+Cores work with these; only adapters and clients convert, through the functions here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .gen import shardps_pb2 as pb
+from .layout import Layout
+from .plan import ShardRange
+
+_DTYPE_NAMES = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float64": pb.DTYPE_FLOAT64,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
+_DTYPE_BY_WIRE = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+class UpdateMode(str, Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+
+    @classmethod
+    def parse(cls, value: "str | UpdateMode") -> "UpdateMode":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown mode {value!r}; choose one of {[m.value for m in cls]}") from None
+
+
+_MODE_TO_PB = {UpdateMode.SYNC: pb.UPDATE_MODE_SYNC, UpdateMode.ASYNC: pb.UPDATE_MODE_ASYNC}
+_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What every worker of a job agrees on."""
+
+    layout: Layout
+    optimizer: str  # torch's lower-case name: "sgd", "adam", "adamw"
+    optimizer_kwargs: dict[str, Any]  # that class's keyword arguments, canonical JSON types
+    mode: UpdateMode = UpdateMode.SYNC
+    min_workers: int = 1  # training starts once this many workers registered
+
+    def __post_init__(self):
+        if self.min_workers < 1:
+            raise ValueError(f"min_workers must be >= 1, got {self.min_workers}")
+
+    def differences(self, other: "JobConfig") -> list[str]:
+        """Human-readable list of what differs from ``other`` (empty when equal)."""
+        out = []
+        if self.layout.fingerprint != other.layout.fingerprint:
+            out.append(
+                f"layout fingerprint {other.layout.fingerprint[:12]} differs from the job's "
+                f"{self.layout.fingerprint[:12]} (every worker must build the same model)"
+            )
+        if (self.optimizer, self.optimizer_kwargs) != (other.optimizer, other.optimizer_kwargs):
+            out.append(
+                f"optimizer {other.optimizer} {other.optimizer_kwargs} differs from the job's "
+                f"{self.optimizer} {self.optimizer_kwargs}"
+            )
+        if self.mode != other.mode:
+            out.append(f"mode {other.mode.value} differs from the job's {self.mode.value}")
+        if self.min_workers != other.min_workers:
+            out.append(f"min_workers {other.min_workers} differs from the job's {self.min_workers}")
+        return out
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard's range and the address of the server that owns it."""
+
+    range: ShardRange
+    address: str
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    worker_id: int
+    rank: int
+    name: str = ""
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class View:
+    """Membership view: who makes up each step from ``start_step`` on."""
+
+    epoch: int
+    start_step: int
+    members: tuple[MemberInfo, ...] = field(default_factory=tuple)
+
+    @property
+    def worker_ids(self) -> frozenset[int]:
+        return frozenset(m.worker_id for m in self.members)
+
+
+# ------------------------------------------------------------------ conversions
+
+
+def layout_to_pb(layout: Layout) -> pb.Layout:
+    return pb.Layout(
+        params=[
+            pb.ParamInfo(name=p.name, shape=list(p.shape), dtype=_DTYPE_NAMES[p.dtype], offset=p.offset)
+            for p in layout.params
+        ],
+        numel=layout.numel,
+        fingerprint=layout.fingerprint,
+    )
+
+
+def layout_from_pb(msg: pb.Layout) -> Layout:
+    entries = []
+    for p in msg.params:
+        if p.dtype not in _DTYPE_BY_WIRE:
+            raise ValueError(f"parameter {p.name!r} has unsupported dtype {p.dtype}")
+        entries.append((p.name, tuple(p.shape), _DTYPE_BY_WIRE[p.dtype]))
+    layout = Layout.from_shapes(entries)
+    if layout.numel != msg.numel or layout.fingerprint != msg.fingerprint:
+        raise ValueError("layout's numel or fingerprint does not match its parameters")
+    if any(a.offset != b.offset for a, b in zip(layout.params, msg.params)):
+        raise ValueError("layout's offsets do not lay the parameters end to end")
+    return layout
+
+
+def job_to_pb(job: JobConfig) -> pb.JobSpec:
+    return pb.JobSpec(
+        layout=layout_to_pb(job.layout),
+        optimizer=pb.OptimizerSpec(name=job.optimizer, kwargs_json=json.dumps(job.optimizer_kwargs, sort_keys=True)),
+        mode=_MODE_TO_PB[job.mode],
+        min_workers=job.min_workers,
+    )
+
+
+def job_from_pb(msg: pb.JobSpec) -> JobConfig:
+    """Parse and check a JobSpec; raises ValueError naming what is wrong."""
+    if msg.mode not in _MODE_FROM_PB:
+        raise ValueError("job mode is unspecified; set sync or async")
+    try:
+        kwargs = json.loads(msg.optimizer.kwargs_json or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"optimizer kwargs are not JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("optimizer kwargs must be a JSON object")
+    if not msg.layout.params:
+        raise ValueError("job layout has no parameters")
+    return JobConfig(
+        layout=layout_from_pb(msg.layout),
+        optimizer=msg.optimizer.name,
+        optimizer_kwargs=kwargs,
+        mode=_MODE_FROM_PB[msg.mode],
+        min_workers=msg.min_workers,
+    )
+
+
+def plan_to_pb(shards: list[ShardInfo], numel: int, align: int) -> pb.ShardPlan:
+    return pb.ShardPlan(
+        shards=[
+            pb.ShardAssignment(shard_id=s.range.shard_id, start=s.range.start, stop=s.range.stop, address=s.address)
+            for s in shards
+        ],
+        numel=numel,
+        align=align,
+    )
+
+
+def plan_from_pb(msg: pb.ShardPlan) -> list[ShardInfo]:
+    return [ShardInfo(ShardRange(s.shard_id, s.start, s.stop), s.address) for s in msg.shards]
+
+
+def view_to_pb(view: View) -> pb.MembershipView:
+    return pb.MembershipView(
+        epoch=view.epoch,
+        start_step=view.start_step,
+        members=[pb.Member(worker_id=m.worker_id, rank=m.rank, name=m.name, device=m.device) for m in view.members],
+    )
+
+
+def view_from_pb(msg: pb.MembershipView) -> View:
+    return View(
+        msg.epoch,
+        msg.start_step,
+        tuple(MemberInfo(m.worker_id, m.rank, m.name, m.device) for m in msg.members),
+    )
+
+
+def member_to_pb(m: MemberInfo) -> pb.Member:
+    return pb.Member(worker_id=m.worker_id, rank=m.rank, name=m.name, device=m.device)
+
+
+def mode_to_pb(mode: UpdateMode) -> int:
+    return _MODE_TO_PB[mode]
+
+
+def mode_from_pb(value: int) -> UpdateMode:
+    return _MODE_FROM_PB[value]

@@ -1,0 +1,91 @@
+"""gRPC plumbing every role shares: channel/server options, errors <-> status codes.
+
+Keepalive is configured on both sides together (a client pinging faster than the
+server allows gets GOAWAY "too_many_pings"). ``so_reuseport`` is off so two servers
+can never silently share a port.
+"""
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import errors
+
+MAX_MESSAGE_BYTES = 8 << 20  # a 1 MiB chunk plus headroom; larger messages get RESOURCE_EXHAUSTED
+KEEPALIVE_MS = 10_000  # client pings an idle connection this often
+KEEPALIVE_TIMEOUT_MS = 5_000  # and gives up on it after this long without an answer
+CONTROL_TIMEOUT_S = 10.0  # deadline of small control RPCs (register, status, membership)
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def insecure_channel(address: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+
+
+def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Server:
+    """A thread-pool gRPC server. Size ``max_threads`` for every worker that may block in a
+    sync step at once, plus control calls: a smaller pool deadlocks the barrier."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="shardps-rpc"),
+        options=server_options(max_message_bytes),
+        maximum_concurrent_rpcs=None,
+    )
+
+
+def add_health(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
+    """Standard grpc.health.v1 service; every named service and "" report SERVING."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ["", *service_names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
+def check_health(address: str, timeout: float = 2.0, service: str = "") -> bool:
+    """True when the server at ``address`` answers SERVING within ``timeout`` seconds."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def abort_with(context: grpc.ServicerContext, exc: errors.ShardpsError):
+    """Translate a domain error into its gRPC status (the one mapping, used by every servicer)."""
+    context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+
+
+def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.ShardpsError:
+    """A domain error for a failed call, keeping the server's own message."""
+    code = exc.code()
+    name = code.name if code is not None else "UNKNOWN"
+    cls = errors.BY_CODE.get(name, errors.ShardpsError)
+    err = cls(f"{what}: {name}: {exc.details()}")
+    err.code = name
+    return err

@@ -1,0 +1,77 @@
+"""Run a shard server: ``shardps server --coordinator HOST:7070 --port 7071``.
+
+It binds, registers with the coordinator (which assigns a shard id unless one is
+given), then serves ShardService and grpc.health.v1 until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import grpc
+
+from ..coordinator.client import CoordinatorClient
+from ..proto.codec import DEFAULT_CHUNK_BYTES
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.process import wait_for_stop_signal, write_port_file
+from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, create_server as new_grpc_server
+from .node import ShardNode
+from .service import ShardServicer
+
+log = logging.getLogger("shardps.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    coordinator: str  # coordinator address, host:port
+    host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" in containers
+    port: int = 7071  # 0 picks a free port
+    advertise: str = ""  # host:port workers dial; default host:bound-port
+    shard_id: int = -1  # -1 lets the coordinator assign the lowest free id
+    threads: int = 64  # gRPC handler threads: >= workers blocked in a sync step + control calls
+    step_timeout: float = 300.0  # sync: seconds a push waits for its step to close
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes per streamed reply chunk
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger messages are refused (RESOURCE_EXHAUSTED)
+    register_wait: float = 60.0  # seconds to keep trying to reach the coordinator at start
+    port_file: str = ""  # if set, the bound port is written here
+
+    def __post_init__(self):
+        if ":" not in self.coordinator:
+            raise ValueError(f"coordinator must be host:port, got {self.coordinator!r}")
+        if self.threads < 4:
+            raise ValueError(f"threads must be >= 4, got {self.threads}")
+        if self.chunk_bytes < 1 or self.chunk_bytes > self.max_message_bytes - 4096:
+            raise ValueError("chunk_bytes must be positive and fit in max_message_bytes with room for headers")
+
+
+def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple[grpc.Server, int, ShardNode]:
+    """Build (not start) a shard server; returns (server, bound port, node). The node's shard
+    id is config.shard_id until ``register`` sets the coordinator's answer."""
+
+    node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout)
+    server = new_grpc_server(config.threads, config.max_message_bytes)
+    servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait)
+    pb_grpc.add_ShardServiceServicer_to_server(servicer, server)
+    add_health(server, ["shardps.v1.ShardService"])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port} (in use?)")
+    return server, port, node
+
+
+def register(config: ServerConfig, coordinator: CoordinatorClient, node: ShardNode, port: int) -> None:
+    host = socket.gethostname() if config.host in ("0.0.0.0", "::", "[::]") else config.host
+    advertise = config.advertise or f"{host}:{port}"
+    node.shard_id, num_servers = coordinator.register_server(advertise, config.shard_id, config.register_wait)
+    log.info("shard %d of %d serving on %s", node.shard_id, num_servers, advertise)
+
+
+def serve(config: ServerConfig) -> None:
+    with CoordinatorClient(config.coordinator) as coordinator:
+        server, port, node = create_server(config, coordinator)
+        server.start()
+        register(config, coordinator, node, port)
+        write_port_file(config.port_file, port)
+        wait_for_stop_signal()
+        server.stop(grace=2).wait(5)

@@ -1,0 +1,183 @@
+"""ShardState: one shard's fp32 master slice, its stock torch optimizer, and its counters.
+
+Plain Python and torch, no gRPC: tests drive it in-process. One lock guards the
+whole apply; sync policies wait on ``cond`` (a Condition over that lock). A push
+is validated completely before anything changes, so a rejected push leaves the
+state byte-identical.
+
+    state = ShardState(ShardRange(0, 0, 128), job, step_timeout=60)
+    state.initialize(torch.zeros(128))
+    outcome = state.push(push, members=frozenset({0, 1}))
+    version, chunks = state.snapshot(chunk_bytes)
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..proto import codec, optim
+from ..proto.errors import FailedPrecondition, InvalidArgument, ShardpsError
+from ..proto.messages import JobConfig
+from ..proto.plan import ShardRange
+from .modes import Outcome, Push, make_policy
+
+
+@dataclass
+class ShardStats:
+    """Counters reported by GetShardStatus."""
+
+    pushes_received: int = 0
+    pushes_duplicate: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    apply_seconds: float = 0.0
+    workers_seen: set[int] = field(default_factory=set)
+    staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
+    rejections: Counter = field(default_factory=Counter)  # reason -> rejected calls
+
+    @property
+    def pushes_rejected(self) -> int:
+        return sum(self.rejections.values())
+
+
+class ShardState:
+    """The fp32 slice [start, stop) of the flat parameters and the optimizer state for it."""
+
+    def __init__(self, shard: ShardRange, job: JobConfig, job_id: str, step_timeout: float = 300.0):
+        self.shard, self.job, self.job_id = shard, job, job_id
+        self.param = torch.zeros(shard.numel, dtype=torch.float32)
+        self.optimizer = optim.build(job.optimizer, job.optimizer_kwargs, self.param)
+        self.policy = make_policy(job.mode, shard.numel, step_timeout)
+        self.version = 0  # updates applied
+        self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
+        self.initialized = False
+        self.stats = ShardStats()
+        self.cond = threading.Condition(threading.Lock())
+        self._snapshot: tuple[int, int, list[bytes]] | None = None  # (version, chunk_bytes, chunks)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def initialize(self, params: torch.Tensor) -> bool:
+        """Set the starting parameters once; returns False (and changes nothing) if already set."""
+        if params.shape != self.param.shape or params.dtype != torch.float32:
+            raise InvalidArgument(
+                f"initial parameters must be {self.shard.numel} fp32 elements, "
+                f"got {list(params.shape)} {params.dtype}"
+            )
+        with self.cond:
+            if self.initialized:
+                return False
+            self.param.copy_(params)
+            self.initialized = True
+            self.cond.notify_all()
+            return True
+
+    def wait_initialized(self, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.initialized, timeout=timeout):
+                raise FailedPrecondition(
+                    f"shard {self.shard.shard_id} was not initialised within {timeout:.0f}s "
+                    "(the initializer worker uploads the starting parameters)"
+                )
+
+    # ------------------------------------------------------------------ push
+
+    def validate_grad(self, grad: torch.Tensor) -> None:
+        """Reject a gradient of the wrong size or with NaN/Inf values (counted, state unchanged)."""
+        if grad.numel() != self.shard.numel:
+            self.reject("bad_size")
+            raise InvalidArgument(
+                f"gradient has {grad.numel()} elements, shard {self.shard.shard_id} owns "
+                f"[{self.shard.start}, {self.shard.stop}) = {self.shard.numel}"
+            )
+        if not bool(torch.isfinite(grad).all()):
+            self.reject("nonfinite")
+            raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
+
+    def push(self, push: Push, members: frozenset[int]) -> Outcome:
+        """Submit one push to the policy. Raises a domain error (state unchanged) for bad pushes.
+
+        Sync mode blocks until the push's step closes or the policy's timeout passes.
+        """
+        if push.batch_size <= 0:
+            self.reject("bad_batch_size")
+            raise InvalidArgument(f"batch_size must be > 0, got {push.batch_size}")
+        if not push.lr > 0:
+            self.reject("bad_lr")
+            raise InvalidArgument(f"lr must be > 0, got {push.lr}")
+        self.validate_grad(push.grad)
+        with self.cond:
+            if not self.initialized:
+                self.stats.rejections["not_initialized"] += 1
+                raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
+            try:
+                duplicate = self.policy.check(self, push, members)
+            except ShardpsError as exc:
+                self.stats.rejections[exc.reason] += 1
+                raise
+            self.stats.pushes_received += 1
+            self.stats.pushes_duplicate += duplicate
+            self.stats.workers_seen.add(push.worker_id)
+            return self.policy.submit(self, push, members, duplicate)
+
+    def apply(self, grad: torch.Tensor, lr: float) -> None:
+        """One optimizer step with ``grad`` (called by the policy, under the lock)."""
+        start = time.perf_counter()
+        if self.shard.numel:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.param.grad = grad
+            self.optimizer.step()
+            self.param.grad = None
+        self.version += 1
+        self.stats.apply_seconds += time.perf_counter() - start
+
+    def reject(self, reason: str) -> None:
+        with self.cond:
+            self.stats.rejections[reason] += 1
+
+    # ------------------------------------------------------------------ pull
+
+    def snapshot(self, chunk_bytes: int) -> tuple[int, list[bytes]]:
+        """(version, raw little-endian chunks of the current slice).
+
+        Cached per version, so the N workers woken by one sync step share one encoding.
+        """
+        with self.cond:
+            cached = self._snapshot
+            if cached is None or cached[:2] != (self.version, chunk_bytes):
+                chunks = list(codec.byte_chunks(self.param, chunk_bytes))
+                self._snapshot = cached = (self.version, chunk_bytes, chunks)
+            return cached[0], cached[2]
+
+    def export(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, copies of the slice and its optimizer state) taken at one instant.
+
+        Keys: "param", then torch's own state keys ("exp_avg", "momentum_buffer", "step", ...).
+        """
+        with self.cond:
+            out = {"param": self.param.detach().clone()}
+            for key, value in self.optimizer.state.get(self.param, {}).items():
+                out[key] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+            return self.version, out
+
+    def add_bytes(self, received: int = 0, sent: int = 0) -> None:
+        with self.cond:
+            self.stats.bytes_in += received
+            self.stats.bytes_out += sent
+
+    def digest(self) -> str:
+        """SHA-256 over version, dedup table, parameters and optimizer state."""
+        version, tensors = self.export()
+        with self.cond:
+            table = sorted(self.last_step.items())
+        h = hashlib.sha256(repr((version, table)).encode())
+        for key in sorted(tensors):
+            h.update(key.encode())
+            h.update(codec.as_bytes(tensors[key].contiguous()).tobytes())
+        return h.hexdigest()

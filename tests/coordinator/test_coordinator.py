@@ -1,0 +1,73 @@
+"""The coordinator core, in-process."""
+import pytest
+
+from shardps.coordinator.state import Coordinator
+from shardps.proto.errors import FailedPrecondition, Unavailable, WrongJob
+from shardps.proto.layout import Layout
+from shardps.proto.messages import JobConfig, UpdateMode
+
+
+def job(shape=(10, 3), optimizer="sgd", lr=0.1, mode="sync", min_workers=2):
+    layout = Layout.from_shapes([("w", shape, "float32"), ("b", (3,), "float32")])
+    return JobConfig(layout, optimizer, {"lr": lr}, UpdateMode(mode), min_workers)
+
+
+def ready(num_servers=2):
+    c = Coordinator(num_servers)
+    for i in range(num_servers):
+        c.register_server(f"127.0.0.1:{7100 + i}")
+    return c
+
+
+def test_workers_wait_until_every_server_registered():
+    c = Coordinator(2)
+    c.register_server("127.0.0.1:7100")
+    with pytest.raises(Unavailable, match="1/2"):
+        c.register_worker(job())
+
+
+def test_first_worker_defines_the_job_and_training_starts_at_min_workers():
+    c = ready()
+    a = c.register_worker(job(), "a")
+    assert a.initializer and c.latest().epoch == 0
+    assert [(s.range.start, s.range.stop) for s in a.plan] == [(0, 0), (0, 33)]  # 33 elements: one aligned block
+    b = c.register_worker(job(), "b")
+    assert not b.initializer and b.job_id == a.job_id
+    view = c.watch(a.job_id, 0, timeout=1)
+    assert view.epoch == 1 and [(m.worker_id, m.rank) for m in view.members] == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("other, words", [
+    (job(shape=(10, 4)), "fingerprint"),
+    (job(optimizer="adam"), "optimizer"),
+    (job(lr=0.2), "optimizer"),
+    (job(mode="async"), "mode"),
+])
+def test_a_worker_with_a_different_spec_is_refused(other, words):
+    c = ready()
+    c.register_worker(job())
+    with pytest.raises(WrongJob, match=words):
+        c.register_worker(other)
+    assert len(c.pending) == 1  # nothing changed
+
+
+def test_sync_membership_is_fixed_once_training_starts_but_async_admits_joiners():
+    c = ready()
+    c.register_worker(job(min_workers=1))
+    with pytest.raises(FailedPrecondition, match="min_workers"):
+        c.register_worker(job(min_workers=1))
+    c = ready()
+    reg = c.register_worker(job(mode="async", min_workers=1))
+    c.register_worker(job(mode="async", min_workers=1))
+    assert c.latest().epoch == 2 and len(c.latest().members) == 2
+    c.leave(reg.job_id, reg.worker_id)
+    assert c.latest().epoch == 3 and [m.rank for m in c.latest().members] == [0]
+
+
+def test_server_ids_are_assigned_and_reclaimed_by_restarted_servers():
+    c = Coordinator(2)
+    assert c.register_server("h:1") == 0
+    assert c.register_server("h:2") == 1
+    with pytest.raises(FailedPrecondition, match="shard-id"):
+        c.register_server("h:3")
+    assert c.register_server("h:9", shard_id=1) == 1 and c.servers[1] == "h:9"

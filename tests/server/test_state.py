@@ -1,0 +1,115 @@
+"""The shard core, in-process: no sockets."""
+import threading
+
+import pytest
+import torch
+
+from shardps.proto.errors import FutureStep, InvalidArgument, StaleStep, UnknownWorker, WaitTimeout
+from shardps.proto.layout import Layout
+from shardps.proto.messages import JobConfig, UpdateMode
+from shardps.proto.plan import ShardRange
+from shardps.server.modes import Push
+from shardps.server.state import ShardState
+
+N = 100
+
+
+def make_state(mode="sync", optimizer="sgd", timeout=10.0, **kwargs):
+    kwargs.setdefault("lr", 0.1)
+    job = JobConfig(Layout.from_shapes([("w", (N,), "float32")]), optimizer, kwargs, UpdateMode(mode), 2)
+    state = ShardState(ShardRange(0, 0, N), job, "job", step_timeout=timeout)
+    state.initialize(torch.ones(N))
+    return state
+
+
+def push(worker, step, grad, batch=1, base=None, epoch=1, lr=0.1):
+    return Push(worker, step, epoch, step if base is None else base, batch, lr, grad)
+
+
+def in_thread(fn):
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("v", fn()))
+    t.start()
+    return t, result
+
+
+def test_sync_mode_applies_one_update_after_all_workers_push():
+    state = make_state("sync")
+    members = frozenset({0, 1})
+    t, result = in_thread(lambda: state.push(push(0, 0, torch.full((N,), 1.0), batch=1), members))
+    t.join(0.3)
+    assert t.is_alive() and state.version == 0  # worker 0 waits for worker 1
+    assert torch.equal(state.param, torch.ones(N))
+    out = state.push(push(1, 0, torch.full((N,), 4.0), batch=3), members)
+    t.join(5)
+    assert out.version == 1 == result["v"].version == state.version
+    # sample-weighted mean: (1*1 + 3*4) / 4 = 3.25; SGD: 1 - 0.1 * 3.25
+    assert torch.allclose(state.param, torch.full((N,), 1 - 0.325))
+
+
+def test_async_mode_applies_each_push_immediately_and_records_staleness():
+    state = make_state("async")
+    members = frozenset({0, 1})
+    a = state.push(push(0, 0, torch.ones(N), base=0), members)
+    assert a.version == 1 and a.staleness == 0
+    b = state.push(push(1, 0, torch.ones(N), base=0), members)  # computed on version 0, applied at 1
+    assert b.version == 2 and b.staleness == 1
+    assert torch.allclose(state.param, torch.full((N,), 0.8))
+    assert state.stats.staleness == {0: 1, 1: 1}
+
+
+def test_a_retried_push_is_applied_once_and_gets_the_same_version():
+    for mode in ("sync", "async"):
+        state = make_state(mode)
+        members = frozenset({0})
+        first = state.push(push(0, 0, torch.ones(N)), members)
+        again = state.push(push(0, 0, torch.ones(N)), members)
+        assert again.duplicate and again.version == first.version == state.version == 1
+        assert state.stats.pushes_duplicate == 1
+
+
+def test_sync_shard_update_equals_torch_optimizer_on_the_same_elements():
+    torch.manual_seed(0)
+    for name, kwargs in [("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+                         ("adam", dict(lr=0.01)), ("adamw", dict(lr=0.01, weight_decay=0.1))]:
+        state = make_state("sync", name, **kwargs)
+        ref = torch.nn.Parameter(torch.ones(N))
+        ref_opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]([ref], **kwargs)
+        for step in range(5):
+            g = torch.randn(N)
+            state.push(push(0, step, g, lr=kwargs["lr"]), frozenset({0}))
+            ref.grad = g
+            ref_opt.step()
+        assert torch.allclose(state.param, ref.detach(), atol=1e-6), name
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(grad=torch.full((N,), float("nan"))), InvalidArgument),
+    (dict(grad=torch.ones(N + 1)), InvalidArgument),
+    (dict(batch=0), InvalidArgument),
+    (dict(lr=0.0), InvalidArgument),
+    (dict(worker=9), UnknownWorker),
+    (dict(step=5), FutureStep),
+])
+def test_bad_pushes_are_rejected_and_change_nothing(bad, error):
+    state = make_state("sync")
+    args = dict(worker=0, step=0, grad=torch.ones(N), batch=1, lr=0.1) | bad
+    before = state.digest()
+    with pytest.raises(error):
+        state.push(push(args["worker"], args["step"], args["grad"], batch=args["batch"], lr=args["lr"]), frozenset({0, 1}))
+    assert state.digest() == before
+    assert state.stats.pushes_rejected == 1
+
+
+def test_a_push_for_a_closed_step_is_stale():
+    state = make_state("sync")
+    state.push(push(0, 0, torch.ones(N)), frozenset({0}))
+    state.push(push(0, 1, torch.ones(N)), frozenset({0}))
+    with pytest.raises(StaleStep):
+        state.push(push(1, 0, torch.ones(N)), frozenset({0, 1}))
+
+
+def test_sync_wait_has_a_timeout_naming_the_missing_workers():
+    state = make_state("sync", timeout=0.2)
+    with pytest.raises(WaitTimeout, match=r"\[1\]"):
+        state.push(push(0, 0, torch.ones(N)), frozenset({0, 1}))

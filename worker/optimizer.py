@@ -1,0 +1,176 @@
+"""ShardedOptimizer: a torch.optim.Optimizer whose state and update live on the shard servers.
+
+A training loop changes in one line:
+
+    opt = ShardedOptimizer(model, cluster="127.0.0.1:7070", optimizer="adamw",
+                           lr=1e-3, weight_decay=0.01, mode="sync", min_workers=2)
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward()
+        opt.step(batch_size=len(x))   # push grads to every shard, pull the new slices
+    opt.close()
+
+Construction registers with the coordinator (the first worker defines the job and
+uploads its parameters; everyone then starts from them, as DDP starts from rank 0),
+then blocks until ``min_workers`` workers have registered. ``rank``/``world_size``
+pick the data shard. ``step`` blocks until the shards answer (sync: until every
+worker pushed the step). It is an ``Optimizer`` subclass, so torch's LR schedulers
+work: the worker's ``param_groups[0]["lr"]`` travels with every push.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Iterable
+
+import torch
+
+from ..coordinator.client import CoordinatorClient
+from ..proto import optim
+from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.messages import JobConfig, UpdateMode
+from .flat import FlatParams
+from .ps_client import PSClient, PushReply
+
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[torch.nn.Parameter],
+        cluster: str,
+        optimizer: str = "sgd",
+        *,
+        mode: str = "sync",
+        min_workers: int = 1,
+        wire_dtype: str = "float32",
+        name: str = "",
+        connect_timeout: float = 120.0,
+        step_timeout: float = 330.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        **optimizer_kwargs: Any,
+    ):
+        """
+        Args:
+            model: an ``nn.Module`` (parameter names come from ``named_parameters()``) or an
+                iterable of parameters (named "0", "1", ... in order).
+            cluster: the coordinator's ``host:port``.
+            optimizer: torch's lower-case optimizer name: "sgd", "adam" or "adamw".
+            mode: "sync" (one update per step, sample-weighted mean of every worker's
+                gradient) or "async" (each push applied on arrival).
+            min_workers: training starts once this many workers have registered.
+            wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
+                (servers keep fp32 masters either way).
+            name: how this worker appears in status (default host:pid).
+            connect_timeout: seconds to wait for the cluster and for min_workers.
+            step_timeout: deadline of one push-pull, seconds (sync waits for the slowest worker).
+            chunk_bytes: bytes per streamed chunk.
+            **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...).
+        """
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        named = list(model.named_parameters() if isinstance(model, torch.nn.Module)
+                     else ((str(i), p) for i, p in enumerate(model)))
+        kwargs = optim.normalize_kwargs(optimizer, optimizer_kwargs)
+        self.flat = FlatParams(named, dtype_from_name(wire_dtype))
+        self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers)
+        super().__init__(self.flat.params, dict(kwargs))
+        self.step_timeout = step_timeout
+        self.device = str(self.flat.params[0].device)
+        self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes)
+
+    def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int) -> None:
+        self.coordinator = CoordinatorClient(cluster)
+        reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
+        self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
+        self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout)
+        if reg.initializer:
+            self.ps.init(self.flat.gather_params(), self.worker_id)
+        view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)
+        self.epoch = view.epoch
+        self.rank = next(m.rank for m in view.members if m.worker_id == self.worker_id)
+        self.world_size = len(view.members)
+        self.versions = self.pull()
+        self.steps_taken = 0  # pushes this worker completed
+        self.last_replies: list[PushReply] = []
+
+    def pull(self) -> list[int]:
+        """Load the shards' current parameters into the model; return each shard's version."""
+        self.versions = self.ps.pull(self.flat.values)
+        self.flat.scatter_params()
+        return self.versions
+
+    @torch.no_grad()
+    def step(self, closure=None, *, batch_size: int = 1):
+        """Push every gradient slice to its shard (all at once), then load the returned slices.
+
+        ``batch_size`` weighs this worker's gradient in the sync mean; pass the number
+        of samples behind it (default 1: equal weights). Blocks until the shards reply.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        header = pb.PushHeader(
+            worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch,
+            batch_size=int(batch_size), lr=float(self.param_groups[0]["lr"]),
+        )
+        replies = self.ps.push_pull(self.flat.gather_grads(), self.flat.values, header, self.versions)
+        self.flat.scatter_params()
+        self.versions = [r.version for r in replies]
+        self.last_replies = replies
+        self.steps_taken += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state gathered from every shard, in ``torch.optim``'s format.
+
+        ``{"state": {i: {"exp_avg": ..., "step": ...}}, "param_groups": [{..., "params": [0..n-1]}]}``
+        with ``i`` the index of the parameter in layout order, so it loads into a stock
+        torch optimizer built over ``model.parameters()``.
+        """
+        shards = self.ps.pull_state()
+        keys = [k for k in shards[0][1] if k != "param"]
+        flat = {k: _concat_key(shards, k) for k in keys}
+        state = {}
+        for i, entry in enumerate(self.job.layout.params):
+            state[i] = {
+                k: (v.clone() if v.dim() == 0 else v[entry.offset:entry.stop].reshape(entry.shape).clone())
+                for k, v in flat.items()
+            }
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self.job.layout.params)))
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict):
+        raise RuntimeError(
+            "a ShardedOptimizer's state lives on the shard servers and is restored from their "
+            "checkpoints; load this state into a plain torch optimizer instead"
+        )
+
+    def close(self) -> None:
+        """Leave the job and close every channel. Safe to call twice."""
+        if getattr(self, "ps", None) is None:
+            return
+        try:
+            self.coordinator.leave(self.job_id, self.worker_id)
+        finally:
+            self.ps.close()
+            self.coordinator.close()
+            self.ps = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _concat_key(shards: list[tuple[int, dict[str, torch.Tensor]]], key: str) -> torch.Tensor:
+    """One optimizer-state key across shards: scalars (like "step") are shared, slices concatenate."""
+    parts = [tensors[key] for _, tensors in shards if key in tensors]
+    if parts and parts[0].dim() == 0:
+        return parts[0]
+    return torch.cat([p.reshape(-1) for p in parts])

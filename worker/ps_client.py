@@ -1,0 +1,143 @@
+"""Push/pull fan-out over the shard plan: one channel per shard, all shards at once.
+
+Each push is one bidirectional stream per shard: a header, then the gradient slice
+in ~1 MiB chunks; the reply streams the updated slice straight into the caller's
+flat buffer. Every call has a deadline.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from ..proto import codec
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.messages import ShardInfo
+from ..proto.rpc import error_from_rpc, insecure_channel
+
+
+@dataclass(frozen=True)
+class PushReply:
+    version: int
+    staleness: int
+    duplicate: bool
+
+
+class ShardChannel:
+    """Calls to one shard server."""
+
+    def __init__(self, info: ShardInfo, job_id: str, fingerprint: str, chunk_bytes: int):
+        self.info, self.chunk_bytes = info, chunk_bytes
+        r = info.range
+        self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
+        self._channel = insecure_channel(info.address)
+        self._stub = pb_grpc.ShardServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _what(self, rpc: str) -> str:
+        return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
+
+    def init(self, params: torch.Tensor, worker_id: int, timeout: float) -> tuple[int, bool]:
+        def requests():
+            for i, chunk in enumerate(codec.encode(params, self.chunk_bytes)):
+                if i == 0:
+                    yield pb.InitShardRequest(target=self.target, worker_id=worker_id, params=chunk)
+                else:
+                    yield pb.InitShardRequest(params=chunk)
+
+        try:
+            reply = self._stub.InitShard(requests(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._what("InitShard")) from None
+        return reply.version, reply.already_initialized
+
+    def push(self, header: pb.PushHeader, grad: torch.Tensor, out: torch.Tensor, timeout: float) -> PushReply:
+        """Push ``grad`` (this shard's slice) and write the returned slice into ``out``."""
+        header.target.CopyFrom(self.target)
+
+        def requests():
+            for i, chunk in enumerate(codec.encode(grad, self.chunk_bytes)):
+                yield pb.PushRequest(header=header, grad=chunk) if i == 0 else pb.PushRequest(grad=chunk)
+
+        asm, result = codec.Assembler(out=out), None
+        try:
+            for reply in self._stub.Push(requests(), timeout=timeout):
+                if reply.HasField("result"):
+                    result = reply.result
+                asm.add(reply.params)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._what("Push")) from None
+        asm.finish()
+        return PushReply(result.version, result.staleness, result.duplicate)
+
+    def pull(self, out: torch.Tensor, timeout: float) -> int:
+        """Write the current slice into ``out``; return its version."""
+        asm, version = codec.Assembler(out=out), 0
+        request = pb.PullRequest(target=self.target)
+        try:
+            for reply in self._stub.Pull(request, timeout=timeout):
+                version = reply.version
+                asm.add(reply.chunk)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._what("Pull")) from None
+        asm.finish()
+        return version
+
+    def pull_state(self, timeout: float) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, {"param": slice, optimizer state key: tensor, ...}) at one instant."""
+        request = pb.PullRequest(target=self.target, include_optimizer_state=True)
+        tensors: dict[str, codec.Assembler] = {}
+        version = 0
+        try:
+            for reply in self._stub.Pull(request, timeout=timeout):
+                version = reply.version
+                tensors.setdefault(reply.name, codec.Assembler()).add(reply.chunk)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._what("Pull")) from None
+        return version, {name: asm.finish() for name, asm in tensors.items()}
+
+
+class PSClient:
+    """All shards of one job; every fan-out call runs on every shard concurrently."""
+
+    def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float):
+        self.plan, self.timeout = plan, timeout
+        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes) for info in plan]
+        self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for shard in self.shards:
+            shard.close()
+
+    def _fan_out(self, fn):
+        futures = [self._pool.submit(fn, shard) for shard in self.shards]
+        return [f.result() for f in futures]
+
+    @staticmethod
+    def _slice(flat: torch.Tensor, shard: ShardChannel) -> torch.Tensor:
+        return flat[shard.info.range.start:shard.info.range.stop]
+
+    def init(self, values: torch.Tensor, worker_id: int) -> list[tuple[int, bool]]:
+        return self._fan_out(lambda s: s.init(self._slice(values, s), worker_id, self.timeout))
+
+    def push_pull(self, grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
+                  base_versions: list[int]) -> list[PushReply]:
+        def one(shard: ShardChannel):
+            h = pb.PushHeader()
+            h.CopyFrom(header)
+            h.base_version = base_versions[shard.info.range.shard_id]
+            return shard.push(h, self._slice(grads, shard), self._slice(values, shard), self.timeout)
+
+        return self._fan_out(one)
+
+    def pull(self, values: torch.Tensor) -> list[int]:
+        return self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout))
+
+    def pull_state(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        return self._fan_out(lambda s: s.pull_state(self.timeout))
