@@ -1,0 +1,125 @@
+"""Bad input over real gRPC: each class gets its status code and leaves the shard byte-identical."""
+import math
+
+import grpc
+import pytest
+import torch
+
+from shardps import LocalCluster, ShardedOptimizer
+from shardps.coordinator.client import CoordinatorClient
+from shardps.proto import codec
+from shardps.proto.errors import FailedPrecondition
+from shardps.proto.gen import shardps_pb2 as pb
+from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
+from shardps.proto.layout import Layout
+from shardps.proto.messages import JobConfig, UpdateMode
+from shardps.proto.rpc import insecure_channel
+
+
+@pytest.fixture(scope="module")
+def job():
+    with LocalCluster(servers=2) as cluster:
+        model = torch.nn.Linear(40, 8)
+        opt = ShardedOptimizer(model, cluster=cluster.address, optimizer="adam", lr=0.01)
+        model(torch.randn(4, 40)).sum().backward()
+        opt.step(batch_size=4)  # one real step, so the optimizer state is non-trivial
+        shard = opt.plan[1]
+        channel = insecure_channel(shard.address)
+        yield cluster, opt, shard, pb_grpc.ShardServiceStub(channel)
+        channel.close()
+        opt.close()
+
+
+def good_header(opt, shard, **overrides):
+    r = shard.range
+    target = pb.ShardTarget(job_id=opt.job_id, fingerprint=opt.job.layout.fingerprint, shard_id=r.shard_id,
+                            start=r.start, stop=r.stop)
+    fields = dict(target=target, worker_id=opt.worker_id, step=opt.steps_taken, epoch=opt.epoch,
+                  base_version=opt.versions[r.shard_id], batch_size=4, lr=0.01)
+    fields.update(overrides)
+    return pb.PushHeader(**fields)
+
+
+def push(stub, header, chunks):
+    reqs = [pb.PushRequest(header=header, grad=chunks[0])] + [pb.PushRequest(grad=c) for c in chunks[1:]]
+    return list(stub.Push(iter(reqs), timeout=10))
+
+
+def digest(stub):
+    return stub.GetShardStatus(pb.GetShardStatusRequest(include_digest=True), timeout=10).state_digest
+
+
+def target_with(opt, shard, **kw):
+    r = shard.range
+    base = dict(job_id=opt.job_id, fingerprint=opt.job.layout.fingerprint, shard_id=r.shard_id, start=r.start,
+                stop=r.stop)
+    return pb.ShardTarget(**(base | kw))
+
+
+CASES = {
+    "wrong fingerprint": (lambda o, s: dict(target=target_with(o, s, fingerprint="0" * 64)), None, "FAILED_PRECONDITION"),
+    "wrong job": (lambda o, s: dict(target=target_with(o, s, job_id="nope")), None, "FAILED_PRECONDITION"),
+    "range out of plan": (lambda o, s: dict(target=target_with(o, s, stop=s.range.stop + 64)), None, "FAILED_PRECONDITION"),
+    "unknown worker": (lambda o, s: dict(worker_id=999), None, "NOT_FOUND"),
+    "step from the future": (lambda o, s: dict(step=o.steps_taken + 5), None, "FAILED_PRECONDITION"),
+    "unknown epoch": (lambda o, s: dict(epoch=42), None, "FAILED_PRECONDITION"),
+    "zero batch": (lambda o, s: dict(batch_size=0), None, "INVALID_ARGUMENT"),
+    "nan gradient": (lambda o, s: {}, lambda n: torch.full((n,), math.nan), "INVALID_ARGUMENT"),
+    "inf gradient": (lambda o, s: {}, lambda n: torch.full((n,), math.inf), "INVALID_ARGUMENT"),
+    "short slice": (lambda o, s: {}, lambda n: torch.zeros(n - 1), "INVALID_ARGUMENT"),
+    "long slice": (lambda o, s: {}, lambda n: torch.zeros(n + 1), "INVALID_ARGUMENT"),
+    "integer dtype": (lambda o, s: {}, lambda n: torch.zeros(n, dtype=torch.int32), "INVALID_ARGUMENT"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_push_is_rejected_with_its_status_and_changes_nothing(job, case):
+    cluster, opt, shard, stub = job
+    header_change, grad_of, code = CASES[case]
+    n = shard.range.numel
+    grad = (grad_of or (lambda n: torch.ones(n)))(n)
+    before = digest(stub)
+    with pytest.raises(grpc.RpcError) as info:
+        push(stub, good_header(opt, shard, **header_change(opt, shard)), list(codec.encode(grad, 64)))
+    assert info.value.code().name == code, info.value.details()
+    assert info.value.details()  # a message that names the problem
+    assert digest(stub) == before
+
+
+@pytest.mark.slow
+def test_malformed_chunk_streams_are_rejected(job):
+    cluster, opt, shard, stub = job
+    before = digest(stub)
+    chunks = list(codec.encode(torch.ones(shard.range.numel), 64))
+    gap = [chunks[0], *chunks[2:]]
+    with pytest.raises(grpc.RpcError) as info:
+        push(stub, good_header(opt, shard), gap)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "offset" in info.value.details()
+    oversized = pb.TensorChunk(dtype=pb.DTYPE_FLOAT32, shape=[shard.range.numel], offset=0, data=b"\0" * (9 << 20))
+    with pytest.raises(grpc.RpcError) as info:
+        push(stub, good_header(opt, shard), [oversized])
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert digest(stub) == before
+
+
+@pytest.mark.slow
+def test_a_good_push_after_the_bad_ones_still_trains(job):
+    cluster, opt, shard, stub = job
+    before = digest(stub)
+    version = opt.versions[shard.range.shard_id]
+    opt.zero_grad()
+    opt.step(batch_size=4)  # zero gradients still step Adam's state
+    assert opt.versions[shard.range.shard_id] == version + 1
+    assert digest(stub) != before
+
+
+@pytest.mark.slow
+def test_coordinator_refuses_a_worker_with_another_model(job):
+    cluster, opt, shard, stub = job
+    other = JobConfig(Layout.from_shapes([("weight", (8, 41), "float32"), ("bias", (8,), "float32")]), "adam",
+                      {"lr": 0.01}, UpdateMode.SYNC, 1)
+    with CoordinatorClient(cluster.address) as coord:
+        with pytest.raises(FailedPrecondition, match="fingerprint"):
+            coord.register_worker(other, "intruder", "cpu", wait=5)
+        assert len(coord.status().view.members) == 1
