@@ -1,19 +1,26 @@
 """The ``shardps`` command: thin typer commands over the SDK and the role entry points.
 
+    shardps run                                   # the demo: local cluster, 2 workers, digits
     shardps coordinator --port 7070 --num-servers 2
     shardps server --coordinator 127.0.0.1:7070 --port 7071
-    shardps status --cluster 127.0.0.1:7070
+    shardps worker --cluster 127.0.0.1:7070 --workload digits
+    shardps status --cluster 127.0.0.1:7070 [--json]
+    shardps export --cluster 127.0.0.1:7070 --out model.safetensors
 
 Every option can also be set by its ``SHARDPS_*`` environment variable (shown in --help).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sys
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardps: a parameter server for PyTorch.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="shardps: a parameter server for PyTorch.")
+CLUSTER_HELP = "Coordinator address, host:port."
 
 
 def _setup_logging(level: str) -> None:
@@ -21,9 +28,29 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr that names the fix, and a non-zero exit; never a traceback."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def _user_errors(cluster: str = ""):
+    """Turn the errors a user can cause into one-line messages."""
+    from ..client.local import ClusterError
+    from ..client.run import RunError
+    from ..proto.errors import ShardpsError
+
+    try:
+        yield
+    except ShardpsError as exc:
+        if getattr(exc, "code", "") == "UNAVAILABLE" and cluster:
+            _fail(f"cannot reach the coordinator at {cluster}; is the cluster running? Pass --cluster HOST:PORT", 1)
+        _fail(str(exc).splitlines()[0], 1)
+    except (ValueError, RunError, ClusterError) as exc:
+        _fail(str(exc).splitlines()[0], 1 if not isinstance(exc, ValueError) else 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; every process this command started was stopped", 130)
 
 
 @app.command()
@@ -70,5 +97,139 @@ def server(
     serve(config)
 
 
+@app.command()
+def worker(
+    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    workload: str = typer.Option("digits", envvar="SHARDPS_WORKLOAD", help="Built-in workload: digits or charlm."),
+    mode: str = typer.Option("sync", envvar="SHARDPS_MODE", help="sync or async."),
+    optimizer: str = typer.Option("", envvar="SHARDPS_OPTIMIZER", help="sgd, adam or adamw (default: the workload's)."),
+    lr: float = typer.Option(0.0, envvar="SHARDPS_LR", help="Learning rate (0: the workload's default)."),
+    batch_size: int = typer.Option(0, envvar="SHARDPS_BATCH_SIZE", help="Samples per worker per step (0: default)."),
+    steps: int = typer.Option(0, envvar="SHARDPS_STEPS", help="Steps to train (0: from --epochs)."),
+    epochs: float = typer.Option(0.0, envvar="SHARDPS_EPOCHS", help="Passes over the data (0: the workload's default)."),
+    device: str = typer.Option("cpu", envvar="SHARDPS_DEVICE", help="cpu, cuda, cuda:N, mps or auto."),
+    seed: int = typer.Option(0, envvar="SHARDPS_SEED"),
+    min_workers: int = typer.Option(1, envvar="SHARDPS_MIN_WORKERS", help="Training starts with this many workers."),
+    wire_dtype: str = typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
+    metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
+    eval_every: int = typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Rank 0 evaluates every N steps."),
+    threads: int = typer.Option(1, envvar="SHARDPS_THREADS", help="torch intra-op threads."),
+    name: str = typer.Option("", envvar="SHARDPS_WORKER_NAME", help="Name in status (default host:pid)."),
+    connect_timeout: float = typer.Option(120.0, envvar="SHARDPS_CONNECT_TIMEOUT", help="Seconds to wait for the cluster."),
+):
+    """Train a built-in workload as one worker of the cluster (rank from the coordinator)."""
+    from ..worker.train import TrainConfig, train
+    from ..worker.workloads import WORKLOADS
+
+    if workload not in WORKLOADS:
+        _fail(f"unknown workload {workload!r}; choose one of: {', '.join(sorted(WORKLOADS))}")
+    with _user_errors(cluster):
+        config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
+                             batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
+                             min_workers=min_workers, wire_dtype=wire_dtype, metrics=metrics, eval_every=eval_every,
+                             threads=threads, name=name, connect_timeout=connect_timeout)
+        result = train(config)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def run(
+    servers: int = typer.Option(2, envvar="SHARDPS_SERVERS", help="Shard servers to start."),
+    workers: int = typer.Option(2, envvar="SHARDPS_WORKERS", help="Worker processes to start."),
+    workload: str = typer.Option("digits", envvar="SHARDPS_WORKLOAD", help="Built-in workload: digits or charlm."),
+    mode: str = typer.Option("sync", envvar="SHARDPS_MODE", help="sync or async."),
+    optimizer: str = typer.Option("", envvar="SHARDPS_OPTIMIZER", help="sgd, adam or adamw (default: the workload's)."),
+    lr: float = typer.Option(0.0, envvar="SHARDPS_LR", help="Learning rate (0: the workload's default)."),
+    batch_size: int = typer.Option(0, envvar="SHARDPS_BATCH_SIZE", help="Samples per worker per step (0: default)."),
+    steps: int = typer.Option(0, envvar="SHARDPS_STEPS", help="Steps to train (0: from --epochs)."),
+    epochs: float = typer.Option(0.0, envvar="SHARDPS_EPOCHS", help="Passes over the data (0: the workload's default)."),
+    device: str = typer.Option("cpu", envvar="SHARDPS_DEVICE", help="Worker device: cpu, cuda, mps or auto."),
+    seed: int = typer.Option(0, envvar="SHARDPS_SEED"),
+    wire_dtype: str = typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
+    eval_every: int = typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation every N steps."),
+    out: str = typer.Option("", "--out", envvar="SHARDPS_OUT", help="Run directory (default runs/<workload>-<time>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+):
+    """Train on an embedded local cluster (coordinator + servers + workers), then report."""
+    from ..client.run import RunConfig, run as run_job
+
+    with _user_errors():
+        config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
+                           batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
+                           wire_dtype=wire_dtype, eval_every=eval_every, out=out)
+        if as_json or not sys.stdout.isatty():
+            summary = run_job(config, _plain_progress() if not as_json else None)
+        else:
+            from .display import live_progress
+
+            with live_progress(config) as show:
+                summary = run_job(config, show)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        from .display import print_summary
+
+        print_summary(summary)
+
+
+def _plain_progress():
+    """Progress for logs and pipes: one line every ~10 steps."""
+    last = [-10]
+
+    def show(p):
+        if p.step >= last[0] + 10 or (p.steps and p.step == p.steps - 1 and last[0] != p.step):
+            last[0] = p.step
+            loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+            print(f"step {p.step + 1}/{p.steps} loss {loss} samples/s {p.samples_per_s:.0f} "
+                  f"versions {p.versions}", flush=True)
+
+    return show
+
+
+@app.command()
+def status(
+    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Job, mode, membership and every shard's counters."""
+    from .sdk import cluster_status
+
+    with _user_errors(cluster):
+        st = cluster_status(cluster)
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        from .display import print_status
+
+        print_status(st)
+
+
+@app.command()
+def export(
+    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    out: str = typer.Option(..., "--out", help="Output file: .safetensors, or .pt for torch.save."),
+    optimizer_state: bool = typer.Option(False, "--optimizer-state", help="Also write <stem>.optim.pt."),
+):
+    """Assemble the model's state_dict from the shards into one file."""
+    from .sdk import export_model
+
+    with _user_errors(cluster):
+        result = export_model(cluster, out, optimizer_state=optimizer_state)
+    typer.echo(json.dumps(result))
+
+
 def main() -> None:
-    app()
+    """The console script: click's own usage errors become one `error:` line too."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except typer.TyperException as exc:  # typer's (vendored) click usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # bare `shardps`: the help text
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "shardps"
+        typer.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)

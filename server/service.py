@@ -149,26 +149,30 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         state = self.node.state
         if state is None:
             return pb.GetShardStatusResponse(shard_id=self.node.shard_id)
-        s = state.stats
-        return pb.GetShardStatusResponse(
-            shard_id=self.node.shard_id,
-            job_id=state.job_id,
-            mode=mode_to_pb(state.job.mode),
-            start=state.shard.start,
-            stop=state.shard.stop,
-            initialized=state.initialized,
-            version=state.version,
-            pushes_received=s.pushes_received,
-            pushes_rejected=s.pushes_rejected,
-            pushes_duplicate=s.pushes_duplicate,
-            bytes_in=s.bytes_in,
-            bytes_out=s.bytes_out,
-            workers_seen=sorted(s.workers_seen),
-            staleness_counts=dict(s.staleness),
-            apply_seconds=s.apply_seconds,
-            state_digest=state.digest() if request.include_digest else "",
-            rejections=dict(s.rejections),
-        )
+        digest = state.digest() if request.include_digest else ""
+        with state.cond:  # a consistent copy of counters that handler threads update
+            s = state.stats
+            return pb.GetShardStatusResponse(
+                shard_id=self.node.shard_id,
+                job_id=state.job_id,
+                mode=mode_to_pb(state.job.mode),
+                start=state.shard.start,
+                stop=state.shard.stop,
+                initialized=state.initialized,
+                version=state.version,
+                pushes_received=s.pushes_received,
+                pushes_rejected=s.pushes_rejected,
+                pushes_duplicate=s.pushes_duplicate,
+                bytes_in=s.bytes_in,
+                bytes_out=s.bytes_out,
+                workers_seen=sorted(s.last_push),
+                staleness_counts=dict(s.staleness),
+                apply_seconds=s.apply_seconds,
+                state_digest=digest,
+                rejections=dict(s.rejections),
+                worker_last_push_unix=dict(s.last_push),
+                worker_last_step=dict(state.last_step),
+            )
 
 
 def _chain(first, rest):

@@ -36,7 +36,7 @@ class ShardStats:
     bytes_in: int = 0
     bytes_out: int = 0
     apply_seconds: float = 0.0
-    workers_seen: set[int] = field(default_factory=set)
+    last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
     staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
     rejections: Counter = field(default_factory=Counter)  # reason -> rejected calls
 
@@ -122,7 +122,7 @@ class ShardState:
                 raise
             self.stats.pushes_received += 1
             self.stats.pushes_duplicate += duplicate
-            self.stats.workers_seen.add(push.worker_id)
+            self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
     def apply(self, grad: torch.Tensor, lr: float) -> None:

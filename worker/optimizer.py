@@ -27,6 +27,7 @@ import torch
 
 from ..coordinator.client import CoordinatorClient
 from ..proto import optim
+from ..proto.assemble import optimizer_state_dict
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
@@ -131,18 +132,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         with ``i`` the index of the parameter in layout order, so it loads into a stock
         torch optimizer built over ``model.parameters()``.
         """
-        shards = self.ps.pull_state()
-        keys = [k for k in shards[0][1] if k != "param"]
-        flat = {k: _concat_key(shards, k) for k in keys}
-        state = {}
-        for i, entry in enumerate(self.job.layout.params):
-            state[i] = {
-                k: (v.clone() if v.dim() == 0 else v[entry.offset:entry.stop].reshape(entry.shape).clone())
-                for k, v in flat.items()
-            }
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        group["params"] = list(range(len(self.job.layout.params)))
-        return {"state": state, "param_groups": [group]}
+        shards = [tensors for _, tensors in self.ps.pull_state()]
+        return optimizer_state_dict(self.job.layout, shards, self.param_groups[0])
 
     def load_state_dict(self, state_dict):
         raise RuntimeError(
@@ -167,10 +158,3 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def __exit__(self, *exc):
         self.close()
 
-
-def _concat_key(shards: list[tuple[int, dict[str, torch.Tensor]]], key: str) -> torch.Tensor:
-    """One optimizer-state key across shards: scalars (like "step") are shared, slices concatenate."""
-    parts = [tensors[key] for _, tensors in shards if key in tensors]
-    if parts and parts[0].dim() == 0:
-        return parts[0]
-    return torch.cat([p.reshape(-1) for p in parts])

@@ -368,7 +368,7 @@ class GetShardStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections")
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step")
     class StalenessCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -383,6 +383,20 @@ class GetShardStatusResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class WorkerLastPushUnixEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class WorkerLastStepEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +414,8 @@ class GetShardStatusResponse(_message.Message):
     APPLY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_LAST_PUSH_UNIX_FIELD_NUMBER: _ClassVar[int]
+    WORKER_LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     job_id: str
     mode: UpdateMode
@@ -417,4 +433,6 @@ class GetShardStatusResponse(_message.Message):
     apply_seconds: float
     state_digest: str
     rejections: _containers.ScalarMap[str, int]
-    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    worker_last_push_unix: _containers.ScalarMap[int, float]
+    worker_last_step: _containers.ScalarMap[int, int]
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ...) -> None: ...

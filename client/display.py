@@ -1,0 +1,94 @@
+"""What the ``shardps`` command shows a person: a live progress display, summaries, status tables."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+console = Console()
+
+
+@contextlib.contextmanager
+def live_progress(config):
+    """Yields a callback that redraws step, loss, samples/s and per-shard versions."""
+    started = time.time()
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        live.update(f"starting a coordinator, {config.servers} shard servers and {config.workers} workers...")
+
+        def show(p):
+            table = Table(title=f"shardps run: {config.workload}, {config.mode}, "
+                                f"{config.servers} servers x {config.workers} workers", title_justify="left")
+            for col in ("step", "train loss", "samples/s", "shard versions", "held-out", "elapsed"):
+                table.add_column(col)
+            held_out = ", ".join(f"{k} {v:.4g}" for k, v in p.evaluation.items()) or "-"
+            table.add_row(
+                f"{p.step + 1}/{p.steps or '?'}",
+                f"{p.loss:.4f}" if p.loss is not None else "-",
+                f"{p.samples_per_s:,.0f}",
+                " ".join(str(v) for v in p.versions) or "-",
+                held_out,
+                f"{time.time() - started:.1f}s",
+            )
+            live.update(table)
+
+        yield show
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def print_summary(s: dict) -> None:
+    table = Table(title="summary", show_header=False, title_justify="left")
+    metric = s["metric"]
+    rows = [
+        ("workload", f"{s['workload']} ({s['numel']:,} parameters)"),
+        ("steps", str(s["steps"])),
+        ("final train loss", f"{s['final_train_loss']:.4f}"),
+        (f"held-out {metric}", f"{s['held_out'][metric]:.4f}"),
+        ("held-out loss", f"{s['held_out']['loss']:.4f}"),
+        ("wall time", f"{s['wall_s']:.1f} s"),
+        ("samples/s (training)", f"{s['samples_per_s']:,.0f}"),
+        ("updates per shard", " ".join(str(v) for v in s["updates_per_shard"])),
+        ("bytes moved", f"{_bytes(s['bytes_in'])} pushed, {_bytes(s['bytes_out'])} pulled"),
+        ("run directory", s["out"]),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def print_status(st: dict) -> None:
+    job = st["job"]
+    if not job:
+        console.print(f"coordinator {st['coordinator']}: no job yet ({st['num_servers']} servers expected)")
+    else:
+        console.print(f"job {st['job_id']}: {job['mode']}, {job['optimizer']} {job['optimizer_kwargs']}, "
+                      f"{job['numel']:,} parameters, min_workers {job['min_workers']}")
+    m = st["membership"]
+    workers = Table(title=f"membership (epoch {m['epoch']})", title_justify="left")
+    for col in ("worker", "rank", "name", "device", "last seen"):
+        workers.add_column(col)
+    for w in m["workers"]:
+        seen = f"{time.time() - w['last_seen_unix']:.1f}s ago" if w["last_seen_unix"] else "-"
+        workers.add_row(str(w["worker_id"]), str(w["rank"]), w["name"], w["device"], seen)
+    console.print(workers)
+    shards = Table(title="shards", title_justify="left")
+    for col in ("shard", "address", "range", "version", "pushes", "rejected", "in", "out", "staleness"):
+        shards.add_column(col)
+    for s in st["shards"]:
+        if "error" in s or "range" not in s:
+            shards.add_row(str(s["shard_id"]), s["address"], s.get("error", "not registered"), *[""] * 6)
+            continue
+        stale = s["staleness"]
+        stale_text = f"mean {stale['mean']:.2f} max {stale['max']}" if stale.get("count") else "-"
+        shards.add_row(str(s["shard_id"]), s["address"], f"[{s['range'][0]}, {s['range'][1]})", str(s["version"]),
+                       str(s["pushes"]), str(s["rejected"]), _bytes(s["bytes_in"]), _bytes(s["bytes_out"]), stale_text)
+    console.print(shards)

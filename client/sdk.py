@@ -1,0 +1,172 @@
+"""The Python SDK behind the ``shardps`` command: status, export and the single-process reference.
+
+    status = cluster_status("127.0.0.1:7070")          # JSON-able dict
+    export_model("127.0.0.1:7070", "model.safetensors", optimizer_state=True)
+    baseline = train_single_process("digits", epochs=15, batch_size=64)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from ..coordinator.client import CoordinatorClient
+from ..proto.assemble import model_state_dict, optimizer_state_dict
+from ..proto.errors import FailedPrecondition
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+
+
+def shard_status(address: str, timeout: float = CONTROL_TIMEOUT_S) -> pb.GetShardStatusResponse:
+    with insecure_channel(address) as channel:
+        try:
+            return pb_grpc.ShardServiceStub(channel).GetShardStatus(pb.GetShardStatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"GetShardStatus at {address}") from None
+
+
+def _staleness_summary(counts: dict[int, int]) -> dict:
+    n = sum(counts.values())
+    if not n:
+        return {"count": 0}
+    return {"count": n, "mean": sum(k * v for k, v in counts.items()) / n, "max": max(counts),
+            "histogram": {str(k): v for k, v in sorted(counts.items())}}
+
+
+def cluster_status(address: str) -> dict:
+    """Job, membership and every shard's counters, as plain JSON-able data."""
+    with CoordinatorClient(address) as coord:
+        st = coord.status()
+    out: dict = {"coordinator": address, "job_id": st.job_id, "num_servers": st.num_servers, "job": None}
+    if st.job_id:
+        job = job_from_pb(st.job)
+        out["job"] = {"mode": job.mode.value, "optimizer": job.optimizer, "optimizer_kwargs": job.optimizer_kwargs,
+                      "numel": job.layout.numel, "fingerprint": job.layout.fingerprint,
+                      "min_workers": job.min_workers, "parameters": len(job.layout.params)}
+    view = view_from_pb(st.view)
+    shards = []
+    addresses = {s.shard_id: s.address for s in st.servers}
+    last_seen: dict[int, float] = {}
+    for shard_id in range(st.num_servers):
+        entry = {"shard_id": shard_id, "address": addresses.get(shard_id, "")}
+        if entry["address"]:
+            try:
+                s = shard_status(entry["address"])
+            except Exception as exc:  # one unreachable shard must not hide the others
+                entry["error"] = str(exc)
+            else:
+                entry.update(
+                    range=[s.start, s.stop], initialized=s.initialized, version=s.version,
+                    mode=mode_from_pb(s.mode).value if s.mode else "", pushes=s.pushes_received,
+                    rejected=s.pushes_rejected, duplicates=s.pushes_duplicate, bytes_in=s.bytes_in,
+                    bytes_out=s.bytes_out, apply_seconds=s.apply_seconds, rejections=dict(s.rejections),
+                    staleness=_staleness_summary(dict(s.staleness_counts)),
+                )
+                for w, t in s.worker_last_push_unix.items():
+                    last_seen[w] = max(t, last_seen.get(w, 0.0))
+        shards.append(entry)
+    out["membership"] = {
+        "epoch": view.epoch,
+        "workers": [{"worker_id": m.worker_id, "rank": m.rank, "name": m.name, "device": m.device,
+                     "last_seen_unix": last_seen.get(m.worker_id)} for m in view.members],
+        "pending": [{"worker_id": m.worker_id, "name": m.name} for m in st.pending],
+        "left": list(st.left_worker_ids),
+    }
+    out["shards"] = shards
+    return out
+
+
+def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = False) -> dict:
+    """Assemble the model's ``state_dict`` (names, shapes, dtypes) from the shards and write it.
+
+    ``.safetensors`` files are written with safetensors, anything else with ``torch.save``.
+    With ``optimizer_state`` the torch.optim-shaped state goes to ``<stem>.optim.pt``.
+    Returns {"model": path, "optimizer": path or None, "versions": [...], "numel": n}.
+    """
+    from ..worker.ps_client import PSClient
+
+    with CoordinatorClient(address) as coord:
+        job_id, job, plan = coord.job()
+    if not job_id:
+        raise FailedPrecondition(f"the cluster at {address} has no job yet: nothing to export")
+    ps = PSClient(plan, job_id, job.layout.fingerprint, chunk_bytes=1 << 20, timeout=120.0)
+    try:
+        shards = ps.pull_state() if optimizer_state else None
+        if shards is None:
+            flat = torch.empty(job.layout.numel)
+            versions = ps.pull(flat)
+        else:
+            versions = [v for v, _ in shards]
+            flat = torch.cat([t["param"] for _, t in shards])
+    finally:
+        ps.close()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"shardps_job_id": job_id, "versions": json.dumps(versions), "fingerprint": job.layout.fingerprint}
+    _atomic_save(model_state_dict(job.layout, flat), path, meta)
+    optim_path = None
+    if shards is not None:
+        optim_path = path.with_name(path.stem + ".optim.pt")
+        group = dict(job.optimizer_kwargs)
+        state = optimizer_state_dict(job.layout, [t for _, t in shards], group)
+        _atomic_save(state, optim_path, None)
+    return {"model": str(path), "optimizer": str(optim_path) if optim_path else None, "versions": versions,
+            "numel": job.layout.numel}
+
+
+def _atomic_save(obj, path: Path, metadata: dict | None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(obj, str(tmp), metadata=metadata)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_model_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an exported model (safetensors or torch file) into a state_dict."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)
+
+
+def train_single_process(workload: str, *, workers: int = 2, batch_size: int = 0, steps: int = 0,
+                         epochs: float = 0.0, optimizer: str = "", lr: float = 0.0, seed: int = 0) -> dict:
+    """The reference a sync run must match: one process, plain ``torch.optim``, on the union batch
+    of ``workers`` workers (``workers * batch_size`` samples per step), same data order."""
+    from ..proto import optim
+    from ..worker.workloads import get_workload
+
+    wl = get_workload(workload, seed)
+    d = wl.defaults
+    batch_size = batch_size or d.batch_size
+    union = batch_size * workers
+    steps = steps or wl.steps_for(epochs or d.epochs, union)
+    name = optimizer or d.optimizer
+    model = wl.model()
+    opt = optim.OPTIMIZERS[name](model.parameters(), **optim.normalize_kwargs(name, {"lr": lr or d.lr}))
+    start, losses = time.perf_counter(), []
+    for step in range(steps):
+        x, y = wl.global_batch(step, union)
+        loss = wl.loss(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return {"steps": steps, "final_loss": losses[-1], "wall_s": time.perf_counter() - start,
+            **wl.evaluate(model), "model": model}

@@ -1,0 +1,110 @@
+"""The `shardps` command, end to end, as a user runs it (real subprocesses)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shardps import LocalCluster
+from shardps.client.sdk import load_model_file
+from shardps.worker.workloads import get_workload
+
+SHARDPS = [sys.executable, "-m", "shardps"]
+
+
+def shardps(*args, timeout=300, **kw):
+    return subprocess.run([*SHARDPS, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.mark.slow
+def test_shardps_run_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    res = shardps("run", "--steps", 30, "--eval-every", 10, "--out", out, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["steps"] == 30 and summary["updates_per_shard"] == [30, 30]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert sorted((r["rank"], r["step"]) for r in steps) == [(r, s) for r in range(2) for s in range(30)]
+    first = sum(r["loss"] for r in steps if r["step"] == 0) / 2
+    assert math.isfinite(summary["final_train_loss"]) and summary["final_train_loss"] < 0.8 * first
+    evals = [r for r in lines if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [9, 19, 29]
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["held_out"] == summary["held_out"]
+    # The exported model reproduces the summary's held-out accuracy.
+    wl = get_workload("digits")
+    model = wl.model()
+    model.load_state_dict(load_model_file(out / "model.safetensors"))
+    assert wl.evaluate(model)["accuracy"] == pytest.approx(summary["held_out"]["accuracy"], abs=1e-9)
+    assert summary["bytes_in"] >= 30 * 2 * summary["numel"] * 4  # every push moved the whole gradient
+
+
+@pytest.mark.slow
+def test_digits_sync_accuracy_matches_the_single_process_run(tmp_path):
+    from shardps.client.run import RunConfig, run
+    from shardps.client.sdk import train_single_process
+
+    summary = run(RunConfig(out=str(tmp_path / "run")))
+    single = train_single_process("digits", workers=2)
+    assert summary["steps"] == single["steps"]
+    assert abs(summary["held_out"]["accuracy"] - single["accuracy"]) <= 0.005, (summary["held_out"], single)
+    assert summary["held_out"]["accuracy"] > 0.9
+
+
+@pytest.mark.slow
+def test_status_and_export_against_a_live_cluster(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    with LocalCluster(servers=2) as cluster:
+        workers = [subprocess.Popen([*SHARDPS, "worker", "--cluster", cluster.address, "--min-workers", "2",
+                                     "--steps", "40", "--eval-every", "0", "--metrics", str(metrics),
+                                     "--name", f"w{i}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                   for i in range(2)]
+        for w in workers:
+            assert w.wait(timeout=180) == 0, w.stdout.read().decode()[-2000:]
+        res = shardps("status", "--cluster", cluster.address, "--json", timeout=60)
+        assert res.returncode == 0, res.stderr
+        st = json.loads(res.stdout)
+        assert st["job"]["mode"] == "sync" and st["job"]["optimizer"] == "adam"
+        assert sorted(w["name"] for w in st["membership"]["workers"]) == ["w0", "w1"]
+        assert sorted(w["rank"] for w in st["membership"]["workers"]) == [0, 1]
+        assert all(w["last_seen_unix"] for w in st["membership"]["workers"])
+        ranges = [s["range"] for s in st["shards"]]
+        assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == st["job"]["numel"]
+        assert [s["version"] for s in st["shards"]] == [40, 40] and [s["pushes"] for s in st["shards"]] == [80, 80]
+        plain = shardps("status", "--cluster", cluster.address, timeout=60)
+        assert plain.returncode == 0 and "membership" in plain.stdout
+        out = tmp_path / "model.safetensors"
+        res = shardps("export", "--cluster", cluster.address, "--out", out, "--optimizer-state", timeout=60)
+        assert res.returncode == 0, res.stderr
+    final_eval = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line][-1]
+    wl = get_workload("digits")
+    model = wl.model()
+    model.load_state_dict(load_model_file(out))
+    assert wl.evaluate(model)["accuracy"] == pytest.approx(final_eval["accuracy"], abs=1e-9)
+    # The optimizer state loads into a stock torch optimizer over the same parameters.
+    state = torch.load(tmp_path / "model.optim.pt", weights_only=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt.load_state_dict(state)
+    assert float(opt.state[model[0].weight]["step"]) == 40
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--workload", "nope"], "choose one of"),
+    (["run", "--workers", "0"], "at least 1"),
+    (["run", "--steps", "5", "--epochs", "2"], "not both"),
+    (["run", "--mode", "fast"], "sync or async"),
+    (["run", "--workers", "two"], "--help"),
+    (["status", "--cluster", "127.0.0.1:9"], "--cluster HOST:PORT"),
+    (["export", "--cluster", "127.0.0.1:9", "--out", "x.safetensors"], "--cluster HOST:PORT"),
+    (["status"], "--cluster"),
+    (["worker", "--cluster", "127.0.0.1:9", "--workload", "nope"], "choose one of"),
+])
+def test_bad_cli_input_ends_with_one_line_naming_the_fix(args, words, tmp_path):
+    res = shardps(*args, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr

@@ -1,0 +1,120 @@
+"""The worker's training loop, top to bottom: ``shardps worker --workload digits --cluster ADDR``.
+
+Builds the workload's model, joins the job through ``ShardedOptimizer`` (which
+hands out the rank), trains its share of every global batch, and appends one JSON
+line per step to the metrics file; rank 0 also evaluates on held-out data every
+``eval_every`` steps and at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .optimizer import ShardedOptimizer
+from .workloads import get_workload
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cluster: str  # coordinator address, host:port
+    workload: str = "digits"  # built-in workload: digits | charlm
+    mode: str = "sync"  # sync | async
+    optimizer: str = ""  # sgd | adam | adamw; "" takes the workload's default
+    lr: float = 0.0  # learning rate; 0 takes the workload's default
+    batch_size: int = 0  # samples per worker per step; 0 takes the workload's default
+    steps: int = 0  # steps to train; 0 derives them from epochs
+    epochs: float = 0.0  # passes over the training set; 0 takes the workload's default
+    device: str = "cpu"  # torch device: cpu, cuda, cuda:1, mps, or auto
+    seed: int = 0  # model init and data order
+    min_workers: int = 1  # training starts once this many workers joined
+    wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16
+    metrics: str = ""  # append one JSON line per step here ("" = none)
+    eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
+    threads: int = 1  # torch intra-op threads (keep low when processes share cores)
+    name: str = ""  # worker name in status; default host:pid
+    connect_timeout: float = 120.0  # seconds to wait for the cluster and min_workers
+
+    def __post_init__(self):
+        if self.steps and self.epochs:
+            raise ValueError("give --steps or --epochs, not both")
+        for field in ("lr", "batch_size", "steps", "epochs", "eval_every", "min_workers", "threads"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
+        if self.min_workers < 1 or self.threads < 1:
+            raise ValueError("min_workers and threads must be >= 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class MetricsLog:
+    """Appends JSON lines; each line is one write() on an O_APPEND file, so workers can share it."""
+
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if path else None
+
+    def write(self, record: dict) -> None:
+        if self._fd is not None:
+            os.write(self._fd, (json.dumps(record) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def train(config: TrainConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    workload = get_workload(config.workload, config.seed)
+    d = workload.defaults
+    batch_size = config.batch_size or d.batch_size
+    device = resolve_device(config.device)
+    model = workload.model().to(device)
+    opt = ShardedOptimizer(model, cluster=config.cluster, optimizer=config.optimizer or d.optimizer,
+                           lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
+                           wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout)
+    steps = config.steps or workload.steps_for(config.epochs or d.epochs, batch_size * opt.world_size)
+    log = MetricsLog(config.metrics)
+    rank = opt.rank
+    if rank == 0:
+        log.write({"kind": "start", "config": asdict(config), "world_size": opt.world_size, "steps": steps,
+                   "batch_size": batch_size, "numel": opt.job.layout.numel, "time": time.time()})
+    evaluation = {}
+    try:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            x, y = workload.batch_for_rank(step, rank, batch_size, opt.world_size)
+            x, y = x.to(device), y.to(device)
+            loss = workload.loss(model, x, y)
+            opt.zero_grad()
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step(batch_size=len(x))
+            t2 = time.perf_counter()
+            log.write({"kind": "step", "step": step, "rank": rank, "worker_id": opt.worker_id, "loss": loss.item(),
+                       "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
+                       "samples_per_s": len(x) / (t2 - t0), "versions": opt.versions,
+                       "staleness": [r.staleness for r in opt.last_replies], "time": time.time()})
+            last = step == steps - 1
+            if rank == 0 and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                if last:
+                    opt.pull()  # async: evaluate the shards' latest parameters
+                model.eval()
+                evaluation = workload.evaluate(model)
+                model.train()
+                log.write({"kind": "eval", "step": step, "rank": rank, **evaluation, "time": time.time()})
+    finally:
+        log.close()
+        opt.close()
+    return {"rank": rank, "steps": steps, "final_loss": loss.item(), **evaluation}
