@@ -1,25 +1,13 @@
 """CoordinatorService gRPC adapter: decode, call ``Coordinator``, encode."""
 from __future__ import annotations
 
-import functools
 
-from ..proto.errors import InvalidArgument, ShardpsError
+from ..proto.errors import InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, job_to_pb, member_to_pb, plan_to_pb, view_to_pb
-from ..proto.rpc import abort_with
+from ..proto.rpc import translate_errors
 from .state import Coordinator
-
-
-def _translating_errors(method):
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except ShardpsError as exc:
-            abort_with(context, exc)
-
-    return wrapper
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
@@ -29,12 +17,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def _plan(self):
         return plan_to_pb(self.c.plan, self.c.job.layout.numel if self.c.job else 0, self.c.align)
 
-    @_translating_errors
+    @translate_errors
     def RegisterServer(self, request, context):
         shard_id = self.c.register_server(request.address, request.shard_id)
         return pb.RegisterServerResponse(shard_id=shard_id, num_servers=self.c.num_servers)
 
-    @_translating_errors
+    @translate_errors
     def RegisterWorker(self, request, context):
         try:
             job = job_from_pb(request.job)
@@ -46,12 +34,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             plan=self._plan(), initializer=reg.initializer,
         )
 
-    @_translating_errors
+    @translate_errors
     def WatchMembership(self, request, context):
         view = self.c.watch(request.job_id, request.after_epoch, request.timeout_ms / 1000.0)
         return pb.WatchMembershipResponse(view=view_to_pb(view))
 
-    @_translating_errors
+    @translate_errors
     def GetMembership(self, request, context):
         return pb.GetMembershipResponse(view=view_to_pb(self.c.view(request.job_id, request.epoch)))
 
@@ -61,7 +49,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 return pb.GetJobResponse()
             return pb.GetJobResponse(job_id=self.c.job_id, job=job_to_pb(self.c.job), plan=self._plan())
 
-    @_translating_errors
+    @translate_errors
     def LeaveJob(self, request, context):
         self.c.leave(request.job_id, request.worker_id)
         return pb.LeaveJobResponse()

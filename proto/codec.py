@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from .errors import InvalidArgument
 from .gen import shardps_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: near the best throughput for grpcio streams
@@ -41,8 +42,8 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 _BY_NAME = {str(k).removeprefix("torch."): k for k in _TO_WIRE}
 
 
-class CodecError(ValueError):
-    """A chunk stream that does not describe one well-formed tensor."""
+class CodecError(InvalidArgument, ValueError):
+    """A chunk stream that does not describe one well-formed tensor (INVALID_ARGUMENT on the wire)."""
 
 
 def wire_dtype(dtype: torch.dtype) -> int:

@@ -6,6 +6,8 @@ can never silently share a port.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from concurrent import futures
 
 import grpc
@@ -89,3 +91,28 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.ShardpsError:
     err = cls(f"{what}: {name}: {exc.details()}")
     err.code = name
     return err
+
+
+def translate_errors(method):
+    """Servicer-method decorator: domain errors become gRPC statuses (the one mapping).
+
+    Works for unary handlers and for generator handlers (server-streaming replies).
+    """
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except errors.ShardpsError as exc:
+                abort_with(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except errors.ShardpsError as exc:
+            abort_with(context, exc)
+
+    return unary

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -5,53 +5,21 @@ translates, and every domain error becomes a status code through ``abort_with``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Iterator
 
-import grpc
 import torch
 
 from ..proto import codec
 from ..proto.codec import CodecError
-from ..proto.errors import InvalidArgument, ShardpsError
+from ..proto.errors import InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import mode_to_pb
-from ..proto.rpc import abort_with
+from ..proto.rpc import translate_errors
 from .modes import Push
 from .node import ShardNode, Target
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
-
-
-def _translating_errors(method):
-    """Turn domain and codec errors raised by a handler into gRPC statuses."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except CodecError as exc:
-            abort_with(context, InvalidArgument(str(exc)))
-        except ShardpsError as exc:
-            abort_with(context, exc)
-
-    return wrapper
-
-
-def _translating_stream(method):
-    """The same, for handlers that are generators (server-streaming replies)."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except CodecError as exc:
-            abort_with(context, InvalidArgument(str(exc)))
-        except ShardpsError as exc:
-            abort_with(context, exc)
-
-    return wrapper
 
 
 def _target(msg: pb.ShardTarget) -> Target:
@@ -64,7 +32,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.chunk_bytes = chunk_bytes
         self.wait_timeout = wait_timeout  # how long calls wait for the shard to be initialised
 
-    @_translating_errors
+    @translate_errors
     def InitShard(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or not first.HasField("target"):
@@ -77,7 +45,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.node.state.add_bytes(received=asm.received)
         return pb.InitShardResponse(version=version, already_initialized=already)
 
-    @_translating_stream
+    @translate_errors
     def Push(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
@@ -132,7 +100,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             yield make(chunk, i)
         state.add_bytes(sent=sum(len(p) for p in pieces))
 
-    @_translating_stream
+    @translate_errors
     def Pull(self, request, context):
         state = self.node.require(_target(request.target), self.wait_timeout)
         if not request.include_optimizer_state:

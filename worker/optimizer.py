@@ -137,8 +137,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         raise RuntimeError(
-            "a ShardedOptimizer's state lives on the shard servers and is restored from their "
-            "checkpoints; load this state into a plain torch optimizer instead"
+            "a ShardedOptimizer's state lives on the shard servers, which own it for the whole job; "
+            "load this state_dict into a plain torch optimizer instead"
         )
 
     def close(self) -> None:
