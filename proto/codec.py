@@ -4,7 +4,9 @@ The payload is the tensor's raw little-endian bytes, cut into pieces of at most
 ``chunk_bytes``; every chunk also carries the whole tensor's dtype and shape. No
 ``repeated float`` (slow in Python protobuf) and no pickle (unsafe across trust
 boundaries). Decoding writes straight into a caller's preallocated buffer when one
-is given, so the per-step path allocates nothing large.
+is given, so the per-step path allocates nothing large. ``views`` yields zero-copy
+``wire.Chunk`` pieces for the fast serializers in ``wire``; ``Assembler`` accepts
+both those and ``TensorChunk`` messages.
 
     chunks = list(encode(torch.arange(10.0), chunk_bytes=16))
     x = decode(chunks)                       # fresh tensor
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgument
+from . import wire
 from .gen import shardps_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: near the best throughput for grpcio streams
@@ -95,6 +98,22 @@ def wrap(dtype: torch.dtype, shape, pieces: Iterable[bytes]) -> Iterator[pb.Tens
     for data in pieces:
         yield pb.TensorChunk(dtype=wire, shape=shape, offset=offset, data=data)
         offset += len(data)
+
+
+def views(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[wire.Chunk]:
+    """Zero-copy chunks: each ``data`` is a memoryview of the tensor's memory.
+
+    The caller keeps ``tensor`` unchanged until the chunks are serialized (``wire``'s
+    serializer makes the one copy); at least one chunk, even for an empty tensor.
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    dtype, shape = wire_dtype(tensor.dtype), list(tensor.shape)
+    raw = memoryview(as_bytes(tensor))
+    if raw.nbytes == 0:
+        yield wire.Chunk(dtype, shape, 0, b"")
+    for offset in range(0, raw.nbytes, chunk_bytes):
+        yield wire.Chunk(dtype, shape, offset, raw[offset:offset + chunk_bytes])
 
 
 def encode(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:

@@ -13,11 +13,10 @@ import grpc
 
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
-from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, create_server as new_grpc_server
 from .node import ShardNode
-from .service import ShardServicer
+from .service import ShardServicer, add_to_server
 
 log = logging.getLogger("shardps.server")
 
@@ -52,7 +51,7 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
     node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout)
     server = new_grpc_server(config.threads, config.max_message_bytes)
     servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait)
-    pb_grpc.add_ShardServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     add_health(server, ["shardps.v1.ShardService"])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:

@@ -1,117 +1,129 @@
 """The ShardService gRPC adapter: decode messages, call the core, encode replies.
 
 No update logic lives here: ``ShardNode``/``ShardState`` decide, this module only
-translates, and every domain error becomes a status code through ``abort_with``.
+translates, and every domain error becomes a status code through ``translate_errors``.
+The chunk-carrying messages use the byte-compatible fast codec in ``proto/wire.py``
+(``add_to_server`` registers it), so tensor bytes are copied once on the way out
+and once on the way in.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
+import grpc
 import torch
 
-from ..proto import codec
-from ..proto.codec import CodecError
+from ..proto import codec, wire
 from ..proto.errors import InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
-from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import mode_to_pb
 from ..proto.rpc import translate_errors
 from .modes import Push
 from .node import ShardNode, Target
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
+SERVICE = "shardps.v1.ShardService"
 
 
 def _target(msg: pb.ShardTarget) -> Target:
     return Target(msg.job_id, msg.fingerprint, msg.shard_id, msg.start, msg.stop)
 
 
-class ShardServicer(pb_grpc.ShardServiceServicer):
+class ShardServicer:
     def __init__(self, node: ShardNode, chunk_bytes: int, wait_timeout: float):
         self.node = node
         self.chunk_bytes = chunk_bytes
         self.wait_timeout = wait_timeout  # how long calls wait for the shard to be initialised
+        self._push_frames = wire.serializer(pb.PushResponse)
+        self._pull_frames = wire.serializer(pb.PullResponse)
 
     @translate_errors
-    def InitShard(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("target"):
+    def InitShard(self, frames: Iterator[wire.Frame], context):
+        first = next(frames, None)
+        if first is None or first.fields is None or not first.fields.HasField("target"):
             raise InvalidArgument("InitShard's first message must carry the target")
         asm = codec.Assembler(expect_dtype=torch.float32)
-        for req in _chain(first, request_iterator):
-            asm.add(req.params)
+        for frame in _chain(first, frames):
+            if frame.chunk is not None:
+                asm.add(frame.chunk)
         params = asm.finish()
-        version, already = self.node.initialize(_target(first.target), params.reshape(-1))
+        version, already = self.node.initialize(_target(first.fields.target), params.reshape(-1))
         self.node.state.add_bytes(received=asm.received)
         return pb.InitShardResponse(version=version, already_initialized=already)
 
     @translate_errors
-    def Push(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
+    def Push(self, frames: Iterator[wire.Frame], context):
+        first = next(frames, None)
+        if first is None or first.fields is None or not first.fields.HasField("header"):
             raise InvalidArgument("Push's first message must carry the header")
-        h = first.header
+        h = first.fields.header
         state = self.node.require(_target(h.target), self.wait_timeout)
         members = self.node.membership.members(h.target.job_id, h.epoch)
-        grad, lent = self._receive_grad(state, _chain(first, request_iterator))
+        grad, lent = self._receive_grad(state, _chain(first, frames))
         try:
             push = Push(h.worker_id, h.step, h.epoch, h.base_version, h.batch_size, h.lr, grad)
             outcome = state.push(push, members)
         finally:
             for buf in lent:
                 self.node.buffers.give(buf)
-        version, pieces = state.snapshot(self.chunk_bytes)
-        result = pb.PushResult(version=version, staleness=outcome.staleness, duplicate=outcome.duplicate)
-        yield from self._send(state, pieces, lambda c, i: pb.PushResponse(result=result if i == 0 else None, params=c))
+        version, pieces = state.snapshot("push", self._encode_push)
+        yield pb.PushResponse(result=pb.PushResult(version=version, staleness=outcome.staleness,
+                                                   duplicate=outcome.duplicate))
+        yield from pieces
+        state.add_bytes(sent=state.shard.numel * 4)
 
-    def _receive_grad(self, state, requests: Iterator[pb.PushRequest]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode_push(self, param: torch.Tensor) -> list[bytes]:
+        return [self._push_frames(wire.Frame(None, c)) for c in codec.views(param, self.chunk_bytes)]
+
+    def _receive_grad(self, state, frames: Iterator[wire.Frame]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Decode the gradient chunks into pooled buffers; returns (fp32 grad, buffers to give back)."""
-        requests = iter(requests)
-        first = next((r for r in requests if r.HasField("grad")), None)
+        frames = iter(frames)
+        first = next((f for f in frames if f.chunk is not None), None)
         if first is None:
             state.reject("bad_size")
             raise InvalidArgument("push carried no gradient chunks")
-        dtype = codec.torch_dtype(first.grad.dtype)
+        dtype = codec.torch_dtype(first.chunk.dtype)
         if dtype not in GRAD_DTYPES:
             state.reject("bad_dtype")
             raise InvalidArgument(f"gradients travel as float32, bfloat16 or float16, not {dtype}")
         numel = state.shard.numel
-        buf = self.node.buffers.take(dtype, numel)
-        lent = [buf]
+        lent = [self.node.buffers.take(dtype, numel)]
         try:
-            asm = codec.Assembler(out=buf)
-            for req in _chain(first, requests):
-                asm.add(req.grad)
+            asm = codec.Assembler(out=lent[0])
+            for frame in _chain(first, frames):
+                if frame.chunk is not None:
+                    asm.add(frame.chunk)
             asm.finish()
             state.add_bytes(received=asm.received)
             if dtype is torch.float32:
-                return buf, lent
-            grad = self.node.buffers.take(torch.float32, numel)
-            lent.append(grad)
-            return grad.copy_(buf), lent
-        except CodecError:
+                return lent[0], lent
+            lent.append(self.node.buffers.take(torch.float32, numel))
+            return lent[1].copy_(lent[0]), lent
+        except codec.CodecError:
             state.reject("bad_size")
-            for b in lent:
-                self.node.buffers.give(b)
+            for buf in lent:
+                self.node.buffers.give(buf)
             raise
 
-    def _send(self, state, pieces: list[bytes], make):
-        for i, chunk in enumerate(codec.wrap(torch.float32, [state.shard.numel], pieces)):
-            yield make(chunk, i)
-        state.add_bytes(sent=sum(len(p) for p in pieces))
-
     @translate_errors
-    def Pull(self, request, context):
+    def Pull(self, request: pb.PullRequest, context):
         state = self.node.require(_target(request.target), self.wait_timeout)
         if not request.include_optimizer_state:
-            version, pieces = state.snapshot(self.chunk_bytes)
-            yield from self._send(state, pieces, lambda c, i: pb.PullResponse(version=version, name="param", chunk=c))
+            version, pieces = state.snapshot("pull", self._encode_pull)
+            yield pb.PullResponse(version=version)
+            yield from pieces
+            state.add_bytes(sent=state.shard.numel * 4)
             return
         version, tensors = state.export()
+        yield pb.PullResponse(version=version)
         for name, tensor in tensors.items():
-            for chunk in codec.encode(tensor, self.chunk_bytes):
-                yield pb.PullResponse(version=version, name=name, chunk=chunk)
+            for chunk in codec.views(tensor, self.chunk_bytes):
+                yield wire.Frame(pb.PullResponse(name=name), chunk)
             state.add_bytes(sent=tensor.numel() * tensor.element_size())
+
+    def _encode_pull(self, param: torch.Tensor) -> list[bytes]:
+        return [self._pull_frames(wire.Frame(pb.PullResponse(name="param"), c))
+                for c in codec.views(param, self.chunk_bytes)]
 
     def GetShardStatus(self, request, context):
         state = self.node.state
@@ -141,6 +153,31 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
                 worker_last_push_unix=dict(s.last_push),
                 worker_last_step=dict(state.last_step),
             )
+
+
+def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
+    """Register ShardService with the fast chunk codec (the generated helper would use protobuf's)."""
+    handlers = {
+        "InitShard": grpc.stream_unary_rpc_method_handler(
+            servicer.InitShard, request_deserializer=wire.deserializer(pb.InitShardRequest),
+            response_serializer=pb.InitShardResponse.SerializeToString),
+        "Push": grpc.stream_stream_rpc_method_handler(
+            servicer.Push, request_deserializer=wire.deserializer(pb.PushRequest),
+            response_serializer=_passthrough(wire.serializer(pb.PushResponse))),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            servicer.Pull, request_deserializer=pb.PullRequest.FromString,
+            response_serializer=_passthrough(wire.serializer(pb.PullResponse))),
+        "GetShardStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetShardStatus, request_deserializer=pb.GetShardStatusRequest.FromString,
+            response_serializer=pb.GetShardStatusResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _passthrough(serialize):
+    """Pre-serialized replies (cached slices) go out as they are; everything else is serialized."""
+    return lambda msg: msg if isinstance(msg, bytes) else serialize(msg)
 
 
 def _chain(first, rest):

@@ -8,15 +8,17 @@ state byte-identical.
     state = ShardState(ShardRange(0, 0, 128), job, step_timeout=60)
     state.initialize(torch.zeros(128))
     outcome = state.push(push, members=frozenset({0, 1}))
-    version, chunks = state.snapshot(chunk_bytes)
+    version, frames = state.snapshot("push", encode)
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -58,7 +60,7 @@ class ShardState:
         self.initialized = False
         self.stats = ShardStats()
         self.cond = threading.Condition(threading.Lock())
-        self._snapshot: tuple[int, int, list[bytes]] | None = None  # (version, chunk_bytes, chunks)
+        self._snapshots: dict[str, tuple[int, list]] = {}  # key -> (version, encoded slice)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -95,7 +97,7 @@ class ShardState:
                 f"gradient has {grad.numel()} elements, shard {self.shard.shard_id} owns "
                 f"[{self.shard.start}, {self.shard.stop}) = {self.shard.numel}"
             )
-        if not bool(torch.isfinite(grad).all()):
+        if not _all_finite(grad):
             self.reject("nonfinite")
             raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
 
@@ -143,17 +145,18 @@ class ShardState:
 
     # ------------------------------------------------------------------ pull
 
-    def snapshot(self, chunk_bytes: int) -> tuple[int, list[bytes]]:
-        """(version, raw little-endian chunks of the current slice).
+    def snapshot(self, key: str, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
+        """(version, encode(slice)), cached per (key, version).
 
-        Cached per version, so the N workers woken by one sync step share one encoding.
+        ``encode`` runs under the lock and must copy what it needs (the adapter
+        serializes reply messages); the N workers released by one sync step then
+        share one encoding.
         """
         with self.cond:
-            cached = self._snapshot
-            if cached is None or cached[:2] != (self.version, chunk_bytes):
-                chunks = list(codec.byte_chunks(self.param, chunk_bytes))
-                self._snapshot = cached = (self.version, chunk_bytes, chunks)
-            return cached[0], cached[2]
+            cached = self._snapshots.get(key)
+            if cached is None or cached[0] != self.version:
+                cached = self._snapshots[key] = (self.version, encode(self.param))
+            return cached
 
     def export(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, copies of the slice and its optimizer state) taken at one instant.
@@ -181,3 +184,10 @@ class ShardState:
             h.update(key.encode())
             h.update(codec.as_bytes(tensors[key].contiguous()).tobytes())
         return h.hexdigest()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Exact check for NaN/Inf. A float32 sum (~2 ms per 25M elements) is finite whenever
+    every element is, unless finite values overflow it; only then pay for the elementwise
+    check (~60-80 ms)."""
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())

@@ -2,7 +2,9 @@
 
 Each push is one bidirectional stream per shard: a header, then the gradient slice
 in ~1 MiB chunks; the reply streams the updated slice straight into the caller's
-flat buffer. Every call has a deadline.
+flat buffer. Chunk messages go through the byte-compatible fast codec in
+``proto/wire.py`` (one copy out of the tensor, zero-copy views in). Every call has
+a deadline.
 """
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from ..proto import codec
+from ..proto import codec, wire
 from ..proto.gen import shardps_pb2 as pb
-from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import ShardInfo
 from ..proto.rpc import error_from_rpc, insecure_channel
 
@@ -33,8 +34,14 @@ class ShardChannel:
         self.info, self.chunk_bytes = info, chunk_bytes
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
-        self._channel = insecure_channel(info.address)
-        self._stub = pb_grpc.ShardServiceStub(self._channel)
+        self._channel = ch = insecure_channel(info.address)
+        method = "/shardps.v1.ShardService/"
+        self._init = ch.stream_unary(method + "InitShard", request_serializer=wire.serializer(pb.InitShardRequest),
+                                     response_deserializer=pb.InitShardResponse.FromString)
+        self._push = ch.stream_stream(method + "Push", request_serializer=wire.serializer(pb.PushRequest),
+                                      response_deserializer=wire.deserializer(pb.PushResponse))
+        self._pull = ch.unary_stream(method + "Pull", request_serializer=pb.PullRequest.SerializeToString,
+                                     response_deserializer=wire.deserializer(pb.PullResponse))
 
     def close(self) -> None:
         self._channel.close()
@@ -44,14 +51,12 @@ class ShardChannel:
 
     def init(self, params: torch.Tensor, worker_id: int, timeout: float) -> tuple[int, bool]:
         def requests():
-            for i, chunk in enumerate(codec.encode(params, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.InitShardRequest(target=self.target, worker_id=worker_id, params=chunk)
-                else:
-                    yield pb.InitShardRequest(params=chunk)
+            yield pb.InitShardRequest(target=self.target, worker_id=worker_id)
+            for chunk in codec.views(params, self.chunk_bytes):
+                yield wire.Frame(None, chunk)
 
         try:
-            reply = self._stub.InitShard(requests(), timeout=timeout)
+            reply = self._init(requests(), timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("InitShard")) from None
         return reply.version, reply.already_initialized
@@ -61,15 +66,17 @@ class ShardChannel:
         header.target.CopyFrom(self.target)
 
         def requests():
-            for i, chunk in enumerate(codec.encode(grad, self.chunk_bytes)):
-                yield pb.PushRequest(header=header, grad=chunk) if i == 0 else pb.PushRequest(grad=chunk)
+            yield pb.PushRequest(header=header)
+            for chunk in codec.views(grad, self.chunk_bytes):
+                yield wire.Frame(None, chunk)
 
         asm, result = codec.Assembler(out=out), None
         try:
-            for reply in self._stub.Push(requests(), timeout=timeout):
-                if reply.HasField("result"):
-                    result = reply.result
-                asm.add(reply.params)
+            for frame in self._push(requests(), timeout=timeout):
+                if frame.fields is not None and frame.fields.HasField("result"):
+                    result = frame.fields.result
+                if frame.chunk is not None:
+                    asm.add(frame.chunk)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("Push")) from None
         asm.finish()
@@ -80,9 +87,11 @@ class ShardChannel:
         asm, version = codec.Assembler(out=out), 0
         request = pb.PullRequest(target=self.target)
         try:
-            for reply in self._stub.Pull(request, timeout=timeout):
-                version = reply.version
-                asm.add(reply.chunk)
+            for frame in self._pull(request, timeout=timeout):
+                if frame.fields is not None and frame.fields.version:
+                    version = frame.fields.version
+                if frame.chunk is not None:
+                    asm.add(frame.chunk)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("Pull")) from None
         asm.finish()
@@ -94,9 +103,11 @@ class ShardChannel:
         tensors: dict[str, codec.Assembler] = {}
         version = 0
         try:
-            for reply in self._stub.Pull(request, timeout=timeout):
-                version = reply.version
-                tensors.setdefault(reply.name, codec.Assembler()).add(reply.chunk)
+            for frame in self._pull(request, timeout=timeout):
+                if frame.fields is not None and frame.fields.version:
+                    version = frame.fields.version
+                if frame.chunk is not None:
+                    tensors.setdefault(frame.fields.name, codec.Assembler()).add(frame.chunk)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("Pull")) from None
         return version, {name: asm.finish() for name, asm in tensors.items()}
