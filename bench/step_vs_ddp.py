@@ -3,6 +3,7 @@
     python bench/step_vs_ddp.py                       # 25.2M-param MLP, batch 32/rank, Adam
     python bench/step_vs_ddp.py --model charlm        # the charlm transformer
     python bench/step_vs_ddp.py --wire-dtype bfloat16 # bf16 pushes
+    python bench/step_vs_ddp.py --overlap             # push each shard as backward finishes it
 
 Same model, same per-rank batch, same optimizer (DDP uses torch's fused Adam; the
 shard servers use it on their slices). DDP and shardps alternate, --reps times
@@ -76,7 +77,7 @@ def shardps_worker(rank, address, args, queue):
 
     model, batch, loss_fn = build(args.model)
     opt = ShardedOptimizer(model, cluster=address, optimizer="adam", lr=1e-4, min_workers=args.workers,
-                           wire_dtype=args.wire_dtype)
+                           wire_dtype=args.wire_dtype, overlap=args.overlap)
     times, comm = [], []
     for step in range(args.warmup + args.steps):
         x, y = batch(opt.rank, step, args.batch)
@@ -136,6 +137,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--wire-dtype", default="float32")
+    ap.add_argument("--overlap", action="store_true", help="push shards while backward runs")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args()
     ddp, ps, comm = [], [], []

@@ -45,7 +45,7 @@ CHUNK_FIELD = {
     pb.InitShardRequest: 3,
     pb.PushRequest: 2,
     pb.PushResponse: 2,
-    pb.PullResponse: 3,
+    pb.PullResponse: 2,
 }
 
 

@@ -8,6 +8,7 @@ see the same ``Push``; they differ only in when ``state.apply`` is called.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,8 @@ from ..proto.messages import UpdateMode
 
 @dataclass
 class Push:
-    """One validated push. ``grad`` is an fp32 tensor of the shard's size, owned by the caller."""
+    """One push. ``grad`` is an fp32 tensor of the shard's size (usually a pooled receive
+    buffer); ``ShardState.push`` calls ``release`` exactly once, when nothing needs it any more."""
 
     worker_id: int
     step: int  # the worker's step number (updates it has taken), 0-based
@@ -26,6 +28,8 @@ class Push:
     batch_size: int  # samples behind the gradient (> 0)
     lr: float  # learning rate to apply (> 0)
     grad: torch.Tensor
+    release: Callable[[], None] | None = None  # give the grad's buffer back
+    kept: bool = False  # set by a policy that holds on to grad past submit()
 
 
 @dataclass(frozen=True)
@@ -42,17 +46,17 @@ class SyncPolicy:
     ``submit`` blocks (releasing the lock) until step t has closed, i.e. until every
     member pushed step t, or raises ``WaitTimeout`` after ``timeout`` seconds. The
     shard version equals the number of closed steps, so the open step is ``version``.
+    Each member's received gradient buffer is kept until the step closes and then
+    summed in worker-id order, so no separate accumulator exists (one fp32 slice of
+    memory less) and the sum's order does not depend on arrival order.
     """
 
     mode = UpdateMode.SYNC
 
-    def __init__(self, numel: int, timeout: float):
+    def __init__(self, timeout: float):
         self.timeout = timeout
-        self._acc = torch.zeros(numel, dtype=torch.float32)  # sum of batch_size * grad
-        self._weight = 0  # sum of batch_size
-        self._pushed: set[int] = set()
+        self._pushes: dict[int, Push] = {}  # worker_id -> its push of the open step
         self._epoch: int | None = None  # the view this step's pushes named
-        self._lr = 0.0
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
@@ -69,7 +73,7 @@ class SyncPolicy:
             raise UnknownWorker(
                 f"worker {push.worker_id} is not a member of epoch {push.epoch}; register with the coordinator"
             )
-        if self._epoch is not None and push.epoch != self._epoch:
+        if self._pushes and push.epoch != self._epoch:
             raise FailedPrecondition(
                 f"step {open_step} is collecting pushes of epoch {self._epoch}, this one names epoch {push.epoch}"
             )
@@ -77,25 +81,34 @@ class SyncPolicy:
 
     def submit(self, state, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
         if not duplicate:
-            self._acc.add_(push.grad, alpha=push.batch_size)
-            self._weight += push.batch_size
-            self._pushed.add(push.worker_id)
-            self._epoch, self._lr = push.epoch, push.lr
+            push.kept = True
+            self._pushes[push.worker_id] = push
+            self._epoch = push.epoch
             state.last_step[push.worker_id] = push.step
-            if self._pushed >= members:
-                self._close(state)
+            if self._pushes.keys() >= members:
+                self._close(state, push.lr)
         if not state.cond.wait_for(lambda: state.version > push.step, timeout=self.timeout):
-            missing = sorted(members - self._pushed)
+            missing = sorted(members - self._pushes.keys())
             raise WaitTimeout(
                 f"step {push.step} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
             )
         return Outcome(state.version, 0, duplicate)
 
-    def _close(self, state) -> None:
-        state.apply(self._acc.div_(self._weight), self._lr)
-        self._acc.zero_()
-        self._weight, self._epoch = 0, None
-        self._pushed.clear()
+    def _close(self, state, lr: float) -> None:
+        pushes = [self._pushes[w] for w in sorted(self._pushes)]
+        if len(pushes) == 1:
+            mean = pushes[0].grad
+        else:  # sum_i b_i g_i / sum_i b_i, in the first buffer
+            mean = pushes[0].grad.mul_(pushes[0].batch_size)
+            for p in pushes[1:]:
+                mean.add_(p.grad, alpha=p.batch_size)
+            mean.div_(sum(p.batch_size for p in pushes))
+        state.apply(mean, lr)
+        for p in pushes:
+            if p.release is not None:
+                p.release()
+        self._pushes.clear()
+        self._epoch = None
         state.cond.notify_all()
 
 
@@ -133,8 +146,8 @@ class AsyncPolicy:
         return Outcome(state.version, staleness, False)
 
 
-def make_policy(mode: UpdateMode, numel: int, step_timeout: float):
+def make_policy(mode: UpdateMode, step_timeout: float):
     """The policy object for ``mode``: the one place a mode is looked at."""
     if mode is UpdateMode.SYNC:
-        return SyncPolicy(numel, step_timeout)
+        return SyncPolicy(step_timeout)
     return AsyncPolicy()

@@ -89,16 +89,9 @@ class ShardNode:
     def state(self) -> ShardState | None:
         return self._state
 
-    def initialize(self, target: Target, params: torch.Tensor) -> tuple[int, bool]:
-        """Create the shard's state for ``target``'s job and set its parameters.
-
-        Returns (version, already_initialized). Idempotent for the same job.
-        """
-        state = self._state_for_init(target)
-        fresh = state.initialize(params)
-        return state.version, not fresh
-
-    def _state_for_init(self, target: Target) -> ShardState:
+    def state_for_init(self, target: Target) -> ShardState:
+        """The shard's state for ``target``'s job, created on first use from the coordinator's
+        job and plan; raises WrongJob if ``target`` does not match them."""
         with self._cond:
             if self._state is not None:
                 self.check(target)

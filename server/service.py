@@ -35,21 +35,25 @@ class ShardServicer:
         self.chunk_bytes = chunk_bytes
         self.wait_timeout = wait_timeout  # how long calls wait for the shard to be initialised
         self._push_frames = wire.serializer(pb.PushResponse)
-        self._pull_frames = wire.serializer(pb.PullResponse)
 
     @translate_errors
     def InitShard(self, frames: Iterator[wire.Frame], context):
         first = next(frames, None)
         if first is None or first.fields is None or not first.fields.HasField("target"):
             raise InvalidArgument("InitShard's first message must carry the target")
-        asm = codec.Assembler(expect_dtype=torch.float32)
-        for frame in _chain(first, frames):
-            if frame.chunk is not None:
-                asm.add(frame.chunk)
-        params = asm.finish()
-        version, already = self.node.initialize(_target(first.fields.target), params.reshape(-1))
-        self.node.state.add_bytes(received=asm.received)
-        return pb.InitShardResponse(version=version, already_initialized=already)
+        state = self.node.state_for_init(_target(first.fields.target))
+        buf = self.node.buffers.take(torch.float32, state.shard.numel)
+        try:
+            asm = codec.Assembler(out=buf)
+            for frame in _chain(first, frames):
+                if frame.chunk is not None:
+                    asm.add(frame.chunk)
+            asm.finish()
+            fresh = state.initialize(buf)
+        finally:
+            self.node.buffers.give(buf)  # the pool keeps it for the first pushes
+        state.add_bytes(received=asm.received)
+        return pb.InitShardResponse(version=state.version, already_initialized=not fresh)
 
     @translate_errors
     def Push(self, frames: Iterator[wire.Frame], context):
@@ -59,13 +63,11 @@ class ShardServicer:
         h = first.fields.header
         state = self.node.require(_target(h.target), self.wait_timeout)
         members = self.node.membership.members(h.target.job_id, h.epoch)
-        grad, lent = self._receive_grad(state, _chain(first, frames))
-        try:
-            push = Push(h.worker_id, h.step, h.epoch, h.base_version, h.batch_size, h.lr, grad)
-            outcome = state.push(push, members)
-        finally:
-            for buf in lent:
-                self.node.buffers.give(buf)
+        commit = pb.PushCommit(batch_size=h.batch_size, lr=h.lr)
+        grad = self._receive_grad(state, _chain(first, frames), commit)
+        push = Push(h.worker_id, h.step, h.epoch, h.base_version, commit.batch_size, commit.lr, grad,
+                    release=lambda: self.node.buffers.give(grad))
+        outcome = state.push(push, members)  # releases the buffer when done with it
         version, pieces = state.snapshot("push", self._encode_push)
         yield pb.PushResponse(result=pb.PushResult(version=version, staleness=outcome.staleness,
                                                    duplicate=outcome.duplicate))
@@ -75,9 +77,12 @@ class ShardServicer:
     def _encode_push(self, param: torch.Tensor) -> list[bytes]:
         return [self._push_frames(wire.Frame(None, c)) for c in codec.views(param, self.chunk_bytes)]
 
-    def _receive_grad(self, state, frames: Iterator[wire.Frame]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Decode the gradient chunks into pooled buffers; returns (fp32 grad, buffers to give back)."""
-        frames = iter(frames)
+    def _receive_grad(self, state, frames: Iterator[wire.Frame], commit: pb.PushCommit) -> torch.Tensor:
+        """Decode the gradient chunks into a pooled buffer; returns it as fp32 (the caller gives it back).
+
+        A trailing PushCommit message, if any, is merged into ``commit``.
+        """
+        frames = _committing(frames, commit)
         first = next((f for f in frames if f.chunk is not None), None)
         if first is None:
             state.reject("bad_size")
@@ -86,30 +91,35 @@ class ShardServicer:
         if dtype not in GRAD_DTYPES:
             state.reject("bad_dtype")
             raise InvalidArgument(f"gradients travel as float32, bfloat16 or float16, not {dtype}")
-        numel = state.shard.numel
-        lent = [self.node.buffers.take(dtype, numel)]
+        buffers = self.node.buffers
+        buf = buffers.take(dtype, state.shard.numel)
         try:
-            asm = codec.Assembler(out=lent[0])
+            asm = codec.Assembler(out=buf)
             for frame in _chain(first, frames):
                 if frame.chunk is not None:
                     asm.add(frame.chunk)
             asm.finish()
-            state.add_bytes(received=asm.received)
-            if dtype is torch.float32:
-                return lent[0], lent
-            lent.append(self.node.buffers.take(torch.float32, numel))
-            return lent[1].copy_(lent[0]), lent
         except codec.CodecError:
             state.reject("bad_size")
-            for buf in lent:
-                self.node.buffers.give(buf)
+            buffers.give(buf)
             raise
+        except BaseException:  # the stream broke: nothing was applied, the buffer goes back
+            buffers.give(buf)
+            raise
+        state.add_bytes(received=asm.received)
+        if dtype is torch.float32:
+            return buf
+        grad = buffers.take(torch.float32, state.shard.numel).copy_(buf)
+        buffers.give(buf)
+        return grad
 
     @translate_errors
     def Pull(self, request: pb.PullRequest, context):
         state = self.node.require(_target(request.target), self.wait_timeout)
         if not request.include_optimizer_state:
-            version, pieces = state.snapshot("pull", self._encode_pull)
+            # A PullResponse holding only field 2 has the bytes of a PushResponse holding only
+            # field 2, so pulls share the frames cached for push replies.
+            version, pieces = state.snapshot("push", self._encode_push)
             yield pb.PullResponse(version=version)
             yield from pieces
             state.add_bytes(sent=state.shard.numel * 4)
@@ -118,12 +128,8 @@ class ShardServicer:
         yield pb.PullResponse(version=version)
         for name, tensor in tensors.items():
             for chunk in codec.views(tensor, self.chunk_bytes):
-                yield wire.Frame(pb.PullResponse(name=name), chunk)
+                yield wire.Frame(pb.PullResponse(name="" if name == "param" else name), chunk)
             state.add_bytes(sent=tensor.numel() * tensor.element_size())
-
-    def _encode_pull(self, param: torch.Tensor) -> list[bytes]:
-        return [self._pull_frames(wire.Frame(pb.PullResponse(name="param"), c))
-                for c in codec.views(param, self.chunk_bytes)]
 
     def GetShardStatus(self, request, context):
         state = self.node.state
@@ -178,6 +184,14 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
 def _passthrough(serialize):
     """Pre-serialized replies (cached slices) go out as they are; everything else is serialized."""
     return lambda msg: msg if isinstance(msg, bytes) else serialize(msg)
+
+
+def _committing(frames: Iterator[wire.Frame], commit: pb.PushCommit) -> Iterator[wire.Frame]:
+    """Pass frames through, merging any PushCommit they carry into ``commit``."""
+    for frame in frames:
+        if frame.fields is not None and frame.fields.HasField("commit"):
+            commit.CopyFrom(frame.fields.commit)
+        yield frame
 
 
 def _chain(first, rest):

@@ -54,7 +54,7 @@ class ShardState:
         self.shard, self.job, self.job_id = shard, job, job_id
         self.param = torch.zeros(shard.numel, dtype=torch.float32)
         self.optimizer = optim.build(job.optimizer, job.optimizer_kwargs, self.param)
-        self.policy = make_policy(job.mode, shard.numel, step_timeout)
+        self.policy = make_policy(job.mode, step_timeout)
         self.version = 0  # updates applied
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
         self.initialized = False
@@ -105,7 +105,15 @@ class ShardState:
         """Submit one push to the policy. Raises a domain error (state unchanged) for bad pushes.
 
         Sync mode blocks until the push's step closes or the policy's timeout passes.
+        ``push.release`` is called exactly once: here, unless the policy kept the gradient.
         """
+        try:
+            return self._push(push, members)
+        finally:
+            if not push.kept and push.release is not None:
+                push.release()
+
+    def _push(self, push: Push, members: frozenset[int]) -> Outcome:
         if push.batch_size <= 0:
             self.reject("bad_batch_size")
             raise InvalidArgument(f"batch_size must be > 0, got {push.batch_size}")
@@ -124,6 +132,11 @@ class ShardState:
                 raise
             self.stats.pushes_received += 1
             self.stats.pushes_duplicate += duplicate
+            if not duplicate:
+                # A new version is coming: drop the cached reply frames now (replies still
+                # streaming hold their own reference), so they never coexist with the next
+                # step's receive buffers.
+                self._snapshots.clear()
             self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
@@ -155,6 +168,7 @@ class ShardState:
         with self.cond:
             cached = self._snapshots.get(key)
             if cached is None or cached[0] != self.version:
+                self._snapshots.pop(key, None)  # free the old encoding before making the new one
                 cached = self._snapshots[key] = (self.version, encode(self.param))
             return cached
 

@@ -19,6 +19,7 @@ work: the worker's ``param_groups[0]["lr"]`` travels with every push.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any, Iterable
@@ -32,6 +33,7 @@ from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
 from .flat import FlatParams
+from .overlap import OverlapPusher
 from .ps_client import PSClient, PushReply
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
@@ -47,6 +49,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mode: str = "sync",
         min_workers: int = 1,
         wire_dtype: str = "float32",
+        overlap: bool = False,
         name: str = "",
         connect_timeout: float = 120.0,
         step_timeout: float = 330.0,
@@ -64,6 +67,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             min_workers: training starts once this many workers have registered.
             wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
                 (servers keep fp32 masters either way).
+            overlap: push each shard's gradients as soon as backward has produced them,
+                hiding communication behind the rest of backward. Wrap gradient-accumulation
+                micro-batches in ``opt.no_sync()``.
             name: how this worker appears in status (default host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
             step_timeout: deadline of one push-pull, seconds (sync waits for the slowest worker).
@@ -80,9 +86,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
         self.device = str(self.flat.params[0].device)
-        self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes)
+        self._overlap = None
+        self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes, overlap)
 
-    def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int) -> None:
+    def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int, overlap: bool) -> None:
         self.coordinator = CoordinatorClient(cluster)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
@@ -96,6 +103,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.versions = self.pull()
         self.steps_taken = 0  # pushes this worker completed
         self.last_replies: list[PushReply] = []
+        if overlap:
+            self._overlap = OverlapPusher(self.flat, self.ps, self.step_timeout)
+            self._overlap.arm(self._header(0, 0.0), self.versions)
 
     def pull(self) -> list[int]:
         """Load the shards' current parameters into the model; return each shard's version."""
@@ -114,16 +124,36 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        header = pb.PushHeader(
-            worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch,
-            batch_size=int(batch_size), lr=float(self.param_groups[0]["lr"]),
-        )
-        replies = self.ps.push_pull(self.flat.gather_grads(), self.flat.values, header, self.versions)
+        lr = float(self.param_groups[0]["lr"])
+        if self._overlap is not None:
+            replies = self._overlap.finish(int(batch_size), lr)
+        else:
+            header = self._header(int(batch_size), lr)
+            replies = self.ps.push_pull(self.flat.gather_grads(), self.flat.values, header, self.versions)
         self.flat.scatter_params()
         self.versions = [r.version for r in replies]
         self.last_replies = replies
         self.steps_taken += 1
+        if self._overlap is not None:
+            self._overlap.arm(self._header(0, 0.0), self.versions)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. For fp32 CPU models they are views into the push buffer and are
+        zeroed in place whatever ``set_to_none`` says (as DDP's gradient_as_bucket_view)."""
+        if self.flat.bound:
+            self.flat.zero_grads()
+        else:
+            super().zero_grad(set_to_none)
+
+    def _header(self, batch_size: int, lr: float) -> pb.PushHeader:
+        return pb.PushHeader(worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch,
+                             batch_size=batch_size, lr=lr)
+
+    def no_sync(self):
+        """Context manager for gradient-accumulation micro-batches (as DDP's): with ``overlap=True``,
+        backward inside it pushes nothing; the next backward outside it pushes the sum."""
+        return self._overlap.no_sync() if self._overlap is not None else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state gathered from every shard, in ``torch.optim``'s format.
@@ -145,6 +175,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Leave the job and close every channel. Safe to call twice."""
         if getattr(self, "ps", None) is None:
             return
+        if self._overlap is not None:
+            self._overlap.close()
         try:
             self.coordinator.leave(self.job_id, self.worker_id)
         finally:

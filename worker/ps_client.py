@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import torch
@@ -61,14 +62,21 @@ class ShardChannel:
             raise error_from_rpc(exc, self._what("InitShard")) from None
         return reply.version, reply.already_initialized
 
-    def push(self, header: pb.PushHeader, grad: torch.Tensor, out: torch.Tensor, timeout: float) -> PushReply:
-        """Push ``grad`` (this shard's slice) and write the returned slice into ``out``."""
+    def push(self, header: pb.PushHeader, grad: torch.Tensor, out: torch.Tensor, timeout: float,
+             commit: Callable[[], pb.PushCommit] | None = None) -> PushReply:
+        """Push ``grad`` (this shard's slice) and write the returned slice into ``out``.
+
+        With ``commit``, the stream ends with a PushCommit that ``commit()`` supplies
+        (it may block until the caller knows the batch size and lr).
+        """
         header.target.CopyFrom(self.target)
 
         def requests():
             yield pb.PushRequest(header=header)
             for chunk in codec.views(grad, self.chunk_bytes):
                 yield wire.Frame(None, chunk)
+            if commit is not None:
+                yield pb.PushRequest(commit=commit())
 
         asm, result = codec.Assembler(out=out), None
         try:
@@ -107,7 +115,8 @@ class ShardChannel:
                 if frame.fields is not None and frame.fields.version:
                     version = frame.fields.version
                 if frame.chunk is not None:
-                    tensors.setdefault(frame.fields.name, codec.Assembler()).add(frame.chunk)
+                    name = (frame.fields.name if frame.fields is not None else "") or "param"
+                    tensors.setdefault(name, codec.Assembler()).add(frame.chunk)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("Pull")) from None
         return version, {name: asm.finish() for name, asm in tensors.items()}
@@ -139,13 +148,18 @@ class PSClient:
 
     def push_pull(self, grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
                   base_versions: list[int]) -> list[PushReply]:
-        def one(shard: ShardChannel):
-            h = pb.PushHeader()
-            h.CopyFrom(header)
-            h.base_version = base_versions[shard.info.range.shard_id]
-            return shard.push(h, self._slice(grads, shard), self._slice(values, shard), self.timeout)
+        futures = [self.submit_push(s, grads, values, header, base_versions[s.info.range.shard_id])
+                   for s in self.shards]
+        return [f.result() for f in futures]
 
-        return self._fan_out(one)
+    def submit_push(self, shard: "ShardChannel", grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
+                    base_version: int, commit: Callable[[], pb.PushCommit] | None = None):
+        """Start one shard's push-pull on the pool; returns its Future[PushReply]."""
+        h = pb.PushHeader()
+        h.CopyFrom(header)
+        h.base_version = base_version
+        return self._pool.submit(shard.push, h, self._slice(grads, shard), self._slice(values, shard),
+                                 self.timeout, commit)
 
     def pull(self, values: torch.Tensor) -> list[int]:
         return self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout))

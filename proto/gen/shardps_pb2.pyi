@@ -318,12 +318,22 @@ class PushHeader(_message.Message):
     def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "grad")
+    __slots__ = ("header", "grad", "commit")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     grad: TensorChunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    commit: PushCommit
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ...) -> None: ...
+
+class PushCommit(_message.Message):
+    __slots__ = ("batch_size", "lr")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    lr: float
+    def __init__(self, batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("version", "staleness", "duplicate")
@@ -352,14 +362,14 @@ class PullRequest(_message.Message):
     def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("version", "name", "chunk")
+    __slots__ = ("version", "chunk", "name")
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     version: int
-    name: str
     chunk: TensorChunk
-    def __init__(self, version: _Optional[int] = ..., name: _Optional[str] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    name: str
+    def __init__(self, version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GetShardStatusRequest(_message.Message):
     __slots__ = ("include_digest",)
