@@ -23,17 +23,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, mlp, stats  # noqa: E402
+from common import emit, mlp, mlp_for_params, stats  # noqa: E402
 
 
 def build(model_name: str):
     """(model, make_batch(rank, step), loss_fn) for ``model_name``."""
-    if model_name == "mlp":
-        model = mlp()
+    if model_name.startswith("mlp"):
+        # "mlp" is the issue's 25.2M model; "mlp:N" a 3-layer MLP of about N parameters
+        width, io = (4096, 1024) if model_name == "mlp" else mlp_for_params(int(float(model_name[4:])))
+        model = mlp(width, io)
 
         def batch(rank, step, size):
             g = torch.Generator().manual_seed(rank * 1000 + step)
-            return torch.randn(size, 1024, generator=g), torch.randn(size, 1024, generator=g)
+            return torch.randn(size, io, generator=g), torch.randn(size, io, generator=g)
 
         return model, batch, torch.nn.functional.mse_loss
     from shardps.worker.workloads import get_workload
@@ -128,7 +130,7 @@ def run_shardps(args) -> tuple[float, float]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mlp", help="mlp (25.2M) or a workload name (charlm)")
+    ap.add_argument("--model", default="mlp", help="mlp (25.2M), mlp:N (about N params) or a workload (charlm)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32, help="samples per rank per step")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Rerun every benchmark and write bench/results/*.json and bench/results/scaling.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+mkdir -p bench/results
+$PY bench/step_vs_ddp.py --out bench/results/step_mlp_fp32.json
+$PY bench/step_vs_ddp.py --wire-dtype bfloat16 --out bench/results/step_mlp_bf16.json
+$PY bench/step_vs_ddp.py --overlap --out bench/results/step_mlp_overlap.json
+$PY bench/step_vs_ddp.py --model charlm --batch 8 --out bench/results/step_charlm.json
+$PY bench/wire_vs_tcp.py --out bench/results/wire.json
+$PY bench/apply_vs_torch.py --out bench/results/apply.json
+$PY bench/memory.py --out bench/results/memory.json
+$PY bench/scaling.py --out bench/results/scaling.json --plot bench/results/scaling.png
+python bench/raw_grpc.py bench/results/raw_grpc.json
