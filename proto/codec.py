@@ -80,26 +80,6 @@ def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def byte_chunks(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """The tensor's raw bytes in pieces of at most ``chunk_bytes``; one empty piece for an empty tensor."""
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    raw = as_bytes(tensor)
-    if raw.nbytes == 0:
-        yield b""
-    for offset in range(0, raw.nbytes, chunk_bytes):
-        # tobytes() is the one copy grpc forces on us: it refuses memoryviews.
-        yield raw[offset:offset + chunk_bytes].tobytes()
-
-
-def wrap(dtype: torch.dtype, shape, pieces: Iterable[bytes]) -> Iterator[pb.TensorChunk]:
-    """TensorChunk messages for consecutive raw pieces of one tensor."""
-    wire, shape, offset = wire_dtype(dtype), list(shape), 0
-    for data in pieces:
-        yield pb.TensorChunk(dtype=wire, shape=shape, offset=offset, data=data)
-        offset += len(data)
-
-
 def views(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[wire.Chunk]:
     """Zero-copy chunks: each ``data`` is a memoryview of the tensor's memory.
 
@@ -117,8 +97,9 @@ def views(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
 
 
 def encode(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Yield TensorChunk messages covering ``tensor``; at least one, even when it is empty."""
-    return wrap(tensor.dtype, tensor.shape, byte_chunks(tensor, chunk_bytes))
+    """TensorChunk messages covering ``tensor`` (each owns a copy of its bytes); at least one."""
+    for c in views(tensor, chunk_bytes):
+        yield pb.TensorChunk(dtype=c.dtype, shape=c.shape, offset=c.offset, data=bytes(c.data))
 
 
 class Assembler:
