@@ -111,6 +111,12 @@ def worker(
     seed: int = typer.Option(0, envvar="SHARDPS_SEED"),
     min_workers: int = typer.Option(1, envvar="SHARDPS_MIN_WORKERS", help="Training starts with this many workers."),
     wire_dtype: str = typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
+    backup_workers: int = typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
+                                       help="Sync: close each step after the first (workers - B) pushes."),
+    staleness_lr: bool = typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR",
+                                      help="Async: apply lr / staleness."),
+    slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
+                                   help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
     eval_every: int = typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Rank 0 evaluates every N steps."),
     threads: int = typer.Option(1, envvar="SHARDPS_THREADS", help="torch intra-op threads."),
@@ -126,7 +132,8 @@ def worker(
     with _user_errors(cluster):
         config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                             min_workers=min_workers, wire_dtype=wire_dtype, metrics=metrics, eval_every=eval_every,
+                             min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
+                             staleness_lr=staleness_lr, slowdown=slowdown, metrics=metrics, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout)
         result = train(config)
     typer.echo(json.dumps(result))
@@ -146,6 +153,12 @@ def run(
     device: str = typer.Option("cpu", envvar="SHARDPS_DEVICE", help="Worker device: cpu, cuda, mps or auto."),
     seed: int = typer.Option(0, envvar="SHARDPS_SEED"),
     wire_dtype: str = typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
+    backup_workers: int = typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
+                                       help="Sync: close each step after the first (workers - B) pushes."),
+    staleness_lr: bool = typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR",
+                                      help="Async: apply lr / staleness."),
+    slow_worker: list[str] = typer.Option([], "--slow-worker",
+                                          help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation every N steps."),
     out: str = typer.Option("", "--out", envvar="SHARDPS_OUT", help="Run directory (default runs/<workload>-<time>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
@@ -156,7 +169,8 @@ def run(
     with _user_errors():
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                           wire_dtype=wire_dtype, eval_every=eval_every, out=out)
+                           wire_dtype=wire_dtype, backup_workers=backup_workers, staleness_lr=staleness_lr,
+                           slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)
         else:
@@ -170,6 +184,17 @@ def run(
         from .display import print_summary
 
         print_summary(summary)
+
+
+def _parse_slow(specs: list[str]) -> dict[int, float]:
+    out = {}
+    for spec in specs:
+        index, _, factor = spec.partition(":")
+        try:
+            out[int(index)] = float(factor)
+        except ValueError:
+            raise ValueError(f"--slow-worker takes INDEX:FACTOR (e.g. 0:4), got {spec!r}") from None
+    return out
 
 
 def _plain_progress():

@@ -41,6 +41,9 @@ class RunConfig:
     device: str = "cpu"  # worker device: cpu, cuda, mps, auto
     seed: int = 0
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16
+    backup_workers: int = 0  # sync: close each step after the first (workers - b) pushes
+    staleness_lr: bool = False  # async: apply lr / max(1, staleness)
+    slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
     eval_every: int = 50  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
     worker_threads: int = 1  # torch threads per worker
@@ -56,6 +59,15 @@ class RunConfig:
             raise ValueError("give --steps or --epochs, not both")
         if self.mode not in ("sync", "async"):
             raise ValueError(f"unknown mode {self.mode!r}; choose sync or async")
+        if not 0 <= self.backup_workers < self.workers:
+            raise ValueError(f"--backup-workers must be in 0..{self.workers - 1} (fewer than --workers)")
+        if self.backup_workers and self.mode != "sync":
+            raise ValueError("--backup-workers needs --mode sync")
+        if self.staleness_lr and self.mode != "async":
+            raise ValueError("--staleness-lr needs --mode async")
+        for index, factor in self.slow_workers.items():
+            if not 0 <= index < self.workers or factor < 1:
+                raise ValueError(f"--slow-worker {index}:{factor}: index must be < --workers and factor >= 1")
 
 
 class RunError(RuntimeError):
@@ -127,7 +139,10 @@ def _start_workers(config: RunConfig, address: str, out: Path, logs: Path) -> li
                "--mode", config.mode, "--min-workers", str(config.workers), "--device", config.device,
                "--seed", str(config.seed), "--wire-dtype", config.wire_dtype, "--eval-every", str(config.eval_every),
                "--threads", str(config.worker_threads), "--metrics", str(out / "metrics.jsonl"),
-               "--name", f"worker-{i}"]
+               "--name", f"worker-{i}", "--backup-workers", str(config.backup_workers),
+               "--slowdown", str(config.slow_workers.get(i, 1.0))]
+        if config.staleness_lr:
+            cmd.append("--staleness-lr")
         for flag, value in (("--optimizer", config.optimizer), ("--lr", config.lr), ("--batch-size", config.batch_size),
                             ("--steps", config.steps), ("--epochs", config.epochs)):
             if value:
@@ -215,6 +230,9 @@ def _summarize(config: RunConfig, records: list[dict], status: dict, exported: d
         "samples_per_s": total_samples / max(1e-9, span),  # while training, all workers
         "numel": exported["numel"],
         "updates_per_shard": [s.get("version") for s in status["shards"]],
+        "dropped_pushes": sum(s.get("dropped", 0) for s in status["shards"]),
+        "shards": [{k: s.get(k) for k in ("shard_id", "version", "pushes", "dropped", "duplicates", "rejected")}
+                   for s in status["shards"]],
         "bytes_in": sum(s.get("bytes_in", 0) for s in status["shards"]),
         "bytes_out": sum(s.get("bytes_out", 0) for s in status["shards"]),
         "staleness": [s.get("staleness") for s in status["shards"]],

@@ -47,10 +47,19 @@ class JobConfig:
     optimizer_kwargs: dict[str, Any]  # that class's keyword arguments, canonical JSON types
     mode: UpdateMode = UpdateMode.SYNC
     min_workers: int = 1  # training starts once this many workers registered
+    backup_workers: int = 0  # sync: close each step after the first (members - b) pushes
+    staleness_lr: bool = False  # async: apply lr / max(1, staleness)
 
     def __post_init__(self):
         if self.min_workers < 1:
             raise ValueError(f"min_workers must be >= 1, got {self.min_workers}")
+        if self.backup_workers and self.mode is not UpdateMode.SYNC:
+            raise ValueError("backup_workers applies to sync mode only")
+        if not 0 <= self.backup_workers < self.min_workers:
+            raise ValueError(f"backup_workers must be in 0..min_workers-1 ({self.min_workers - 1}), "
+                             f"got {self.backup_workers}")
+        if self.staleness_lr and self.mode is not UpdateMode.ASYNC:
+            raise ValueError("staleness-aware lr applies to async mode only")
 
     def differences(self, other: "JobConfig") -> list[str]:
         """Human-readable list of what differs from ``other`` (empty when equal)."""
@@ -67,8 +76,9 @@ class JobConfig:
             )
         if self.mode != other.mode:
             out.append(f"mode {other.mode.value} differs from the job's {self.mode.value}")
-        if self.min_workers != other.min_workers:
-            out.append(f"min_workers {other.min_workers} differs from the job's {self.min_workers}")
+        for name in ("min_workers", "backup_workers", "staleness_lr"):
+            if getattr(self, name) != getattr(other, name):
+                out.append(f"{name} {getattr(other, name)} differs from the job's {getattr(self, name)}")
         return out
 
 
@@ -135,6 +145,8 @@ def job_to_pb(job: JobConfig) -> pb.JobSpec:
         optimizer=pb.OptimizerSpec(name=job.optimizer, kwargs_json=json.dumps(job.optimizer_kwargs, sort_keys=True)),
         mode=_MODE_TO_PB[job.mode],
         min_workers=job.min_workers,
+        backup_workers=job.backup_workers,
+        staleness_aware_lr=job.staleness_lr,
     )
 
 
@@ -156,6 +168,8 @@ def job_from_pb(msg: pb.JobSpec) -> JobConfig:
         optimizer_kwargs=kwargs,
         mode=_MODE_FROM_PB[msg.mode],
         min_workers=msg.min_workers,
+        backup_workers=msg.backup_workers,
+        staleness_lr=msg.staleness_aware_lr,
     )
 
 

@@ -69,8 +69,9 @@ class ShardServicer:
                     release=lambda: self.node.buffers.give(grad))
         outcome = state.push(push, members)  # releases the buffer when done with it
         version, pieces = state.snapshot("push", self._encode_push)
-        yield pb.PushResponse(result=pb.PushResult(version=version, staleness=outcome.staleness,
-                                                   duplicate=outcome.duplicate))
+        yield pb.PushResponse(result=pb.PushResult(
+            version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
+            next_step=outcome.next_step, applied_lr=outcome.applied_lr))
         yield from pieces
         state.add_bytes(sent=state.shard.numel * 4)
 
@@ -149,6 +150,7 @@ class ShardServicer:
                 pushes_received=s.pushes_received,
                 pushes_rejected=s.pushes_rejected,
                 pushes_duplicate=s.pushes_duplicate,
+                pushes_dropped=s.pushes_dropped,
                 bytes_in=s.bytes_in,
                 bytes_out=s.bytes_out,
                 workers_seen=sorted(s.last_push),

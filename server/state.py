@@ -35,6 +35,7 @@ class ShardStats:
 
     pushes_received: int = 0
     pushes_duplicate: int = 0
+    pushes_dropped: int = 0  # late for a step that closed without them (backup workers)
     bytes_in: int = 0
     bytes_out: int = 0
     apply_seconds: float = 0.0
@@ -54,7 +55,7 @@ class ShardState:
         self.shard, self.job, self.job_id = shard, job, job_id
         self.param = torch.zeros(shard.numel, dtype=torch.float32)
         self.optimizer = optim.build(job.optimizer, job.optimizer_kwargs, self.param)
-        self.policy = make_policy(job.mode, step_timeout)
+        self.policy = make_policy(job, step_timeout)
         self.version = 0  # updates applied
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
         self.initialized = False

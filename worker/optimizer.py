@@ -48,6 +48,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         *,
         mode: str = "sync",
         min_workers: int = 1,
+        backup_workers: int = 0,
+        staleness_lr: bool = False,
         wire_dtype: str = "float32",
         overlap: bool = False,
         name: str = "",
@@ -65,6 +67,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             mode: "sync" (one update per step, sample-weighted mean of every worker's
                 gradient) or "async" (each push applied on arrival).
             min_workers: training starts once this many workers have registered.
+            backup_workers: sync only: close each step after the first (workers - b) pushes;
+                a late worker's push is dropped (counted, never applied) and it carries on
+                from the fresh parameters.
+            staleness_lr: async only: each push is applied with lr / max(1, staleness).
             wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
                 (servers keep fp32 masters either way).
             overlap: push each shard's gradients as soon as backward has produced them,
@@ -82,7 +88,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                      else ((str(i), p) for i, p in enumerate(model)))
         kwargs = optim.normalize_kwargs(optimizer, optimizer_kwargs)
         self.flat = FlatParams(named, dtype_from_name(wire_dtype))
-        self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers)
+        self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers,
+                             backup_workers, staleness_lr)
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
         self.device = str(self.flat.params[0].device)
@@ -133,7 +140,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.flat.scatter_params()
         self.versions = [r.version for r in replies]
         self.last_replies = replies
-        self.steps_taken += 1
+        # The shards say which step comes next: +1 normally; in sync mode with backup
+        # workers a late worker whose push was dropped jumps to the open step.
+        self.steps_taken = min(r.next_step for r in replies)
         if self._overlap is not None:
             self._overlap.arm(self._header(0, 0.0), self.versions)
         return loss

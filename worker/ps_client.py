@@ -23,9 +23,12 @@ from ..proto.rpc import error_from_rpc, insecure_channel
 
 @dataclass(frozen=True)
 class PushReply:
-    version: int
-    staleness: int
-    duplicate: bool
+    version: int  # shard version of the slice now in the model
+    staleness: int  # async: how many updates the gradient missed
+    duplicate: bool  # a retry the shard had seen; not applied again
+    dropped: bool  # late for a closed step (backup workers); not applied
+    next_step: int  # step number of this worker's next push
+    applied_lr: float  # lr the shard applied (0 if it applied nothing for this push)
 
 
 class ShardChannel:
@@ -88,7 +91,8 @@ class ShardChannel:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("Push")) from None
         asm.finish()
-        return PushReply(result.version, result.staleness, result.duplicate)
+        return PushReply(result.version, result.staleness, result.duplicate, result.dropped, result.next_step,
+                         result.applied_lr)
 
     def pull(self, out: torch.Tensor, timeout: float) -> int:
         """Write the current slice into ``out``; return its version."""

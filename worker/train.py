@@ -32,6 +32,9 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     min_workers: int = 1  # training starts once this many workers joined
     wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16
+    backup_workers: int = 0  # sync: each step closes after the first (workers - b) pushes
+    staleness_lr: bool = False  # async: apply lr / max(1, staleness)
+    slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
     metrics: str = ""  # append one JSON line per step here ("" = none)
     eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
     threads: int = 1  # torch intra-op threads (keep low when processes share cores)
@@ -46,6 +49,8 @@ class TrainConfig:
                 raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
         if self.min_workers < 1 or self.threads < 1:
             raise ValueError("min_workers and threads must be >= 1")
+        if self.slowdown < 1:
+            raise ValueError(f"slowdown is a factor >= 1, got {self.slowdown}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,7 +88,8 @@ def train(config: TrainConfig) -> dict:
     model = workload.model().to(device)
     opt = ShardedOptimizer(model, cluster=config.cluster, optimizer=config.optimizer or d.optimizer,
                            lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
-                           wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout)
+                           wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout,
+                           backup_workers=config.backup_workers, staleness_lr=config.staleness_lr)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, batch_size * opt.world_size)
     log = MetricsLog(config.metrics)
     rank = opt.rank
@@ -92,21 +98,28 @@ def train(config: TrainConfig) -> dict:
                    "batch_size": batch_size, "numel": opt.job.layout.numel, "time": time.time()})
     evaluation = {}
     try:
-        for step in range(steps):
+        # The shards number the steps: a sync worker whose late push was dropped (backup
+        # workers) jumps to the open step, skipping the batches it missed, like the others.
+        while opt.steps_taken < steps:
+            step = opt.steps_taken
             t0 = time.perf_counter()
             x, y = workload.batch_for_rank(step, rank, batch_size, opt.world_size)
             x, y = x.to(device), y.to(device)
             loss = workload.loss(model, x, y)
             opt.zero_grad()
             loss.backward()
+            if config.slowdown > 1:  # documented simulation of a slower machine
+                time.sleep((config.slowdown - 1) * (time.perf_counter() - t0))
             t1 = time.perf_counter()
             opt.step(batch_size=len(x))
             t2 = time.perf_counter()
             log.write({"kind": "step", "step": step, "rank": rank, "worker_id": opt.worker_id, "loss": loss.item(),
                        "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
                        "samples_per_s": len(x) / (t2 - t0), "versions": opt.versions,
-                       "staleness": [r.staleness for r in opt.last_replies], "time": time.time()})
-            last = step == steps - 1
+                       "staleness": [r.staleness for r in opt.last_replies],
+                       "dropped": [r.dropped for r in opt.last_replies],
+                       "applied_lr": [r.applied_lr for r in opt.last_replies], "time": time.time()})
+            last = opt.steps_taken >= steps
             if rank == 0 and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 if last:
                     opt.pull()  # async: evaluate the shards' latest parameters
@@ -117,4 +130,4 @@ def train(config: TrainConfig) -> dict:
     finally:
         log.close()
         opt.close()
-    return {"rank": rank, "steps": steps, "final_loss": loss.item(), **evaluation}
+    return {"rank": rank, "steps": steps, "final_loss": loss.item() if steps else None, **evaluation}

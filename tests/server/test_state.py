@@ -113,3 +113,63 @@ def test_sync_wait_has_a_timeout_naming_the_missing_workers():
     state = make_state("sync", timeout=0.2)
     with pytest.raises(WaitTimeout, match=r"\[1\]"):
         state.push(push(0, 0, torch.ones(N)), frozenset({0, 1}))
+
+
+def make_job_state(mode, members, timeout=10.0, **job):
+    from shardps.proto.messages import JobConfig as J
+
+    cfg = J(Layout.from_shapes([("w", (N,), "float32")]), "sgd", {"lr": 0.1}, UpdateMode(mode), members, **job)
+    state = ShardState(ShardRange(0, 0, N), cfg, "job", step_timeout=timeout)
+    state.initialize(torch.ones(N))
+    return state
+
+
+def test_backup_workers_close_a_step_without_the_slowest_and_drop_its_late_push():
+    state = make_job_state("sync", 3, backup_workers=1)
+    members = frozenset({0, 1, 2})
+    t, result = in_thread(lambda: state.push(push(0, 0, torch.full((N,), 1.0)), members))
+    t.join(0.2)
+    assert t.is_alive()  # one of the two needed pushes so far
+    out = state.push(push(1, 0, torch.full((N,), 3.0)), members)  # N - b = 2 pushes: the step closes
+    t.join(5)
+    assert out.version == 1 and result["v"].version == 1 and out.next_step == 1
+    after_step = state.digest()
+    assert torch.allclose(state.param, torch.full((N,), 1 - 0.1 * 2.0))  # mean of worker 0 and 1 only
+    late = state.push(push(2, 0, torch.full((N,), 100.0)), members)  # worker 2 arrives after the close
+    assert late.dropped and late.version == 1 and late.next_step == 1 and late.applied_lr == 0
+    assert torch.allclose(state.param, torch.full((N,), 0.8))  # never applied
+    assert state.stats.pushes_dropped == 1 and state.version == 1
+    assert state.digest() != after_step  # only the dedup table moved: a retry of the late push is a duplicate
+    again = state.push(push(2, 0, torch.full((N,), 100.0)), members)
+    assert again.duplicate and torch.allclose(state.param, torch.full((N,), 0.8))
+    # the late worker carries on at the open step, with everyone else
+    t, result = in_thread(lambda: state.push(push(2, 1, torch.zeros(N)), members))
+    state.push(push(0, 1, torch.zeros(N)), members)
+    t.join(5)
+    assert state.version == 2 and result["v"].version == 2 and not result["v"].dropped
+
+
+def test_staleness_aware_lr_divides_the_lr_by_the_staleness():
+    state = make_job_state("async", 1, staleness_lr=True)
+    members = frozenset({0, 1, 2})
+    g = torch.ones(N)
+    applied = []
+    for worker in range(3):  # all computed on version 0: staleness 0, 1, 2
+        before = state.param.clone()
+        out = state.push(push(worker, 0, g, base=0, lr=0.3), members)
+        applied.append((out.staleness, out.applied_lr))
+        assert torch.allclose(before - state.param, g * out.applied_lr)  # the step really used that lr
+    assert applied == [(0, 0.3), (1, 0.3), (2, 0.15)]
+    assert state.stats.staleness == {0: 1, 1: 1, 2: 1}
+
+
+def test_backup_and_staleness_options_are_checked_against_the_mode():
+    from shardps.proto.messages import JobConfig as J
+
+    layout = Layout.from_shapes([("w", (N,), "float32")])
+    with pytest.raises(ValueError, match="sync mode only"):
+        J(layout, "sgd", {"lr": 0.1}, UpdateMode.ASYNC, 3, backup_workers=1)
+    with pytest.raises(ValueError, match=r"min_workers-1 \(2\)"):
+        J(layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 3, backup_workers=3)
+    with pytest.raises(ValueError, match="async mode only"):
+        J(layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 3, staleness_lr=True)

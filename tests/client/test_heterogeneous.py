@@ -1,0 +1,40 @@
+"""Heterogeneous-hardware options end to end, through `shardps run` (real processes)."""
+import json
+
+import pytest
+
+from shardps.client.run import RunConfig, run
+
+
+@pytest.mark.slow
+def test_backup_workers_close_steps_without_a_slowed_worker_and_never_apply_its_late_pushes(tmp_path):
+    steps = 60
+    summary = run(RunConfig(workers=3, backup_workers=1, slow_workers={0: 4.0}, steps=steps, eval_every=0,
+                            out=str(tmp_path / "run")))
+    assert summary["updates_per_shard"] == [steps, steps]
+    assert summary["dropped_pushes"] > 0
+    for shard in summary["shards"]:
+        # Every closed step applied exactly (workers - backup) = 2 pushes; dropped ones were not applied.
+        assert shard["pushes"] - shard["dropped"] - shard["duplicates"] == 2 * steps
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    late = [(d, lr) for r in records if r["kind"] == "step" for d, lr in zip(r["dropped"], r["applied_lr"]) if d]
+    assert late and all(lr == 0 for _, lr in late)  # each shard said: not applied
+    # The slowed worker skipped the steps it missed: fewer step lines than the others, same final step.
+    per_rank = {}
+    for r in records:
+        if r["kind"] == "step":
+            per_rank.setdefault(r["rank"], []).append(r["step"])
+    counts = sorted(len(v) for v in per_rank.values())
+    assert counts[0] < counts[-1] and max(max(v) for v in per_rank.values()) == steps - 1
+    assert summary["held_out"]["accuracy"] > 0.8  # still trains
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"workers": 2, "backup_workers": 2}, "--backup-workers must be in 0..1"),
+    ({"mode": "async", "backup_workers": 1}, "needs --mode sync"),
+    ({"staleness_lr": True}, "needs --mode async"),
+    ({"slow_workers": {5: 2.0}}, "--slow-worker"),
+])
+def test_heterogeneous_options_are_checked_before_anything_starts(args, words):
+    with pytest.raises(ValueError, match=words):
+        RunConfig(**args)
