@@ -101,7 +101,7 @@ def server(
 def worker(
     cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
     workload: str = typer.Option("digits", envvar="SHARDPS_WORKLOAD", help="Built-in workload: digits or charlm."),
-    mode: str = typer.Option("sync", envvar="SHARDPS_MODE", help="sync or async."),
+    mode: str = typer.Option("sync", envvar="SHARDPS_MODE", help="sync, ssp or async."),
     optimizer: str = typer.Option("", envvar="SHARDPS_OPTIMIZER", help="sgd, adam or adamw (default: the workload's)."),
     lr: float = typer.Option(0.0, envvar="SHARDPS_LR", help="Learning rate (0: the workload's default)."),
     batch_size: int = typer.Option(0, envvar="SHARDPS_BATCH_SIZE", help="Samples per worker per step (0: default)."),
@@ -112,7 +112,9 @@ def worker(
     min_workers: int = typer.Option(1, envvar="SHARDPS_MIN_WORKERS", help="Training starts with this many workers."),
     wire_dtype: str = typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
     backup_workers: int = typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
-                                       help="Sync: close each step after the first (workers - B) pushes."),
+                                       help="Sync/ssp: close each step after the first (workers - B) pushes."),
+    staleness: int = typer.Option(0, envvar="SHARDPS_STALENESS",
+                                  help="ssp: steps a worker may run ahead of the last closed step."),
     staleness_lr: bool = typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR",
                                       help="Async: apply lr / staleness."),
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
@@ -133,7 +135,7 @@ def worker(
         config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                              min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
-                             staleness_lr=staleness_lr, slowdown=slowdown, metrics=metrics, eval_every=eval_every,
+                             staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown, metrics=metrics, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout)
         result = train(config)
     typer.echo(json.dumps(result))
@@ -144,7 +146,7 @@ def run(
     servers: int = typer.Option(2, envvar="SHARDPS_SERVERS", help="Shard servers to start."),
     workers: int = typer.Option(2, envvar="SHARDPS_WORKERS", help="Worker processes to start."),
     workload: str = typer.Option("digits", envvar="SHARDPS_WORKLOAD", help="Built-in workload: digits or charlm."),
-    mode: str = typer.Option("sync", envvar="SHARDPS_MODE", help="sync or async."),
+    mode: str = typer.Option("sync", envvar="SHARDPS_MODE", help="sync, ssp or async."),
     optimizer: str = typer.Option("", envvar="SHARDPS_OPTIMIZER", help="sgd, adam or adamw (default: the workload's)."),
     lr: float = typer.Option(0.0, envvar="SHARDPS_LR", help="Learning rate (0: the workload's default)."),
     batch_size: int = typer.Option(0, envvar="SHARDPS_BATCH_SIZE", help="Samples per worker per step (0: default)."),
@@ -154,7 +156,9 @@ def run(
     seed: int = typer.Option(0, envvar="SHARDPS_SEED"),
     wire_dtype: str = typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
     backup_workers: int = typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
-                                       help="Sync: close each step after the first (workers - B) pushes."),
+                                       help="Sync/ssp: close each step after the first (workers - B) pushes."),
+    staleness: int = typer.Option(0, envvar="SHARDPS_STALENESS",
+                                  help="ssp: steps a worker may run ahead of the last closed step."),
     staleness_lr: bool = typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR",
                                       help="Async: apply lr / staleness."),
     slow_worker: list[str] = typer.Option([], "--slow-worker",
@@ -169,7 +173,8 @@ def run(
     with _user_errors():
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                           wire_dtype=wire_dtype, backup_workers=backup_workers, staleness_lr=staleness_lr,
+                           wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
+                           staleness_lr=staleness_lr,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)

@@ -32,7 +32,7 @@ class RunConfig:
     servers: int = 2  # shard servers
     workers: int = 2  # worker processes
     workload: str = "digits"  # digits | charlm
-    mode: str = "sync"  # sync | async
+    mode: str = "sync"  # sync | ssp | async
     optimizer: str = ""  # sgd | adam | adamw ("" = workload default)
     lr: float = 0.0  # 0 = workload default
     batch_size: int = 0  # per worker; 0 = workload default
@@ -41,7 +41,8 @@ class RunConfig:
     device: str = "cpu"  # worker device: cpu, cuda, mps, auto
     seed: int = 0
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16
-    backup_workers: int = 0  # sync: close each step after the first (workers - b) pushes
+    backup_workers: int = 0  # sync/ssp: close each step after the first (workers - b) pushes
+    staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
     eval_every: int = 50  # rank 0 evaluates every N steps
@@ -57,12 +58,16 @@ class RunConfig:
             raise ValueError("--servers and --workers must be at least 1")
         if self.steps and self.epochs:
             raise ValueError("give --steps or --epochs, not both")
-        if self.mode not in ("sync", "async"):
-            raise ValueError(f"unknown mode {self.mode!r}; choose sync or async")
+        if self.mode not in ("sync", "ssp", "async"):
+            raise ValueError(f"unknown mode {self.mode!r}; choose sync, ssp or async")
         if not 0 <= self.backup_workers < self.workers:
             raise ValueError(f"--backup-workers must be in 0..{self.workers - 1} (fewer than --workers)")
-        if self.backup_workers and self.mode != "sync":
-            raise ValueError("--backup-workers needs --mode sync")
+        if self.backup_workers and self.mode == "async":
+            raise ValueError("--backup-workers needs --mode sync or ssp")
+        if self.staleness and self.mode != "ssp":
+            raise ValueError("--staleness needs --mode ssp")
+        if self.staleness < 0:
+            raise ValueError("--staleness must be >= 0")
         if self.staleness_lr and self.mode != "async":
             raise ValueError("--staleness-lr needs --mode async")
         for index, factor in self.slow_workers.items():
@@ -140,7 +145,7 @@ def _start_workers(config: RunConfig, address: str, out: Path, logs: Path) -> li
                "--seed", str(config.seed), "--wire-dtype", config.wire_dtype, "--eval-every", str(config.eval_every),
                "--threads", str(config.worker_threads), "--metrics", str(out / "metrics.jsonl"),
                "--name", f"worker-{i}", "--backup-workers", str(config.backup_workers),
-               "--slowdown", str(config.slow_workers.get(i, 1.0))]
+               "--slowdown", str(config.slow_workers.get(i, 1.0)), "--staleness", str(config.staleness)]
         if config.staleness_lr:
             cmd.append("--staleness-lr")
         for flag, value in (("--optimizer", config.optimizer), ("--lr", config.lr), ("--batch-size", config.batch_size),

@@ -49,7 +49,8 @@ def cluster_status(address: str) -> dict:
         out["job"] = {"mode": job.mode.value, "optimizer": job.optimizer, "optimizer_kwargs": job.optimizer_kwargs,
                       "numel": job.layout.numel, "fingerprint": job.layout.fingerprint,
                       "min_workers": job.min_workers, "parameters": len(job.layout.params),
-                      "backup_workers": job.backup_workers, "staleness_lr": job.staleness_lr}
+                      "backup_workers": job.backup_workers, "staleness_lr": job.staleness_lr,
+                      "staleness_bound": job.staleness_bound}
     view = view_from_pb(st.view)
     shards = []
     addresses = {s.shard_id: s.address for s in st.servers}
@@ -66,7 +67,7 @@ def cluster_status(address: str) -> dict:
                     range=[s.start, s.stop], initialized=s.initialized, version=s.version,
                     mode=mode_from_pb(s.mode).value if s.mode else "", pushes=s.pushes_received,
                     rejected=s.pushes_rejected, duplicates=s.pushes_duplicate, dropped=s.pushes_dropped,
-                    bytes_in=s.bytes_in,
+                    bytes_in=s.bytes_in, wait_seconds=s.wait_seconds,
                     bytes_out=s.bytes_out, apply_seconds=s.apply_seconds, rejections=dict(s.rejections),
                     staleness=_staleness_summary(dict(s.staleness_counts)),
                 )

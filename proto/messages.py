@@ -25,16 +25,18 @@ _DTYPE_BY_WIRE = {v: k for k, v in _DTYPE_NAMES.items()}
 class UpdateMode(str, Enum):
     SYNC = "sync"
     ASYNC = "async"
+    SSP = "ssp"  # stale-synchronous: sync steps, workers may run up to `staleness_bound` steps ahead
 
     @classmethod
     def parse(cls, value: "str | UpdateMode") -> "UpdateMode":
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"unknown mode {value!r}; choose one of {[m.value for m in cls]}") from None
+            raise ValueError(f"unknown mode {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
 
 
-_MODE_TO_PB = {UpdateMode.SYNC: pb.UPDATE_MODE_SYNC, UpdateMode.ASYNC: pb.UPDATE_MODE_ASYNC}
+_MODE_TO_PB = {UpdateMode.SYNC: pb.UPDATE_MODE_SYNC, UpdateMode.ASYNC: pb.UPDATE_MODE_ASYNC,
+               UpdateMode.SSP: pb.UPDATE_MODE_SSP}
 _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
 
 
@@ -47,14 +49,19 @@ class JobConfig:
     optimizer_kwargs: dict[str, Any]  # that class's keyword arguments, canonical JSON types
     mode: UpdateMode = UpdateMode.SYNC
     min_workers: int = 1  # training starts once this many workers registered
-    backup_workers: int = 0  # sync: close each step after the first (members - b) pushes
+    backup_workers: int = 0  # sync/ssp: close each step after the first (members - b) pushes
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
+    staleness_bound: int = 0  # ssp: a worker may run this many steps ahead of the last closed one
 
     def __post_init__(self):
         if self.min_workers < 1:
             raise ValueError(f"min_workers must be >= 1, got {self.min_workers}")
-        if self.backup_workers and self.mode is not UpdateMode.SYNC:
-            raise ValueError("backup_workers applies to sync mode only")
+        if self.backup_workers and self.mode is UpdateMode.ASYNC:
+            raise ValueError("backup_workers applies to sync and ssp modes only")
+        if self.staleness_bound < 0:
+            raise ValueError(f"the staleness bound must be >= 0 (0 is sync), got {self.staleness_bound}")
+        if self.staleness_bound and self.mode is not UpdateMode.SSP:
+            raise ValueError("a staleness bound applies to ssp mode only")
         if not 0 <= self.backup_workers < self.min_workers:
             raise ValueError(f"backup_workers must be in 0..min_workers-1 ({self.min_workers - 1}), "
                              f"got {self.backup_workers}")
@@ -76,7 +83,7 @@ class JobConfig:
             )
         if self.mode != other.mode:
             out.append(f"mode {other.mode.value} differs from the job's {self.mode.value}")
-        for name in ("min_workers", "backup_workers", "staleness_lr"):
+        for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound"):
             if getattr(self, name) != getattr(other, name):
                 out.append(f"{name} {getattr(other, name)} differs from the job's {getattr(self, name)}")
         return out
@@ -147,6 +154,7 @@ def job_to_pb(job: JobConfig) -> pb.JobSpec:
         min_workers=job.min_workers,
         backup_workers=job.backup_workers,
         staleness_aware_lr=job.staleness_lr,
+        staleness_bound=job.staleness_bound,
     )
 
 
@@ -170,6 +178,7 @@ def job_from_pb(msg: pb.JobSpec) -> JobConfig:
         min_workers=msg.min_workers,
         backup_workers=msg.backup_workers,
         staleness_lr=msg.staleness_aware_lr,
+        staleness_bound=msg.staleness_bound,
     )
 
 

@@ -7,6 +7,7 @@ see the same ``Push``; they differ only in when ``state.apply`` is called.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,36 +44,42 @@ class Outcome:
 
 
 class SyncPolicy:
-    """Bulk-synchronous: step t is applied once, with the sample-weighted mean of the
-    gradients of every member of step t's view.
+    """Synchronous steps, optionally with bounded staleness (SSP) and backup workers.
 
-    ``submit`` blocks (releasing the lock) until step t has closed, i.e. until every
-    member pushed step t, or raises ``WaitTimeout`` after ``timeout`` seconds. The
-    shard version equals the number of closed steps, so the open step is ``version``.
-    Each member's received gradient buffer is kept until the step closes and then
-    summed in worker-id order, so no separate accumulator exists (one fp32 slice of
-    memory less) and the sum's order does not depend on arrival order.
+    Step t is applied once, with the sample-weighted mean of the gradients of the
+    members of step t's view; the shard version is the number of closed steps, and
+    steps close in order. Each push's received buffer is kept until its step closes
+    and the buffers are then summed in worker-id order (no separate accumulator; the
+    result does not depend on arrival order).
+
+    ``submit`` blocks (releasing the lock) until step ``t - staleness`` has closed,
+    then answers with the current slice, or raises ``WaitTimeout`` after ``timeout``
+    seconds. With ``staleness`` = 0 that is bulk-synchronous training: the answer to
+    step t includes step t. With k > 0 a worker may compute up to k steps ahead on
+    parameters that miss at most k closed steps (stale-synchronous parallel); its
+    pushes still join their own step's mean, so k = 0 *is* sync, and up to (k + 1)
+    steps of receive buffers are held.
 
     With ``backup`` = b > 0 a step closes after the first (members - b) pushes; a
     push for a step that closed without it is *dropped*: counted, never applied,
     and answered with the current slice, so the late worker carries on from there.
     """
 
-    mode = UpdateMode.SYNC
-
-    def __init__(self, timeout: float, backup: int = 0):
-        self.timeout, self.backup = timeout, backup
-        self._pushes: dict[int, Push] = {}  # worker_id -> its push of the open step
-        self._epoch: int | None = None  # the view this step's pushes named
+    def __init__(self, timeout: float, backup: int = 0, staleness: int = 0):
+        self.timeout, self.backup, self.staleness = timeout, backup, staleness
+        self._steps: dict[int, dict[int, Push]] = {}  # open step -> worker_id -> push
+        self._members: dict[int, frozenset[int]] = {}  # open step -> its view's members
+        self._epochs: dict[int, int] = {}  # open step -> the epoch its pushes name
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
-        open_step = state.version
-        if push.step > open_step:
+        open_step, last = state.version, state.last_step.get(push.worker_id, -1)
+        if push.step > open_step + self.staleness:
             raise FutureStep(
                 f"push for step {push.step} from the future: this shard's open step is {open_step}"
+                + (f" and the staleness bound {self.staleness}" if self.staleness else "")
             )
-        if state.last_step.get(push.worker_id) == push.step:
+        if push.step <= last:
             return True  # retried push: answered, never applied twice
         if push.worker_id not in members:
             raise UnknownWorker(
@@ -82,35 +89,57 @@ class SyncPolicy:
             if self.backup:
                 return False  # late: submit() drops it
             raise StaleStep(f"step {push.step} closed already (open step {open_step}); pull and continue")
-        if self._pushes and push.epoch != self._epoch:
+        epoch = self._epochs.get(push.step)
+        if epoch is not None and push.epoch != epoch:
             raise FailedPrecondition(
-                f"step {open_step} is collecting pushes of epoch {self._epoch}, this one names epoch {push.epoch}"
+                f"step {push.step} is collecting pushes of epoch {epoch}, this one names epoch {push.epoch}"
             )
         return False
 
     def submit(self, state, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
+        w = push.worker_id
         if not duplicate and push.step < state.version:  # late for a step that closed without it
-            state.last_step[push.worker_id] = push.step
+            state.last_step[w] = push.step
             state.stats.pushes_dropped += 1
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
         applied_lr = 0.0
         if not duplicate:
             push.kept = True
-            self._pushes[push.worker_id] = push
-            self._epoch = push.epoch
-            state.last_step[push.worker_id] = push.step
+            self._steps.setdefault(push.step, {})[w] = push
+            self._members.setdefault(push.step, members)
+            self._epochs.setdefault(push.step, push.epoch)
+            state.last_step[w] = push.step
+            state.stats.staleness[push.step - push.base_version] += 1
             applied_lr = push.lr
-            if len(self._pushes) >= len(members) - self.backup:
-                self._close(state, push.lr)
-        if not state.cond.wait_for(lambda: state.version > push.step, timeout=self.timeout):
-            missing = sorted(members - self._pushes.keys())
+            self._close_ready(state)
+        start = time.monotonic()
+        released = state.cond.wait_for(lambda: state.version > push.step - self.staleness, timeout=self.timeout)
+        state.stats.wait_seconds += time.monotonic() - start
+        if not released:
+            waiting_for = state.version
+            missing = sorted(self._members.get(waiting_for, members) - self._steps.get(waiting_for, {}).keys())
             raise WaitTimeout(
-                f"step {push.step} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
+                f"step {waiting_for} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
             )
-        return Outcome(state.version, 0, duplicate, next_step=state.version, applied_lr=applied_lr)
+        next_step = max(state.last_step[w] + 1, state.version)
+        return Outcome(state.version, push.step - push.base_version if not duplicate else 0, duplicate,
+                       next_step=next_step, applied_lr=applied_lr)
 
-    def _close(self, state, lr: float) -> None:
-        pushes = [self._pushes[w] for w in sorted(self._pushes)]
+    def _close_ready(self, state) -> None:
+        """Close the open step, and the ones after it, while they have enough pushes."""
+        while True:
+            step = state.version
+            pushes = self._steps.get(step, {})
+            needed = len(self._members.get(step, ())) - self.backup
+            if not pushes or len(pushes) < needed:
+                return
+            self._close(state, step)
+
+    def _close(self, state, step: int) -> None:
+        by_worker = self._steps.pop(step)
+        self._members.pop(step, None)
+        self._epochs.pop(step, None)
+        pushes = [by_worker[w] for w in sorted(by_worker)]
         if len(pushes) == 1:
             mean = pushes[0].grad
         else:  # sum_i b_i g_i / sum_i b_i, in the first buffer
@@ -118,12 +147,10 @@ class SyncPolicy:
             for p in pushes[1:]:
                 mean.add_(p.grad, alpha=p.batch_size)
             mean.div_(sum(p.batch_size for p in pushes))
-        state.apply(mean, lr)
+        state.apply(mean, pushes[-1].lr)
         for p in pushes:
             if p.release is not None:
                 p.release()
-        self._pushes.clear()
-        self._epoch = None
         state.cond.notify_all()
 
 
@@ -172,6 +199,6 @@ class AsyncPolicy:
 
 def make_policy(job, step_timeout: float):
     """The policy object for the job's mode: the one place a mode is looked at."""
-    if job.mode is UpdateMode.SYNC:
-        return SyncPolicy(step_timeout, job.backup_workers)
-    return AsyncPolicy(job.staleness_lr)
+    if job.mode is UpdateMode.ASYNC:
+        return AsyncPolicy(job.staleness_lr)
+    return SyncPolicy(step_timeout, job.backup_workers, job.staleness_bound)

@@ -156,6 +156,7 @@ class ShardServicer:
                 workers_seen=sorted(s.last_push),
                 staleness_counts=dict(s.staleness),
                 apply_seconds=s.apply_seconds,
+                wait_seconds=s.wait_seconds,
                 state_digest=digest,
                 rejections=dict(s.rejections),
                 worker_last_push_unix=dict(s.last_push),

@@ -39,6 +39,7 @@ class ShardStats:
     bytes_in: int = 0
     bytes_out: int = 0
     apply_seconds: float = 0.0
+    wait_seconds: float = 0.0  # pushes held back by the sync barrier or the SSP bound, total
     last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
     staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
     rejections: Counter = field(default_factory=Counter)  # reason -> rejected calls

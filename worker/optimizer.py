@@ -49,6 +49,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mode: str = "sync",
         min_workers: int = 1,
         backup_workers: int = 0,
+        staleness: int = 0,
         staleness_lr: bool = False,
         wire_dtype: str = "float32",
         overlap: bool = False,
@@ -65,9 +66,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             cluster: the coordinator's ``host:port``.
             optimizer: torch's lower-case optimizer name: "sgd", "adam" or "adamw".
             mode: "sync" (one update per step, sample-weighted mean of every worker's
-                gradient) or "async" (each push applied on arrival).
+                gradient), "ssp" (sync steps, but a worker may run up to ``staleness``
+                steps ahead of the last closed step) or "async" (each push applied on arrival).
             min_workers: training starts once this many workers have registered.
-            backup_workers: sync only: close each step after the first (workers - b) pushes;
+            staleness: ssp only: the bound k (0 behaves exactly as sync).
+            backup_workers: sync/ssp: close each step after the first (workers - b) pushes;
                 a late worker's push is dropped (counted, never applied) and it carries on
                 from the fresh parameters.
             staleness_lr: async only: each push is applied with lr / max(1, staleness).
@@ -89,7 +92,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         kwargs = optim.normalize_kwargs(optimizer, optimizer_kwargs)
         self.flat = FlatParams(named, dtype_from_name(wire_dtype))
         self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers,
-                             backup_workers, staleness_lr)
+                             backup_workers, staleness_lr, staleness)
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
         self.device = str(self.flat.params[0].device)

@@ -22,7 +22,7 @@ from .workloads import get_workload
 class TrainConfig:
     cluster: str  # coordinator address, host:port
     workload: str = "digits"  # built-in workload: digits | charlm
-    mode: str = "sync"  # sync | async
+    mode: str = "sync"  # sync | ssp | async
     optimizer: str = ""  # sgd | adam | adamw; "" takes the workload's default
     lr: float = 0.0  # learning rate; 0 takes the workload's default
     batch_size: int = 0  # samples per worker per step; 0 takes the workload's default
@@ -32,7 +32,8 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     min_workers: int = 1  # training starts once this many workers joined
     wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16
-    backup_workers: int = 0  # sync: each step closes after the first (workers - b) pushes
+    backup_workers: int = 0  # sync/ssp: each step closes after the first (workers - b) pushes
+    staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
     metrics: str = ""  # append one JSON line per step here ("" = none)
@@ -89,7 +90,8 @@ def train(config: TrainConfig) -> dict:
     opt = ShardedOptimizer(model, cluster=config.cluster, optimizer=config.optimizer or d.optimizer,
                            lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
                            wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout,
-                           backup_workers=config.backup_workers, staleness_lr=config.staleness_lr)
+                           backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
+                           staleness=config.staleness)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, batch_size * opt.world_size)
     log = MetricsLog(config.metrics)
     rank = opt.rank

@@ -95,7 +95,7 @@ def test_status_and_export_against_a_live_cluster(tmp_path):
     (["run", "--workload", "nope"], "choose one of"),
     (["run", "--workers", "0"], "at least 1"),
     (["run", "--steps", "5", "--epochs", "2"], "not both"),
-    (["run", "--mode", "fast"], "sync or async"),
+    (["run", "--mode", "fast"], "sync, ssp or async"),
     (["run", "--workers", "two"], "--help"),
     (["status", "--cluster", "127.0.0.1:9"], "--cluster HOST:PORT"),
     (["export", "--cluster", "127.0.0.1:9", "--out", "x.safetensors"], "--cluster HOST:PORT"),

@@ -29,9 +29,28 @@ def test_backup_workers_close_steps_without_a_slowed_worker_and_never_apply_its_
     assert summary["held_out"]["accuracy"] > 0.8  # still trains
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_ssp_never_lets_a_worker_run_more_than_k_steps_ahead(tmp_path, k):
+    summary = run(RunConfig(workers=3, mode="ssp", staleness=k, slow_workers={0: 4.0}, steps=30, eval_every=0,
+                            out=str(tmp_path / "run")))
+    assert summary["updates_per_shard"] == [30, 30]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gaps = []
+    for rank in {r["rank"] for r in records if r["kind"] == "step"}:
+        base = [0, 0]  # the versions a worker computed each step on: those its previous step returned
+        for r in sorted((r for r in records if r["kind"] == "step" and r["rank"] == rank), key=lambda r: r["step"]):
+            gaps.append(r["step"] - min(base))
+            base = r["versions"]
+    assert max(gaps) <= k  # from the workers' own records
+    assert max(gaps) >= 1  # and the slack was used: the fast workers did run ahead
+    assert all(s["max"] <= k for s in summary["staleness"])  # and from the shards'
+
+
 @pytest.mark.parametrize("args, words", [
     ({"workers": 2, "backup_workers": 2}, "--backup-workers must be in 0..1"),
-    ({"mode": "async", "backup_workers": 1}, "needs --mode sync"),
+    ({"mode": "async", "backup_workers": 1}, "needs --mode sync or ssp"),
+    ({"staleness": 2}, "needs --mode ssp"),
     ({"staleness_lr": True}, "needs --mode async"),
     ({"slow_workers": {5: 2.0}}, "--slow-worker"),
 ])

@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--kwargs", default='{"lr": 0.1}')
     ap.add_argument("--mode", default="sync")
+    ap.add_argument("--staleness", type=int, default=0)
     ap.add_argument("--sizes", default="32,32")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--init-seed", type=int, default=0)
@@ -36,7 +37,8 @@ def main():
     torch.set_num_threads(1)
     model = make_model(a.init_seed)
     opt = ShardedOptimizer(model, cluster=a.cluster, optimizer=a.optimizer, mode=a.mode, min_workers=len(sizes),
-                           wire_dtype=a.wire_dtype, connect_timeout=120, **json.loads(a.kwargs))
+                           staleness=a.staleness, wire_dtype=a.wire_dtype, connect_timeout=120,
+                           **json.loads(a.kwargs))
     sched = make_scheduler(opt, a.scheduler)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     lo = sum(sizes[:opt.rank])

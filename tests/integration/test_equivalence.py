@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import global_batch, loss_fn, make_model, make_scheduler  # noqa: E402
 
 STEPS = 30
-CASES = [
-    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, [32, 32], True),
-    ("adam", {"lr": 0.01, "betas": [0.9, 0.99]}, [24, 40], False),
-    ("adamw", {"lr": 0.01, "weight_decay": 0.1}, [40, 17], False),
+CASES = [  # (optimizer, kwargs, per-rank batch sizes, LR scheduler, mode)
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, [32, 32], True, "sync"),
+    ("adam", {"lr": 0.01, "betas": [0.9, 0.99]}, [24, 40], False, "sync"),
+    ("adamw", {"lr": 0.01, "weight_decay": 0.1}, [40, 17], False, "sync"),
+    ("adam", {"lr": 0.01}, [20, 44], False, "ssp"),  # bounded staleness with k = 0 is sync
 ]
 
 
@@ -37,11 +38,13 @@ def reference(initial, optimizer, kwargs, sizes, scheduler):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer, kwargs, sizes, scheduler", CASES, ids=[c[0] for c in CASES])
-def test_sync_training_equals_single_process_torch_on_the_union_batch(run_workers, optimizer, kwargs, sizes, scheduler):
+@pytest.mark.parametrize("optimizer, kwargs, sizes, scheduler, mode", CASES, ids=[f"{c[0]}-{c[4]}" for c in CASES])
+def test_sync_training_equals_single_process_torch_on_the_union_batch(run_workers, optimizer, kwargs, sizes, scheduler,
+                                                                      mode):
     with LocalCluster(servers=2) as cluster:
         results = run_workers(cluster, len(sizes), optimizer=optimizer, kwargs=json.dumps(kwargs),
-                              sizes=",".join(map(str, sizes)), steps=STEPS, scheduler=scheduler)
+                              sizes=",".join(map(str, sizes)), steps=STEPS, scheduler=scheduler, mode=mode,
+                              staleness=0)
     # Workers were initialised differently; both started from the job's (initializer's) parameters.
     for key in results[0]["initial"]:
         assert torch.equal(results[0]["initial"][key], results[1]["initial"][key])

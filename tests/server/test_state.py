@@ -167,9 +167,41 @@ def test_backup_and_staleness_options_are_checked_against_the_mode():
     from shardps.proto.messages import JobConfig as J
 
     layout = Layout.from_shapes([("w", (N,), "float32")])
-    with pytest.raises(ValueError, match="sync mode only"):
+    with pytest.raises(ValueError, match="sync and ssp modes only"):
         J(layout, "sgd", {"lr": 0.1}, UpdateMode.ASYNC, 3, backup_workers=1)
     with pytest.raises(ValueError, match=r"min_workers-1 \(2\)"):
         J(layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 3, backup_workers=3)
     with pytest.raises(ValueError, match="async mode only"):
         J(layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 3, staleness_lr=True)
+
+
+def test_ssp_lets_a_worker_run_k_steps_ahead_then_holds_it_until_the_gap_closes():
+    state = make_job_state("ssp", 2, staleness_bound=2)
+    members = frozenset({0, 1})
+    a0 = state.push(push(0, 0, torch.ones(N), base=0), members)  # step 0 - 2 < 0: answered at once
+    a1 = state.push(push(0, 1, torch.ones(N), base=0), members)  # computed on version 0: 1 step stale
+    assert (a0.version, a1.version, a0.next_step, a1.next_step) == (0, 0, 1, 2)
+    with pytest.raises(FutureStep, match="staleness bound 2"):
+        state.push(push(0, 3, torch.ones(N), base=0), members)
+    t, result = in_thread(lambda: state.push(push(0, 2, torch.ones(N), base=0), members))
+    t.join(0.3)
+    assert t.is_alive()  # step 2 needs step 0 closed: worker 1 is too far behind
+    state.push(push(1, 0, torch.full((N,), 3.0), base=0), members)  # step 0 closes (and only step 0)
+    t.join(5)
+    assert result["v"].version == 1 and state.version == 1
+    assert torch.allclose(state.param, torch.full((N,), 1 - 0.1 * 2.0))  # the mean of step 0's two pushes
+    state.push(push(1, 1, torch.full((N,), 3.0), base=1), members)  # step 1 closes with both
+    assert state.version == 2 and torch.allclose(state.param, torch.full((N,), 0.8 - 0.2))
+    assert state.stats.staleness == {0: 3, 1: 1, 2: 1}  # step - base_version of every push
+
+
+def test_ssp_with_bound_zero_is_sync():
+    sync, ssp = make_job_state("sync", 2), make_job_state("ssp", 2, staleness_bound=0)
+    members = frozenset({0, 1})
+    for state in (sync, ssp):
+        for step in range(3):
+            t, _ = in_thread(lambda state=state, step=step: state.push(push(0, step, torch.full((N,), step + 1.0)),
+                                                                       members))
+            state.push(push(1, step, torch.full((N,), 2.0 * step), batch=3), members)
+            t.join(5)
+    assert torch.equal(sync.param, ssp.param) and sync.digest() == ssp.digest()
