@@ -117,6 +117,8 @@ def worker(
                                   help="ssp: steps a worker may run ahead of the last closed step."),
     staleness_lr: bool = typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR",
                                       help="Async: apply lr / staleness."),
+    topk_ratio: float = typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
+                                     help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
@@ -135,7 +137,8 @@ def worker(
         config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                              min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
-                             staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown, metrics=metrics, eval_every=eval_every,
+                             staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
+                             topk_ratio=topk_ratio, metrics=metrics, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout)
         result = train(config)
     typer.echo(json.dumps(result))
@@ -161,6 +164,8 @@ def run(
                                   help="ssp: steps a worker may run ahead of the last closed step."),
     staleness_lr: bool = typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR",
                                       help="Async: apply lr / staleness."),
+    topk_ratio: float = typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
+                                     help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation every N steps."),
@@ -174,7 +179,7 @@ def run(
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                            wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
-                           staleness_lr=staleness_lr,
+                           staleness_lr=staleness_lr, topk_ratio=topk_ratio,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)

@@ -45,6 +45,7 @@ class RunConfig:
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
+    topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
     eval_every: int = 50  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
     worker_threads: int = 1  # torch threads per worker
@@ -68,6 +69,8 @@ class RunConfig:
             raise ValueError("--staleness needs --mode ssp")
         if self.staleness < 0:
             raise ValueError("--staleness must be >= 0")
+        if not 0 <= self.topk_ratio < 1:
+            raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.staleness_lr and self.mode != "async":
             raise ValueError("--staleness-lr needs --mode async")
         for index, factor in self.slow_workers.items():
@@ -145,7 +148,8 @@ def _start_workers(config: RunConfig, address: str, out: Path, logs: Path) -> li
                "--seed", str(config.seed), "--wire-dtype", config.wire_dtype, "--eval-every", str(config.eval_every),
                "--threads", str(config.worker_threads), "--metrics", str(out / "metrics.jsonl"),
                "--name", f"worker-{i}", "--backup-workers", str(config.backup_workers),
-               "--slowdown", str(config.slow_workers.get(i, 1.0)), "--staleness", str(config.staleness)]
+               "--slowdown", str(config.slow_workers.get(i, 1.0)), "--staleness", str(config.staleness),
+               "--topk-ratio", str(config.topk_ratio)]
         if config.staleness_lr:
             cmd.append("--staleness-lr")
         for flag, value in (("--optimizer", config.optimizer), ("--lr", config.lr), ("--batch-size", config.batch_size),

@@ -52,6 +52,7 @@ class JobConfig:
     backup_workers: int = 0  # sync/ssp: close each step after the first (members - b) pushes
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     staleness_bound: int = 0  # ssp: a worker may run this many steps ahead of the last closed one
+    topk_ratio: float = 0.0  # fraction of each shard's gradient a push sends (top-k, error feedback); 0 = all
 
     def __post_init__(self):
         if self.min_workers < 1:
@@ -65,6 +66,8 @@ class JobConfig:
         if not 0 <= self.backup_workers < self.min_workers:
             raise ValueError(f"backup_workers must be in 0..min_workers-1 ({self.min_workers - 1}), "
                              f"got {self.backup_workers}")
+        if not 0.0 <= self.topk_ratio <= 1.0:
+            raise ValueError(f"topk_ratio is a fraction in [0, 1], got {self.topk_ratio}")
         if self.staleness_lr and self.mode is not UpdateMode.ASYNC:
             raise ValueError("staleness-aware lr applies to async mode only")
 
@@ -83,7 +86,7 @@ class JobConfig:
             )
         if self.mode != other.mode:
             out.append(f"mode {other.mode.value} differs from the job's {self.mode.value}")
-        for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound"):
+        for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound", "topk_ratio"):
             if getattr(self, name) != getattr(other, name):
                 out.append(f"{name} {getattr(other, name)} differs from the job's {getattr(self, name)}")
         return out
@@ -155,6 +158,7 @@ def job_to_pb(job: JobConfig) -> pb.JobSpec:
         backup_workers=job.backup_workers,
         staleness_aware_lr=job.staleness_lr,
         staleness_bound=job.staleness_bound,
+        topk_ratio=job.topk_ratio,
     )
 
 
@@ -179,6 +183,7 @@ def job_from_pb(msg: pb.JobSpec) -> JobConfig:
         backup_workers=msg.backup_workers,
         staleness_lr=msg.staleness_aware_lr,
         staleness_bound=msg.staleness_bound,
+        topk_ratio=msg.topk_ratio,
     )
 
 

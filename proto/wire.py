@@ -34,18 +34,20 @@ class Chunk:
 
 @dataclass
 class Frame:
-    """One message of a chunk-carrying type: its other fields (a pb message) and its chunk."""
+    """One message of a chunk-carrying type: its other fields (a pb message) and at most one
+    chunk, in field ``field`` (0: the type's first chunk field)."""
 
     fields: object | None = None
     chunk: Chunk | None = None
+    field: int = 0
 
 
-# (message class, field number of its TensorChunk field)
-CHUNK_FIELD = {
-    pb.InitShardRequest: 3,
-    pb.PushRequest: 2,
-    pb.PushResponse: 2,
-    pb.PullResponse: 2,
+# message class -> field numbers of its TensorChunk fields (the first is the default)
+CHUNK_FIELDS = {
+    pb.InitShardRequest: (3,),
+    pb.PushRequest: (2, 4),  # grad, indices
+    pb.PushResponse: (2,),
+    pb.PullResponse: (2,),
 }
 
 
@@ -94,7 +96,7 @@ def _chunk_prefix(chunk: Chunk) -> bytes:
 
 def serializer(cls):
     """Serialize ``Frame`` objects (or plain ``cls`` messages) of ``cls`` to protobuf bytes."""
-    number = CHUNK_FIELD[cls]
+    numbers = CHUNK_FIELDS[cls]
 
     def serialize(msg) -> bytes:
         if not isinstance(msg, Frame):
@@ -102,6 +104,9 @@ def serializer(cls):
         head = msg.fields.SerializeToString() if msg.fields is not None else b""
         if msg.chunk is None:
             return head
+        number = msg.field or numbers[0]
+        if number not in numbers:
+            raise ValueError(f"{cls.__name__} has no chunk field {number}")
         prefix = _chunk_prefix(msg.chunk)
         inner_len = len(prefix) + len(msg.chunk.data)
         return b"".join((head, _varint(number << 3 | _LEN), _varint(inner_len), prefix, msg.chunk.data))
@@ -110,12 +115,13 @@ def serializer(cls):
 
 
 def deserializer(cls):
-    """Parse protobuf bytes of ``cls`` into a ``Frame``; the chunk's data is a zero-copy view."""
-    number = CHUNK_FIELD[cls]
+    """Parse protobuf bytes of ``cls`` into a ``Frame``; the chunk's data is a zero-copy view.
+    A message carrying several chunk fields keeps the last (shardps never sends that)."""
+    numbers = CHUNK_FIELDS[cls]
 
     def deserialize(data: bytes) -> Frame:
         buf = memoryview(data)
-        rest, chunk, i = [], None, 0
+        rest, chunk, field, i = [], None, 0, 0
         while i < len(buf):
             start = i
             key, i = _read_varint(buf, i)
@@ -128,17 +134,17 @@ def deserializer(cls):
                 i += 4
             elif wtype == _LEN:
                 n, i = _read_varint(buf, i)
-                if num == number:
-                    chunk = _parse_chunk(buf[i:i + n])
+                if num in numbers:
+                    chunk, field = _parse_chunk(buf[i:i + n]), num
                 i += n
             else:
                 raise ValueError(f"unsupported wire type {wtype}")
             if i > len(buf):
                 raise ValueError("truncated message")
-            if num != number:
+            if num not in numbers:
                 rest.append(buf[start:i])
         fields = cls.FromString(b"".join(rest)) if rest else None
-        return Frame(fields, chunk)
+        return Frame(fields, chunk, field)
 
     return deserialize
 

@@ -23,6 +23,7 @@ from .node import ShardNode, Target
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
 SERVICE = "shardps.v1.ShardService"
+INDICES_FIELD = 4  # PushRequest.indices
 
 
 def _target(msg: pb.ShardTarget) -> Target:
@@ -79,12 +80,22 @@ class ShardServicer:
         return [self._push_frames(wire.Frame(None, c)) for c in codec.views(param, self.chunk_bytes)]
 
     def _receive_grad(self, state, frames: Iterator[wire.Frame], commit: pb.PushCommit) -> torch.Tensor:
-        """Decode the gradient chunks into a pooled buffer; returns it as fp32 (the caller gives it back).
+        """Decode the gradient into a pooled fp32 buffer (the caller gives it back).
 
-        A trailing PushCommit message, if any, is merged into ``commit``.
+        A dense push streams the slice; a sparse (top-k) push streams int32 positions
+        first, then the values, which are scattered into a zeroed buffer. A trailing
+        PushCommit message, if any, is merged into ``commit``.
         """
         frames = _committing(frames, commit)
-        first = next((f for f in frames if f.chunk is not None), None)
+        indices, first = None, None
+        for frame in frames:
+            if frame.chunk is None:
+                continue
+            if frame.field != INDICES_FIELD:
+                first = frame
+                break
+            indices = indices or codec.Assembler(expect_dtype=torch.int32)
+            indices.add(frame.chunk)
         if first is None:
             state.reject("bad_size")
             raise InvalidArgument("push carried no gradient chunks")
@@ -92,26 +103,46 @@ class ShardServicer:
         if dtype not in GRAD_DTYPES:
             state.reject("bad_dtype")
             raise InvalidArgument(f"gradients travel as float32, bfloat16 or float16, not {dtype}")
-        buffers = self.node.buffers
-        buf = buffers.take(dtype, state.shard.numel)
+        positions = indices.finish() if indices is not None else None
+        buffers, numel = self.node.buffers, state.shard.numel
+        buf = buffers.take(dtype, numel) if positions is None else torch.empty(positions.numel(), dtype=dtype)
         try:
             asm = codec.Assembler(out=buf)
             for frame in _chain(first, frames):
                 if frame.chunk is not None:
+                    if frame.field == INDICES_FIELD:
+                        raise codec.CodecError("index chunks must come before the gradient values")
                     asm.add(frame.chunk)
             asm.finish()
         except codec.CodecError:
             state.reject("bad_size")
-            buffers.give(buf)
+            if positions is None:
+                buffers.give(buf)
             raise
         except BaseException:  # the stream broke: nothing was applied, the buffer goes back
-            buffers.give(buf)
+            if positions is None:
+                buffers.give(buf)
             raise
-        state.add_bytes(received=asm.received)
+        state.add_bytes(received=asm.received + (indices.received if indices is not None else 0))
+        if positions is not None:
+            return self._scatter(state, positions, buf)
         if dtype is torch.float32:
             return buf
-        grad = buffers.take(torch.float32, state.shard.numel).copy_(buf)
+        grad = buffers.take(torch.float32, numel).copy_(buf)
         buffers.give(buf)
+        return grad
+
+    def _scatter(self, state, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A dense fp32 gradient from a sparse push: zeros except ``values`` at ``positions``."""
+        numel = state.shard.numel
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= numel):
+            state.reject("bad_index")
+            raise InvalidArgument(f"sparse positions must lie in [0, {numel}) of the shard")
+        if torch.unique(positions).numel() != positions.numel():
+            state.reject("bad_index")
+            raise InvalidArgument("sparse positions must be unique")
+        grad = self.node.buffers.take(torch.float32, numel).zero_()
+        grad[positions.long()] = values.float()
         return grad
 
     @translate_errors

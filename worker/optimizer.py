@@ -32,6 +32,7 @@ from ..proto.assemble import optimizer_state_dict
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
+from .compress import TopK
 from .flat import FlatParams
 from .overlap import OverlapPusher
 from .ps_client import PSClient, PushReply
@@ -51,6 +52,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         backup_workers: int = 0,
         staleness: int = 0,
         staleness_lr: bool = False,
+        topk_ratio: float = 0.0,
         wire_dtype: str = "float32",
         overlap: bool = False,
         name: str = "",
@@ -74,6 +76,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 a late worker's push is dropped (counted, never applied) and it carries on
                 from the fresh parameters.
             staleness_lr: async only: each push is applied with lr / max(1, staleness).
+            topk_ratio: send only this fraction of each shard's gradient elements (largest
+                magnitude first); the rest is kept on this worker and added to the next
+                step's gradient (error feedback). 0 sends everything.
             wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
                 (servers keep fp32 masters either way).
             overlap: push each shard's gradients as soon as backward has produced them,
@@ -90,9 +95,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         named = list(model.named_parameters() if isinstance(model, torch.nn.Module)
                      else ((str(i), p) for i, p in enumerate(model)))
         kwargs = optim.normalize_kwargs(optimizer, optimizer_kwargs)
-        self.flat = FlatParams(named, dtype_from_name(wire_dtype))
+        sparse = 0 < topk_ratio < 1  # top-k reads the fp32 gradients and casts only what it sends
+        self.flat = FlatParams(named, torch.float32 if sparse else dtype_from_name(wire_dtype))
+        self._wire_dtype = dtype_from_name(wire_dtype)
         self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers,
-                             backup_workers, staleness_lr, staleness)
+                             backup_workers, staleness_lr, staleness, topk_ratio)
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
         self.device = str(self.flat.params[0].device)
@@ -103,7 +110,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.coordinator = CoordinatorClient(cluster)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
-        self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout)
+        ratio = self.job.topk_ratio
+        self.compressor = TopK(self.job.layout.numel, ratio, self._wire_dtype) if 0 < ratio < 1 else None
+        self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
+                           self.compressor)
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id)
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

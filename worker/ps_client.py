@@ -66,8 +66,10 @@ class ShardChannel:
         return reply.version, reply.already_initialized
 
     def push(self, header: pb.PushHeader, grad: torch.Tensor, out: torch.Tensor, timeout: float,
-             commit: Callable[[], pb.PushCommit] | None = None) -> PushReply:
-        """Push ``grad`` (this shard's slice) and write the returned slice into ``out``.
+             commit: Callable[[], pb.PushCommit] | None = None,
+             positions: torch.Tensor | None = None) -> PushReply:
+        """Push ``grad`` (this shard's slice, or with ``positions`` only the values at those
+        int32 positions) and write the returned slice into ``out``.
 
         With ``commit``, the stream ends with a PushCommit that ``commit()`` supplies
         (it may block until the caller knows the batch size and lr).
@@ -76,6 +78,9 @@ class ShardChannel:
 
         def requests():
             yield pb.PushRequest(header=header)
+            if positions is not None:
+                for chunk in codec.views(positions, self.chunk_bytes):
+                    yield wire.Frame(None, chunk, field=4)  # PushRequest.indices
             for chunk in codec.views(grad, self.chunk_bytes):
                 yield wire.Frame(None, chunk)
             if commit is not None:
@@ -129,8 +134,9 @@ class ShardChannel:
 class PSClient:
     """All shards of one job; every fan-out call runs on every shard concurrently."""
 
-    def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float):
-        self.plan, self.timeout = plan, timeout
+    def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
+                 compressor=None):
+        self.plan, self.timeout, self.compressor = plan, timeout, compressor
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes) for info in plan]
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
 
@@ -158,12 +164,22 @@ class PSClient:
 
     def submit_push(self, shard: "ShardChannel", grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
                     base_version: int, commit: Callable[[], pb.PushCommit] | None = None):
-        """Start one shard's push-pull on the pool; returns its Future[PushReply]."""
+        """Start one shard's push-pull on the pool; returns its Future[PushReply].
+
+        With a compressor (top-k), the shard's slice is compressed on the pool thread too.
+        """
         h = pb.PushHeader()
         h.CopyFrom(header)
         h.base_version = base_version
-        return self._pool.submit(shard.push, h, self._slice(grads, shard), self._slice(values, shard),
-                                 self.timeout, commit)
+        r = shard.info.range
+
+        def task():
+            if self.compressor is not None and r.numel:
+                positions, kept = self.compressor.compress(grads, r.start, r.stop)
+                return shard.push(h, kept, self._slice(values, shard), self.timeout, commit, positions)
+            return shard.push(h, self._slice(grads, shard), self._slice(values, shard), self.timeout, commit)
+
+        return self._pool.submit(task)
 
     def pull(self, values: torch.Tensor) -> list[int]:
         return self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout))

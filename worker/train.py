@@ -36,6 +36,7 @@ class TrainConfig:
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
+    topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
     metrics: str = ""  # append one JSON line per step here ("" = none)
     eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
     threads: int = 1  # torch intra-op threads (keep low when processes share cores)
@@ -91,7 +92,7 @@ def train(config: TrainConfig) -> dict:
                            lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
                            wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout,
                            backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
-                           staleness=config.staleness)
+                           staleness=config.staleness, topk_ratio=config.topk_ratio)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, batch_size * opt.world_size)
     log = MetricsLog(config.metrics)
     rank = opt.rank
@@ -99,6 +100,7 @@ def train(config: TrainConfig) -> dict:
         log.write({"kind": "start", "config": asdict(config), "world_size": opt.world_size, "steps": steps,
                    "batch_size": batch_size, "numel": opt.job.layout.numel, "time": time.time()})
     evaluation = {}
+    next_eval = config.eval_every or steps  # evaluate whenever the step count crosses a multiple
     try:
         # The shards number the steps: a sync worker whose late push was dropped (backup
         # workers) jumps to the open step, skipping the batches it missed, like the others.
@@ -122,7 +124,9 @@ def train(config: TrainConfig) -> dict:
                        "dropped": [r.dropped for r in opt.last_replies],
                        "applied_lr": [r.applied_lr for r in opt.last_replies], "time": time.time()})
             last = opt.steps_taken >= steps
-            if rank == 0 and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            if rank == 0 and (last or opt.steps_taken >= next_eval):
+                while next_eval <= opt.steps_taken:
+                    next_eval += config.eval_every or steps
                 if last:
                     opt.pull()  # async: evaluate the shards' latest parameters
                 model.eval()

@@ -86,7 +86,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound")
+    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class JobSpec(_message.Message):
     BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
     layout: Layout
     optimizer: OptimizerSpec
     mode: UpdateMode
@@ -101,7 +102,8 @@ class JobSpec(_message.Message):
     backup_workers: int
     staleness_aware_lr: bool
     staleness_bound: int
-    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ...) -> None: ...
+    topk_ratio: float
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "address")
@@ -326,14 +328,16 @@ class PushHeader(_message.Message):
     def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "grad", "commit")
+    __slots__ = ("header", "grad", "commit", "indices")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     grad: TensorChunk
     commit: PushCommit
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ...) -> None: ...
+    indices: TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., indices: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushCommit(_message.Message):
     __slots__ = ("batch_size", "lr")

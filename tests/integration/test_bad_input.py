@@ -123,3 +123,18 @@ def test_coordinator_refuses_a_worker_with_another_model(job):
         with pytest.raises(FailedPrecondition, match="fingerprint"):
             coord.register_worker(other, "intruder", "cpu", wait=5)
         assert len(coord.status().view.members) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("positions, words", [([0, 10**9], "lie in"), ([3, 3], "unique"), ([-1, 2], "lie in")])
+def test_bad_sparse_pushes_are_rejected_and_change_nothing(job, positions, words):
+    cluster, opt, shard, stub = job
+    before = digest(stub)
+    idx = torch.tensor(positions, dtype=torch.int32)
+    reqs = [pb.PushRequest(header=good_header(opt, shard))]
+    reqs += [pb.PushRequest(indices=c) for c in codec.encode(idx)]
+    reqs += [pb.PushRequest(grad=c) for c in codec.encode(torch.ones(len(positions)))]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Push(iter(reqs), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+    assert digest(stub) == before

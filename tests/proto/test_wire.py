@@ -55,3 +55,14 @@ def test_truncated_frames_are_refused():
     data = wire.serializer(pb.PushRequest)(wire.Frame(None, wire.Chunk(**CHUNK)))
     with pytest.raises(ValueError, match="truncated"):
         wire.deserializer(pb.PushRequest)(data[:-5])
+
+
+def test_push_requests_carry_index_chunks_in_their_own_field():
+    ser, de = wire.serializer(pb.PushRequest), wire.deserializer(pb.PushRequest)
+    data = ser(wire.Frame(None, wire.Chunk(**CHUNK), field=4))
+    assert pb.PushRequest.FromString(data) == pb.PushRequest(indices=pb.TensorChunk(**CHUNK))
+    frame = de(pb.PushRequest(indices=pb.TensorChunk(**CHUNK)).SerializeToString())
+    assert frame.field == 4 and bytes(frame.chunk.data) == CHUNK["data"]
+    assert de(pb.PushRequest(grad=pb.TensorChunk(**CHUNK)).SerializeToString()).field == 2
+    with pytest.raises(ValueError, match="no chunk field 3"):
+        wire.serializer(pb.PushResponse)(wire.Frame(None, wire.Chunk(**CHUNK), field=3))
