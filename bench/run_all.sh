@@ -13,3 +13,4 @@ $PY bench/apply_vs_torch.py --out bench/results/apply.json
 $PY bench/memory.py --out bench/results/memory.json
 $PY bench/scaling.py --out bench/results/scaling.json --plot bench/results/scaling.png
 python bench/raw_grpc.py bench/results/raw_grpc.json
+python bench/heterogeneous.py --target 3.7 --out bench/results/heterogeneous.json --plot bench/results/heterogeneous.png
