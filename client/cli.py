@@ -119,6 +119,7 @@ def worker(
                                       help="Async: apply lr / staleness."),
     topk_ratio: float = typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
                                      help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
+    amp: str = typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
@@ -138,7 +139,7 @@ def worker(
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                              min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
-                             topk_ratio=topk_ratio, metrics=metrics, eval_every=eval_every,
+                             topk_ratio=topk_ratio, amp=amp, metrics=metrics, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout)
         result = train(config)
     typer.echo(json.dumps(result))
@@ -166,6 +167,7 @@ def run(
                                       help="Async: apply lr / staleness."),
     topk_ratio: float = typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
                                      help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
+    amp: str = typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation every N steps."),
@@ -179,7 +181,7 @@ def run(
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                            wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
-                           staleness_lr=staleness_lr, topk_ratio=topk_ratio,
+                           staleness_lr=staleness_lr, topk_ratio=topk_ratio, amp=amp,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)

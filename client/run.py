@@ -46,6 +46,7 @@ class RunConfig:
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
+    amp: str = ""  # mixed precision on the workers: "", "bfloat16" or "float16"
     eval_every: int = 50  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
     worker_threads: int = 1  # torch threads per worker
@@ -69,6 +70,8 @@ class RunConfig:
             raise ValueError("--staleness needs --mode ssp")
         if self.staleness < 0:
             raise ValueError("--staleness must be >= 0")
+        if self.amp not in ("", "bfloat16", "float16"):
+            raise ValueError(f"--amp takes bfloat16 or float16, got {self.amp!r}")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.staleness_lr and self.mode != "async":
@@ -149,7 +152,7 @@ def _start_workers(config: RunConfig, address: str, out: Path, logs: Path) -> li
                "--threads", str(config.worker_threads), "--metrics", str(out / "metrics.jsonl"),
                "--name", f"worker-{i}", "--backup-workers", str(config.backup_workers),
                "--slowdown", str(config.slow_workers.get(i, 1.0)), "--staleness", str(config.staleness),
-               "--topk-ratio", str(config.topk_ratio)]
+               "--topk-ratio", str(config.topk_ratio), "--amp", config.amp]
         if config.staleness_lr:
             cmd.append("--staleness-lr")
         for flag, value in (("--optimizer", config.optimizer), ("--lr", config.lr), ("--batch-size", config.batch_size),

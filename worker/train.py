@@ -7,6 +7,7 @@ line per step to the metrics file; rank 0 also evaluates on held-out data every
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ class TrainConfig:
     staleness_lr: bool = False  # async: apply lr / max(1, staleness)
     slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
+    amp: str = ""  # mixed precision on this worker: "" (off), "bfloat16" or "float16" (with loss scaling)
     metrics: str = ""  # append one JSON line per step here ("" = none)
     eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
     threads: int = 1  # torch intra-op threads (keep low when processes share cores)
@@ -51,6 +53,8 @@ class TrainConfig:
                 raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
         if self.min_workers < 1 or self.threads < 1:
             raise ValueError("min_workers and threads must be >= 1")
+        if self.amp not in ("", "bfloat16", "float16"):
+            raise ValueError(f"amp must be bfloat16 or float16, got {self.amp!r}")
         if self.slowdown < 1:
             raise ValueError(f"slowdown is a factor >= 1, got {self.slowdown}")
 
@@ -63,6 +67,43 @@ def resolve_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+class MixedPrecision:
+    """Autocast on the worker (the shards keep fp32 masters); fp16 adds dynamic loss scaling.
+
+    DDP ranks skip an overflowing fp16 step together; a parameter-server worker must
+    still push (sync steps wait for it), so on overflow it zeroes its gradients and
+    pushes those, and the scaler lowers its scale as usual.
+    """
+
+    def __init__(self, amp: str, device: torch.device, opt):
+        self.dtype = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[amp]
+        self.device, self.opt = device, opt
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype is torch.float16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backward (scaled for fp16); returns True when the fp16 gradients overflowed."""
+        if self.scaler is None:
+            loss.backward()
+            return False
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if all(bool(torch.isfinite(gr).all()) for gr in grads):
+            return False
+        for gr in grads:
+            gr.zero_()
+        return True
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
 
 
 class MetricsLog:
@@ -94,6 +135,7 @@ def train(config: TrainConfig) -> dict:
                            backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
                            staleness=config.staleness, topk_ratio=config.topk_ratio)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, batch_size * opt.world_size)
+    precision = MixedPrecision(config.amp, device, opt)
     log = MetricsLog(config.metrics)
     rank = opt.rank
     if rank == 0:
@@ -109,20 +151,23 @@ def train(config: TrainConfig) -> dict:
             t0 = time.perf_counter()
             x, y = workload.batch_for_rank(step, rank, batch_size, opt.world_size)
             x, y = x.to(device), y.to(device)
-            loss = workload.loss(model, x, y)
             opt.zero_grad()
-            loss.backward()
+            with precision.autocast():
+                loss = workload.loss(model, x, y)
+            overflow = precision.backward(loss)
             if config.slowdown > 1:  # documented simulation of a slower machine
                 time.sleep((config.slowdown - 1) * (time.perf_counter() - t0))
             t1 = time.perf_counter()
             opt.step(batch_size=len(x))
+            precision.update()
             t2 = time.perf_counter()
             log.write({"kind": "step", "step": step, "rank": rank, "worker_id": opt.worker_id, "loss": loss.item(),
                        "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
                        "samples_per_s": len(x) / (t2 - t0), "versions": opt.versions,
                        "staleness": [r.staleness for r in opt.last_replies],
                        "dropped": [r.dropped for r in opt.last_replies],
-                       "applied_lr": [r.applied_lr for r in opt.last_replies], "time": time.time()})
+                       "applied_lr": [r.applied_lr for r in opt.last_replies], "overflow": overflow,
+                       "time": time.time()})
             last = opt.steps_taken >= steps
             if rank == 0 and (last or opt.steps_taken >= next_eval):
                 while next_eval <= opt.steps_taken:

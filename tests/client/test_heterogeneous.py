@@ -73,3 +73,10 @@ def test_compressed_wires_converge_on_digits_within_one_point_of_fp32(fp32_digit
     ratio = summary["bytes_in"] / fp32_digits["bytes_in"]
     expected = 0.5 if "topk_ratio" not in option else 0.1 * (4 + (2 if "wire_dtype" in option else 4)) / 4
     assert ratio <= expected * 1.1 + 0.01  # the push really got smaller
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_mixed_precision_workers_converge_within_one_point_of_fp32(fp32_digits, amp, tmp_path):
+    summary = run(RunConfig(eval_every=0, amp=amp, out=str(tmp_path / "run")))
+    assert abs(summary["held_out"]["accuracy"] - fp32_digits["held_out"]["accuracy"]) <= 0.01

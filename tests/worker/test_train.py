@@ -1,0 +1,21 @@
+import torch
+
+from shardps.worker.train import MixedPrecision
+
+
+def test_fp16_overflow_zeroes_the_gradients_and_backs_the_loss_scale_off():
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mp = MixedPrecision("float16", torch.device("cpu"), opt)
+    scale = mp.scaler.get_scale()
+    with mp.autocast():
+        loss = model(torch.ones(2, 4)).sum() * 1e30  # overflows fp16 once scaled
+    assert mp.backward(loss) is True
+    assert all(p.grad.eq(0).all() for p in model.parameters())  # the push will carry zeros, never inf
+    mp.update()
+    assert mp.scaler.get_scale() < scale
+    opt.zero_grad()
+    with mp.autocast():
+        loss = model(torch.ones(2, 4)).sum() * 1e-3
+    assert mp.backward(loss) is False
+    assert abs(model.bias.grad.item() - 2e-3) < 1e-5  # unscaled: the true gradient
