@@ -148,10 +148,7 @@ def worker(
 ):
     """Train a built-in workload as one worker of the cluster (rank from the coordinator)."""
     from ..worker.train import TrainConfig, train
-    from ..worker.workloads import WORKLOADS
 
-    if workload not in WORKLOADS:
-        _fail(f"unknown workload {workload!r}; choose one of: {', '.join(sorted(WORKLOADS))}")
     with _user_errors(cluster):
         config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -52,33 +52,27 @@ class RunConfig:
     worker_threads: int = 1  # torch threads per worker
 
     def __post_init__(self):
-        from ..worker.workloads import WORKLOADS
-
-        if self.workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {self.workload!r}; choose one of: {', '.join(sorted(WORKLOADS))}")
         if self.servers < 1 or self.workers < 1:
             raise ValueError("--servers and --workers must be at least 1")
-        if self.steps and self.epochs:
-            raise ValueError("give --steps or --epochs, not both")
-        if self.mode not in ("sync", "ssp", "async"):
-            raise ValueError(f"unknown mode {self.mode!r}; choose sync, ssp or async")
         if not 0 <= self.backup_workers < self.workers:
             raise ValueError(f"--backup-workers must be in 0..{self.workers - 1} (fewer than --workers)")
-        if self.backup_workers and self.mode == "async":
-            raise ValueError("--backup-workers needs --mode sync or ssp")
-        if self.staleness and self.mode != "ssp":
-            raise ValueError("--staleness needs --mode ssp")
-        if self.staleness < 0:
-            raise ValueError("--staleness must be >= 0")
-        if self.amp not in ("", "bfloat16", "float16"):
-            raise ValueError(f"--amp takes bfloat16 or float16, got {self.amp!r}")
-        if not 0 <= self.topk_ratio < 1:
-            raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
-        if self.staleness_lr and self.mode != "async":
-            raise ValueError("--staleness-lr needs --mode async")
         for index, factor in self.slow_workers.items():
             if not 0 <= index < self.workers or factor < 1:
                 raise ValueError(f"--slow-worker {index}:{factor}: index must be < --workers and factor >= 1")
+        self.worker_config(0, "127.0.0.1:0", "")  # TrainConfig checks every training option
+
+    def worker_config(self, index: int, cluster: str, metrics: str):
+        """worker-<index>'s TrainConfig: this run's training options plus its own."""
+        from ..worker.train import TrainConfig
+
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name in _TRAINING_FIELDS}
+        return TrainConfig(cluster=cluster, min_workers=self.workers, threads=self.worker_threads, metrics=metrics,
+                           name=f"worker-{index}", slowdown=self.slow_workers.get(index, 1.0), **shared)
+
+
+# The RunConfig fields that every worker takes over unchanged.
+_TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
+                    "wire_dtype", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "amp", "eval_every")
 
 
 class RunError(RuntimeError):
@@ -145,23 +139,14 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
 
 def _start_workers(config: RunConfig, address: str, out: Path, logs: Path) -> list[subprocess.Popen]:
     procs = []
+    # Flags carry the whole config; SHARDPS_* variables would only fight them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDPS_")}
+    env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
     for i in range(config.workers):
-        cmd = [sys.executable, "-m", "shardps", "worker", "--cluster", address, "--workload", config.workload,
-               "--mode", config.mode, "--min-workers", str(config.workers), "--device", config.device,
-               "--seed", str(config.seed), "--wire-dtype", config.wire_dtype, "--eval-every", str(config.eval_every),
-               "--threads", str(config.worker_threads), "--metrics", str(out / "metrics.jsonl"),
-               "--name", f"worker-{i}", "--backup-workers", str(config.backup_workers),
-               "--slowdown", str(config.slow_workers.get(i, 1.0)), "--staleness", str(config.staleness),
-               "--topk-ratio", str(config.topk_ratio), "--amp", config.amp]
-        if config.staleness_lr:
-            cmd.append("--staleness-lr")
-        for flag, value in (("--optimizer", config.optimizer), ("--lr", config.lr), ("--batch-size", config.batch_size),
-                            ("--steps", config.steps), ("--epochs", config.epochs)):
-            if value:
-                cmd += [flag, str(value)]
+        args = config.worker_config(i, address, str(out / "metrics.jsonl")).to_args()
         log = open(logs / f"worker-{i}.log", "ab")
-        env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "shardps", "worker", *args], stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
         log.close()
     return procs
 

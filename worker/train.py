@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -46,6 +46,12 @@ class TrainConfig:
     connect_timeout: float = 120.0  # seconds to wait for the cluster and min_workers
 
     def __post_init__(self):
+        from .workloads import WORKLOADS
+
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; choose one of: {', '.join(sorted(WORKLOADS))}")
+        if self.mode not in ("sync", "ssp", "async"):
+            raise ValueError(f"unknown mode {self.mode!r}; choose sync, ssp or async")
         if self.steps and self.epochs:
             raise ValueError("give --steps or --epochs, not both")
         for field in ("lr", "batch_size", "steps", "epochs", "eval_every", "min_workers", "threads"):
@@ -53,10 +59,32 @@ class TrainConfig:
                 raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
         if self.min_workers < 1 or self.threads < 1:
             raise ValueError("min_workers and threads must be >= 1")
+        if self.backup_workers and self.mode == "async":
+            raise ValueError("--backup-workers needs --mode sync or ssp")
+        if self.staleness and self.mode != "ssp":
+            raise ValueError("--staleness needs --mode ssp")
+        if self.staleness < 0:
+            raise ValueError("--staleness must be >= 0")
+        if self.staleness_lr and self.mode != "async":
+            raise ValueError("--staleness-lr needs --mode async")
+        if not 0 <= self.topk_ratio < 1:
+            raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.amp not in ("", "bfloat16", "float16"):
-            raise ValueError(f"amp must be bfloat16 or float16, got {self.amp!r}")
+            raise ValueError(f"--amp takes bfloat16 or float16, got {self.amp!r}")
         if self.slowdown < 1:
             raise ValueError(f"slowdown is a factor >= 1, got {self.slowdown}")
+
+    def to_args(self) -> list[str]:
+        """The ``shardps worker`` flags that recreate exactly this config: every field, so
+        nothing is left to the child's environment (a False switch is its absence)."""
+        args = []
+        for f in fields(self):
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args += [flag] if value else []
+            else:
+                args += [flag, str(value)]
+        return args
 
 
 def resolve_device(name: str) -> torch.device:
