@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from ..proto.errors import ShardpsError
 from .local import GLIBC_TUNABLES, LocalCluster
 from .sdk import cluster_status, export_model, load_model_file
 
@@ -89,7 +90,6 @@ class Progress:
     samples_per_s: float = 0.0  # all workers, over the last few seconds
     evaluation: dict = field(default_factory=dict)
     versions: list[int] = field(default_factory=list)  # per shard
-    workers_done: int = 0
 
 
 class MetricsTail:
@@ -164,9 +164,8 @@ def _watch(config, cluster: LocalCluster, procs, logs: Path, tail: MetricsTail, 
         for name, proc in cluster.procs.items():
             if proc.poll() is not None:
                 raise RunError(f"{name} died with code {proc.returncode} (see {logs}/{name}.log)")
-        progress.workers_done = sum(c == 0 for c in codes)
         if on_progress:
-            progress.versions = [s.get("version", 0) for s in _shard_versions(cluster)]
+            progress.versions = _shard_versions(cluster, progress.versions)
             on_progress(progress)
         if all(c == 0 for c in codes):
             for rec in tail.poll():
@@ -175,15 +174,16 @@ def _watch(config, cluster: LocalCluster, procs, logs: Path, tail: MetricsTail, 
         time.sleep(0.5)
 
 
-def _shard_versions(cluster: LocalCluster) -> list[dict]:
+def _shard_versions(cluster: LocalCluster, last: list[int]) -> list[int]:
+    """Each shard's version; a shard too busy to answer in time keeps its last value."""
     from .sdk import shard_status
 
     out = []
     for shard_id in range(cluster.num_servers):
         try:
-            out.append({"version": shard_status(cluster.server_address(shard_id), timeout=2).version})
-        except Exception:  # a busy shard just shows its last value next time
-            out.append({})
+            out.append(shard_status(cluster.server_address(shard_id), timeout=2).version)
+        except ShardpsError:
+            out.append(last[shard_id] if shard_id < len(last) else 0)
     return out
 
 

@@ -43,6 +43,15 @@ class Outcome:
     dropped: bool = False  # arrived after its step closed (backup workers); never applied
 
 
+@dataclass
+class _OpenStep:
+    """A step that has pushes but has not closed yet."""
+
+    members: frozenset[int]  # the view of its first push
+    epoch: int  # every push of the step names this epoch
+    pushes: dict[int, Push]  # worker_id -> its push
+
+
 class SyncPolicy:
     """Synchronous steps, optionally with bounded staleness (SSP) and backup workers.
 
@@ -67,9 +76,7 @@ class SyncPolicy:
 
     def __init__(self, timeout: float, backup: int = 0, staleness: int = 0):
         self.timeout, self.backup, self.staleness = timeout, backup, staleness
-        self._steps: dict[int, dict[int, Push]] = {}  # open step -> worker_id -> push
-        self._members: dict[int, frozenset[int]] = {}  # open step -> its view's members
-        self._epochs: dict[int, int] = {}  # open step -> the epoch its pushes name
+        self._open: dict[int, _OpenStep] = {}  # step -> its pushes so far
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
@@ -89,10 +96,10 @@ class SyncPolicy:
             if self.backup:
                 return False  # late: submit() drops it
             raise StaleStep(f"step {push.step} closed already (open step {open_step}); pull and continue")
-        epoch = self._epochs.get(push.step)
-        if epoch is not None and push.epoch != epoch:
+        open_ = self._open.get(push.step)
+        if open_ is not None and push.epoch != open_.epoch:
             raise FailedPrecondition(
-                f"step {push.step} is collecting pushes of epoch {epoch}, this one names epoch {push.epoch}"
+                f"step {push.step} is collecting pushes of epoch {open_.epoch}, this one names epoch {push.epoch}"
             )
         return False
 
@@ -105,9 +112,7 @@ class SyncPolicy:
         applied_lr = 0.0
         if not duplicate:
             push.kept = True
-            self._steps.setdefault(push.step, {})[w] = push
-            self._members.setdefault(push.step, members)
-            self._epochs.setdefault(push.step, push.epoch)
+            self._open.setdefault(push.step, _OpenStep(members, push.epoch, {})).pushes[w] = push
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
             applied_lr = push.lr
@@ -116,10 +121,10 @@ class SyncPolicy:
         released = state.cond.wait_for(lambda: state.version > push.step - self.staleness, timeout=self.timeout)
         state.stats.wait_seconds += time.monotonic() - start
         if not released:
-            waiting_for = state.version
-            missing = sorted(self._members.get(waiting_for, members) - self._steps.get(waiting_for, {}).keys())
+            waiting_for = self._open.get(state.version, _OpenStep(members, push.epoch, {}))
+            missing = sorted(waiting_for.members - waiting_for.pushes.keys())
             raise WaitTimeout(
-                f"step {waiting_for} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
+                f"step {state.version} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
             )
         next_step = max(state.last_step[w] + 1, state.version)
         return Outcome(state.version, push.step - push.base_version if not duplicate else 0, duplicate,
@@ -128,18 +133,13 @@ class SyncPolicy:
     def _close_ready(self, state) -> None:
         """Close the open step, and the ones after it, while they have enough pushes."""
         while True:
-            step = state.version
-            pushes = self._steps.get(step, {})
-            needed = len(self._members.get(step, ())) - self.backup
-            if not pushes or len(pushes) < needed:
+            open_ = self._open.get(state.version)
+            if open_ is None or len(open_.pushes) < len(open_.members) - self.backup:
                 return
-            self._close(state, step)
+            self._close(state, self._open.pop(state.version))
 
-    def _close(self, state, step: int) -> None:
-        by_worker = self._steps.pop(step)
-        self._members.pop(step, None)
-        self._epochs.pop(step, None)
-        pushes = [by_worker[w] for w in sorted(by_worker)]
+    def _close(self, state, step: _OpenStep) -> None:
+        pushes = [step.pushes[w] for w in sorted(step.pushes)]
         if len(pushes) == 1:
             mean = pushes[0].grad
         else:  # sum_i b_i g_i / sum_i b_i, in the first buffer

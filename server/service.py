@@ -69,7 +69,7 @@ class ShardServicer:
         push = Push(h.worker_id, h.step, h.epoch, h.base_version, commit.batch_size, commit.lr, grad,
                     release=lambda: self.node.buffers.give(grad))
         outcome = state.push(push, members)  # releases the buffer when done with it
-        version, pieces = state.snapshot("push", self._encode_push)
+        version, pieces = state.snapshot(self._encode_push)
         yield pb.PushResponse(result=pb.PushResult(
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
             next_step=outcome.next_step, applied_lr=outcome.applied_lr))
@@ -151,7 +151,7 @@ class ShardServicer:
         if not request.include_optimizer_state:
             # A PullResponse holding only field 2 has the bytes of a PushResponse holding only
             # field 2, so pulls share the frames cached for push replies.
-            version, pieces = state.snapshot("push", self._encode_push)
+            version, pieces = state.snapshot(self._encode_push)
             yield pb.PullResponse(version=version)
             yield from pieces
             state.add_bytes(sent=state.shard.numel * 4)

@@ -8,7 +8,7 @@ state byte-identical.
     state = ShardState(ShardRange(0, 0, 128), job, step_timeout=60)
     state.initialize(torch.zeros(128))
     outcome = state.push(push, members=frozenset({0, 1}))
-    version, frames = state.snapshot("push", encode)
+    version, frames = state.snapshot(encode)
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class ShardState:
         self.initialized = False
         self.stats = ShardStats()
         self.cond = threading.Condition(threading.Lock())
-        self._snapshots: dict[str, tuple[int, list]] = {}  # key -> (version, encoded slice)
+        self._snapshot: tuple[int, list] | None = None  # (version, encoded slice) for replies
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,7 +138,7 @@ class ShardState:
                 # A new version is coming: drop the cached reply frames now (replies still
                 # streaming hold their own reference), so they never coexist with the next
                 # step's receive buffers.
-                self._snapshots.clear()
+                self._snapshot = None
             self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
@@ -160,19 +160,18 @@ class ShardState:
 
     # ------------------------------------------------------------------ pull
 
-    def snapshot(self, key: str, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
-        """(version, encode(slice)), cached per (key, version).
+    def snapshot(self, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
+        """(version, encode(slice)), cached per version.
 
         ``encode`` runs under the lock and must copy what it needs (the adapter
-        serializes reply messages); the N workers released by one sync step then
-        share one encoding.
+        serializes reply frames, which Push and Pull share); the N workers released by
+        one sync step then share one encoding.
         """
         with self.cond:
-            cached = self._snapshots.get(key)
-            if cached is None or cached[0] != self.version:
-                self._snapshots.pop(key, None)  # free the old encoding before making the new one
-                cached = self._snapshots[key] = (self.version, encode(self.param))
-            return cached
+            if self._snapshot is None or self._snapshot[0] != self.version:
+                self._snapshot = None  # free the old encoding before making the new one
+                self._snapshot = (self.version, encode(self.param))
+            return self._snapshot
 
     def export(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, copies of the slice and its optimizer state) taken at one instant.
