@@ -71,6 +71,11 @@ class JobConfig:
         if self.staleness_lr and self.mode is not UpdateMode.ASYNC:
             raise ValueError("staleness-aware lr applies to async mode only")
 
+    @property
+    def sparse_push(self) -> bool:
+        """Whether pushes send only the top-k elements (a ratio of 0 or 1 sends them all)."""
+        return 0.0 < self.topk_ratio < 1.0
+
     def differences(self, other: "JobConfig") -> list[str]:
         """Human-readable list of what differs from ``other`` (empty when equal)."""
         out = []

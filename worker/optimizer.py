@@ -95,9 +95,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         named = list(model.named_parameters() if isinstance(model, torch.nn.Module)
                      else ((str(i), p) for i, p in enumerate(model)))
         kwargs = optim.normalize_kwargs(optimizer, optimizer_kwargs)
-        sparse = 0 < topk_ratio < 1  # top-k reads the fp32 gradients and casts only what it sends
-        self.flat = FlatParams(named, torch.float32 if sparse else dtype_from_name(wire_dtype))
         self._wire_dtype = dtype_from_name(wire_dtype)
+        # Top-k reads the fp32 gradients and casts only what it sends, so it needs no wire copy.
+        self.flat = FlatParams(named, torch.float32 if 0 < topk_ratio < 1 else self._wire_dtype)
         self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers,
                              backup_workers, staleness_lr, staleness, topk_ratio)
         super().__init__(self.flat.params, dict(kwargs))
@@ -110,8 +110,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.coordinator = CoordinatorClient(cluster)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
-        ratio = self.job.topk_ratio
-        self.compressor = TopK(self.job.layout.numel, ratio, self._wire_dtype) if 0 < ratio < 1 else None
+        self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
+                           if self.job.sparse_push else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
                            self.compressor)
         if reg.initializer:
