@@ -37,7 +37,7 @@ _TRAIN = {
     "backup_workers": typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
                              help="Sync/ssp: close each step after the first (workers - B) pushes."),
     "staleness": typer.Option(0, envvar="SHARDPS_STALENESS", help="ssp: steps a worker may run ahead of the last closed step."),
-    "staleness_lr": typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR", help="Async: apply lr / staleness."),
+    "staleness_lr": typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR", help="Async/ssp: apply lr / max(1, staleness)."),
     "topk_ratio": typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
                          help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
     "amp": typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),

@@ -44,7 +44,7 @@ class RunConfig:
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16
     backup_workers: int = 0  # sync/ssp: close each step after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
-    staleness_lr: bool = False  # async: apply lr / max(1, staleness)
+    staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
     slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
     amp: str = ""  # mixed precision on the workers: "", "bfloat16" or "float16"

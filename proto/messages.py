@@ -50,7 +50,7 @@ class JobConfig:
     mode: UpdateMode = UpdateMode.SYNC
     min_workers: int = 1  # training starts once this many workers registered
     backup_workers: int = 0  # sync/ssp: close each step after the first (members - b) pushes
-    staleness_lr: bool = False  # async: apply lr / max(1, staleness)
+    staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
     staleness_bound: int = 0  # ssp: a worker may run this many steps ahead of the last closed one
     topk_ratio: float = 0.0  # fraction of each shard's gradient a push sends (top-k, error feedback); 0 = all
 
@@ -68,8 +68,8 @@ class JobConfig:
                              f"got {self.backup_workers}")
         if not 0.0 <= self.topk_ratio <= 1.0:
             raise ValueError(f"topk_ratio is a fraction in [0, 1], got {self.topk_ratio}")
-        if self.staleness_lr and self.mode is not UpdateMode.ASYNC:
-            raise ValueError("staleness-aware lr applies to async mode only")
+        if self.staleness_lr and self.mode is UpdateMode.SYNC:
+            raise ValueError("staleness-aware lr applies to async and ssp modes only")
 
     @property
     def sparse_push(self) -> bool:

@@ -43,6 +43,9 @@ class Outcome:
     dropped: bool = False  # arrived after its step closed (backup workers); never applied
 
 
+CLOSED_LR_KEPT = 1024  # closed steps whose lr SyncPolicy remembers (a late SSP reply looks it up)
+
+
 @dataclass
 class _OpenStep:
     """A step that has pushes but has not closed yet."""
@@ -72,11 +75,16 @@ class SyncPolicy:
     With ``backup`` = b > 0 a step closes after the first (members - b) pushes; a
     push for a step that closed without it is *dropped*: counted, never applied,
     and answered with the current slice, so the late worker carries on from there.
+
+    With ``staleness_lr`` (SSP's version of Zhang et al. 2016) a step is applied with
+    lr / max(1, s), s the sample-weighted mean staleness (step - base_version) of the
+    pushes it averages: one optimizer step per closed step, so one lr per step.
     """
 
-    def __init__(self, timeout: float, backup: int = 0, staleness: int = 0):
-        self.timeout, self.backup, self.staleness = timeout, backup, staleness
+    def __init__(self, timeout: float, backup: int = 0, staleness: int = 0, staleness_lr: bool = False):
+        self.timeout, self.backup, self.staleness, self.staleness_lr = timeout, backup, staleness, staleness_lr
         self._open: dict[int, _OpenStep] = {}  # step -> its pushes so far
+        self.closed_lr: dict[int, float] = {}  # step -> lr it was applied with (the last CLOSED_LR_KEPT steps)
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
@@ -109,13 +117,11 @@ class SyncPolicy:
             state.last_step[w] = push.step
             state.stats.pushes_dropped += 1
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
-        applied_lr = 0.0
         if not duplicate:
             push.kept = True
             self._open.setdefault(push.step, _OpenStep(members, push.epoch, {})).pushes[w] = push
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
-            applied_lr = push.lr
             self._close_ready(state)
         start = time.monotonic()
         released = state.cond.wait_for(lambda: state.version > push.step - self.staleness, timeout=self.timeout)
@@ -127,6 +133,8 @@ class SyncPolicy:
                 f"step {state.version} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
             )
         next_step = max(state.last_step[w] + 1, state.version)
+        # SSP answers before the step closes; its lr is then not known yet (0).
+        applied_lr = 0.0 if duplicate else self.closed_lr.get(push.step, 0.0)
         return Outcome(state.version, push.step - push.base_version if not duplicate else 0, duplicate,
                        next_step=next_step, applied_lr=applied_lr)
 
@@ -147,7 +155,13 @@ class SyncPolicy:
             for p in pushes[1:]:
                 mean.add_(p.grad, alpha=p.batch_size)
             mean.div_(sum(p.batch_size for p in pushes))
-        state.apply(mean, pushes[-1].lr)
+        lr = pushes[-1].lr
+        if self.staleness_lr:
+            samples = sum(p.batch_size for p in pushes)
+            lr /= max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
+        self.closed_lr[state.version] = lr
+        self.closed_lr.pop(state.version - CLOSED_LR_KEPT, None)
+        state.apply(mean, lr)
         for p in pushes:
             if p.release is not None:
                 p.release()
@@ -201,4 +215,4 @@ def make_policy(job, step_timeout: float):
     """The policy object for the job's mode: the one place a mode is looked at."""
     if job.mode is UpdateMode.ASYNC:
         return AsyncPolicy(job.staleness_lr)
-    return SyncPolicy(step_timeout, job.backup_workers, job.staleness_bound)
+    return SyncPolicy(step_timeout, job.backup_workers, job.staleness_bound, job.staleness_lr)

@@ -75,7 +75,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             backup_workers: sync/ssp: close each step after the first (workers - b) pushes;
                 a late worker's push is dropped (counted, never applied) and it carries on
                 from the fresh parameters.
-            staleness_lr: async only: each push is applied with lr / max(1, staleness).
+            staleness_lr: async: each push is applied with lr / max(1, staleness); ssp: each step
+                with lr / max(1, mean staleness of its pushes).
             topk_ratio: send only this fraction of each shard's gradient elements (largest
                 magnitude first); the rest is kept on this worker and added to the next
                 step's gradient (error feedback). 0 sends everything.

@@ -35,7 +35,7 @@ class TrainConfig:
     wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16
     backup_workers: int = 0  # sync/ssp: each step closes after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
-    staleness_lr: bool = False  # async: apply lr / max(1, staleness)
+    staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
     slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
     amp: str = ""  # mixed precision on this worker: "" (off), "bfloat16" or "float16" (with loss scaling)
@@ -65,8 +65,8 @@ class TrainConfig:
             raise ValueError("--staleness needs --mode ssp")
         if self.staleness < 0:
             raise ValueError("--staleness must be >= 0")
-        if self.staleness_lr and self.mode != "async":
-            raise ValueError("--staleness-lr needs --mode async")
+        if self.staleness_lr and self.mode == "sync":
+            raise ValueError("--staleness-lr needs --mode async or ssp")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.amp not in ("", "bfloat16", "float16"):

@@ -51,7 +51,7 @@ def test_ssp_never_lets_a_worker_run_more_than_k_steps_ahead(tmp_path, k):
     ({"workers": 2, "backup_workers": 2}, "--backup-workers must be in 0..1"),
     ({"mode": "async", "backup_workers": 1}, "needs --mode sync or ssp"),
     ({"staleness": 2}, "needs --mode ssp"),
-    ({"staleness_lr": True}, "needs --mode async"),
+    ({"staleness_lr": True}, "needs --mode async or ssp"),
     ({"slow_workers": {5: 2.0}}, "--slow-worker"),
 ])
 def test_heterogeneous_options_are_checked_before_anything_starts(args, words):

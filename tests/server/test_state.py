@@ -171,7 +171,7 @@ def test_backup_and_staleness_options_are_checked_against_the_mode():
         J(layout, "sgd", {"lr": 0.1}, UpdateMode.ASYNC, 3, backup_workers=1)
     with pytest.raises(ValueError, match=r"min_workers-1 \(2\)"):
         J(layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 3, backup_workers=3)
-    with pytest.raises(ValueError, match="async mode only"):
+    with pytest.raises(ValueError, match="async and ssp modes only"):
         J(layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 3, staleness_lr=True)
 
 
@@ -205,3 +205,34 @@ def test_ssp_with_bound_zero_is_sync():
             state.push(push(1, step, torch.full((N,), 2.0 * step), batch=3), members)
             t.join(5)
     assert torch.equal(sync.param, ssp.param) and sync.digest() == ssp.digest()
+
+
+def test_ssp_staleness_aware_lr_divides_each_step_by_its_mean_staleness():
+    job = JobConfig(Layout.from_shapes([("w", (N,), "float32")]), "sgd", {"lr": 0.1}, UpdateMode.SSP, 2,
+                    staleness_lr=True, staleness_bound=2)
+    state = ShardState(ShardRange(0, 0, N), job, "job", step_timeout=10)
+    state.initialize(torch.ones(N))
+    members, expected = frozenset({0, 1}), torch.ones(N)
+    # worker 0 (batch 3) runs ahead on version 0; worker 1 (batch 1) keeps up.
+    for step in range(2):
+        early = state.push(push(0, step, torch.full((N,), 1.0), batch=3, base=0), members)
+        assert early.applied_lr == 0.0  # answered before its step closed
+    t, ahead = in_thread(lambda: state.push(push(0, 2, torch.full((N,), 1.0), batch=3, base=0), members))
+    t.join(0.3)
+    assert t.is_alive()  # 2 steps ahead of the last closed step (none): waits
+    lrs = []
+    for step, base in [(0, 0), (1, 1), (2, 1)]:
+        out = state.push(push(1, step, torch.full((N,), 5.0), batch=1, base=base), members)
+        s0, s1 = step - 0, step - base  # each push's staleness
+        mean_staleness = (3 * s0 + 1 * s1) / 4
+        lr = 0.1 / max(1.0, mean_staleness)
+        expected -= lr * (3 * 1.0 + 1 * 5.0) / 4
+        assert out.applied_lr == pytest.approx(lr)
+        lrs.append(lr)
+    t.join(5)
+    # let go once step 0 closed; it knows its lr only if step 2 had closed by the time it woke
+    answer = ahead["v"]
+    assert answer.applied_lr == (pytest.approx(lrs[2]) if answer.version > 2 else 0.0)
+    assert lrs[2] == pytest.approx(0.1 / 1.75)  # (3*2 + 1*1) / 4 = 1.75
+    assert torch.allclose(state.param, expected)
+    assert state.stats.staleness == {0: 3, 1: 2, 2: 1}  # worker 0: 0, 1, 2; worker 1: 0, 0, 1
