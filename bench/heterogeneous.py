@@ -26,7 +26,9 @@ from shardps.worker.workloads import get_workload  # noqa: E402
 CONFIGS = {
     "sync": dict(mode="sync"),
     "sync+backup1": dict(mode="sync", backup_workers=1),
+    "sync+balance5": dict(mode="sync", balance_every=5),
     "ssp(k=2)": dict(mode="ssp", staleness=2),
+    "ssp(k=2)+staleness-lr": dict(mode="ssp", staleness=2, staleness_lr=True),
     "async": dict(mode="async"),
 }
 

@@ -40,6 +40,8 @@ _TRAIN = {
     "staleness_lr": typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR", help="Async/ssp: apply lr / max(1, staleness)."),
     "topk_ratio": typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
                          help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
+    "balance_every": typer.Option(0, envvar="SHARDPS_BALANCE_EVERY",
+                            help="Sync/ssp: every N steps re-split each global batch by worker throughput (0: equal)."),
     "amp": typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),
     "eval_every": typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation (rank 0) every N steps."),
 }
@@ -137,6 +139,7 @@ def worker(
     staleness: int = _TRAIN["staleness"],
     staleness_lr: bool = _TRAIN["staleness_lr"],
     topk_ratio: float = _TRAIN["topk_ratio"],
+    balance_every: int = _TRAIN["balance_every"],
     amp: str = _TRAIN["amp"],
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
@@ -154,7 +157,8 @@ def worker(
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                              min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
-                             topk_ratio=topk_ratio, amp=amp, metrics=metrics, eval_every=eval_every,
+                             topk_ratio=topk_ratio, balance_every=balance_every, amp=amp, metrics=metrics,
+                             eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout)
         result = train(config)
     typer.echo(json.dumps(result))
@@ -178,6 +182,7 @@ def run(
     staleness: int = _TRAIN["staleness"],
     staleness_lr: bool = _TRAIN["staleness_lr"],
     topk_ratio: float = _TRAIN["topk_ratio"],
+    balance_every: int = _TRAIN["balance_every"],
     amp: str = _TRAIN["amp"],
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
@@ -192,7 +197,7 @@ def run(
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                            wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
-                           staleness_lr=staleness_lr, topk_ratio=topk_ratio, amp=amp,
+                           staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every, amp=amp,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)

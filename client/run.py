@@ -47,6 +47,7 @@ class RunConfig:
     staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
     slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
+    balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps (0: equal)
     amp: str = ""  # mixed precision on the workers: "", "bfloat16" or "float16"
     eval_every: int = 50  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
@@ -73,7 +74,8 @@ class RunConfig:
 
 # The RunConfig fields that every worker takes over unchanged.
 _TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
-                    "wire_dtype", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "amp", "eval_every")
+                    "wire_dtype", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every", "amp",
+                    "eval_every")
 
 
 class RunError(RuntimeError):

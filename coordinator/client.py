@@ -104,5 +104,13 @@ class CoordinatorClient:
         req = pb.LeaveJobRequest(job_id=job_id, worker_id=worker_id)
         self._call("LeaveJob", lambda: self._stub.LeaveJob(req, timeout=self.timeout))
 
+    def report_throughput(self, job_id: str, worker_id: int, window: int, rate: float,
+                          global_batch: int) -> tuple[int, ...]:
+        """Report samples/s over the last window; returns this window's batch size per rank."""
+        req = pb.ReportThroughputRequest(job_id=job_id, worker_id=worker_id, window=window,
+                                         samples_per_second=rate, global_batch=global_batch)
+        reply = self._call("ReportThroughput", lambda: self._stub.ReportThroughput(req, timeout=self.timeout))
+        return tuple(reply.batch_sizes)
+
     def status(self) -> pb.GetJobStatusResponse:
         return self._call("GetJobStatus", lambda: self._stub.GetJobStatus(pb.GetJobStatusRequest(), timeout=self.timeout))

@@ -54,6 +54,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self.c.leave(request.job_id, request.worker_id)
         return pb.LeaveJobResponse()
 
+    @translate_errors
+    def ReportThroughput(self, request, context):
+        sizes = self.c.report_throughput(request.job_id, request.worker_id, request.window,
+                                         request.samples_per_second, request.global_batch)
+        return pb.ReportThroughputResponse(batch_sizes=sizes)
+
     def GetJobStatus(self, request, context):
         c = self.c
         with c.cond:

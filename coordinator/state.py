@@ -18,7 +18,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, WrongJob
+from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
 from ..proto.messages import JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
 
@@ -47,6 +47,7 @@ class Coordinator:
         self.pending: list[MemberInfo] = []  # registered, waiting for the first view
         self.left: list[int] = []
         self._next_worker_id = 0
+        self.balancer = BatchSplitter()
         self.cond = threading.Condition()
 
     # ------------------------------------------------------------------ servers
@@ -149,6 +150,76 @@ class Coordinator:
                 raise FailedPrecondition(f"membership epoch {epoch} does not exist (latest is {len(self.views)})")
             return self.views[epoch - 1]
 
+    # ------------------------------------------------------------------ batch balancing
+
+    def report_throughput(self, job_id: str, worker_id: int, window: int, rate: float,
+                          global_batch: int) -> tuple[int, ...]:
+        """Record ``rate`` (samples/s over window - 1) and return window's batch size per rank."""
+        with self.cond:
+            self._check_job(job_id)
+            if not self.job.balance_every:
+                raise FailedPrecondition("this job keeps equal batches; start its workers with --balance-every N")
+            members = self.latest().members
+            if worker_id not in {m.worker_id for m in members}:
+                raise UnknownWorker(f"worker {worker_id} is not in the job's current view; register first")
+            if window < 0 or rate < 0 or rate != rate:
+                raise InvalidArgument(f"window ({window}) and samples_per_second ({rate}) must be >= 0")
+            return self.balancer.report(members, worker_id, window, rate, global_batch)
+
     def _check_job(self, job_id: str) -> None:
         if not self.job_id or job_id != self.job_id:
             raise WrongJob(f"job {job_id!r} is not this cluster's job {self.job_id!r}")
+
+
+class BatchSplitter:
+    """Splits each global batch between ranks in proportion to their measured throughput.
+
+    Windows are ``balance_every`` steps long. At the start of window n a worker
+    reports the samples/s it measured over window n - 1 and asks for window n's
+    split. Window n's split is decided by the first worker that asks (then kept, so
+    every worker uses the same one) from the rates measured over window n - 2:
+    those were reported at the start of window n - 1, before any worker could have
+    finished it, so in sync mode they are all in. If some are missing (a backup
+    worker skipped the window) the split stays as it was. Splitting the global
+    batch, never resizing it, keeps sync training the same as one process on the
+    union batch: only who computes which rows changes.
+    """
+
+    def __init__(self):
+        self.global_batch = 0
+        self.splits: dict[int, tuple[int, ...]] = {}  # window -> batch size by rank
+        self.rates: dict[int, dict[int, float]] = {}  # window -> worker_id -> samples/s measured over it
+
+    def report(self, members, worker_id: int, window: int, rate: float, global_batch: int) -> tuple[int, ...]:
+        if global_batch < len(members):
+            raise InvalidArgument(f"a global batch of {global_batch} cannot be split between {len(members)} workers")
+        if self.global_batch and global_batch != self.global_batch:
+            raise InvalidArgument(f"global batch {global_batch} differs from the job's {self.global_batch}; "
+                                  "every worker must use the same --batch-size")
+        self.global_batch = global_batch
+        if window > 0 and rate > 0:
+            self.rates.setdefault(window - 1, {})[worker_id] = rate
+        if window not in self.splits:
+            self.splits[window] = self._decide(members, window)
+            for old in [w for w in self.rates if w < window - 2]:
+                del self.rates[old]
+        return self.splits[window]
+
+    def _decide(self, members, window: int) -> tuple[int, ...]:
+        rates = self.rates.get(window - 2, {})
+        if all(m.worker_id in rates for m in members):
+            return proportional_split(self.global_batch, [rates[m.worker_id] for m in members])
+        earlier = [w for w in self.splits if w < window]
+        return self.splits[max(earlier)] if earlier else proportional_split(self.global_batch, [1.0] * len(members))
+
+
+def proportional_split(total: int, weights: list[float]) -> tuple[int, ...]:
+    """``total`` cut into len(weights) parts >= 1 in proportion to ``weights`` (largest remainders)."""
+    n = len(weights)
+    spare, whole = total - n, sum(weights)
+    shares = [spare * w / whole for w in weights]
+    sizes = [1 + int(s) for s in shares]
+    by_remainder = sorted(range(n), key=lambda i: (-(shares[i] - int(shares[i])), i))
+    for i in by_remainder[:total - sum(sizes)]:
+        sizes[i] += 1
+    return tuple(sizes)

@@ -53,6 +53,7 @@ class JobConfig:
     staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
     staleness_bound: int = 0  # ssp: a worker may run this many steps ahead of the last closed one
     topk_ratio: float = 0.0  # fraction of each shard's gradient a push sends (top-k, error feedback); 0 = all
+    balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps; 0 = equal
 
     def __post_init__(self):
         if self.min_workers < 1:
@@ -68,6 +69,10 @@ class JobConfig:
                              f"got {self.backup_workers}")
         if not 0.0 <= self.topk_ratio <= 1.0:
             raise ValueError(f"topk_ratio is a fraction in [0, 1], got {self.topk_ratio}")
+        if self.balance_every < 0:
+            raise ValueError(f"balance_every must be >= 0 (0: equal batches), got {self.balance_every}")
+        if self.balance_every and self.mode is UpdateMode.ASYNC:
+            raise ValueError("balancing batches applies to sync and ssp modes only (async workers run at their own pace)")
         if self.staleness_lr and self.mode is UpdateMode.SYNC:
             raise ValueError("staleness-aware lr applies to async and ssp modes only")
 
@@ -91,7 +96,8 @@ class JobConfig:
             )
         if self.mode != other.mode:
             out.append(f"mode {other.mode.value} differs from the job's {self.mode.value}")
-        for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound", "topk_ratio"):
+        for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound", "topk_ratio",
+                     "balance_every"):
             if getattr(self, name) != getattr(other, name):
                 out.append(f"{name} {getattr(other, name)} differs from the job's {getattr(self, name)}")
         return out
@@ -164,6 +170,7 @@ def job_to_pb(job: JobConfig) -> pb.JobSpec:
         staleness_aware_lr=job.staleness_lr,
         staleness_bound=job.staleness_bound,
         topk_ratio=job.topk_ratio,
+        balance_every=job.balance_every,
     )
 
 
@@ -189,6 +196,7 @@ def job_from_pb(msg: pb.JobSpec) -> JobConfig:
         staleness_lr=msg.staleness_aware_lr,
         staleness_bound=msg.staleness_bound,
         topk_ratio=msg.topk_ratio,
+        balance_every=msg.balance_every,
     )
 
 

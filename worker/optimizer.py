@@ -53,6 +53,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         staleness: int = 0,
         staleness_lr: bool = False,
         topk_ratio: float = 0.0,
+        balance_every: int = 0,
         wire_dtype: str = "float32",
         overlap: bool = False,
         name: str = "",
@@ -80,6 +81,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             topk_ratio: send only this fraction of each shard's gradient elements (largest
                 magnitude first); the rest is kept on this worker and added to the next
                 step's gradient (error feedback). 0 sends everything.
+            balance_every: sync/ssp: every this many steps the coordinator re-splits each
+                global batch between the workers by their measured throughput (see
+                ``worker.balance.BatchSplit``, which asks for this worker's rows). 0: equal.
             wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
                 (servers keep fp32 masters either way).
             overlap: push each shard's gradients as soon as backward has produced them,
@@ -100,7 +104,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # Top-k reads the fp32 gradients and casts only what it sends, so it needs no wire copy.
         self.flat = FlatParams(named, torch.float32 if 0 < topk_ratio < 1 else self._wire_dtype)
         self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers,
-                             backup_workers, staleness_lr, staleness, topk_ratio)
+                             backup_workers, staleness_lr, staleness, topk_ratio, balance_every)
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
         self.device = str(self.flat.params[0].device)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .balance import BatchSplit
 from .optimizer import ShardedOptimizer
 from .workloads import get_workload
 
@@ -38,6 +39,7 @@ class TrainConfig:
     staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
     slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
+    balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps (0: equal)
     amp: str = ""  # mixed precision on this worker: "" (off), "bfloat16" or "float16" (with loss scaling)
     metrics: str = ""  # append one JSON line per step here ("" = none)
     eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
@@ -54,7 +56,7 @@ class TrainConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose sync, ssp or async")
         if self.steps and self.epochs:
             raise ValueError("give --steps or --epochs, not both")
-        for field in ("lr", "batch_size", "steps", "epochs", "eval_every", "min_workers", "threads"):
+        for field in ("lr", "batch_size", "steps", "epochs", "eval_every", "min_workers", "threads", "balance_every"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
         if self.min_workers < 1 or self.threads < 1:
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ValueError("--staleness-lr needs --mode async or ssp")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
+        if self.balance_every and self.mode == "async":
+            raise ValueError("--balance-every needs --mode sync or ssp (async workers run at their own pace)")
         if self.amp not in ("", "bfloat16", "float16"):
             raise ValueError(f"--amp takes bfloat16 or float16, got {self.amp!r}")
         if self.slowdown < 1:
@@ -161,8 +165,10 @@ def train(config: TrainConfig) -> dict:
                            lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
                            wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout,
                            backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
-                           staleness=config.staleness, topk_ratio=config.topk_ratio)
-    steps = config.steps or workload.steps_for(config.epochs or d.epochs, batch_size * opt.world_size)
+                           staleness=config.staleness, topk_ratio=config.topk_ratio,
+                           balance_every=config.balance_every)
+    split = BatchSplit(opt, batch_size)
+    steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
     precision = MixedPrecision(config.amp, device, opt)
     log = MetricsLog(config.metrics)
     rank = opt.rank
@@ -177,7 +183,7 @@ def train(config: TrainConfig) -> dict:
         while opt.steps_taken < steps:
             step = opt.steps_taken
             t0 = time.perf_counter()
-            x, y = workload.batch_for_rank(step, rank, batch_size, opt.world_size)
+            x, y = workload.rows(step, split.global_batch, *split.rows(step))
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
             with precision.autocast():
@@ -186,6 +192,7 @@ def train(config: TrainConfig) -> dict:
             if config.slowdown > 1:  # documented simulation of a slower machine
                 time.sleep((config.slowdown - 1) * (time.perf_counter() - t0))
             t1 = time.perf_counter()
+            split.measured(len(x), t1 - t0)
             opt.step(batch_size=len(x))
             precision.update()
             t2 = time.perf_counter()

@@ -63,11 +63,10 @@ class Workload(ABC):
     def steps_for(self, epochs: float, global_batch: int) -> int:
         return max(1, math.ceil(epochs * self.train_size / global_batch))
 
-    def batch_for_rank(self, step: int, rank: int, batch_size: int, world_size: int):
-        """Rank ``rank``'s rows of global batch ``step`` (equal batch sizes per worker)."""
-        x, y = self.global_batch(step, batch_size * world_size)
-        lo = rank * batch_size
-        return x[lo:lo + batch_size], y[lo:lo + batch_size]
+    def rows(self, step: int, global_size: int, lo: int, hi: int):
+        """Rows [lo, hi) of global batch ``step`` (``global_size`` samples): one worker's share."""
+        x, y = self.global_batch(step, global_size)
+        return x[lo:hi], y[lo:hi]
 
 
 class Digits(Workload):

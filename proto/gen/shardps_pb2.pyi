@@ -86,7 +86,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio")
+    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class JobSpec(_message.Message):
     STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_EVERY_FIELD_NUMBER: _ClassVar[int]
     layout: Layout
     optimizer: OptimizerSpec
     mode: UpdateMode
@@ -103,7 +104,8 @@ class JobSpec(_message.Message):
     staleness_aware_lr: bool
     staleness_bound: int
     topk_ratio: float
-    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ...) -> None: ...
+    balance_every: int
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "address")
@@ -248,6 +250,26 @@ class LeaveJobResponse(_message.Message):
 class GetJobStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReportThroughputRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "window", "samples_per_second", "global_batch")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: int
+    window: int
+    samples_per_second: float
+    global_batch: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., window: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., global_batch: _Optional[int] = ...) -> None: ...
+
+class ReportThroughputResponse(_message.Message):
+    __slots__ = ("batch_sizes",)
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("shard_id", "address")

@@ -71,6 +71,11 @@ class CoordinatorServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.GetJobStatusRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.GetJobStatusResponse.FromString,
                 _registered_method=True)
+        self.ReportThroughput = channel.unary_unary(
+                '/shardps.v1.CoordinatorService/ReportThroughput',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -128,6 +133,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportThroughput(self, request, context):
+        """Balanced jobs: a worker reports its throughput at the start of a window
+        of balance_every steps and learns how that window's global batches are split.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +178,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetJobStatus,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.GetJobStatusRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.GetJobStatusResponse.SerializeToString,
+            ),
+            'ReportThroughput': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportThroughput,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +376,33 @@ class CoordinatorService:
             '/shardps.v1.CoordinatorService/GetJobStatus',
             shardps_dot_v1_dot_shardps__pb2.GetJobStatusRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.GetJobStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportThroughput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.CoordinatorService/ReportThroughput',
+            shardps_dot_v1_dot_shardps__pb2.ReportThroughputRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.ReportThroughputResponse.FromString,
             options,
             channel_credentials,
             insecure,

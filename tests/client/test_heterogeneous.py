@@ -47,11 +47,40 @@ def test_ssp_never_lets_a_worker_run_more_than_k_steps_ahead(tmp_path, k):
     assert all(s["max"] <= k for s in summary["staleness"])  # and from the shards'
 
 
+@pytest.mark.slow
+def test_balanced_batches_move_rows_to_the_faster_worker_and_leave_sync_training_unchanged(tmp_path):
+    from shardps.client.sdk import load_model_file, train_single_process
+
+    steps, every = 40, 5
+    summary = run(RunConfig(workers=2, slow_workers={0: 4.0}, balance_every=every, steps=steps, eval_every=0,
+                            out=str(tmp_path / "run")))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["kind"] == "start")
+    by_step: dict[int, dict[int, dict]] = {}
+    for r in records:
+        if r["kind"] == "step":
+            by_step.setdefault(r["step"], {})[r["rank"]] = r
+    # Every step still trains on the whole global batch, split some way between the ranks.
+    assert all(sum(r["samples"] for r in ranks.values()) == start["batch_size"] * 2 for ranks in by_step.values())
+    assert {r["samples"] for r in by_step[0].values()} == {start["batch_size"]}  # equal until measured
+    last = by_step[steps - 1]
+    per_sample = {rank: r["compute_s"] / r["samples"] for rank, r in last.items()}
+    slow = max(per_sample, key=per_sample.get)
+    fast = 1 - slow
+    assert last[fast]["samples"] >= 2 * last[slow]["samples"]  # 4x slower: about a quarter of the rows
+    # Only who computes which rows changed: the model equals one process on the union batch.
+    single = train_single_process("digits", workers=2, steps=steps)
+    trained = load_model_file(summary["model_file"])
+    for name, p in single["model"].state_dict().items():
+        assert (trained[name] - p).abs().max().item() < 1e-4, name
+
+
 @pytest.mark.parametrize("args, words", [
     ({"workers": 2, "backup_workers": 2}, "--backup-workers must be in 0..1"),
     ({"mode": "async", "backup_workers": 1}, "needs --mode sync or ssp"),
     ({"staleness": 2}, "needs --mode ssp"),
     ({"staleness_lr": True}, "needs --mode async or ssp"),
+    ({"balance_every": 5, "mode": "async"}, "needs --mode sync or ssp"),
     ({"slow_workers": {5: 2.0}}, "--slow-worker"),
 ])
 def test_heterogeneous_options_are_checked_before_anything_starts(args, words):

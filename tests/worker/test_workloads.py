@@ -15,7 +15,7 @@ def test_ranks_take_disjoint_rows_of_the_same_global_batch():
     for name in ("digits", "charlm"):
         wl = get_workload(name)
         x, y = wl.global_batch(3, 12)
-        parts = [wl.batch_for_rank(3, r, 4, 3) for r in range(3)]
+        parts = [wl.rows(3, 12, lo, hi) for lo, hi in [(0, 3), (3, 8), (8, 12)]]
         assert torch.equal(torch.cat([p[0] for p in parts]), x)
         assert torch.equal(torch.cat([p[1] for p in parts]), y)
         assert not torch.equal(wl.global_batch(4, 12)[0], x)  # the next step reads other rows
