@@ -71,3 +71,44 @@ def test_server_ids_are_assigned_and_reclaimed_by_restarted_servers():
     with pytest.raises(FailedPrecondition, match="shard-id"):
         c.register_server("h:3")
     assert c.register_server("h:9", shard_id=1) == 1 and c.servers[1] == "h:9"
+
+
+def test_proportional_split_keeps_the_total_and_gives_everyone_a_row():
+    from hypothesis import given, strategies as st
+
+    from shardps.coordinator.state import proportional_split
+
+    assert proportional_split(64, [3.0, 1.0]) == (48, 16)
+    assert proportional_split(10, [1.0, 1.0, 1.0]) == (4, 3, 3)
+    assert proportional_split(3, [1000.0, 1.0, 1.0]) == (1, 1, 1)
+
+    @given(st.integers(1, 500), st.lists(st.floats(0.01, 1e4), min_size=1, max_size=8))
+    def prop(extra, weights):
+        total = len(weights) + extra - 1
+        sizes = proportional_split(total, weights)
+        assert sum(sizes) == total and min(sizes) >= 1
+        exact = [(total - len(weights)) * w / sum(weights) for w in weights]
+        assert all(abs(s - 1 - e) < 1 + 1e-9 for s, e in zip(sizes, exact))
+
+    prop()
+
+
+def test_balanced_windows_split_by_the_rates_of_two_windows_back_and_every_worker_sees_the_same_split():
+    c = ready()
+    spec = JobConfig(job().layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 2, balance_every=5)
+    a, b = c.register_worker(spec, "a"), c.register_worker(spec, "b")
+    jid = a.job_id
+    assert c.report_throughput(jid, a.worker_id, 0, 0.0, 40) == (20, 20)  # nothing measured yet
+    assert c.report_throughput(jid, b.worker_id, 0, 0.0, 40) == (20, 20)
+    assert c.report_throughput(jid, a.worker_id, 1, 300.0, 40) == (20, 20)  # window 0's rates decide window 2
+    assert c.report_throughput(jid, b.worker_id, 1, 100.0, 40) == (20, 20)
+    assert c.report_throughput(jid, b.worker_id, 2, 100.0, 40) == (30, 10)
+    assert c.report_throughput(jid, a.worker_id, 2, 900.0, 40) == (30, 10)  # decided once, the same for all
+    with pytest.raises(Exception, match="differs from the job's 40"):
+        c.report_throughput(jid, a.worker_id, 3, 1.0, 48)
+    with pytest.raises(Exception, match="not in the job's current view"):
+        c.report_throughput(jid, 99, 3, 1.0, 40)
+    plain = ready()
+    w = plain.register_worker(job(min_workers=1), "w")
+    with pytest.raises(FailedPrecondition, match="--balance-every"):
+        plain.report_throughput(w.job_id, w.worker_id, 0, 0.0, 40)
