@@ -8,6 +8,11 @@ Every process binds port 0 and reports its port through a file, so clusters neve
 collide. ``start`` returns once the coordinator and every server answer health
 checks and every server has registered. ``stop`` ends only the processes this
 object started (SIGTERM, then SIGKILL after a grace period), by PID.
+
+Process faults, for experiments: ``kill(name)`` (SIGKILL), ``pause(name)``
+(SIGSTOP), ``resume(name)`` (SIGCONT) and ``restart(name)`` (same port, same
+arguments, so clients reconnect on their own), with names ``"coordinator"``,
+``"server-0"``, ``"server-1"``, ... Each is counted in ``faults``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..proto.rpc import check_health
@@ -56,6 +62,9 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.address = ""
         self.server_addresses: dict[int, str] = {}
+        self._args: dict[str, list[str]] = {}  # name -> its `python -m shardps` arguments, for restart
+        self._ports: dict[str, int] = {}
+        self.faults: Counter = Counter()  # "kill/server-1" -> times done
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,11 +92,12 @@ class LocalCluster:
             raise
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> int:
-        """Start ``python -m shardps ARGS`` on a free port; return the port it bound."""
+    def _spawn(self, name: str, args: list[str], port: int = 0) -> int:
+        """Start ``python -m shardps ARGS`` on ``port`` (0: a free one); return the port it bound."""
         port_file = self.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "shardps", *args, "--host", self.host, "--port", "0",
+        self._args[name] = args
+        cmd = [sys.executable, "-m", "shardps", *args, "--host", self.host, "--port", str(port),
                "--port-file", str(port_file), "--log-level", self.log_level]
         env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -99,7 +109,8 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"{name} did not report its port within {self.startup_timeout:.0f}s{self._tail(name)}")
             time.sleep(0.05)
-        return int(port_file.read_text())
+        self._ports[name] = int(port_file.read_text())
+        return self._ports[name]
 
     def _wait_healthy(self, name: str, address: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -137,6 +148,7 @@ class LocalCluster:
         """SIGTERM every process this cluster started, SIGKILL any still alive after ``grace`` s."""
         for proc in self.procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
@@ -148,6 +160,49 @@ class LocalCluster:
         self.procs.clear()
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ process faults
+
+    def _proc(self, name: str) -> subprocess.Popen:
+        if name not in self.procs:
+            raise ValueError(f"no process named {name!r} in this cluster; choose one of: {', '.join(self.procs)}")
+        return self.procs[name]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL ``name`` (no checkpoint, no goodbye) and reap it."""
+        proc = self._proc(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused process must still die
+            proc.kill()
+            proc.wait(timeout=30)
+        self.faults[f"kill/{name}"] += 1
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP ``name``: it keeps its sockets but answers nothing until ``resume``."""
+        self._proc(name).send_signal(signal.SIGSTOP)
+        self.faults[f"pause/{name}"] += 1
+
+    def resume(self, name: str) -> None:
+        """SIGCONT a paused process."""
+        self._proc(name).send_signal(signal.SIGCONT)
+        self.faults[f"resume/{name}"] += 1
+
+    def restart(self, name: str) -> None:
+        """Stop ``name`` if it runs (SIGKILL), start it again with the same arguments on the same
+        port, and wait until it is healthy (and, for a server, registered again)."""
+        proc = self._proc(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(timeout=30)
+        port = self._spawn(name, self._args[name], self._ports[name])
+        self._wait_healthy(name, f"{self.host}:{port}")
+        if name.startswith("server-"):
+            self._wait_registered()
+        self.faults[f"restart/{name}"] += 1
+
+    def alive(self, name: str) -> bool:
+        return self._proc(name).poll() is None
 
     # ------------------------------------------------------------------ inspection
 

@@ -18,6 +18,8 @@ from . import errors
 MAX_MESSAGE_BYTES = 8 << 20  # a 1 MiB chunk plus headroom; larger messages get RESOURCE_EXHAUSTED
 KEEPALIVE_MS = 10_000  # client pings an idle connection this often
 KEEPALIVE_TIMEOUT_MS = 5_000  # and gives up on it after this long without an answer
+MAX_RECONNECT_BACKOFF_MS = 2_000  # a restarted server is dialled again within ~2 s (gRPC's default is 120 s)
+WORKER_METADATA = "x-shardps-worker"  # the calling worker's id, for fault rules that pick one worker
 CONTROL_TIMEOUT_S = 10.0  # deadline of small control RPCs (register, status, membership)
 
 
@@ -29,6 +31,9 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
 
 
@@ -47,13 +52,14 @@ def insecure_channel(address: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -
     return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
 
 
-def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Server:
+def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES, interceptors=()) -> grpc.Server:
     """A thread-pool gRPC server. Size ``max_threads`` for every worker that may block in a
     sync step at once, plus control calls: a smaller pool deadlocks the barrier."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="shardps-rpc"),
         options=server_options(max_message_bytes),
         maximum_concurrent_rpcs=None,
+        interceptors=list(interceptors),
     )
 
 

@@ -14,7 +14,8 @@ import grpc
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
 from ..proto.process import wait_for_stop_signal, write_port_file
-from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, create_server as new_grpc_server
+from ..proto.faults import create_server as new_grpc_server
+from ..proto.rpc import MAX_MESSAGE_BYTES, add_health
 from .node import ShardNode
 from .service import ShardServicer, add_to_server
 
@@ -49,7 +50,7 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
     id is config.shard_id until ``register`` sets the coordinator's answer."""
 
     node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout)
-    server = new_grpc_server(config.threads, config.max_message_bytes)
+    server, _ = new_grpc_server(config.threads, config.max_message_bytes)
     servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait)
     add_to_server(servicer, server)
     add_health(server, ["shardps.v1.ShardService"])

@@ -7,12 +7,38 @@ import pytest
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
-@pytest.fixture
-def run_workers(tmp_path):
-    """Start one train_worker.py process per entry of ``sizes``; wait; return their results."""
-    import torch
+class Workers:
+    """train_worker.py processes started by a test; ``wait`` collects their results."""
 
-    def run(cluster, n, timeout=240, **opts):
+    def __init__(self, tmp_path, procs, outs):
+        self.tmp_path, self.procs, self.outs = tmp_path, procs, outs
+
+    def wait(self, timeout=240):
+        import torch
+
+        try:
+            for i, (proc, log) in enumerate(self.procs):
+                code = proc.wait(timeout=timeout)
+                log.close()
+                text = (self.tmp_path / f"worker{i}.log").read_text()
+                assert code == 0, f"worker {i} exited {code}:\n{text[-3000:]}"
+        finally:
+            self.kill()
+        return sorted((torch.load(o) for o in self.outs), key=lambda r: r["rank"])
+
+    def kill(self):
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def spawn_workers(tmp_path):
+    """Start ``n`` train_worker.py processes (options as keyword arguments); returns ``Workers``."""
+    started = []
+
+    def spawn(cluster, n, **opts):
         procs, outs = [], []
         for i in range(n):
             out = tmp_path / f"worker{i}.pt"
@@ -26,17 +52,19 @@ def run_workers(tmp_path):
             log = open(tmp_path / f"worker{i}.log", "wb")
             procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), log))
             outs.append(out)
-        try:
-            for (proc, log), i in zip(procs, range(n)):
-                code = proc.wait(timeout=timeout)
-                log.close()
-                text = (tmp_path / f"worker{i}.log").read_text()
-                assert code == 0, f"worker {i} exited {code}:\n{text[-3000:]}"
-        finally:
-            for proc, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        return sorted((torch.load(o) for o in outs), key=lambda r: r["rank"])
+        started.append(Workers(tmp_path, procs, outs))
+        return started[-1]
+
+    yield spawn
+    for workers in started:  # a failed test must not leave workers behind
+        workers.kill()
+
+
+@pytest.fixture
+def run_workers(spawn_workers):
+    """Start one train_worker.py process per entry of ``sizes``; wait; return their results."""
+
+    def run(cluster, n, timeout=240, **opts):
+        return spawn_workers(cluster, n, **opts).wait(timeout)
 
     return run

@@ -32,6 +32,7 @@ from ..proto.assemble import optimizer_state_dict
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
+from ..proto.retry import Retrier
 from .compress import TopK
 from .flat import FlatParams
 from .overlap import OverlapPusher
@@ -59,6 +60,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         name: str = "",
         connect_timeout: float = 120.0,
         step_timeout: float = 330.0,
+        retry_timeout: float = 600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         **optimizer_kwargs: Any,
     ):
@@ -91,7 +93,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 micro-batches in ``opt.no_sync()``.
             name: how this worker appears in status (default host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
-            step_timeout: deadline of one push-pull, seconds (sync waits for the slowest worker).
+            step_timeout: deadline of one push-pull attempt, seconds (sync waits for the slowest worker).
+            retry_timeout: how long a push or pull keeps retrying transient failures (server
+                restarting or paused, reply lost) before it raises; retries are exactly-once.
             chunk_bytes: bytes per streamed chunk.
             **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...).
         """
@@ -107,6 +111,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                              backup_workers, staleness_lr, staleness, topk_ratio, balance_every)
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
+        self.retry = Retrier(budget=retry_timeout)
         self.device = str(self.flat.params[0].device)
         self._overlap = None
         self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes, overlap)
@@ -118,7 +123,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
-                           self.compressor)
+                           self.compressor, self.retry, self.worker_id)
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id)
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

@@ -4,7 +4,9 @@ Each push is one bidirectional stream per shard: a header, then the gradient sli
 in ~1 MiB chunks; the reply streams the updated slice straight into the caller's
 flat buffer. Chunk messages go through the byte-compatible fast codec in
 ``proto/wire.py`` (one copy out of the tensor, zero-copy views in). Every call has
-a deadline.
+a deadline, and a call that fails transiently (server restarting or paused, reply
+lost) is sent again whole by ``proto.retry.Retrier``: the shard applies a push at
+most once and answers a repeat like the first try, so retrying is exactly-once.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 from ..proto import codec, wire
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
-from ..proto.rpc import error_from_rpc, insecure_channel
+from ..proto.retry import Retrier
+from ..proto.rpc import WORKER_METADATA, error_from_rpc, insecure_channel
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,10 @@ class PushReply:
 class ShardChannel:
     """Calls to one shard server."""
 
-    def __init__(self, info: ShardInfo, job_id: str, fingerprint: str, chunk_bytes: int):
-        self.info, self.chunk_bytes = info, chunk_bytes
+    def __init__(self, info: ShardInfo, job_id: str, fingerprint: str, chunk_bytes: int, retry: Retrier,
+                 worker_id: int = -1):
+        self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
+        self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
         self._channel = ch = insecure_channel(info.address)
@@ -59,10 +64,13 @@ class ShardChannel:
             for chunk in codec.views(params, self.chunk_bytes):
                 yield wire.Frame(None, chunk)
 
-        try:
-            reply = self._init(requests(), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._what("InitShard")) from None
+        def attempt():
+            try:
+                return self._init(requests(), timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, self._what("InitShard")) from None
+
+        reply = self.retry.call(self._what("InitShard"), attempt)
         return reply.version, reply.already_initialized
 
     def push(self, header: pb.PushHeader, grad: torch.Tensor, out: torch.Tensor, timeout: float,
@@ -86,58 +94,71 @@ class ShardChannel:
             if commit is not None:
                 yield pb.PushRequest(commit=commit())
 
-        asm, result = codec.Assembler(out=out), None
-        try:
-            for frame in self._push(requests(), timeout=timeout):
-                if frame.fields is not None and frame.fields.HasField("result"):
-                    result = frame.fields.result
-                if frame.chunk is not None:
-                    asm.add(frame.chunk)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._what("Push")) from None
-        asm.finish()
+        def attempt():  # the whole push again: the shard applies it at most once
+            asm, result = codec.Assembler(out=out), None
+            try:
+                for frame in self._push(requests(), timeout=timeout, metadata=self._metadata):
+                    if frame.fields is not None and frame.fields.HasField("result"):
+                        result = frame.fields.result
+                    if frame.chunk is not None:
+                        asm.add(frame.chunk)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, self._what("Push")) from None
+            asm.finish()
+            return result
+
+        result = self.retry.call(self._what("Push"), attempt)
         return PushReply(result.version, result.staleness, result.duplicate, result.dropped, result.next_step,
                          result.applied_lr)
 
     def pull(self, out: torch.Tensor, timeout: float) -> int:
         """Write the current slice into ``out``; return its version."""
-        asm, version = codec.Assembler(out=out), 0
         request = pb.PullRequest(target=self.target)
-        try:
-            for frame in self._pull(request, timeout=timeout):
-                if frame.fields is not None and frame.fields.version:
-                    version = frame.fields.version
-                if frame.chunk is not None:
-                    asm.add(frame.chunk)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._what("Pull")) from None
-        asm.finish()
-        return version
+
+        def attempt():
+            asm, version = codec.Assembler(out=out), 0
+            try:
+                for frame in self._pull(request, timeout=timeout, metadata=self._metadata):
+                    if frame.fields is not None and frame.fields.version:
+                        version = frame.fields.version
+                    if frame.chunk is not None:
+                        asm.add(frame.chunk)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, self._what("Pull")) from None
+            asm.finish()
+            return version
+
+        return self.retry.call(self._what("Pull"), attempt)
 
     def pull_state(self, timeout: float) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, {"param": slice, optimizer state key: tensor, ...}) at one instant."""
         request = pb.PullRequest(target=self.target, include_optimizer_state=True)
-        tensors: dict[str, codec.Assembler] = {}
-        version = 0
-        try:
-            for frame in self._pull(request, timeout=timeout):
-                if frame.fields is not None and frame.fields.version:
-                    version = frame.fields.version
-                if frame.chunk is not None:
-                    name = (frame.fields.name if frame.fields is not None else "") or "param"
-                    tensors.setdefault(name, codec.Assembler()).add(frame.chunk)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._what("Pull")) from None
-        return version, {name: asm.finish() for name, asm in tensors.items()}
+
+        def attempt():
+            tensors: dict[str, codec.Assembler] = {}
+            version = 0
+            try:
+                for frame in self._pull(request, timeout=timeout, metadata=self._metadata):
+                    if frame.fields is not None and frame.fields.version:
+                        version = frame.fields.version
+                    if frame.chunk is not None:
+                        name = (frame.fields.name if frame.fields is not None else "") or "param"
+                        tensors.setdefault(name, codec.Assembler()).add(frame.chunk)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, self._what("Pull")) from None
+            return version, {name: asm.finish() for name, asm in tensors.items()}
+
+        return self.retry.call(self._what("Pull"), attempt)
 
 
 class PSClient:
     """All shards of one job; every fan-out call runs on every shard concurrently."""
 
     def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
-                 compressor=None):
+                 compressor=None, retry: Retrier | None = None, worker_id: int = -1):
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
-        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes) for info in plan]
+        self.retry = retry if retry is not None else Retrier(budget=timeout)
+        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id) for info in plan]
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
 
     def close(self) -> None:

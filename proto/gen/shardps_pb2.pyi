@@ -490,3 +490,64 @@ class GetShardStatusResponse(_message.Message):
     pushes_dropped: int
     wait_seconds: float
     def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class FaultRule(_message.Message):
+    __slots__ = ("id", "kind", "method", "worker_id", "probability", "delay_s", "status", "after", "max_active", "max_count", "duration_s", "injected")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    MAX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    INJECTED_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    kind: str
+    method: str
+    worker_id: int
+    probability: float
+    delay_s: float
+    status: str
+    after: bool
+    max_active: int
+    max_count: int
+    duration_s: float
+    injected: int
+    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., method: _Optional[str] = ..., worker_id: _Optional[int] = ..., probability: _Optional[float] = ..., delay_s: _Optional[float] = ..., status: _Optional[str] = ..., after: _Optional[bool] = ..., max_active: _Optional[int] = ..., max_count: _Optional[int] = ..., duration_s: _Optional[float] = ..., injected: _Optional[int] = ...) -> None: ...
+
+class SetFaultsRequest(_message.Message):
+    __slots__ = ("add", "clear")
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    add: _containers.RepeatedCompositeFieldContainer[FaultRule]
+    clear: bool
+    def __init__(self, add: _Optional[_Iterable[_Union[FaultRule, _Mapping]]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class SetFaultsResponse(_message.Message):
+    __slots__ = ("rules",)
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[FaultRule]
+    def __init__(self, rules: _Optional[_Iterable[_Union[FaultRule, _Mapping]]] = ...) -> None: ...
+
+class GetFaultsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetFaultsResponse(_message.Message):
+    __slots__ = ("rules", "injected")
+    class InjectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    INJECTED_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[FaultRule]
+    injected: _containers.ScalarMap[str, int]
+    def __init__(self, rules: _Optional[_Iterable[_Union[FaultRule, _Mapping]]] = ..., injected: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -625,3 +625,138 @@ class ShardService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminServiceStub:
+    """---------------------------------------------------------------- admin
+
+    Served by every role (coordinator and shard servers) beside its main
+    service. Fault injection as a feature: rules that delay, abort or drop
+    calls, in the shape of gRPC's own fault-injection design (gRFC A33),
+    switchable at runtime. Admin calls and health checks are never faulted.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetFaults = channel.unary_unary(
+                '/shardps.v1.AdminService/SetFaults',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.SetFaultsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.SetFaultsResponse.FromString,
+                _registered_method=True)
+        self.GetFaults = channel.unary_unary(
+                '/shardps.v1.AdminService/GetFaults',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.GetFaultsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.GetFaultsResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """---------------------------------------------------------------- admin
+
+    Served by every role (coordinator and shard servers) beside its main
+    service. Fault injection as a feature: rules that delay, abort or drop
+    calls, in the shape of gRPC's own fault-injection design (gRFC A33),
+    switchable at runtime. Admin calls and health checks are never faulted.
+    """
+
+    def SetFaults(self, request, context):
+        """Add rules, or clear all of them first (clear = true, add empty: clear only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFaults(self, request, context):
+        """The active rules with how often each fired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFaults,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.SetFaultsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.SetFaultsResponse.SerializeToString,
+            ),
+            'GetFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFaults,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.GetFaultsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.GetFaultsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shardps.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shardps.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """---------------------------------------------------------------- admin
+
+    Served by every role (coordinator and shard servers) beside its main
+    service. Fault injection as a feature: rules that delay, abort or drop
+    calls, in the shape of gRPC's own fault-injection design (gRFC A33),
+    switchable at runtime. Admin calls and health checks are never faulted.
+    """
+
+    @staticmethod
+    def SetFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.AdminService/SetFaults',
+            shardps_dot_v1_dot_shardps__pb2.SetFaultsRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.SetFaultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.AdminService/GetFaults',
+            shardps_dot_v1_dot_shardps__pb2.GetFaultsRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.GetFaultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

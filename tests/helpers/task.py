@@ -24,3 +24,20 @@ def loss_fn(model, x, y):
 
 def make_scheduler(opt, use: bool):
     return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if use else None
+
+
+def reference(initial, optimizer, kwargs, sizes, scheduler, steps):
+    """One process, plain torch.optim, on the union batch: what sync training must equal."""
+    model = make_model(0)
+    model.load_state_dict(initial)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    opt = cls(model.parameters(), **kwargs)
+    sched = make_scheduler(opt, scheduler)
+    for step in range(steps):
+        x, y = global_batch(step, sum(sizes))
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+        if sched:
+            sched.step()
+    return model.state_dict(), opt.state_dict()

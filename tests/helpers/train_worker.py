@@ -9,6 +9,7 @@ Writes {"initial": params after joining, "final": params, "losses": [...], "stal
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ def main():
     ap.add_argument("--init-seed", type=int, default=0)
     ap.add_argument("--scheduler", action="store_true")
     ap.add_argument("--wire-dtype", default="float32")
+    ap.add_argument("--step-timeout", type=float, default=330.0)
+    ap.add_argument("--retry-timeout", type=float, default=600.0)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep every step (a slower worker)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -38,6 +42,7 @@ def main():
     model = make_model(a.init_seed)
     opt = ShardedOptimizer(model, cluster=a.cluster, optimizer=a.optimizer, mode=a.mode, min_workers=len(sizes),
                            staleness=a.staleness, wire_dtype=a.wire_dtype, connect_timeout=120,
+                           step_timeout=a.step_timeout, retry_timeout=a.retry_timeout,
                            **json.loads(a.kwargs))
     sched = make_scheduler(opt, a.scheduler)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -49,6 +54,7 @@ def main():
         loss = loss_fn(model, x[lo:hi], y[lo:hi])
         opt.zero_grad()
         loss.backward()
+        time.sleep(a.sleep)
         opt.step(batch_size=hi - lo)
         if sched:
             sched.step()
@@ -57,7 +63,8 @@ def main():
     opt.pull()
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"rank": opt.rank, "initial": initial, "final": final, "losses": losses, "staleness": staleness,
-                "versions": opt.versions, "optimizer_state": opt.state_dict()}, a.out)
+                "versions": opt.versions, "optimizer_state": opt.state_dict(), "retries": opt.retry.stats.as_dict()},
+               a.out)
     opt.close()
 
 

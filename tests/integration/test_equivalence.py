@@ -10,7 +10,7 @@ import torch
 from shardps import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from task import global_batch, loss_fn, make_model, make_scheduler  # noqa: E402
+from task import reference  # noqa: E402
 
 STEPS = 30
 CASES = [  # (optimizer, kwargs, per-rank batch sizes, LR scheduler, mode)
@@ -19,22 +19,6 @@ CASES = [  # (optimizer, kwargs, per-rank batch sizes, LR scheduler, mode)
     ("adamw", {"lr": 0.01, "weight_decay": 0.1}, [40, 17], False, "sync"),
     ("adam", {"lr": 0.01}, [20, 44], False, "ssp"),  # bounded staleness with k = 0 is sync
 ]
-
-
-def reference(initial, optimizer, kwargs, sizes, scheduler):
-    model = make_model(0)
-    model.load_state_dict(initial)
-    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
-    opt = cls(model.parameters(), **kwargs)
-    sched = make_scheduler(opt, scheduler)
-    for step in range(STEPS):
-        x, y = global_batch(step, sum(sizes))
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-        if sched:
-            sched.step()
-    return model.state_dict(), opt.state_dict()
 
 
 @pytest.mark.slow
@@ -48,7 +32,7 @@ def test_sync_training_equals_single_process_torch_on_the_union_batch(run_worker
     # Workers were initialised differently; both started from the job's (initializer's) parameters.
     for key in results[0]["initial"]:
         assert torch.equal(results[0]["initial"][key], results[1]["initial"][key])
-    ref_params, ref_state = reference(results[0]["initial"], optimizer, kwargs, sizes, scheduler)
+    ref_params, ref_state = reference(results[0]["initial"], optimizer, kwargs, sizes, scheduler, STEPS)
     for r in results:
         assert r["versions"] == [STEPS, STEPS]
         for key, value in ref_params.items():

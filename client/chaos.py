@@ -1,0 +1,71 @@
+"""Fault injection from the outside: RPC fault rules on any role, by name.
+
+    from shardps.client import chaos
+    rules = chaos.set_rpc_faults(cluster.address, "servers",
+                                 [FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.3)])
+    ...
+    chaos.clear_rpc_faults(cluster.address, "servers")
+
+Targets are named as in ``LocalCluster``: ``"coordinator"``, ``"server-<k>"``,
+``"servers"`` (every shard server) or ``"all"``; addresses come from the
+coordinator's status, so this works against any running cluster. Process faults
+(kill, pause, restart) are ``LocalCluster`` methods and scenario actions.
+"""
+from __future__ import annotations
+
+from ..coordinator.client import CoordinatorClient
+from ..proto.faults import FaultRule, rule_from_pb, rule_to_pb
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+
+
+def resolve(cluster: str, target: str) -> dict[str, str]:
+    """{name: address} of ``target`` ("coordinator", "server-<k>", "servers" or "all")."""
+    with CoordinatorClient(cluster) as coord:
+        servers = {f"server-{s.shard_id}": s.address for s in coord.status().servers}
+    everyone = {"coordinator": cluster, **servers}
+    if target == "all":
+        return everyone
+    if target == "servers":
+        return servers
+    if target in everyone:
+        return {target: everyone[target]}
+    raise ValueError(f"unknown target {target!r}; choose coordinator, servers, all or one of: {', '.join(servers)}")
+
+
+def _admin(address: str, call):
+    import grpc
+
+    with insecure_channel(address) as channel:
+        try:
+            return call(pb_grpc.AdminServiceStub(channel))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"AdminService at {address}") from None
+
+
+def set_rpc_faults(cluster: str, target: str, rules: list[FaultRule], clear: bool = False) -> dict[str, list[FaultRule]]:
+    """Add ``rules`` (after clearing, with ``clear``) on every role ``target`` names; returns the
+    active rules per role."""
+    request = pb.SetFaultsRequest(add=[rule_to_pb(r) for r in rules], clear=clear)
+    return {name: [_rule(m) for m in _admin(address, lambda s: s.SetFaults(request, timeout=CONTROL_TIMEOUT_S)).rules]
+            for name, address in resolve(cluster, target).items()}
+
+
+def clear_rpc_faults(cluster: str, target: str = "all") -> None:
+    set_rpc_faults(cluster, target, [], clear=True)
+
+
+def get_rpc_faults(cluster: str, target: str = "all") -> dict[str, dict]:
+    """Per role: {"rules": [FaultRule...], "injected": {"kind/method": count}}."""
+    out = {}
+    for name, address in resolve(cluster, target).items():
+        reply = _admin(address, lambda s: s.GetFaults(pb.GetFaultsRequest(), timeout=CONTROL_TIMEOUT_S))
+        out[name] = {"rules": [_rule(m) for m in reply.rules], "injected": dict(reply.injected)}
+    return out
+
+
+def _rule(msg: pb.FaultRule) -> FaultRule:
+    rule = rule_from_pb(msg)
+    rule.id, rule.injected = msg.id, msg.injected
+    return rule
