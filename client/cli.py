@@ -107,6 +107,11 @@ def server(
     threads: int = typer.Option(64, envvar="SHARDPS_THREADS", help="gRPC handler threads (>= workers + 8)."),
     step_timeout: float = typer.Option(300.0, envvar="SHARDPS_STEP_TIMEOUT", help="Sync: seconds a push waits for its step."),
     port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
+    checkpoint_dir: str = typer.Option("", envvar="SHARDPS_CHECKPOINT_DIR",
+                                       help="Checkpoint the shard to DIR/shard-<id>/ (and restore from it on restart)."),
+    checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
+                                         help="Also checkpoint every N versions (needs --checkpoint-dir)."),
+    checkpoint_keep: int = typer.Option(3, envvar="SHARDPS_CHECKPOINT_KEEP", help="Newest checkpoints kept per shard."),
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
@@ -115,7 +120,9 @@ def server(
     _setup_logging(log_level)
     try:
         config = ServerConfig(coordinator=coordinator, host=host, port=port, advertise=advertise, shard_id=shard_id,
-                              threads=threads, step_timeout=step_timeout, port_file=port_file)
+                              threads=threads, step_timeout=step_timeout, port_file=port_file,
+                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                              checkpoint_keep=checkpoint_keep)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)

@@ -51,7 +51,13 @@ class LocalCluster:
         startup_timeout: float = 60.0,
         log_dir: str | os.PathLike | None = None,
         log_level: str = "info",
+        checkpoint_every: int = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
     ):
+        """``checkpoint_every``/``checkpoint_dir``: servers checkpoint their shards (at version 0,
+        every N versions, on request and on SIGTERM) to ``checkpoint_dir`` (default: a folder in
+        the log directory), so a restarted server restores its shard and the job rolls back to the
+        newest common checkpoint instead of failing. Off by default."""
         if servers < 1:
             raise ValueError(f"a cluster needs at least one server, got servers={servers}")
         self.num_servers, self.host = servers, host
@@ -65,6 +71,9 @@ class LocalCluster:
         self._args: dict[str, list[str]] = {}  # name -> its `python -m shardps` arguments, for restart
         self._ports: dict[str, int] = {}
         self.faults: Counter = Counter()  # "kill/server-1" -> times done
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
+                               else self.log_dir / "checkpoints" if checkpoint_every else None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,6 +92,9 @@ class LocalCluster:
                 name = f"server-{shard_id}"
                 args = ["server", "--coordinator", self.address, "--shard-id", str(shard_id),
                         "--step-timeout", str(self.step_timeout)]
+                if self.checkpoint_dir is not None:
+                    args += ["--checkpoint-dir", str(self.checkpoint_dir), "--checkpoint-every",
+                             str(self.checkpoint_every)]
                 self.server_addresses[shard_id] = f"{self.host}:{self._spawn(name, args)}"
             for shard_id, address in self.server_addresses.items():
                 self._wait_healthy(f"server-{shard_id}", address)

@@ -70,6 +70,10 @@ def cluster_status(address: str) -> dict:
                     bytes_in=s.bytes_in, wait_seconds=s.wait_seconds,
                     bytes_out=s.bytes_out, apply_seconds=s.apply_seconds, rejections=dict(s.rejections),
                     staleness=_staleness_summary(dict(s.staleness_counts)),
+                    rollbacks=s.rollbacks, steps_rolled_back=s.steps_rolled_back,
+                    checkpoints_written=s.checkpoints_written, checkpoint_failures=s.checkpoint_failures,
+                    last_checkpoint_version=s.last_checkpoint_version,
+                    restored_from_version=s.restored_from_version if s.restored else None,
                 )
                 for w, t in s.worker_last_push_unix.items():
                     last_seen[w] = max(t, last_seen.get(w, 0.0))
@@ -82,6 +86,9 @@ def cluster_status(address: str) -> dict:
         "left": list(st.left_worker_ids),
     }
     out["shards"] = shards
+    out["rollbacks"] = [{"shard_id": r.shard_id, "from_version": r.from_version, "to_version": r.to_version,
+                         "steps": r.from_version - r.to_version, "epoch": r.epoch, "unix_time": r.unix_time}
+                        for r in st.rollbacks]
     return out
 
 

@@ -89,6 +89,17 @@ class CoordinatorClient:
                     f"(view epoch {view.epoch} has {len(view.members)} workers); start more workers"
                 )
 
+    def wait_for_epoch(self, job_id: str, epoch: int, timeout: float) -> View:
+        """Block until the job's view has reached ``epoch``; returns the latest view."""
+        deadline, seen = time.monotonic() + timeout, epoch - 1
+        while True:
+            view = self.watch(job_id, seen, max(0.0, min(deadline - time.monotonic(), 10.0)))
+            if view.epoch >= epoch:
+                return view
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"membership epoch {epoch} did not appear within {timeout:.0f}s "
+                                  f"(latest is {view.epoch})")
+
     def view(self, job_id: str, epoch: int) -> View:
         req = pb.GetMembershipRequest(job_id=job_id, epoch=epoch)
         return view_from_pb(self._call("GetMembership", lambda: self._stub.GetMembership(req, timeout=self.timeout)).view)
@@ -111,6 +122,11 @@ class CoordinatorClient:
                                          samples_per_second=rate, global_batch=global_batch)
         reply = self._call("ReportThroughput", lambda: self._stub.ReportThroughput(req, timeout=self.timeout))
         return tuple(reply.batch_sizes)
+
+    def report_restore(self, job_id: str, shard_id: int, version: int, timeout: float = 120.0) -> pb.Rollback:
+        """A restarted shard restored ``version``; returns the rollback the coordinator carried out."""
+        req = pb.ReportRestoreRequest(job_id=job_id, shard_id=shard_id, version=version)
+        return self._retrying("ReportRestore", lambda: self._stub.ReportRestore(req, timeout=timeout), timeout).rollback
 
     def status(self) -> pb.GetJobStatusResponse:
         return self._call("GetJobStatus", lambda: self._stub.GetJobStatus(pb.GetJobStatusRequest(), timeout=self.timeout))

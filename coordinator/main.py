@@ -14,6 +14,7 @@ from ..proto.process import wait_for_stop_signal, write_port_file
 from ..proto.faults import create_server as new_grpc_server
 from ..proto.rpc import add_health
 from .service import CoordinatorServicer
+from .shards import ShardAdmin
 from .state import Coordinator
 
 log = logging.getLogger("shardps.coordinator")
@@ -36,7 +37,7 @@ class CoordinatorConfig:
 
 def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
     """Build (not start) the coordinator's gRPC server; returns (server, bound port, core)."""
-    coordinator = Coordinator(config.num_servers)
+    coordinator = Coordinator(config.num_servers, shards=ShardAdmin())
     server, _ = new_grpc_server(config.threads)
     pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
     add_health(server, ["shardps.v1.CoordinatorService"])

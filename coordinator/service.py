@@ -60,6 +60,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                                          request.samples_per_second, request.global_batch)
         return pb.ReportThroughputResponse(batch_sizes=sizes)
 
+    @translate_errors
+    def ReportRestore(self, request, context):
+        r = self.c.report_restore(request.job_id, request.shard_id, request.version)
+        return pb.ReportRestoreResponse(rollback=rollback_to_pb(r))
+
     def GetJobStatus(self, request, context):
         c = self.c
         with c.cond:
@@ -72,4 +77,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 num_servers=c.num_servers,
                 pending=[member_to_pb(m) for m in c.pending],
                 left_worker_ids=list(c.left),
+                rollbacks=[rollback_to_pb(r) for r in c.rollbacks],
             )
+
+
+def rollback_to_pb(r) -> pb.Rollback:
+    return pb.Rollback(shard_id=r.shard_id, from_version=r.from_version, to_version=r.to_version, epoch=r.epoch,
+                       unix_time=r.unix_time)

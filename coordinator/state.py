@@ -15,6 +15,7 @@ effect, which is the membership protocol's job, see docs/architecture.md).
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -34,11 +35,26 @@ class Registration:
     initializer: bool
 
 
+@dataclass(frozen=True)
+class RollbackRecord:
+    shard_id: int  # the restarted shard that caused it
+    from_version: int  # the highest version any shard had
+    to_version: int  # the version every shard has now
+    epoch: int  # the membership epoch that starts at to_version
+    unix_time: float
+
+    @property
+    def steps(self) -> int:
+        return self.from_version - self.to_version
+
+
 class Coordinator:
-    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN):
+    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None):
+        """``shards``: how to reach shard servers (``coordinator.shards.ShardAdmin``); needed for rollbacks."""
         if num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {num_servers}")
-        self.num_servers, self.align = num_servers, align
+        self.num_servers, self.align, self.shards = num_servers, align, shards
+        self.rollbacks: list[RollbackRecord] = []
         self.servers: dict[int, str] = {}  # shard_id -> address
         self.job: JobConfig | None = None
         self.job_id = ""
@@ -149,6 +165,37 @@ class Coordinator:
             if not 1 <= epoch <= len(self.views):
                 raise FailedPrecondition(f"membership epoch {epoch} does not exist (latest is {len(self.views)})")
             return self.views[epoch - 1]
+
+    # ------------------------------------------------------------------ recovery
+
+    def report_restore(self, job_id: str, shard_id: int, version: int) -> RollbackRecord:
+        """Shard ``shard_id`` restarted and restored its checkpoint of ``version``. Roll every shard
+        back to the newest version all of them have a checkpoint of, and start a new membership
+        epoch there (same members): workers whose pushes name the old epoch are told to pull and
+        go on from that step. Holds the coordinator's lock throughout, so nothing else changes
+        membership meanwhile."""
+        with self.cond:
+            self._check_job(job_id)
+            if self.shards is None:
+                raise FailedPrecondition("this coordinator cannot reach shard servers to roll them back")
+            listings = {sid: self.shards.checkpoints(address) for sid, address in sorted(self.servers.items())}
+            common = set.intersection(*(set(c.versions) for c in listings.values()))
+            if not common:
+                raise FailedPrecondition(
+                    "no checkpoint version is common to every shard: "
+                    + "; ".join(f"shard {sid} has {c.versions}" for sid, c in listings.items())
+                    + " (checkpoint every shard at the same versions: --checkpoint-every)"
+                )
+            target = max(common)
+            epoch = len(self.views) + 1
+            from_version = max(c.version for c in listings.values())
+            for address in (a for _, a in sorted(self.servers.items())):
+                self.shards.rollback(address, job_id, target, epoch)
+            members = self.latest().members
+            self._new_view(members, start_step=target)
+            record = RollbackRecord(shard_id, from_version, target, epoch, time.time())
+            self.rollbacks.append(record)
+            return record
 
     # ------------------------------------------------------------------ batch balancing
 

@@ -7,6 +7,8 @@ class, so a user sees the server's own message. ``code`` names a
 """
 from __future__ import annotations
 
+import re
+
 
 class ShardpsError(Exception):
     """Base class; ``code`` is the gRPC status it travels as."""
@@ -67,6 +69,23 @@ class WaitTimeout(ShardpsError):
 
     code = "DEADLINE_EXCEEDED"
     reason = "timeout"
+
+
+class RolledBack(FailedPrecondition):
+    """The job rolled back to an earlier step (a shard restarted from its checkpoint); the
+    push named an older epoch. The worker pulls and carries on from ``step`` in ``epoch``."""
+
+    reason = "rolled_back"
+    PATTERN = re.compile(r"rolled back to step (\d+) in epoch (\d+)")
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        found = self.PATTERN.search(message)
+        self.step, self.epoch = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+    @classmethod
+    def at(cls, step: int, epoch: int, detail: str = "") -> "RolledBack":
+        return cls(f"the job rolled back to step {step} in epoch {epoch}{detail}; pull and continue from there")
 
 
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout)}

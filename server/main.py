@@ -35,6 +35,9 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger messages are refused (RESOURCE_EXHAUSTED)
     register_wait: float = 60.0  # seconds to keep trying to reach the coordinator at start
     port_file: str = ""  # if set, the bound port is written here
+    checkpoint_dir: str = ""  # checkpoints go to <dir>/shard-<id>/; "" keeps none (a restart loses the shard)
+    checkpoint_every: int = 0  # also checkpoint every N versions (0: only at version 0, on request and on SIGTERM)
+    checkpoint_keep: int = 3  # newest checkpoints kept per shard
 
     def __post_init__(self):
         if ":" not in self.coordinator:
@@ -43,13 +46,18 @@ class ServerConfig:
             raise ValueError(f"threads must be >= 4, got {self.threads}")
         if self.chunk_bytes < 1 or self.chunk_bytes > self.max_message_bytes - 4096:
             raise ValueError("chunk_bytes must be positive and fit in max_message_bytes with room for headers")
+        if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
+            raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every needs --checkpoint-dir")
 
 
 def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple[grpc.Server, int, ShardNode]:
     """Build (not start) a shard server; returns (server, bound port, node). The node's shard
     id is config.shard_id until ``register`` sets the coordinator's answer."""
 
-    node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout)
+    node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout,
+                     config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
     server, _ = new_grpc_server(config.threads, config.max_message_bytes)
     servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait)
     add_to_server(servicer, server)
@@ -67,11 +75,37 @@ def register(config: ServerConfig, coordinator: CoordinatorClient, node: ShardNo
     log.info("shard %d of %d serving on %s", node.shard_id, num_servers, advertise)
 
 
+def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
+    """After a restart: restore the newest checkpoint of the coordinator's job, if there is one, and
+    have the coordinator roll every shard back to a version all of them have."""
+    job_id, _, _ = coordinator.job()
+    version = node.restore_latest(job_id)
+    if version is None:
+        return
+    rollback = coordinator.report_restore(job_id, node.shard_id, version)
+    log.warning("job rolled back from version %d to %d (epoch %d)", rollback.from_version, rollback.to_version,
+                rollback.epoch)
+
+
+def checkpoint_on_exit(node: ShardNode) -> None:
+    """SIGTERM: write the current version before going (``docker compose down``, ``kubectl delete``)."""
+    state = node.state
+    if node.checkpointer is None or state is None or state.awaiting_rollback:
+        return
+    try:
+        written = node.checkpointer.request(state, 0, timeout=60.0)
+        log.info("checkpoint at exit: version %d in %s", written.version, written.path)
+    except Exception as exc:  # a failed checkpoint must not keep the process from exiting
+        log.error("checkpoint at exit failed: %s", exc)
+
+
 def serve(config: ServerConfig) -> None:
     with CoordinatorClient(config.coordinator) as coordinator:
         server, port, node = create_server(config, coordinator)
         server.start()
         register(config, coordinator, node, port)
+        recover(coordinator, node)
         write_port_file(config.port_file, port)
         wait_for_stop_signal()
+        checkpoint_on_exit(node)
         server.stop(grace=2).wait(5)

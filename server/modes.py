@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..proto.errors import FailedPrecondition, FutureStep, StaleStep, UnknownWorker, WaitTimeout
+from ..proto.errors import FailedPrecondition, FutureStep, RolledBack, StaleStep, UnknownWorker, WaitTimeout
 from ..proto.messages import UpdateMode
 
 
@@ -86,6 +86,15 @@ class SyncPolicy:
         self._open: dict[int, _OpenStep] = {}  # step -> its pushes so far
         self.closed_lr: dict[int, float] = {}  # step -> lr it was applied with (the last CLOSED_LR_KEPT steps)
 
+    def reset(self) -> None:
+        """Forget open steps (a rollback): their buffers go back to the pool."""
+        for open_ in self._open.values():
+            for p in open_.pushes.values():
+                if p.release is not None:
+                    p.release()
+        self._open.clear()
+        self.closed_lr.clear()
+
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
         open_step, last = state.version, state.last_step.get(push.worker_id, -1)
@@ -123,9 +132,12 @@ class SyncPolicy:
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
             self._close_ready(state)
-        start = time.monotonic()
-        released = state.cond.wait_for(lambda: state.version > push.step - self.staleness, timeout=self.timeout)
+        start, generation = time.monotonic(), state.generation
+        released = state.cond.wait_for(lambda: state.version > push.step - self.staleness
+                                       or state.generation != generation, timeout=self.timeout)
         state.stats.wait_seconds += time.monotonic() - start
+        if state.generation != generation:  # rolled back while this push waited: it is void
+            raise RolledBack.at(state.rolled_back_to, state.min_epoch, f" while step {push.step} was open")
         if not released:
             waiting_for = self._open.get(state.version, _OpenStep(members, push.epoch, {}))
             missing = sorted(waiting_for.members - waiting_for.pushes.keys())
@@ -181,6 +193,9 @@ class AsyncPolicy:
     def __init__(self, staleness_lr: bool = False):
         self.staleness_lr = staleness_lr
 
+    def reset(self) -> None:
+        pass  # nothing is held between pushes
+
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         last = state.last_step.get(push.worker_id, -1)
         if push.step <= last:
@@ -189,10 +204,7 @@ class AsyncPolicy:
             raise UnknownWorker(
                 f"worker {push.worker_id} is not a member of epoch {push.epoch}; register with the coordinator"
             )
-        if push.step != last + 1:
-            raise FutureStep(
-                f"push for step {push.step} from the future: worker {push.worker_id}'s next step is {last + 1}"
-            )
+
         if push.base_version > state.version:
             raise FailedPrecondition(
                 f"base_version {push.base_version} is ahead of this shard's version {state.version}"

@@ -8,16 +8,21 @@ with a timeout. No gRPC here: the coordinator lookups are functions passed in.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..proto.errors import FailedPrecondition, WrongJob
 from ..proto.messages import JobConfig, ShardInfo, View
+from .checkpoint import Checkpointer, CheckpointStore
 from .state import ShardState
+
+log = logging.getLogger("shardps.server")
 
 FetchJob = Callable[[], tuple[str, JobConfig, list[ShardInfo]]]  # -> (job_id, job, plan)
 FetchView = Callable[[str, int], View]  # (job_id, epoch) -> view
@@ -76,9 +81,12 @@ class MembershipCache:
 
 
 class ShardNode:
-    def __init__(self, shard_id: int, fetch_job: FetchJob, fetch_view: FetchView, step_timeout: float = 300.0):
+    def __init__(self, shard_id: int, fetch_job: FetchJob, fetch_view: FetchView, step_timeout: float = 300.0,
+                 checkpoint_dir: str = "", checkpoint_every: int = 0, checkpoint_keep: int = 3):
         self.shard_id = shard_id
         self.step_timeout = step_timeout
+        self.checkpoint_dir, self.checkpoint_every, self.checkpoint_keep = checkpoint_dir, checkpoint_every, checkpoint_keep
+        self.checkpointer: Checkpointer | None = None
         self.membership = MembershipCache(fetch_view)
         self.buffers = BufferPool()
         self._fetch_job = fetch_job
@@ -102,10 +110,51 @@ class ShardNode:
             raise WrongJob(f"job {target.job_id!r} is not the coordinator's current job {job_id!r}")
         with self._cond:
             if self._state is None:
-                self._state = ShardState(mine[0].range, job, job_id, self.step_timeout)
-                self._cond.notify_all()
+                self._install(ShardState(mine[0].range, job, job_id, self.step_timeout))
             self.check(target)
             return self._state
+
+    def _install(self, state: ShardState) -> None:
+        """Make ``state`` this node's (under ``_cond``), checkpointing it if a directory is set."""
+        if self.checkpoint_dir:
+            if self.checkpointer is None:
+                self.checkpointer = Checkpointer(self.store(), self.checkpoint_every)
+            state.on_version = self.checkpointer.on_version
+        self._state = state
+        self._cond.notify_all()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def store(self) -> CheckpointStore:
+        if not self.checkpoint_dir:
+            raise FailedPrecondition(f"shard {self.shard_id} keeps no checkpoints; start it with --checkpoint-dir")
+        return CheckpointStore(Path(self.checkpoint_dir) / f"shard-{self.shard_id}", self.checkpoint_keep)
+
+    def restore_latest(self, job_id: str) -> int | None:
+        """At start-up: take the newest checkpoint of ``job_id`` (the coordinator's job) as this
+        shard's state, waiting for the coordinator to align the others. Returns its version."""
+        if not self.checkpoint_dir or not job_id:
+            return None
+        snap = self.store().latest(self.shard_id)
+        if snap is None:
+            return None
+        if snap.job_id != job_id:
+            log.warning("ignoring checkpoints of job %s: the coordinator runs job %s", snap.job_id, job_id)
+            return None
+        state = ShardState.from_snapshot(snap, self.step_timeout)
+        state.awaiting_rollback = True
+        with self._cond:
+            self._install(state)
+        log.warning("shard %d restored its checkpoint at version %d", self.shard_id, snap.version)
+        return snap.version
+
+    def rollback(self, job_id: str, version: int, epoch: int) -> int:
+        """Restore the checkpoint of ``version``; calls must name ``epoch`` or later. Returns the old version."""
+        state = self._state
+        if state is None or state.job_id != job_id:
+            raise WrongJob(f"shard {self.shard_id} holds no state of job {job_id!r}")
+        snap = self.store().load(version, self.shard_id)
+        return state.restore(snap, epoch)
 
     def require(self, target: Target, timeout: float) -> ShardState:
         """The state for ``target``, waiting up to ``timeout`` s for initialisation."""

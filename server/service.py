@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import InvalidArgument
+from ..proto.errors import FailedPrecondition, InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import mode_to_pb
 from ..proto.rpc import translate_errors
@@ -148,6 +148,8 @@ class ShardServicer:
     @translate_errors
     def Pull(self, request: pb.PullRequest, context):
         state = self.node.require(_target(request.target), self.wait_timeout)
+        with state.cond:
+            state.check_epoch(None)  # a restored shard hands out nothing until the job is aligned
         if not request.include_optimizer_state:
             # A PullResponse holding only field 2 has the bytes of a PushResponse holding only
             # field 2, so pulls share the frames cached for push replies.
@@ -162,6 +164,30 @@ class ShardServicer:
             for chunk in codec.views(tensor, self.chunk_bytes):
                 yield wire.Frame(pb.PullResponse(name="" if name == "param" else name), chunk)
             state.add_bytes(sent=tensor.numel() * tensor.element_size())
+
+    @translate_errors
+    def Checkpoint(self, request, context):
+        state = self.node.state
+        if state is None:
+            raise FailedPrecondition(f"shard {self.node.shard_id} has no job yet: nothing to checkpoint")
+        if self.node.checkpointer is None:
+            self.node.store()  # raises: no checkpoint directory
+        written = self.node.checkpointer.request(state, request.at_version, request.timeout_ms / 1000.0 or 60.0)
+        return pb.CheckpointResponse(version=written.version, path=str(written.path), bytes=written.bytes)
+
+    def ListCheckpoints(self, request, context):
+        state = self.node.state
+        versions = self.node.store().versions() if self.node.checkpoint_dir else []
+        if state is None:
+            return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, versions=versions)
+        with state.cond:
+            return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, job_id=state.job_id, versions=versions,
+                                              version=state.version, awaiting_rollback=state.awaiting_rollback)
+
+    @translate_errors
+    def Rollback(self, request, context):
+        before = self.node.rollback(request.job_id, request.version, request.epoch)
+        return pb.RollbackResponse(from_version=before, version=request.version)
 
     def GetShardStatus(self, request, context):
         state = self.node.state
@@ -192,7 +218,19 @@ class ShardServicer:
                 rejections=dict(s.rejections),
                 worker_last_push_unix=dict(s.last_push),
                 worker_last_step=dict(state.last_step),
+                rollbacks=s.rollbacks,
+                steps_rolled_back=s.steps_rolled_back,
+                restored=state.restored_from is not None,
+                restored_from_version=state.restored_from or 0,
+                **self._checkpoint_status(),
             )
+
+    def _checkpoint_status(self) -> dict:
+        c = self.node.checkpointer
+        if c is None:
+            return {"last_checkpoint_version": -1}
+        return {"checkpoints_written": c.written, "checkpoint_failures": c.failures,
+                "last_checkpoint_version": c.last.version if c.last else -1}
 
 
 def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
@@ -207,9 +245,10 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         "Pull": grpc.unary_stream_rpc_method_handler(
             servicer.Pull, request_deserializer=pb.PullRequest.FromString,
             response_serializer=_passthrough(wire.serializer(pb.PullResponse))),
-        "GetShardStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.GetShardStatus, request_deserializer=pb.GetShardStatusRequest.FromString,
-            response_serializer=pb.GetShardStatusResponse.SerializeToString),
+        **{name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=getattr(pb, name + "Request").FromString,
+            response_serializer=getattr(pb, name + "Response").SerializeToString)
+           for name in ("GetShardStatus", "Checkpoint", "ListCheckpoints", "Rollback")},
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

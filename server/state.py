@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 
 from ..proto import codec, optim
-from ..proto.errors import FailedPrecondition, InvalidArgument, ShardpsError
-from ..proto.messages import JobConfig
+from ..proto.errors import FailedPrecondition, InvalidArgument, RolledBack, ShardpsError, Unavailable
+from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
+from .checkpoint import Snapshot
 from .modes import Outcome, Push, make_policy
 
 
@@ -43,6 +44,8 @@ class ShardStats:
     last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
     staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
     rejections: Counter = field(default_factory=Counter)  # reason -> rejected calls
+    rollbacks: int = 0  # times this shard was rolled back to a checkpoint
+    steps_rolled_back: int = 0  # updates those rollbacks undid
 
     @property
     def pushes_rejected(self) -> int:
@@ -63,6 +66,23 @@ class ShardState:
         self.stats = ShardStats()
         self.cond = threading.Condition(threading.Lock())
         self._snapshot: tuple[int, list] | None = None  # (version, encoded slice) for replies
+        self.generation = 0  # bumped by every restore: pushes waiting across one are told to start over
+        self.min_epoch = 0  # pushes naming an earlier membership epoch were rolled back
+        self.rolled_back_to = 0  # the version of the last rollback
+        self.awaiting_rollback = False  # restored at start-up; the coordinator has not aligned the others yet
+        self.restored_from: int | None = None  # version restored at start-up
+        self.on_version: Callable[["ShardState"], None] | None = None  # called under the lock at each new version
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot, step_timeout: float = 300.0) -> "ShardState":
+        """A shard restored from a checkpoint (after a restart)."""
+        from ..proto.gen import shardps_pb2 as pb
+
+        job = job_from_pb(pb.JobSpec.FromString(snap.job_spec))
+        state = cls(ShardRange(snap.shard_id, snap.start, snap.stop), job, snap.job_id, step_timeout)
+        state.restore(snap)
+        state.restored_from = snap.version
+        return state
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -79,6 +99,8 @@ class ShardState:
             self.param.copy_(params)
             self.initialized = True
             self.cond.notify_all()
+            if self.on_version is not None:
+                self.on_version(self)  # version 0: the starting point a rollback can always reach
             return True
 
     def wait_initialized(self, timeout: float) -> None:
@@ -127,6 +149,7 @@ class ShardState:
             if not self.initialized:
                 self.stats.rejections["not_initialized"] += 1
                 raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
+            self.check_epoch(push.epoch)
             try:
                 duplicate = self.policy.check(self, push, members)
             except ShardpsError as exc:
@@ -153,6 +176,53 @@ class ShardState:
             self.param.grad = None
         self.version += 1
         self.stats.apply_seconds += time.perf_counter() - start
+        if self.on_version is not None:
+            self.on_version(self)
+
+    # ------------------------------------------------------------------ checkpoints and rollback
+
+    def check_epoch(self, epoch: int | None) -> None:
+        """Refuse calls that belong to a timeline this shard rolled away from (under the lock);
+        ``epoch`` None checks only that the shard's own state is current."""
+        if self.awaiting_rollback:
+            self.stats.rejections["awaiting_rollback"] += 1
+            raise Unavailable(f"shard {self.shard.shard_id} restarted from its checkpoint at version "
+                              f"{self.restored_from} and waits for the coordinator to align the other shards; retry")
+        if epoch is not None and epoch < self.min_epoch:
+            self.stats.rejections[RolledBack.reason] += 1
+            raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" (this call named epoch {epoch})")
+
+    def checkpoint_snapshot(self) -> Snapshot:
+        """Copies of everything a checkpoint holds, at the current version (call under the lock)."""
+        state = {k: (v.detach().clone() if torch.is_tensor(v) else torch.tensor(v))
+                 for k, v in self.optimizer.state.get(self.param, {}).items()}
+        return Snapshot(self.job_id, job_to_pb(self.job).SerializeToString(), self.shard.shard_id, self.shard.start,
+                        self.shard.stop, self.version, dict(self.last_step), self.param.detach().clone(), state)
+
+    def restore(self, snap: Snapshot, epoch: int = 0) -> int:
+        """Go back (or forward) to ``snap``; pushes waiting in a step are told the job rolled back.
+        With ``epoch``, later calls must name at least that membership epoch. Returns the old version."""
+        if (snap.shard_id, snap.start, snap.stop) != (self.shard.shard_id, self.shard.start, self.shard.stop):
+            raise FailedPrecondition(f"checkpoint of shard {snap.shard_id} [{snap.start}, {snap.stop}) does not fit "
+                                     f"shard {self.shard.shard_id} [{self.shard.start}, {self.shard.stop})")
+        with self.cond:
+            before = self.version
+            self.policy.reset()
+            self.param.copy_(snap.param)
+            self.optimizer = optim.build(self.job.optimizer, self.job.optimizer_kwargs, self.param)
+            if snap.optimizer_state:
+                group = self.optimizer.state_dict()["param_groups"]
+                self.optimizer.load_state_dict({"state": {0: dict(snap.optimizer_state)}, "param_groups": group})
+            self.version, self.last_step = snap.version, dict(snap.last_step)
+            self.initialized, self._snapshot = True, None
+            self.generation += 1
+            if epoch:
+                self.min_epoch, self.rolled_back_to = epoch, snap.version
+                self.awaiting_rollback = False
+                self.stats.rollbacks += 1
+                self.stats.steps_rolled_back += max(0, before - snap.version)
+            self.cond.notify_all()
+            return before
 
     def reject(self, reason: str) -> None:
         with self.cond:

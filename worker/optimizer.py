@@ -32,6 +32,7 @@ from ..proto.assemble import optimizer_state_dict
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
+from ..proto.errors import RolledBack
 from ..proto.retry import Retrier
 from .compress import TopK
 from .flat import FlatParams
@@ -132,6 +133,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.world_size = len(view.members)
         self.versions = self.pull()
         self.steps_taken = 0  # pushes this worker completed
+        self.rollbacks = 0  # times the job rolled back under this worker (a shard restarted)
         self.last_replies: list[PushReply] = []
         if overlap:
             self._overlap = OverlapPusher(self.flat, self.ps, self.step_timeout)
@@ -155,11 +157,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lr = float(self.param_groups[0]["lr"])
-        if self._overlap is not None:
-            replies = self._overlap.finish(int(batch_size), lr)
-        else:
-            header = self._header(int(batch_size), lr)
-            replies = self.ps.push_pull(self.flat.gather_grads(), self.flat.values, header, self.versions)
+        try:
+            if self._overlap is not None:
+                replies = self._overlap.finish(int(batch_size), lr)
+            else:
+                header = self._header(int(batch_size), lr)
+                replies = self.ps.push_pull(self.flat.gather_grads(), self.flat.values, header, self.versions)
+        except RolledBack as exc:
+            self._rejoin(exc)
+            return loss
         self.flat.scatter_params()
         self.versions = [r.version for r in replies]
         self.last_replies = replies
@@ -169,6 +175,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._overlap is not None:
             self._overlap.arm(self._header(0, 0.0), self.versions)
         return loss
+
+    def _rejoin(self, rollback: RolledBack) -> None:
+        """A shard restarted and the job rolled back to an earlier step: this step's gradient is
+        void. Wait for the rollback's membership epoch, pull the parameters of that step and go on
+        from it: ``steps_taken`` moves back, so a loop that picks its data by ``steps_taken``
+        replays exactly the steps that were undone."""
+        view = self.coordinator.wait_for_epoch(self.job_id, rollback.epoch, self.step_timeout)
+        self.epoch = view.epoch
+        self.rank = next(m.rank for m in view.members if m.worker_id == self.worker_id)
+        self.world_size = len(view.members)
+        self.pull()
+        self.steps_taken = view.start_step
+        self.rollbacks += 1
+        self.last_replies = []
+        if self._overlap is not None:
+            self._overlap.arm(self._header(0, 0.0), self.versions)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. For fp32 CPU models they are views into the push buffer and are

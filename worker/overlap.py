@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from ..proto.errors import WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from .flat import FlatParams
-from .ps_client import PSClient, PushReply
+from .ps_client import PSClient, PushReply, results
 
 
 class _Commit:
@@ -91,7 +91,7 @@ class OverlapPusher:
                 commit.set(pb.PushCommit(batch_size=batch_size, lr=lr))
             futures = [self._futures[k] for k in range(len(self.ps.shards))]
             self._reset()
-        return [f.result() for f in futures]
+        return results(futures)
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -10,7 +10,7 @@ most once and answers a repeat like the first try, so retrying is exactly-once.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -167,8 +167,7 @@ class PSClient:
             shard.close()
 
     def _fan_out(self, fn):
-        futures = [self._pool.submit(fn, shard) for shard in self.shards]
-        return [f.result() for f in futures]
+        return results([self._pool.submit(fn, shard) for shard in self.shards])
 
     @staticmethod
     def _slice(flat: torch.Tensor, shard: ShardChannel) -> torch.Tensor:
@@ -179,9 +178,8 @@ class PSClient:
 
     def push_pull(self, grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
                   base_versions: list[int]) -> list[PushReply]:
-        futures = [self.submit_push(s, grads, values, header, base_versions[s.info.range.shard_id])
-                   for s in self.shards]
-        return [f.result() for f in futures]
+        return results([self.submit_push(s, grads, values, header, base_versions[s.info.range.shard_id])
+                        for s in self.shards])
 
     def submit_push(self, shard: "ShardChannel", grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
                     base_version: int, commit: Callable[[], pb.PushCommit] | None = None):
@@ -207,3 +205,11 @@ class PSClient:
 
     def pull_state(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
         return self._fan_out(lambda s: s.pull_state(self.timeout))
+
+
+def results(futures: list[Future]) -> list:
+    """Every future's result, waiting for all of them before raising the first failure: a
+    caller that recovers from the error (pull and go on) must not race calls still writing
+    into its buffers."""
+    wait(futures)
+    return [f.result() for f in futures]

@@ -76,6 +76,11 @@ class CoordinatorServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputResponse.FromString,
                 _registered_method=True)
+        self.ReportRestore = channel.unary_unary(
+                '/shardps.v1.CoordinatorService/ReportRestore',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -141,6 +146,15 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportRestore(self, request, context):
+        """A shard server restored a checkpoint after a restart: roll every shard
+        back to the newest version all of them have a checkpoint of, start a new
+        membership epoch there, and answer when done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReportThroughput,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.ReportThroughputResponse.SerializeToString,
+            ),
+            'ReportRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRestore,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -413,6 +432,33 @@ class CoordinatorService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReportRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.CoordinatorService/ReportRestore',
+            shardps_dot_v1_dot_shardps__pb2.ReportRestoreRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.ReportRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ShardServiceStub:
     """---------------------------------------------------------------- shards
@@ -444,6 +490,21 @@ class ShardServiceStub:
                 '/shardps.v1.ShardService/GetShardStatus',
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.GetShardStatusRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.GetShardStatusResponse.FromString,
+                _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/shardps.v1.ShardService/Checkpoint',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/shardps.v1.ShardService/ListCheckpoints',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/shardps.v1.ShardService/Rollback',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.RollbackResponse.FromString,
                 _registered_method=True)
 
 
@@ -482,6 +543,29 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint of the slice once the shard reaches `at_version` (now,
+        if it is there already or past it) and answer when it is on disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The versions this shard has checkpoints of.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Restore the checkpoint of `version` and refuse pushes of epochs before
+        `epoch` (the coordinator's rollback after a shard restarted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -504,6 +588,21 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.GetShardStatus,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.GetShardStatusRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.GetShardStatusResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.CheckpointRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.RollbackRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.RollbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -616,6 +715,87 @@ class ShardService:
             '/shardps.v1.ShardService/GetShardStatus',
             shardps_dot_v1_dot_shardps__pb2.GetShardStatusRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.GetShardStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ShardService/Checkpoint',
+            shardps_dot_v1_dot_shardps__pb2.CheckpointRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ShardService/ListCheckpoints',
+            shardps_dot_v1_dot_shardps__pb2.ListCheckpointsRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ShardService/Rollback',
+            shardps_dot_v1_dot_shardps__pb2.RollbackRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

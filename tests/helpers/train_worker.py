@@ -49,7 +49,8 @@ def main():
     lo = sum(sizes[:opt.rank])
     hi = lo + sizes[opt.rank]
     losses, staleness = [], []
-    for step in range(a.steps):
+    while opt.steps_taken < a.steps:  # the shards number the steps (a rollback moves back)
+        step = opt.steps_taken
         x, y = global_batch(step, sum(sizes))
         loss = loss_fn(model, x[lo:hi], y[lo:hi])
         opt.zero_grad()
@@ -63,7 +64,8 @@ def main():
     opt.pull()
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"rank": opt.rank, "initial": initial, "final": final, "losses": losses, "staleness": staleness,
-                "versions": opt.versions, "optimizer_state": opt.state_dict(), "retries": opt.retry.stats.as_dict()},
+                "versions": opt.versions, "optimizer_state": opt.state_dict(), "retries": opt.retry.stats.as_dict(),
+                "rollbacks": opt.rollbacks},
                a.out)
     opt.close()
 

@@ -1,0 +1,39 @@
+"""The coordinator's calls to shard servers (control only, never tensors): list checkpoints, roll back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    versions: list[int]  # ascending
+    version: int  # the shard's live version
+
+
+class ShardAdmin:
+    """Blocking calls with deadlines; a fresh channel per call (rare, small)."""
+
+    def __init__(self, timeout: float = CONTROL_TIMEOUT_S):
+        self.timeout = timeout
+
+    def _call(self, address: str, what: str, fn):
+        with insecure_channel(address) as channel:
+            try:
+                return fn(pb_grpc.ShardServiceStub(channel))
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, f"{what} at shard server {address}") from None
+
+    def checkpoints(self, address: str) -> Checkpoints:
+        reply = self._call(address, "ListCheckpoints",
+                           lambda s: s.ListCheckpoints(pb.ListCheckpointsRequest(), timeout=self.timeout))
+        return Checkpoints(list(reply.versions), reply.version)
+
+    def rollback(self, address: str, job_id: str, version: int, epoch: int) -> int:
+        req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch)
+        return self._call(address, "Rollback", lambda s: s.Rollback(req, timeout=60.0)).from_version
