@@ -69,3 +69,9 @@ def _rule(msg: pb.FaultRule) -> FaultRule:
     rule = rule_from_pb(msg)
     rule.id, rule.injected = msg.id, msg.injected
     return rule
+
+
+def rule_dict(rule: FaultRule) -> dict:
+    """A rule as JSON-able data (for the CLI and reports)."""
+    return {k: getattr(rule, k) for k in ("id", "kind", "method", "worker_id", "probability", "delay_s", "status",
+                                          "after", "max_active", "max_count", "duration_s", "injected")}

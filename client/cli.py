@@ -278,6 +278,59 @@ def export(
     typer.echo(json.dumps(result))
 
 
+@app.command()
+def checkpoint(
+    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    timeout: float = typer.Option(120.0, help="Seconds to wait for every shard to reach the version and write."),
+):
+    """Checkpoint every shard at one common version (servers need --checkpoint-dir)."""
+    from .sdk import checkpoint_cluster
+
+    with _user_errors(cluster):
+        written = checkpoint_cluster(cluster, timeout)
+    typer.echo(json.dumps(written, indent=2))
+
+
+chaos_app = typer.Typer(no_args_is_help=True, help="Inject faults into a running cluster (experiments).")
+app.add_typer(chaos_app, name="chaos")
+
+
+@chaos_app.command("rpc")
+def chaos_rpc(
+    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    target: str = typer.Option("servers", help="coordinator, server-<k>, servers or all."),
+    kind: str = typer.Option("", help="delay, abort or drop (leave out with --clear or --list)."),
+    method: str = typer.Option("*", help="RPC name (Push, Pull, RegisterWorker, ...) or * for all."),
+    worker: int = typer.Option(-1, help="Only calls from this worker id (-1: any)."),
+    probability: float = typer.Option(1.0, help="Chance that a matching call is faulted."),
+    delay: float = typer.Option(0.0, "--delay", help="delay: seconds to hold each call."),
+    status: str = typer.Option("UNAVAILABLE", help="abort: the gRPC status code to fail with."),
+    after: bool = typer.Option(False, "--after", help="Run the call first, then lose its reply."),
+    max_active: int = typer.Option(0, help="At most this many calls faulted at once (0: no cap)."),
+    count: int = typer.Option(0, help="Stop after this many faults (0: no limit)."),
+    duration: float = typer.Option(0.0, "--for", help="Remove the rule after this many seconds (0: never)."),
+    clear: bool = typer.Option(False, "--clear", help="Remove every rule on the target first."),
+    list_: bool = typer.Option(False, "--list", help="Only show the active rules and fault counts."),
+):
+    """Delay, abort or drop RPCs on coordinator or servers, by method, worker and probability."""
+    from ..proto.faults import FaultRule
+    from . import chaos
+
+    with _user_errors(cluster):
+        if list_:
+            shown = chaos.get_rpc_faults(cluster, target)
+        else:
+            if not kind and not clear:
+                raise ValueError("give --kind delay|abort|drop, or --clear / --list")
+            rules = [FaultRule(kind=kind, method=method, worker_id=None if worker < 0 else worker,
+                               probability=probability, delay_s=delay, status=status, after=after,
+                               max_active=max_active, max_count=count, duration_s=duration)] if kind else []
+            shown = {name: {"rules": active} for name, active in chaos.set_rpc_faults(cluster, target, rules,
+                                                                                         clear).items()}
+    typer.echo(json.dumps({name: {**role, "rules": [chaos.rule_dict(r) for r in role["rules"]]}
+                           for name, role in shown.items()}, indent=2))
+
+
 def main() -> None:
     """The console script: click's own usage errors become one `error:` line too."""
     try:

@@ -16,7 +16,7 @@ import torch
 
 from ..coordinator.client import CoordinatorClient
 from ..proto.assemble import model_state_dict, optimizer_state_dict
-from ..proto.errors import FailedPrecondition
+from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
@@ -180,3 +180,33 @@ def train_single_process(workload: str, *, workers: int = 2, batch_size: int = 0
     model.eval()
     return {"steps": steps, "final_loss": losses[-1], "wall_s": time.perf_counter() - start,
             **wl.evaluate(model), "model": model}
+
+
+def checkpoint_cluster(address: str, timeout: float = 120.0) -> list[dict]:
+    """Checkpoint every shard at one common version, the highest any shard has reached (a shard
+    behind it writes when it gets there), and wait until all are on disk.
+
+    Returns one {"shard_id", "version", "path", "bytes"} per shard. Raises the shard's own error
+    (e.g. RESOURCE_EXHAUSTED: disk full; the previous checkpoint is intact).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = cluster_status(address)
+    if not st["job_id"]:
+        raise FailedPrecondition(f"the cluster at {address} has no job yet: nothing to checkpoint")
+    broken = [s for s in st["shards"] if "version" not in s]
+    if broken:
+        raise Unavailable(f"shard {broken[0]['shard_id']} does not answer: {broken[0].get('error', 'not registered')}")
+    version = max(s["version"] for s in st["shards"])
+
+    def one(shard):
+        request = pb.CheckpointRequest(at_version=version, timeout_ms=int(timeout * 1000))
+        with insecure_channel(shard["address"]) as channel:
+            try:
+                reply = pb_grpc.ShardServiceStub(channel).Checkpoint(request, timeout=timeout + 10)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, f"Checkpoint at shard {shard['shard_id']} ({shard['address']})") from None
+        return {"shard_id": shard["shard_id"], "version": reply.version, "path": reply.path, "bytes": reply.bytes}
+
+    with ThreadPoolExecutor(len(st["shards"])) as pool:
+        return list(pool.map(one, st["shards"]))
