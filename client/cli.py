@@ -84,6 +84,8 @@ def coordinator(
     num_servers: int = typer.Option(2, envvar="SHARDPS_NUM_SERVERS", help="Shard servers the parameters are cut across."),
     threads: int = typer.Option(32, envvar="SHARDPS_THREADS", help="gRPC handler threads."),
     port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
+    lease_seconds: float = typer.Option(10.0, envvar="SHARDPS_LEASE_SECONDS",
+                                        help="A worker silent this long is removed from the job's membership."),
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run the coordinator (job spec, shard plan, membership)."""
@@ -91,7 +93,8 @@ def coordinator(
 
     _setup_logging(log_level)
     try:
-        config = CoordinatorConfig(host, port, num_servers, threads, port_file)
+        config = CoordinatorConfig(host=host, port=port, num_servers=num_servers, threads=threads,
+                                   port_file=port_file, lease_seconds=lease_seconds)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)

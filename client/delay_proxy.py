@@ -68,7 +68,7 @@ class Proxy:
             if outgoing and self.delay_s > 0:
                 await asyncio.sleep(self.delay_s)  # the SYN leaves the host late
             up_reader, up_writer = await self.connect(dest)
-            await asyncio.gather(
+            await first_failure(
                 self.pump(reader, up_writer, delayed=outgoing),
                 self.pump(up_reader, writer, delayed=not outgoing),
             )
@@ -121,12 +121,21 @@ class Proxy:
                 writer.write(data)
                 await writer.drain()
 
-        reading = asyncio.ensure_future(read_side())
-        try:
-            await write_side()
-            await reading
-        finally:
-            reading.cancel()
+        await first_failure(read_side(), write_side())
+
+
+async def first_failure(*coros) -> None:
+    """Run ``coros`` concurrently until all finish or one raises; then cancel the rest and re-raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        errors = [t.exception() for t in done if not t.cancelled()]
+        for error in errors:
+            if error is not None:
+                raise error
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

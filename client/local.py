@@ -53,6 +53,7 @@ class LocalCluster:
         log_level: str = "info",
         checkpoint_every: int = 0,
         checkpoint_dir: str | os.PathLike | None = None,
+        lease_seconds: float = 10.0,
     ):
         """``checkpoint_every``/``checkpoint_dir``: servers checkpoint their shards (at version 0,
         every N versions, on request and on SIGTERM) to ``checkpoint_dir`` (default: a folder in
@@ -71,7 +72,7 @@ class LocalCluster:
         self._args: dict[str, list[str]] = {}  # name -> its `python -m shardps` arguments, for restart
         self._ports: dict[str, int] = {}
         self.faults: Counter = Counter()  # "kill/server-1" -> times done
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.lease_seconds = checkpoint_every, lease_seconds
         self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
                                else self.log_dir / "checkpoints" if checkpoint_every else None)
 
@@ -85,7 +86,8 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         try:
-            port = self._spawn("coordinator", ["coordinator", "--num-servers", str(self.num_servers)])
+            port = self._spawn("coordinator", ["coordinator", "--num-servers", str(self.num_servers),
+                                               "--lease-seconds", str(self.lease_seconds)])
             self.address = f"{self.host}:{port}"
             self._wait_healthy("coordinator", self.address)
             for shard_id in range(self.num_servers):

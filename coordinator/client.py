@@ -74,6 +74,17 @@ class CoordinatorClient:
         reply = self._call("WatchMembership", lambda: self._stub.WatchMembership(req, timeout=timeout + self.timeout))
         return view_from_pb(reply.view)
 
+    def first_view_with(self, job_id: str, worker_id: int, latest: View) -> View:
+        """The earliest view of the run of views up to ``latest`` that all contain ``worker_id``:
+        its start_step is the step this worker joined at (later views may have added others)."""
+        first = latest
+        for epoch in range(latest.epoch - 1, 0, -1):
+            view = self.view(job_id, epoch)
+            if worker_id not in view.worker_ids:
+                break
+            first = view
+        return first
+
     def wait_for_view(self, job_id: str, worker_id: int, timeout: float) -> View:
         """Block until a view containing ``worker_id`` exists; raise Unavailable after ``timeout`` s."""
         deadline, epoch = time.monotonic() + timeout, 0
@@ -122,6 +133,12 @@ class CoordinatorClient:
                                          samples_per_second=rate, global_batch=global_batch)
         reply = self._call("ReportThroughput", lambda: self._stub.ReportThroughput(req, timeout=self.timeout))
         return tuple(reply.batch_sizes)
+
+    def heartbeat(self, job_id: str, worker_id: int, step: int, counters: dict[str, int]) -> tuple[int, float]:
+        """Renew this worker's lease; returns (the job's newest epoch, lease seconds)."""
+        req = pb.HeartbeatRequest(job_id=job_id, worker_id=worker_id, step=step, counters=counters)
+        reply = self._call("Heartbeat", lambda: self._stub.Heartbeat(req, timeout=self.timeout))
+        return reply.epoch, reply.lease_ms / 1000.0
 
     def report_restore(self, job_id: str, shard_id: int, version: int, timeout: float = 120.0) -> pb.Rollback:
         """A restarted shard restored ``version``; returns the rollback the coordinator carried out."""

@@ -5,6 +5,7 @@ It serves CoordinatorService and grpc.health.v1 until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -26,18 +27,21 @@ class CoordinatorConfig:
     port: int = 7070  # 0 picks a free port (see port_file)
     num_servers: int = 2  # shard servers the flat parameter vector is cut across
     threads: int = 32  # gRPC handler threads (membership watches hold one each)
+    lease_seconds: float = 10.0  # a worker silent this long is removed from the membership
     port_file: str = ""  # if set, the bound port is written here
 
     def __post_init__(self):
         if self.num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
+        if self.lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be > 0, got {self.lease_seconds}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
 
 def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
     """Build (not start) the coordinator's gRPC server; returns (server, bound port, core)."""
-    coordinator = Coordinator(config.num_servers, shards=ShardAdmin())
+    coordinator = Coordinator(config.num_servers, shards=ShardAdmin(), lease_s=config.lease_seconds)
     server, _ = new_grpc_server(config.threads)
     pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
     add_health(server, ["shardps.v1.CoordinatorService"])
@@ -47,10 +51,25 @@ def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordina
     return server, port, coordinator
 
 
+def reconfigure_forever(coordinator: Coordinator, stop: threading.Event, every: float = 0.25) -> None:
+    """Expire leases and admit joiners a few times a second, until ``stop``."""
+    while not stop.wait(every):
+        try:
+            view = coordinator.reconfigure()
+            if view is not None:
+                log.warning("membership epoch %d from step %d: workers %s", view.epoch, view.start_step,
+                            sorted(view.worker_ids))
+        except Exception as exc:  # a shard may be down for a moment; try again
+            log.warning("membership change postponed: %s", exc)
+
+
 def serve(config: CoordinatorConfig) -> None:
-    server, port, _ = create_server(config)
+    server, port, coordinator = create_server(config)
     server.start()
+    stop = threading.Event()
+    threading.Thread(target=reconfigure_forever, args=(coordinator, stop), name="shardps-leases", daemon=True).start()
     write_port_file(config.port_file, port)
     log.info("coordinator serving on %s:%d for %d shard servers", config.host, port, config.num_servers)
     wait_for_stop_signal()
+    stop.set()
     server.stop(grace=2).wait(5)

@@ -1,6 +1,8 @@
 """CoordinatorService gRPC adapter: decode, call ``Coordinator``, encode."""
 from __future__ import annotations
 
+import time
+
 
 from ..proto.errors import InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
@@ -61,12 +63,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.ReportThroughputResponse(batch_sizes=sizes)
 
     @translate_errors
+    def Heartbeat(self, request, context):
+        epoch, lease = self.c.heartbeat(request.job_id, request.worker_id, request.step, dict(request.counters))
+        return pb.HeartbeatResponse(epoch=epoch, lease_ms=int(lease * 1000))
+
+    @translate_errors
     def ReportRestore(self, request, context):
         r = self.c.report_restore(request.job_id, request.shard_id, request.version)
         return pb.ReportRestoreResponse(rollback=rollback_to_pb(r))
 
     def GetJobStatus(self, request, context):
-        c = self.c
+        c, now = self.c, time.monotonic()
         with c.cond:
             return pb.GetJobStatusResponse(
                 job_id=c.job_id,
@@ -78,6 +85,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 pending=[member_to_pb(m) for m in c.pending],
                 left_worker_ids=list(c.left),
                 rollbacks=[rollback_to_pb(r) for r in c.rollbacks],
+                expired_worker_ids=list(c.expired),
+                heartbeat_age_s={w: now - t for w, t in c.last_seen.items()},
+                worker_counters={w: pb.WorkerCounters(step=step, counters=counters)
+                                 for w, (step, counters) in c.reports.items()},
+                waiting_for=c.waiting_for,
             )
 
 

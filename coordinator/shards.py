@@ -34,6 +34,13 @@ class ShardAdmin:
                            lambda s: s.ListCheckpoints(pb.ListCheckpointsRequest(), timeout=self.timeout))
         return Checkpoints(list(reply.versions), reply.version)
 
+    def set_membership(self, address: str, job_id: str, view, from_open_step: bool) -> tuple[bool, int]:
+        from ..proto.messages import view_to_pb
+
+        req = pb.SetMembershipRequest(job_id=job_id, view=view_to_pb(view), from_open_step=from_open_step)
+        reply = self._call(address, "SetMembership", lambda s: s.SetMembership(req, timeout=self.timeout))
+        return reply.accepted, reply.version
+
     def rollback(self, address: str, job_id: str, version: int, epoch: int) -> int:
         req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch)
         return self._call(address, "Rollback", lambda s: s.Rollback(req, timeout=60.0)).from_version

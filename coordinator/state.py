@@ -3,9 +3,12 @@
 The first worker to register defines the job; later workers must send the same
 spec. Training starts when ``min_workers`` workers have registered: that forms
 membership view 1 (epoch 1, ranks in registration order). In async mode a later
-worker joins at once with a new view; in sync mode the view is fixed once
-training starts (a change needs every shard to agree on the step it takes
-effect, which is the membership protocol's job, see docs/architecture.md).
+worker joins at once with a new view. Sync and SSP jobs change membership at a
+step boundary that every shard agrees on (``reconfigure``): workers hold leases
+renewed by heartbeats; a worker whose lease runs out is removed from the step
+its shards have open, and a new worker is added from a step a few steps ahead
+that no shard has closed yet (every shard must accept that step before the view
+is published; see docs/architecture.md).
 
     coord = Coordinator(num_servers=2)
     coord.register_server("127.0.0.1:7071", shard_id=-1)
@@ -49,12 +52,17 @@ class RollbackRecord:
 
 
 class Coordinator:
-    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None):
+    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None, lease_s: float = 10.0):
         """``shards``: how to reach shard servers (``coordinator.shards.ShardAdmin``); needed for rollbacks."""
         if num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {num_servers}")
         self.num_servers, self.align, self.shards = num_servers, align, shards
         self.rollbacks: list[RollbackRecord] = []
+        self.lease_s = lease_s
+        self.last_seen: dict[int, float] = {}  # worker_id -> monotonic time of its last sign of life
+        self.reports: dict[int, tuple[int, dict[str, int]]] = {}  # worker_id -> (step, fault counters)
+        self.expired: list[int] = []  # removed because their lease ran out
+        self.waiting_for = ""  # why the job cannot go on, when it cannot
         self.servers: dict[int, str] = {}  # shard_id -> address
         self.job: JobConfig | None = None
         self.job_id = ""
@@ -102,13 +110,9 @@ class Coordinator:
                 differences = self.job.differences(job)
                 if differences:
                     raise WrongJob("refused: " + "; ".join(differences))
-            if self.views and self.job.mode is UpdateMode.SYNC:
-                raise FailedPrecondition(
-                    f"the sync job is already training with {len(self.views[-1].members)} workers and its "
-                    "membership is fixed; start every worker before training (set min_workers to their number)"
-                )
             member = MemberInfo(self._next_worker_id, -1, name, device)
             self._next_worker_id += 1
+            self.last_seen[member.worker_id] = time.monotonic()
             self._admit(member)
             return Registration(self.job_id, member.worker_id, self.job, list(self.plan), initializer)
 
@@ -118,6 +122,9 @@ class Coordinator:
         self.plan = [ShardInfo(r, self.servers[r.shard_id]) for r in ranges]
 
     def _admit(self, member: MemberInfo) -> None:
+        if self.views and self.job.mode is not UpdateMode.ASYNC:
+            self.pending.append(member)  # joins at a step boundary: reconfigure()
+            return
         if self.views:  # async job already running: join now
             current = self.views[-1].members
             self._new_view((*current, MemberInfo(member.worker_id, len(current), member.name, member.device)))
@@ -143,6 +150,81 @@ class Coordinator:
             if self.views and self.job.mode is UpdateMode.ASYNC:
                 rest = [m for m in self.views[-1].members if m.worker_id != worker_id]
                 self._new_view(tuple(MemberInfo(m.worker_id, r, m.name, m.device) for r, m in enumerate(rest)))
+
+    # ------------------------------------------------------------------ leases and membership changes
+
+    def heartbeat(self, job_id: str, worker_id: int, step: int, counters: dict[str, int]) -> tuple[int, float]:
+        """Renew ``worker_id``'s lease; returns (newest epoch, lease seconds)."""
+        with self.cond:
+            self._check_job(job_id)
+            if worker_id in self.expired:
+                raise UnknownWorker(f"worker {worker_id}'s lease ran out and it was removed from the job; "
+                                    "register again to rejoin")
+            if worker_id >= self._next_worker_id:
+                raise UnknownWorker(f"worker {worker_id} never registered with this coordinator")
+            self.last_seen[worker_id] = time.monotonic()
+            self.reports[worker_id] = (step, dict(counters))
+            return self.latest().epoch, self.lease_s
+
+    def reconfigure(self) -> View | None:
+        """Apply due membership changes (called a few times a second): remove members whose lease ran
+        out, add workers that registered after training started. Returns the new view, if any."""
+        with self.cond:
+            if not self.views or self.job is None:
+                return None
+            now = time.monotonic()
+            current = self.latest().members
+            dead = [m for m in current if m.worker_id not in self.left
+                    and now - self.last_seen.get(m.worker_id, now) > self.lease_s]
+            alive = [m for m in current if m not in dead]
+            if self.job.mode is UpdateMode.ASYNC:
+                if dead:
+                    self.expired += [m.worker_id for m in dead]
+                    self._new_view(_ranked(alive))
+                return self.latest() if dead else None
+            if dead and len(alive) + len(self.pending) < self.job.min_workers:
+                self.waiting_for = (
+                    f"only {len(alive)} of min_workers {self.job.min_workers} workers are alive (the lease of "
+                    f"worker {', '.join(str(m.worker_id) for m in dead)} ran out); start another worker"
+                )
+                return None
+            self.waiting_for = ""
+            view = None
+            if dead:
+                self.expired += [m.worker_id for m in dead]
+                view = self._install(_ranked(alive), from_open_step=True)
+            if self.pending:
+                joiners, self.pending = self.pending, []
+                try:
+                    view = self._install(_ranked([*self.latest().members, *joiners]), from_open_step=False)
+                except Exception:
+                    self.pending = joiners + self.pending  # try again next time
+                    raise
+            return view
+
+    def _install(self, members: tuple[MemberInfo, ...], from_open_step: bool) -> View:
+        """Have every shard install the next view, then publish it (under the lock).
+
+        A removal takes effect at the lowest open step (shards that closed it already apply it
+        from their own open step: the dead worker's last step may be made up differently on
+        different shards, as with backup workers). A join must start at a step no shard has
+        closed, so that every shard waits for the new worker there: the coordinator proposes a
+        step a few ahead of the furthest shard and proposes again if any shard is already past it.
+        """
+        epoch = len(self.views) + 1
+        margin = 3 + self.job.staleness_bound
+        for _ in range(20):
+            versions = {sid: self.shards.checkpoints(a).version for sid, a in sorted(self.servers.items())}
+            start = min(versions.values()) if from_open_step else max(versions.values()) + margin
+            view = View(epoch, start, members)
+            answers = [self.shards.set_membership(a, self.job_id, view, from_open_step)
+                       for _, a in sorted(self.servers.items())]
+            if all(accepted for accepted, _ in answers):
+                self.views.append(view)
+                self.cond.notify_all()
+                return view
+            margin *= 2
+        raise Unavailable(f"could not agree on a step for membership epoch {epoch} with the shards; retrying")
 
     # ------------------------------------------------------------------ views
 
@@ -216,6 +298,11 @@ class Coordinator:
     def _check_job(self, job_id: str) -> None:
         if not self.job_id or job_id != self.job_id:
             raise WrongJob(f"job {job_id!r} is not this cluster's job {self.job_id!r}")
+
+
+def _ranked(members) -> tuple[MemberInfo, ...]:
+    """``members`` renumbered 0..n-1 in order."""
+    return tuple(MemberInfo(m.worker_id, r, m.name, m.device) for r, m in enumerate(members))
 
 
 class BatchSplitter:

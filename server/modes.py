@@ -31,6 +31,7 @@ class Push:
     grad: torch.Tensor
     release: Callable[[], None] | None = None  # give the grad's buffer back
     kept: bool = False  # set by a policy that holds on to grad past submit()
+    evicted: bool = False  # its worker left the step's membership while the push waited
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,21 @@ class SyncPolicy:
         self._open: dict[int, _OpenStep] = {}  # step -> its pushes so far
         self.closed_lr: dict[int, float] = {}  # step -> lr it was applied with (the last CLOSED_LR_KEPT steps)
 
+    def reconsider(self, state) -> None:
+        """The membership changed: every open step is made up of its new members; pushes of
+        workers that are no longer among them are let go (never applied)."""
+        for step, open_ in self._open.items():
+            members = state.members_for(step)
+            if not members:
+                continue
+            for w in [w for w in open_.pushes if w not in members]:
+                gone = open_.pushes.pop(w)
+                gone.evicted = True
+                if gone.release is not None:
+                    gone.release()
+            open_.members = members
+        self._close_ready(state)
+
     def reset(self) -> None:
         """Forget open steps (a rollback): their buffers go back to the pool."""
         for open_ in self._open.values():
@@ -107,17 +123,13 @@ class SyncPolicy:
             return True  # retried push: answered, never applied twice
         if push.worker_id not in members:
             raise UnknownWorker(
-                f"worker {push.worker_id} is not a member of epoch {push.epoch}; register with the coordinator"
+                f"worker {push.worker_id} is not a member of the view governing step {push.step} "
+                f"(members {sorted(members)}; the push names epoch {push.epoch}); register with the coordinator"
             )
         if push.step < open_step:
             if self.backup:
                 return False  # late: submit() drops it
             raise StaleStep(f"step {push.step} closed already (open step {open_step}); pull and continue")
-        open_ = self._open.get(push.step)
-        if open_ is not None and push.epoch != open_.epoch:
-            raise FailedPrecondition(
-                f"step {push.step} is collecting pushes of epoch {open_.epoch}, this one names epoch {push.epoch}"
-            )
         return False
 
     def submit(self, state, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
@@ -138,6 +150,9 @@ class SyncPolicy:
         state.stats.wait_seconds += time.monotonic() - start
         if state.generation != generation:  # rolled back while this push waited: it is void
             raise RolledBack.at(state.rolled_back_to, state.min_epoch, f" while step {push.step} was open")
+        if push.evicted:
+            raise UnknownWorker(f"worker {w} was removed from the membership (its lease ran out) while its push "
+                                f"for step {push.step} waited; register again to rejoin")
         if not released:
             waiting_for = self._open.get(state.version, _OpenStep(members, push.epoch, {}))
             missing = sorted(waiting_for.members - waiting_for.pushes.keys())
@@ -196,13 +211,17 @@ class AsyncPolicy:
     def reset(self) -> None:
         pass  # nothing is held between pushes
 
+    def reconsider(self, state) -> None:
+        pass  # nothing waits
+
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         last = state.last_step.get(push.worker_id, -1)
         if push.step <= last:
             return True  # retried push: answered with the current slice, never applied twice
         if push.worker_id not in members:
             raise UnknownWorker(
-                f"worker {push.worker_id} is not a member of epoch {push.epoch}; register with the coordinator"
+                f"worker {push.worker_id} is not a member of the view governing step {push.step} "
+                f"(members {sorted(members)}; the push names epoch {push.epoch}); register with the coordinator"
             )
 
         if push.base_version > state.version:

@@ -67,7 +67,7 @@ class MembershipCache:
         self._views: dict[tuple[str, int], View] = {}
         self._lock = threading.Lock()
 
-    def members(self, job_id: str, epoch: int) -> frozenset[int]:
+    def view(self, job_id: str, epoch: int) -> View:
         key = (job_id, epoch)
         with self._lock:
             view = self._views.get(key)
@@ -77,7 +77,7 @@ class MembershipCache:
                 raise FailedPrecondition(f"membership epoch {epoch} does not exist (latest is {view.epoch})")
             with self._lock:
                 self._views[key] = view
-        return view.worker_ids
+        return view
 
 
 class ShardNode:

@@ -14,9 +14,9 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument
+from ..proto.errors import FailedPrecondition, InvalidArgument, WaitTimeout, WrongJob
 from ..proto.gen import shardps_pb2 as pb
-from ..proto.messages import mode_to_pb
+from ..proto.messages import mode_to_pb, view_from_pb
 from ..proto.rpc import translate_errors
 from .modes import Push
 from .node import ShardNode, Target
@@ -63,7 +63,7 @@ class ShardServicer:
             raise InvalidArgument("Push's first message must carry the header")
         h = first.fields.header
         state = self.node.require(_target(h.target), self.wait_timeout)
-        members = self.node.membership.members(h.target.job_id, h.epoch)
+        members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
         commit = pb.PushCommit(batch_size=h.batch_size, lr=h.lr)
         grad = self._receive_grad(state, _chain(first, frames), commit)
         push = Push(h.worker_id, h.step, h.epoch, h.base_version, commit.batch_size, commit.lr, grad,
@@ -72,9 +72,22 @@ class ShardServicer:
         version, pieces = state.snapshot(self._encode_push)
         yield pb.PushResponse(result=pb.PushResult(
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
-            next_step=outcome.next_step, applied_lr=outcome.applied_lr))
+            next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch))
         yield from pieces
         state.add_bytes(sent=state.shard.numel * 4)
+
+    def _learn_views(self, state, job_id: str, epoch: int):
+        """Make sure the shard knows every view up to ``epoch`` (fetched once each from the
+        coordinator): which view governs a step depends on all of them. Returns view ``epoch``."""
+        view = None
+        for e in range(epoch, 0, -1):
+            if e in state.views and view is not None:
+                break
+            fetched = self.node.membership.view(job_id, e)
+            view = view or fetched
+            if e not in state.views:
+                state.learn_view(fetched, from_open_step=True)
+        return view
 
     def _encode_push(self, param: torch.Tensor) -> list[bytes]:
         return [self._push_frames(wire.Frame(None, c)) for c in codec.views(param, self.chunk_bytes)]
@@ -150,6 +163,9 @@ class ShardServicer:
         state = self.node.require(_target(request.target), self.wait_timeout)
         with state.cond:
             state.check_epoch(None)  # a restored shard hands out nothing until the job is aligned
+            if not state.cond.wait_for(lambda: state.version >= request.min_version, timeout=self.wait_timeout):
+                raise WaitTimeout(f"shard {self.node.shard_id} did not reach version {request.min_version} within "
+                                  f"{self.wait_timeout:.0f}s (it is at {state.version})")
         if not request.include_optimizer_state:
             # A PullResponse holding only field 2 has the bytes of a PushResponse holding only
             # field 2, so pulls share the frames cached for push replies.
@@ -183,6 +199,17 @@ class ShardServicer:
         with state.cond:
             return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, job_id=state.job_id, versions=versions,
                                               version=state.version, awaiting_rollback=state.awaiting_rollback)
+
+    @translate_errors
+    def SetMembership(self, request, context):
+        state = self.node.state
+        if state is None:  # no job yet: the view is fetched when the first push names it
+            return pb.SetMembershipResponse(accepted=True)
+        if request.job_id != state.job_id:
+            raise WrongJob(f"job {request.job_id!r} is not this shard's job {state.job_id!r}")
+        accepted = state.learn_view(view_from_pb(request.view), request.from_open_step)
+        with state.cond:
+            return pb.SetMembershipResponse(accepted=accepted, version=state.version)
 
     @translate_errors
     def Rollback(self, request, context):
@@ -248,7 +275,7 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         **{name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=getattr(pb, name + "Request").FromString,
             response_serializer=getattr(pb, name + "Response").SerializeToString)
-           for name in ("GetShardStatus", "Checkpoint", "ListCheckpoints", "Rollback")},
+           for name in ("GetShardStatus", "Checkpoint", "ListCheckpoints", "Rollback", "SetMembership")},
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

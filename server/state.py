@@ -72,6 +72,9 @@ class ShardState:
         self.awaiting_rollback = False  # restored at start-up; the coordinator has not aligned the others yet
         self.restored_from: int | None = None  # version restored at start-up
         self.on_version: Callable[["ShardState"], None] | None = None  # called under the lock at each new version
+        # Membership views this shard knows: epoch -> (first step it governs here, member ids). A
+        # step is made up of the members of the newest view that governs it.
+        self.views: dict[int, tuple[int, frozenset[int]]] = {}
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot, step_timeout: float = 300.0) -> "ShardState":
@@ -150,6 +153,8 @@ class ShardState:
                 self.stats.rejections["not_initialized"] += 1
                 raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
             self.check_epoch(push.epoch)
+            if self.views:  # the views this shard knows decide, not the caller (a view may have changed since)
+                members = self.members_for(push.step)
             try:
                 duplicate = self.policy.check(self, push, members)
             except ShardpsError as exc:
@@ -178,6 +183,36 @@ class ShardState:
         self.stats.apply_seconds += time.perf_counter() - start
         if self.on_version is not None:
             self.on_version(self)
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def latest_epoch(self) -> int:
+        return max(self.views, default=0)
+
+    def members_for(self, step: int) -> frozenset[int]:
+        """Member ids of the newest known view that governs ``step`` (under the lock)."""
+        best = max((e for e, (start, _) in self.views.items() if start <= step), default=None)
+        return self.views[best][1] if best is not None else frozenset()
+
+    def learn_view(self, view, from_open_step: bool = False) -> bool:
+        """Install ``view`` (a ``proto.messages.View``) for the steps from its start_step on.
+
+        Refused (False) when this shard already closed that step, since the step was then made
+        up of other members; with ``from_open_step`` it governs from the open step instead (a
+        dead worker's removal must unblock the step that waits for it). Open steps are made up
+        again with the new members; pushes of workers no longer in them are let go.
+        """
+        with self.cond:
+            start = view.start_step
+            if self.version > start:
+                if not from_open_step:
+                    return False
+                start = self.version
+            self.views[view.epoch] = (start, view.worker_ids)
+            self.policy.reconsider(self)
+            self.cond.notify_all()
+            return True
 
     # ------------------------------------------------------------------ checkpoints and rollback
 

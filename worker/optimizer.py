@@ -20,8 +20,10 @@ work: the worker's ``param_groups[0]["lr"]`` travels with every push.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import threading
 from typing import Any, Iterable
 
 import torch
@@ -32,7 +34,7 @@ from ..proto.assemble import optimizer_state_dict
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
-from ..proto.errors import RolledBack
+from ..proto.errors import RolledBack, UnknownWorker
 from ..proto.retry import Retrier
 from .compress import TopK
 from .flat import FlatParams
@@ -121,6 +123,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.coordinator = CoordinatorClient(cluster)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
+        self.rollbacks = 0  # times the job rolled back under this worker (a shard restarted)
+        self.last_replies: list[PushReply] = []
+        self._evicted = ""
+        self._view_changed = threading.Event()
+        self._heartbeat = _Heartbeat(self)  # the lease runs from registration on
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
@@ -128,13 +135,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id)
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)
-        self.epoch = view.epoch
-        self.rank = next(m.rank for m in view.members if m.worker_id == self.worker_id)
-        self.world_size = len(view.members)
-        self.versions = self.pull()
-        self.steps_taken = 0  # pushes this worker completed
-        self.rollbacks = 0  # times the job rolled back under this worker (a shard restarted)
-        self.last_replies: list[PushReply] = []
+        self._adopt(view)
+        # A worker joining a running sync job starts at the first step of the first view it is
+        # in, with the parameters after the step before it.
+        start = self.coordinator.first_view_with(self.job_id, self.worker_id, view).start_step
+        min_version = start if self.job.mode is not UpdateMode.ASYNC else 0
+        self.versions = self.ps.pull(self.flat.values, min_version)
+        self.flat.scatter_params()
+        self.steps_taken = start  # the step this worker pushes next
         if overlap:
             self._overlap = OverlapPusher(self.flat, self.ps, self.step_timeout)
             self._overlap.arm(self._header(0, 0.0), self.versions)
@@ -152,6 +160,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ``batch_size`` weighs this worker's gradient in the sync mean; pass the number
         of samples behind it (default 1: equal weights). Blocks until the shards reply.
         """
+        if self._evicted:
+            raise UnknownWorker(self._evicted)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -169,6 +179,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.flat.scatter_params()
         self.versions = [r.version for r in replies]
         self.last_replies = replies
+        if max(r.epoch for r in replies) > self.epoch or self._view_changed.is_set():
+            self._refresh_view()  # before the next step picks its data by rank
         # The shards say which step comes next: +1 normally; in sync mode with backup
         # workers a late worker whose push was dropped jumps to the open step.
         self.steps_taken = min(r.next_step for r in replies)
@@ -176,15 +188,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._overlap.arm(self._header(0, 0.0), self.versions)
         return loss
 
+    def _adopt(self, view) -> None:
+        if self.worker_id not in view.worker_ids:
+            self._evicted = (f"worker {self.worker_id} is not in the job's membership (epoch {view.epoch}): its "
+                             "lease ran out; register again (a new ShardedOptimizer) to rejoin")
+            raise UnknownWorker(self._evicted)
+        self.epoch = view.epoch
+        self.rank = next(m.rank for m in view.members if m.worker_id == self.worker_id)
+        self.world_size = len(view.members)
+
+    def _refresh_view(self) -> None:
+        """The membership changed: take this worker's new rank and the new world size."""
+        self._view_changed.clear()
+        self._adopt(self.coordinator.view(self.job_id, 0))
+
+    def counters(self) -> dict[str, int]:
+        """This worker's fault counters (also reported to the coordinator with every heartbeat)."""
+        stats = self.retry.stats.as_dict()
+        return {"retries": stats["retries"], "timeouts": stats["timeouts"], "gave_up": stats["gave_up"],
+                "rollbacks": self.rollbacks}
+
     def _rejoin(self, rollback: RolledBack) -> None:
         """A shard restarted and the job rolled back to an earlier step: this step's gradient is
         void. Wait for the rollback's membership epoch, pull the parameters of that step and go on
         from it: ``steps_taken`` moves back, so a loop that picks its data by ``steps_taken``
         replays exactly the steps that were undone."""
         view = self.coordinator.wait_for_epoch(self.job_id, rollback.epoch, self.step_timeout)
-        self.epoch = view.epoch
-        self.rank = next(m.rank for m in view.members if m.worker_id == self.worker_id)
-        self.world_size = len(view.members)
+        self._adopt(view)
         self.pull()
         self.steps_taken = view.start_step
         self.rollbacks += 1
@@ -231,6 +261,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         if self._overlap is not None:
             self._overlap.close()
+        self._heartbeat.stop()
         try:
             self.coordinator.leave(self.job_id, self.worker_id)
         finally:
@@ -244,3 +275,35 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def __exit__(self, *exc):
         self.close()
 
+
+
+class _Heartbeat:
+    """Renews the worker's lease every lease / 3 seconds on a daemon thread, reporting its step
+    and fault counters; notes a newer membership epoch and an eviction for the training thread."""
+
+    def __init__(self, opt: ShardedOptimizer):
+        self.opt, self._stop = opt, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shardps-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = 0.0  # the first heartbeat at once
+        while not self._stop.wait(interval):
+            opt = self.opt
+            try:
+                epoch, lease = opt.coordinator.heartbeat(opt.job_id, opt.worker_id,
+                                                           getattr(opt, "steps_taken", 0), opt.counters())
+            except UnknownWorker as exc:
+                opt._evicted = str(exc)
+                return
+            except Exception as exc:  # coordinator unreachable for a moment: the lease has slack
+                logging.getLogger("shardps.worker").warning("heartbeat failed: %s", exc)
+                interval = 0.5
+                continue
+            interval = max(0.05, lease / 3)
+            if epoch > getattr(opt, "epoch", epoch):
+                opt._view_changed.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -32,6 +32,7 @@ class PushReply:
     dropped: bool  # late for a closed step (backup workers); not applied
     next_step: int  # step number of this worker's next push
     applied_lr: float  # lr the shard applied (0 if it applied nothing for this push)
+    epoch: int = 0  # the newest membership epoch the shard knows
 
 
 class ShardChannel:
@@ -109,11 +110,11 @@ class ShardChannel:
 
         result = self.retry.call(self._what("Push"), attempt)
         return PushReply(result.version, result.staleness, result.duplicate, result.dropped, result.next_step,
-                         result.applied_lr)
+                         result.applied_lr, result.epoch)
 
-    def pull(self, out: torch.Tensor, timeout: float) -> int:
-        """Write the current slice into ``out``; return its version."""
-        request = pb.PullRequest(target=self.target)
+    def pull(self, out: torch.Tensor, timeout: float, min_version: int = 0) -> int:
+        """Write the current slice (once the shard reached ``min_version``) into ``out``; return its version."""
+        request = pb.PullRequest(target=self.target, min_version=min_version)
 
         def attempt():
             asm, version = codec.Assembler(out=out), 0
@@ -200,8 +201,8 @@ class PSClient:
 
         return self._pool.submit(task)
 
-    def pull(self, values: torch.Tensor) -> list[int]:
-        return self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout))
+    def pull(self, values: torch.Tensor, min_version: int = 0) -> list[int]:
+        return self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout, min_version))
 
     def pull_state(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
         return self._fan_out(lambda s: s.pull_state(self.timeout))

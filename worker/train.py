@@ -171,8 +171,7 @@ def train(config: TrainConfig) -> dict:
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
     precision = MixedPrecision(config.amp, device, opt)
     log = MetricsLog(config.metrics)
-    rank = opt.rank
-    if rank == 0:
+    if opt.rank == 0 and opt.steps_taken == 0:
         log.write({"kind": "start", "config": asdict(config), "world_size": opt.world_size, "steps": steps,
                    "batch_size": batch_size, "numel": opt.job.layout.numel, "time": time.time()})
     evaluation = {}
@@ -196,6 +195,7 @@ def train(config: TrainConfig) -> dict:
             opt.step(batch_size=len(x))
             precision.update()
             t2 = time.perf_counter()
+            rank = opt.rank  # may change between steps when the membership does
             log.write({"kind": "step", "step": step, "rank": rank, "worker_id": opt.worker_id, "loss": loss.item(),
                        "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
                        "samples_per_s": len(x) / (t2 - t0), "versions": opt.versions,
@@ -216,4 +216,4 @@ def train(config: TrainConfig) -> dict:
     finally:
         log.close()
         opt.close()
-    return {"rank": rank, "steps": steps, "final_loss": loss.item() if steps else None, **evaluation}
+    return {"rank": opt.rank, "steps": steps, "final_loss": loss.item() if steps else None, **evaluation}

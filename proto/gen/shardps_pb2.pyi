@@ -247,6 +247,33 @@ class LeaveJobResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "step", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: int
+    step: int
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("epoch", "lease_ms")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    lease_ms: int
+    def __init__(self, epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
 class GetJobStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -310,7 +337,21 @@ class ServerInfo(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class GetJobStatusResponse(_message.Message):
-    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids", "rollbacks")
+    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids", "rollbacks", "expired_worker_ids", "heartbeat_age_s", "worker_counters", "waiting_for")
+    class HeartbeatAgeSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class WorkerCountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: WorkerCounters
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[WorkerCounters, _Mapping]] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +361,10 @@ class GetJobStatusResponse(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     LEFT_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     job: JobSpec
     plan: ShardPlan
@@ -329,7 +374,44 @@ class GetJobStatusResponse(_message.Message):
     pending: _containers.RepeatedCompositeFieldContainer[Member]
     left_worker_ids: _containers.RepeatedScalarFieldContainer[int]
     rollbacks: _containers.RepeatedCompositeFieldContainer[Rollback]
-    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ...) -> None: ...
+    expired_worker_ids: _containers.RepeatedScalarFieldContainer[int]
+    heartbeat_age_s: _containers.ScalarMap[int, float]
+    worker_counters: _containers.MessageMap[int, WorkerCounters]
+    waiting_for: str
+    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ..., expired_worker_ids: _Optional[_Iterable[int]] = ..., heartbeat_age_s: _Optional[_Mapping[int, float]] = ..., worker_counters: _Optional[_Mapping[int, WorkerCounters]] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+
+class WorkerCounters(_message.Message):
+    __slots__ = ("step", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class SetMembershipRequest(_message.Message):
+    __slots__ = ("job_id", "view", "from_open_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    FROM_OPEN_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    view: MembershipView
+    from_open_step: bool
+    def __init__(self, job_id: _Optional[str] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., from_open_step: _Optional[bool] = ...) -> None: ...
+
+class SetMembershipResponse(_message.Message):
+    __slots__ = ("accepted", "version")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    version: int
+    def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("at_version", "timeout_ms")
@@ -456,20 +538,22 @@ class PushCommit(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushResult(_message.Message):
-    __slots__ = ("version", "staleness", "duplicate", "dropped", "next_step", "applied_lr")
+    __slots__ = ("version", "staleness", "duplicate", "dropped", "next_step", "applied_lr", "epoch")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LR_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     version: int
     staleness: int
     duplicate: bool
     dropped: bool
     next_step: int
     applied_lr: float
-    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[bool] = ..., next_step: _Optional[int] = ..., applied_lr: _Optional[float] = ...) -> None: ...
+    epoch: int
+    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[bool] = ..., next_step: _Optional[int] = ..., applied_lr: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("result", "params")
@@ -480,12 +564,14 @@ class PushResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[PushResult, _Mapping]] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("target", "include_optimizer_state")
+    __slots__ = ("target", "include_optimizer_state", "min_version")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     include_optimizer_state: bool
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ...) -> None: ...
+    min_version: int
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ..., min_version: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("version", "chunk", "name")

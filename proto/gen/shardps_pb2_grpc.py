@@ -66,6 +66,11 @@ class CoordinatorServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.LeaveJobRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.LeaveJobResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/shardps.v1.CoordinatorService/Heartbeat',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.GetJobStatus = channel.unary_unary(
                 '/shardps.v1.CoordinatorService/GetJobStatus',
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.GetJobStatusRequest.SerializeToString,
@@ -131,6 +136,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """A worker renews its lease (every lease / 3). A worker whose lease runs
+        out is removed from the membership at a step boundary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJobStatus(self, request, context):
         """Job, plan, servers and membership, for people and tools.
         """
@@ -187,6 +200,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.LeaveJob,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.LeaveJobRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.LeaveJobResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.HeartbeatRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.HeartbeatResponse.SerializeToString,
             ),
             'GetJobStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobStatus,
@@ -379,6 +397,33 @@ class CoordinatorService:
             _registered_method=True)
 
     @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.CoordinatorService/Heartbeat',
+            shardps_dot_v1_dot_shardps__pb2.HeartbeatRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetJobStatus(request,
             target,
             options=(),
@@ -506,6 +551,11 @@ class ShardServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.SetMembership = channel.unary_unary(
+                '/shardps.v1.ShardService/SetMembership',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer:
@@ -566,6 +616,16 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMembership(self, request, context):
+        """The coordinator installs a membership view on the shard. Refused
+        (accepted = false) when the shard already closed view.start_step, unless
+        `from_open_step`: then the view governs from the shard's open step on
+        (removing a dead worker must unblock a step that is already open).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -603,6 +663,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.RollbackRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.RollbackResponse.SerializeToString,
+            ),
+            'SetMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMembership,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -796,6 +861,33 @@ class ShardService:
             '/shardps.v1.ShardService/Rollback',
             shardps_dot_v1_dot_shardps__pb2.RollbackRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ShardService/SetMembership',
+            shardps_dot_v1_dot_shardps__pb2.SetMembershipRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.SetMembershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,17 +51,70 @@ def test_a_worker_with_a_different_spec_is_refused(other, words):
     assert len(c.pending) == 1  # nothing changed
 
 
-def test_sync_membership_is_fixed_once_training_starts_but_async_admits_joiners():
+class FakeShards:
+    """Shard servers as the coordinator sees them: versions, and SetMembership's accept rule."""
+
+    def __init__(self, versions, advance_on_refusal=0):
+        self.version = dict(versions)  # address -> version
+        self.installed = []  # (address, epoch, start, from_open_step, accepted)
+        self.refuse_first = advance_on_refusal
+
+    def checkpoints(self, address):
+        from shardps.coordinator.shards import Checkpoints
+
+        return Checkpoints([], self.version[address])
+
+    def set_membership(self, address, job_id, view, from_open_step):
+        if self.refuse_first and address.endswith("7100"):  # this shard raced ahead of the proposal
+            self.refuse_first -= 1
+            self.version[address] = view.start_step + 1
+        accepted = from_open_step or self.version[address] <= view.start_step
+        self.installed.append((address, view.epoch, view.start_step, from_open_step, accepted))
+        return accepted, self.version[address]
+
+
+def test_a_sync_joiner_waits_for_a_step_every_shard_accepts_and_async_joins_at_once():
     c = ready()
+    c.shards = FakeShards({"127.0.0.1:7100": 7, "127.0.0.1:7101": 8}, advance_on_refusal=1)
     c.register_worker(job(min_workers=1))
-    with pytest.raises(FailedPrecondition, match="min_workers"):
-        c.register_worker(job(min_workers=1))
+    c.register_worker(job(min_workers=1))
+    assert c.latest().epoch == 1 and len(c.pending) == 1  # not yet: at a step boundary
+    view = c.reconfigure()
+    # proposed 8 + 3 = 11; shard 0 was past it (12) and refused; proposed again further ahead
+    assert [(a[-4:], e, s, ok) for a, e, s, _, ok in c.shards.installed[:2]] == [("7100", 2, 11, False),
+                                                                                ("7101", 2, 11, True)]
+    assert view.epoch == 2 and view.start_step > 12 and [m.rank for m in view.members] == [0, 1]
+    assert c.latest() == view and not c.pending
     c = ready()
     reg = c.register_worker(job(mode="async", min_workers=1))
     c.register_worker(job(mode="async", min_workers=1))
     assert c.latest().epoch == 2 and len(c.latest().members) == 2
     c.leave(reg.job_id, reg.worker_id)
     assert c.latest().epoch == 3 and [m.rank for m in c.latest().members] == [0]
+
+
+def test_an_expired_lease_removes_the_worker_from_the_open_step_unless_too_few_would_be_left():
+    import time
+
+    c = ready()
+    c.shards = FakeShards({"127.0.0.1:7100": 5, "127.0.0.1:7101": 6})
+    c.lease_s = 0.2
+    a, b, d = (c.register_worker(job(min_workers=2)) for _ in range(3))
+    assert c.latest().epoch == 1 and len(c.latest().members) == 2 and len(c.pending) == 1
+    time.sleep(0.3)
+    c.heartbeat(a.job_id, a.worker_id, 5, {"retries": 2})
+    c.heartbeat(a.job_id, d.worker_id, 0, {})
+    view = c.reconfigure()  # b expired; d joins
+    assert c.expired == [b.worker_id]
+    removal, join = c.views[-2], c.views[-1]
+    assert removal.start_step == 5 and removal.worker_ids == {a.worker_id}  # from the lowest open step
+    assert join is view and view.worker_ids == {a.worker_id, d.worker_id} and view.start_step >= 6 + 3
+    with pytest.raises(Exception, match="lease ran out"):
+        c.heartbeat(a.job_id, b.worker_id, 0, {})
+    time.sleep(0.3)
+    c.heartbeat(a.job_id, a.worker_id, 9, {})
+    assert c.reconfigure() is None  # d expired too, but that would leave 1 < min_workers 2: wait, visibly
+    assert "only 1 of min_workers 2" in c.waiting_for and c.latest() is view
 
 
 def test_server_ids_are_assigned_and_reclaimed_by_restarted_servers():

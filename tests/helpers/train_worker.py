@@ -34,23 +34,24 @@ def main():
     ap.add_argument("--wire-dtype", default="float32")
     ap.add_argument("--step-timeout", type=float, default=330.0)
     ap.add_argument("--retry-timeout", type=float, default=600.0)
+    ap.add_argument("--min-workers", type=int, default=0, help="default: one per --sizes entry")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep every step (a slower worker)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     torch.set_num_threads(1)
     model = make_model(a.init_seed)
-    opt = ShardedOptimizer(model, cluster=a.cluster, optimizer=a.optimizer, mode=a.mode, min_workers=len(sizes),
+    opt = ShardedOptimizer(model, cluster=a.cluster, optimizer=a.optimizer, mode=a.mode, min_workers=a.min_workers or len(sizes),
                            staleness=a.staleness, wire_dtype=a.wire_dtype, connect_timeout=120,
                            step_timeout=a.step_timeout, retry_timeout=a.retry_timeout,
                            **json.loads(a.kwargs))
     sched = make_scheduler(opt, a.scheduler)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    lo = sum(sizes[:opt.rank])
-    hi = lo + sizes[opt.rank]
     losses, staleness = [], []
     while opt.steps_taken < a.steps:  # the shards number the steps (a rollback moves back)
         step = opt.steps_taken
+        lo = sum(sizes[:opt.rank])  # the rank can change when the membership does
+        hi = lo + sizes[opt.rank]
         x, y = global_batch(step, sum(sizes))
         loss = loss_fn(model, x[lo:hi], y[lo:hi])
         opt.zero_grad()

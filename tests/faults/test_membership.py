@@ -1,0 +1,71 @@
+"""Workers die and join while a sync job trains: leases expire, views change at step boundaries
+that every shard agrees on, and a replacement is used (real processes, SIGKILL)."""
+import json
+import time
+
+import pytest
+
+from shardps import LocalCluster
+from shardps.client.sdk import shard_status
+from shardps.coordinator.client import CoordinatorClient
+
+STEPS = 300
+
+
+def wait_until(predicate, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def view_with(coord, n):
+    view = coord.status().view
+    return view if len(view.members) == n else None
+
+
+def versions(cluster):
+    return [shard_status(a).version for a in cluster.server_addresses.values()]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_removed_when_its_lease_runs_out_and_a_replacement_joins_and_is_used(spawn_workers):
+    opts = dict(optimizer="adam", kwargs=json.dumps({"lr": 0.01}), sizes="16,16,16", steps=STEPS, sleep=0.05,
+                min_workers=2)
+    with LocalCluster(servers=2, lease_seconds=3.0) as cluster, CoordinatorClient(cluster.address) as coord:
+        first = spawn_workers(cluster, 3, **opts)  # training starts with 2; the third joins the running job
+        view = wait_until(lambda: view_with(coord, 3), what="3 members")
+        assert view.epoch == 2 and view.start_step > 0
+        wait_until(lambda: min(versions(cluster)) >= view.start_step + 5, what="training with 3")
+
+        victim = max(view.members, key=lambda m: m.worker_id)
+        pid = int(victim.name.rsplit(":", 1)[1])  # workers are named host:pid
+        proc = next(p for p, _ in first.procs if p.pid == pid)
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: victim.worker_id in coord.status().expired_worker_ids, timeout=60,
+                   what="the lease to run out")
+        st = coord.status()
+        assert victim.worker_id not in {m.worker_id for m in st.view.members} and len(st.view.members) == 2
+        removed = st.view
+        wait_until(lambda: min(versions(cluster)) >= removed.start_step + 5, what="the survivors to go on")
+
+        replacement = spawn_workers(cluster, 1, **opts)
+        joined = wait_until(lambda: view_with(coord, 3), timeout=60, what="the replacement to join")
+        newcomer = max(m.worker_id for m in joined.members)
+        assert newcomer > victim.worker_id and joined.epoch == removed.epoch + 1
+        assert joined.start_step > removed.start_step
+        for p, _ in first.procs:
+            if p is not proc:
+                assert p.wait(timeout=300) == 0
+        assert replacement.procs[0][0].wait(timeout=300) == 0
+        shards = [shard_status(a) for a in cluster.server_addresses.values()]
+        counters = dict(coord.status().worker_counters)
+    for s in shards:
+        assert s.version == STEPS  # every step closed exactly once
+        assert s.worker_last_step[newcomer] == STEPS - 1  # the replacement pushed every step to the end
+        assert s.worker_last_step[victim.worker_id] < removed.start_step + 1  # nothing after its removal
+    assert counters[newcomer].step == STEPS or counters[newcomer].step >= joined.start_step
