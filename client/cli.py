@@ -197,6 +197,11 @@ def run(
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = _TRAIN["eval_every"],
+    hosts: bool = typer.Option(False, "--hosts", help="Run every role in its own network namespace (root)."),
+    scenario: str = typer.Option("", "--scenario", envvar="SHARDPS_SCENARIO",
+                                 help="TOML file of faults to inject; writes report.md into the run directory."),
+    checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
+                                         help="Servers checkpoint every N steps (with --scenario: 10 by default)."),
     out: str = typer.Option("", "--out", envvar="SHARDPS_OUT", help="Run directory (default runs/<workload>-<time>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ):
@@ -208,7 +213,8 @@ def run(
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                            wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every, amp=amp,
-                           slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out)
+                           slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
+                           scenario=scenario, checkpoint_every=checkpoint_every)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)
         else:

@@ -9,6 +9,11 @@ collide. ``start`` returns once the coordinator and every server answer health
 checks and every server has registered. ``stop`` ends only the processes this
 object started (SIGTERM, then SIGKILL after a grace period), by PID.
 
+With ``hosts=True`` every role runs in its own Linux network namespace behind a
+bridge (``client/netns.py``), on its own private address, so the cluster crosses a
+real network and ``cluster.network`` can cut, slow or lossify each host's link;
+``worker_popen`` starts worker ``i`` on host ``worker-<i>``. Root only.
+
 Process faults, for experiments: ``kill(name)`` (SIGKILL), ``pause(name)``
 (SIGSTOP), ``resume(name)`` (SIGCONT) and ``restart(name)`` (same port, same
 arguments, so clients reconnect on their own), with names ``"coordinator"``,
@@ -54,6 +59,8 @@ class LocalCluster:
         checkpoint_every: int = 0,
         checkpoint_dir: str | os.PathLike | None = None,
         lease_seconds: float = 10.0,
+        hosts: bool = False,
+        worker_hosts: int = 0,
     ):
         """``checkpoint_every``/``checkpoint_dir``: servers checkpoint their shards (at version 0,
         every N versions, on request and on SIGTERM) to ``checkpoint_dir`` (default: a folder in
@@ -73,6 +80,13 @@ class LocalCluster:
         self._ports: dict[str, int] = {}
         self.faults: Counter = Counter()  # "kill/server-1" -> times done
         self.checkpoint_every, self.lease_seconds = checkpoint_every, lease_seconds
+        self.network = None
+        if hosts:
+            from .netns import Network
+
+            names = ["coordinator", *(f"server-{i}" for i in range(servers)),
+                     *(f"worker-{i}" for i in range(worker_hosts))]
+            self.network = Network(names, name="LocalCluster", driver=True)
         self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
                                else self.log_dir / "checkpoints" if checkpoint_every else None)
 
@@ -86,9 +100,11 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         try:
+            if self.network is not None:
+                self.network.start()
             port = self._spawn("coordinator", ["coordinator", "--num-servers", str(self.num_servers),
                                                "--lease-seconds", str(self.lease_seconds)])
-            self.address = f"{self.host}:{port}"
+            self.address = f"{self._host_of('coordinator')}:{port}"
             self._wait_healthy("coordinator", self.address)
             for shard_id in range(self.num_servers):
                 name = f"server-{shard_id}"
@@ -97,7 +113,7 @@ class LocalCluster:
                 if self.checkpoint_dir is not None:
                     args += ["--checkpoint-dir", str(self.checkpoint_dir), "--checkpoint-every",
                              str(self.checkpoint_every)]
-                self.server_addresses[shard_id] = f"{self.host}:{self._spawn(name, args)}"
+                self.server_addresses[shard_id] = f"{self._host_of(name)}:{self._spawn(name, args)}"
             for shard_id, address in self.server_addresses.items():
                 self._wait_healthy(f"server-{shard_id}", address)
             self._wait_registered()
@@ -111,11 +127,12 @@ class LocalCluster:
         port_file = self.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         self._args[name] = args
-        cmd = [sys.executable, "-m", "shardps", *args, "--host", self.host, "--port", str(port),
+        cmd = [sys.executable, "-m", "shardps", *args, "--host", self._host_of(name), "--port", str(port),
                "--port-file", str(port_file), "--log-level", self.log_level]
         env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
         log = open(self.log_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.procs[name] = self._popen(name, cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env)
         log.close()
         deadline = time.monotonic() + self.startup_timeout
         while not port_file.exists():
@@ -125,6 +142,19 @@ class LocalCluster:
             time.sleep(0.05)
         self._ports[name] = int(port_file.read_text())
         return self._ports[name]
+
+    def _host_of(self, name: str) -> str:
+        """The address ``name`` binds and is reached at."""
+        return self.network.address(name) if self.network is not None else self.host
+
+    def _popen(self, name: str, cmd: list[str], **kwargs) -> subprocess.Popen:
+        if self.network is not None:
+            return self.network.popen(name, cmd, **kwargs)
+        return subprocess.Popen(cmd, **kwargs)
+
+    def worker_popen(self, index: int, cmd: list[str], **kwargs) -> subprocess.Popen:
+        """Start a worker process: on host ``worker-<index>`` with ``hosts=True``, else here."""
+        return self._popen(f"worker-{index}", cmd, **kwargs)
 
     def _wait_healthy(self, name: str, address: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -172,6 +202,8 @@ class LocalCluster:
                 proc.kill()
                 proc.wait(timeout=10)
         self.procs.clear()
+        if self.network is not None:
+            self.network.close()
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -210,7 +242,7 @@ class LocalCluster:
             proc.kill()
             proc.wait(timeout=30)
         port = self._spawn(name, self._args[name], self._ports[name])
-        self._wait_healthy(name, f"{self.host}:{port}")
+        self._wait_healthy(name, f"{self._host_of(name)}:{port}")
         if name.startswith("server-"):
             self._wait_registered()
         self.faults[f"restart/{name}"] += 1

@@ -188,6 +188,7 @@ def _remove_network(octet: int) -> list[str]:
     """Delete every namespace named ``sps<octet>-*`` and the /24's blackhole route; return the names."""
     names = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
     mine = [n for n in names if n.startswith(f"{PREFIX}{octet}-")]
+    _ip("link", "del", f"{PREFIX}{octet}-dr", check=False)  # the driver link, with its routes
     for name in mine:
         _ip("netns", "del", name, check=False)
     _ip("route", "del", "blackhole", f"{SUBNET_PREFIX}.{octet}.0/24", check=False)
@@ -255,9 +256,12 @@ def _close_all() -> None:
 class Network:
     """Hosts in their own network namespaces, joined by a bridge; see the module docstring."""
 
-    def __init__(self, hosts: list[str], *, name: str = "", delay_backend: str = "auto"):
+    def __init__(self, hosts: list[str], *, name: str = "", delay_backend: str = "auto", driver: bool = False):
         """``hosts``: unique names ("coordinator", "server-0", ...); ``name``: a label for reports.
-        ``delay_backend``: "auto" (netem if the kernel has it, else the proxy), "netem" or "proxy"."""
+        ``delay_backend``: "auto" (netem if the kernel has it, else the proxy), "netem" or "proxy".
+        ``driver``: also link the root namespace into the bridge (address ``.1``, one /32 route per
+        host, so the /24's blackhole route still catches every other address), for a process that
+        drives the hosts (health checks, status, chaos) from outside them."""
         hosts = list(hosts)
         if not hosts:
             raise ValueError("a Network needs at least one host")
@@ -271,6 +275,7 @@ class Network:
         self.hosts = hosts
         self.octet: int | None = None
         self._delay_backend = delay_backend
+        self.driver = driver
         self._hosts: dict[str, _Host] = {}
         self._procs: list[subprocess.Popen] = []
         self._lock = threading.RLock()
@@ -320,6 +325,8 @@ class Network:
                 self._build_switch()
                 for index, host in enumerate(self.hosts):
                     self._build_host(host, index)
+                if self.driver:
+                    self._build_driver()
             except BaseException:
                 self.close()
                 raise
@@ -337,6 +344,23 @@ class Network:
         _ip("-n", sw, "link", "add", BRIDGE, "type", "bridge")
         _ip("-n", sw, "link", "set", BRIDGE, "addrgenmode", "none")
         _ip("-n", sw, "link", "set", BRIDGE, "up")
+
+    @property
+    def driver_address(self) -> str:
+        """The root namespace's address on the bridge (with ``driver=True``)."""
+        self._require_octet()
+        return f"{SUBNET_PREFIX}.{self.octet}.1"
+
+    def _build_driver(self) -> None:
+        link = f"{PREFIX}{self.octet}-dr"
+        _ip("link", "add", link, "type", "veth", "peer", "name", "dr", "netns", self.switch)
+        _ip("-n", self.switch, "link", "set", "dr", "addrgenmode", "none")
+        _ip("-n", self.switch, "link", "set", "dr", "master", BRIDGE, "up")
+        _ip("link", "set", link, "addrgenmode", "none")
+        _ip("addr", "add", f"{self.driver_address}/32", "dev", link)
+        _ip("link", "set", link, "up")
+        for h in self._hosts.values():  # /32s: more specific than the blackhole, which keeps the rest
+            _ip("route", "add", f"{h.address}/32", "dev", link, "src", self.driver_address)
 
     def _build_host(self, host: str, index: int) -> None:
         ns, peer = f"{PREFIX}{self.octet}-h{index}", f"h{index}"

@@ -9,6 +9,10 @@ from the shards, evaluates it on held-out data, and writes the run directory:
     training.png        loss and held-out metric over steps
     model.safetensors   the exported model (loads with model.load_state_dict)
     logs/               every process's log
+    report.json/.md     with --scenario: the fault timeline, counters and faults.png
+
+With ``hosts=True`` every process runs in its own network namespace (root only);
+with ``scenario`` a TOML file schedules faults (``client/scenario.py``).
 
 It stops everything it started, also on error or Ctrl-C.
 """
@@ -52,6 +56,10 @@ class RunConfig:
     eval_every: int = 50  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
     worker_threads: int = 1  # torch threads per worker
+    hosts: bool = False  # every role in its own network namespace (root only)
+    scenario: str = ""  # TOML file of faults to inject (see client/scenario.py)
+    checkpoint_every: int = 0  # servers checkpoint every N steps (0: only at the start and on request/stop)
+    lease_seconds: float = 10.0  # a worker silent this long leaves the membership
 
     def __post_init__(self):
         if self.servers < 1 or self.workers < 1:
@@ -62,6 +70,21 @@ class RunConfig:
             if not 0 <= index < self.workers or factor < 1:
                 raise ValueError(f"--slow-worker {index}:{factor}: index must be < --workers and factor >= 1")
         self.worker_config(0, "127.0.0.1:0", "")  # TrainConfig checks every training option
+        if self.scenario:
+            plan = self.load_scenario()
+            if plan.needs_hosts and not self.hosts:
+                raise ValueError(f"scenario {self.scenario} has network faults (partition/link): add --hosts")
+        if self.hosts:
+            from .netns import available
+
+            ok, reason = available()
+            if not ok:
+                raise ValueError(f"--hosts: {reason}")
+
+    def load_scenario(self):
+        from .scenario import load
+
+        return load(self.scenario, self.workers, self.servers)
 
     def worker_config(self, index: int, cluster: str, metrics: str):
         """worker-<index>'s TrainConfig: this run's training options plus its own."""
@@ -120,60 +143,189 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
     (out / "metrics.jsonl").unlink(missing_ok=True)
     logs = out / "logs"
     started = time.time()
-    with LocalCluster(servers=config.servers, log_dir=logs) as cluster:
-        procs = _start_workers(config, cluster.address, out, logs)
+    scenario = config.load_scenario() if config.scenario else None
+    checkpoint_every = config.checkpoint_every or (10 if scenario is not None else 0)
+    with LocalCluster(servers=config.servers, log_dir=logs, hosts=config.hosts, worker_hosts=config.workers,
+                      checkpoint_every=checkpoint_every, lease_seconds=config.lease_seconds) as cluster:
+        workers = WorkerSet(config, cluster, out, logs)
+        runner = None
+        if scenario is not None:
+            from .scenario import ScenarioRunner
+
+            runner = ScenarioRunner(scenario, _actions(cluster, workers))
         try:
-            tail = _watch(config, cluster, procs, logs, MetricsTail(out / "metrics.jsonl"), on_progress)
+            workers.start_all()
+            tail = _watch(config, cluster, workers, logs, MetricsTail(out / "metrics.jsonl"), on_progress, runner)
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            if runner is not None:
+                runner.finish(step=-1)
+            workers.stop_all()
         status = cluster_status(cluster.address)
         exported = export_model(cluster.address, out / "model.safetensors")
+        faults = _fault_counts(cluster, workers) if runner is not None else None
     wall = time.time() - started
     summary = _summarize(config, tail.records, status, exported, wall)
+    if runner is not None:
+        from .report import write_report
+
+        summary["report"] = write_report(out, scenario, runner.timeline, tail.records, status, faults, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(tail.records, summary, out / "training.png")
     summary["out"] = str(out)
     return summary
 
 
-def _start_workers(config: RunConfig, address: str, out: Path, logs: Path) -> list[subprocess.Popen]:
-    procs = []
-    # Flags carry the whole config; SHARDPS_* variables would only fight them.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDPS_")}
-    env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
-    for i in range(config.workers):
-        args = config.worker_config(i, address, str(out / "metrics.jsonl")).to_args()
-        log = open(logs / f"worker-{i}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, "-m", "shardps", "worker", *args], stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
+class WorkerSet:
+    """The run's worker processes, by name ("worker-0", ...); process faults act on them."""
+
+    def __init__(self, config: RunConfig, cluster: LocalCluster, out: Path, logs: Path):
+        self.config, self.cluster, self.out, self.logs = config, cluster, out, logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.down: set[str] = set()  # killed on purpose: their exit is not a failure
+        self.faults: dict[str, int] = {}
+        # Flags carry the whole config; SHARDPS_* variables would only fight them.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDPS_")}
+        self.env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+
+    def start(self, i: int) -> None:
+        name = f"worker-{i}"
+        args = self.config.worker_config(i, self.cluster.address, str(self.out / "metrics.jsonl")).to_args()
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = self.cluster.worker_popen(i, [sys.executable, "-m", "shardps", "worker", *args], stdout=log,
+                                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         log.close()
-    return procs
+        self.down.discard(name)
+
+    def start_all(self) -> None:
+        for i in range(self.config.workers):
+            self.start(i)
+
+    def signal(self, name: str, action: str) -> None:
+        import signal as sig
+
+        proc = self.procs[name]
+        if action == "kill":
+            self.down.add(name)
+            proc.send_signal(sig.SIGCONT)
+            proc.kill()
+            proc.wait(timeout=30)
+        elif action in ("pause", "resume"):
+            proc.send_signal(sig.SIGSTOP if action == "pause" else sig.SIGCONT)
+        else:  # restart: a fresh process, which joins the job as a new worker
+            if proc.poll() is None:
+                self.signal(name, "kill")
+            self.start(int(name.split("-")[1]))
+        self.faults[f"{action}/{name}"] = self.faults.get(f"{action}/{name}", 0) + 1
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
-def _watch(config, cluster: LocalCluster, procs, logs: Path, tail: MetricsTail, on_progress) -> MetricsTail:
+def _watch(config, cluster: LocalCluster, workers: WorkerSet, logs: Path, tail: MetricsTail, on_progress,
+           runner=None) -> MetricsTail:
     progress, rates = Progress(), []
     while True:
         for rec in tail.poll():
             _fold(progress, rec, rates)
-        codes = [p.poll() for p in procs]
-        for i, code in enumerate(codes):
+        running = {name: p.poll() for name, p in workers.procs.items() if name not in workers.down}
+        for name, code in running.items():
             if code not in (None, 0):
-                log = (logs / f"worker-{i}.log").read_text(errors="replace").strip().splitlines()
-                raise RunError(f"worker-{i} exited with code {code}: {log[-1] if log else ''} (see {logs}/worker-{i}.log)")
+                log = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                raise RunError(f"{name} exited with code {code}: {log[-1] if log else ''} (see {logs}/{name}.log)")
+        down = runner_down(cluster)
         for name, proc in cluster.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None and name not in down:
                 raise RunError(f"{name} died with code {proc.returncode} (see {logs}/{name}.log)")
-        if on_progress:
+        if on_progress or runner is not None:
             progress.versions = _shard_versions(cluster, progress.versions)
+        if runner is not None:
+            runner.tick(min(progress.versions) if progress.versions else 0)
+        if on_progress:
             on_progress(progress)
-        if all(c == 0 for c in codes):
+        if running and all(c == 0 for c in running.values()):
             for rec in tail.poll():
                 _fold(progress, rec, rates)
             return tail
-        time.sleep(0.5)
+        time.sleep(0.25 if runner is not None else 0.5)
+
+
+def runner_down(cluster: LocalCluster) -> set[str]:
+    """Cluster processes that a fault took down on purpose (killed and not restarted yet)."""
+    return {name for name, proc in cluster.procs.items()
+            if proc.poll() is not None and cluster.faults[f"kill/{name}"] > cluster.faults[f"restart/{name}"]}
+
+
+def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
+    """What each scenario action does in this run."""
+    from . import chaos
+    from ..proto.faults import FaultRule
+
+    def process(action):
+        def do(target, params):
+            if target.startswith("worker-"):
+                workers.signal(target, action)
+            else:
+                getattr(cluster, action)(target)
+            return ""
+        return do
+
+    def network(method):
+        def do(target, params):
+            net = cluster.network
+            if method == "partition":
+                net.partition(target)
+            elif method == "heal":
+                net.heal(target)
+            elif method == "unlink":
+                net.loss(target, 0)
+                net.delay(target, 0)
+                net.rate(target, 0)
+            else:
+                if "loss" in params:
+                    net.loss(target, float(params["loss"]))
+                if "delay_ms" in params:
+                    net.delay(target, float(params["delay_ms"]))
+                if "rate_kbit" in params:
+                    net.rate(target, int(params["rate_kbit"]))
+            return ""
+        return do
+
+    def rpc(target, params):
+        p = dict(params)
+        worker = p.pop("worker", None)
+        rule = FaultRule(worker_id=worker, **p)
+        active = chaos.set_rpc_faults(cluster.address, target, [rule])
+        return f"rule on {', '.join(active)}"
+
+    def unrpc(target, params):
+        chaos.clear_rpc_faults(cluster.address, target)
+        return ""
+
+    def checkpoint(target, params):
+        from .sdk import checkpoint_cluster
+
+        written = checkpoint_cluster(cluster.address, timeout=60)
+        return f"version {written[0]['version']}"
+
+    return {**{a: process(a) for a in ("kill", "pause", "resume", "restart")},
+            **{a: network(a) for a in ("partition", "heal", "link", "unlink")},
+            "rpc": rpc, "unrpc": unrpc, "checkpoint": checkpoint}
+
+
+def _fault_counts(cluster: LocalCluster, workers: WorkerSet) -> dict:
+    from . import chaos
+
+    injected = {}
+    try:
+        for role, faults in chaos.get_rpc_faults(cluster.address, "all").items():
+            injected[role] = faults["injected"]
+    except ShardpsError as exc:
+        injected["error"] = str(exc)
+    return {"process": {**dict(cluster.faults), **workers.faults}, "rpc_injected": injected,
+            "network": cluster.network.faults() if cluster.network is not None else {}}
 
 
 def _shard_versions(cluster: LocalCluster, last: list[int]) -> list[int]:

@@ -84,6 +84,10 @@ def cluster_status(address: str) -> dict:
                      "last_seen_unix": last_seen.get(m.worker_id)} for m in view.members],
         "pending": [{"worker_id": m.worker_id, "name": m.name} for m in st.pending],
         "left": list(st.left_worker_ids),
+        "expired": list(st.expired_worker_ids),
+        "waiting_for": st.waiting_for,
+        "heartbeat_age_s": {str(w): round(a, 3) for w, a in st.heartbeat_age_s.items()},
+        "worker_counters": {str(w): {"step": c.step, **dict(c.counters)} for w, c in st.worker_counters.items()},
     }
     out["shards"] = shards
     out["rollbacks"] = [{"shard_id": r.shard_id, "from_version": r.from_version, "to_version": r.to_version,

@@ -202,7 +202,7 @@ def train(config: TrainConfig) -> dict:
                        "staleness": [r.staleness for r in opt.last_replies],
                        "dropped": [r.dropped for r in opt.last_replies],
                        "applied_lr": [r.applied_lr for r in opt.last_replies], "overflow": overflow,
-                       "time": time.time()})
+                       "epoch": opt.epoch, **opt.counters(), "time": time.time()})
             last = opt.steps_taken >= steps
             if rank == 0 and (last or opt.steps_taken >= next_eval):
                 while next_eval <= opt.steps_taken:

@@ -1,0 +1,134 @@
+"""The report of a run with a fault scenario: what was injected when, and what it did.
+
+Writes into the run directory:
+
+    report.json   scenario, fault timeline, counters (per role), and per-step series
+    report.md     the same for people: timeline table, counters, the plot
+    faults.png    loss and samples/s over time, faults marked (lines; windows shaded)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+
+def _series(records: list[dict]) -> dict:
+    """Per-step loss (mean of workers), samples/s and cumulative worker counters, against time."""
+    steps = [r for r in records if r.get("kind") == "step"]
+    if not steps:
+        return {"t": [], "loss": [], "samples_per_s": []}
+    t0 = min(r["time"] - r["compute_s"] - r["push_pull_s"] for r in steps)
+    by_step: dict[tuple[int, int], list[dict]] = {}  # (epoch, step): a rollback replays steps in a new epoch
+    for r in steps:
+        by_step.setdefault((r.get("epoch", 0), r["step"]), []).append(r)
+    order = sorted(by_step, key=lambda s: max(r["time"] for r in by_step[s]))
+    return {
+        "t": [max(r["time"] for r in by_step[s]) - t0 for s in order],
+        "step": [s for _, s in order],
+        "loss": [sum(r["loss"] for r in by_step[s]) / len(by_step[s]) for s in order],
+        "samples_per_s": [sum(r["samples"] / max(1e-9, r["compute_s"] + r["push_pull_s"]) for r in by_step[s])
+                          for s in order],
+        "t0_unix": t0,
+    }
+
+
+def _worker_counters(records: list[dict]) -> dict:
+    """The last counters each worker process reported (retries, timeouts, rollbacks)."""
+    last: dict[int, dict] = {}
+    for r in records:
+        if r.get("kind") == "step" and "retries" in r:
+            last[r["worker_id"]] = {k: r[k] for k in ("retries", "timeouts", "gave_up", "rollbacks")}
+    return last
+
+
+def write_report(out: Path, scenario, timeline, records: list[dict], status: dict, faults: dict,
+                 summary: dict) -> dict:
+    series = _series(records)
+    workers = _worker_counters(records)
+    shards = status.get("shards", [])
+    counters = {
+        "retries": sum(w["retries"] for w in workers.values()),
+        "timeouts": sum(w["timeouts"] for w in workers.values()),
+        "rollbacks": len(status.get("rollbacks", [])),
+        "steps_rolled_back": sum(r["steps"] for r in status.get("rollbacks", [])),
+        "deduplicated_pushes": sum(s.get("duplicates", 0) for s in shards),
+        "dropped_pushes": sum(s.get("dropped", 0) for s in shards),
+        "rejected_pushes": sum(s.get("rejected", 0) for s in shards),
+        "lease_expiries": len(status.get("membership", {}).get("expired", [])),
+        "membership_epoch": status.get("membership", {}).get("epoch", 0),
+        "injected_rpc_faults": sum(n for role in faults.get("rpc_injected", {}).values() if isinstance(role, dict)
+                                   for n in role.values()),
+        "process_faults": faults.get("process", {}),
+        "checkpoints_written": sum(s.get("checkpoints_written", 0) for s in shards),
+    }
+    report = {
+        "scenario": scenario.name,
+        "faults": [f.describe() for f in scenario.faults],
+        "timeline": [asdict(e) for e in timeline],
+        "counters": counters,
+        "per_worker": workers,
+        "per_shard": [{k: s.get(k) for k in ("shard_id", "version", "duplicates", "dropped", "rejected", "rollbacks",
+                                             "steps_rolled_back", "checkpoints_written", "checkpoint_failures")}
+                      for s in shards],
+        "rollbacks": status.get("rollbacks", []),
+        "network": faults.get("network", {}),
+        "rpc_injected": faults.get("rpc_injected", {}),
+        "result": {"steps": summary["steps"], "held_out": summary["held_out"], "wall_s": summary["wall_s"]},
+        "series": series,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(series, timeline, scenario, out / "faults.png")
+    (out / "report.md").write_text(_markdown(report))
+    return {"path": str(out / "report.md"), "counters": counters}
+
+
+def _plot(series: dict, timeline, scenario, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ax.plot(series["t"], series["loss"], color="tab:blue")
+    ax.set_ylabel("train loss")
+    ax2.plot(series["t"], series["samples_per_s"], color="tab:green")
+    ax2.set_ylabel("samples/s")
+    ax2.set_xlabel("seconds since training started")
+    starts: dict[tuple, float] = {}
+    for e in timeline:
+        t = e.unix - series.get("t0_unix", e.unix)
+        color = "tab:red" if e.ok else "black"
+        if e.action in ("pause", "partition", "link", "rpc"):
+            starts[(e.action, e.target)] = t
+        undo = {"resume": "pause", "heal": "partition", "unlink": "link", "unrpc": "rpc"}.get(e.action)
+        if undo and (undo, e.target) in starts:
+            began = starts.pop((undo, e.target))
+            for a in (ax, ax2):
+                a.axvspan(began, t, color="tab:orange", alpha=0.2)
+        for a in (ax, ax2):
+            a.axvline(t, color=color, linestyle=":", linewidth=1)
+        ax.annotate(f"{e.action} {e.target}", (t, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                    fontsize=7, va="top", ha="right")
+    ax.set_title(f"scenario: {scenario.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# Fault report: {r['scenario']}", "", "## Scenario", ""]
+    lines += [f"- {f}" for f in r["faults"]]
+    lines += ["", "## Timeline", "", "| time (s) | step | action | target | outcome |", "|---|---|---|---|---|"]
+    for e in r["timeline"]:
+        lines.append(f"| {e['time_s']:.1f} | {e['step']} | {e['action']} | {e['target']} | "
+                     f"{'ok' if e['ok'] else 'FAILED: ' + e['error']} |")
+    lines += ["", "## What the system counted", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in r["counters"].items()]
+    for rb in r["rollbacks"]:
+        lines.append(f"- rollback: shard {rb['shard_id']} restarted; every shard went back from version "
+                     f"{rb['from_version']} to {rb['to_version']} ({rb['steps']} steps replayed), epoch {rb['epoch']}")
+    res = r["result"]
+    lines += ["", "## Result", "", f"- steps: {res['steps']}, wall: {res['wall_s']:.1f} s",
+              f"- held-out: {json.dumps(res['held_out'])}", "", "![faults](faults.png)", ""]
+    return "\n".join(lines)

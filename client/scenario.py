@@ -1,0 +1,219 @@
+"""Fault scenarios: a TOML file that schedules faults by time or by step, and the runner that fires them.
+
+    name = "a server crash and a slow link"
+
+    [[fault]]                      # one-shot, by step
+    at_step = 40
+    action = "kill"
+    target = "server-1"
+
+    [[fault]]
+    at_step = 45
+    action = "restart"
+    target = "server-1"
+
+    [[fault]]                      # a window, by time since training started: applied, then undone
+    from_s = 20
+    to_s = 35
+    action = "link"
+    target = "worker-0"
+    delay_ms = 100
+    loss = 5
+
+    [[fault]]                      # a window that starts at a step and lasts 10 seconds
+    at_step = 80
+    for_s = 10
+    action = "partition"
+    target = "server-1"
+
+Actions and what undoes them at the end of a window:
+
+| action | target | parameters | undone by |
+|---|---|---|---|
+| kill | coordinator, server-k, worker-i | | (restart it with another fault) |
+| pause | same | | resume |
+| resume | same | | |
+| restart | same | | |
+| partition | a host (needs ``--hosts``) | | heal |
+| link | a host (needs ``--hosts``) | delay_ms, loss (%), rate_kbit | all three back to 0 |
+| rpc | coordinator, server-k, servers, all | kind, method, status, probability, after, worker, delay_s | rules cleared |
+| checkpoint | cluster | | |
+
+Everything the runner does is recorded in its timeline (time, step, action, target, outcome),
+which ``shardps run --scenario`` writes into the run's report.
+"""
+from __future__ import annotations
+
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PROCESS_ACTIONS = ("kill", "pause", "resume", "restart")
+NETWORK_ACTIONS = ("partition", "heal", "link")
+ACTIONS = (*PROCESS_ACTIONS, *NETWORK_ACTIONS, "rpc", "checkpoint")
+WINDOWED = ("pause", "partition", "link", "rpc")
+_TIMES = ("at_step", "at_s", "from_step", "to_step", "from_s", "to_s", "for_s")
+_PARAMS = {"link": ("delay_ms", "loss", "rate_kbit"),
+           "rpc": ("kind", "method", "status", "probability", "after", "worker", "delay_s", "max_active")}
+
+
+class ScenarioError(ValueError):
+    """The scenario file is wrong; the message names the fault and the fix."""
+
+
+@dataclass
+class Fault:
+    action: str
+    target: str
+    start: float  # step or seconds, see by_step
+    end: float | None  # end of the window (None: one-shot)
+    by_step: bool
+    duration_s: float | None = None  # a window that lasts this long once applied (at_step/at_s + for_s)
+    params: dict = field(default_factory=dict)
+    applied: bool = False
+    undone: bool = False
+    applied_at: float = 0.0  # monotonic
+
+    def describe(self) -> str:
+        unit = "step" if self.by_step else "s"
+        when = f"{unit} {self.start:g}" + (f"-{self.end:g}" if self.end is not None else "")
+        when += f" for {self.duration_s:g} s" if self.duration_s is not None else ""
+        extra = " ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{when}: {self.action} {self.target}" + (f" {extra}" if extra else "")
+
+
+@dataclass
+class Scenario:
+    name: str
+    faults: list[Fault]
+
+    @property
+    def needs_hosts(self) -> bool:
+        return any(f.action in NETWORK_ACTIONS for f in self.faults)
+
+
+def load(path: str | Path, workers: int, servers: int) -> Scenario:
+    """Parse and check a scenario file against a cluster of ``servers`` and ``workers``."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"scenario {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"name", "fault"}
+    if unknown:
+        raise ScenarioError(f"scenario {path}: unknown top-level keys {sorted(unknown)}; use name and [[fault]]")
+    processes = ["coordinator", *(f"server-{i}" for i in range(servers)), *(f"worker-{i}" for i in range(workers))]
+    faults = [_fault(entry, i, path, processes) for i, entry in enumerate(data.get("fault", []))]
+    if not faults:
+        raise ScenarioError(f"scenario {path} has no [[fault]] entries")
+    return Scenario(str(data.get("name", path.stem)), faults)
+
+
+def _fault(entry: dict, index: int, path: Path, processes: list[str]) -> Fault:
+    where = f"scenario {path}, fault #{index + 1}"
+    action = entry.get("action")
+    if action not in ACTIONS:
+        raise ScenarioError(f"{where}: action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    target = str(entry.get("target", "cluster" if action == "checkpoint" else ""))
+    allowed = {"action", "target", *_TIMES, *_PARAMS.get(action, ())}
+    extra = set(entry) - allowed
+    if extra:
+        raise ScenarioError(f"{where}: {action} does not take {sorted(extra)}; it takes {sorted(allowed)}")
+    valid_targets = {
+        **{a: processes for a in PROCESS_ACTIONS},
+        **{a: processes for a in NETWORK_ACTIONS},
+        "rpc": ["coordinator", "servers", "all", *(p for p in processes if p.startswith("server-"))],
+        "checkpoint": ["cluster"],
+    }[action]
+    if target not in valid_targets:
+        raise ScenarioError(f"{where}: target {target!r} is not one of {', '.join(valid_targets)}")
+    times = {k: entry[k] for k in _TIMES if k in entry}
+    duration = times.pop("for_s", None)
+    shapes = [("at_step",), ("at_s",), ("from_step", "to_step"), ("from_s", "to_s")]
+    shape = next((s for s in shapes if set(times) == set(s)), None)
+    if shape is None or (duration is not None and len(shape) == 2):
+        raise ScenarioError(f"{where}: say when with at_step or at_s (optionally with for_s), from_step + "
+                            f"to_step, or from_s + to_s (got {sorted(entry.keys() & set(_TIMES)) or 'nothing'})")
+    if (len(shape) == 2 or duration is not None) and action not in WINDOWED:
+        raise ScenarioError(f"{where}: {action} happens at one moment; use at_step or at_s without for_s")
+    if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
+        raise ScenarioError(f"{where}: for_s must be a number of seconds > 0")
+    values = [times[k] for k in shape]
+    if any(not isinstance(v, (int, float)) or v < 0 for v in values) or (len(values) == 2 and values[1] <= values[0]):
+        raise ScenarioError(f"{where}: times must be numbers >= 0 and a window must end after it starts")
+    params = {k: entry[k] for k in _PARAMS.get(action, ()) if k in entry}
+    if action == "link" and not params:
+        raise ScenarioError(f"{where}: link needs delay_ms, loss and/or rate_kbit")
+    if action == "rpc" and "kind" not in params:
+        raise ScenarioError(f"{where}: rpc needs kind = \"delay\", \"abort\" or \"drop\"")
+    return Fault(action, target, float(values[0]), float(values[1]) if len(values) == 2 else None,
+                 shape[0].endswith("step"), params=params,
+                 duration_s=float(duration) if duration is not None else None)
+
+
+@dataclass
+class Event:
+    time_s: float  # since training started
+    step: int
+    action: str
+    target: str
+    detail: str
+    unix: float = 0.0
+    ok: bool = True
+    error: str = ""
+
+
+class ScenarioRunner:
+    """Fires a scenario's faults as training reaches their step or time; records a timeline.
+
+    ``actions`` maps an action name to a callable(target, params) that does it (the run
+    supplies process, network, RPC and checkpoint actions); ``tick`` is called a few times
+    a second with the job's current step.
+    """
+
+    def __init__(self, scenario: Scenario, actions: dict[str, Callable[[str, dict], str]]):
+        self.scenario, self.actions = scenario, actions
+        self.timeline: list[Event] = []
+        self.started: float | None = None
+
+    def tick(self, step: int) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        elapsed = now - self.started
+        for fault in self.scenario.faults:
+            position = step if fault.by_step else elapsed
+            if not fault.applied and position >= fault.start:
+                fault.applied, fault.applied_at = True, time.monotonic()
+                self._do(fault.action, fault, step, elapsed)
+            due = (fault.end is not None and position >= fault.end) or (
+                fault.duration_s is not None and time.monotonic() - fault.applied_at >= fault.duration_s)
+            if fault.applied and not fault.undone and due and (fault.end is not None or fault.duration_s is not None):
+                fault.undone = True
+                self._do(_UNDO[fault.action], fault, step, elapsed)
+
+    def finish(self, step: int) -> None:
+        """Undo windows still open when training ended (so teardown finds a sane cluster)."""
+        elapsed = time.monotonic() - (self.started or time.monotonic())
+        for fault in self.scenario.faults:
+            windowed = fault.end is not None or fault.duration_s is not None
+            if windowed and fault.applied and not fault.undone:
+                fault.undone = True
+                self._do(_UNDO[fault.action], fault, step, elapsed)
+
+    def _do(self, action: str, fault: Fault, step: int, elapsed: float) -> None:
+        event = Event(round(elapsed, 3), step, action, fault.target, fault.describe(), time.time())
+        try:
+            detail = self.actions[action](fault.target, fault.params)
+            if detail:
+                event.detail += f" ({detail})"
+        except Exception as exc:  # an action that fails is part of the experiment's record
+            event.ok, event.error = False, str(exc).splitlines()[0]
+        self.timeline.append(event)
+
+
+_UNDO = {"pause": "resume", "partition": "heal", "link": "unlink", "rpc": "unrpc"}

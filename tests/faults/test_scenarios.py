@@ -1,0 +1,81 @@
+"""`shardps run --scenario`: faults fired by step and time, across real network namespaces, with a
+report; and scenario files checked before anything starts."""
+import json
+from pathlib import Path
+
+import pytest
+
+from shardps.client.netns import available
+from shardps.client.run import RunConfig, run
+from shardps.client.scenario import ScenarioError, load
+from shardps.client.sdk import load_model_file, train_single_process
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
+
+
+def assert_same_model_as_the_fault_free_run(summary, steps):
+    single = train_single_process("digits", workers=2, steps=steps)
+    trained = load_model_file(summary["model_file"])
+    for name, p in single["model"].state_dict().items():
+        assert (trained[name] - p).abs().max().item() < 1e-4, name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_lossy_slow_link_then_a_10s_server_partition_across_namespaces_and_the_run_completes(tmp_path):
+    ok, reason = available()
+    if not ok:
+        pytest.skip(reason)
+    steps = 150
+    summary = run(RunConfig(hosts=True, steps=steps, eval_every=0, out=str(tmp_path / "run"),
+                            scenario=str(EXAMPLES / "flaky-network.toml")))
+    assert summary["steps"] == steps and summary["updates_per_shard"] == [steps, steps]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [(e["action"], e["target"], e["ok"]) for e in report["timeline"]] == [
+        ("link", "worker-0", True), ("unlink", "worker-0", True), ("partition", "server-1", True),
+        ("heal", "server-1", True)]
+    cut, healed = report["timeline"][2]["unix"], report["timeline"][3]["unix"]
+    assert healed - cut >= 10
+    steps_at = sorted(r["time"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                      if r["kind"] == "step")
+    assert max(b - a for a, b in zip(steps_at, steps_at[1:])) >= 8  # the partition really stopped training
+    assert (tmp_path / "run" / "faults.png").stat().st_size > 0
+    assert_same_model_as_the_fault_free_run(summary, steps)  # sync, exactly-once: nothing lost, nothing doubled
+
+
+@pytest.mark.slow
+def test_the_server_crash_scenario_reports_its_rollback_and_ends_where_the_fault_free_run_ends(tmp_path):
+    steps = 120
+    summary = run(RunConfig(steps=steps, eval_every=0, out=str(tmp_path / "run"),
+                            scenario=str(EXAMPLES / "server-crash.toml")))
+    counters = summary["report"]["counters"]
+    assert counters["rollbacks"] == 1 and counters["steps_rolled_back"] >= 1
+    assert counters["process_faults"] == {"kill/server-1": 1, "restart/server-1": 1}
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "rollback: shard 1 restarted; every shard went back from version" in text
+    assert_same_model_as_the_fault_free_run(summary, steps)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[[fault]]\nat_step = 3\naction = "explode"\ntarget = "server-0"', "action must be one of"),
+    ('[[fault]]\nat_step = 3\naction = "kill"\ntarget = "server-7"', "target 'server-7' is not one of"),
+    ('[[fault]]\naction = "kill"\ntarget = "server-0"', "say when"),
+    ('[[fault]]\nfrom_s = 5\nto_s = 2\naction = "pause"\ntarget = "server-0"', "must end after it starts"),
+    ('[[fault]]\nfrom_s = 1\nto_s = 2\naction = "kill"\ntarget = "server-0"', "happens at one moment"),
+    ('[[fault]]\nat_s = 1\naction = "link"\ntarget = "worker-0"', "link needs"),
+    ('[[fault]]\nat_s = 1\naction = "rpc"\ntarget = "servers"\nloss = 3', "does not take"),
+    ('name = "x"', "has no"),
+    ('[[fault]\n', "not valid TOML"),
+])
+def test_bad_scenarios_are_refused_with_a_message_naming_the_fix(tmp_path, text, words):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError, match=words):
+        load(path, workers=2, servers=2)
+
+
+def test_every_shipped_scenario_parses_and_network_faults_need_hosts():
+    for path in EXAMPLES.glob("*.toml"):
+        assert load(path, workers=3, servers=2).faults
+    with pytest.raises(ValueError, match="add --hosts"):
+        RunConfig(scenario=str(EXAMPLES / "flaky-network.toml"))
