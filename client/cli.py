@@ -86,6 +86,8 @@ def coordinator(
     port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
     lease_seconds: float = typer.Option(10.0, envvar="SHARDPS_LEASE_SECONDS",
                                         help="A worker silent this long is removed from the job's membership."),
+    resume_job: str = typer.Option("", envvar="SHARDPS_RESUME_JOB",
+                                   help="job.json from a prepared checkpoint: run that job from its step."),
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run the coordinator (job spec, shard plan, membership)."""
@@ -94,7 +96,7 @@ def coordinator(
     _setup_logging(log_level)
     try:
         config = CoordinatorConfig(host=host, port=port, num_servers=num_servers, threads=threads,
-                                   port_file=port_file, lease_seconds=lease_seconds)
+                                   port_file=port_file, lease_seconds=lease_seconds, resume_job=resume_job)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)
@@ -202,6 +204,8 @@ def run(
                                  help="TOML file of faults to inject; writes report.md into the run directory."),
     checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
                                          help="Servers checkpoint every N steps (with --scenario: 10 by default)."),
+    resume: str = typer.Option("", "--resume", help="Go on from the checkpoints of this run directory "
+                               "(any --servers; --steps counts from step 0)."),
     out: str = typer.Option("", "--out", envvar="SHARDPS_OUT", help="Run directory (default runs/<workload>-<time>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ):
@@ -214,7 +218,7 @@ def run(
                            wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every, amp=amp,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
-                           scenario=scenario, checkpoint_every=checkpoint_every)
+                           scenario=scenario, checkpoint_every=checkpoint_every, resume=resume)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)
         else:
@@ -275,11 +279,22 @@ def status(
 
 @app.command()
 def export(
-    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    cluster: str = typer.Option("", envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    from_checkpoint: str = typer.Option("", "--from-checkpoint",
+                                        help="Read the shards' checkpoints in this run or checkpoint folder instead."),
     out: str = typer.Option(..., "--out", help="Output file: .safetensors, or .pt for torch.save."),
     optimizer_state: bool = typer.Option(False, "--optimizer-state", help="Also write <stem>.optim.pt."),
 ):
-    """Assemble the model's state_dict from the shards into one file."""
+    """Assemble the model's state_dict from the shards (or their checkpoints) into one file."""
+    if bool(cluster) == bool(from_checkpoint):
+        _fail("give --cluster HOST:PORT (a running cluster) or --from-checkpoint DIR (its checkpoints)")
+    if from_checkpoint:
+        from .resume import export_checkpoint
+
+        with _user_errors():
+            result = export_checkpoint(from_checkpoint, out, optimizer_state=optimizer_state)
+        typer.echo(json.dumps(result))
+        return
     from .sdk import export_model
 
     with _user_errors(cluster):

@@ -61,6 +61,7 @@ class LocalCluster:
         lease_seconds: float = 10.0,
         hosts: bool = False,
         worker_hosts: int = 0,
+        resume_job: str | os.PathLike | None = None,
     ):
         """``checkpoint_every``/``checkpoint_dir``: servers checkpoint their shards (at version 0,
         every N versions, on request and on SIGTERM) to ``checkpoint_dir`` (default: a folder in
@@ -80,6 +81,7 @@ class LocalCluster:
         self._ports: dict[str, int] = {}
         self.faults: Counter = Counter()  # "kill/server-1" -> times done
         self.checkpoint_every, self.lease_seconds = checkpoint_every, lease_seconds
+        self.resume_job = resume_job
         self.network = None
         if hosts:
             from .netns import Network
@@ -103,7 +105,8 @@ class LocalCluster:
             if self.network is not None:
                 self.network.start()
             port = self._spawn("coordinator", ["coordinator", "--num-servers", str(self.num_servers),
-                                               "--lease-seconds", str(self.lease_seconds)])
+                                               "--lease-seconds", str(self.lease_seconds),
+                                               *(["--resume-job", str(self.resume_job)] if self.resume_job else [])])
             self.address = f"{self._host_of('coordinator')}:{port}"
             self._wait_healthy("coordinator", self.address)
             for shard_id in range(self.num_servers):

@@ -58,7 +58,8 @@ class RunConfig:
     worker_threads: int = 1  # torch threads per worker
     hosts: bool = False  # every role in its own network namespace (root only)
     scenario: str = ""  # TOML file of faults to inject (see client/scenario.py)
-    checkpoint_every: int = 0  # servers checkpoint every N steps (0: only at the start and on request/stop)
+    checkpoint_every: int = 0  # servers also checkpoint every N steps (always: at the start and at the end)
+    resume: str = ""  # a run directory (or checkpoint folder) to go on from; --steps counts from step 0
     lease_seconds: float = 10.0  # a worker silent this long leaves the membership
 
     def __post_init__(self):
@@ -145,8 +146,11 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
     started = time.time()
     scenario = config.load_scenario() if config.scenario else None
     checkpoint_every = config.checkpoint_every or (10 if scenario is not None else 0)
+    checkpoints = out / "checkpoints"
+    resume_job = _prepare_resume(config, checkpoints) if config.resume else None
     with LocalCluster(servers=config.servers, log_dir=logs, hosts=config.hosts, worker_hosts=config.workers,
-                      checkpoint_every=checkpoint_every, lease_seconds=config.lease_seconds) as cluster:
+                      checkpoint_every=checkpoint_every, checkpoint_dir=checkpoints, resume_job=resume_job,
+                      lease_seconds=config.lease_seconds) as cluster:
         workers = WorkerSet(config, cluster, out, logs)
         runner = None
         if scenario is not None:
@@ -173,6 +177,26 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
     _plot(tail.records, summary, out / "training.png")
     summary["out"] = str(out)
     return summary
+
+
+def _prepare_resume(config: RunConfig, checkpoints: Path) -> Path:
+    """Cut the checkpoint of ``config.resume`` for this run's servers; returns the coordinator's job file."""
+    import shutil
+
+    from ..worker.workloads import get_workload
+    from .resume import load_job_checkpoint, prepare_resume
+    from ..proto.layout import Layout
+
+    ckpt = load_job_checkpoint(config.resume)
+    model = get_workload(config.workload, config.seed).model()
+    fingerprint = Layout.from_module(model.named_parameters()).fingerprint
+    if fingerprint != ckpt.job.layout.fingerprint:
+        raise RunError(f"the checkpoint in {ckpt.source} is of another model than --workload {config.workload}; "
+                       "resume with the workload it was trained with")
+    if ckpt.version >= (config.steps or 0) > 0:
+        raise RunError(f"the checkpoint is at step {ckpt.version}: ask for more --steps than that to go on")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return prepare_resume(ckpt, config.servers, checkpoints)
 
 
 class WorkerSet:

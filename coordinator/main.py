@@ -4,13 +4,18 @@ It serves CoordinatorService and grpc.health.v1 until SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 import grpc
 
+from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.messages import JobConfig, job_from_pb
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..proto.faults import create_server as new_grpc_server
 from ..proto.rpc import add_health
@@ -28,20 +33,35 @@ class CoordinatorConfig:
     num_servers: int = 2  # shard servers the flat parameter vector is cut across
     threads: int = 32  # gRPC handler threads (membership watches hold one each)
     lease_seconds: float = 10.0  # a worker silent this long is removed from the membership
+    resume_job: str = ""  # job.json written by prepare_resume: run that job from its checkpoint step
     port_file: str = ""  # if set, the bound port is written here
 
     def __post_init__(self):
         if self.num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
+        if self.resume_job:
+            read_resume_file(self.resume_job)  # a bad file is a usage error, before anything starts
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be > 0, got {self.lease_seconds}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
 
+def read_resume_file(path: str) -> tuple[str, JobConfig, int]:
+    """(job_id, job, step) from the job.json that ``client.resume.prepare_resume`` writes."""
+    try:
+        spec = json.loads(Path(path).read_text())
+        job = job_from_pb(pb.JobSpec.FromString(base64.b64decode(spec["job_spec"])))
+        return spec["job_id"], job, int(spec["version"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"cannot read the resume file {path}: {exc}") from None
+
+
 def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
     """Build (not start) the coordinator's gRPC server; returns (server, bound port, core)."""
     coordinator = Coordinator(config.num_servers, shards=ShardAdmin(), lease_s=config.lease_seconds)
+    if config.resume_job:
+        coordinator.resume(*read_resume_file(config.resume_job))
     server, _ = new_grpc_server(config.threads)
     pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
     add_health(server, ["shardps.v1.CoordinatorService"])

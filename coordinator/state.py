@@ -63,6 +63,7 @@ class Coordinator:
         self.reports: dict[int, tuple[int, dict[str, int]]] = {}  # worker_id -> (step, fault counters)
         self.expired: list[int] = []  # removed because their lease ran out
         self.waiting_for = ""  # why the job cannot go on, when it cannot
+        self.start_step = 0  # the first view's start step (a resumed job starts where its checkpoint is)
         self.servers: dict[int, str] = {}  # shard_id -> address
         self.job: JobConfig | None = None
         self.job_id = ""
@@ -91,7 +92,7 @@ class Coordinator:
             elif not 0 <= shard_id < self.num_servers:
                 raise InvalidArgument(f"shard id {shard_id} is outside 0..{self.num_servers - 1}")
             self.servers[shard_id] = address
-            self.plan = [ShardInfo(s.range, self.servers[s.range.shard_id]) for s in self.plan]
+            self.plan = [ShardInfo(s.range, self.servers.get(s.range.shard_id, "")) for s in self.plan]
             self.cond.notify_all()
             return shard_id
 
@@ -116,10 +117,19 @@ class Coordinator:
             self._admit(member)
             return Registration(self.job_id, member.worker_id, self.job, list(self.plan), initializer)
 
-    def _define(self, job: JobConfig) -> None:
-        self.job, self.job_id = job, uuid.uuid4().hex[:16]
+    def resume(self, job_id: str, job: JobConfig, step: int) -> None:
+        """Run a job resumed from a checkpoint: it is defined before any worker registers (nobody
+        uploads parameters: the servers restore them) and training starts at ``step``."""
+        with self.cond:
+            if self.job is not None:
+                raise FailedPrecondition("this coordinator already runs a job")
+            self._define(job, job_id)
+            self.start_step = step
+
+    def _define(self, job: JobConfig, job_id: str = "") -> None:
+        self.job, self.job_id = job, job_id or uuid.uuid4().hex[:16]
         ranges = plan_shards(job.layout.numel, self.num_servers, self.align)
-        self.plan = [ShardInfo(r, self.servers[r.shard_id]) for r in ranges]
+        self.plan = [ShardInfo(r, self.servers.get(r.shard_id, "")) for r in ranges]  # addresses fill in as servers register
 
     def _admit(self, member: MemberInfo) -> None:
         if self.views and self.job.mode is not UpdateMode.ASYNC:
@@ -133,7 +143,7 @@ class Coordinator:
         if len(self.pending) >= self.job.min_workers:
             ranked = tuple(MemberInfo(m.worker_id, r, m.name, m.device) for r, m in enumerate(self.pending))
             self.pending.clear()
-            self._new_view(ranked)
+            self._new_view(ranked, start_step=self.start_step)
 
     def _new_view(self, members: tuple[MemberInfo, ...], start_step: int = 0) -> None:
         self.views.append(View(len(self.views) + 1, start_step, members))
@@ -260,6 +270,8 @@ class Coordinator:
             self._check_job(job_id)
             if self.shards is None:
                 raise FailedPrecondition("this coordinator cannot reach shard servers to roll them back")
+            if len(self.servers) < self.num_servers:
+                raise Unavailable(f"waiting for shard servers: {len(self.servers)}/{self.num_servers} registered")
             listings = {sid: self.shards.checkpoints(address) for sid, address in sorted(self.servers.items())}
             common = set.intersection(*(set(c.versions) for c in listings.values()))
             if not common:
@@ -273,8 +285,10 @@ class Coordinator:
             from_version = max(c.version for c in listings.values())
             for address in (a for _, a in sorted(self.servers.items())):
                 self.shards.rollback(address, job_id, target, epoch)
-            members = self.latest().members
-            self._new_view(members, start_step=target)
+            if self.views:
+                self._new_view(self.latest().members, start_step=target)
+            else:  # a resumed job, before training started: the first view starts there
+                self.start_step = target
             record = RollbackRecord(shard_id, from_version, target, epoch, time.time())
             self.rollbacks.append(record)
             return record

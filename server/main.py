@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -87,6 +88,13 @@ def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
                 rollback.epoch)
 
 
+def _recover_logged(coordinator: CoordinatorClient, node: ShardNode) -> None:
+    try:
+        recover(coordinator, node)
+    except Exception as exc:  # the shard stays unavailable; the log says why
+        log.error("recovery from the checkpoint failed: %s", exc)
+
+
 def checkpoint_on_exit(node: ShardNode) -> None:
     """SIGTERM: write the current version before going (``docker compose down``, ``kubectl delete``)."""
     state = node.state
@@ -104,8 +112,10 @@ def serve(config: ServerConfig) -> None:
         server, port, node = create_server(config, coordinator)
         server.start()
         register(config, coordinator, node, port)
-        recover(coordinator, node)
         write_port_file(config.port_file, port)
+        # Recovery waits for every server to be registered (a resumed job starts them all at once),
+        # so it runs beside serving; until it is done, pushes are answered UNAVAILABLE (retry).
+        threading.Thread(target=_recover_logged, args=(coordinator, node), name="shardps-recover", daemon=True).start()
         wait_for_stop_signal()
         checkpoint_on_exit(node)
         server.stop(grace=2).wait(5)

@@ -144,16 +144,23 @@ class ShardNode:
         state = ShardState.from_snapshot(snap, self.step_timeout)
         state.awaiting_rollback = True
         with self._cond:
+            if self._state is not None:  # the coordinator's rollback got here first and restored it
+                return None
             self._install(state)
         log.warning("shard %d restored its checkpoint at version %d", self.shard_id, snap.version)
         return snap.version
 
     def rollback(self, job_id: str, version: int, epoch: int) -> int:
         """Restore the checkpoint of ``version``; calls must name ``epoch`` or later. Returns the old version."""
-        state = self._state
-        if state is None or state.job_id != job_id:
-            raise WrongJob(f"shard {self.shard_id} holds no state of job {job_id!r}")
         snap = self.store().load(version, self.shard_id)
+        if snap.job_id != job_id:
+            raise WrongJob(f"shard {self.shard_id}'s checkpoint of version {version} belongs to job {snap.job_id!r}")
+        with self._cond:
+            if self._state is None:  # not restored yet (still starting): take the checkpoint as its state
+                self._install(ShardState.from_snapshot(snap, self.step_timeout))
+            state = self._state
+        if state.job_id != job_id:
+            raise WrongJob(f"shard {self.shard_id} holds job {state.job_id!r}, not {job_id!r}")
         return state.restore(snap, epoch)
 
     def require(self, target: Target, timeout: float) -> ShardState:

@@ -171,8 +171,9 @@ def train(config: TrainConfig) -> dict:
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
     precision = MixedPrecision(config.amp, device, opt)
     log = MetricsLog(config.metrics)
-    if opt.rank == 0 and opt.steps_taken == 0:
+    if opt.rank == 0:
         log.write({"kind": "start", "config": asdict(config), "world_size": opt.world_size, "steps": steps,
+                   "start_step": opt.steps_taken,
                    "batch_size": batch_size, "numel": opt.job.layout.numel, "time": time.time()})
     evaluation = {}
     next_eval = config.eval_every or steps  # evaluate whenever the step count crosses a multiple
