@@ -75,3 +75,39 @@ def rule_dict(rule: FaultRule) -> dict:
     """A rule as JSON-able data (for the CLI and reports)."""
     return {k: getattr(rule, k) for k in ("id", "kind", "method", "worker_id", "probability", "delay_s", "status",
                                           "after", "max_active", "max_count", "duration_s", "injected")}
+
+
+def request(run_dir: str, action: str, target: str, params: dict | None = None, timeout: float = 120.0) -> dict:
+    """Ask a running ``shardps run`` (its run directory) to do a process or network fault now.
+
+    The run does it between two of its progress polls, records it in its fault timeline
+    and report, and answers; returns {"ok", "error", "step", "detail"}.
+    """
+    import json
+    import os
+    import time
+    import uuid
+    from pathlib import Path
+
+    control = Path(run_dir) / "control"
+    pid_file = control / "pid"
+    if not pid_file.exists():
+        raise ValueError(f"no `shardps run` is running in {run_dir} (no {pid_file}); pass the run's --out directory")
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (ProcessLookupError, ValueError):
+        raise ValueError(f"the `shardps run` of {run_dir} is not running any more") from None
+    name = f"{time.time_ns()}-{uuid.uuid4().hex[:6]}"
+    tmp = control / f".{name}.tmp"
+    tmp.write_text(json.dumps({"action": action, "target": target, "params": params or {}}))
+    os.replace(tmp, control / f"{name}.json")  # the run never sees a half-written request
+    done = control / f"{name}.done"
+    deadline = time.monotonic() + timeout
+    while not done.exists():
+        if time.monotonic() > deadline:
+            (control / f"{name}.json").unlink(missing_ok=True)
+            raise TimeoutError(f"the run in {run_dir} did not act on the request within {timeout:.0f}s")
+        time.sleep(0.1)
+    answer = json.loads(done.read_text())
+    done.unlink(missing_ok=True)
+    return answer

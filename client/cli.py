@@ -355,6 +355,67 @@ def chaos_rpc(
                            for name, role in shown.items()}, indent=2))
 
 
+def _chaos_on_run(action: str, target: str, run_dir: str, params: dict, timeout: float) -> None:
+    from . import chaos
+
+    with _user_errors():
+        try:
+            answer = chaos.request(run_dir, action, target, params, timeout)
+        except TimeoutError as exc:
+            _fail(str(exc), 1)
+    typer.echo(json.dumps(answer))
+    if not answer["ok"]:
+        _fail(f"{action} {target} failed: {answer['error']}", 1)
+
+
+_RUN_DIR = typer.Option(..., "--run", help="The --out directory of a running `shardps run`.")
+_TARGET = typer.Argument(..., help="coordinator, server-<k> or worker-<i>.")
+
+
+@chaos_app.command("kill")
+def chaos_kill(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+    """SIGKILL a process of a running `shardps run`."""
+    _chaos_on_run("kill", target, run, {}, timeout)
+
+
+@chaos_app.command("pause")
+def chaos_pause(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+    """SIGSTOP a process of a running `shardps run` (until `shardps chaos resume`)."""
+    _chaos_on_run("pause", target, run, {}, timeout)
+
+
+@chaos_app.command("resume")
+def chaos_resume(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+    """SIGCONT a paused process of a running `shardps run`."""
+    _chaos_on_run("resume", target, run, {}, timeout)
+
+
+@chaos_app.command("restart")
+def chaos_restart(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+    """Restart a process of a running `shardps run` (a server restores its checkpoint)."""
+    _chaos_on_run("restart", target, run, {}, timeout)
+
+
+@chaos_app.command("link")
+def chaos_link(
+    target: str = _TARGET,
+    run: str = _RUN_DIR,
+    delay_ms: float = typer.Option(0.0, help="Added latency on the host's link (0: none)."),
+    loss: float = typer.Option(0.0, help="Packet loss in percent (0: none)."),
+    rate_kbit: int = typer.Option(0, help="Rate limit in kbit/s (0: none)."),
+    partition: bool = typer.Option(False, "--partition", help="Cut the link."),
+    heal: bool = typer.Option(False, "--heal", help="Reconnect a cut link."),
+    timeout: float = typer.Option(120.0),
+):
+    """Network faults on a host's link of a `shardps run --hosts` (all zero: a clean link again)."""
+    if partition or heal:
+        _chaos_on_run("partition" if partition else "heal", target, run, {}, timeout)
+    elif delay_ms or loss or rate_kbit:
+        _chaos_on_run("link", target, run, {"delay_ms": delay_ms, "loss": loss, "rate_kbit": rate_kbit}, timeout)
+    else:
+        _chaos_on_run("unlink", target, run, {}, timeout)
+
+
 def main() -> None:
     """The console script: click's own usage errors become one `error:` line too."""
     try:

@@ -74,21 +74,41 @@ def print_status(st: dict) -> None:
                       f"{job['numel']:,} parameters, min_workers {job['min_workers']}")
     m = st["membership"]
     workers = Table(title=f"membership (epoch {m['epoch']})", title_justify="left")
-    for col in ("worker", "rank", "name", "device", "last seen"):
+    for col in ("worker", "rank", "name", "device", "last push", "heartbeat", "step", "retries", "timeouts",
+                "rollbacks"):
         workers.add_column(col)
     for w in m["workers"]:
         seen = f"{time.time() - w['last_seen_unix']:.1f}s ago" if w["last_seen_unix"] else "-"
-        workers.add_row(str(w["worker_id"]), str(w["rank"]), w["name"], w["device"], seen)
+        beat = m.get("heartbeat_age_s", {}).get(str(w["worker_id"]))
+        c = m.get("worker_counters", {}).get(str(w["worker_id"]), {})
+        workers.add_row(str(w["worker_id"]), str(w["rank"]), w["name"], w["device"], seen,
+                        f"{beat:.1f}s ago" if beat is not None else "-",
+                        *(str(c.get(k, "-")) for k in ("step", "retries", "timeouts", "rollbacks")))
     console.print(workers)
+    if m.get("waiting_for"):
+        console.print(f"[bold yellow]waiting:[/] {m['waiting_for']}")
+    if m.get("expired"):
+        console.print(f"lease expired (removed): workers {m['expired']}")
+    for rb in st.get("rollbacks", []):
+        console.print(f"rollback: shard {rb['shard_id']} restarted; all shards went from version "
+                      f"{rb['from_version']} back to {rb['to_version']} ({rb['steps']} steps), epoch {rb['epoch']}")
     shards = Table(title="shards", title_justify="left")
-    for col in ("shard", "address", "range", "version", "pushes", "rejected", "in", "out", "staleness"):
+    columns = ("shard", "address", "range", "version", "pushes", "dedup", "dropped", "rejected", "in", "out",
+               "staleness", "checkpoint", "rollbacks")
+    for col in columns:
         shards.add_column(col)
     for s in st["shards"]:
         if "error" in s or "range" not in s:
-            shards.add_row(str(s["shard_id"]), s["address"], s.get("error", "not registered"), *[""] * 6)
+            shards.add_row(str(s["shard_id"]), s["address"], s.get("error", "not registered"), *[""] * (len(columns) - 3))
             continue
         stale = s["staleness"]
         stale_text = f"mean {stale['mean']:.2f} max {stale['max']}" if stale.get("count") else "-"
+        ckpt = s.get("last_checkpoint_version", -1)
+        ckpt_text = "-" if ckpt is None or ckpt < 0 else f"v{ckpt}"
+        if s.get("checkpoint_failures"):
+            ckpt_text += f" ({s['checkpoint_failures']} failed)"
         shards.add_row(str(s["shard_id"]), s["address"], f"[{s['range'][0]}, {s['range'][1]})", str(s["version"]),
-                       str(s["pushes"]), str(s["rejected"]), _bytes(s["bytes_in"]), _bytes(s["bytes_out"]), stale_text)
+                       str(s["pushes"]), str(s["duplicates"]), str(s["dropped"]), str(s["rejected"]),
+                       _bytes(s["bytes_in"]), _bytes(s["bytes_out"]), stale_text, ckpt_text,
+                       f"{s.get('rollbacks', 0)} ({s.get('steps_rolled_back', 0)} steps)")
     console.print(shards)

@@ -152,27 +152,28 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoints, resume_job=resume_job,
                       lease_seconds=config.lease_seconds) as cluster:
         workers = WorkerSet(config, cluster, out, logs)
-        runner = None
-        if scenario is not None:
-            from .scenario import ScenarioRunner
+        from .scenario import Scenario, ScenarioRunner
 
-            runner = ScenarioRunner(scenario, _actions(cluster, workers))
+        # Scheduled faults, and ad-hoc ones that `shardps chaos ACTION TARGET --run DIR` asks for.
+        runner = ScenarioRunner(scenario or Scenario("ad hoc", []), _actions(cluster, workers))
+        control = Control(out / "control", runner)
         try:
             workers.start_all()
-            tail = _watch(config, cluster, workers, logs, MetricsTail(out / "metrics.jsonl"), on_progress, runner)
+            tail = _watch(config, cluster, workers, logs, MetricsTail(out / "metrics.jsonl"), on_progress, runner,
+                          control)
         finally:
-            if runner is not None:
-                runner.finish(step=-1)
+            runner.finish(step=-1)
+            control.close()
             workers.stop_all()
         status = cluster_status(cluster.address)
         exported = export_model(cluster.address, out / "model.safetensors")
-        faults = _fault_counts(cluster, workers) if runner is not None else None
+        faults = _fault_counts(cluster, workers) if runner.timeline or scenario else None
     wall = time.time() - started
     summary = _summarize(config, tail.records, status, exported, wall)
-    if runner is not None:
+    if faults is not None:
         from .report import write_report
 
-        summary["report"] = write_report(out, scenario, runner.timeline, tail.records, status, faults, summary)
+        summary["report"] = write_report(out, runner.scenario, runner.timeline, tail.records, status, faults, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(tail.records, summary, out / "training.png")
     summary["out"] = str(out)
@@ -248,8 +249,32 @@ class WorkerSet:
                 proc.wait(timeout=10)
 
 
+class Control:
+    """Requests from ``shardps chaos ACTION TARGET --run DIR``: a JSON file per request in
+    ``DIR/control``, answered with ``<id>.done`` once the fault is done (or failed)."""
+
+    def __init__(self, path: Path, runner):
+        self.path, self.runner = path, runner
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "pid").write_text(str(os.getpid()))
+
+    def serve(self, step: int) -> None:
+        for request in sorted(self.path.glob("*.json")):
+            try:
+                ask = json.loads(request.read_text())
+                event = self.runner.do_now(ask["action"], ask["target"], ask.get("params", {}), step)
+                answer = {"ok": event.ok, "error": event.error, "step": event.step, "detail": event.detail}
+            except (ValueError, KeyError) as exc:
+                answer = {"ok": False, "error": f"bad request: {exc}"}
+            request.with_suffix(".done").write_text(json.dumps(answer))
+            request.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        (self.path / "pid").unlink(missing_ok=True)
+
+
 def _watch(config, cluster: LocalCluster, workers: WorkerSet, logs: Path, tail: MetricsTail, on_progress,
-           runner=None) -> MetricsTail:
+           runner, control: Control) -> MetricsTail:
     progress, rates = Progress(), []
     while True:
         for rec in tail.poll():
@@ -263,17 +288,17 @@ def _watch(config, cluster: LocalCluster, workers: WorkerSet, logs: Path, tail: 
         for name, proc in cluster.procs.items():
             if proc.poll() is not None and name not in down:
                 raise RunError(f"{name} died with code {proc.returncode} (see {logs}/{name}.log)")
-        if on_progress or runner is not None:
-            progress.versions = _shard_versions(cluster, progress.versions)
-        if runner is not None:
-            runner.tick(min(progress.versions) if progress.versions else 0)
+        progress.versions = _shard_versions(cluster, progress.versions)
+        step = min(progress.versions) if progress.versions else 0
+        runner.tick(step)
+        control.serve(step)
         if on_progress:
             on_progress(progress)
         if running and all(c == 0 for c in running.values()):
             for rec in tail.poll():
                 _fold(progress, rec, rates)
             return tail
-        time.sleep(0.25 if runner is not None else 0.5)
+        time.sleep(0.25)
 
 
 def runner_down(cluster: LocalCluster) -> set[str]:

@@ -196,6 +196,16 @@ class ScenarioRunner:
                 fault.undone = True
                 self._do(_UNDO[fault.action], fault, step, elapsed)
 
+    def do_now(self, action: str, target: str, params: dict, step: int) -> Event:
+        """An ad-hoc fault (``shardps chaos kill server-1 --run DIR``), recorded like scheduled ones."""
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        fault = Fault(action, target, float(step), None, True, params=dict(params))
+        self._do(action, fault, step, now - self.started)
+        self.timeline[-1].detail = f"on request: {action} {target}"
+        return self.timeline[-1]
+
     def finish(self, step: int) -> None:
         """Undo windows still open when training ended (so teardown finds a sane cluster)."""
         elapsed = time.monotonic() - (self.started or time.monotonic())

@@ -79,3 +79,40 @@ def test_every_shipped_scenario_parses_and_network_faults_need_hosts():
         assert load(path, workers=3, servers=2).faults
     with pytest.raises(ValueError, match="add --hosts"):
         RunConfig(scenario=str(EXAMPLES / "flaky-network.toml"))
+
+
+@pytest.mark.slow
+def test_shardps_chaos_kill_and_restart_a_server_of_a_running_run(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    shardps = [sys.executable, "-m", "shardps"]
+    proc = subprocess.Popen([*shardps, "run", "--steps", "800", "--eval-every", "0", "--checkpoint-every", "20",
+                             "--out", str(out), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 100:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        for action in ("kill", "restart"):
+            res = subprocess.run([*shardps, "chaos", action, "server-1", "--run", str(out)], capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr
+        res = subprocess.run([*shardps, "chaos", "kill", "worker-7", "--run", str(out)], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 1 and "kill worker-7 failed" in res.stderr
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout)
+    assert summary["steps"] == 800 and summary["report"]["counters"]["rollbacks"] == 1
+    text = (out / "report.md").read_text()
+    assert "| kill | server-1 | ok |" in text and "| restart | server-1 | ok |" in text
+    res = subprocess.run([*shardps, "chaos", "kill", "server-1", "--run", str(out)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and ("not running" in res.stderr or "no `shardps run`" in res.stderr)
