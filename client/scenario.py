@@ -45,7 +45,11 @@ which ``shardps run --scenario`` writes into the run's report.
 from __future__ import annotations
 
 import time
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
