@@ -89,6 +89,8 @@ def print_status(st: dict) -> None:
         console.print(f"[bold yellow]waiting:[/] {m['waiting_for']}")
     if m.get("expired"):
         console.print(f"lease expired (removed): workers {m['expired']}")
+    for role, counts in st.get("faults_injected", {}).items():
+        console.print(f"injected RPC faults on {role}: {counts}")
     for rb in st.get("rollbacks", []):
         console.print(f"rollback: shard {rb['shard_id']} restarted; all shards went from version "
                       f"{rb['from_version']} back to {rb['to_version']} ({rb['steps']} steps), epoch {rb['epoch']}")

@@ -42,6 +42,12 @@ def _worker_counters(records: list[dict]) -> dict:
     return last
 
 
+def _mean_staleness(shards: list[dict]) -> float:
+    counted = [s["staleness"] for s in shards if s.get("staleness", {}).get("count")]
+    total = sum(st["count"] for st in counted)
+    return round(sum(st["mean"] * st["count"] for st in counted) / total, 3) if total else 0.0
+
+
 def write_report(out: Path, scenario, timeline, records: list[dict], status: dict, faults: dict,
                  summary: dict) -> dict:
     series = _series(records)
@@ -61,6 +67,8 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
                                    for n in role.values()),
         "process_faults": faults.get("process", {}),
         "checkpoints_written": sum(s.get("checkpoints_written", 0) for s in shards),
+        "staleness_max": max((s.get("staleness", {}).get("max", 0) for s in shards), default=0),
+        "staleness_mean": _mean_staleness(shards),
     }
     report = {
         "scenario": scenario.name,

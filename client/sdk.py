@@ -90,9 +90,24 @@ def cluster_status(address: str) -> dict:
         "worker_counters": {str(w): {"step": c.step, **dict(c.counters)} for w, c in st.worker_counters.items()},
     }
     out["shards"] = shards
+    out["faults_injected"] = _faults_injected(address, addresses)
     out["rollbacks"] = [{"shard_id": r.shard_id, "from_version": r.from_version, "to_version": r.to_version,
                          "steps": r.from_version - r.to_version, "epoch": r.epoch, "unix_time": r.unix_time}
                         for r in st.rollbacks]
+    return out
+
+
+def _faults_injected(coordinator: str, servers: dict[int, str]) -> dict[str, dict[str, int]]:
+    """RPC faults each role injected so far ("kind/method" -> count); roles that do not answer are left out."""
+    out = {}
+    for name, address in [("coordinator", coordinator), *((f"server-{i}", a) for i, a in sorted(servers.items()))]:
+        with insecure_channel(address) as channel:
+            try:
+                reply = pb_grpc.AdminServiceStub(channel).GetFaults(pb.GetFaultsRequest(), timeout=CONTROL_TIMEOUT_S)
+            except grpc.RpcError:
+                continue
+        if reply.injected:
+            out[name] = dict(reply.injected)
     return out
 
 

@@ -54,9 +54,11 @@ def test_retry_storm_applies_every_push_exactly_once(spawn_workers):
             FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.4, after=True)])
         results = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(KWARGS),
                                 sizes=",".join(map(str, SIZES)), steps=STEPS).wait()
-        shards = cluster_status(cluster.address)["shards"]
+        status = cluster_status(cluster.address)
+        shards = status["shards"]
         injected = chaos.get_rpc_faults(cluster.address, "servers")
     lost = sum(role["injected"].get("abort/Push", 0) for role in injected.values())
+    assert sum(c.get("abort/Push", 0) for c in status["faults_injected"].values()) == lost  # status shows them too
     assert lost >= 5  # the storm happened (expected ~0.4 x 120 pushes)
     for shard in shards:
         assert shard["version"] == STEPS  # one update per step, no more

@@ -115,4 +115,4 @@ def test_shardps_chaos_kill_and_restart_a_server_of_a_running_run(tmp_path):
     assert "| kill | server-1 | ok |" in text and "| restart | server-1 | ok |" in text
     res = subprocess.run([*shardps, "chaos", "kill", "server-1", "--run", str(out)], capture_output=True, text=True,
                          timeout=60)
-    assert res.returncode == 1 and ("not running" in res.stderr or "no `shardps run`" in res.stderr)
+    assert res.returncode == 2 and ("not running" in res.stderr or "no `shardps run`" in res.stderr)  # a bad --run
