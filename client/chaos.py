@@ -17,7 +17,7 @@ from ..coordinator.client import CoordinatorClient
 from ..proto.faults import FaultRule, rule_from_pb, rule_to_pb
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
 def resolve(cluster: str, target: str) -> dict[str, str]:
@@ -37,7 +37,7 @@ def resolve(cluster: str, target: str) -> dict[str, str]:
 def _admin(address: str, call):
     import grpc
 
-    with insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         try:
             return call(pb_grpc.AdminServiceStub(channel))
         except grpc.RpcError as exc:

@@ -88,6 +88,8 @@ def coordinator(
                                         help="A worker silent this long is removed from the job's membership."),
     resume_job: str = typer.Option("", envvar="SHARDPS_RESUME_JOB",
                                    help="job.json from a prepared checkpoint: run that job from its step."),
+    metrics_port: int = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
+                                     help="Serve Prometheus metrics on this port (0: any free one; -1: off)."),
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run the coordinator (job spec, shard plan, membership)."""
@@ -96,7 +98,8 @@ def coordinator(
     _setup_logging(log_level)
     try:
         config = CoordinatorConfig(host=host, port=port, num_servers=num_servers, threads=threads,
-                                   port_file=port_file, lease_seconds=lease_seconds, resume_job=resume_job)
+                                   port_file=port_file, lease_seconds=lease_seconds, resume_job=resume_job,
+                                   metrics_port=metrics_port)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)
@@ -117,6 +120,8 @@ def server(
     checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
                                          help="Also checkpoint every N versions (needs --checkpoint-dir)."),
     checkpoint_keep: int = typer.Option(3, envvar="SHARDPS_CHECKPOINT_KEEP", help="Newest checkpoints kept per shard."),
+    metrics_port: int = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
+                                     help="Serve Prometheus metrics on this port (0: any free one; -1: off)."),
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
@@ -127,7 +132,7 @@ def server(
         config = ServerConfig(coordinator=coordinator, host=host, port=port, advertise=advertise, shard_id=shard_id,
                               threads=threads, step_timeout=step_timeout, port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                              checkpoint_keep=checkpoint_keep)
+                              checkpoint_keep=checkpoint_keep, metrics_port=metrics_port)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)
@@ -156,6 +161,8 @@ def worker(
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
+    metrics_port: int = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
+                                     help="Serve Prometheus metrics on this port (0: any free one; -1: off)."),
     eval_every: int = _TRAIN["eval_every"],
     threads: int = typer.Option(1, envvar="SHARDPS_THREADS", help="torch intra-op threads."),
     name: str = typer.Option("", envvar="SHARDPS_WORKER_NAME", help="Name in status (default host:pid)."),
@@ -171,7 +178,7 @@ def worker(
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, amp=amp, metrics=metrics,
                              eval_every=eval_every,
-                             threads=threads, name=name, connect_timeout=connect_timeout)
+                             threads=threads, name=name, connect_timeout=connect_timeout, metrics_port=metrics_port)
         result = train(config)
     typer.echo(json.dumps(result))
 
@@ -300,6 +307,18 @@ def export(
     with _user_errors(cluster):
         result = export_model(cluster, out, optimizer_state=optimizer_state)
     typer.echo(json.dumps(result))
+
+
+@app.command()
+def probe(
+    address: str = typer.Argument(..., help="host:port of a coordinator or shard server."),
+    timeout: float = typer.Option(3.0, help="Seconds to wait for the answer."),
+):
+    """Exit 0 when the role at ADDRESS answers SERVING on the gRPC health service (a container healthcheck)."""
+    from ..proto.rpc import check_health
+
+    if not check_health(address, timeout=timeout):
+        _fail(f"{address} is not serving (gRPC health check)", 1)
 
 
 @app.command()

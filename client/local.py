@@ -62,6 +62,10 @@ class LocalCluster:
         hosts: bool = False,
         worker_hosts: int = 0,
         resume_job: str | os.PathLike | None = None,
+        auth_token: str = "",
+        tls_dir: str | os.PathLike | None = None,
+        mutual_tls: bool = False,
+        metrics: bool = False,
     ):
         """``checkpoint_every``/``checkpoint_dir``: servers checkpoint their shards (at version 0,
         every N versions, on request and on SIGTERM) to ``checkpoint_dir`` (default: a folder in
@@ -82,6 +86,18 @@ class LocalCluster:
         self.faults: Counter = Counter()  # "kill/server-1" -> times done
         self.checkpoint_every, self.lease_seconds = checkpoint_every, lease_seconds
         self.resume_job = resume_job
+        self.metrics = metrics  # every role serves Prometheus metrics on a free port: metrics_address(name)
+        # Who may talk to the cluster: off by default. tls_dir holds what scripts/dev-certs.sh makes
+        # (ca.pem, server.pem/-key.pem, client.pem/-key.pem).
+        from ..proto.security import Security
+
+        tls = Path(tls_dir) if tls_dir is not None else None
+        self.role_security = Security(token=auth_token, tls_cert=str(tls / "server.pem") if tls else "",
+                                      tls_key=str(tls / "server-key.pem") if tls else "",
+                                      tls_ca=str(tls / "ca.pem") if tls else "", client_auth=mutual_tls)
+        self.security = Security(token=auth_token, tls_ca=str(tls / "ca.pem") if tls else "",
+                                 tls_cert=str(tls / "client.pem") if tls and mutual_tls else "",
+                                 tls_key=str(tls / "client-key.pem") if tls and mutual_tls else "")
         self.network = None
         if hosts:
             from .netns import Network
@@ -129,10 +145,13 @@ class LocalCluster:
         """Start ``python -m shardps ARGS`` on ``port`` (0: a free one); return the port it bound."""
         port_file = self.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
+        if self.metrics and "--metrics-port" not in args:
+            args = [*args, "--metrics-port", "0"]
         self._args[name] = args
         cmd = [sys.executable, "-m", "shardps", *args, "--host", self._host_of(name), "--port", str(port),
                "--port-file", str(port_file), "--log-level", self.log_level]
-        env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDPS_AUTH_TOKEN", "SHARDPS_TLS_"))}
+        env.update({"GLIBC_TUNABLES": GLIBC_TUNABLES, **self.role_security.env()})
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = self._popen(name, cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env)
@@ -161,7 +180,7 @@ class LocalCluster:
 
     def _wait_healthy(self, name: str, address: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        while not check_health(address, timeout=1.0):
+        while not check_health(address, timeout=1.0, security=self.security):
             self._check_alive(name)
             if time.monotonic() > deadline:
                 raise ClusterError(f"{name} at {address} is not healthy after {self.startup_timeout:.0f}s{self._tail(name)}")
@@ -171,7 +190,7 @@ class LocalCluster:
         from ..coordinator.client import CoordinatorClient
 
         deadline = time.monotonic() + self.startup_timeout
-        with CoordinatorClient(self.address) as coord:
+        with CoordinatorClient(self.address, security=self.security) as coord:
             while len(coord.status().servers) < self.num_servers:
                 for name in self.procs:
                     self._check_alive(name)
@@ -254,6 +273,13 @@ class LocalCluster:
         return self._proc(name).poll() is None
 
     # ------------------------------------------------------------------ inspection
+
+    def metrics_address(self, name: str) -> str:
+        """host:port of ``name``'s Prometheus endpoint (with ``metrics=True``)."""
+        path = self.log_dir / f"{name}.port.metrics"
+        if not self.metrics or not path.exists():
+            raise ValueError(f"{name} serves no metrics: start the cluster with metrics=True")
+        return f"{self._host_of(name)}:{int(path.read_text())}"
 
     def pid(self, name: str) -> int:
         """PID of ``"coordinator"`` or ``"server-<k>"``."""

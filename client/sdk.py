@@ -20,11 +20,11 @@ from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
 def shard_status(address: str, timeout: float = CONTROL_TIMEOUT_S) -> pb.GetShardStatusResponse:
-    with insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         try:
             return pb_grpc.ShardServiceStub(channel).GetShardStatus(pb.GetShardStatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
@@ -101,7 +101,7 @@ def _faults_injected(coordinator: str, servers: dict[int, str]) -> dict[str, dic
     """RPC faults each role injected so far ("kind/method" -> count); roles that do not answer are left out."""
     out = {}
     for name, address in [("coordinator", coordinator), *((f"server-{i}", a) for i, a in sorted(servers.items()))]:
-        with insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             try:
                 reply = pb_grpc.AdminServiceStub(channel).GetFaults(pb.GetFaultsRequest(), timeout=CONTROL_TIMEOUT_S)
             except grpc.RpcError:
@@ -220,7 +220,7 @@ def checkpoint_cluster(address: str, timeout: float = 120.0) -> list[dict]:
 
     def one(shard):
         request = pb.CheckpointRequest(at_version=version, timeout_ms=int(timeout * 1000))
-        with insecure_channel(shard["address"]) as channel:
+        with open_channel(shard["address"]) as channel:
             try:
                 reply = pb_grpc.ShardServiceStub(channel).Checkpoint(request, timeout=timeout + 10)
             except grpc.RpcError as exc:

@@ -18,7 +18,7 @@ from ..proto.errors import Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import JobConfig, View, job_from_pb, job_to_pb, plan_from_pb, view_from_pb
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 from .state import Registration
 
 T = TypeVar("T")
@@ -26,9 +26,10 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, timeout: float = CONTROL_TIMEOUT_S):
+    def __init__(self, address: str, timeout: float = CONTROL_TIMEOUT_S, security=None):
+        """``security``: a ``proto.security.Security`` (None: from the SHARDPS_* environment)."""
         self.address, self.timeout = address, timeout
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address, security)
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import JobConfig, job_from_pb
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..proto.faults import create_server as new_grpc_server
-from ..proto.rpc import add_health
+from ..proto.rpc import add_health, bind
 from .service import CoordinatorServicer
 from .shards import ShardAdmin
 from .state import Coordinator
@@ -34,6 +34,7 @@ class CoordinatorConfig:
     threads: int = 32  # gRPC handler threads (membership watches hold one each)
     lease_seconds: float = 10.0  # a worker silent this long is removed from the membership
     resume_job: str = ""  # job.json written by prepare_resume: run that job from its checkpoint step
+    metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
     port_file: str = ""  # if set, the bound port is written here
 
     def __post_init__(self):
@@ -62,10 +63,16 @@ def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordina
     coordinator = Coordinator(config.num_servers, shards=ShardAdmin(), lease_s=config.lease_seconds)
     if config.resume_job:
         coordinator.resume(*read_resume_file(config.resume_job))
-    server, _ = new_grpc_server(config.threads)
+    server, injector = new_grpc_server(config.threads)
+    if config.metrics_port >= 0:
+        from ..proto import metrics
+
+        mport = metrics.serve(config.metrics_port, config.host,
+                              metrics.registry_with(metrics.CoordinatorCollector(coordinator, injector)))
+        write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
     pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
     add_health(server, ["shardps.v1.CoordinatorService"])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port} (in use?)")
     return server, port, coordinator

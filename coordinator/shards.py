@@ -7,7 +7,7 @@ import grpc
 
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, insecure_channel
+from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ShardAdmin:
         self.timeout = timeout
 
     def _call(self, address: str, what: str, fn):
-        with insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             try:
                 return fn(pb_grpc.ShardServiceStub(channel))
             except grpc.RpcError as exc:

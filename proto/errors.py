@@ -64,6 +64,13 @@ class Unavailable(ShardpsError):
     reason = "unavailable"
 
 
+class Unauthenticated(ShardpsError):
+    """The call carried no token, or the wrong one; set SHARDPS_AUTH_TOKEN (or auth_token=)."""
+
+    code = "UNAUTHENTICATED"
+    reason = "unauthenticated"
+
+
 class WaitTimeout(ShardpsError):
     """A bounded wait ran out (a sync step did not close in time)."""
 
@@ -88,4 +95,5 @@ class RolledBack(FailedPrecondition):
         return cls(f"the job rolled back to step {step} in epoch {epoch}{detail}; pull and continue from there")
 
 
-BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout)}
+BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout,
+                                     Unauthenticated)}

@@ -265,10 +265,16 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                                     injected=dict(self.injector.injected))
 
 
-def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, FaultInjector]:
+def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                  security=None) -> tuple[grpc.Server, FaultInjector]:
     """A role's gRPC server with fault injection installed: the interceptor, and AdminService
-    to set its rules at runtime. No rules are active until someone adds one."""
+    to set its rules at runtime (no rules are active until someone adds one). With a token in
+    ``security`` (default: the environment's), every call but health checks must carry it."""
+    from .security import Security, TokenInterceptor
+
+    security = security if security is not None else Security.from_env()
     injector = FaultInjector()
-    server = new_grpc_server(max_threads, max_message_bytes, interceptors=[FaultInterceptor(injector)])
+    interceptors = ([TokenInterceptor(security.token)] if security.token else []) + [FaultInterceptor(injector)]
+    server = new_grpc_server(max_threads, max_message_bytes, interceptors=interceptors)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(injector), server)
     return server, injector

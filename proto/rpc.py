@@ -48,8 +48,22 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
     ]
 
 
-def insecure_channel(address: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+def open_channel(address: str, security=None, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A channel to ``address`` with the cluster's credentials (``proto.security.Security``; None:
+    from the SHARDPS_AUTH_TOKEN / SHARDPS_TLS_* environment, so every tool works against a
+    secured cluster when its environment is set)."""
+    from .security import Security, secure
+
+    return secure(grpc, address, security if security is not None else Security.from_env(),
+                  channel_options(max_message_bytes))
+
+
+def bind(server: grpc.Server, address: str, security=None) -> int:
+    """Listen on ``address`` (TLS when the security settings have a certificate); returns the port, 0 on failure."""
+    from .security import Security
+
+    creds = (security if security is not None else Security.from_env()).server_credentials()
+    return server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
 
 
 def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES, interceptors=()) -> grpc.Server:
@@ -72,9 +86,9 @@ def add_health(server: grpc.Server, service_names: list[str]) -> health.HealthSe
     return servicer
 
 
-def check_health(address: str, timeout: float = 2.0, service: str = "") -> bool:
+def check_health(address: str, timeout: float = 2.0, service: str = "", security=None) -> bool:
     """True when the server at ``address`` answers SERVING within ``timeout`` seconds."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, security) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

@@ -16,7 +16,7 @@ from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..proto.faults import create_server as new_grpc_server
-from ..proto.rpc import MAX_MESSAGE_BYTES, add_health
+from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
 from .node import ShardNode
 from .service import ShardServicer, add_to_server
 
@@ -39,6 +39,7 @@ class ServerConfig:
     checkpoint_dir: str = ""  # checkpoints go to <dir>/shard-<id>/; "" keeps none (a restart loses the shard)
     checkpoint_every: int = 0  # also checkpoint every N versions (0: only at version 0, on request and on SIGTERM)
     checkpoint_keep: int = 3  # newest checkpoints kept per shard
+    metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
 
     def __post_init__(self):
         if ":" not in self.coordinator:
@@ -59,11 +60,18 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
 
     node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout,
                      config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
-    server, _ = new_grpc_server(config.threads, config.max_message_bytes)
+    server, injector = new_grpc_server(config.threads, config.max_message_bytes)
+    if config.metrics_port >= 0:
+        from ..proto import metrics
+
+        mport = metrics.serve(config.metrics_port, config.host,
+                              metrics.registry_with(metrics.ShardCollector(node, injector)))
+        write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
+        log.info("metrics on http://%s:%d/metrics", config.host, mport)
     servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait)
     add_to_server(servicer, server)
     add_health(server, ["shardps.v1.ShardService"])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port} (in use?)")
     return server, port, node

@@ -36,6 +36,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, UpdateMode
 from ..proto.errors import RolledBack, UnknownWorker
 from ..proto.retry import Retrier
+from ..proto.security import Security
 from .compress import TopK
 from .flat import FlatParams
 from .overlap import OverlapPusher
@@ -64,6 +65,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         connect_timeout: float = 120.0,
         step_timeout: float = 330.0,
         retry_timeout: float = 600.0,
+        auth_token: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         **optimizer_kwargs: Any,
     ):
@@ -97,6 +99,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             name: how this worker appears in status (default host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
             step_timeout: deadline of one push-pull attempt, seconds (sync waits for the slowest worker).
+            auth_token: the cluster's shared token (default: SHARDPS_AUTH_TOKEN); TLS settings come
+                from SHARDPS_TLS_CA (and SHARDPS_TLS_CERT/KEY for mutual TLS).
             retry_timeout: how long a push or pull keeps retrying transient failures (server
                 restarting or paused, reply lost) before it raises; retries are exactly-once.
             chunk_bytes: bytes per streamed chunk.
@@ -115,12 +119,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(self.flat.params, dict(kwargs))
         self.step_timeout = step_timeout
         self.retry = Retrier(budget=retry_timeout)
+        self.security = Security.from_env(token=auth_token)
         self.device = str(self.flat.params[0].device)
         self._overlap = None
         self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes, overlap)
 
     def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int, overlap: bool) -> None:
-        self.coordinator = CoordinatorClient(cluster)
+        self.coordinator = CoordinatorClient(cluster, security=self.security)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
         self.rollbacks = 0  # times the job rolled back under this worker (a shard restarted)
@@ -131,7 +136,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
-                           self.compressor, self.retry, self.worker_id)
+                           self.compressor, self.retry, self.worker_id, self.security)
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id)
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

@@ -21,7 +21,7 @@ from ..proto import codec, wire
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
-from ..proto.rpc import WORKER_METADATA, error_from_rpc, insecure_channel
+from ..proto.rpc import WORKER_METADATA, error_from_rpc, open_channel
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,12 @@ class ShardChannel:
     """Calls to one shard server."""
 
     def __init__(self, info: ShardInfo, job_id: str, fingerprint: str, chunk_bytes: int, retry: Retrier,
-                 worker_id: int = -1):
+                 worker_id: int = -1, security=None):
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
-        self._channel = ch = insecure_channel(info.address)
+        self._channel = ch = open_channel(info.address, security)
         method = "/shardps.v1.ShardService/"
         self._init = ch.stream_unary(method + "InitShard", request_serializer=wire.serializer(pb.InitShardRequest),
                                      response_deserializer=pb.InitShardResponse.FromString)
@@ -156,10 +156,11 @@ class PSClient:
     """All shards of one job; every fan-out call runs on every shard concurrently."""
 
     def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
-                 compressor=None, retry: Retrier | None = None, worker_id: int = -1):
+                 compressor=None, retry: Retrier | None = None, worker_id: int = -1, security=None):
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
         self.retry = retry if retry is not None else Retrier(budget=timeout)
-        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id) for info in plan]
+        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security)
+                       for info in plan]
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ class TrainConfig:
     threads: int = 1  # torch intra-op threads (keep low when processes share cores)
     name: str = ""  # worker name in status; default host:pid
     connect_timeout: float = 120.0  # seconds to wait for the cluster and min_workers
+    metrics_port: int = -1  # serve Prometheus metrics on this port while training (0: any free, -1: off)
 
     def __post_init__(self):
         from .workloads import WORKLOADS
@@ -171,6 +172,11 @@ def train(config: TrainConfig) -> dict:
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
     precision = MixedPrecision(config.amp, device, opt)
     log = MetricsLog(config.metrics)
+    prometheus = None
+    if config.metrics_port >= 0:
+        from ..proto.metrics import WorkerMetrics
+
+        prometheus = WorkerMetrics(config.metrics_port)
     if opt.rank == 0:
         log.write({"kind": "start", "config": asdict(config), "world_size": opt.world_size, "steps": steps,
                    "start_step": opt.steps_taken,
@@ -196,6 +202,8 @@ def train(config: TrainConfig) -> dict:
             opt.step(batch_size=len(x))
             precision.update()
             t2 = time.perf_counter()
+            if prometheus is not None:
+                prometheus.step(len(x), t1 - t0, t2 - t1, opt.counters())
             rank = opt.rank  # may change between steps when the membership does
             log.write({"kind": "step", "step": step, "rank": rank, "worker_id": opt.worker_id, "loss": loss.item(),
                        "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,

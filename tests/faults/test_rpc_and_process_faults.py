@@ -16,7 +16,7 @@ from shardps.proto.errors import InvalidArgument, ShardpsError
 from shardps.proto.faults import FaultRule
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import insecure_channel
+from shardps.proto.rpc import open_channel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import reference  # noqa: E402
@@ -102,7 +102,7 @@ def test_rules_expire_after_max_count_delay_calls_and_are_counted_per_role():
         coord.job()
         assert time.monotonic() - start >= 0.3
         # A bad rule is refused with INVALID_ARGUMENT and changes nothing.
-        with insecure_channel(cluster.address) as channel, pytest.raises(grpc.RpcError) as err:
+        with open_channel(cluster.address) as channel, pytest.raises(grpc.RpcError) as err:
             pb_grpc.AdminServiceStub(channel).SetFaults(
                 pb.SetFaultsRequest(add=[pb.FaultRule(kind="explode")], clear=True), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fault kind" in err.value.details()

@@ -9,7 +9,7 @@ import torch
 from shardps import LocalCluster
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import insecure_channel
+from shardps.proto.rpc import open_channel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import global_batch, loss_fn, make_model  # noqa: E402
@@ -32,7 +32,7 @@ def test_async_workers_converge_and_record_staleness(run_workers):
                               sizes="32,32", steps=STEPS)
         statuses = []
         for shard_id in range(2):
-            with insecure_channel(cluster.server_address(shard_id)) as ch:
+            with open_channel(cluster.server_address(shard_id)) as ch:
                 statuses.append(pb_grpc.ShardServiceStub(ch).GetShardStatus(pb.GetShardStatusRequest(), timeout=10))
     start = held_out_loss(results[0]["initial"])
     end = held_out_loss(results[0]["final"])

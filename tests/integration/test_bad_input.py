@@ -13,7 +13,7 @@ from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, UpdateMode
-from shardps.proto.rpc import insecure_channel
+from shardps.proto.rpc import open_channel
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def job():
         model(torch.randn(4, 40)).sum().backward()
         opt.step(batch_size=4)  # one real step, so the optimizer state is non-trivial
         shard = opt.plan[1]
-        channel = insecure_channel(shard.address)
+        channel = open_channel(shard.address)
         yield cluster, opt, shard, pb_grpc.ShardServiceStub(channel)
         channel.close()
         opt.close()

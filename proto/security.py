@@ -1,0 +1,167 @@
+"""Who may talk to the cluster: a shared token, TLS, mutual TLS. Off unless configured.
+
+Every role and every client reads the same settings, from arguments or from the
+environment (so one ``.env`` or Kubernetes Secret configures a whole cluster):
+
+| variable | meaning |
+|---|---|
+| ``SHARDPS_AUTH_TOKEN`` | shared secret; calls must carry ``authorization: Bearer <token>`` |
+| ``SHARDPS_TLS_CERT`` / ``SHARDPS_TLS_KEY`` | this process's certificate and key (PEM): a server's, or a client's for mutual TLS |
+| ``SHARDPS_TLS_CA`` | the CA that signed the peer's certificate (clients: the servers'; servers with mutual TLS: the clients') |
+| ``SHARDPS_TLS_CLIENT_AUTH`` | ``1``: servers require a client certificate signed by the CA (mutual TLS) |
+
+Servers check the token in an interceptor (``TokenInterceptor``), before any
+other logic, and answer UNAUTHENTICATED without touching state; health checks
+stay open so orchestrators can probe. ``scripts/dev-certs.sh`` makes a
+development CA and certificates.
+
+    security = Security(token="s3cret")             # or Security.from_env()
+    channel = open_channel("host:7070", security)   # proto.rpc
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+AUTH_METADATA = "authorization"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes need no credentials
+
+
+class SecurityError(ValueError):
+    """Credentials are configured wrongly (a file missing, half a pair); the message names the fix."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"cannot read the {what} {path}: {exc.strerror}; make development certificates "
+                            "with scripts/dev-certs.sh DIR") from None
+
+
+@dataclass(frozen=True)
+class Security:
+    token: str = ""
+    tls_cert: str = ""  # PEM file
+    tls_key: str = ""
+    tls_ca: str = ""
+    client_auth: bool = False  # servers: require client certificates (mutual TLS)
+
+    def __post_init__(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SecurityError("give both SHARDPS_TLS_CERT and SHARDPS_TLS_KEY (a certificate and its key), or neither")
+        if self.client_auth and not self.tls_ca:
+            raise SecurityError("mutual TLS (SHARDPS_TLS_CLIENT_AUTH) needs SHARDPS_TLS_CA, the CA of the clients")
+
+    @classmethod
+    def from_env(cls, token: str | None = None) -> "Security":
+        """Settings from SHARDPS_* variables; an explicit ``token`` wins over SHARDPS_AUTH_TOKEN."""
+        env = os.environ
+        return cls(token=env.get("SHARDPS_AUTH_TOKEN", "") if token is None else token,
+                   tls_cert=env.get("SHARDPS_TLS_CERT", ""), tls_key=env.get("SHARDPS_TLS_KEY", ""),
+                   tls_ca=env.get("SHARDPS_TLS_CA", ""),
+                   client_auth=env.get("SHARDPS_TLS_CLIENT_AUTH", "").lower() in ("1", "true", "yes"))
+
+    @property
+    def tls(self) -> bool:
+        """Whether channels use TLS: a client does when it knows a CA to check servers against."""
+        return bool(self.tls_ca or self.tls_cert)
+
+    def env(self) -> dict[str, str]:
+        """The SHARDPS_* variables that give a child process these settings."""
+        out = {"SHARDPS_AUTH_TOKEN": self.token, "SHARDPS_TLS_CERT": self.tls_cert, "SHARDPS_TLS_KEY": self.tls_key,
+               "SHARDPS_TLS_CA": self.tls_ca}
+        if self.client_auth:
+            out["SHARDPS_TLS_CLIENT_AUTH"] = "1"
+        return {k: v for k, v in out.items() if v}
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if not self.tls_cert:
+            return None
+        pair = (_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
+        ca = _read(self.tls_ca, "TLS CA certificate") if self.tls_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=self.client_auth)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        ca = _read(self.tls_ca, "TLS CA certificate") if self.tls_ca else None
+        if self.tls_cert:
+            return grpc.ssl_channel_credentials(ca, _read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
+        return grpc.ssl_channel_credentials(ca)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((AUTH_METADATA, f"Bearer {self.token}"),) if self.token else ()
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call (but health checks) that does not carry the cluster's token."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_PREFIXES):
+            return continuation(details)
+        given = dict(details.invocation_metadata or ()).get(AUTH_METADATA, "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        reason = "no auth token" if not given else "a wrong auth token"
+        message = (f"the call carried {reason}: set SHARDPS_AUTH_TOKEN (or auth_token=) to the cluster's token")
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        def refuse_stream(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - abort raises
+
+        kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
+        return handler._replace(**{kind: refuse_stream if handler.response_streaming else refuse})
+
+
+class _TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the token to every call's metadata (TLS or not)."""
+
+    def __init__(self, metadata):
+        self._metadata = tuple(metadata)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata) \
+            if hasattr(details, "_replace") else _Details(details, self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, extra):
+        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+        self.metadata = tuple(base.metadata or ()) + tuple(extra)
+        self.wait_for_ready, self.compression = getattr(base, "wait_for_ready", None), getattr(base, "compression", None)
+
+
+def secure(channel_factory, address: str, security: "Security", options) -> grpc.Channel:
+    """A channel to ``address`` with ``security``'s TLS and token (``channel_factory``: grpc's module)."""
+    if security.tls:
+        channel = channel_factory.secure_channel(address, security.channel_credentials(), options=options)
+    else:
+        channel = channel_factory.insecure_channel(address, options=options)
+    if security.token:
+        channel = grpc.intercept_channel(channel, _TokenClientInterceptor(security.metadata()))
+    return channel
