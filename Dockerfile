@@ -16,6 +16,7 @@ ARG TORCH_VERSION=2.13.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1 \
     SHARDPS_HOST=0.0.0.0
 
@@ -27,8 +28,9 @@ COPY server/ /src/shardps/server/
 COPY coordinator/ /src/shardps/coordinator/
 COPY worker/ /src/shardps/worker/
 COPY client/ /src/shardps/client/
-RUN python -m pip install ${PIP_ARGS} "torch==${TORCH_VERSION}" \
- && python -m pip install ${PIP_ARGS} "/src/shardps[demo]" \
+# The roles need shardps and, for the built-in workloads' data, scikit-learn (not matplotlib).
+RUN python3 -m pip install ${PIP_ARGS} "torch==${TORCH_VERSION}" \
+ && python3 -m pip install ${PIP_ARGS} /src/shardps "scikit-learn>=1.3" \
  && rm -rf /wheelhouse /src \
  && useradd --create-home --uid 10001 shardps \
  && mkdir -p /checkpoints /run-data && chown shardps /checkpoints /run-data

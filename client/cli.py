@@ -374,9 +374,20 @@ def chaos_rpc(
                            for name, role in shown.items()}, indent=2))
 
 
-def _chaos_on_run(action: str, target: str, run_dir: str, params: dict, timeout: float) -> None:
+def _chaos_on_run(action: str, target: str, run_dir: str, params: dict, timeout: float, compose: str = "") -> None:
     from . import chaos
 
+    if bool(run_dir) == bool(compose):
+        _fail("give --run DIR (a running `shardps run`) or --compose PROJECT (a docker-compose cluster)")
+    if compose:
+        from .compose import ComposeCluster, ComposeError
+
+        try:
+            name = ComposeCluster(compose).do(action, target, params)
+        except ComposeError as exc:
+            _fail(str(exc), 1)
+        typer.echo(json.dumps({"ok": True, "container": name, "action": action}))
+        return
     with _user_errors():
         try:
             answer = chaos.request(run_dir, action, target, params, timeout)
@@ -387,32 +398,38 @@ def _chaos_on_run(action: str, target: str, run_dir: str, params: dict, timeout:
         _fail(f"{action} {target} failed: {answer['error']}", 1)
 
 
-_RUN_DIR = typer.Option(..., "--run", help="The --out directory of a running `shardps run`.")
+_RUN_DIR = typer.Option("", "--run", help="The --out directory of a running `shardps run`.")
+_COMPOSE = typer.Option("", "--compose",
+                        help="Or a docker-compose project: act on its containers (services or container names).")
 _TARGET = typer.Argument(..., help="coordinator, server-<k> or worker-<i>.")
 
 
 @chaos_app.command("kill")
-def chaos_kill(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+def chaos_kill(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
+                 timeout: float = typer.Option(120.0)):
     """SIGKILL a process of a running `shardps run`."""
-    _chaos_on_run("kill", target, run, {}, timeout)
+    _chaos_on_run("kill", target, run, {}, timeout, compose)
 
 
 @chaos_app.command("pause")
-def chaos_pause(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+def chaos_pause(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
+                 timeout: float = typer.Option(120.0)):
     """SIGSTOP a process of a running `shardps run` (until `shardps chaos resume`)."""
-    _chaos_on_run("pause", target, run, {}, timeout)
+    _chaos_on_run("pause", target, run, {}, timeout, compose)
 
 
 @chaos_app.command("resume")
-def chaos_resume(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+def chaos_resume(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
+                 timeout: float = typer.Option(120.0)):
     """SIGCONT a paused process of a running `shardps run`."""
-    _chaos_on_run("resume", target, run, {}, timeout)
+    _chaos_on_run("resume", target, run, {}, timeout, compose)
 
 
 @chaos_app.command("restart")
-def chaos_restart(target: str = _TARGET, run: str = _RUN_DIR, timeout: float = typer.Option(120.0)):
+def chaos_restart(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
+                 timeout: float = typer.Option(120.0)):
     """Restart a process of a running `shardps run` (a server restores its checkpoint)."""
-    _chaos_on_run("restart", target, run, {}, timeout)
+    _chaos_on_run("restart", target, run, {}, timeout, compose)
 
 
 @chaos_app.command("link")
@@ -424,11 +441,15 @@ def chaos_link(
     rate_kbit: int = typer.Option(0, help="Rate limit in kbit/s (0: none)."),
     partition: bool = typer.Option(False, "--partition", help="Cut the link."),
     heal: bool = typer.Option(False, "--heal", help="Reconnect a cut link."),
+    compose: str = _COMPOSE,
     timeout: float = typer.Option(120.0),
 ):
     """Network faults on a host's link of a `shardps run --hosts` (all zero: a clean link again)."""
     if partition or heal:
-        _chaos_on_run("partition" if partition else "heal", target, run, {}, timeout)
+        _chaos_on_run("partition" if partition else "heal", target, run, {}, timeout, compose)
+    elif compose:
+        _fail("with --compose, links can be cut (--partition) and healed (--heal); latency and loss need --run "
+              "of a `shardps run --hosts`")
     elif delay_ms or loss or rate_kbit:
         _chaos_on_run("link", target, run, {"delay_ms": delay_ms, "loss": loss, "rate_kbit": rate_kbit}, timeout)
     else:

@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/python -m ruff check .
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+# The docker-compose end-to-end test runs last, on its own: it starts (and stops) a Docker engine,
+# which rewrites the root namespace's firewall.
+.venv/bin/python -m pytest -p no:cacheprovider -m "not compose" "$@"
+.venv/bin/python -m pytest -p no:cacheprovider -m compose "$@" || [ $? -eq 5 ]  # 5: none selected
