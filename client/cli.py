@@ -404,32 +404,24 @@ _COMPOSE = typer.Option("", "--compose",
 _TARGET = typer.Argument(..., help="coordinator, server-<k> or worker-<i>.")
 
 
-@chaos_app.command("kill")
-def chaos_kill(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
-                 timeout: float = typer.Option(120.0)):
-    """SIGKILL a process of a running `shardps run`."""
-    _chaos_on_run("kill", target, run, {}, timeout, compose)
+def _process_fault(action: str, doc: str) -> None:
+    """Register `shardps chaos ACTION TARGET (--run DIR | --compose PROJECT)`."""
+
+    def command(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
+                timeout: float = typer.Option(120.0)):
+        _chaos_on_run(action, target, run, {}, timeout, compose)
+
+    command.__doc__ = doc
+    chaos_app.command(action)(command)
 
 
-@chaos_app.command("pause")
-def chaos_pause(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
-                 timeout: float = typer.Option(120.0)):
-    """SIGSTOP a process of a running `shardps run` (until `shardps chaos resume`)."""
-    _chaos_on_run("pause", target, run, {}, timeout, compose)
-
-
-@chaos_app.command("resume")
-def chaos_resume(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
-                 timeout: float = typer.Option(120.0)):
-    """SIGCONT a paused process of a running `shardps run`."""
-    _chaos_on_run("resume", target, run, {}, timeout, compose)
-
-
-@chaos_app.command("restart")
-def chaos_restart(target: str = _TARGET, run: str = _RUN_DIR, compose: str = _COMPOSE,
-                 timeout: float = typer.Option(120.0)):
-    """Restart a process of a running `shardps run` (a server restores its checkpoint)."""
-    _chaos_on_run("restart", target, run, {}, timeout, compose)
+for _action, _doc in (
+    ("kill", "SIGKILL a process of a running `shardps run` (docker kill with --compose)."),
+    ("pause", "SIGSTOP a process (docker pause) until `shardps chaos resume`."),
+    ("resume", "SIGCONT a paused process (docker unpause)."),
+    ("restart", "Restart a process or container (a server restores its checkpoint)."),
+):
+    _process_fault(_action, _doc)
 
 
 @chaos_app.command("link")

@@ -190,17 +190,20 @@ def _hold(rule: FaultRule, context) -> None:
     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"fault injected by rule {rule.id}: call dropped")
 
 
+def _apply(fired: list[FaultRule], context, after: bool) -> None:
+    """The faults of ``fired`` that act before the call runs (``after`` False) or after it."""
+    for rule in fired:
+        if rule.after == after:
+            (_after if after else _before)(rule, context)
+
+
 def _wrap_unary(injector: FaultInjector, behavior, method: str, worker: int | None):
     def call(request, context):
         fired = injector.pick(method, worker)
         try:
-            for rule in fired:
-                if not rule.after:
-                    _before(rule, context)
+            _apply(fired, context, after=False)
             reply = behavior(request, context)
-            for rule in fired:
-                if rule.after:
-                    _after(rule, context)
+            _apply(fired, context, after=True)
             return reply
         finally:
             injector.release(fired)
@@ -212,15 +215,11 @@ def _wrap_streaming(injector: FaultInjector, behavior, method: str, worker: int 
     def call(request, context):
         fired = injector.pick(method, worker)
         try:
-            for rule in fired:
-                if not rule.after:
-                    _before(rule, context)
+            _apply(fired, context, after=False)
             if any(rule.after for rule in fired):
                 for _ in behavior(request, context):  # run it to the end, keep nothing: the reply is lost
                     pass
-                for rule in fired:
-                    if rule.after:
-                        _after(rule, context)
+                _apply(fired, context, after=True)
             else:
                 yield from behavior(request, context)
         finally:
