@@ -46,6 +46,10 @@ _TRAIN = {
     "eval_every": typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation (rank 0) every N steps."),
 }
 
+# Every role (coordinator, server, worker) serves Prometheus metrics the same way.
+_METRICS_PORT = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
+                             help="Serve Prometheus metrics on this port (0: any free one; -1: off).")
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
@@ -88,8 +92,7 @@ def coordinator(
                                         help="A worker silent this long is removed from the job's membership."),
     resume_job: str = typer.Option("", envvar="SHARDPS_RESUME_JOB",
                                    help="job.json from a prepared checkpoint: run that job from its step."),
-    metrics_port: int = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
-                                     help="Serve Prometheus metrics on this port (0: any free one; -1: off)."),
+    metrics_port: int = _METRICS_PORT,
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run the coordinator (job spec, shard plan, membership)."""
@@ -120,8 +123,7 @@ def server(
     checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
                                          help="Also checkpoint every N versions (needs --checkpoint-dir)."),
     checkpoint_keep: int = typer.Option(3, envvar="SHARDPS_CHECKPOINT_KEEP", help="Newest checkpoints kept per shard."),
-    metrics_port: int = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
-                                     help="Serve Prometheus metrics on this port (0: any free one; -1: off)."),
+    metrics_port: int = _METRICS_PORT,
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
@@ -161,8 +163,7 @@ def worker(
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
-    metrics_port: int = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
-                                     help="Serve Prometheus metrics on this port (0: any free one; -1: off)."),
+    metrics_port: int = _METRICS_PORT,
     eval_every: int = _TRAIN["eval_every"],
     threads: int = typer.Option(1, envvar="SHARDPS_THREADS", help="torch intra-op threads."),
     name: str = typer.Option("", envvar="SHARDPS_WORKER_NAME", help="Name in status (default host:pid)."),
