@@ -51,8 +51,7 @@ CLOSED_LR_KEPT = 1024  # closed steps whose lr SyncPolicy remembers (a late SSP 
 class _OpenStep:
     """A step that has pushes but has not closed yet."""
 
-    members: frozenset[int]  # the view of its first push
-    epoch: int  # every push of the step names this epoch
+    members: frozenset[int]  # who makes up the step (the view governing it; changes with the membership)
     pushes: dict[int, Push]  # worker_id -> its push
 
 
@@ -140,7 +139,7 @@ class SyncPolicy:
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
         if not duplicate:
             push.kept = True
-            self._open.setdefault(push.step, _OpenStep(members, push.epoch, {})).pushes[w] = push
+            self._open.setdefault(push.step, _OpenStep(members, {})).pushes[w] = push
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
             self._close_ready(state)
@@ -154,7 +153,7 @@ class SyncPolicy:
             raise UnknownWorker(f"worker {w} was removed from the membership (its lease ran out) while its push "
                                 f"for step {push.step} waited; register again to rejoin")
         if not released:
-            waiting_for = self._open.get(state.version, _OpenStep(members, push.epoch, {}))
+            waiting_for = self._open.get(state.version, _OpenStep(members, {}))
             missing = sorted(waiting_for.members - waiting_for.pushes.keys())
             raise WaitTimeout(
                 f"step {state.version} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
