@@ -49,11 +49,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         model: torch.nn.Module | Iterable[torch.nn.Parameter],
-        cluster: str,
+        cluster: str | None = None,
         optimizer: str = "sgd",
         *,
         mode: str = "sync",
-        min_workers: int = 1,
+        min_workers: int | None = None,
         backup_workers: int = 0,
         staleness: int = 0,
         staleness_lr: bool = False,
@@ -73,12 +73,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Args:
             model: an ``nn.Module`` (parameter names come from ``named_parameters()``) or an
                 iterable of parameters (named "0", "1", ... in order).
-            cluster: the coordinator's ``host:port``.
+            cluster: the coordinator's ``host:port`` (default: ``SHARDPS_CLUSTER``, which
+                ``shardps launch`` sets for the scripts it starts).
             optimizer: torch's lower-case optimizer name: "sgd", "adam" or "adamw".
             mode: "sync" (one update per step, sample-weighted mean of every worker's
                 gradient), "ssp" (sync steps, but a worker may run up to ``staleness``
                 steps ahead of the last closed step) or "async" (each push applied on arrival).
-            min_workers: training starts once this many workers have registered.
+            min_workers: training starts once this many workers have registered (default:
+                ``SHARDPS_MIN_WORKERS``, which ``shardps launch --nproc N`` sets to N; else 1).
             staleness: ssp only: the bound k (0 behaves exactly as sync).
             backup_workers: sync/ssp: close each step after the first (workers - b) pushes;
                 a late worker's push is dropped (counted, never applied) and it carries on
@@ -96,7 +98,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             overlap: push each shard's gradients as soon as backward has produced them,
                 hiding communication behind the rest of backward. Wrap gradient-accumulation
                 micro-batches in ``opt.no_sync()``.
-            name: how this worker appears in status (default host:pid).
+            name: how this worker appears in status (default ``SHARDPS_WORKER_NAME``, else host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
             step_timeout: deadline of one push-pull attempt, seconds (sync waits for the slowest worker).
             auth_token: the cluster's shared token (default: SHARDPS_AUTH_TOKEN); TLS settings come
@@ -106,6 +108,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             chunk_bytes: bytes per streamed chunk.
             **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...).
         """
+        cluster = cluster or os.environ.get("SHARDPS_CLUSTER", "")
+        if not cluster:
+            raise ValueError("no cluster address: pass cluster='HOST:PORT' or set SHARDPS_CLUSTER "
+                             "(shardps launch sets it)")
+        if min_workers is None:
+            min_workers = int(os.environ.get("SHARDPS_MIN_WORKERS", "1"))
+        name = name or os.environ.get("SHARDPS_WORKER_NAME", "")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         named = list(model.named_parameters() if isinstance(model, torch.nn.Module)
