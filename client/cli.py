@@ -92,20 +92,23 @@ def coordinator(
                                         help="A worker silent this long is removed from the job's membership."),
     resume_job: str = typer.Option("", envvar="SHARDPS_RESUME_JOB",
                                    help="job.json from a prepared checkpoint: run that job from its step."),
+    state_dir: str = typer.Option("", envvar="SHARDPS_STATE_DIR",
+                                  help="Keep the coordinator's state here: a restart resumes its jobs."),
     metrics_port: int = _METRICS_PORT,
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run the coordinator (job spec, shard plan, membership)."""
+    from ..coordinator.journal import JournalError
     from ..coordinator.main import CoordinatorConfig, serve
 
     _setup_logging(log_level)
     try:
         config = CoordinatorConfig(host=host, port=port, num_servers=num_servers, threads=threads,
                                    port_file=port_file, lease_seconds=lease_seconds, resume_job=resume_job,
-                                   metrics_port=metrics_port)
-    except ValueError as exc:
+                                   state_dir=state_dir, metrics_port=metrics_port)
+        serve(config)
+    except (ValueError, JournalError) as exc:
         _fail(str(exc))
-    serve(config)
 
 
 @app.command()
@@ -210,8 +213,12 @@ def run(
     hosts: bool = typer.Option(False, "--hosts", help="Run every role in its own network namespace (root)."),
     scenario: str = typer.Option("", "--scenario", envvar="SHARDPS_SCENARIO",
                                  help="TOML file of faults to inject; writes report.md into the run directory."),
-    checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
-                                         help="Servers checkpoint every N steps (with --scenario: 10 by default)."),
+    checkpoint_every: int = typer.Option(100, envvar="SHARDPS_CHECKPOINT_EVERY",
+                                         help="Servers checkpoint every N steps (with --scenario: 10 by default; "
+                                              "0: only at the start and the end)."),
+    durable: bool = typer.Option(True, "--durable/--no-durable", envvar="SHARDPS_DURABLE",
+                                 help="Keep coordinator state and shard checkpoints on disk, so a killed process "
+                                      "is survived (--no-durable: in memory only)."),
     resume: str = typer.Option("", "--resume", help="Go on from the checkpoints of this run directory "
                                "(any --servers; --steps counts from step 0)."),
     out: str = typer.Option("", "--out", envvar="SHARDPS_OUT", help="Run directory (default runs/<workload>-<time>)."),
@@ -226,7 +233,7 @@ def run(
                            wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every, amp=amp,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
-                           scenario=scenario, checkpoint_every=checkpoint_every, resume=resume)
+                           scenario=scenario, checkpoint_every=checkpoint_every, durable=durable, resume=resume)
         if as_json or not sys.stdout.isatty():
             summary = run_job(config, _plain_progress() if not as_json else None)
         else:

@@ -56,8 +56,9 @@ class LocalCluster:
         startup_timeout: float = 60.0,
         log_dir: str | os.PathLike | None = None,
         log_level: str = "info",
-        checkpoint_every: int = 0,
+        checkpoint_every: int = 100,
         checkpoint_dir: str | os.PathLike | None = None,
+        durable: bool = True,
         lease_seconds: float = 10.0,
         hosts: bool = False,
         worker_hosts: int = 0,
@@ -67,10 +68,12 @@ class LocalCluster:
         mutual_tls: bool = False,
         metrics: bool = False,
     ):
-        """``checkpoint_every``/``checkpoint_dir``: servers checkpoint their shards (at version 0,
-        every N versions, on request and on SIGTERM) to ``checkpoint_dir`` (default: a folder in
-        the log directory), so a restarted server restores its shard and the job rolls back to the
-        newest common checkpoint instead of failing. Off by default."""
+        """Durable by default: the coordinator keeps its state in the log directory (a restarted
+        coordinator resumes its jobs), and servers checkpoint their shards at version 0, every
+        ``checkpoint_every`` versions (0: only then, on request and on SIGTERM) to ``checkpoint_dir``
+        (default: a folder in the log directory), so a restarted server restores its shard and the
+        job rolls back to the newest common checkpoint instead of failing. ``durable=False`` keeps
+        everything in memory: a killed process then loses its part of the job."""
         if servers < 1:
             raise ValueError(f"a cluster needs at least one server, got servers={servers}")
         self.num_servers, self.host = servers, host
@@ -105,8 +108,10 @@ class LocalCluster:
             names = ["coordinator", *(f"server-{i}" for i in range(servers)),
                      *(f"worker-{i}" for i in range(worker_hosts))]
             self.network = Network(names, name="LocalCluster", driver=True)
-        self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
-                               else self.log_dir / "checkpoints" if checkpoint_every else None)
+        self.durable = durable
+        self.checkpoint_dir = (None if not durable else Path(checkpoint_dir) if checkpoint_dir is not None
+                               else self.log_dir / "checkpoints")
+        self.state_dir = self.log_dir / "coordinator-state" if durable else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,6 +127,7 @@ class LocalCluster:
                 self.network.start()
             port = self._spawn("coordinator", ["coordinator", "--num-servers", str(self.num_servers),
                                                "--lease-seconds", str(self.lease_seconds),
+                                               *(["--state-dir", str(self.state_dir)] if self.state_dir else []),
                                                *(["--resume-job", str(self.resume_job)] if self.resume_job else [])])
             self.address = f"{self._host_of('coordinator')}:{port}"
             self._wait_healthy("coordinator", self.address)

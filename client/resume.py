@@ -2,7 +2,8 @@
 
 Each server checkpoints its own slice (``server/checkpoint.py``). This module finds
 the newest version that *every* shard has a checkpoint of, and puts the slices back
-together: the flat parameters, the flat optimizer state, the job spec. From there:
+together: the flat parameters, each parameter's optimizer state, the param groups'
+hyper-parameters, the buffers, the job spec. From there:
 
 - ``export_checkpoint``: the model (and optimizer) ``state_dict`` files, no cluster needed;
 - ``prepare_resume``: the same state cut for a new number of servers, written as
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..proto.assemble import concat_shards, model_state_dict, optimizer_state_dict
+from ..proto import buffers as buffer_file
+from ..proto.assemble import (hyper_groups, model_state_dict, optimizer_state_dict, param_states,
+                              split_optimizer_state)
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import JobConfig, job_from_pb
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
@@ -38,9 +41,11 @@ class JobCheckpoint:
     job: JobConfig
     version: int
     param: torch.Tensor  # the whole flat fp32 vector
-    optimizer_state: dict[str, torch.Tensor]  # flat per key; 0-d values ("step") shared
+    optimizer_state: dict[int, dict[str, torch.Tensor]]  # layout index -> its whole state, by torch's keys
     last_step: dict[int, int]  # the dedup table (the same on every shard of a sync job)
     source: Path
+    hyper_json: str = ""  # the param groups' hyper-parameters at this version
+    buffers: bytes | None = None  # the model's buffers file (shard 0's)
 
 
 def checkpoint_root(path: str | Path) -> Path:
@@ -73,10 +78,9 @@ def load_job_checkpoint(path: str | Path) -> JobCheckpoint:
     expected = [(a, b) for a, b in zip([0] + [s.stop for s in snaps[:-1]], [s.stop for s in snaps])]
     if ranges != expected or snaps[-1].stop != job.layout.numel:
         raise CheckpointError(f"the shards under {root} do not cover [0, {job.layout.numel}) exactly: {ranges}")
-    state = [dict(s.optimizer_state) for s in snaps]
-    keys = sorted(set().union(*state))
     return JobCheckpoint(snaps[0].job_id, snaps[0].job_spec, job, version, torch.cat([s.param for s in snaps]),
-                         {k: concat_shards(state, k) for k in keys}, dict(snaps[0].last_step), root)
+                         param_states(job.layout, [s.optimizer_state for s in snaps]), dict(snaps[0].last_step),
+                         root, snaps[0].hyper_json, next((s.buffers for s in snaps if s.buffers is not None), None))
 
 
 def export_checkpoint(path: str | Path, out: str | Path, optimizer_state: bool = False) -> dict:
@@ -88,12 +92,15 @@ def export_checkpoint(path: str | Path, out: str | Path, optimizer_state: bool =
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"shardps_job_id": ckpt.job_id, "versions": json.dumps([ckpt.version]),
             "fingerprint": ckpt.job.layout.fingerprint}
-    _atomic_save(model_state_dict(ckpt.job.layout, ckpt.param), out, meta)
+    buffers = buffer_file.decode(ckpt.buffers) if ckpt.buffers else {}
+    _atomic_save(model_state_dict(ckpt.job.layout, ckpt.param, buffers), out, meta)
     optim_path = None
     if optimizer_state:
         optim_path = out.with_name(out.stem + ".optim.pt")
-        shards = [{"param": ckpt.param, **ckpt.optimizer_state}]
-        _atomic_save(optimizer_state_dict(ckpt.job.layout, shards, dict(ckpt.job.optimizer_kwargs)), optim_path, None)
+        whole = split_optimizer_state(ckpt.job, {"state": ckpt.optimizer_state},
+                                      [plan_shards(ckpt.job.layout.numel, 1)[0]])
+        _atomic_save(optimizer_state_dict(ckpt.job, whole, hyper_groups(ckpt.job, ckpt.hyper_json)), optim_path,
+                     None)
     return {"model": str(out), "optimizer": str(optim_path) if optim_path else None, "version": ckpt.version,
             "numel": ckpt.job.layout.numel, "source": str(ckpt.source)}
 
@@ -102,10 +109,12 @@ def prepare_resume(ckpt: JobCheckpoint, num_servers: int, out_dir: str | Path, a
     """Cut ``ckpt`` for ``num_servers`` servers and write their checkpoints into ``out_dir`` (as
     ``shard-<k>/``), plus ``out_dir/job.json`` for the coordinator. Returns that file's path."""
     out_dir = Path(out_dir)
-    for r in plan_shards(ckpt.job.layout.numel, num_servers, align):
-        state = {k: (v.clone() if v.dim() == 0 else v[r.start:r.stop].clone()) for k, v in ckpt.optimizer_state.items()}
+    ranges = plan_shards(ckpt.job.layout.numel, num_servers, align)
+    states = split_optimizer_state(ckpt.job, {"state": ckpt.optimizer_state}, ranges)
+    for r, state in zip(ranges, states):
         snap = Snapshot(ckpt.job_id, ckpt.job_spec, r.shard_id, r.start, r.stop, ckpt.version, dict(ckpt.last_step),
-                        ckpt.param[r.start:r.stop].clone(), state)
+                        ckpt.param[r.start:r.stop].clone(), {k: v.clone() for k, v in state.items()},
+                        ckpt.hyper_json, ckpt.buffers if r.shard_id == 0 else None)
         CheckpointStore(out_dir / f"shard-{r.shard_id}").write(snap)
     spec = {"job_id": ckpt.job_id, "job_spec": base64.b64encode(ckpt.job_spec).decode(), "version": ckpt.version,
             "from": str(ckpt.source)}

@@ -58,7 +58,8 @@ class RunConfig:
     worker_threads: int = 1  # torch threads per worker
     hosts: bool = False  # every role in its own network namespace (root only)
     scenario: str = ""  # TOML file of faults to inject (see client/scenario.py)
-    checkpoint_every: int = 0  # servers also checkpoint every N steps (always: at the start and at the end)
+    checkpoint_every: int = 100  # servers also checkpoint every N steps (always: at the start and at the end)
+    durable: bool = True  # coordinator state and shard checkpoints on disk, so a killed process is survived
     resume: str = ""  # a run directory (or checkpoint folder) to go on from; --steps counts from step 0
     lease_seconds: float = 10.0  # a worker silent this long leaves the membership
 
@@ -145,12 +146,14 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
     logs = out / "logs"
     started = time.time()
     scenario = config.load_scenario() if config.scenario else None
-    checkpoint_every = config.checkpoint_every or (10 if scenario is not None else 0)
+    # A fault scenario's rollbacks replay fewer steps with denser checkpoints.
+    checkpoint_every = 10 if scenario is not None and config.checkpoint_every == RunConfig.checkpoint_every \
+        else config.checkpoint_every
     checkpoints = out / "checkpoints"
     resume_job = _prepare_resume(config, checkpoints) if config.resume else None
     with LocalCluster(servers=config.servers, log_dir=logs, hosts=config.hosts, worker_hosts=config.workers,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoints, resume_job=resume_job,
-                      lease_seconds=config.lease_seconds) as cluster:
+                      lease_seconds=config.lease_seconds, durable=config.durable or bool(resume_job)) as cluster:
         workers = WorkerSet(config, cluster, out, logs)
         from .scenario import Scenario, ScenarioRunner
 
@@ -186,11 +189,11 @@ def _prepare_resume(config: RunConfig, checkpoints: Path) -> Path:
 
     from ..worker.workloads import get_workload
     from .resume import load_job_checkpoint, prepare_resume
-    from ..proto.layout import Layout
+    from ..proto.layout import fingerprint_of
 
     ckpt = load_job_checkpoint(config.resume)
     model = get_workload(config.workload, config.seed).model()
-    fingerprint = Layout.from_module(model.named_parameters()).fingerprint
+    fingerprint = fingerprint_of((n, tuple(p.shape)) for n, p in model.named_parameters())
     if fingerprint != ckpt.job.layout.fingerprint:
         raise RunError(f"the checkpoint in {ckpt.source} is of another model than --workload {config.workload}; "
                        "resume with the workload it was trained with")

@@ -15,7 +15,8 @@ import grpc
 import torch
 
 from ..coordinator.client import CoordinatorClient
-from ..proto.assemble import model_state_dict, optimizer_state_dict
+from ..proto import buffers as buffer_file
+from ..proto.assemble import hyper_groups, model_state_dict, optimizer_state_dict
 from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
@@ -126,25 +127,27 @@ def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = F
         raise FailedPrecondition(f"the cluster at {address} has no job yet: nothing to export")
     ps = PSClient(plan, job_id, job.layout.fingerprint, chunk_bytes=1 << 20, timeout=120.0)
     try:
-        shards = ps.pull_state() if optimizer_state else None
-        if shards is None:
-            flat = torch.empty(job.layout.numel)
-            versions = ps.pull(flat)
+        if optimizer_state:
+            shards = ps.pull_state()
+            versions = [v for v, _, _ in shards]
+            flat = torch.cat([t["param"] for _, t, _ in shards])
+            found = next((t["buffers"] for _, t, _ in shards if "buffers" in t), None)
+            blob = found.numpy().tobytes() if found is not None else None
         else:
-            versions = [v for v, _ in shards]
-            flat = torch.cat([t["param"] for _, t in shards])
+            flat = torch.empty(job.layout.numel)
+            versions, blob = ps.pull(flat, buffers=True)
     finally:
         ps.close()
+    buffers = buffer_file.decode(blob) if blob is not None else {}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"shardps_job_id": job_id, "versions": json.dumps(versions), "fingerprint": job.layout.fingerprint}
-    _atomic_save(model_state_dict(job.layout, flat), path, meta)
+    _atomic_save(model_state_dict(job.layout, flat, buffers), path, meta)
     optim_path = None
-    if shards is not None:
+    if optimizer_state:
         optim_path = path.with_name(path.stem + ".optim.pt")
-        group = dict(job.optimizer_kwargs)
-        state = optimizer_state_dict(job.layout, [t for _, t in shards], group)
-        _atomic_save(state, optim_path, None)
+        groups = hyper_groups(job, shards[0][2])
+        _atomic_save(optimizer_state_dict(job, [t for _, t, _ in shards], groups), optim_path, None)
     return {"model": str(path), "optimizer": str(optim_path) if optim_path else None, "versions": versions,
             "numel": job.layout.numel}
 
@@ -187,7 +190,7 @@ def train_single_process(workload: str, *, workers: int = 2, batch_size: int = 0
     steps = steps or wl.steps_for(epochs or d.epochs, union)
     name = optimizer or d.optimizer
     model = wl.model()
-    opt = optim.OPTIMIZERS[name](model.parameters(), **optim.normalize_kwargs(name, {"lr": lr or d.lr}))
+    opt = optim.OPTIMIZERS[name](model.parameters(), **optim.full_defaults(name, {"lr": lr or d.lr}))
     start, losses = time.perf_counter(), []
     for step in range(steps):
         x, y = wl.global_batch(step, union)

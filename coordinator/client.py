@@ -26,9 +26,11 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, timeout: float = CONTROL_TIMEOUT_S, security=None):
-        """``security``: a ``proto.security.Security`` (None: from the SHARDPS_* environment)."""
-        self.address, self.timeout = address, timeout
+    def __init__(self, address: str, timeout: float = CONTROL_TIMEOUT_S, security=None, reconnect: float = 0.0):
+        """``security``: a ``proto.security.Security`` (None: from the SHARDPS_* environment).
+        ``reconnect``: seconds every call keeps retrying while the coordinator is unreachable (a
+        restarting coordinator comes back with its state; workers and servers ride that out)."""
+        self.address, self.timeout, self.reconnect = address, timeout, reconnect
         self._channel = open_channel(address, security)
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
 
@@ -42,19 +44,21 @@ class CoordinatorClient:
         self.close()
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        if self.reconnect > 0:
+            return self._retrying(what, fn, self.reconnect, (grpc.StatusCode.UNAVAILABLE,))
         try:
             return fn()
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"{what} at coordinator {self.address}") from None
 
-    def _retrying(self, what: str, fn: Callable[[], T], wait: float) -> T:
-        """Call ``fn`` until it stops failing with UNAVAILABLE/DEADLINE_EXCEEDED or ``wait`` s pass."""
+    def _retrying(self, what: str, fn: Callable[[], T], wait: float, retryable=_RETRYABLE) -> T:
+        """Call ``fn`` until it stops failing with a ``retryable`` code or ``wait`` s pass."""
         deadline, delay = time.monotonic() + wait, 0.05
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE or time.monotonic() + delay > deadline:
+                if exc.code() not in retryable or time.monotonic() + delay > deadline:
                     raise error_from_rpc(exc, f"{what} at coordinator {self.address} (waited {wait:.0f}s)") from None
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
@@ -116,9 +120,11 @@ class CoordinatorClient:
         req = pb.GetMembershipRequest(job_id=job_id, epoch=epoch)
         return view_from_pb(self._call("GetMembership", lambda: self._stub.GetMembership(req, timeout=self.timeout)).view)
 
-    def job(self):
-        """(job_id, JobConfig, plan) of the current job; job_id is "" while none is defined."""
-        reply = self._call("GetJob", lambda: self._stub.GetJob(pb.GetJobRequest(), timeout=self.timeout))
+    def job(self, name: str = "", job_id: str = ""):
+        """(job_id, JobConfig, plan) of the job named ``name`` (or with id ``job_id``); job_id is ""
+        while no such job is defined."""
+        req = pb.GetJobRequest(job_name=name, job_id=job_id)
+        reply = self._call("GetJob", lambda: self._stub.GetJob(req, timeout=self.timeout))
         if not reply.job_id:
             return "", None, []
         return reply.job_id, job_from_pb(reply.job), plan_from_pb(reply.plan)
@@ -146,5 +152,6 @@ class CoordinatorClient:
         req = pb.ReportRestoreRequest(job_id=job_id, shard_id=shard_id, version=version)
         return self._retrying("ReportRestore", lambda: self._stub.ReportRestore(req, timeout=timeout), timeout).rollback
 
-    def status(self) -> pb.GetJobStatusResponse:
-        return self._call("GetJobStatus", lambda: self._stub.GetJobStatus(pb.GetJobStatusRequest(), timeout=self.timeout))
+    def status(self, name: str = "") -> pb.GetJobStatusResponse:
+        req = pb.GetJobStatusRequest(job_name=name)
+        return self._call("GetJobStatus", lambda: self._stub.GetJobStatus(req, timeout=self.timeout))

@@ -20,6 +20,7 @@ from ..proto.process import wait_for_stop_signal, write_port_file
 from ..proto.faults import create_server as new_grpc_server
 from ..proto.rpc import add_health, bind
 from .service import CoordinatorServicer
+from .journal import Journal
 from .shards import ShardAdmin
 from .state import Coordinator
 
@@ -34,6 +35,7 @@ class CoordinatorConfig:
     threads: int = 32  # gRPC handler threads (membership watches hold one each)
     lease_seconds: float = 10.0  # a worker silent this long is removed from the membership
     resume_job: str = ""  # job.json written by prepare_resume: run that job from its checkpoint step
+    state_dir: str = ""  # keep the coordinator's state here, so a restart resumes its jobs ("": in memory only)
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
     port_file: str = ""  # if set, the bound port is written here
 
@@ -60,9 +62,19 @@ def read_resume_file(path: str) -> tuple[str, JobConfig, int]:
 
 def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
     """Build (not start) the coordinator's gRPC server; returns (server, bound port, core)."""
-    coordinator = Coordinator(config.num_servers, shards=ShardAdmin(), lease_s=config.lease_seconds)
+    shards = ShardAdmin()
+    journal = Journal(config.state_dir) if config.state_dir else None
+    coordinator = Coordinator(config.num_servers, shards=shards, lease_s=config.lease_seconds, journal=journal)
+    shards.generation = coordinator.generation
     if config.resume_job:
-        coordinator.resume(*read_resume_file(config.resume_job))
+        job_id, job, step = read_resume_file(config.resume_job)
+        with coordinator.cond:
+            known = coordinator.named(job.name)
+        if known is None:
+            coordinator.resume(job_id, job, step)
+        elif known.job_id != job_id:
+            raise ValueError(f"the state in {config.state_dir} runs another job named {job.name!r}; use a new "
+                             "--state-dir to resume from {config.resume_job}")
     server, injector = new_grpc_server(config.threads)
     if config.metrics_port >= 0:
         from ..proto import metrics
@@ -82,8 +94,7 @@ def reconfigure_forever(coordinator: Coordinator, stop: threading.Event, every: 
     """Expire leases and admit joiners a few times a second, until ``stop``."""
     while not stop.wait(every):
         try:
-            view = coordinator.reconfigure()
-            if view is not None:
+            for view in coordinator.reconfigure():
                 log.warning("membership epoch %d from step %d: workers %s", view.epoch, view.start_step,
                             sorted(view.worker_ids))
         except Exception as exc:  # a shard may be down for a moment; try again

@@ -16,8 +16,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
 
-    def _plan(self):
-        return plan_to_pb(self.c.plan, self.c.job.layout.numel if self.c.job else 0, self.c.align)
+    def _plan(self, state):
+        return plan_to_pb(state.plan, state.job.layout.numel, self.c.align)
 
     @translate_errors
     def RegisterServer(self, request, context):
@@ -28,13 +28,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def RegisterWorker(self, request, context):
         try:
             job = job_from_pb(request.job)
-        except ValueError as exc:
-            raise InvalidArgument(f"bad job spec: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"bad job spec: {str(exc)[:500]}") from None
         reg = self.c.register_worker(job, request.name, request.device)
-        return pb.RegisterWorkerResponse(
-            job_id=reg.job_id, worker_id=reg.worker_id, job=job_to_pb(reg.job),
-            plan=self._plan(), initializer=reg.initializer,
-        )
+        with self.c.cond:
+            plan = self._plan(self.c.job(reg.job_id))
+        return pb.RegisterWorkerResponse(job_id=reg.job_id, worker_id=reg.worker_id, job=job_to_pb(reg.job),
+                                         plan=plan, initializer=reg.initializer)
 
     @translate_errors
     def WatchMembership(self, request, context):
@@ -45,11 +45,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def GetMembership(self, request, context):
         return pb.GetMembershipResponse(view=view_to_pb(self.c.view(request.job_id, request.epoch)))
 
+    @translate_errors
     def GetJob(self, request, context):
         with self.c.cond:
-            if self.c.job is None:
+            if request.job_id:
+                state = next((j for j in self.c.jobs.values() if j.job_id == request.job_id), None)
+            else:
+                state = self.c.named(request.job_name)
+            if state is None:
                 return pb.GetJobResponse()
-            return pb.GetJobResponse(job_id=self.c.job_id, job=job_to_pb(self.c.job), plan=self._plan())
+            return pb.GetJobResponse(job_id=state.job_id, job=job_to_pb(state.job), plan=self._plan(state))
 
     @translate_errors
     def LeaveJob(self, request, context):
@@ -75,22 +80,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def GetJobStatus(self, request, context):
         c, now = self.c, time.monotonic()
         with c.cond:
+            state = c.named(request.job_name)
+            base = dict(servers=[pb.ServerInfo(shard_id=i, address=a) for i, a in sorted(c.servers.items())],
+                        num_servers=c.num_servers, job_names=sorted(c.jobs), generation=c.generation)
+            if state is None:
+                return pb.GetJobStatusResponse(**base)
             return pb.GetJobStatusResponse(
-                job_id=c.job_id,
-                job=job_to_pb(c.job) if c.job else None,
-                plan=self._plan(),
-                view=view_to_pb(c.latest()),
-                servers=[pb.ServerInfo(shard_id=i, address=a) for i, a in sorted(c.servers.items())],
-                num_servers=c.num_servers,
-                pending=[member_to_pb(m) for m in c.pending],
-                left_worker_ids=list(c.left),
-                rollbacks=[rollback_to_pb(r) for r in c.rollbacks],
-                expired_worker_ids=list(c.expired),
-                heartbeat_age_s={w: now - t for w, t in c.last_seen.items()},
+                job_id=state.job_id,
+                job=job_to_pb(state.job),
+                plan=self._plan(state),
+                view=view_to_pb(state.latest()),
+                pending=[member_to_pb(m) for m in state.pending],
+                left_worker_ids=state.left[-STATUS_LIST:],
+                rollbacks=[rollback_to_pb(r) for r in state.rollbacks[-STATUS_LIST:]],
+                expired_worker_ids=state.expired[-STATUS_LIST:],
+                heartbeat_age_s={w: now - t for w, t in sorted(state.last_seen.items())[-STATUS_LIST:]},
                 worker_counters={w: pb.WorkerCounters(step=step, counters=counters)
-                                 for w, (step, counters) in c.reports.items()},
-                waiting_for=c.waiting_for,
+                                 for w, (step, counters) in sorted(state.reports.items())[-STATUS_LIST:]},
+                waiting_for=state.waiting_for,
+                **base,
             )
+
+
+STATUS_LIST = 256  # newest entries of each history list that status returns
 
 
 def rollback_to_pb(r) -> pb.Rollback:

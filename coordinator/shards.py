@@ -14,33 +14,36 @@ from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 class Checkpoints:
     versions: list[int]  # ascending
     version: int  # the shard's live version
+    awaiting_rollback: bool = False  # restored at start-up, waiting for the job to be aligned
 
 
 class ShardAdmin:
-    """Blocking calls with deadlines; a fresh channel per call (rare, small)."""
+    """Blocking calls with deadlines; a fresh channel per call (rare, small). ``generation`` is the
+    coordinator's, sent with every call that changes a shard (see ``coordinator.journal``)."""
 
-    def __init__(self, timeout: float = CONTROL_TIMEOUT_S):
-        self.timeout = timeout
+    def __init__(self, timeout: float = CONTROL_TIMEOUT_S, security=None):
+        self.timeout, self.security, self.generation = timeout, security, 1
 
     def _call(self, address: str, what: str, fn):
-        with open_channel(address) as channel:
+        with open_channel(address, self.security) as channel:
             try:
                 return fn(pb_grpc.ShardServiceStub(channel))
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, f"{what} at shard server {address}") from None
 
-    def checkpoints(self, address: str) -> Checkpoints:
+    def checkpoints(self, address: str, job_id: str) -> Checkpoints:
         reply = self._call(address, "ListCheckpoints",
-                           lambda s: s.ListCheckpoints(pb.ListCheckpointsRequest(), timeout=self.timeout))
-        return Checkpoints(list(reply.versions), reply.version)
+                           lambda s: s.ListCheckpoints(pb.ListCheckpointsRequest(job_id=job_id), timeout=self.timeout))
+        return Checkpoints(list(reply.versions), reply.version, reply.awaiting_rollback)
 
     def set_membership(self, address: str, job_id: str, view, from_open_step: bool) -> tuple[bool, int]:
         from ..proto.messages import view_to_pb
 
-        req = pb.SetMembershipRequest(job_id=job_id, view=view_to_pb(view), from_open_step=from_open_step)
+        req = pb.SetMembershipRequest(job_id=job_id, view=view_to_pb(view), from_open_step=from_open_step,
+                                      coordinator_generation=self.generation)
         reply = self._call(address, "SetMembership", lambda s: s.SetMembership(req, timeout=self.timeout))
         return reply.accepted, reply.version
 
     def rollback(self, address: str, job_id: str, version: int, epoch: int) -> int:
-        req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch)
+        req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch, coordinator_generation=self.generation)
         return self._call(address, "Rollback", lambda s: s.Rollback(req, timeout=60.0)).from_version

@@ -1,14 +1,20 @@
-"""Coordinator core: job spec, shard plan, servers and membership views. Never touches tensors.
+"""Coordinator core: named jobs, their shard plans, servers and membership views. Never touches tensors.
 
-The first worker to register defines the job; later workers must send the same
-spec. Training starts when ``min_workers`` workers have registered: that forms
-membership view 1 (epoch 1, ranks in registration order). In async mode a later
-worker joins at once with a new view. Sync and SSP jobs change membership at a
-step boundary that every shard agrees on (``reconfigure``): workers hold leases
-renewed by heartbeats; a worker whose lease runs out is removed from the step
-its shards have open, and a new worker is added from a step a few steps ahead
-that no shard has closed yet (every shard must accept that step before the view
-is published; see docs/architecture.md).
+A cluster runs one or more named jobs (a GAN's generator and discriminator are two)
+over the same shard servers; each job has its own id, spec, plan (its flat vector
+cut across all servers) and membership. The first worker to register under a name
+defines that job; later workers must send the same spec. Training starts when
+``min_workers`` workers have registered: that forms membership view 1 (epoch 1,
+ranks in registration order). In async mode a later worker joins at once with a
+new view. Sync and SSP jobs change membership at a step boundary that every shard
+agrees on (``reconfigure``): workers hold leases renewed by heartbeats; a worker
+whose lease runs out is removed from the step its shards have open, and a new worker
+is added from a step a few steps ahead that no shard has closed yet (every shard
+must accept that step before the view is published; see docs/architecture.md).
+
+Everything but leases is durable: with a ``journal`` every change is written to
+disk before the call returns, and a restarted coordinator resumes the same jobs
+(``coordinator.journal``).
 
     coord = Coordinator(num_servers=2)
     coord.register_server("127.0.0.1:7071", shard_id=-1)
@@ -20,13 +26,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
-from ..proto.messages import JobConfig, MemberInfo, ShardInfo, UpdateMode, View
+from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
 
 MAX_WATCH_S = 60.0  # longest a WatchMembership call is held open
+MAX_JOBS = 64  # named jobs per cluster
+MAX_WORKERS_SEEN = 1 << 16  # worker registrations per job over its life (ids are never reused)
+MAX_COUNTERS = 32  # fault counters a heartbeat may report
+MAX_ADDRESS = 256  # characters of a server address
 
 
 @dataclass(frozen=True)
@@ -51,36 +61,78 @@ class RollbackRecord:
         return self.from_version - self.to_version
 
 
+@dataclass
+class JobState:
+    """One named job: its spec and plan, its membership over time, and what happened to it."""
+
+    name: str
+    job_id: str
+    job: JobConfig
+    plan: list[ShardInfo]
+    start_step: int = 0  # the first view's start step (a resumed job starts where its checkpoint is)
+    views: list[View] = field(default_factory=list)  # views[e - 1] is epoch e
+    pending: list[MemberInfo] = field(default_factory=list)  # registered, waiting to join a view
+    left: list[int] = field(default_factory=list)
+    expired: list[int] = field(default_factory=list)  # removed because their lease ran out
+    rollbacks: list[RollbackRecord] = field(default_factory=list)
+    registered_ids: list[int] = field(default_factory=list)  # every worker that ever registered, in order
+    last_seen: dict[int, float] = field(default_factory=dict)  # worker_id -> monotonic time (not durable)
+    reports: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)  # worker -> (step, counters)
+    waiting_for: str = ""  # why the job cannot go on, when it cannot
+    balancer: "BatchSplitter" = field(default_factory=lambda: BatchSplitter())
+
+    def latest(self) -> View:
+        return self.views[-1] if self.views else View(0, 0, ())
+
+    def registered(self, worker_id: int) -> bool:
+        return worker_id in self.last_seen or worker_id in self.registered_ids
+
+
 class Coordinator:
-    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None, lease_s: float = 10.0):
-        """``shards``: how to reach shard servers (``coordinator.shards.ShardAdmin``); needed for rollbacks."""
+    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None, lease_s: float = 10.0,
+                 journal=None):
+        """``shards``: how to reach shard servers (``coordinator.shards.ShardAdmin``); needed for
+        membership changes and rollbacks. ``journal``: where the state is kept (None: memory only)."""
         if num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {num_servers}")
         self.num_servers, self.align, self.shards = num_servers, align, shards
-        self.rollbacks: list[RollbackRecord] = []
         self.lease_s = lease_s
-        self.last_seen: dict[int, float] = {}  # worker_id -> monotonic time of its last sign of life
-        self.reports: dict[int, tuple[int, dict[str, int]]] = {}  # worker_id -> (step, fault counters)
-        self.expired: list[int] = []  # removed because their lease ran out
-        self.waiting_for = ""  # why the job cannot go on, when it cannot
-        self.start_step = 0  # the first view's start step (a resumed job starts where its checkpoint is)
         self.servers: dict[int, str] = {}  # shard_id -> address
-        self.job: JobConfig | None = None
-        self.job_id = ""
-        self.plan: list[ShardInfo] = []
-        self.views: list[View] = []  # views[e - 1] is epoch e
-        self.pending: list[MemberInfo] = []  # registered, waiting for the first view
-        self.left: list[int] = []
-        self._next_worker_id = 0
-        self.balancer = BatchSplitter()
+        self.jobs: dict[str, JobState] = {}  # by name
+        self._next_worker_id = 0  # unique across the cluster's jobs, never reused
+        self.generation = 1  # bumped by every restart from the journal; shards refuse older coordinators
         self.cond = threading.Condition()
+        self.journal = journal
+        if journal is not None:
+            journal.restore(self)
+            self.generation += 1 if self.jobs or self.servers else 0
+            self._persist()
+
+    def _persist(self) -> None:
+        """Write the durable state (under the lock) before the change is acknowledged."""
+        if self.journal is not None:
+            self.journal.write(self)
+
+    # ------------------------------------------------------------------ jobs
+
+    def job(self, job_id: str) -> JobState:
+        """The job with id ``job_id`` (under the lock); WrongJob if there is none."""
+        for state in self.jobs.values():
+            if state.job_id == job_id:
+                return state
+        raise WrongJob(f"job {job_id[:64]!r} is not one of this cluster's jobs "
+                       f"({', '.join(repr(j.job_id) for j in self.jobs.values()) or 'none yet'})")
+
+    def named(self, name: str) -> JobState | None:
+        return self.jobs.get(name or DEFAULT_JOB)
 
     # ------------------------------------------------------------------ servers
 
     def register_server(self, address: str, shard_id: int = -1) -> int:
         """Record where shard ``shard_id`` is served (-1: the lowest free id). Returns the id."""
-        if not address or ":" not in address:
-            raise InvalidArgument(f"server address must be host:port, got {address!r}")
+        if not address or ":" not in address or len(address) > MAX_ADDRESS:
+            raise InvalidArgument(f"server address must be host:port (at most {MAX_ADDRESS} characters), "
+                                  f"got {address[:80]!r}")
         with self.cond:
             if shard_id == -1:
                 free = [i for i in range(self.num_servers) if i not in self.servers]
@@ -92,7 +144,9 @@ class Coordinator:
             elif not 0 <= shard_id < self.num_servers:
                 raise InvalidArgument(f"shard id {shard_id} is outside 0..{self.num_servers - 1}")
             self.servers[shard_id] = address
-            self.plan = [ShardInfo(s.range, self.servers.get(s.range.shard_id, "")) for s in self.plan]
+            for state in self.jobs.values():
+                state.plan = [ShardInfo(s.range, self.servers.get(s.range.shard_id, "")) for s in state.plan]
+            self._persist()
             self.cond.notify_all()
             return shard_id
 
@@ -104,115 +158,141 @@ class Coordinator:
                 raise Unavailable(
                     f"waiting for shard servers: {len(self.servers)}/{self.num_servers} registered"
                 )
-            initializer = self.job is None
+            state = self.named(job.name)
+            initializer = state is None
             if initializer:
-                self._define(job)
+                state = self._define(job)
             else:
-                differences = self.job.differences(job)
+                differences = state.job.differences(job)
                 if differences:
-                    raise WrongJob("refused: " + "; ".join(differences))
-            member = MemberInfo(self._next_worker_id, -1, name, device)
+                    raise WrongJob(f"refused by job {state.name!r}: " + "; ".join(differences))
+            if len(state.registered_ids) >= MAX_WORKERS_SEEN:
+                raise FailedPrecondition(f"job {state.name!r} has had {MAX_WORKERS_SEEN} workers; start a new job")
+            member = MemberInfo(self._next_worker_id, -1, name[:256], device[:64])
             self._next_worker_id += 1
-            self.last_seen[member.worker_id] = time.monotonic()
-            self._admit(member)
-            return Registration(self.job_id, member.worker_id, self.job, list(self.plan), initializer)
+            state.registered_ids.append(member.worker_id)
+            state.last_seen[member.worker_id] = time.monotonic()
+            self._admit(state, member)
+            self._persist()
+            return Registration(state.job_id, member.worker_id, state.job, list(state.plan), initializer)
 
     def resume(self, job_id: str, job: JobConfig, step: int) -> None:
         """Run a job resumed from a checkpoint: it is defined before any worker registers (nobody
         uploads parameters: the servers restore them) and training starts at ``step``."""
         with self.cond:
-            if self.job is not None:
-                raise FailedPrecondition("this coordinator already runs a job")
-            self._define(job, job_id)
-            self.start_step = step
+            if self.named(job.name) is not None:
+                raise FailedPrecondition(f"this coordinator already runs a job named {job.name!r}")
+            self._define(job, job_id).start_step = step
+            self._persist()
 
-    def _define(self, job: JobConfig, job_id: str = "") -> None:
-        self.job, self.job_id = job, job_id or uuid.uuid4().hex[:16]
+    def _define(self, job: JobConfig, job_id: str = "") -> JobState:
+        if len(self.jobs) >= MAX_JOBS:
+            raise FailedPrecondition(f"this cluster already runs {MAX_JOBS} jobs; start another cluster")
         ranges = plan_shards(job.layout.numel, self.num_servers, self.align)
-        self.plan = [ShardInfo(r, self.servers.get(r.shard_id, "")) for r in ranges]  # addresses fill in as servers register
+        plan = [ShardInfo(r, self.servers.get(r.shard_id, "")) for r in ranges]
+        state = JobState(job.name, job_id or uuid.uuid4().hex[:16], job, plan)
+        self.jobs[job.name] = state
+        return state
 
-    def _admit(self, member: MemberInfo) -> None:
-        if self.views and self.job.mode is not UpdateMode.ASYNC:
-            self.pending.append(member)  # joins at a step boundary: reconfigure()
+    def _admit(self, state: JobState, member: MemberInfo) -> None:
+        if state.views and state.job.mode is not UpdateMode.ASYNC:
+            state.pending.append(member)  # joins at a step boundary: reconfigure()
             return
-        if self.views:  # async job already running: join now
-            current = self.views[-1].members
-            self._new_view((*current, MemberInfo(member.worker_id, len(current), member.name, member.device)))
+        if state.views:  # async job already running: join now
+            current = state.latest().members
+            self._new_view(state, (*current, MemberInfo(member.worker_id, len(current), member.name, member.device)))
             return
-        self.pending.append(member)
-        if len(self.pending) >= self.job.min_workers:
-            ranked = tuple(MemberInfo(m.worker_id, r, m.name, m.device) for r, m in enumerate(self.pending))
-            self.pending.clear()
-            self._new_view(ranked, start_step=self.start_step)
+        state.pending.append(member)
+        if len(state.pending) >= state.job.min_workers:
+            ranked = _ranked(state.pending)
+            state.pending.clear()
+            self._new_view(state, ranked, start_step=state.start_step)
 
-    def _new_view(self, members: tuple[MemberInfo, ...], start_step: int = 0) -> None:
-        self.views.append(View(len(self.views) + 1, start_step, members))
+    def _new_view(self, state: JobState, members: tuple[MemberInfo, ...], start_step: int = 0) -> None:
+        state.views.append(View(len(state.views) + 1, start_step, members))
         self.cond.notify_all()
 
     def leave(self, job_id: str, worker_id: int) -> None:
         """A worker is done. Async jobs get a view without it; sync views stay fixed."""
         with self.cond:
-            self._check_job(job_id)
-            if worker_id in self.left:
+            state = self.job(job_id)
+            self._check_worker(state, worker_id)
+            if worker_id in state.left:
                 return
-            self.left.append(worker_id)
-            self.pending = [m for m in self.pending if m.worker_id != worker_id]
-            if self.views and self.job.mode is UpdateMode.ASYNC:
-                rest = [m for m in self.views[-1].members if m.worker_id != worker_id]
-                self._new_view(tuple(MemberInfo(m.worker_id, r, m.name, m.device) for r, m in enumerate(rest)))
+            state.left.append(worker_id)
+            state.pending = [m for m in state.pending if m.worker_id != worker_id]
+            if state.views and state.job.mode is UpdateMode.ASYNC:
+                rest = [m for m in state.latest().members if m.worker_id != worker_id]
+                self._new_view(state, _ranked(rest))
+            self._persist()
+
+    def _check_worker(self, state: JobState, worker_id: int) -> None:
+        if worker_id < 0 or not state.registered(worker_id):
+            raise UnknownWorker(f"worker {worker_id} never registered with job {state.name!r}")
 
     # ------------------------------------------------------------------ leases and membership changes
 
     def heartbeat(self, job_id: str, worker_id: int, step: int, counters: dict[str, int]) -> tuple[int, float]:
         """Renew ``worker_id``'s lease; returns (newest epoch, lease seconds)."""
+        if len(counters) > MAX_COUNTERS or any(len(k) > 64 for k in counters):
+            raise InvalidArgument(f"a heartbeat reports at most {MAX_COUNTERS} counters with names of at most 64 "
+                                  "characters")
         with self.cond:
-            self._check_job(job_id)
-            if worker_id in self.expired:
+            state = self.job(job_id)
+            if worker_id in state.expired:
                 raise UnknownWorker(f"worker {worker_id}'s lease ran out and it was removed from the job; "
                                     "register again to rejoin")
-            if worker_id >= self._next_worker_id:
-                raise UnknownWorker(f"worker {worker_id} never registered with this coordinator")
-            self.last_seen[worker_id] = time.monotonic()
-            self.reports[worker_id] = (step, dict(counters))
-            return self.latest().epoch, self.lease_s
+            self._check_worker(state, worker_id)
+            state.last_seen[worker_id] = time.monotonic()
+            state.reports[worker_id] = (step, dict(counters))
+            return state.latest().epoch, self.lease_s
 
-    def reconfigure(self) -> View | None:
-        """Apply due membership changes (called a few times a second): remove members whose lease ran
-        out, add workers that registered after training started. Returns the new view, if any."""
+    def reconfigure(self) -> list[View]:
+        """Apply due membership changes in every job (called a few times a second): remove members
+        whose lease ran out, add workers that registered after training started. Returns the new views."""
+        out = []
         with self.cond:
-            if not self.views or self.job is None:
-                return None
-            now = time.monotonic()
-            current = self.latest().members
-            dead = [m for m in current if m.worker_id not in self.left
-                    and now - self.last_seen.get(m.worker_id, now) > self.lease_s]
-            alive = [m for m in current if m not in dead]
-            if self.job.mode is UpdateMode.ASYNC:
-                if dead:
-                    self.expired += [m.worker_id for m in dead]
-                    self._new_view(_ranked(alive))
-                return self.latest() if dead else None
-            if dead and len(alive) + len(self.pending) < self.job.min_workers:
-                self.waiting_for = (
-                    f"only {len(alive)} of min_workers {self.job.min_workers} workers are alive (the lease of "
-                    f"worker {', '.join(str(m.worker_id) for m in dead)} ran out); start another worker"
-                )
-                return None
-            self.waiting_for = ""
-            view = None
-            if dead:
-                self.expired += [m.worker_id for m in dead]
-                view = self._install(_ranked(alive), from_open_step=True)
-            if self.pending:
-                joiners, self.pending = self.pending, []
-                try:
-                    view = self._install(_ranked([*self.latest().members, *joiners]), from_open_step=False)
-                except Exception:
-                    self.pending = joiners + self.pending  # try again next time
-                    raise
-            return view
+            for state in list(self.jobs.values()):
+                view = self._reconfigure(state)
+                if view is not None:
+                    out.append(view)
+                    self._persist()
+        return out
 
-    def _install(self, members: tuple[MemberInfo, ...], from_open_step: bool) -> View:
+    def _reconfigure(self, state: JobState) -> View | None:
+        if not state.views:
+            return None
+        now = time.monotonic()
+        current = state.latest().members
+        dead = [m for m in current if m.worker_id not in state.left
+                and now - state.last_seen.get(m.worker_id, now) > self.lease_s]
+        alive = [m for m in current if m not in dead]
+        if state.job.mode is UpdateMode.ASYNC:
+            if dead:
+                state.expired += [m.worker_id for m in dead]
+                self._new_view(state, _ranked(alive))
+            return state.latest() if dead else None
+        if dead and len(alive) + len(state.pending) < state.job.min_workers:
+            state.waiting_for = (
+                f"only {len(alive)} of min_workers {state.job.min_workers} workers are alive (the lease of "
+                f"worker {', '.join(str(m.worker_id) for m in dead)} ran out); start another worker"
+            )
+            return None
+        state.waiting_for = ""
+        view = None
+        if dead:
+            state.expired += [m.worker_id for m in dead]
+            view = self._install(state, _ranked(alive), from_open_step=True)
+        if state.pending:
+            joiners, state.pending = state.pending, []
+            try:
+                view = self._install(state, _ranked([*state.latest().members, *joiners]), from_open_step=False)
+            except Exception:
+                state.pending = joiners + state.pending  # try again next time
+                raise
+        return view
+
+    def _install(self, state: JobState, members: tuple[MemberInfo, ...], from_open_step: bool) -> View:
         """Have every shard install the next view, then publish it (under the lock).
 
         A removal takes effect at the lowest open step (shards that closed it already apply it
@@ -221,16 +301,16 @@ class Coordinator:
         closed, so that every shard waits for the new worker there: the coordinator proposes a
         step a few ahead of the furthest shard and proposes again if any shard is already past it.
         """
-        epoch = len(self.views) + 1
-        margin = 3 + self.job.staleness_bound
+        epoch = len(state.views) + 1
+        margin = 3 + state.job.staleness_bound
         for _ in range(20):
-            versions = {sid: self.shards.checkpoints(a).version for sid, a in sorted(self.servers.items())}
+            versions = {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in sorted(self.servers.items())}
             start = min(versions.values()) if from_open_step else max(versions.values()) + margin
             view = View(epoch, start, members)
-            answers = [self.shards.set_membership(a, self.job_id, view, from_open_step)
+            answers = [self.shards.set_membership(a, state.job_id, view, from_open_step)
                        for _, a in sorted(self.servers.items())]
             if all(accepted for accepted, _ in answers):
-                self.views.append(view)
+                state.views.append(view)
                 self.cond.notify_all()
                 return view
             margin *= 2
@@ -238,25 +318,23 @@ class Coordinator:
 
     # ------------------------------------------------------------------ views
 
-    def latest(self) -> View:
-        return self.views[-1] if self.views else View(0, 0, ())
-
     def watch(self, job_id: str, after_epoch: int, timeout: float) -> View:
         """Block until a view newer than ``after_epoch`` exists or ``timeout`` s pass; return the latest."""
         with self.cond:
-            self._check_job(job_id)
-            self.cond.wait_for(lambda: self.latest().epoch > after_epoch, timeout=min(timeout, MAX_WATCH_S))
-            return self.latest()
+            state = self.job(job_id)
+            self.cond.wait_for(lambda: state.latest().epoch > after_epoch,
+                               timeout=max(0.0, min(timeout, MAX_WATCH_S)))
+            return state.latest()
 
     def view(self, job_id: str, epoch: int) -> View:
         """The view of ``epoch`` (0: the latest)."""
         with self.cond:
-            self._check_job(job_id)
+            state = self.job(job_id)
             if epoch == 0:
-                return self.latest()
-            if not 1 <= epoch <= len(self.views):
-                raise FailedPrecondition(f"membership epoch {epoch} does not exist (latest is {len(self.views)})")
-            return self.views[epoch - 1]
+                return state.latest()
+            if not 1 <= epoch <= len(state.views):
+                raise FailedPrecondition(f"membership epoch {epoch} does not exist (latest is {len(state.views)})")
+            return state.views[epoch - 1]
 
     # ------------------------------------------------------------------ recovery
 
@@ -267,12 +345,16 @@ class Coordinator:
         go on from that step. Holds the coordinator's lock throughout, so nothing else changes
         membership meanwhile."""
         with self.cond:
-            self._check_job(job_id)
+            state = self.job(job_id)
+            if not 0 <= shard_id < self.num_servers:
+                raise InvalidArgument(f"shard id {shard_id} is outside 0..{self.num_servers - 1}")
             if self.shards is None:
                 raise FailedPrecondition("this coordinator cannot reach shard servers to roll them back")
             if len(self.servers) < self.num_servers:
                 raise Unavailable(f"waiting for shard servers: {len(self.servers)}/{self.num_servers} registered")
-            listings = {sid: self.shards.checkpoints(address) for sid, address in sorted(self.servers.items())}
+            listings = {sid: self.shards.checkpoints(address, job_id) for sid, address in sorted(self.servers.items())}
+            if not listings[shard_id].awaiting_rollback:
+                raise FailedPrecondition(f"shard {shard_id} restored no checkpoint that waits for a rollback")
             common = set.intersection(*(set(c.versions) for c in listings.values()))
             if not common:
                 raise FailedPrecondition(
@@ -281,16 +363,17 @@ class Coordinator:
                     + " (checkpoint every shard at the same versions: --checkpoint-every)"
                 )
             target = max(common)
-            epoch = len(self.views) + 1
+            epoch = len(state.views) + 1
             from_version = max(c.version for c in listings.values())
             for address in (a for _, a in sorted(self.servers.items())):
                 self.shards.rollback(address, job_id, target, epoch)
-            if self.views:
-                self._new_view(self.latest().members, start_step=target)
+            if state.views:
+                self._new_view(state, state.latest().members, start_step=target)
             else:  # a resumed job, before training started: the first view starts there
-                self.start_step = target
+                state.start_step = target
             record = RollbackRecord(shard_id, from_version, target, epoch, time.time())
-            self.rollbacks.append(record)
+            state.rollbacks.append(record)
+            self._persist()
             return record
 
     # ------------------------------------------------------------------ batch balancing
@@ -299,19 +382,20 @@ class Coordinator:
                           global_batch: int) -> tuple[int, ...]:
         """Record ``rate`` (samples/s over window - 1) and return window's batch size per rank."""
         with self.cond:
-            self._check_job(job_id)
-            if not self.job.balance_every:
+            state = self.job(job_id)
+            if not state.job.balance_every:
                 raise FailedPrecondition("this job keeps equal batches; start its workers with --balance-every N")
-            members = self.latest().members
+            members = state.latest().members
             if worker_id not in {m.worker_id for m in members}:
                 raise UnknownWorker(f"worker {worker_id} is not in the job's current view; register first")
-            if window < 0 or rate < 0 or rate != rate:
-                raise InvalidArgument(f"window ({window}) and samples_per_second ({rate}) must be >= 0")
-            return self.balancer.report(members, worker_id, window, rate, global_batch)
-
-    def _check_job(self, job_id: str) -> None:
-        if not self.job_id or job_id != self.job_id:
-            raise WrongJob(f"job {job_id!r} is not this cluster's job {self.job_id!r}")
+            if not (0 <= window < 1 << 40) or not (0 <= rate < float("inf")) or not 0 < global_batch < 1 << 30:
+                raise InvalidArgument(f"window ({window}), samples_per_second ({rate}) and global_batch "
+                                      f"({global_batch}) must be >= 0, finite and in range")
+            known = window in state.balancer.splits
+            sizes = state.balancer.report(members, worker_id, window, rate, global_batch)
+            if not known:
+                self._persist()  # a decided split must survive a restart: every worker must see the same
+            return sizes
 
 
 def _ranked(members) -> tuple[MemberInfo, ...]:
@@ -338,6 +422,18 @@ class BatchSplitter:
         self.splits: dict[int, tuple[int, ...]] = {}  # window -> batch size by rank
         self.rates: dict[int, dict[int, float]] = {}  # window -> worker_id -> samples/s measured over it
 
+    def to_dict(self) -> dict:
+        return {"global_batch": self.global_batch, "splits": {str(w): list(s) for w, s in self.splits.items()},
+                "rates": {str(w): {str(k): v for k, v in r.items()} for w, r in self.rates.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BatchSplitter":
+        out = cls()
+        out.global_batch = int(d.get("global_batch", 0))
+        out.splits = {int(w): tuple(s) for w, s in d.get("splits", {}).items()}
+        out.rates = {int(w): {int(k): float(v) for k, v in r.items()} for w, r in d.get("rates", {}).items()}
+        return out
+
     def report(self, members, worker_id: int, window: int, rate: float, global_batch: int) -> tuple[int, ...]:
         if global_batch < len(members):
             raise InvalidArgument(f"a global batch of {global_batch} cannot be split between {len(members)} workers")
@@ -351,6 +447,8 @@ class BatchSplitter:
             self.splits[window] = self._decide(members, window)
             for old in [w for w in self.rates if w < window - 2]:
                 del self.rates[old]
+            for old in sorted(self.splits)[:-8]:  # a late worker asks for at most a few windows back
+                del self.splits[old]
         return self.splits[window]
 
     def _decide(self, members, window: int) -> tuple[int, ...]:

@@ -107,12 +107,15 @@ class Assembler:
 
     Pass ``out`` to decode into a preallocated buffer: the stream's dtype and element
     count must match it (its shape may differ, e.g. a flat view). Without ``out``
-    the first chunk's dtype and shape allocate a fresh tensor.
+    the first chunk's dtype and shape allocate a fresh tensor, of at most
+    ``max_numel`` elements when given (a declared shape is not trusted to size memory).
     """
 
-    def __init__(self, out: torch.Tensor | None = None, expect_dtype: torch.dtype | None = None):
+    def __init__(self, out: torch.Tensor | None = None, expect_dtype: torch.dtype | None = None,
+                 max_numel: int | None = None):
         self._out = out
         self._expect_dtype = expect_dtype
+        self._max_numel = max_numel
         self._raw: np.ndarray | None = None
         self._dtype = None
         self._shape: tuple[int, ...] | None = None
@@ -138,13 +141,16 @@ class Assembler:
     def _start(self, chunk: pb.TensorChunk) -> None:
         dtype = torch_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
-        if any(d < 0 for d in shape):
-            raise CodecError(f"negative dimension in shape {list(shape)}")
+        if any(d < 0 for d in shape) or len(shape) > 16:
+            raise CodecError(f"bad shape {list(shape)[:17]}: dimensions must be >= 0, at most 16 of them")
         if self._expect_dtype is not None and dtype != self._expect_dtype:
             raise CodecError(f"expected a {self._expect_dtype} tensor, got {dtype}")
         numel = 1
         for d in shape:
             numel *= d
+        if self._max_numel is not None and numel > self._max_numel:
+            raise CodecError(f"a tensor of shape {list(shape)} ({numel} elements) is larger than the "
+                             f"{self._max_numel} elements this call can take")
         if self._out is None:
             self._out = torch.empty(shape, dtype=dtype)
         else:
@@ -154,6 +160,11 @@ class Assembler:
                 raise CodecError(f"expected {self._out.numel()} elements, got shape {list(shape)} ({numel})")
         self._dtype, self._shape = chunk.dtype, shape
         self._raw = as_bytes(self._out)
+
+    @property
+    def complete(self) -> bool:
+        """Every byte the stream's shape declares has arrived."""
+        return self._shape is not None and self.received == self._raw.nbytes
 
     def finish(self) -> torch.Tensor:
         """The assembled tensor (``out`` itself when one was given); raises if bytes are missing."""

@@ -8,17 +8,17 @@ the push path pays nothing for metrics. Workers time their steps with histograms
 
 | metric | role | labels |
 |---|---|---|
-| ``shardps_shard_version`` | server | shard |
-| ``shardps_shard_pushes_total`` | server | shard, outcome = received, duplicate (a deduplicated retry), dropped, rejected |
-| ``shardps_shard_bytes_total`` | server | shard, direction = in, out |
-| ``shardps_shard_apply_seconds_total``, ``shardps_shard_wait_seconds_total`` | server | shard |
-| ``shardps_shard_staleness`` (histogram) | server | shard |
-| ``shardps_shard_rollbacks_total``, ``shardps_shard_steps_rolled_back_total`` | server | shard |
-| ``shardps_shard_checkpoints_total``, ``shardps_shard_checkpoint_failures_total`` | server | shard |
-| ``shardps_shard_membership_epoch`` | server | shard |
+| ``shardps_shard_version`` | server | shard, job |
+| ``shardps_shard_pushes_total`` | server | shard, job, outcome = received, duplicate (a deduplicated retry), dropped, skipped (fp16 overflow), rejected |
+| ``shardps_shard_bytes_total`` | server | shard, job, direction = in, out |
+| ``shardps_shard_apply_seconds_total``, ``shardps_shard_wait_seconds_total`` | server | shard, job |
+| ``shardps_shard_staleness`` (histogram) | server | shard, job |
+| ``shardps_shard_rollbacks_total``, ``shardps_shard_steps_rolled_back_total`` | server | shard, job |
+| ``shardps_shard_checkpoints_total``, ``shardps_shard_checkpoint_failures_total`` | server | shard, job |
+| ``shardps_shard_membership_epoch`` | server | shard, job |
 | ``shardps_faults_injected_total`` | every role | kind, method |
-| ``shardps_membership_epoch``, ``shardps_workers``, ``shardps_lease_expiries_total``, ``shardps_rollbacks_total`` | coordinator | |
-| ``shardps_worker_retries_total`` and friends as reported by heartbeats | coordinator | worker, counter |
+| ``shardps_membership_epoch``, ``shardps_workers``, ``shardps_lease_expiries_total``, ``shardps_rollbacks_total``, ``shardps_steps_rolled_back_total`` | coordinator | job (``shardps_workers``: and state) |
+| ``shardps_worker_faults_total`` as reported by heartbeats | coordinator | job, worker, counter |
 | ``shardps_worker_step_seconds`` (histogram), ``shardps_worker_samples_per_second``, ``shardps_worker_steps_total``, ``shardps_worker_retries_total``, ``shardps_worker_timeouts_total``, ``shardps_worker_rollbacks_total`` | worker | phase = compute, push_pull |
 
 A push and its pull are one round trip in shardps (the reply carries the new
@@ -47,61 +47,55 @@ def _faults(injector) -> CounterMetricFamily:
 
 
 class ShardCollector:
-    """Metrics of one shard server (its ``ShardNode``) and its fault injector."""
+    """Metrics of one shard server (every job its ``ShardNode`` holds) and its fault injector."""
 
     def __init__(self, node, injector):
         self.node, self.injector = node, injector
 
     def collect(self):
         yield _faults(self.injector)
-        state = self.node.state
-        if state is None:
-            return
-        shard = [str(self.node.shard_id)]
-        with state.cond:  # one consistent copy
-            s = state.stats
-            version, epoch, staleness = state.version, state.latest_epoch, dict(s.staleness)
-            pushes = {"received": s.pushes_received, "duplicate": s.pushes_duplicate, "dropped": s.pushes_dropped,
-                      "rejected": s.pushes_rejected}
-            values = (s.bytes_in, s.bytes_out, s.apply_seconds, s.wait_seconds, s.rollbacks, s.steps_rolled_back)
-        bytes_in, bytes_out, apply_s, wait_s, rollbacks, rolled = values
-        checkpointer = self.node.checkpointer
-
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(name, doc, labels=["shard"])
-            g.add_metric(shard, value)
-            return g
-
-        def counter(name, doc, value):
-            c = CounterMetricFamily(name, doc, labels=["shard"])
-            c.add_metric(shard, value)
-            return c
-
-        yield gauge("shardps_shard_version", "Updates applied to the shard", version)
-        yield gauge("shardps_shard_membership_epoch", "Newest membership epoch the shard knows", epoch)
-        p = CounterMetricFamily("shardps_shard_pushes", "Pushes by outcome", labels=["shard", "outcome"])
-        for outcome, n in pushes.items():
-            p.add_metric([*shard, outcome], n)
-        yield p
-        b = CounterMetricFamily("shardps_shard_bytes", "Payload bytes", labels=["shard", "direction"])
-        b.add_metric([*shard, "in"], bytes_in)
-        b.add_metric([*shard, "out"], bytes_out)
-        yield b
-        yield counter("shardps_shard_apply_seconds", "Seconds in optimizer steps", apply_s)
-        yield counter("shardps_shard_wait_seconds", "Seconds pushes waited at the sync barrier or SSP bound", wait_s)
-        yield counter("shardps_shard_rollbacks", "Rollbacks to a checkpoint", rollbacks)
-        yield counter("shardps_shard_steps_rolled_back", "Updates undone by rollbacks", rolled)
-        yield counter("shardps_shard_checkpoints", "Checkpoints written", checkpointer.written if checkpointer else 0)
-        yield counter("shardps_shard_checkpoint_failures", "Checkpoints that failed to write",
-                      checkpointer.failures if checkpointer else 0)
-        h = HistogramMetricFamily("shardps_shard_staleness", "Staleness of applied pushes", labels=["shard"])
-        buckets, running = [], 0
-        for bound in STALENESS_BUCKETS:
-            running = sum(n for k, n in staleness.items() if k <= bound)
-            buckets.append((str(bound), running))
-        buckets.append(("+Inf", sum(staleness.values())))
-        h.add_metric(shard, buckets, sum_value=sum(k * n for k, n in staleness.items()))
-        yield h
+        labels = ["shard", "job"]
+        fam = {
+            "version": GaugeMetricFamily("shardps_shard_version", "Updates applied to the shard", labels=labels),
+            "epoch": GaugeMetricFamily("shardps_shard_membership_epoch", "Newest membership epoch the shard knows",
+                                       labels=labels),
+            "pushes": CounterMetricFamily("shardps_shard_pushes", "Pushes by outcome", labels=[*labels, "outcome"]),
+            "bytes": CounterMetricFamily("shardps_shard_bytes", "Payload bytes", labels=[*labels, "direction"]),
+            "apply": CounterMetricFamily("shardps_shard_apply_seconds", "Seconds in optimizer steps", labels=labels),
+            "wait": CounterMetricFamily("shardps_shard_wait_seconds",
+                                        "Seconds pushes waited at the sync barrier or SSP bound", labels=labels),
+            "rollbacks": CounterMetricFamily("shardps_shard_rollbacks", "Rollbacks to a checkpoint", labels=labels),
+            "rolled": CounterMetricFamily("shardps_shard_steps_rolled_back", "Updates undone by rollbacks",
+                                          labels=labels),
+            "checkpoints": CounterMetricFamily("shardps_shard_checkpoints", "Checkpoints written", labels=labels),
+            "failures": CounterMetricFamily("shardps_shard_checkpoint_failures", "Checkpoints that failed to write",
+                                            labels=labels),
+            "staleness": HistogramMetricFamily("shardps_shard_staleness", "Staleness of applied pushes",
+                                               labels=labels),
+        }
+        for state in list(self.node.states.values()):
+            key = [str(self.node.shard_id), state.job.name]
+            with state.cond:  # one consistent copy
+                s = state.stats
+                pushes = {"received": s.pushes_received, "duplicate": s.pushes_duplicate,
+                          "dropped": s.pushes_dropped, "skipped": s.pushes_skipped, "rejected": s.pushes_rejected}
+                fam["version"].add_metric(key, state.version)
+                fam["epoch"].add_metric(key, state.latest_epoch)
+                fam["bytes"].add_metric([*key, "in"], s.bytes_in)
+                fam["bytes"].add_metric([*key, "out"], s.bytes_out)
+                for name, value in (("apply", s.apply_seconds), ("wait", s.wait_seconds), ("rollbacks", s.rollbacks),
+                                    ("rolled", s.steps_rolled_back)):
+                    fam[name].add_metric(key, value)
+                staleness = dict(s.staleness)
+            for outcome, n in pushes.items():
+                fam["pushes"].add_metric([*key, outcome], n)
+            checkpointer = self.node.checkpointer_for(state)
+            fam["checkpoints"].add_metric(key, checkpointer.written if checkpointer else 0)
+            fam["failures"].add_metric(key, checkpointer.failures if checkpointer else 0)
+            buckets = [(str(b), sum(n for k, n in staleness.items() if k <= b)) for b in STALENESS_BUCKETS]
+            buckets.append(("+Inf", sum(staleness.values())))
+            fam["staleness"].add_metric(key, buckets, sum_value=sum(k * n for k, n in staleness.items()))
+        yield from fam.values()
 
 
 class CoordinatorCollector:
@@ -110,26 +104,27 @@ class CoordinatorCollector:
 
     def collect(self):
         yield _faults(self.injector)
-        c = self.c
-        with c.cond:
-            view, expired, rollbacks = c.latest(), len(c.expired), list(c.rollbacks)
-            reports = {w: dict(counters) for w, (_, counters) in c.reports.items()}
-            pending = len(c.pending)
-        yield GaugeMetricFamily("shardps_membership_epoch", "Current membership epoch", value=view.epoch)
-        w = GaugeMetricFamily("shardps_workers", "Workers by state", labels=["state"])
-        w.add_metric(["member"], len(view.members))
-        w.add_metric(["pending"], pending)
-        yield w
-        yield CounterMetricFamily("shardps_lease_expiries", "Workers removed when their lease ran out", value=expired)
-        yield CounterMetricFamily("shardps_rollbacks", "Job-wide rollbacks", value=len(rollbacks))
-        yield CounterMetricFamily("shardps_steps_rolled_back", "Steps undone by rollbacks",
-                                  value=sum(r.steps for r in rollbacks))
-        f = CounterMetricFamily("shardps_worker_faults", "Worker fault counters, from heartbeats",
-                                labels=["worker", "counter"])
-        for worker, counters in reports.items():
-            for name, n in counters.items():
-                f.add_metric([str(worker), name], n)
-        yield f
+        epoch = GaugeMetricFamily("shardps_membership_epoch", "Current membership epoch", labels=["job"])
+        workers = GaugeMetricFamily("shardps_workers", "Workers by state", labels=["job", "state"])
+        expiries = CounterMetricFamily("shardps_lease_expiries", "Workers removed when their lease ran out",
+                                       labels=["job"])
+        rollbacks = CounterMetricFamily("shardps_rollbacks", "Job-wide rollbacks", labels=["job"])
+        rolled = CounterMetricFamily("shardps_steps_rolled_back", "Steps undone by rollbacks", labels=["job"])
+        faults = CounterMetricFamily("shardps_worker_faults", "Worker fault counters, from heartbeats",
+                                     labels=["job", "worker", "counter"])
+        with self.c.cond:
+            for name, state in self.c.jobs.items():
+                view = state.latest()
+                epoch.add_metric([name], view.epoch)
+                workers.add_metric([name, "member"], len(view.members))
+                workers.add_metric([name, "pending"], len(state.pending))
+                expiries.add_metric([name], len(state.expired))
+                rollbacks.add_metric([name], len(state.rollbacks))
+                rolled.add_metric([name], sum(r.steps for r in state.rollbacks))
+                for worker, (_, counters) in state.reports.items():
+                    for counter, n in counters.items():
+                        faults.add_metric([name, str(worker), counter], n)
+        yield from (epoch, workers, expiries, rollbacks, rolled, faults)
 
 
 class WorkerMetrics:

@@ -44,10 +44,11 @@ class Frame:
 
 # message class -> field numbers of its TensorChunk fields (the first is the default)
 CHUNK_FIELDS = {
-    pb.InitShardRequest: (3,),
-    pb.PushRequest: (2, 4),  # grad, indices
-    pb.PushResponse: (2,),
+    pb.InitShardRequest: (3, 5),  # params, buffers
+    pb.PushRequest: (2, 4, 6),  # grad, indices, buffers
+    pb.PushResponse: (2, 4),  # params, buffers
     pb.PullResponse: (2,),
+    pb.LoadStateRequest: (4,),
 }
 
 

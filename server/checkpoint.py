@@ -1,9 +1,10 @@
 """Durable shards: one safetensors file per checkpoint, written atomically.
 
 A checkpoint holds everything a restarted shard needs to go on exactly where the
-job was at that version: the fp32 slice, the optimizer's state tensors, the
-version, the dedup table (each worker's last applied step) and the job spec. The
-tensors are safetensors; the rest is the file's string metadata. Files are
+job was at that version: the fp32 slice, the optimizer's state tensors (by name,
+``optim/<i>/<key>`` per piece), the param groups' hyper-parameters, shard 0's
+buffers file, the version, the dedup table (each worker's last applied step) and
+the job spec. The tensors are safetensors; the rest is the file's string metadata. Files are
 named ``ckpt-<version>.safetensors`` inside the shard's own directory.
 
 Writing: serialize to ``.ckpt-<version>.tmp-<pid>`` in the same directory,
@@ -37,7 +38,7 @@ from ..proto.errors import FailedPrecondition, ShardpsError
 
 log = logging.getLogger("shardps.checkpoint")
 
-FORMAT = "shardps-shard-checkpoint/1"
+FORMAT = "shardps-shard-checkpoint/2"
 _NAME = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
@@ -60,7 +61,9 @@ class Snapshot:
     version: int
     last_step: dict[int, int]  # the dedup table
     param: torch.Tensor
-    optimizer_state: dict[str, torch.Tensor]  # torch's state keys for the slice ("exp_avg", "step", ...)
+    optimizer_state: dict[str, torch.Tensor]  # by "optim/<i>/<key>" (server.slice_optimizer)
+    hyper_json: str = ""  # the param groups' hyper-parameters at this version
+    buffers: bytes | None = None  # shard 0: the model's buffers file
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,14 @@ class CheckpointStore:
     def write(self, snap: Snapshot) -> Written:
         """Write ``snap`` atomically; raises CheckpointError (previous checkpoints intact) on failure."""
         tensors = {"param": snap.param.contiguous()}
-        tensors.update({f"optim.{k}": v.contiguous() for k, v in snap.optimizer_state.items()})
+        tensors.update({k: v.contiguous() for k, v in snap.optimizer_state.items()})
+        if snap.buffers is not None:
+            tensors["buffers"] = torch.frombuffer(bytearray(snap.buffers), dtype=torch.uint8)
         metadata = {
             "format": FORMAT, "job_id": snap.job_id, "job_spec": base64.b64encode(snap.job_spec).decode(),
             "shard_id": str(snap.shard_id), "start": str(snap.start), "stop": str(snap.stop),
             "version": str(snap.version), "last_step": json.dumps({str(k): v for k, v in snap.last_step.items()}),
+            "hyperparams": snap.hyper_json,
         }
         final = self.path(snap.version)
         tmp = self.dir / f".ckpt-{snap.version:012d}.tmp-{os.getpid()}"
@@ -130,12 +136,15 @@ class CheckpointStore:
             raise CheckpointError(f"{path} is not a shardps shard checkpoint (format {meta.get('format')!r})")
         if shard_id is not None and int(meta["shard_id"]) != shard_id:
             raise FailedPrecondition(f"{path} belongs to shard {meta['shard_id']}, not shard {shard_id}")
+        buffers = tensors.pop("buffers", None)
         return Snapshot(
             job_id=meta["job_id"], job_spec=base64.b64decode(meta["job_spec"]), shard_id=int(meta["shard_id"]),
             start=int(meta["start"]), stop=int(meta["stop"]), version=int(meta["version"]),
             last_step={int(k): v for k, v in json.loads(meta["last_step"]).items()},
             param=tensors.pop("param"),
-            optimizer_state={k.removeprefix("optim."): v for k, v in tensors.items()},
+            optimizer_state=tensors,
+            hyper_json=meta.get("hyperparams", ""),
+            buffers=buffers.numpy().tobytes() if buffers is not None else None,
         )
 
     def latest(self, shard_id: int | None = None) -> Snapshot | None:

@@ -58,7 +58,8 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
     """Build (not start) a shard server; returns (server, bound port, node). The node's shard
     id is config.shard_id until ``register`` sets the coordinator's answer."""
 
-    node = ShardNode(config.shard_id, coordinator.job, coordinator.view, config.step_timeout,
+    node = ShardNode(config.shard_id, lambda job_id: coordinator.job(job_id=job_id), coordinator.view,
+                     config.step_timeout,
                      config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
     server, injector = new_grpc_server(config.threads, config.max_message_bytes)
     if config.metrics_port >= 0:
@@ -85,15 +86,17 @@ def register(config: ServerConfig, coordinator: CoordinatorClient, node: ShardNo
 
 
 def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
-    """After a restart: restore the newest checkpoint of the coordinator's job, if there is one, and
-    have the coordinator roll every shard back to a version all of them have."""
-    job_id, _, _ = coordinator.job()
-    version = node.restore_latest(job_id)
-    if version is None:
-        return
-    rollback = coordinator.report_restore(job_id, node.shard_id, version)
-    log.warning("job rolled back from version %d to %d (epoch %d)", rollback.from_version, rollback.to_version,
-                rollback.epoch)
+    """After a restart: for every job the coordinator runs, restore this shard's newest checkpoint
+    of it and have the coordinator roll every shard back to a version all of them have (a job
+    that had started and has no checkpoint here is marked lost, with the reason)."""
+    for name in coordinator.status().job_names:
+        status = coordinator.status(name)
+        version = node.restore_latest(status.job_id, name, started=status.view.epoch > 0)
+        if version is None:
+            continue
+        rollback = coordinator.report_restore(status.job_id, node.shard_id, version)
+        log.warning("job %s rolled back from version %d to %d (epoch %d)", name, rollback.from_version,
+                    rollback.to_version, rollback.epoch)
 
 
 def _recover_logged(coordinator: CoordinatorClient, node: ShardNode) -> None:
@@ -104,19 +107,20 @@ def _recover_logged(coordinator: CoordinatorClient, node: ShardNode) -> None:
 
 
 def checkpoint_on_exit(node: ShardNode) -> None:
-    """SIGTERM: write the current version before going (``docker compose down``, ``kubectl delete``)."""
-    state = node.state
-    if node.checkpointer is None or state is None or state.awaiting_rollback:
-        return
-    try:
-        written = node.checkpointer.request(state, 0, timeout=60.0)
-        log.info("checkpoint at exit: version %d in %s", written.version, written.path)
-    except Exception as exc:  # a failed checkpoint must not keep the process from exiting
-        log.error("checkpoint at exit failed: %s", exc)
+    """SIGTERM: write every job's current version before going (``docker compose down``, ``kubectl delete``)."""
+    for state in list(node.states.values()):
+        checkpointer = node.checkpointer_for(state)
+        if checkpointer is None or state.awaiting_rollback:
+            continue
+        try:
+            written = checkpointer.request(state, 0, timeout=60.0)
+            log.info("checkpoint of job %s at exit: version %d in %s", state.job.name, written.version, written.path)
+        except Exception as exc:  # a failed checkpoint must not keep the process from exiting
+            log.error("checkpoint at exit failed: %s", exc)
 
 
 def serve(config: ServerConfig) -> None:
-    with CoordinatorClient(config.coordinator) as coordinator:
+    with CoordinatorClient(config.coordinator, reconnect=config.register_wait) as coordinator:
         server, port, node = create_server(config, coordinator)
         server.start()
         register(config, coordinator, node, port)

@@ -4,34 +4,49 @@ A policy is chosen once per job and handed to ``ShardState``; the state never as
 which mode it is in (as in Ray's parameter-server example, sync vs async is a
 policy over one unchanged server). Both policies run under the state's lock and
 see the same ``Push``; they differ only in when ``state.apply`` is called.
+
+Every policy honours a push's ``StepOpts`` the same way: pieces without a gradient
+on every push of a step are skipped; a step with an fp16 overflow on any of its
+pushes is skipped whole (``state.skip``); a clipped step is applied only once a
+worker has sent the total norm over all shards (``finish_clip``): the push first
+gets an ``Outcome`` carrying ``clip_partial``, its shard's share of that norm.
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..proto.errors import FailedPrecondition, FutureStep, RolledBack, StaleStep, UnknownWorker, WaitTimeout
-from ..proto.messages import UpdateMode
+from ..proto.errors import (FailedPrecondition, FutureStep, InvalidArgument, RolledBack, StaleStep, UnknownWorker,
+                            WaitTimeout)
+from ..proto.messages import StepOpts, UpdateMode
 
 
 @dataclass
 class Push:
     """One push. ``grad`` is an fp32 tensor of the shard's size (usually a pooled receive
-    buffer); ``ShardState.push`` calls ``release`` exactly once, when nothing needs it any more."""
+    buffer; None for an overflow vote); ``ShardState.push`` calls ``release`` exactly once,
+    when nothing needs it any more."""
 
     worker_id: int
     step: int  # the worker's step number (updates it has taken), 0-based
     epoch: int  # membership epoch the worker believes current
     base_version: int  # shard version the gradient was computed on
-    batch_size: int  # samples behind the gradient (> 0)
-    lr: float  # learning rate to apply (> 0)
-    grad: torch.Tensor
+    options: StepOpts  # batch size, hyper-parameters, mask, overflow, loss scale, clipping
+    grad: torch.Tensor | None
     release: Callable[[], None] | None = None  # give the grad's buffer back
+    hyper: list | None = None  # the job groups' kwargs parsed from options (None: keep the shard's)
+    present: list[bool] | None = None  # which pieces carry a gradient (None: all)
+    buffers: bytes | None = None  # the model's buffers (shard 0, rank 0), checked
     kept: bool = False  # set by a policy that holds on to grad past submit()
     evicted: bool = False  # its worker left the step's membership while the push waited
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
 
 
 @dataclass(frozen=True)
@@ -42,9 +57,63 @@ class Outcome:
     next_step: int  # the step number the worker's next push carries
     applied_lr: float = 0.0  # lr this push was applied with (0: not applied by it)
     dropped: bool = False  # arrived after its step closed (backup workers); never applied
+    skipped: bool = False  # its step was skipped (an fp16 overflow on some worker)
+    clip_partial: float | None = None  # clipped step: this shard's share of the norm; send finish_clip next
 
 
-CLOSED_LR_KEPT = 1024  # closed steps whose lr SyncPolicy remembers (a late SSP reply looks it up)
+@dataclass
+class Closed:
+    """What a closed step did, remembered for replies that come after it."""
+
+    lr: float  # group 0's lr as applied (0 when skipped)
+    skipped: bool = False
+    partial: float | None = None  # a clipped step: this shard's share of its norm (every clipped push gets it)
+
+
+@dataclass
+class _Pending:
+    """A clipped step whose gradient is aggregated, waiting for the total norm."""
+
+    grad: torch.Tensor
+    present: list[bool] | None
+    hyper: list | None
+    lr_scale: float
+    options: StepOpts
+    partial: float
+    pushes: list[Push] = field(default_factory=list)  # whose buffers go back once it is applied
+    buffers: bytes | None = None
+
+
+CLOSED_KEPT = 1024  # closed steps a policy remembers (a late SSP reply or retry looks them up)
+
+
+def _merge_present(pushes: list[Push]) -> list[bool] | None:
+    """Pieces with a gradient on at least one push (None: all of them)."""
+    if any(p.present is None for p in pushes):
+        return None
+    merged = list(pushes[0].present)
+    for p in pushes[1:]:
+        merged = [a or b for a, b in zip(merged, p.present)]
+    return merged
+
+
+def _unscale(push: Push) -> torch.Tensor:
+    """The push's gradient divided by its loss scale (in place)."""
+    scale = push.options.grad_scale
+    if scale and scale != 1.0:
+        push.grad.mul_(1.0 / scale)
+    return push.grad
+
+
+def clip_coefficient(max_norm: float, total_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor, computed as it does (fp32, clamped to 1)."""
+    total = torch.tensor(total_norm, dtype=torch.float32)
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def check_total(total_norm: float) -> None:
+    if not (math.isfinite(total_norm) and total_norm >= 0):
+        raise InvalidArgument(f"clip total_norm must be a finite number >= 0, got {total_norm}")
 
 
 @dataclass
@@ -70,7 +139,8 @@ class SyncPolicy:
     step t includes step t. With k > 0 a worker may compute up to k steps ahead on
     parameters that miss at most k closed steps (stale-synchronous parallel); its
     pushes still join their own step's mean, so k = 0 *is* sync, and up to (k + 1)
-    steps of receive buffers are held.
+    steps of receive buffers are held. A clipped push waits for its own step (the
+    norm is the step's), so clipping gives up SSP's slack.
 
     With ``backup`` = b > 0 a step closes after the first (members - b) pushes; a
     push for a step that closed without it is *dropped*: counted, never applied,
@@ -84,7 +154,8 @@ class SyncPolicy:
     def __init__(self, timeout: float, backup: int = 0, staleness: int = 0, staleness_lr: bool = False):
         self.timeout, self.backup, self.staleness, self.staleness_lr = timeout, backup, staleness, staleness_lr
         self._open: dict[int, _OpenStep] = {}  # step -> its pushes so far
-        self.closed_lr: dict[int, float] = {}  # step -> lr it was applied with (the last CLOSED_LR_KEPT steps)
+        self._pending: dict[int, _Pending] = {}  # step -> clipped step waiting for its total norm
+        self.closed: dict[int, Closed] = {}  # step -> what it did (the last CLOSED_KEPT steps)
 
     def reconsider(self, state) -> None:
         """The membership changed: every open step is made up of its new members; pushes of
@@ -102,13 +173,18 @@ class SyncPolicy:
         self._close_ready(state)
 
     def reset(self) -> None:
-        """Forget open steps (a rollback): their buffers go back to the pool."""
-        for open_ in self._open.values():
-            for p in open_.pushes.values():
+        """Forget open and pending steps (a rollback): their buffers go back to the pool."""
+        for pushes in [*(o.pushes.values() for o in self._open.values()),
+                       *(p.pushes for p in self._pending.values())]:
+            for p in pushes:
                 if p.release is not None:
                     p.release()
         self._open.clear()
-        self.closed_lr.clear()
+        self._pending.clear()
+        self.closed.clear()
+
+    def waiting_pushes(self) -> int:
+        return sum(len(o.pushes) for o in self._open.values())
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
@@ -143,55 +219,108 @@ class SyncPolicy:
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
             self._close_ready(state)
+        return self.await_reply(state, push, duplicate)
+
+    def await_reply(self, state, push: Push, duplicate: bool, clip_done: bool = False) -> Outcome:
+        """Wait (releasing the lock) until the push may be answered: its step - staleness closed, or
+        (clipped pushes) its own step is aggregated and waits for the total norm. Every push of a
+        clipped step gets the step's partial norm once (``clip_done`` after that), also when another
+        worker's total applied the step first: each worker needs every shard's partial."""
+        slack = 0 if push.options.clipped else self.staleness
         start, generation = time.monotonic(), state.generation
-        released = state.cond.wait_for(lambda: state.version > push.step - self.staleness
-                                       or state.generation != generation, timeout=self.timeout)
+        released = state.cond.wait_for(lambda: state.version > push.step - slack or push.step in self._pending
+                                       or state.generation != generation or push.evicted, timeout=self.timeout)
         state.stats.wait_seconds += time.monotonic() - start
         if state.generation != generation:  # rolled back while this push waited: it is void
             raise RolledBack.at(state.rolled_back_to, state.min_epoch, f" while step {push.step} was open")
         if push.evicted:
-            raise UnknownWorker(f"worker {w} was removed from the membership (its lease ran out) while its push "
-                                f"for step {push.step} waited; register again to rejoin")
+            raise UnknownWorker(f"worker {push.worker_id} was removed from the membership (its lease ran out) while "
+                                f"its push for step {push.step} waited; register again to rejoin")
         if not released:
-            waiting_for = self._open.get(state.version, _OpenStep(members, {}))
+            waiting_for = self._open.get(state.version, _OpenStep(frozenset(), {}))
             missing = sorted(waiting_for.members - waiting_for.pushes.keys())
             raise WaitTimeout(
                 f"step {state.version} did not close within {self.timeout:.0f}s; still waiting for workers {missing}"
+                if missing or state.version not in self._pending else
+                f"step {state.version} waits for a clip total norm that no worker sent within {self.timeout:.0f}s"
             )
-        next_step = max(state.last_step[w] + 1, state.version)
-        # SSP answers before the step closes; its lr is then not known yet (0).
-        applied_lr = 0.0 if duplicate else self.closed_lr.get(push.step, 0.0)
+        if push.step in self._pending and state.version <= push.step:
+            return Outcome(state.version, 0, duplicate, next_step=push.step + 1,
+                           clip_partial=self._pending[push.step].partial)
+        next_step = max(state.last_step[push.worker_id] + 1, state.version)
+        closed = self.closed.get(push.step, Closed(0.0))  # SSP answers before the step closes: lr unknown (0)
+        if push.options.clipped and not clip_done and closed.partial is not None:
+            return Outcome(state.version, 0, duplicate, next_step=next_step, clip_partial=closed.partial)
         return Outcome(state.version, push.step - push.base_version if not duplicate else 0, duplicate,
-                       next_step=next_step, applied_lr=applied_lr)
+                       next_step=next_step, applied_lr=0.0 if duplicate else closed.lr, skipped=closed.skipped)
+
+    def finish_clip(self, state, push: Push, total_norm: float, duplicate: bool) -> Outcome:
+        """A worker's total norm for the clipped step of ``push``: apply it (the first total counts;
+        every worker computes the same one), then answer as ``await_reply`` does."""
+        check_total(total_norm)
+        pending = self._pending.pop(push.step, None)
+        if pending is not None:
+            pending.grad.mul_(clip_coefficient(pending.options.clip_max_norm, total_norm))
+            self._apply(state, push.step, pending.grad, pending)
+            for p in pending.pushes:
+                if p.release is not None:
+                    p.release()
+            state.cond.notify_all()
+            self._close_ready(state)
+        return self.await_reply(state, push, duplicate, clip_done=True)
 
     def _close_ready(self, state) -> None:
         """Close the open step, and the ones after it, while they have enough pushes."""
-        while True:
+        while state.version not in self._pending:
             open_ = self._open.get(state.version)
             if open_ is None or len(open_.pushes) < len(open_.members) - self.backup:
                 return
-            self._close(state, self._open.pop(state.version))
+            self._close(state, state.version, self._open.pop(state.version))
 
-    def _close(self, state, step: _OpenStep) -> None:
-        pushes = [step.pushes[w] for w in sorted(step.pushes)]
-        if len(pushes) == 1:
-            mean = pushes[0].grad
-        else:  # sum_i b_i g_i / sum_i b_i, in the first buffer
-            mean = pushes[0].grad.mul_(pushes[0].batch_size)
-            for p in pushes[1:]:
-                mean.add_(p.grad, alpha=p.batch_size)
-            mean.div_(sum(p.batch_size for p in pushes))
-        lr = pushes[-1].lr
-        if self.staleness_lr:
-            samples = sum(p.batch_size for p in pushes)
-            lr /= max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
-        self.closed_lr[state.version] = lr
-        self.closed_lr.pop(state.version - CLOSED_LR_KEPT, None)
-        state.apply(mean, lr)
+    def _close(self, state, step: int, open_: _OpenStep) -> None:
+        pushes = [open_.pushes[w] for w in sorted(open_.pushes)]
+        buffers = next((p.buffers for p in pushes if p.buffers is not None), None)
+        if any(p.options.overflow for p in pushes):
+            self._remember(state, step, Closed(0.0, skipped=True))
+            state.skip(buffers)
+        else:
+            mean = _unscale(pushes[0])
+            if len(pushes) > 1:  # sum_i b_i g_i / sum_i b_i, in the first buffer
+                mean.mul_(pushes[0].batch_size)
+                for p in pushes[1:]:
+                    mean.add_(_unscale(p), alpha=p.batch_size)
+                mean.div_(sum(p.batch_size for p in pushes))
+            lr_scale = 1.0
+            if self.staleness_lr:
+                samples = sum(p.batch_size for p in pushes)
+                lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
+            present = _merge_present(pushes)
+            clipped = next((p.options for p in pushes if p.options.clipped), None)
+            pending = _Pending(mean, present, pushes[0].hyper, lr_scale, clipped or pushes[0].options, 0.0,
+                               pushes, buffers)
+            if clipped is not None:
+                pending.partial = state.optimizer.partial_norm(mean, present, clipped.clip_norm_type)
+                pending.pushes = pushes[:1]  # the mean lives in the first push's buffer until applied
+                self._pending[step] = pending
+                for p in pushes[1:]:
+                    if p.release is not None:
+                        p.release()
+                state.cond.notify_all()
+                return
+            self._apply(state, step, mean, pending)
         for p in pushes:
             if p.release is not None:
                 p.release()
         state.cond.notify_all()
+
+    def _apply(self, state, step: int, grad: torch.Tensor, pending: _Pending) -> None:
+        state.apply(grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers)
+        partial = pending.partial if pending.options.clipped else None
+        self._remember(state, step, Closed(state.optimizer.lr() * pending.lr_scale, partial=partial))
+
+    def _remember(self, state, step: int, closed: Closed) -> None:
+        self.closed[step] = closed
+        self.closed.pop(step - CLOSED_KEPT, None)
 
 
 class AsyncPolicy:
@@ -199,19 +328,29 @@ class AsyncPolicy:
     with the fresh slice. Staleness = version at apply time - the push's base_version.
 
     With ``staleness_lr`` the push is applied with lr / max(1, staleness), after
-    Zhang et al. 2016 ("Staleness-aware Async-SGD"): stale gradients move less.
+    Zhang et al. 2016 ("Staleness-aware Async-SGD"): stale gradients move less. A
+    clipped push is clipped by its own gradient's norm over all shards (it waits for
+    its worker's total norm); an overflow vote is counted and applies nothing.
     """
 
     mode = UpdateMode.ASYNC
 
-    def __init__(self, staleness_lr: bool = False):
-        self.staleness_lr = staleness_lr
+    def __init__(self, staleness_lr: bool = False, timeout: float = 300.0):
+        self.staleness_lr, self.timeout = staleness_lr, timeout
+        self._pending: dict[tuple[int, int], _Pending] = {}  # (worker, step) -> clipped push waiting for its norm
 
     def reset(self) -> None:
-        pass  # nothing is held between pushes
+        for pending in self._pending.values():
+            for p in pending.pushes:
+                if p.release is not None:
+                    p.release()
+        self._pending.clear()
 
     def reconsider(self, state) -> None:
-        pass  # nothing waits
+        pass  # nothing waits for other workers
+
+    def waiting_pushes(self) -> int:
+        return len(self._pending)
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         last = state.last_step.get(push.worker_id, -1)
@@ -222,7 +361,6 @@ class AsyncPolicy:
                 f"worker {push.worker_id} is not a member of the view governing step {push.step} "
                 f"(members {sorted(members)}; the push names epoch {push.epoch}); register with the coordinator"
             )
-
         if push.base_version > state.version:
             raise FailedPrecondition(
                 f"base_version {push.base_version} is ahead of this shard's version {state.version}"
@@ -230,19 +368,51 @@ class AsyncPolicy:
         return False
 
     def submit(self, state, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
-        next_step = state.last_step.get(push.worker_id, -1) + 1
+        key = (push.worker_id, push.step)
         if duplicate:
-            return Outcome(state.version, 0, True, next_step=next_step)
-        staleness = state.version - push.base_version
-        lr = push.lr / max(1, staleness) if self.staleness_lr else push.lr
-        state.apply(push.grad, lr)
+            if key in self._pending:
+                return Outcome(state.version, 0, True, next_step=push.step + 1,
+                               clip_partial=self._pending[key].partial)
+            return Outcome(state.version, 0, True, next_step=state.last_step.get(push.worker_id, -1) + 1)
         state.last_step[push.worker_id] = push.step
+        if push.options.overflow:
+            state.stats.pushes_skipped += 1
+            if push.buffers is not None:
+                state.buffers = push.buffers
+            return Outcome(state.version, 0, False, next_step=push.step + 1, skipped=True)
+        staleness = state.version - push.base_version
         state.stats.staleness[staleness] += 1
-        return Outcome(state.version, staleness, False, next_step=push.step + 1, applied_lr=lr)
+        lr_scale = 1.0 / max(1, staleness) if self.staleness_lr else 1.0
+        pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, [], push.buffers)
+        if push.options.clipped:
+            push.kept = True
+            pending.pushes.append(push)
+            pending.partial = state.optimizer.partial_norm(push.grad, push.present, push.options.clip_norm_type)
+            self._pending[key] = pending
+            return Outcome(state.version, staleness, False, next_step=push.step + 1, clip_partial=pending.partial)
+        return self._apply(state, push, pending, staleness)
+
+    def finish_clip(self, state, push: Push, total_norm: float, duplicate: bool) -> Outcome:
+        check_total(total_norm)
+        pending = self._pending.pop((push.worker_id, push.step), None)
+        if pending is None:  # applied already (a retry of the total)
+            return Outcome(state.version, 0, True, next_step=push.step + 1)
+        pending.grad.mul_(clip_coefficient(pending.options.clip_max_norm, total_norm))
+        try:
+            return self._apply(state, push, pending, state.version - push.base_version)
+        finally:
+            for p in pending.pushes:
+                if p.release is not None:
+                    p.release()
+
+    def _apply(self, state, push: Push, pending: _Pending, staleness: int) -> Outcome:
+        state.apply(pending.grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers)
+        return Outcome(state.version, staleness, False, next_step=push.step + 1,
+                       applied_lr=state.optimizer.lr() * pending.lr_scale)
 
 
 def make_policy(job, step_timeout: float):
     """The policy object for the job's mode: the one place a mode is looked at."""
     if job.mode is UpdateMode.ASYNC:
-        return AsyncPolicy(job.staleness_lr)
+        return AsyncPolicy(job.staleness_lr, step_timeout)
     return SyncPolicy(step_timeout, job.backup_workers, job.staleness_bound, job.staleness_lr)

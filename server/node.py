@@ -1,10 +1,12 @@
-"""ShardNode: what one shard-server process holds, before and after its job starts.
+"""ShardNode: what one shard-server process holds, before and after its jobs start.
 
 A server starts empty, registers with the coordinator and learns its shard id. When
-the initializer worker uploads the starting parameters, the node asks the
-coordinator for the job (the authority on spec and plan), checks that the upload
-matches both, and creates its ``ShardState``. Calls that arrive before that wait,
-with a timeout. No gRPC here: the coordinator lookups are functions passed in.
+a job's initializer worker uploads the starting parameters, the node asks the
+coordinator for that job (the authority on spec and plan), checks that the upload
+matches both, and creates its ``ShardState``; a cluster may run several jobs, each
+a ``ShardState`` here. Calls that arrive before that wait, with a timeout. A server
+that restarts restores each job's newest checkpoint, or knows it cannot serve the
+job and says so at once. No gRPC here: the coordinator lookups are functions passed in.
 """
 from __future__ import annotations
 
@@ -17,14 +19,14 @@ from typing import Callable
 
 import torch
 
-from ..proto.errors import FailedPrecondition, WrongJob
-from ..proto.messages import JobConfig, ShardInfo, View
+from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
+from ..proto.messages import DEFAULT_JOB, JobConfig, ShardInfo, View
 from .checkpoint import Checkpointer, CheckpointStore
 from .state import ShardState
 
 log = logging.getLogger("shardps.server")
 
-FetchJob = Callable[[], tuple[str, JobConfig, list[ShardInfo]]]  # -> (job_id, job, plan)
+FetchJob = Callable[[str], tuple[str, JobConfig, list[ShardInfo]]]  # job_id -> (job_id, job, plan)
 FetchView = Callable[[str, int], View]  # (job_id, epoch) -> view
 
 
@@ -81,106 +83,175 @@ class MembershipCache:
 
 
 class ShardNode:
+    """The jobs one shard server holds (a cluster may run several), by job id."""
+
     def __init__(self, shard_id: int, fetch_job: FetchJob, fetch_view: FetchView, step_timeout: float = 300.0,
                  checkpoint_dir: str = "", checkpoint_every: int = 0, checkpoint_keep: int = 3):
         self.shard_id = shard_id
         self.step_timeout = step_timeout
         self.checkpoint_dir, self.checkpoint_every, self.checkpoint_keep = checkpoint_dir, checkpoint_every, checkpoint_keep
-        self.checkpointer: Checkpointer | None = None
+        self.checkpointers: dict[str, Checkpointer] = {}  # job_id -> its checkpointer
         self.membership = MembershipCache(fetch_view)
         self.buffers = BufferPool()
         self._fetch_job = fetch_job
-        self._state: ShardState | None = None
+        self.states: dict[str, ShardState] = {}
+        self.lost: dict[str, str] = {}  # job_id -> why this restarted server cannot serve it
+        self.coordinator_generation = 0  # the newest coordinator generation seen (older ones are refused)
         self._cond = threading.Condition()
 
     @property
     def state(self) -> ShardState | None:
-        return self._state
+        """The job named "default", or the only job (tools that think of one job per cluster)."""
+        return self.state_for("")
+
+    def state_for(self, job_id: str) -> ShardState | None:
+        """The state of ``job_id`` ("": the default-named job, or the only one)."""
+        with self._cond:
+            if job_id:
+                return self.states.get(job_id)
+            named = [s for s in self.states.values() if s.job.name == DEFAULT_JOB]
+            if named or len(self.states) == 1:
+                return (named or list(self.states.values()))[0]
+            return None
+
+    def checkpointer_for(self, state: ShardState) -> Checkpointer | None:
+        return self.checkpointers.get(state.job_id)
 
     def state_for_init(self, target: Target) -> ShardState:
         """The shard's state for ``target``'s job, created on first use from the coordinator's
         job and plan; raises WrongJob if ``target`` does not match them."""
         with self._cond:
-            if self._state is not None:
-                self.check(target)
-                return self._state
-        job_id, job, plan = self._fetch_job()  # network call, outside the lock
+            state = self.states.get(target.job_id)
+        if state is not None:
+            self.check(state, target)
+            return state
+        self._refuse_lost(target.job_id)
+        job_id, job, plan = self._fetch_job(target.job_id)  # network call, outside the lock
         mine = [s for s in plan if s.range.shard_id == self.shard_id]
         if job_id != target.job_id or not mine:
-            raise WrongJob(f"job {target.job_id!r} is not the coordinator's current job {job_id!r}")
+            raise WrongJob(f"job {target.job_id[:64]!r} is not one of the coordinator's jobs")
         with self._cond:
-            if self._state is None:
+            if target.job_id not in self.states:
                 self._install(ShardState(mine[0].range, job, job_id, self.step_timeout))
-            self.check(target)
-            return self._state
+            state = self.states[target.job_id]
+        self.check(state, target)
+        return state
 
     def _install(self, state: ShardState) -> None:
-        """Make ``state`` this node's (under ``_cond``), checkpointing it if a directory is set."""
+        """Make ``state`` one of this node's jobs (under ``_cond``), checkpointing it if a directory is set."""
         if self.checkpoint_dir:
-            if self.checkpointer is None:
-                self.checkpointer = Checkpointer(self.store(), self.checkpoint_every)
-            state.on_version = self.checkpointer.on_version
-        self._state = state
+            checkpointer = self.checkpointers.get(state.job_id)
+            if checkpointer is None:
+                checkpointer = self.checkpointers[state.job_id] = Checkpointer(self.store(state.job.name),
+                                                                               self.checkpoint_every)
+            state.on_version = checkpointer.on_version
+        self.states[state.job_id] = state
+        self.lost.pop(state.job_id, None)
         self._cond.notify_all()
+
+    def _refuse_lost(self, job_id: str) -> None:
+        with self._cond:
+            why = self.lost.get(job_id)
+        if why:
+            raise FailedPrecondition(why)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def store(self) -> CheckpointStore:
+    def store(self, job_name: str = DEFAULT_JOB) -> CheckpointStore:
+        """Job ``job_name``'s checkpoints: ``<dir>/shard-<k>/`` for the default job,
+        ``<dir>/job-<name>/shard-<k>/`` for the others."""
         if not self.checkpoint_dir:
             raise FailedPrecondition(f"shard {self.shard_id} keeps no checkpoints; start it with --checkpoint-dir")
-        return CheckpointStore(Path(self.checkpoint_dir) / f"shard-{self.shard_id}", self.checkpoint_keep)
+        root = Path(self.checkpoint_dir)
+        if job_name != DEFAULT_JOB:
+            root = root / f"job-{job_name}"
+        return CheckpointStore(root / f"shard-{self.shard_id}", self.checkpoint_keep)
 
-    def restore_latest(self, job_id: str) -> int | None:
-        """At start-up: take the newest checkpoint of ``job_id`` (the coordinator's job) as this
-        shard's state, waiting for the coordinator to align the others. Returns its version."""
-        if not self.checkpoint_dir or not job_id:
-            return None
-        snap = self.store().latest(self.shard_id)
-        if snap is None:
-            return None
-        if snap.job_id != job_id:
+    def restore_latest(self, job_id: str, job_name: str, started: bool) -> int | None:
+        """At start-up: take the newest checkpoint of ``job_id`` (a job the coordinator runs) as this
+        shard's state, waiting for the coordinator to align the others; returns its version. With
+        none, a job that had ``started`` is marked lost here, with the reason, so its calls fail at
+        once instead of waiting for an upload that will never come."""
+        snap = self.store(job_name).latest(self.shard_id) if self.checkpoint_dir else None
+        if snap is not None and snap.job_id != job_id:
             log.warning("ignoring checkpoints of job %s: the coordinator runs job %s", snap.job_id, job_id)
+            snap = None
+        if snap is None:
+            if started:
+                why = (f"shard {self.shard_id} restarted and has no checkpoint of job {job_name!r} "
+                       + (f"in {self.checkpoint_dir}" if self.checkpoint_dir else "(it was started without "
+                          "--checkpoint-dir)")
+                       + ", so the job's parameters on this shard are lost; resume the job from a run checkpoint "
+                       "(shardps run --resume) or start servers with --checkpoint-dir so a restart can restore them")
+                with self._cond:
+                    if job_id not in self.states:
+                        self.lost[job_id] = why
+                log.error("%s", why)
             return None
         state = ShardState.from_snapshot(snap, self.step_timeout)
         state.awaiting_rollback = True
         with self._cond:
-            if self._state is not None:  # the coordinator's rollback got here first and restored it
+            if job_id in self.states:  # the coordinator's rollback got here first and restored it
                 return None
             self._install(state)
-        log.warning("shard %d restored its checkpoint at version %d", self.shard_id, snap.version)
+        log.warning("shard %d restored job %s's checkpoint at version %d", self.shard_id, job_name, snap.version)
         return snap.version
 
-    def rollback(self, job_id: str, version: int, epoch: int) -> int:
+    def rollback(self, job_id: str, version: int, epoch: int, generation: int = 0) -> int:
         """Restore the checkpoint of ``version``; calls must name ``epoch`` or later. Returns the old version."""
-        snap = self.store().load(version, self.shard_id)
+        self.check_generation(generation)
+        if version < 0 or epoch < 1:
+            raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) >= 1")
+        with self._cond:
+            state = self.states.get(job_id)
+        if state is None:
+            _, job, _ = self._fetch_job(job_id)
+            name = job.name if job is not None else DEFAULT_JOB
+        else:
+            name = state.job.name
+        snap = self.store(name).load(version, self.shard_id)
         if snap.job_id != job_id:
             raise WrongJob(f"shard {self.shard_id}'s checkpoint of version {version} belongs to job {snap.job_id!r}")
         with self._cond:
-            if self._state is None:  # not restored yet (still starting): take the checkpoint as its state
+            if job_id not in self.states:  # not restored yet (still starting): take the checkpoint as its state
                 self._install(ShardState.from_snapshot(snap, self.step_timeout))
-            state = self._state
-        if state.job_id != job_id:
-            raise WrongJob(f"shard {self.shard_id} holds job {state.job_id!r}, not {job_id!r}")
+            state = self.states[job_id]
         return state.restore(snap, epoch)
 
-    def require(self, target: Target, timeout: float) -> ShardState:
-        """The state for ``target``, waiting up to ``timeout`` s for initialisation."""
+    def check_generation(self, generation: int) -> None:
+        """Refuse a coordinator older than the newest one seen (see ``coordinator.journal``)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._state is not None, timeout=timeout):
-                raise FailedPrecondition(
-                    f"shard {self.shard_id} has no job yet after {timeout:.0f}s "
-                    "(the initializer worker uploads the starting parameters)"
-                )
-        self.check(target)
-        self._state.wait_initialized(timeout)
-        return self._state
+            if generation < self.coordinator_generation:
+                raise FailedPrecondition(f"a coordinator of generation {generation} was replaced by generation "
+                                         f"{self.coordinator_generation}; this shard takes no orders from it")
+            self.coordinator_generation = generation
 
-    def check(self, target: Target) -> None:
+    def require(self, target: Target, timeout: float) -> ShardState:
+        """The state for ``target``, waiting up to ``timeout`` s for the job's upload to arrive
+        (a job the coordinator does not know is refused at once)."""
+        self._refuse_lost(target.job_id)
+        with self._cond:
+            known = target.job_id in self.states
+        if not known and self._fetch_job(target.job_id)[0] != target.job_id:
+            raise WrongJob(f"job {target.job_id[:64]!r} is not one of the coordinator's jobs")
+        with self._cond:
+            if not self._cond.wait_for(lambda: target.job_id in self.states or target.job_id in self.lost,
+                                       timeout=timeout):
+                raise FailedPrecondition(
+                    f"shard {self.shard_id} has not received job {target.job_id[:64]!r}'s starting parameters "
+                    f"after {timeout:.0f}s (its first worker uploads them when it registers)"
+                )
+        self._refuse_lost(target.job_id)
+        state = self.states[target.job_id]
+        self.check(state, target)
+        state.wait_initialized(timeout)
+        return state
+
+    def check(self, state: ShardState, target: Target) -> None:
         """Refuse calls meant for another job, model or range (state unchanged)."""
-        state = self._state
         problem = None
         if target.job_id != state.job_id:
-            problem = f"job {target.job_id!r} is not this shard's job {state.job_id!r}"
+            problem = f"job {target.job_id[:64]!r} is not this shard's job {state.job_id!r}"
         elif target.fingerprint != state.job.layout.fingerprint:
             problem = (
                 f"layout fingerprint {target.fingerprint[:12]} differs from the job's "

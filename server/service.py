@@ -13,10 +13,11 @@ from typing import Iterator
 import grpc
 import torch
 
+from ..proto import buffers as buffer_file
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument, WaitTimeout, WrongJob
+from ..proto.errors import FailedPrecondition, InvalidArgument, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
-from ..proto.messages import mode_to_pb, view_from_pb
+from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import translate_errors
 from .modes import Push
 from .node import ShardNode, Target
@@ -24,6 +25,12 @@ from .node import ShardNode, Target
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
 SERVICE = "shardps.v1.ShardService"
 INDICES_FIELD = 4  # PushRequest.indices
+BUFFERS_PUSH_FIELD = 6  # PushRequest.buffers
+BUFFERS_INIT_FIELD = 5  # InitShardRequest.buffers
+BUFFERS_REPLY_FIELD = 4  # PushResponse.buffers
+BUFFERS_NAME = "buffers"  # PullResponse.name of the buffers file
+MAX_WAIT_MS = 3_600_000  # longest a Checkpoint call may wait for its version (an hour)
+STATUS_WORKERS = 1024  # per-worker entries GetShardStatus returns (the most recent ids)
 
 
 def _target(msg: pb.ShardTarget) -> Target:
@@ -45,12 +52,17 @@ class ShardServicer:
         state = self.node.state_for_init(_target(first.fields.target))
         buf = self.node.buffers.take(torch.float32, state.shard.numel)
         try:
-            asm = codec.Assembler(out=buf)
+            asm, blob = codec.Assembler(out=buf), None
             for frame in _chain(first, frames):
-                if frame.chunk is not None:
+                if frame.chunk is None:
+                    continue
+                if frame.field == BUFFERS_INIT_FIELD:
+                    blob = blob or _BlobReader(state)
+                    blob.add(frame.chunk)
+                else:
                     asm.add(frame.chunk)
             asm.finish()
-            fresh = state.initialize(buf)
+            fresh = state.initialize(buf, blob.finish() if blob else None, replace=first.fields.replace)
         finally:
             self.node.buffers.give(buf)  # the pool keeps it for the first pushes
         state.add_bytes(received=asm.received)
@@ -63,18 +75,50 @@ class ShardServicer:
             raise InvalidArgument("Push's first message must carry the header")
         h = first.fields.header
         state = self.node.require(_target(h.target), self.wait_timeout)
+        if h.epoch < 1 or h.step < 0 or h.base_version < 0 or h.worker_id < 0:
+            state.reject("bad_header")
+            raise InvalidArgument(f"push header out of range: epoch {h.epoch} (>= 1), step {h.step}, base_version "
+                                  f"{h.base_version} and worker_id {h.worker_id} (>= 0)")
         members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
-        commit = pb.PushCommit(batch_size=h.batch_size, lr=h.lr)
-        grad = self._receive_grad(state, _chain(first, frames), commit)
-        push = Push(h.worker_id, h.step, h.epoch, h.base_version, commit.batch_size, commit.lr, grad,
-                    release=lambda: self.node.buffers.give(grad))
+        frames = _chain(first, frames)
+        grad, options, blob = self._receive(state, frames, h.options if h.HasField("options") else None)
+        push = Push(h.worker_id, h.step, h.epoch, h.base_version, StepOpts.from_pb(options), grad, buffers=blob,
+                    release=(lambda: self.node.buffers.give(grad)) if grad is not None else None)
         outcome = state.push(push, members)  # releases the buffer when done with it
+        if outcome.clip_partial is not None:
+            yield pb.PushResponse(clip_partial=pb.ClipPartial(step=h.step, partial=outcome.clip_partial))
+            outcome = state.finish_clip(push, self._clip_total(state, frames, h.step), outcome.duplicate)
         version, pieces = state.snapshot(self._encode_push)
         yield pb.PushResponse(result=pb.PushResult(
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
-            next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch))
+            next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch,
+            skipped=outcome.skipped))
         yield from pieces
         state.add_bytes(sent=state.shard.numel * 4)
+        if state.job.broadcast_buffers:
+            yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
+
+    @staticmethod
+    def _clip_total(state, frames: Iterator[wire.Frame], step: int) -> float:
+        """The worker's ClipTotal for ``step``, the next message on the stream."""
+        frame = next(frames, None)
+        if frame is None or frame.fields is None or not frame.fields.HasField("clip_total"):
+            state.reject("bad_clip")
+            raise InvalidArgument(f"a clipped push must answer its ClipPartial with a ClipTotal for step {step}")
+        if frame.fields.clip_total.step != step:
+            state.reject("bad_clip")
+            raise InvalidArgument(f"ClipTotal names step {frame.fields.clip_total.step}; the push is for step {step}")
+        return frame.fields.clip_total.total_norm
+
+    def _buffer_frames(self, state, cls, field: int):
+        """The job's buffers file as chunk frames of ``cls`` (shard 0 only)."""
+        blob = state.buffers
+        if blob is None:
+            return
+        tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        for chunk in codec.views(tensor, self.chunk_bytes):
+            yield wire.Frame(None, chunk, field=field)
+        state.add_bytes(sent=len(blob))
 
     def _learn_views(self, state, job_id: str, epoch: int):
         """Make sure the shard knows every view up to ``epoch`` (fetched once each from the
@@ -92,58 +136,69 @@ class ShardServicer:
     def _encode_push(self, param: torch.Tensor) -> list[bytes]:
         return [self._push_frames(wire.Frame(None, c)) for c in codec.views(param, self.chunk_bytes)]
 
-    def _receive_grad(self, state, frames: Iterator[wire.Frame], commit: pb.PushCommit) -> torch.Tensor:
-        """Decode the gradient into a pooled fp32 buffer (the caller gives it back).
+    def _receive(self, state, frames: Iterator[wire.Frame], options: pb.StepOptions | None):
+        """Read a push: its buffers file (shard 0, rank 0), then a sparse push's int32 positions,
+        then the gradient, and the step options (in the header, or in a PushCommit after the
+        gradient). Reading stops once the gradient is complete and the options are known, so a
+        clipped push's stream stays open for its ClipTotal. Returns (the fp32 gradient in a pooled
+        buffer the caller gives back, or None for an overflow vote; the options; the buffers file).
 
-        A dense push streams the slice; a sparse (top-k) push streams int32 positions
-        first, then the values, which are scattered into a zeroed buffer. A trailing
-        PushCommit message, if any, is merged into ``commit``.
+        A sparse push's values are scattered into a zeroed buffer. Nothing is kept on error.
         """
-        frames = _committing(frames, commit)
-        indices, first = None, None
-        for frame in frames:
-            if frame.chunk is None:
-                continue
-            if frame.field != INDICES_FIELD:
-                first = frame
-                break
-            indices = indices or codec.Assembler(expect_dtype=torch.int32)
-            indices.add(frame.chunk)
-        if first is None:
-            state.reject("bad_size")
-            raise InvalidArgument("push carried no gradient chunks")
-        dtype = codec.torch_dtype(first.chunk.dtype)
-        if dtype not in GRAD_DTYPES:
-            state.reject("bad_dtype")
-            raise InvalidArgument(f"gradients travel as float32, bfloat16 or float16, not {dtype}")
-        positions = indices.finish() if indices is not None else None
-        buffers, numel = self.node.buffers, state.shard.numel
-        buf = buffers.take(dtype, numel) if positions is None else torch.empty(positions.numel(), dtype=dtype)
+        blob = indices = asm = positions = buf = None
+        dtype, numel, pool = None, state.shard.numel, self.node.buffers
         try:
-            asm = codec.Assembler(out=buf)
-            for frame in _chain(first, frames):
-                if frame.chunk is not None:
-                    if frame.field == INDICES_FIELD:
+            for frame in frames:
+                if frame.fields is not None and frame.fields.HasField("commit"):
+                    if options is not None:
+                        raise codec.CodecError("a push carries its options in the header or in one PushCommit")
+                    options = frame.fields.commit.options
+                chunk = frame.chunk
+                if chunk is not None and frame.field == BUFFERS_PUSH_FIELD:
+                    if asm is not None or indices is not None:
+                        raise codec.CodecError("buffer chunks must come before positions and gradient values")
+                    blob = blob or _BlobReader(state)
+                    blob.add(chunk)
+                elif chunk is not None and frame.field == INDICES_FIELD:
+                    if asm is not None:
                         raise codec.CodecError("index chunks must come before the gradient values")
-                    asm.add(frame.chunk)
-            asm.finish()
+                    indices = indices or codec.Assembler(expect_dtype=torch.int32, max_numel=numel)
+                    indices.add(chunk)
+                elif chunk is not None:
+                    if asm is None:
+                        dtype = codec.torch_dtype(chunk.dtype)
+                        if dtype not in GRAD_DTYPES:
+                            state.reject("bad_dtype")
+                            raise InvalidArgument(f"gradients travel as float32, bfloat16 or float16, not {dtype}")
+                        positions = indices.finish() if indices is not None else None
+                        buf = pool.take(dtype, numel) if positions is None else torch.empty(positions.numel(),
+                                                                                           dtype=dtype)
+                        asm = codec.Assembler(out=buf)
+                    asm.add(chunk)
+                if options is not None and asm is not None and asm.complete:
+                    break
+            if options is None:
+                raise codec.CodecError("the push carried no step options (PushHeader.options or a PushCommit)")
+            if asm is not None:
+                asm.finish()
         except codec.CodecError:
             state.reject("bad_size")
-            if positions is None:
-                buffers.give(buf)
+            _give_back(pool, buf, positions)
             raise
         except BaseException:  # the stream broke: nothing was applied, the buffer goes back
-            if positions is None:
-                buffers.give(buf)
+            _give_back(pool, buf, positions)
             raise
-        state.add_bytes(received=asm.received + (indices.received if indices is not None else 0))
+        state.add_bytes(received=sum(a.received for a in (asm, indices, blob) if a is not None))
+        blob = blob.finish() if blob is not None else None
+        if asm is None:
+            return None, options, blob
         if positions is not None:
-            return self._scatter(state, positions, buf)
+            return self._scatter(state, positions, buf), options, blob
         if dtype is torch.float32:
-            return buf
-        grad = buffers.take(torch.float32, numel).copy_(buf)
-        buffers.give(buf)
-        return grad
+            return buf, options, blob
+        grad = pool.take(torch.float32, numel).copy_(buf)
+        pool.give(buf)
+        return grad, options, blob
 
     def _scatter(self, state, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """A dense fp32 gradient from a sparse push: zeros except ``values`` at ``positions``."""
@@ -173,53 +228,94 @@ class ShardServicer:
             yield pb.PullResponse(version=version)
             yield from pieces
             state.add_bytes(sent=state.shard.numel * 4)
-            return
-        version, tensors = state.export()
-        yield pb.PullResponse(version=version)
-        for name, tensor in tensors.items():
-            for chunk in codec.views(tensor, self.chunk_bytes):
-                yield wire.Frame(pb.PullResponse(name="" if name == "param" else name), chunk)
-            state.add_bytes(sent=tensor.numel() * tensor.element_size())
+        else:
+            version, tensors, hyper = state.export()
+            yield pb.PullResponse(version=version, hyperparams_json=hyper)
+            for name, tensor in tensors.items():
+                for chunk in codec.views(tensor, self.chunk_bytes):
+                    yield wire.Frame(pb.PullResponse(name="" if name == "param" else name), chunk)
+                state.add_bytes(sent=tensor.numel() * tensor.element_size())
+        if request.include_buffers:
+            for frame in self._buffer_frames(state, pb.PullResponse, 2):
+                yield wire.Frame(pb.PullResponse(name=BUFFERS_NAME), frame.chunk)
+
+    @translate_errors
+    def LoadState(self, frames: Iterator[wire.Frame], context):
+        first = next(frames, None)
+        if first is None or first.fields is None or not first.fields.HasField("target"):
+            raise InvalidArgument("LoadState's first message must carry the target")
+        state = self.node.require(_target(first.fields.target), self.wait_timeout)
+        limit = max(1, state.shard.numel) * 8 + (1 << 20)  # elements of state a shard can hold: a few per element
+        tensors: dict[str, codec.Assembler] = {}
+        total = 0
+        for frame in _chain(first, frames):
+            if frame.chunk is None:
+                continue
+            name = frame.fields.name if frame.fields is not None else ""
+            if name not in tensors:
+                if len(tensors) >= 64 * max(1, len(state.optimizer.pieces)):
+                    raise InvalidArgument("too many state tensors for this shard's pieces")
+                tensors[name] = codec.Assembler(max_numel=max(1, state.shard.numel))
+            tensors[name].add(frame.chunk)
+            total += len(frame.chunk.data)
+            if total > limit * 4:
+                raise InvalidArgument(f"optimizer state larger than this shard can hold ({limit * 4} bytes)")
+        version = state.load_state({name: asm.finish() for name, asm in tensors.items()},
+                                   first.fields.hyperparams_json)
+        return pb.LoadStateResponse(version=version)
+
+    def _job(self, job_id: str):
+        """The state of ``job_id`` ("" = the default job or the only one); FailedPrecondition if none."""
+        state = self.node.state_for(job_id)
+        if state is None:
+            known = ", ".join(sorted(self.node.states)) or "none"
+            raise FailedPrecondition(f"shard {self.node.shard_id} holds no job {job_id[:64]!r} (it holds: {known})")
+        return state
 
     @translate_errors
     def Checkpoint(self, request, context):
-        state = self.node.state
-        if state is None:
-            raise FailedPrecondition(f"shard {self.node.shard_id} has no job yet: nothing to checkpoint")
-        if self.node.checkpointer is None:
+        state = self._job(request.job_id)
+        checkpointer = self.node.checkpointer_for(state)
+        if checkpointer is None:
             self.node.store()  # raises: no checkpoint directory
-        written = self.node.checkpointer.request(state, request.at_version, request.timeout_ms / 1000.0 or 60.0)
+        if request.at_version < 0 or not 0 <= request.timeout_ms <= MAX_WAIT_MS:
+            raise InvalidArgument(f"at_version must be >= 0 and timeout_ms in 0..{MAX_WAIT_MS}")
+        written = checkpointer.request(state, request.at_version, request.timeout_ms / 1000.0 or 60.0)
         return pb.CheckpointResponse(version=written.version, path=str(written.path), bytes=written.bytes)
 
+    @translate_errors
     def ListCheckpoints(self, request, context):
-        state = self.node.state
-        versions = self.node.store().versions() if self.node.checkpoint_dir else []
+        state = self.node.state_for(request.job_id)
         if state is None:
-            return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, versions=versions)
+            return pb.ListCheckpointsResponse(shard_id=self.node.shard_id)
+        versions = self.node.store(state.job.name).versions() if self.node.checkpoint_dir else []
         with state.cond:
             return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, job_id=state.job_id, versions=versions,
                                               version=state.version, awaiting_rollback=state.awaiting_rollback)
 
     @translate_errors
     def SetMembership(self, request, context):
-        state = self.node.state
-        if state is None:  # no job yet: the view is fetched when the first push names it
+        self.node.check_generation(request.coordinator_generation)
+        view = view_from_pb(request.view)
+        if view.epoch < 1 or view.start_step < 0 or not view.members:
+            raise InvalidArgument("a membership view needs an epoch >= 1, a start step >= 0 and members")
+        state = self.node.state_for(request.job_id) if request.job_id else None
+        if state is None:  # no such job here yet: the view is fetched when the first push names it
             return pb.SetMembershipResponse(accepted=True)
-        if request.job_id != state.job_id:
-            raise WrongJob(f"job {request.job_id!r} is not this shard's job {state.job_id!r}")
-        accepted = state.learn_view(view_from_pb(request.view), request.from_open_step)
+        accepted = state.learn_view(view, request.from_open_step)
         with state.cond:
             return pb.SetMembershipResponse(accepted=accepted, version=state.version)
 
     @translate_errors
     def Rollback(self, request, context):
-        before = self.node.rollback(request.job_id, request.version, request.epoch)
+        before = self.node.rollback(request.job_id, request.version, request.epoch, request.coordinator_generation)
         return pb.RollbackResponse(from_version=before, version=request.version)
 
     def GetShardStatus(self, request, context):
-        state = self.node.state
+        state = self.node.state_for(request.job_id)
+        job_ids = sorted(self.node.states)
         if state is None:
-            return pb.GetShardStatusResponse(shard_id=self.node.shard_id)
+            return pb.GetShardStatusResponse(shard_id=self.node.shard_id, job_ids=job_ids)
         digest = state.digest() if request.include_digest else ""
         with state.cond:  # a consistent copy of counters that handler threads update
             s = state.stats
@@ -235,29 +331,56 @@ class ShardServicer:
                 pushes_rejected=s.pushes_rejected,
                 pushes_duplicate=s.pushes_duplicate,
                 pushes_dropped=s.pushes_dropped,
+                pushes_skipped=s.pushes_skipped,
                 bytes_in=s.bytes_in,
                 bytes_out=s.bytes_out,
-                workers_seen=sorted(s.last_push),
+                workers_seen=sorted(s.last_push)[-STATUS_WORKERS:],
                 staleness_counts=dict(s.staleness),
                 apply_seconds=s.apply_seconds,
                 wait_seconds=s.wait_seconds,
                 state_digest=digest,
                 rejections=dict(s.rejections),
-                worker_last_push_unix=dict(s.last_push),
-                worker_last_step=dict(state.last_step),
+                worker_last_push_unix=dict(sorted(s.last_push.items())[-STATUS_WORKERS:]),
+                worker_last_step=dict(sorted(state.last_step.items())[-STATUS_WORKERS:]),
                 rollbacks=s.rollbacks,
                 steps_rolled_back=s.steps_rolled_back,
                 restored=state.restored_from is not None,
                 restored_from_version=state.restored_from or 0,
-                **self._checkpoint_status(),
+                job_ids=job_ids,
+                **self._checkpoint_status(state),
             )
 
-    def _checkpoint_status(self) -> dict:
-        c = self.node.checkpointer
+    def _checkpoint_status(self, state) -> dict:
+        c = self.node.checkpointer_for(state)
         if c is None:
             return {"last_checkpoint_version": -1}
         return {"checkpoints_written": c.written, "checkpoint_failures": c.failures,
                 "last_checkpoint_version": c.last.version if c.last else -1}
+
+
+class _BlobReader:
+    """A buffers file arriving as uint8 chunks, bounded by the size of the job's buffers."""
+
+    def __init__(self, state):
+        if state.shard.shard_id != 0 or not state.job.buffers:
+            state.reject("bad_buffers")
+            raise InvalidArgument("only shard 0 of a job with buffers takes buffers")
+        self.asm = codec.Assembler(expect_dtype=torch.uint8, max_numel=buffer_file.max_bytes(state.job.buffers))
+
+    @property
+    def received(self) -> int:
+        return self.asm.received
+
+    def add(self, chunk) -> None:
+        self.asm.add(chunk)
+
+    def finish(self) -> bytes:
+        return self.asm.finish().numpy().tobytes()
+
+
+def _give_back(pool, buf, positions) -> None:
+    if buf is not None and positions is None:
+        pool.give(buf)
 
 
 def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
@@ -272,6 +395,9 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         "Pull": grpc.unary_stream_rpc_method_handler(
             servicer.Pull, request_deserializer=pb.PullRequest.FromString,
             response_serializer=_passthrough(wire.serializer(pb.PullResponse))),
+        "LoadState": grpc.stream_unary_rpc_method_handler(
+            servicer.LoadState, request_deserializer=wire.deserializer(pb.LoadStateRequest),
+            response_serializer=pb.LoadStateResponse.SerializeToString),
         **{name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=getattr(pb, name + "Request").FromString,
             response_serializer=getattr(pb, name + "Response").SerializeToString)
@@ -284,14 +410,6 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
 def _passthrough(serialize):
     """Pre-serialized replies (cached slices) go out as they are; everything else is serialized."""
     return lambda msg: msg if isinstance(msg, bytes) else serialize(msg)
-
-
-def _committing(frames: Iterator[wire.Frame], commit: pb.PushCommit) -> Iterator[wire.Frame]:
-    """Pass frames through, merging any PushCommit they carry into ``commit``."""
-    for frame in frames:
-        if frame.fields is not None and frame.fields.HasField("commit"):
-            commit.CopyFrom(frame.fields.commit)
-        yield frame
 
 
 def _chain(first, rest):

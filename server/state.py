@@ -2,17 +2,21 @@
 
 Plain Python and torch, no gRPC: tests drive it in-process. One lock guards the
 whole apply; sync policies wait on ``cond`` (a Condition over that lock). A push
-is validated completely before anything changes, so a rejected push leaves the
-state byte-identical.
+is validated completely before anything changes (its sizes, step options,
+hyper-parameters, finite values, buffers), so a rejected push leaves the state
+byte-identical. Shard 0 also keeps the job's buffers (rank 0's, as DDP's).
 
     state = ShardState(ShardRange(0, 0, 128), job, step_timeout=60)
     state.initialize(torch.zeros(128))
     outcome = state.push(push, members=frozenset({0, 1}))
+    if outcome.clip_partial is not None:       # a clipped step: every shard's partial -> total
+        outcome = state.finish_clip(push, total_norm, outcome.duplicate)
     version, frames = state.snapshot(encode)
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import threading
 import time
@@ -22,12 +26,14 @@ from typing import Callable
 
 import torch
 
+from ..proto import buffers as buffer_file
 from ..proto import codec, optim
 from ..proto.errors import FailedPrecondition, InvalidArgument, RolledBack, ShardpsError, Unavailable
 from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from .checkpoint import Snapshot
 from .modes import Outcome, Push, make_policy
+from .slice_optimizer import SliceOptimizer
 
 
 @dataclass
@@ -37,6 +43,7 @@ class ShardStats:
     pushes_received: int = 0
     pushes_duplicate: int = 0
     pushes_dropped: int = 0  # late for a step that closed without them (backup workers)
+    pushes_skipped: int = 0  # steps (sync) or pushes (async) skipped for an fp16 overflow
     bytes_in: int = 0
     bytes_out: int = 0
     apply_seconds: float = 0.0
@@ -58,8 +65,11 @@ class ShardState:
     def __init__(self, shard: ShardRange, job: JobConfig, job_id: str, step_timeout: float = 300.0):
         self.shard, self.job, self.job_id = shard, job, job_id
         self.param = torch.zeros(shard.numel, dtype=torch.float32)
-        self.optimizer = optim.build(job.optimizer, job.optimizer_kwargs, self.param)
+        self.optimizer = SliceOptimizer(job, shard, self.param)
         self.policy = make_policy(job, step_timeout)
+        # Shard 0 keeps the job's persistent buffers (the initializer's, then rank 0's after each step).
+        self.buffers: bytes | None = None
+        self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
         self.version = 0  # updates applied
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
         self.initialized = False
@@ -89,22 +99,58 @@ class ShardState:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def initialize(self, params: torch.Tensor) -> bool:
-        """Set the starting parameters once; returns False (and changes nothing) if already set."""
+    def initialize(self, params: torch.Tensor, buffers: bytes | None = None, replace: bool = False) -> bool:
+        """Set the starting parameters (and shard 0's buffers) once; returns False (and changes
+        nothing) if already set. ``replace`` sets them on an initialised shard too, between two
+        steps (a worker's deliberate edit: ``ShardedOptimizer.upload_params``)."""
         if params.shape != self.param.shape or params.dtype != torch.float32:
             raise InvalidArgument(
                 f"initial parameters must be {self.shard.numel} fp32 elements, "
                 f"got {list(params.shape)} {params.dtype}"
             )
+        if not _all_finite(params):
+            raise InvalidArgument("parameters contain NaN or Inf; nothing was changed")
+        self.check_buffers(buffers)
         with self.cond:
-            if self.initialized:
+            if self.initialized and not replace:
                 return False
             self.param.copy_(params)
-            self.initialized = True
+            if buffers is not None:
+                self.buffers = bytes(buffers)
+            self._snapshot = None
+            first, self.initialized = not self.initialized, True
             self.cond.notify_all()
-            if self.on_version is not None:
+            if first and self.on_version is not None:
                 self.on_version(self)  # version 0: the starting point a rollback can always reach
             return True
+
+    def check_buffers(self, blob: bytes | None) -> None:
+        """Refuse buffers that are not exactly the job's (or sent to a shard that keeps none)."""
+        if blob is None:
+            return
+        if self.shard.shard_id != 0 or not self.job.buffers:
+            self.reject("bad_buffers")
+            raise InvalidArgument("only shard 0 of a job with buffers takes buffers")
+        try:
+            buffer_file.check(blob, self.job.buffers)
+        except ValueError as exc:
+            self.reject("bad_buffers")
+            raise InvalidArgument(str(exc)) from None
+
+    def parse_hyper(self, text: str) -> list | None:
+        """The job groups' kwargs with a push's hyper-parameters applied (None for ""), checked."""
+        if not text:
+            return None
+        cached_text, cached = self._hyper_cache
+        if text == cached_text:
+            return cached
+        try:
+            parsed = optim.parse_hyper(self.job.optimizer, self.job.groups, text)
+        except ValueError as exc:
+            self.reject("bad_hyperparameters")
+            raise InvalidArgument(str(exc)) from None
+        self._hyper_cache = (text, parsed)
+        return parsed
 
     def wait_initialized(self, timeout: float) -> None:
         with self.cond:
@@ -115,6 +161,24 @@ class ShardState:
                 )
 
     # ------------------------------------------------------------------ push
+
+    def validate(self, push: Push) -> None:
+        """Check everything about ``push`` that needs no lock; fill in its parsed fields."""
+        pieces = len(self.optimizer.pieces)
+        try:
+            push.options.check(pieces)
+        except ValueError as exc:
+            self.reject("bad_options")
+            raise InvalidArgument(str(exc)) from None
+        push.present = push.options.present(pieces)
+        push.hyper = self.parse_hyper(push.options.hyper_json)
+        self.check_buffers(push.buffers)
+        if push.options.overflow:
+            return  # an overflow vote: its gradient (if any) is never read
+        if push.grad is None:
+            self.reject("bad_size")
+            raise InvalidArgument("push carried no gradient chunks (only an fp16 overflow vote may)")
+        self.validate_grad(push.grad)
 
     def validate_grad(self, grad: torch.Tensor) -> None:
         """Reject a gradient of the wrong size or with NaN/Inf values (counted, state unchanged)."""
@@ -141,13 +205,7 @@ class ShardState:
                 push.release()
 
     def _push(self, push: Push, members: frozenset[int]) -> Outcome:
-        if push.batch_size <= 0:
-            self.reject("bad_batch_size")
-            raise InvalidArgument(f"batch_size must be > 0, got {push.batch_size}")
-        if not push.lr > 0:
-            self.reject("bad_lr")
-            raise InvalidArgument(f"lr must be > 0, got {push.lr}")
-        self.validate_grad(push.grad)
+        self.validate(push)
         with self.cond:
             if not self.initialized:
                 self.stats.rejections["not_initialized"] += 1
@@ -170,19 +228,59 @@ class ShardState:
             self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
-    def apply(self, grad: torch.Tensor, lr: float) -> None:
-        """One optimizer step with ``grad`` (called by the policy, under the lock)."""
+    def finish_clip(self, push: Push, total_norm: float, duplicate: bool) -> Outcome:
+        """The total norm of ``push``'s clipped step (after its ``push`` answered with a partial):
+        the step is applied with torch's clip coefficient, and the push answered as usual."""
+        try:
+            with self.cond:
+                self.check_epoch(push.epoch)
+                try:
+                    return self.policy.finish_clip(self, push, total_norm, duplicate)
+                except ShardpsError as exc:
+                    self.stats.rejections[exc.reason] += 1
+                    raise
+        finally:
+            if not push.kept and push.release is not None:
+                push.release()
+
+    def apply(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float = 1.0,
+              buffers: bytes | None = None) -> None:
+        """One optimizer step with ``grad`` (called by the policy, under the lock): pieces not
+        ``present`` are skipped, ``hyper`` (the groups' kwargs, None: unchanged) applies from now on."""
         start = time.perf_counter()
+        if hyper is not None:
+            self.optimizer.set_hyper(hyper)
         if self.shard.numel:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.param.grad = grad
-            self.optimizer.step()
-            self.param.grad = None
-        self.version += 1
+            self.optimizer.step(grad, present, lr_scale)
+        self._next_version(buffers)
         self.stats.apply_seconds += time.perf_counter() - start
+
+    def skip(self, buffers: bytes | None = None) -> None:
+        """Close a step without applying it (an fp16 overflow on some worker), under the lock."""
+        self.stats.pushes_skipped += 1
+        self._next_version(buffers)
+
+    def _next_version(self, buffers: bytes | None) -> None:
+        if buffers is not None:
+            self.buffers = buffers
+        self.version += 1
         if self.on_version is not None:
             self.on_version(self)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], hyper_json: str) -> int:
+        """Take over optimizer state by name (``optim/<i>/<key>``) and the groups' hyper-parameters,
+        between two steps; checked completely first. Returns the version it applies at."""
+        hyper = self.parse_hyper(hyper_json)
+        with self.cond:
+            self.check_epoch(None)
+            try:
+                self.optimizer.load_state_tensors(tensors)
+            except ValueError as exc:
+                self.stats.rejections["bad_state"] += 1
+                raise InvalidArgument(str(exc)) from None
+            if hyper is not None:
+                self.optimizer.set_hyper(hyper)
+            return self.version
 
     # ------------------------------------------------------------------ membership
 
@@ -229,10 +327,13 @@ class ShardState:
 
     def checkpoint_snapshot(self) -> Snapshot:
         """Copies of everything a checkpoint holds, at the current version (call under the lock)."""
-        state = {k: (v.detach().clone() if torch.is_tensor(v) else torch.tensor(v))
-                 for k, v in self.optimizer.state.get(self.param, {}).items()}
         return Snapshot(self.job_id, job_to_pb(self.job).SerializeToString(), self.shard.shard_id, self.shard.start,
-                        self.shard.stop, self.version, dict(self.last_step), self.param.detach().clone(), state)
+                        self.shard.stop, self.version, dict(self.last_step), self.param.detach().clone(),
+                        self.optimizer.state_tensors(), self.hyper_json(), self.buffers)
+
+    def hyper_json(self) -> str:
+        """The groups' current schedulable hyper-parameters (as a push carries them)."""
+        return json.dumps(optim.hyper_of(self.optimizer.hyper, self.job.schedulable()), separators=(",", ":"))
 
     def restore(self, snap: Snapshot, epoch: int = 0) -> int:
         """Go back (or forward) to ``snap``; pushes waiting in a step are told the job rolled back.
@@ -244,10 +345,11 @@ class ShardState:
             before = self.version
             self.policy.reset()
             self.param.copy_(snap.param)
-            self.optimizer = optim.build(self.job.optimizer, self.job.optimizer_kwargs, self.param)
-            if snap.optimizer_state:
-                group = self.optimizer.state_dict()["param_groups"]
-                self.optimizer.load_state_dict({"state": {0: dict(snap.optimizer_state)}, "param_groups": group})
+            self.optimizer = SliceOptimizer(self.job, self.shard, self.param)
+            self.optimizer.load_state_tensors(snap.optimizer_state)
+            if snap.hyper_json:
+                self.optimizer.set_hyper(optim.parse_hyper(self.job.optimizer, self.job.groups, snap.hyper_json))
+            self.buffers = snap.buffers
             self.version, self.last_step = snap.version, dict(snap.last_step)
             self.initialized, self._snapshot = True, None
             self.generation += 1
@@ -278,16 +380,12 @@ class ShardState:
                 self._snapshot = (self.version, encode(self.param))
             return self._snapshot
 
-    def export(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(version, copies of the slice and its optimizer state) taken at one instant.
-
-        Keys: "param", then torch's own state keys ("exp_avg", "momentum_buffer", "step", ...).
-        """
+    def export(self) -> tuple[int, dict[str, torch.Tensor], str]:
+        """(version, copies of the slice and its optimizer state, the groups' hyper-parameters)
+        taken at one instant. Keys: "param", then ``optim/<i>/<key>`` per piece."""
         with self.cond:
-            out = {"param": self.param.detach().clone()}
-            for key, value in self.optimizer.state.get(self.param, {}).items():
-                out[key] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
-            return self.version, out
+            return self.version, {"param": self.param.detach().clone(), **self.optimizer.state_tensors()}, \
+                self.hyper_json()
 
     def add_bytes(self, received: int = 0, sent: int = 0) -> None:
         with self.cond:
@@ -296,10 +394,11 @@ class ShardState:
 
     def digest(self) -> str:
         """SHA-256 over version, dedup table, parameters and optimizer state."""
-        version, tensors = self.export()
+        version, tensors, hyper = self.export()
         with self.cond:
-            table = sorted(self.last_step.items())
-        h = hashlib.sha256(repr((version, table)).encode())
+            table, buffers = sorted(self.last_step.items()), self.buffers or b""
+        h = hashlib.sha256(repr((version, table, hyper)).encode())
+        h.update(buffers)
         for key in sorted(tensors):
             h.update(key.encode())
             h.update(codec.as_bytes(tensors[key].contiguous()).tobytes())

@@ -7,51 +7,83 @@ A training loop changes in one line:
     for x, y in loader:
         loss = loss_fn(model(x), y)
         opt.zero_grad(); loss.backward()
-        opt.step(batch_size=len(x))   # push grads to every shard, pull the new slices
+        opt.clip_grad_norm_(1.0)      # optional: clips the averaged gradient, returns its norm
+        opt.step()                    # push grads to every shard, pull the new slices
     opt.close()
+
+It takes what ``torch.optim`` takes (a module, parameters, (name, parameter) pairs or
+param-group dicts), keeps torch's semantics group by group (every scheduled
+hyper-parameter travels with each push; a parameter without a gradient is skipped),
+saves and loads torch's ``state_dict`` format both ways, keeps the model's buffers
+as DDP does (rank 0's, broadcast every step), and works under an fp16 ``GradScaler``
+(an overflow on any worker skips the step on every worker). Where DDP and
+single-process torch differ, it follows DDP: ``step()`` without ``batch_size``
+averages the workers' gradients with equal weights; pass ``batch_size=n`` for the
+sample-weighted mean (then sync training equals one process on the union batch).
 
 Construction registers with the coordinator (the first worker defines the job and
 uploads its parameters; everyone then starts from them, as DDP starts from rank 0),
 then blocks until ``min_workers`` workers have registered. ``rank``/``world_size``
 pick the data shard. ``step`` blocks until the shards answer (sync: until every
-worker pushed the step). It is an ``Optimizer`` subclass, so torch's LR schedulers
-work: the worker's ``param_groups[0]["lr"]`` travels with every push.
+worker pushed the step).
 """
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
+import math
 import os
 import socket
-import threading
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 
 from ..coordinator.client import CoordinatorClient
+from ..proto import buffers as buffer_file
 from ..proto import optim
-from ..proto.assemble import optimizer_state_dict
+from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
-from ..proto.gen import shardps_pb2 as pb
-from ..proto.messages import JobConfig, UpdateMode
 from ..proto.errors import RolledBack, UnknownWorker
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.layout import BufferEntry
+from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
 from ..proto.retry import Retrier
 from ..proto.security import Security
+from . import torch_compat
 from .compress import TopK
 from .flat import FlatParams
+from .heartbeat import Heartbeat
 from .overlap import OverlapPusher
-from .ps_client import PSClient, PushReply
+from .ps_client import ClipExchange, PSClient, PushReply, results
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+RECONNECT_S = 60.0  # how long coordinator calls ride out a restarting coordinator
+
+
+@dataclass
+class _Step:
+    """This step's pushes in flight (started by ``clip_grad_norm_``, the overlap hooks or ``step``)."""
+
+    futures: list[Future]
+    exchange: ClipExchange | None
+    batch_size: int
+    clipped: bool
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
+    _step_supports_amp_scaling = True  # GradScaler calls step() with found_inf/grad_scale set (see torch_compat)
+
     def __init__(
         self,
-        model: torch.nn.Module | Iterable[torch.nn.Parameter],
+        params: torch.nn.Module | Iterable,
         cluster: str | None = None,
-        optimizer: str = "sgd",
+        optimizer: str | type = "sgd",
         *,
+        model: torch.nn.Module | None = None,
+        job: str = DEFAULT_JOB,
         mode: str = "sync",
         min_workers: int | None = None,
         backup_workers: int = 0,
@@ -61,6 +93,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         balance_every: int = 0,
         wire_dtype: str = "float32",
         overlap: bool = False,
+        broadcast_buffers: bool = True,
         name: str = "",
         connect_timeout: float = 120.0,
         step_timeout: float = 330.0,
@@ -71,14 +104,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ):
         """
         Args:
-            model: an ``nn.Module`` (parameter names come from ``named_parameters()``) or an
-                iterable of parameters (named "0", "1", ... in order).
+            params: what torch.optim takes: an ``nn.Module`` (its parameters, named), an iterable of
+                parameters or of (name, parameter) pairs, or a list of param-group dicts with their
+                own hyper-parameters (nanoGPT's and HF's decay / no-decay groups).
             cluster: the coordinator's ``host:port`` (default: ``SHARDPS_CLUSTER``, which
                 ``shardps launch`` sets for the scripts it starts).
-            optimizer: torch's lower-case optimizer name: "sgd", "adam" or "adamw".
-            mode: "sync" (one update per step, sample-weighted mean of every worker's
-                gradient), "ssp" (sync steps, but a worker may run up to ``staleness``
-                steps ahead of the last closed step) or "async" (each push applied on arrival).
+            optimizer: torch's class or its lower-case name: "sgd", "adam", "adamw", "adagrad",
+                "rmsprop", "adamax", "nadam", "radam", "adadelta", "asgd", "rprop".
+            model: the module the parameters belong to, when ``params`` is not the module itself:
+                names the parameters (and their tied aliases) and brings its buffers into the job.
+            job: the job's name in the cluster; a GAN's generator and discriminator optimizers are
+                two jobs on one cluster.
+            mode: "sync" (one update per step, mean of every worker's gradient), "ssp" (sync steps,
+                but a worker may run up to ``staleness`` steps ahead of the last closed step) or
+                "async" (each push applied on arrival).
             min_workers: training starts once this many workers have registered (default:
                 ``SHARDPS_MIN_WORKERS``, which ``shardps launch --nproc N`` sets to N; else 1).
             staleness: ssp only: the bound k (0 behaves exactly as sync).
@@ -98,15 +137,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             overlap: push each shard's gradients as soon as backward has produced them,
                 hiding communication behind the rest of backward. Wrap gradient-accumulation
                 micro-batches in ``opt.no_sync()``.
+            broadcast_buffers: as DDP's: every worker takes rank 0's buffers after each step
+                (False: each keeps its own; the job still keeps rank 0's for exports).
             name: how this worker appears in status (default ``SHARDPS_WORKER_NAME``, else host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
             step_timeout: deadline of one push-pull attempt, seconds (sync waits for the slowest worker).
-            auth_token: the cluster's shared token (default: SHARDPS_AUTH_TOKEN); TLS settings come
-                from SHARDPS_TLS_CA (and SHARDPS_TLS_CERT/KEY for mutual TLS).
             retry_timeout: how long a push or pull keeps retrying transient failures (server
                 restarting or paused, reply lost) before it raises; retries are exactly-once.
+            auth_token: the cluster's shared token (default: SHARDPS_AUTH_TOKEN); TLS settings come
+                from SHARDPS_TLS_CA (and SHARDPS_TLS_CERT/KEY for mutual TLS).
             chunk_bytes: bytes per streamed chunk.
-            **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...).
+            **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...);
+                ``fused``/``foreach``/``capturable`` are accepted and left to the servers.
         """
         cluster = cluster or os.environ.get("SHARDPS_CLUSTER", "")
         if not cluster:
@@ -117,103 +159,244 @@ class ShardedOptimizer(torch.optim.Optimizer):
         name = name or os.environ.get("SHARDPS_WORKER_NAME", "")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
-        named = list(model.named_parameters() if isinstance(model, torch.nn.Module)
-                     else ((str(i), p) for i, p in enumerate(model)))
-        kwargs = optim.normalize_kwargs(optimizer, optimizer_kwargs)
+        module = params if isinstance(params, torch.nn.Module) else model
+        if isinstance(params, torch.nn.Module):
+            params = params.parameters()
+        optimizer = optim.name_of(optimizer)
+        defaults = optim.full_defaults(optimizer, optimizer_kwargs)
+        self._constructing = True
+        super().__init__(params, defaults)
+        self._constructing = False
+        named = torch_compat.describe_params(self.param_groups, module)
         self._wire_dtype = dtype_from_name(wire_dtype)
         # Top-k reads the fp32 gradients and casts only what it sends, so it needs no wire copy.
-        self.flat = FlatParams(named, torch.float32 if 0 < topk_ratio < 1 else self._wire_dtype)
-        self.job = JobConfig(self.flat.layout, optimizer, kwargs, UpdateMode.parse(mode), min_workers,
-                             backup_workers, staleness_lr, staleness, topk_ratio, balance_every)
-        super().__init__(self.flat.params, dict(kwargs))
+        self.flat = FlatParams(*named, len(self.param_groups),
+                               torch.float32 if 0 < topk_ratio < 1 else self._wire_dtype)
+        self._buffers = torch_compat.persistent_buffers(module)
+        self.job = JobConfig(
+            self.flat.layout, optimizer, defaults, UpdateMode.parse(mode), min_workers, backup_workers, staleness_lr,
+            staleness, topk_ratio, balance_every,
+            groups=tuple(optim.group_kwargs(optimizer, defaults, g) for g in self.param_groups),
+            buffers=tuple(BufferEntry(n, tuple(b.shape), str(b.dtype).removeprefix("torch."))
+                          for n, b in self._buffers.items()),
+            broadcast_buffers=broadcast_buffers, name=job)
+        self._state_keys = list(module.state_dict(keep_vars=True)) if module is not None else []
+        self._param_ids = {id(p) for p in self.flat.params}
+        self._warned_local_clip = self._warned_edit = False
         self.step_timeout = step_timeout
         self.retry = Retrier(budget=retry_timeout)
         self.security = Security.from_env(token=auth_token)
         self.device = str(self.flat.params[0].device)
-        self._overlap = None
+        self._overlap: OverlapPusher | None = None
+        self._inflight: _Step | None = None
         self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes, overlap)
+        torch_compat.track(self)
 
     def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int, overlap: bool) -> None:
-        self.coordinator = CoordinatorClient(cluster, security=self.security)
+        self.coordinator = CoordinatorClient(cluster, security=self.security, reconnect=RECONNECT_S)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
         self.rollbacks = 0  # times the job rolled back under this worker (a shard restarted)
         self.last_replies: list[PushReply] = []
-        self._evicted = ""
-        self._view_changed = threading.Event()
-        self._heartbeat = _Heartbeat(self)  # the lease runs from registration on
+        self._heartbeat = Heartbeat(self)  # the lease runs from registration on
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
                            self.compressor, self.retry, self.worker_id, self.security)
         if reg.initializer:
-            self.ps.init(self.flat.gather_params(), self.worker_id)
+            self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob())
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)
         self._adopt(view)
         # A worker joining a running sync job starts at the first step of the first view it is
         # in, with the parameters after the step before it.
         start = self.coordinator.first_view_with(self.job_id, self.worker_id, view).start_step
-        min_version = start if self.job.mode is not UpdateMode.ASYNC else 0
-        self.versions = self.ps.pull(self.flat.values, min_version)
-        self.flat.scatter_params()
+        self._pull(start if self.job.mode is not UpdateMode.ASYNC else 0)
         self.steps_taken = start  # the step this worker pushes next
         if overlap:
             self._overlap = OverlapPusher(self.flat, self.ps, self.step_timeout)
-            self._overlap.arm(self._header(0, 0.0), self.versions)
+            self._overlap.arm(self._header(), self.versions)
 
-    def pull(self) -> list[int]:
-        """Load the shards' current parameters into the model; return each shard's version."""
-        self.versions = self.ps.pull(self.flat.values)
+    # ------------------------------------------------------------------ parameters and buffers
+
+    def _pull(self, min_version: int = 0) -> list[int]:
+        self.versions, blob = self.ps.pull(self.flat.values, min_version, buffers=bool(self._buffers))
         self.flat.scatter_params()
+        if blob is not None and self.job.broadcast_buffers:
+            torch_compat.load_buffers(self._buffers, buffer_file.decode(blob))
         return self.versions
 
+    def pull(self) -> list[int]:
+        """Load the shards' current parameters (and the job's buffers) into the model; return each
+        shard's version."""
+        return self._pull()
+
+    def _buffers_blob(self) -> bytes | None:
+        return buffer_file.encode(self._buffers) if self._buffers else None
+
+    def upload_params(self) -> None:
+        """Make this worker's current parameters (and buffers) the job's, replacing the shards'
+        (a deliberate edit between two steps: WGAN weight clipping, ``model.load_state_dict``).
+        In sync mode every worker that makes the same edit may call it; the result is the same."""
+        self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob(), replace=True)
+        self.flat.scatter_params()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict as the shards hold it (parameters under every tied name, buffers),
+        in the model's key order and dtypes: ``model.load_state_dict(sd, strict=True)`` takes it."""
+        flat = torch.empty(self.job.layout.numel)
+        _, blob = self.ps.pull(flat, buffers=bool(self._buffers))
+        sd = model_state_dict(self.job.layout, flat, buffer_file.decode(blob) if blob else {})
+        order = [k for k in self._state_keys if k in sd]
+        return {k: sd[k] for k in order + [k for k in sd if k not in set(order)]}
+
+    # ------------------------------------------------------------------ one step
+
     @torch.no_grad()
-    def step(self, closure=None, *, batch_size: int = 1):
+    def step(self, closure=None, *, batch_size: int | None = None):
         """Push every gradient slice to its shard (all at once), then load the returned slices.
 
-        ``batch_size`` weighs this worker's gradient in the sync mean; pass the number
-        of samples behind it (default 1: equal weights). Blocks until the shards reply.
+        ``batch_size`` weighs this worker's gradient in the sync mean; pass the number of
+        samples behind it (default: equal weights, as DDP averages). Blocks until the shards
+        reply. Under an fp16 ``GradScaler``, an overflow on any worker skips the step everywhere.
         """
-        if self._evicted:
-            raise UnknownWorker(self._evicted)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        lr = float(self.param_groups[0]["lr"])
+        self._check_alive()
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step (see torch_compat)
+        overflow = bool(found_inf is not None and float(found_inf) > 0)
+        grad_scale = getattr(self, "grad_scale", None)
+        step = self._inflight
+        if step is None:
+            step = self._begin(batch_size, overflow=overflow, grad_scale=float(grad_scale or 0.0))
+        elif batch_size is not None and batch_size != step.batch_size:
+            raise ValueError(f"clip_grad_norm_ pushed this step with batch_size={step.batch_size}; pass that to "
+                             f"step() too (or give clip_grad_norm_ batch_size={batch_size})")
+        self._inflight = None
         try:
-            if self._overlap is not None:
-                replies = self._overlap.finish(int(batch_size), lr)
-            else:
-                header = self._header(int(batch_size), lr)
-                replies = self.ps.push_pull(self.flat.gather_grads(), self.flat.values, header, self.versions)
+            replies = results(step.futures)
         except RolledBack as exc:
             self._rejoin(exc)
             return loss
+        self._finish(replies, overflow, found_inf is not None)
+        return loss
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None, *, batch_size: int | None = None) -> torch.Tensor:
+        """Clip the step's *averaged* gradient to ``max_norm`` by its norm over every shard, as
+        ``torch.nn.utils.clip_grad_norm_`` does on the union batch in one process (FSDP's
+        ``clip_grad_norm_``), and return that total norm. Call it after backward and before
+        ``step()``; it starts the step's push (``batch_size`` as for ``step``; the step's
+        hyper-parameters are read now). Under a GradScaler call ``scaler.unscale_(opt)`` first,
+        as torch requires. ``foreach`` is accepted for torch's signature; the shards decide.
+        """
+        self._check_alive()
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if not (max_norm > 0 and math.isfinite(max_norm)) or not norm_type > 0:
+            raise ValueError(f"max_norm must be a finite number > 0 and norm_type > 0, got {max_norm}, {norm_type}")
+        if self._inflight is not None and self._inflight.clipped:
+            raise RuntimeError("clip_grad_norm_ was already called for this step; call step() next")
+        device = self.flat.params[0].device
+        if not self.flat.all_finite():
+            # The averaged gradient is not finite either; push nothing yet: step() sends an overflow
+            # vote under a GradScaler (the step is skipped everywhere), else the shards refuse it.
+            total = torch.nn.utils.get_total_norm([p.grad for p in self.flat.params if p.grad is not None],
+                                                  norm_type, error_if_nonfinite)
+            return total.to(device)
+        step = self._begin(batch_size, clip=(max_norm, norm_type))
+        total = step.exchange.wait()
+        if total is None:  # no total came: the step was skipped (an overflow elsewhere) or our push dropped
+            wait_for = results(step.futures)
+            total = math.inf if any(r.skipped for r in wait_for) else self._local_norm(norm_type)
+        if error_if_nonfinite and not math.isfinite(total):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is "
+                               "non-finite, so it cannot be clipped. To disable this error and scale the "
+                               "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        return torch.tensor(total, dtype=torch.float32, device=device)
+
+    def _local_norm(self, norm_type: float) -> float:
+        grads = [p.grad for p in self.flat.params if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads, norm_type)) if grads else 0.0
+
+    def _begin(self, batch_size: int | None, clip: tuple[float, float] | None = None, overflow: bool = False,
+               grad_scale: float = 0.0) -> _Step:
+        """Start this step's pushes on every shard (or, with overlap, commit the ones backward started)."""
+        if self.flat.changed_since_scatter() and not self._warned_edit:
+            self._warned_edit = True
+            warnings.warn("the model's parameters changed since the last step outside the optimizer (an in-place "
+                          "edit or model.load_state_dict); this step's reply overwrites them with the shards' "
+                          "values. To make such an edit part of training call opt.upload_params() after it",
+                          stacklevel=3)
+        batch = 1 if batch_size is None else int(batch_size)
+        hyper = optim.hyper_of(self.param_groups, self.job.schedulable())
+        hyper_json = _json(hyper)
+        max_norm, norm_type = clip if clip is not None else (0.0, 2.0)
+
+        def options(shard) -> pb.StepOptions:
+            r = shard.info.range
+            return pb.StepOptions(batch_size=batch, hyperparams_json=hyper_json,
+                                  grad_mask=self.flat.grad_mask(r.start, r.stop), overflow=overflow,
+                                  grad_scale=grad_scale, clip_max_norm=max_norm, clip_norm_type=norm_type)
+
+        blob = self._buffers_blob() if self._buffers and self.rank == 0 else None
+        if self._overlap is not None:
+            futures, exchange = self._overlap.commit(lambda k: options(self.ps.shards[k]), norm_type)
+            self._inflight = _Step(futures, exchange, batch, clip is not None)
+            return self._inflight
+        grads = None if overflow else self.flat.gather_grads()
+        exchange = ClipExchange(len(self.ps.shards), self.steps_taken, norm_type, self.step_timeout) if clip else None
+        futures = []
+        for shard in self.ps.shards:
+            header = self._header()
+            header.options.CopyFrom(options(shard))
+            futures.append(self.ps.submit_push(shard, grads, self.flat.values, header,
+                                               self.versions[shard.info.range.shard_id], clip=exchange, buffers=blob))
+        self._inflight = _Step(futures, exchange, batch, clip is not None)
+        return self._inflight
+
+    def _finish(self, replies: list[PushReply], overflow: bool, under_scaler: bool) -> None:
         self.flat.scatter_params()
         self.versions = [r.version for r in replies]
         self.last_replies = replies
-        if max(r.epoch for r in replies) > self.epoch or self._view_changed.is_set():
+        blob = next((r.buffers for r in replies if r.buffers is not None), None)
+        if blob is not None and self.rank != 0:
+            torch_compat.load_buffers(self._buffers, buffer_file.decode(blob))
+        if any(r.skipped for r in replies) and under_scaler and not overflow:
+            # Another worker overflowed: this worker's scaler must back off too, as under DDP.
+            if not torch_compat.mark_overflow(torch_compat.grad_scaler_state()):
+                warnings.warn("the step was skipped for an fp16 overflow on another worker, but the calling "
+                              "GradScaler was not found to lower its scale", stacklevel=3)
+        if max(r.epoch for r in replies) > self.epoch or self._heartbeat.view_changed.is_set():
             self._refresh_view()  # before the next step picks its data by rank
         # The shards say which step comes next: +1 normally; in sync mode with backup
         # workers a late worker whose push was dropped jumps to the open step.
         self.steps_taken = min(r.next_step for r in replies)
         if self._overlap is not None:
-            self._overlap.arm(self._header(0, 0.0), self.versions)
-        return loss
+            self._overlap.arm(self._header(), self.versions)
+
+    def _header(self) -> pb.PushHeader:
+        return pb.PushHeader(worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch)
+
+    # ------------------------------------------------------------------ membership
+
+    def _check_alive(self) -> None:
+        if self._heartbeat.evicted:
+            raise UnknownWorker(self._heartbeat.evicted)
 
     def _adopt(self, view) -> None:
         if self.worker_id not in view.worker_ids:
-            self._evicted = (f"worker {self.worker_id} is not in the job's membership (epoch {view.epoch}): its "
-                             "lease ran out; register again (a new ShardedOptimizer) to rejoin")
-            raise UnknownWorker(self._evicted)
+            self._heartbeat.evicted = (
+                f"worker {self.worker_id} is not in the job's membership (epoch {view.epoch}): its lease ran out; "
+                "register again (a new ShardedOptimizer) to rejoin")
+            raise UnknownWorker(self._heartbeat.evicted)
         self.epoch = view.epoch
         self.rank = next(m.rank for m in view.members if m.worker_id == self.worker_id)
         self.world_size = len(view.members)
 
     def _refresh_view(self) -> None:
         """The membership changed: take this worker's new rank and the new world size."""
-        self._view_changed.clear()
+        self._heartbeat.view_changed.clear()
         self._adopt(self.coordinator.view(self.job_id, 0))
 
     def counters(self) -> dict[str, int]:
@@ -234,19 +417,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rollbacks += 1
         self.last_replies = []
         if self._overlap is not None:
-            self._overlap.arm(self._header(0, 0.0), self.versions)
+            self._overlap.arm(self._header(), self.versions)
+
+    # ------------------------------------------------------------------ torch.optim's API
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. For fp32 CPU models they are views into the push buffer and are
-        zeroed in place whatever ``set_to_none`` says (as DDP's gradient_as_bucket_view)."""
+        zeroed in place (as DDP's gradient_as_bucket_view); with ``set_to_none`` a parameter then
+        counts as having no gradient until backward writes one, as torch sees ``p.grad is None``."""
         if self.flat.bound:
-            self.flat.zero_grads()
+            self.flat.zero_grads(set_to_none)
         else:
             super().zero_grad(set_to_none)
 
-    def _header(self, batch_size: int, lr: float) -> pb.PushHeader:
-        return pb.PushHeader(worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch,
-                             batch_size=batch_size, lr=lr)
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", False):
+            raise RuntimeError("a ShardedOptimizer's parameters are fixed when its job is defined (the shards hold "
+                               "them): pass every param group to the constructor")
+        super().add_param_group(param_group)
 
     def no_sync(self):
         """Context manager for gradient-accumulation micro-batches (as DDP's): with ``overlap=True``,
@@ -254,20 +442,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self._overlap.no_sync() if self._overlap is not None else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state gathered from every shard, in ``torch.optim``'s format.
+        """The optimizer state gathered from every shard, in ``torch.optim``'s format: it loads
+        into the stock torch class built over the same param groups (frozen parameters included)."""
+        shards = [tensors for _, tensors, _ in self.ps.pull_state()]
+        return optimizer_state_dict(self.job, shards, self.param_groups)
 
-        ``{"state": {i: {"exp_avg": ..., "step": ...}}, "param_groups": [{..., "params": [0..n-1]}]}``
-        with ``i`` the index of the parameter in layout order, so it loads into a stock
-        torch optimizer built over ``model.parameters()``.
-        """
-        shards = [tensors for _, tensors in self.ps.pull_state()]
-        return optimizer_state_dict(self.job.layout, shards, self.param_groups[0])
-
-    def load_state_dict(self, state_dict):
-        raise RuntimeError(
-            "a ShardedOptimizer's state lives on the shard servers, which own it for the whole job; "
-            "load this state_dict into a plain torch optimizer instead"
-        )
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take over a torch.optim state_dict (the stock class's, or this class's): the param
+        groups' hyper-parameters here, the per-parameter state on the shards. Call it between
+        two steps (e.g. before training) on every worker with the same state; loading it again
+        changes nothing."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(groups) if isinstance(groups, list) else 'no'} param "
+                             f"groups; this optimizer has {len(self.param_groups)}")
+        for mine, saved in zip(self.param_groups, groups):
+            if len(saved.get("params", [])) != len(mine["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                                 "optimizer's group")
+        per_shard = split_optimizer_state(self.job, state_dict, [s.info.range for s in self.ps.shards])
+        for mine, saved in zip(self.param_groups, groups):
+            mine.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+        self.ps.load_state(per_shard, _json(optim.hyper_of(self.param_groups, self.job.schedulable())))
 
     def close(self) -> None:
         """Leave the job and close every channel. Safe to call twice."""
@@ -276,6 +472,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._overlap is not None:
             self._overlap.close()
         self._heartbeat.stop()
+        self.flat.close()
         try:
             self.coordinator.leave(self.job_id, self.worker_id)
         finally:
@@ -290,34 +487,5 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.close()
 
 
-
-class _Heartbeat:
-    """Renews the worker's lease every lease / 3 seconds on a daemon thread, reporting its step
-    and fault counters; notes a newer membership epoch and an eviction for the training thread."""
-
-    def __init__(self, opt: ShardedOptimizer):
-        self.opt, self._stop = opt, threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shardps-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        interval = 0.0  # the first heartbeat at once
-        while not self._stop.wait(interval):
-            opt = self.opt
-            try:
-                epoch, lease = opt.coordinator.heartbeat(opt.job_id, opt.worker_id,
-                                                           getattr(opt, "steps_taken", 0), opt.counters())
-            except UnknownWorker as exc:
-                opt._evicted = str(exc)
-                return
-            except Exception as exc:  # coordinator unreachable for a moment: the lease has slack
-                logging.getLogger("shardps.worker").warning("heartbeat failed: %s", exc)
-                interval = 0.5
-                continue
-            interval = max(0.05, lease / 3)
-            if epoch > getattr(opt, "epoch", epoch):
-                opt._view_changed.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))

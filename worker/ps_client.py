@@ -10,6 +10,8 @@ most once and answers a repeat like the first try, so retrying is exactly-once.
 """
 from __future__ import annotations
 
+import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
@@ -18,10 +20,13 @@ import grpc
 import torch
 
 from ..proto import codec, wire
+from ..proto.errors import WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
 from ..proto.rpc import WORKER_METADATA, error_from_rpc, open_channel
+
+BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,58 @@ class PushReply:
     next_step: int  # step number of this worker's next push
     applied_lr: float  # lr the shard applied (0 if it applied nothing for this push)
     epoch: int = 0  # the newest membership epoch the shard knows
+    skipped: bool = False  # the step was skipped everywhere (an fp16 overflow on some worker)
+    buffers: bytes | None = None  # shard 0, broadcast buffers: rank 0's buffers of the step
+
+
+class ClipExchange:
+    """One clipped step's total norm, from every shard's ClipPartial.
+
+    Each shard's push stream reports its partial; once all have, the total is
+    ``(sum of partials)^(1/p)`` (the max for p = inf) and every stream sends it back
+    as a ClipTotal. Streams whose shard answered without a partial (the step was
+    skipped, or the push dropped) end the exchange: ``total`` is then None.
+    """
+
+    def __init__(self, shards: int, step: int, norm_type: float, timeout: float):
+        self.shards, self.step, self.norm_type, self.timeout = shards, step, norm_type, timeout
+        self._partials: dict[int, float] = {}
+        self._cond = threading.Condition()
+        self.total: float | None = None
+        self.broken = False  # some shard answered without a partial: no total will come
+
+    def report(self, shard: int, partial: float) -> None:
+        with self._cond:
+            self._partials[shard] = partial
+            if len(self._partials) == self.shards and self.total is None:
+                parts = [self._partials[k] for k in sorted(self._partials)]
+                self.total = max(parts) if math.isinf(self.norm_type) else sum(parts) ** (1.0 / self.norm_type)
+                self._cond.notify_all()
+
+    def answered_without_partial(self) -> None:
+        with self._cond:
+            if self.total is None:
+                self.broken = True
+                self._cond.notify_all()
+
+    def wait_total(self, ended: threading.Event) -> float | None:
+        """The total, once known; None if this attempt's stream ended first or no total will come."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.total is not None or self.broken or ended.is_set(), timeout=self.timeout)
+            return self.total
+
+    def wait(self) -> float | None:
+        """Block until the total is known (or no total will come: None)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.total is not None or self.broken, timeout=self.timeout):
+                raise WaitTimeout(f"the shards' clip norms for step {self.step} did not all arrive within "
+                                  f"{self.timeout:.0f}s")
+            return self.total
+
+    def ended(self, ended: threading.Event) -> None:
+        with self._cond:
+            ended.set()
+            self._cond.notify_all()
 
 
 class ShardChannel:
@@ -52,6 +109,8 @@ class ShardChannel:
                                       response_deserializer=wire.deserializer(pb.PushResponse))
         self._pull = ch.unary_stream(method + "Pull", request_serializer=pb.PullRequest.SerializeToString,
                                      response_deserializer=wire.deserializer(pb.PullResponse))
+        self._load = ch.stream_unary(method + "LoadState", request_serializer=wire.serializer(pb.LoadStateRequest),
+                                     response_deserializer=pb.LoadStateResponse.FromString)
 
     def close(self) -> None:
         self._channel.close()
@@ -59,9 +118,13 @@ class ShardChannel:
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
 
-    def init(self, params: torch.Tensor, worker_id: int, timeout: float) -> tuple[int, bool]:
+    def init(self, params: torch.Tensor, worker_id: int, timeout: float, buffers: bytes | None = None,
+             replace: bool = False) -> tuple[int, bool]:
         def requests():
-            yield pb.InitShardRequest(target=self.target, worker_id=worker_id)
+            yield pb.InitShardRequest(target=self.target, worker_id=worker_id, replace=replace)
+            if buffers is not None:
+                for chunk in codec.views(torch.frombuffer(bytearray(buffers), dtype=torch.uint8), self.chunk_bytes):
+                    yield wire.Frame(None, chunk, field=5)  # InitShardRequest.buffers
             for chunk in codec.views(params, self.chunk_bytes):
                 yield wire.Frame(None, chunk)
 
@@ -74,82 +137,129 @@ class ShardChannel:
         reply = self.retry.call(self._what("InitShard"), attempt)
         return reply.version, reply.already_initialized
 
-    def push(self, header: pb.PushHeader, grad: torch.Tensor, out: torch.Tensor, timeout: float,
-             commit: Callable[[], pb.PushCommit] | None = None,
-             positions: torch.Tensor | None = None) -> PushReply:
+    def push(self, header: pb.PushHeader, grad: torch.Tensor | None, out: torch.Tensor, timeout: float,
+             commit: Callable[[], pb.StepOptions] | None = None, positions: torch.Tensor | None = None,
+             clip: ClipExchange | None = None, buffers: bytes | None = None) -> PushReply:
         """Push ``grad`` (this shard's slice, or with ``positions`` only the values at those
-        int32 positions) and write the returned slice into ``out``.
+        int32 positions; None: an overflow vote) and write the returned slice into ``out``.
 
-        With ``commit``, the stream ends with a PushCommit that ``commit()`` supplies
-        (it may block until the caller knows the batch size and lr).
+        The header carries the step options, or ``commit()`` supplies them in a PushCommit
+        after the gradient (it may block until the caller knows them). A clipped push
+        reports the shard's ClipPartial to ``clip`` and sends back its total. ``buffers``
+        (shard 0, rank 0) goes first.
         """
         header.target.CopyFrom(self.target)
+        shard_id = self.info.range.shard_id
 
-        def requests():
+        def requests(ended: threading.Event):
             yield pb.PushRequest(header=header)
+            if buffers is not None:
+                for chunk in codec.views(torch.frombuffer(bytearray(buffers), dtype=torch.uint8), self.chunk_bytes):
+                    yield wire.Frame(None, chunk, field=BUFFERS_PUSH_FIELD)
             if positions is not None:
                 for chunk in codec.views(positions, self.chunk_bytes):
                     yield wire.Frame(None, chunk, field=4)  # PushRequest.indices
-            for chunk in codec.views(grad, self.chunk_bytes):
-                yield wire.Frame(None, chunk)
+            if grad is not None:
+                for chunk in codec.views(grad, self.chunk_bytes):
+                    yield wire.Frame(None, chunk)
             if commit is not None:
-                yield pb.PushRequest(commit=commit())
+                yield pb.PushRequest(commit=pb.PushCommit(options=commit()))
+            if clip is not None:
+                total = clip.wait_total(ended)
+                if total is not None and not ended.is_set():
+                    yield pb.PushRequest(clip_total=pb.ClipTotal(step=header.step, total_norm=total))
 
         def attempt():  # the whole push again: the shard applies it at most once
-            asm, result = codec.Assembler(out=out), None
+            asm, result, blob, ended = codec.Assembler(out=out), None, None, threading.Event()
             try:
-                for frame in self._push(requests(), timeout=timeout, metadata=self._metadata):
-                    if frame.fields is not None and frame.fields.HasField("result"):
-                        result = frame.fields.result
+                for frame in self._push(requests(ended), timeout=timeout, metadata=self._metadata):
+                    fields = frame.fields
+                    if fields is not None and fields.HasField("clip_partial") and clip is not None:
+                        clip.report(shard_id, fields.clip_partial.partial)
+                    if fields is not None and fields.HasField("result"):
+                        result = fields.result
+                        if clip is not None:
+                            clip.answered_without_partial()  # no-op once the total is known
                     if frame.chunk is not None:
-                        asm.add(frame.chunk)
+                        if frame.field == BUFFERS_REPLY_FIELD:
+                            blob = blob or codec.Assembler(expect_dtype=torch.uint8)
+                            blob.add(frame.chunk)
+                        else:
+                            asm.add(frame.chunk)
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, self._what("Push")) from None
+            finally:
+                if clip is not None:
+                    clip.ended(ended)  # a request stream waiting for the total gives up
             asm.finish()
-            return result
+            return result, blob.finish().numpy().tobytes() if blob is not None else None
 
-        result = self.retry.call(self._what("Push"), attempt)
+        result, blob = self.retry.call(self._what("Push"), attempt)
         return PushReply(result.version, result.staleness, result.duplicate, result.dropped, result.next_step,
-                         result.applied_lr, result.epoch)
+                         result.applied_lr, result.epoch, result.skipped, blob)
 
-    def pull(self, out: torch.Tensor, timeout: float, min_version: int = 0) -> int:
-        """Write the current slice (once the shard reached ``min_version``) into ``out``; return its version."""
-        request = pb.PullRequest(target=self.target, min_version=min_version)
+    def pull(self, out: torch.Tensor, timeout: float, min_version: int = 0,
+             buffers: bool = False) -> tuple[int, bytes | None]:
+        """Write the current slice (once the shard reached ``min_version``) into ``out``; return its
+        version and (with ``buffers``, shard 0) the job's buffers file."""
+        request = pb.PullRequest(target=self.target, min_version=min_version, include_buffers=buffers)
 
         def attempt():
-            asm, version = codec.Assembler(out=out), 0
+            asm, version, blob = codec.Assembler(out=out), 0, None
             try:
                 for frame in self._pull(request, timeout=timeout, metadata=self._metadata):
                     if frame.fields is not None and frame.fields.version:
                         version = frame.fields.version
-                    if frame.chunk is not None:
+                    if frame.chunk is None:
+                        continue
+                    if frame.fields is not None and frame.fields.name == "buffers":
+                        blob = blob or codec.Assembler(expect_dtype=torch.uint8)
+                        blob.add(frame.chunk)
+                    else:
                         asm.add(frame.chunk)
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, self._what("Pull")) from None
             asm.finish()
-            return version
+            return version, blob.finish().numpy().tobytes() if blob is not None else None
 
         return self.retry.call(self._what("Pull"), attempt)
 
-    def pull_state(self, timeout: float) -> tuple[int, dict[str, torch.Tensor]]:
-        """(version, {"param": slice, optimizer state key: tensor, ...}) at one instant."""
-        request = pb.PullRequest(target=self.target, include_optimizer_state=True)
+    def pull_state(self, timeout: float) -> tuple[int, dict[str, torch.Tensor], str]:
+        """(version, {"param": slice, "optim/<i>/<key>": tensor, "buffers": uint8, ...}, the groups'
+        hyper-parameters as JSON) at one instant."""
+        request = pb.PullRequest(target=self.target, include_optimizer_state=True, include_buffers=True)
 
         def attempt():
             tensors: dict[str, codec.Assembler] = {}
-            version = 0
+            version, hyper = 0, ""
             try:
                 for frame in self._pull(request, timeout=timeout, metadata=self._metadata):
                     if frame.fields is not None and frame.fields.version:
-                        version = frame.fields.version
+                        version, hyper = frame.fields.version, frame.fields.hyperparams_json
                     if frame.chunk is not None:
                         name = (frame.fields.name if frame.fields is not None else "") or "param"
                         tensors.setdefault(name, codec.Assembler()).add(frame.chunk)
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, self._what("Pull")) from None
-            return version, {name: asm.finish() for name, asm in tensors.items()}
+            return version, {name: asm.finish() for name, asm in tensors.items()}, hyper
 
         return self.retry.call(self._what("Pull"), attempt)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], hyper_json: str, timeout: float) -> int:
+        """Hand this shard's pieces their optimizer state (``optim/<i>/<key>``); returns the version."""
+        def requests():
+            yield pb.LoadStateRequest(target=self.target, hyperparams_json=hyper_json)
+            for name, tensor in tensors.items():
+                for chunk in codec.views(tensor.detach().to("cpu", torch.float32).contiguous(), self.chunk_bytes):
+                    yield wire.Frame(pb.LoadStateRequest(name=name), chunk)
+
+        def attempt():
+            try:
+                return self._load(requests(), timeout=timeout, metadata=self._metadata).version
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, self._what("LoadState")) from None
+
+        return self.retry.call(self._what("LoadState"), attempt)
 
 
 class PSClient:
@@ -175,17 +285,19 @@ class PSClient:
     def _slice(flat: torch.Tensor, shard: ShardChannel) -> torch.Tensor:
         return flat[shard.info.range.start:shard.info.range.stop]
 
-    def init(self, values: torch.Tensor, worker_id: int) -> list[tuple[int, bool]]:
-        return self._fan_out(lambda s: s.init(self._slice(values, s), worker_id, self.timeout))
+    def init(self, values: torch.Tensor, worker_id: int, buffers: bytes | None = None,
+             replace: bool = False) -> list[tuple[int, bool]]:
+        """Upload the starting parameters (shard 0 also takes ``buffers``); ``replace`` overwrites
+        an initialised job's (a deliberate edit)."""
+        return self._fan_out(lambda s: s.init(self._slice(values, s), worker_id, self.timeout,
+                                              buffers if s.info.range.shard_id == 0 else None, replace))
 
-    def push_pull(self, grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
-                  base_versions: list[int]) -> list[PushReply]:
-        return results([self.submit_push(s, grads, values, header, base_versions[s.info.range.shard_id])
-                        for s in self.shards])
-
-    def submit_push(self, shard: "ShardChannel", grads: torch.Tensor, values: torch.Tensor, header: pb.PushHeader,
-                    base_version: int, commit: Callable[[], pb.PushCommit] | None = None):
-        """Start one shard's push-pull on the pool; returns its Future[PushReply].
+    def submit_push(self, shard: "ShardChannel", grads: torch.Tensor | None, values: torch.Tensor,
+                    header: pb.PushHeader, base_version: int, commit: Callable[[], pb.StepOptions] | None = None,
+                    clip: ClipExchange | None = None, buffers: bytes | None = None):
+        """Start one shard's push-pull on the pool; returns its Future[PushReply]. ``grads`` is the
+        flat wire buffer (None: an overflow vote); the header carries the step options unless
+        ``commit`` supplies them after the gradient.
 
         With a compressor (top-k), the shard's slice is compressed on the pool thread too.
         """
@@ -193,20 +305,32 @@ class PSClient:
         h.CopyFrom(header)
         h.base_version = base_version
         r = shard.info.range
+        blob = buffers if r.shard_id == 0 else None
 
         def task():
+            out = self._slice(values, shard)
+            if grads is None:
+                return shard.push(h, None, out, self.timeout, commit, None, clip, blob)
             if self.compressor is not None and r.numel:
                 positions, kept = self.compressor.compress(grads, r.start, r.stop)
-                return shard.push(h, kept, self._slice(values, shard), self.timeout, commit, positions)
-            return shard.push(h, self._slice(grads, shard), self._slice(values, shard), self.timeout, commit)
+                return shard.push(h, kept, out, self.timeout, commit, positions, clip, blob)
+            return shard.push(h, self._slice(grads, shard), out, self.timeout, commit, None, clip, blob)
 
         return self._pool.submit(task)
 
-    def pull(self, values: torch.Tensor, min_version: int = 0) -> list[int]:
-        return self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout, min_version))
+    def pull(self, values: torch.Tensor, min_version: int = 0, buffers: bool = False) -> tuple[list[int], bytes | None]:
+        """Every shard's current slice into ``values``; returns the versions and (with ``buffers``)
+        the job's buffers file from shard 0."""
+        replies = self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout, min_version,
+                                                 buffers and s.info.range.shard_id == 0))
+        return [v for v, _ in replies], next((b for _, b in replies if b is not None), None)
 
-    def pull_state(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    def pull_state(self) -> list[tuple[int, dict[str, torch.Tensor], str]]:
         return self._fan_out(lambda s: s.pull_state(self.timeout))
+
+    def load_state(self, per_shard: list[dict[str, torch.Tensor]], hyper_json: str) -> list[int]:
+        return results([self._pool.submit(s.load_state, per_shard[k], hyper_json, self.timeout)
+                        for k, s in enumerate(self.shards)])
 
 
 def results(futures: list[Future]) -> list:

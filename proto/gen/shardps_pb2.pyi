@@ -56,16 +56,30 @@ class TensorChunk(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ParamInfo(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "offset")
+    __slots__ = ("name", "shape", "dtype", "offset", "group", "aliases")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     offset: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+    group: int
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ..., group: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BufferInfo(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Layout(_message.Message):
     __slots__ = ("params", "numel", "fingerprint")
@@ -78,15 +92,23 @@ class Layout(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., numel: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class OptimizerSpec(_message.Message):
-    __slots__ = ("name", "kwargs_json")
+    __slots__ = ("name", "kwargs_json", "groups")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kwargs_json: str
-    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[ParamGroupSpec]
+    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[ParamGroupSpec, _Mapping]]] = ...) -> None: ...
+
+class ParamGroupSpec(_message.Message):
+    __slots__ = ("kwargs_json",)
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    kwargs_json: str
+    def __init__(self, kwargs_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every")
+    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every", "buffers", "broadcast_buffers", "name")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +118,9 @@ class JobSpec(_message.Message):
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
     BALANCE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     layout: Layout
     optimizer: OptimizerSpec
     mode: UpdateMode
@@ -105,7 +130,10 @@ class JobSpec(_message.Message):
     staleness_bound: int
     topk_ratio: float
     balance_every: int
-    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ...) -> None: ...
+    buffers: _containers.RepeatedCompositeFieldContainer[BufferInfo]
+    broadcast_buffers: bool
+    name: str
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[BufferInfo, _Mapping]]] = ..., broadcast_buffers: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "address")
@@ -222,8 +250,12 @@ class GetMembershipResponse(_message.Message):
     def __init__(self, view: _Optional[_Union[MembershipView, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("job_name", "job_id")
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_name: str
+    job_id: str
+    def __init__(self, job_name: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job_id", "job", "plan")
@@ -275,8 +307,10 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class GetJobStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("job_name",)
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    job_name: str
+    def __init__(self, job_name: _Optional[str] = ...) -> None: ...
 
 class ReportThroughputRequest(_message.Message):
     __slots__ = ("job_id", "worker_id", "window", "samples_per_second", "global_batch")
@@ -337,7 +371,7 @@ class ServerInfo(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class GetJobStatusResponse(_message.Message):
-    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids", "rollbacks", "expired_worker_ids", "heartbeat_age_s", "worker_counters", "waiting_for")
+    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids", "rollbacks", "expired_worker_ids", "heartbeat_age_s", "worker_counters", "waiting_for", "job_names", "generation")
     class HeartbeatAgeSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +399,8 @@ class GetJobStatusResponse(_message.Message):
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     WORKER_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    JOB_NAMES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     job: JobSpec
     plan: ShardPlan
@@ -378,7 +414,9 @@ class GetJobStatusResponse(_message.Message):
     heartbeat_age_s: _containers.ScalarMap[int, float]
     worker_counters: _containers.MessageMap[int, WorkerCounters]
     waiting_for: str
-    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ..., expired_worker_ids: _Optional[_Iterable[int]] = ..., heartbeat_age_s: _Optional[_Mapping[int, float]] = ..., worker_counters: _Optional[_Mapping[int, WorkerCounters]] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+    job_names: _containers.RepeatedScalarFieldContainer[str]
+    generation: int
+    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ..., expired_worker_ids: _Optional[_Iterable[int]] = ..., heartbeat_age_s: _Optional[_Mapping[int, float]] = ..., worker_counters: _Optional[_Mapping[int, WorkerCounters]] = ..., waiting_for: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class WorkerCounters(_message.Message):
     __slots__ = ("step", "counters")
@@ -396,14 +434,16 @@ class WorkerCounters(_message.Message):
     def __init__(self, step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SetMembershipRequest(_message.Message):
-    __slots__ = ("job_id", "view", "from_open_step")
+    __slots__ = ("job_id", "view", "from_open_step", "coordinator_generation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
     FROM_OPEN_STEP_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_GENERATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     view: MembershipView
     from_open_step: bool
-    def __init__(self, job_id: _Optional[str] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., from_open_step: _Optional[bool] = ...) -> None: ...
+    coordinator_generation: int
+    def __init__(self, job_id: _Optional[str] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., from_open_step: _Optional[bool] = ..., coordinator_generation: _Optional[int] = ...) -> None: ...
 
 class SetMembershipResponse(_message.Message):
     __slots__ = ("accepted", "version")
@@ -414,12 +454,14 @@ class SetMembershipResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("at_version", "timeout_ms")
+    __slots__ = ("at_version", "timeout_ms", "job_id")
     AT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     at_version: int
     timeout_ms: int
-    def __init__(self, at_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    job_id: str
+    def __init__(self, at_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
     __slots__ = ("version", "path", "bytes")
@@ -432,8 +474,10 @@ class CheckpointResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
     __slots__ = ("shard_id", "job_id", "versions", "version", "awaiting_rollback")
@@ -450,14 +494,16 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., awaiting_rollback: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("job_id", "version", "epoch")
+    __slots__ = ("job_id", "version", "epoch", "coordinator_generation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_GENERATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     version: int
     epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    coordinator_generation: int
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., epoch: _Optional[int] = ..., coordinator_generation: _Optional[int] = ...) -> None: ...
 
 class RollbackResponse(_message.Message):
     __slots__ = ("from_version", "version")
@@ -482,14 +528,18 @@ class ShardTarget(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
-    __slots__ = ("target", "worker_id", "params")
+    __slots__ = ("target", "worker_id", "params", "replace", "buffers")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     worker_id: int
     params: TensorChunk
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    replace: bool
+    buffers: TensorChunk
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ..., replace: _Optional[bool] = ..., buffers: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class InitShardResponse(_message.Message):
     __slots__ = ("version", "already_initialized")
@@ -500,45 +550,79 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., already_initialized: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "batch_size", "lr")
+    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LR_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     worker_id: int
     step: int
     epoch: int
     base_version: int
+    options: StepOptions
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ...) -> None: ...
+
+class StepOptions(_message.Message):
+    __slots__ = ("batch_size", "hyperparams_json", "grad_mask", "overflow", "grad_scale", "clip_max_norm", "clip_norm_type")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MASK_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
-    lr: float
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    hyperparams_json: str
+    grad_mask: bytes
+    overflow: bool
+    grad_scale: float
+    clip_max_norm: float
+    clip_norm_type: float
+    def __init__(self, batch_size: _Optional[int] = ..., hyperparams_json: _Optional[str] = ..., grad_mask: _Optional[bytes] = ..., overflow: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., clip_max_norm: _Optional[float] = ..., clip_norm_type: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "grad", "commit", "indices")
+    __slots__ = ("header", "grad", "commit", "indices", "clip_total", "buffers")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    CLIP_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     grad: TensorChunk
     commit: PushCommit
     indices: TensorChunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., indices: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    clip_total: ClipTotal
+    buffers: TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., indices: _Optional[_Union[TensorChunk, _Mapping]] = ..., clip_total: _Optional[_Union[ClipTotal, _Mapping]] = ..., buffers: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushCommit(_message.Message):
-    __slots__ = ("batch_size", "lr")
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LR_FIELD_NUMBER: _ClassVar[int]
-    batch_size: int
-    lr: float
-    def __init__(self, batch_size: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    __slots__ = ("options",)
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    options: StepOptions
+    def __init__(self, options: _Optional[_Union[StepOptions, _Mapping]] = ...) -> None: ...
+
+class ClipPartial(_message.Message):
+    __slots__ = ("step", "partial")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    partial: float
+    def __init__(self, step: _Optional[int] = ..., partial: _Optional[float] = ...) -> None: ...
+
+class ClipTotal(_message.Message):
+    __slots__ = ("step", "total_norm")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_norm: float
+    def __init__(self, step: _Optional[int] = ..., total_norm: _Optional[float] = ...) -> None: ...
 
 class PushResult(_message.Message):
-    __slots__ = ("version", "staleness", "duplicate", "dropped", "next_step", "applied_lr", "epoch")
+    __slots__ = ("version", "staleness", "duplicate", "dropped", "next_step", "applied_lr", "epoch", "skipped")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
@@ -546,6 +630,7 @@ class PushResult(_message.Message):
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LR_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     version: int
     staleness: int
     duplicate: bool
@@ -553,44 +638,73 @@ class PushResult(_message.Message):
     next_step: int
     applied_lr: float
     epoch: int
-    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[bool] = ..., next_step: _Optional[int] = ..., applied_lr: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+    skipped: bool
+    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[bool] = ..., next_step: _Optional[int] = ..., applied_lr: _Optional[float] = ..., epoch: _Optional[int] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("result", "params")
+    __slots__ = ("result", "params", "clip_partial", "buffers")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     result: PushResult
     params: TensorChunk
-    def __init__(self, result: _Optional[_Union[PushResult, _Mapping]] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    clip_partial: ClipPartial
+    buffers: TensorChunk
+    def __init__(self, result: _Optional[_Union[PushResult, _Mapping]] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ..., clip_partial: _Optional[_Union[ClipPartial, _Mapping]] = ..., buffers: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("target", "include_optimizer_state", "min_version")
+    __slots__ = ("target", "include_optimizer_state", "min_version", "include_buffers")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     include_optimizer_state: bool
     min_version: int
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ..., min_version: _Optional[int] = ...) -> None: ...
+    include_buffers: bool
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ..., min_version: _Optional[int] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("version", "chunk", "name")
+    __slots__ = ("version", "chunk", "name", "hyperparams_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     version: int
     chunk: TensorChunk
     name: str
-    def __init__(self, version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    hyperparams_json: str
+    def __init__(self, version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., name: _Optional[str] = ..., hyperparams_json: _Optional[str] = ...) -> None: ...
+
+class LoadStateRequest(_message.Message):
+    __slots__ = ("target", "hyperparams_json", "name", "chunk")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    target: ShardTarget
+    hyperparams_json: str
+    name: str
+    chunk: TensorChunk
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., hyperparams_json: _Optional[str] = ..., name: _Optional[str] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class LoadStateResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class GetShardStatusRequest(_message.Message):
-    __slots__ = ("include_digest",)
+    __slots__ = ("include_digest", "job_id")
     INCLUDE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     include_digest: bool
-    def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
+    job_id: str
+    def __init__(self, include_digest: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored")
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids")
     class StalenessCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -647,6 +761,8 @@ class GetShardStatusResponse(_message.Message):
     STEPS_ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     job_id: str
     mode: UpdateMode
@@ -675,7 +791,9 @@ class GetShardStatusResponse(_message.Message):
     steps_rolled_back: int
     restored_from_version: int
     restored: bool
-    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ...) -> None: ...
+    pushes_skipped: int
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FaultRule(_message.Message):
     __slots__ = ("id", "kind", "method", "worker_id", "probability", "delay_s", "status", "after", "max_active", "max_count", "duration_s", "injected")

@@ -531,6 +531,11 @@ class ShardServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.PullRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.LoadState = channel.stream_unary(
+                '/shardps.v1.ShardService/LoadState',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.LoadStateRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.LoadStateResponse.FromString,
+                _registered_method=True)
         self.GetShardStatus = channel.unary_unary(
                 '/shardps.v1.ShardService/GetShardStatus',
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.GetShardStatusRequest.SerializeToString,
@@ -581,6 +586,14 @@ class ShardServiceServicer:
 
     def Pull(self, request, context):
         """Fetch the current slice (and optionally the optimizer state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadState(self, request_iterator, context):
+        """Replace the optimizer state of this shard's pieces (a torch checkpoint
+        resumed on shardps); applied at once, between two steps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -643,6 +656,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.PullRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.PullResponse.SerializeToString,
+            ),
+            'LoadState': grpc.stream_unary_rpc_method_handler(
+                    servicer.LoadState,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.LoadStateRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.LoadStateResponse.SerializeToString,
             ),
             'GetShardStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardStatus,
@@ -753,6 +771,33 @@ class ShardService:
             '/shardps.v1.ShardService/Pull',
             shardps_dot_v1_dot_shardps__pb2.PullRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadState(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shardps.v1.ShardService/LoadState',
+            shardps_dot_v1_dot_shardps__pb2.LoadStateRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.LoadStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,7 @@ def test_workers_wait_until_every_server_registered():
 def test_first_worker_defines_the_job_and_training_starts_at_min_workers():
     c = ready()
     a = c.register_worker(job(), "a")
-    assert a.initializer and c.latest().epoch == 0
+    assert a.initializer and c.named("").latest().epoch == 0
     assert [(s.range.start, s.range.stop) for s in a.plan] == [(0, 0), (0, 33)]  # 33 elements: one aligned block
     b = c.register_worker(job(), "b")
     assert not b.initializer and b.job_id == a.job_id
@@ -48,7 +48,7 @@ def test_a_worker_with_a_different_spec_is_refused(other, words):
     c.register_worker(job())
     with pytest.raises(WrongJob, match=words):
         c.register_worker(other)
-    assert len(c.pending) == 1  # nothing changed
+    assert len(c.named("").pending) == 1  # nothing changed
 
 
 class FakeShards:
@@ -59,7 +59,7 @@ class FakeShards:
         self.installed = []  # (address, epoch, start, from_open_step, accepted)
         self.refuse_first = advance_on_refusal
 
-    def checkpoints(self, address):
+    def checkpoints(self, address, job_id):
         from shardps.coordinator.shards import Checkpoints
 
         return Checkpoints([], self.version[address])
@@ -78,19 +78,19 @@ def test_a_sync_joiner_waits_for_a_step_every_shard_accepts_and_async_joins_at_o
     c.shards = FakeShards({"127.0.0.1:7100": 7, "127.0.0.1:7101": 8}, advance_on_refusal=1)
     c.register_worker(job(min_workers=1))
     c.register_worker(job(min_workers=1))
-    assert c.latest().epoch == 1 and len(c.pending) == 1  # not yet: at a step boundary
-    view = c.reconfigure()
+    assert c.named("").latest().epoch == 1 and len(c.named("").pending) == 1  # not yet: at a step boundary
+    [view] = c.reconfigure()
     # proposed 8 + 3 = 11; shard 0 was past it (12) and refused; proposed again further ahead
     assert [(a[-4:], e, s, ok) for a, e, s, _, ok in c.shards.installed[:2]] == [("7100", 2, 11, False),
                                                                                 ("7101", 2, 11, True)]
     assert view.epoch == 2 and view.start_step > 12 and [m.rank for m in view.members] == [0, 1]
-    assert c.latest() == view and not c.pending
+    assert c.named("").latest() == view and not c.named("").pending
     c = ready()
     reg = c.register_worker(job(mode="async", min_workers=1))
     c.register_worker(job(mode="async", min_workers=1))
-    assert c.latest().epoch == 2 and len(c.latest().members) == 2
+    assert c.named("").latest().epoch == 2 and len(c.named("").latest().members) == 2
     c.leave(reg.job_id, reg.worker_id)
-    assert c.latest().epoch == 3 and [m.rank for m in c.latest().members] == [0]
+    assert c.named("").latest().epoch == 3 and [m.rank for m in c.named("").latest().members] == [0]
 
 
 def test_an_expired_lease_removes_the_worker_from_the_open_step_unless_too_few_would_be_left():
@@ -100,21 +100,21 @@ def test_an_expired_lease_removes_the_worker_from_the_open_step_unless_too_few_w
     c.shards = FakeShards({"127.0.0.1:7100": 5, "127.0.0.1:7101": 6})
     c.lease_s = 0.2
     a, b, d = (c.register_worker(job(min_workers=2)) for _ in range(3))
-    assert c.latest().epoch == 1 and len(c.latest().members) == 2 and len(c.pending) == 1
+    assert c.named("").latest().epoch == 1 and len(c.named("").latest().members) == 2 and len(c.named("").pending) == 1
     time.sleep(0.3)
     c.heartbeat(a.job_id, a.worker_id, 5, {"retries": 2})
     c.heartbeat(a.job_id, d.worker_id, 0, {})
-    view = c.reconfigure()  # b expired; d joins
-    assert c.expired == [b.worker_id]
-    removal, join = c.views[-2], c.views[-1]
+    [view] = c.reconfigure()  # b expired; d joins
+    assert c.named("").expired == [b.worker_id]
+    removal, join = c.named("").views[-2], c.named("").views[-1]
     assert removal.start_step == 5 and removal.worker_ids == {a.worker_id}  # from the lowest open step
     assert join is view and view.worker_ids == {a.worker_id, d.worker_id} and view.start_step >= 6 + 3
     with pytest.raises(Exception, match="lease ran out"):
         c.heartbeat(a.job_id, b.worker_id, 0, {})
     time.sleep(0.3)
     c.heartbeat(a.job_id, a.worker_id, 9, {})
-    assert c.reconfigure() is None  # d expired too, but that would leave 1 < min_workers 2: wait, visibly
-    assert "only 1 of min_workers 2" in c.waiting_for and c.latest() is view
+    assert c.reconfigure() == []  # d expired too, but that would leave 1 < min_workers 2: wait, visibly
+    assert "only 1 of min_workers 2" in c.named("").waiting_for and c.named("").latest() is view
 
 
 def test_server_ids_are_assigned_and_reclaimed_by_restarted_servers():
@@ -165,3 +165,43 @@ def test_balanced_windows_split_by_the_rates_of_two_windows_back_and_every_worke
     w = plain.register_worker(job(min_workers=1), "w")
     with pytest.raises(FailedPrecondition, match="--balance-every"):
         plain.report_throughput(w.job_id, w.worker_id, 0, 0.0, 40)
+
+
+def test_named_jobs_share_the_servers_with_their_own_ids_plans_and_views():
+    c = ready()
+    g = c.register_worker(JobConfig(job().layout, "adam", {"lr": 0.1}, UpdateMode.SYNC, 1, name="generator"))
+    d_layout = Layout.from_shapes([("w", (100,), "float32")])
+    d = c.register_worker(JobConfig(d_layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 1, name="discriminator"))
+    assert g.initializer and d.initializer and g.job_id != d.job_id and g.worker_id != d.worker_id
+    assert [s.range.stop for s in d.plan] == [64, 100] and [s.range.stop for s in g.plan] == [0, 33]
+    assert c.view(g.job_id, 0).worker_ids == {g.worker_id} and c.view(d.job_id, 0).worker_ids == {d.worker_id}
+    with pytest.raises(WrongJob, match="not one of this cluster's jobs"):
+        c.view("nope", 0)
+    with pytest.raises(Exception, match="never registered"):
+        c.heartbeat(g.job_id, d.worker_id, 0, {})  # a worker of one job is no member of the other
+
+
+def test_a_restarted_coordinator_resumes_its_jobs_from_its_journal(tmp_path):
+    from shardps.coordinator.journal import Journal, JournalError
+
+    first = Coordinator(2, journal=Journal(tmp_path))
+    for i in range(2):
+        first.register_server(f"127.0.0.1:{7100 + i}")
+    spec = JobConfig(job().layout, "sgd", {"lr": 0.1}, UpdateMode.SYNC, 2, balance_every=5)
+    a, b = first.register_worker(spec, "a"), first.register_worker(spec, "b")
+    split = first.report_throughput(a.job_id, a.worker_id, 0, 0.0, 40)
+    with pytest.raises(JournalError, match="another coordinator is running"):
+        Coordinator(2, journal=Journal(tmp_path))  # only one coordinator may act on a state directory
+    first.journal.close()  # the process died
+    again = Coordinator(2, journal=Journal(tmp_path))
+    assert again.generation == first.generation + 1  # shards refuse orders from the old one
+    state = again.job(a.job_id)
+    assert state.job == spec and state.latest() == first.job(a.job_id).latest()
+    assert again.servers == first.servers and [s.address for s in state.plan] == ["127.0.0.1:7100", "127.0.0.1:7101"]
+    assert again.report_throughput(a.job_id, b.worker_id, 0, 0.0, 40) == split  # decided splits are kept
+    assert again.heartbeat(a.job_id, b.worker_id, 3, {})[0] == 1  # members reattach without registering again
+    c = again.register_worker(spec, "c")
+    assert c.worker_id == 2 and not c.initializer  # ids are never reused
+    again.journal.close()
+    with pytest.raises(JournalError, match="--num-servers 2"):
+        Coordinator(3, journal=Journal(tmp_path))

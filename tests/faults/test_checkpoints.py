@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardps.proto.layout import Layout
-from shardps.proto.messages import JobConfig, UpdateMode
+from shardps.proto.messages import JobConfig, StepOpts, UpdateMode
 from shardps.proto.plan import ShardRange
 from shardps.server.checkpoint import CheckpointError, CheckpointStore
 from shardps.server.modes import Push
@@ -23,7 +23,7 @@ def trained_state(numel=1000, steps=3):
     state = ShardState(ShardRange(0, 0, numel), job, "job-1", step_timeout=5)
     state.initialize(torch.linspace(-1, 1, numel))
     for step in range(steps):
-        state.push(Push(0, step, 1, step, 1, 0.01, torch.full((numel,), 0.1 * (step + 1))), frozenset({0}))
+        state.push(Push(0, step, 1, step, StepOpts(1), torch.full((numel,), 0.1 * (step + 1))), frozenset({0}))
     return state
 
 

@@ -1,4 +1,5 @@
 """Bad input over real gRPC: each class gets its status code and leaves the shard byte-identical."""
+import json
 import math
 
 import grpc
@@ -30,14 +31,22 @@ def job():
         opt.close()
 
 
-def good_header(opt, shard, **overrides):
+def good_header(opt, shard, options=None, **overrides):
     r = shard.range
     target = pb.ShardTarget(job_id=opt.job_id, fingerprint=opt.job.layout.fingerprint, shard_id=r.shard_id,
                             start=r.start, stop=r.stop)
+    step_options = dict(batch_size=4, hyperparams_json=opt.job.hyper_json()) | (options or {})
     fields = dict(target=target, worker_id=opt.worker_id, step=opt.steps_taken, epoch=opt.epoch,
-                  base_version=opt.versions[r.shard_id], batch_size=4, lr=0.01)
+                  base_version=opt.versions[r.shard_id], options=pb.StepOptions(**step_options))
+    if overrides.pop("without_options", False):
+        del fields["options"]
     fields.update(overrides)
     return pb.PushHeader(**fields)
+
+
+def hyper(opt, **change):
+    values = json.loads(opt.job.hyper_json())
+    return json.dumps([v | change for v in values])
 
 
 def push(stub, header, chunks):
@@ -63,7 +72,24 @@ CASES = {
     "unknown worker": (lambda o, s: dict(worker_id=999), None, "NOT_FOUND"),
     "step from the future": (lambda o, s: dict(step=o.steps_taken + 5), None, "FAILED_PRECONDITION"),
     "unknown epoch": (lambda o, s: dict(epoch=42), None, "FAILED_PRECONDITION"),
-    "zero batch": (lambda o, s: dict(batch_size=0), None, "INVALID_ARGUMENT"),
+    "zero batch": (lambda o, s: dict(options=dict(batch_size=0)), None, "INVALID_ARGUMENT"),
+    "epoch zero": (lambda o, s: dict(epoch=0), None, "INVALID_ARGUMENT"),
+    "negative epoch": (lambda o, s: dict(epoch=-3), None, "INVALID_ARGUMENT"),
+    "huge epoch": (lambda o, s: dict(epoch=2**62), None, "FAILED_PRECONDITION"),
+    "negative step": (lambda o, s: dict(step=-1), None, "INVALID_ARGUMENT"),
+    "infinite lr": (lambda o, s: dict(options=dict(hyperparams_json=hyper(o, lr=math.inf))), None, "INVALID_ARGUMENT"),
+    "negative lr": (lambda o, s: dict(options=dict(hyperparams_json=hyper(o, lr=-1.0))), None, "INVALID_ARGUMENT"),
+    "beta of 1": (lambda o, s: dict(options=dict(hyperparams_json=hyper(o, betas=[1.0, 0.999]))), None,
+                  "INVALID_ARGUMENT"),
+    "unknown hyper-parameter": (lambda o, s: dict(options=dict(hyperparams_json=hyper(o, evil=1))), None,
+                                "INVALID_ARGUMENT"),
+    "hyper-parameters not JSON": (lambda o, s: dict(options=dict(hyperparams_json="[{")), None, "INVALID_ARGUMENT"),
+    "deeply nested hyper-parameters": (lambda o, s: dict(options=dict(hyperparams_json="[" * 100000)), None,
+                                       "INVALID_ARGUMENT"),
+    "wrong mask length": (lambda o, s: dict(options=dict(grad_mask=b"\x01" * 9)), None, "INVALID_ARGUMENT"),
+    "nan loss scale": (lambda o, s: dict(options=dict(grad_scale=math.nan)), None, "INVALID_ARGUMENT"),
+    "negative clip": (lambda o, s: dict(options=dict(clip_max_norm=-1.0)), None, "INVALID_ARGUMENT"),
+    "no options": (lambda o, s: dict(without_options=True), None, "INVALID_ARGUMENT"),
     "nan gradient": (lambda o, s: {}, lambda n: torch.full((n,), math.nan), "INVALID_ARGUMENT"),
     "inf gradient": (lambda o, s: {}, lambda n: torch.full((n,), math.inf), "INVALID_ARGUMENT"),
     "short slice": (lambda o, s: {}, lambda n: torch.zeros(n - 1), "INVALID_ARGUMENT"),
@@ -108,8 +134,8 @@ def test_a_good_push_after_the_bad_ones_still_trains(job):
     cluster, opt, shard, stub = job
     before = digest(stub)
     version = opt.versions[shard.range.shard_id]
-    opt.zero_grad()
-    opt.step(batch_size=4)  # zero gradients still step Adam's state
+    opt.zero_grad(set_to_none=False)
+    opt.step(batch_size=4)  # zero gradients (not None ones) still step Adam's state
     assert opt.versions[shard.range.shard_id] == version + 1
     assert digest(stub) != before
 

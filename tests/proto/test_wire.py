@@ -1,4 +1,4 @@
-"""The fast chunk codec writes and reads exactly protobuf's wire format for its four messages."""
+"""The fast chunk codec writes and reads exactly protobuf's wire format for its chunk-carrying messages."""
 import pytest
 import torch
 
@@ -7,21 +7,28 @@ from shardps.proto.gen import shardps_pb2 as pb
 
 CHUNK = dict(dtype=pb.DTYPE_BFLOAT16, shape=[3, 0, 7, 2**40], offset=123456789, data=b"\x00\x01payload\xff" * 50)
 CASES = [
-    (pb.PushRequest, lambda: pb.PushRequest(header=pb.PushHeader(worker_id=3, step=7, epoch=2, batch_size=32, lr=0.5,
-                                                                   target=pb.ShardTarget(job_id="j", stop=9))), "grad"),
+    (pb.PushRequest, lambda: pb.PushRequest(header=pb.PushHeader(
+        worker_id=3, step=7, epoch=2, target=pb.ShardTarget(job_id="j", stop=9),
+        options=pb.StepOptions(batch_size=32, hyperparams_json='[{"lr":0.5}]', grad_mask=b"\x05", clip_max_norm=1.0))),
+     "grad"),
+    (pb.PushRequest, lambda: pb.PushRequest(clip_total=pb.ClipTotal(step=3, total_norm=2.5)), "buffers"),
     (pb.PushResponse, lambda: pb.PushResponse(result=pb.PushResult(version=9, staleness=2, duplicate=True)), "params"),
-    (pb.PullResponse, lambda: pb.PullResponse(version=4, name="exp_avg"), "chunk"),
+    (pb.PushResponse, lambda: pb.PushResponse(clip_partial=pb.ClipPartial(step=1, partial=0.25)), "buffers"),
+    (pb.PullResponse, lambda: pb.PullResponse(version=4, name="optim/3/exp_avg"), "chunk"),
     (pb.InitShardRequest, lambda: pb.InitShardRequest(worker_id=5, target=pb.ShardTarget(job_id="k")), "params"),
+    (pb.InitShardRequest, lambda: pb.InitShardRequest(replace=True), "buffers"),
+    (pb.LoadStateRequest, lambda: pb.LoadStateRequest(name="optim/0/step", hyperparams_json="[]"), "chunk"),
 ]
 
 
-@pytest.mark.parametrize("cls, make, field", CASES, ids=[c[0].__name__ for c in CASES])
+@pytest.mark.parametrize("cls, make, field", CASES, ids=[f"{c[0].__name__}-{c[2]}" for c in CASES])
 @pytest.mark.parametrize("with_fields", [True, False])
 @pytest.mark.parametrize("with_chunk", [True, False])
 def test_fast_codec_matches_protobuf_both_ways(cls, make, field, with_fields, with_chunk):
     fields = make() if with_fields else None
     chunk = wire.Chunk(**CHUNK) if with_chunk else None
-    fast = wire.serializer(cls)(wire.Frame(fields, chunk))
+    number = cls.DESCRIPTOR.fields_by_name[field].number
+    fast = wire.serializer(cls)(wire.Frame(fields, chunk, field=number))
     reference = cls()
     if fields is not None:
         reference.MergeFrom(fields)
@@ -33,7 +40,7 @@ def test_fast_codec_matches_protobuf_both_ways(cls, make, field, with_fields, wi
     if with_chunk:
         assert (frame.chunk.dtype, frame.chunk.shape, frame.chunk.offset) == (CHUNK["dtype"], CHUNK["shape"],
                                                                               CHUNK["offset"])
-        assert bytes(frame.chunk.data) == CHUNK["data"]
+        assert bytes(frame.chunk.data) == CHUNK["data"] and frame.field == number
     else:
         assert frame.chunk is None
 

@@ -54,12 +54,14 @@ def test_roles_serve_the_named_metrics_and_they_move_as_training_runs():
         trainer.join(timeout=120)
         shard = scrape(cluster.metrics_address("server-0"))
         coord = scrape(cluster.metrics_address("coordinator"))
-    assert value(shard, "shardps_shard_version", shard="0") == 40 > value(shard_before, "shardps_shard_version", shard="0")
-    assert value(shard, "shardps_shard_pushes_total", shard="0", outcome="received") == 40
-    assert value(shard, "shardps_shard_bytes_total", shard="0", direction="in") > 0
-    assert value(shard, "shardps_shard_staleness_count", shard="0") == 40
-    assert value(shard, "shardps_shard_checkpoints_total", shard="0") >= 8  # version 0, then every 5
-    assert value(shard, "shardps_shard_apply_seconds_total", shard="0") > 0
-    assert value(coord, "shardps_membership_epoch") == 1
-    assert value(coord, "shardps_workers", state="member") == 1
-    assert ("shardps_rollbacks_total", ()) in coord and ("shardps_lease_expiries_total", ()) in coord
+    version = {"shard": "0", "job": "default"}
+    assert value(shard, "shardps_shard_version", **version) == 40 > value(shard_before, "shardps_shard_version", **version)
+    assert value(shard, "shardps_shard_pushes_total", shard="0", job="default", outcome="received") == 40
+    assert value(shard, "shardps_shard_bytes_total", shard="0", job="default", direction="in") > 0
+    assert value(shard, "shardps_shard_staleness_count", shard="0", job="default") == 40
+    assert value(shard, "shardps_shard_checkpoints_total", shard="0", job="default") >= 8  # version 0, then every 5
+    assert value(shard, "shardps_shard_apply_seconds_total", shard="0", job="default") > 0
+    assert value(coord, "shardps_membership_epoch", job="default") == 1
+    assert value(coord, "shardps_workers", job="default", state="member") == 1
+    job = (("job", "default"),)
+    assert ("shardps_rollbacks_total", job) in coord and ("shardps_lease_expiries_total", job) in coord

@@ -6,7 +6,7 @@ import torch
 
 from shardps.proto.errors import FutureStep, InvalidArgument, StaleStep, UnknownWorker, WaitTimeout
 from shardps.proto.layout import Layout
-from shardps.proto.messages import JobConfig, UpdateMode
+from shardps.proto.messages import JobConfig, StepOpts, UpdateMode
 from shardps.proto.plan import ShardRange
 from shardps.server.modes import Push
 from shardps.server.state import ShardState
@@ -22,8 +22,10 @@ def make_state(mode="sync", optimizer="sgd", timeout=10.0, **kwargs):
     return state
 
 
-def push(worker, step, grad, batch=1, base=None, epoch=1, lr=0.1):
-    return Push(worker, step, epoch, step if base is None else base, batch, lr, grad)
+def push(worker, step, grad, batch=1, base=None, epoch=1, lr=None, job=None, **options):
+    """A push; ``lr`` (with the state's ``job``) replaces every group's lr, else the shard keeps its own."""
+    hyper = job.hyper_json(lr=lr) if lr is not None else ""
+    return Push(worker, step, epoch, step if base is None else base, StepOpts(batch, hyper, **options), grad)
 
 
 def in_thread(fn):
@@ -77,7 +79,7 @@ def test_sync_shard_update_equals_torch_optimizer_on_the_same_elements():
         ref_opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]([ref], **kwargs)
         for step in range(5):
             g = torch.randn(N)
-            state.push(push(0, step, g, lr=kwargs["lr"]), frozenset({0}))
+            state.push(push(0, step, g, lr=kwargs["lr"], job=state.job), frozenset({0}))
             ref.grad = g
             ref_opt.step()
         assert torch.allclose(state.param, ref.detach(), atol=1e-6), name
@@ -87,7 +89,9 @@ def test_sync_shard_update_equals_torch_optimizer_on_the_same_elements():
     (dict(grad=torch.full((N,), float("nan"))), InvalidArgument),
     (dict(grad=torch.ones(N + 1)), InvalidArgument),
     (dict(batch=0), InvalidArgument),
-    (dict(lr=0.0), InvalidArgument),
+    (dict(lr=float("inf")), InvalidArgument),
+    (dict(lr=-0.1), InvalidArgument),
+    (dict(lr=float("nan")), InvalidArgument),
     (dict(worker=9), UnknownWorker),
     (dict(step=5), FutureStep),
 ])
@@ -96,7 +100,8 @@ def test_bad_pushes_are_rejected_and_change_nothing(bad, error):
     args = dict(worker=0, step=0, grad=torch.ones(N), batch=1, lr=0.1) | bad
     before = state.digest()
     with pytest.raises(error):
-        state.push(push(args["worker"], args["step"], args["grad"], batch=args["batch"], lr=args["lr"]), frozenset({0, 1}))
+        state.push(push(args["worker"], args["step"], args["grad"], batch=args["batch"], lr=args["lr"], job=state.job),
+                   frozenset({0, 1}))
     assert state.digest() == before
     assert state.stats.pushes_rejected == 1
 
@@ -156,7 +161,7 @@ def test_staleness_aware_lr_divides_the_lr_by_the_staleness():
     applied = []
     for worker in range(3):  # all computed on version 0: staleness 0, 1, 2
         before = state.param.clone()
-        out = state.push(push(worker, 0, g, base=0, lr=0.3), members)
+        out = state.push(push(worker, 0, g, base=0, lr=0.3, job=state.job), members)
         applied.append((out.staleness, out.applied_lr))
         assert torch.allclose(before - state.param, g * out.applied_lr)  # the step really used that lr
     assert applied == [(0, 0.3), (1, 0.3), (2, 0.15)]

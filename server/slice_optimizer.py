@@ -1,0 +1,168 @@
+"""SliceOptimizer: a stock torch optimizer over one shard's pieces, with torch's per-parameter semantics.
+
+Each *piece* (the part of one model parameter inside the shard's range) is one
+tensor of the torch optimizer, a view into the shard's flat fp32 slice; pieces
+are grouped into one torch param group per param group of the job. So, exactly
+as in one process:
+
+- a piece whose gradient is None on every worker of a step is skipped (no moment
+  update, no weight decay, no step count), as torch skips ``p.grad is None``;
+- every param group has its own hyper-parameters, and every scheduled value (lr,
+  betas, momentum, ...) is set from the step's push before stepping;
+- per-parameter scalars (Adam's ``step``, NAdam's ``mu_product``) count per piece,
+  and the two pieces of a parameter cut by a shard boundary count alike.
+
+State travels by name, ``optim/<i>/<key>``: optimizer state ``key`` of layout
+parameter ``i``'s piece here (elementwise tensors cover the piece; scalars are 0-d).
+
+    opt = SliceOptimizer(job, ShardRange(0, 0, 128), torch.zeros(128))
+    opt.set_hyper(optim.parse_hyper(job.optimizer, job.groups, job.hyper_json()))
+    opt.step(grad, present=None)
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any
+
+import torch
+
+from ..proto import optim
+from ..proto.messages import JobConfig
+from ..proto.plan import ShardRange
+
+STATE_PREFIX = "optim/"
+
+
+def state_name(index: int, key: str) -> str:
+    return f"{STATE_PREFIX}{index}/{key}"
+
+
+def parse_state_name(name: str) -> tuple[int, str]:
+    """(layout index, state key) of ``optim/<i>/<key>``; ValueError if malformed."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] + "/" != STATE_PREFIX or not parts[1].isdigit() or not parts[2]:
+        raise ValueError(f"optimizer state names are optim/<parameter index>/<key>, got {name[:80]!r}")
+    return int(parts[1]), parts[2]
+
+
+class SliceOptimizer:
+    def __init__(self, job: JobConfig, shard: ShardRange, param: torch.Tensor):
+        self.job, self.shard = job, shard
+        self.pieces = job.layout.pieces(shard.start, shard.stop)
+        self.tensors = [param[p.start - shard.start:p.stop - shard.start] for p in self.pieces]
+        self.position = {p.index: i for i, p in enumerate(self.pieces)}  # layout index -> piece number
+        by_group: dict[int, list[int]] = {}
+        for i, p in enumerate(self.pieces):
+            by_group.setdefault(job.layout.params[p.index].group, []).append(i)
+        self.group_ids = sorted(by_group)  # the job group of each torch param group
+        groups = [([self.tensors[i] for i in by_group[g]], job.groups[g]) for g in self.group_ids]
+        # A shard with no elements still holds an optimizer (over nothing that ever steps).
+        self.optimizer = optim.build(job.optimizer, groups or [([torch.zeros(0)], job.groups[0])])
+        self.hyper = [dict(g) for g in job.groups]  # every job group's current kwargs
+        self._keys = job.schedulable()
+
+    def set_hyper(self, groups: list[dict[str, Any]]) -> None:
+        """The job groups' kwargs for the next steps (checked by ``optim.parse_hyper``)."""
+        self.hyper = groups
+
+    def step(self, grad: torch.Tensor, present: list[bool] | None, lr_scale: float = 1.0) -> None:
+        """One torch step with ``grad`` (the slice's gradient); pieces not ``present`` are skipped."""
+        for group, g in zip(self.optimizer.param_groups, self.group_ids):
+            for key in self._keys[g]:
+                value = self.hyper[g][key]
+                group[key] = tuple(value) if isinstance(value, list) else value
+            group["lr"] = self.hyper[g]["lr"] * lr_scale
+        base = self.shard.start
+        for i, (piece, tensor) in enumerate(zip(self.pieces, self.tensors)):
+            tensor.grad = grad[piece.start - base:piece.stop - base] if present is None or present[i] else None
+        try:
+            self.optimizer.step()
+        finally:
+            for tensor in self.tensors:
+                tensor.grad = None
+
+    def lr(self) -> float:
+        """Group 0's lr (what replies report as the applied lr)."""
+        return float(self.hyper[0]["lr"])
+
+    def partial_norm(self, grad: torch.Tensor, present: list[bool] | None, norm_type: float) -> float:
+        """Sum over present pieces of norm(piece)^p (the largest |value| for p = inf), in float64."""
+        base, parts = self.shard.start, []
+        for i, piece in enumerate(self.pieces):
+            if present is None or present[i]:
+                parts.append(grad[piece.start - base:piece.stop - base])
+        if not parts:
+            return 0.0
+        norms = torch._foreach_norm(parts, norm_type)
+        values = torch.stack(norms).double()
+        if math.isinf(norm_type):
+            return float(values.max())
+        return float(values.pow(norm_type).sum())
+
+    # ------------------------------------------------------------------ state by name
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Copies of the optimizer state, by ``optim/<i>/<key>`` (pieces that never stepped have none)."""
+        out = {}
+        for piece, tensor in zip(self.pieces, self.tensors):
+            for key, value in self.optimizer.state.get(tensor, {}).items():
+                if value is None:
+                    continue
+                out[state_name(piece.index, key)] = (value.detach().clone() if torch.is_tensor(value)
+                                                     else torch.tensor(value))
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take over optimizer state given by name (what ``state_tensors`` returns, or a torch
+        state_dict cut into pieces). Checked completely before anything changes; pieces not
+        named start without state, as parameters that never stepped do in torch."""
+        elementwise, scalars = _state_keys(self.job.optimizer, json.dumps(self.job.groups[0], sort_keys=True))
+        per_piece: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            index, key = parse_state_name(name)
+            if index not in self.position:
+                raise ValueError(f"{name}: parameter {index} has no piece in shard {self.shard.shard_id}")
+            numel = self.pieces[self.position[index]].numel
+            if key in elementwise:
+                if value.numel() != numel:
+                    raise ValueError(f"{name} has {value.numel()} elements; the piece here has {numel}")
+            elif key in scalars:
+                if value.numel() != 1:
+                    raise ValueError(f"{name} must hold one number, got {value.numel()}")
+            else:
+                raise ValueError(f"{name}: torch.optim.{type(self.optimizer).__name__} keeps no state named {key!r} "
+                                 f"(it keeps {sorted(elementwise | scalars)})")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite floating-point values")
+            per_piece.setdefault(self.position[index], {})[key] = value.reshape(-1) if key in elementwise \
+                else value.reshape(())
+        ids = {id(t): n for n, t in enumerate(t for g in self.optimizer.param_groups for t in g["params"])}
+        state = {ids[id(self.tensors[i])]: values for i, values in per_piece.items()}
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@functools.lru_cache(maxsize=64)
+def _state_keys(name: str, kwargs_json: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(elementwise, scalar) state keys that torch's ``name`` keeps with these kwargs, found by
+    stepping it once on a two-element tensor. Keys that only some kwargs create (amsgrad's
+    ``max_exp_avg_sq``, SGD's ``momentum_buffer``, centered RMSprop's ``grad_avg``) are found
+    by probing those switches on too."""
+    probes = [json.loads(kwargs_json)]
+    for switch in ("amsgrad", "centered"):
+        if switch in probes[0]:
+            probes.append({**probes[0], switch: True})
+    if "momentum" in probes[0]:
+        probes.append({**probes[0], "momentum": 0.9})
+    elementwise, scalars = set(), set()
+    for kw in probes:
+        p = torch.zeros(2, requires_grad=True)
+        opt = optim.OPTIMIZERS[name]([p], **kw)
+        p.grad = torch.ones(2)
+        opt.step()
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                (elementwise if value.dim() else scalars).add(key)
+    return frozenset(elementwise), frozenset(scalars)

@@ -1,0 +1,305 @@
+"""Training loops as users write them, each written once and run two ways.
+
+``Env(sharded=True)`` runs it as one worker of a shardps job (its rows of every
+union batch, ``ShardedOptimizer``, ``opt.clip_grad_norm_``, ``step(batch_size=n)``);
+``Env(sharded=False)`` runs it as plain torch in one process on the union batch.
+A scenario returns what the test compares. The sharded run's union batch is cut
+into unequal per-worker shares (``SIZES``), so the sample weighting is tested too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import models as M
+
+SIZES = (6, 10)  # each worker's rows of every union batch (unequal on purpose)
+STEPS = 8
+
+
+class Env:
+    def __init__(self, sharded: bool, cluster: str = "", sizes=SIZES, steps: int = STEPS, prefix: str = ""):
+        """``prefix``: prepended to job names, so scenarios can share one cluster."""
+        self.sharded, self.cluster, self.sizes, self.steps = sharded, cluster, tuple(sizes), steps
+        self.prefix = prefix
+        self.rank = 0
+        self.opts = []
+
+    @property
+    def union(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def n(self) -> int:
+        """This worker's rows of a union batch."""
+        return self.sizes[self.rank] if self.sharded else self.union
+
+    def rows(self, *tensors):
+        lo = sum(self.sizes[:self.rank]) if self.sharded else 0
+        out = tuple(t[lo:lo + self.n] for t in tensors)
+        return out if len(out) > 1 else out[0]
+
+    def optimizer(self, params, name: str, model=None, job: str = "default", **kwargs):
+        if not self.sharded:
+            from shardps.proto.optim import OPTIMIZERS
+
+            if isinstance(params, torch.nn.Module):  # ShardedOptimizer takes the module, torch its parameters
+                params = params.parameters()
+            return OPTIMIZERS[name](params, **kwargs)
+        from shardps import ShardedOptimizer
+
+        opt = ShardedOptimizer(params, cluster=self.cluster, optimizer=name, model=model, job=self.prefix + job,
+                               min_workers=len(self.sizes), connect_timeout=60, step_timeout=60, **kwargs)
+        self.rank = opt.rank
+        self.opts.append(opt)
+        return opt
+
+    def clip(self, opt, params, max_norm: float, norm_type: float = 2.0) -> float:
+        if self.sharded:
+            return float(opt.clip_grad_norm_(max_norm, norm_type, batch_size=self.n))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type))
+
+    def step(self, opt, scaler=None):
+        kwargs = {"batch_size": self.n} if self.sharded else {}
+        if scaler is not None:
+            return scaler.step(opt, **kwargs)
+        return opt.step(**kwargs)
+
+    def close(self):
+        for opt in self.opts:
+            opt.close()
+
+
+def _sd(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+def nanogpt(env: Env) -> dict:
+    """Decay / no-decay groups, betas (0.9, 0.95), fused=True passed as nanoGPT does on CUDA, a
+    hand-set cosine lr with warmup, two micro-steps of gradient accumulation, clipping at 1.0."""
+    torch.manual_seed(0)
+    model = M.MiniGPT()
+    opt = env.optimizer(model.configure_optimizers(0.1), "adamw", model=model, lr=3e-3, betas=(0.9, 0.95),
+                        fused=True)
+    norms = []
+    for step in range(env.steps):
+        for group in opt.param_groups:
+            group["lr"] = M.cosine_lr(step)
+        for micro in range(2):
+            x, y = env.rows(*M.text_batch(step, env.union, micro))
+            (model(x, y) / 2).backward()
+        norms.append(env.clip(opt, model.parameters(), 1.0))
+        env.step(opt)
+        opt.zero_grad(set_to_none=True)
+    out = {"model": _sd(model), "optim": opt.state_dict(), "norms": norms}
+    if env.sharded:
+        out["export"] = opt.model_state_dict()
+    return out
+
+
+def clip_inf_norm(env: Env) -> dict:
+    """SGD with momentum, the max norm, a small bound so every step is clipped."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = env.optimizer(model.parameters(), "sgd", lr=0.1, momentum=0.9)
+    norms = []
+    for step in range(env.steps):
+        x, y = env.rows(*M.digits_batch(step, env.union))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        norms.append(env.clip(opt, model.parameters(), 0.05, float("inf")))
+        env.step(opt)
+    return {"model": _sd(model), "norms": norms}
+
+
+def unused_parameters(env: Env) -> dict:
+    """A branch used on even steps only, a module never used, a frozen layer; AdamW's decoupled
+    weight decay would move a parameter with a zero gradient, and torch skips a None one."""
+    torch.manual_seed(2)
+    model = M.Branchy()
+    opt = env.optimizer(model.parameters(), "adamw", model=model, lr=0.01, weight_decay=0.1)
+    for step in range(env.steps):
+        x, y = env.rows(*M.digits_batch(step, env.union))
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x, use_branch=step % 2 == 0), y).backward()
+        env.step(opt)
+    out = {"model": _sd(model), "optim": opt.state_dict()}
+    if env.sharded:
+        out["export"] = opt.model_state_dict()
+    return out
+
+
+SCHEDULED = {  # job name -> (optimizer, kwargs, scheduler factory)
+    "onecycle-adamw": ("adamw", dict(lr=0.01), lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.05, total_steps=STEPS)),
+    "onecycle-sgd": ("sgd", dict(lr=0.01, momentum=0.9), lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.1, total_steps=STEPS, base_momentum=0.8, max_momentum=0.95)),
+    "warmup-from-zero": ("adam", dict(lr=0.02), lambda o: torch.optim.lr_scheduler.LambdaLR(
+        o, lambda s: s / 3 if s < 3 else max(0.0, (STEPS - s) / (STEPS - 3)))),  # HF's linear warmup, lr 0 first
+    "cosine-restarts": ("rmsprop", dict(lr=0.01, momentum=0.5), lambda o: (
+        torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3))),
+}
+
+
+def schedulers(env: Env) -> dict:
+    """Every scheduler class changes what it changes (OneCycle: lr and momentum/beta1) on the shards;
+    four jobs on one cluster, one per scheduler."""
+    out = {}
+    for job, (name, kwargs, make) in SCHEDULED.items():
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+        opt = env.optimizer(model.parameters(), name, job=job, **kwargs)
+        sched = make(opt)
+        for step in range(env.steps):
+            x, y = env.rows(*M.digits_batch(step, env.union))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            env.step(opt)
+            sched.step()
+        out[job] = {"model": _sd(model), "optim": opt.state_dict()}
+    return out
+
+
+ELEMENTWISE = {  # every elementwise torch optimizer, with options that exercise its state
+    "adagrad": dict(lr=0.05, lr_decay=0.01, weight_decay=0.01),
+    "rmsprop": dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01),
+    "adamax": dict(lr=0.01, weight_decay=0.01),
+    "nadam": dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.01),
+    "radam": dict(lr=0.01, weight_decay=0.01),
+    "adadelta": dict(lr=1.0, rho=0.8),
+    "asgd": dict(lr=0.05, t0=2.0),
+    "rprop": dict(lr=0.01, etas=(0.4, 1.3)),
+    "adam": dict(lr=0.01, amsgrad=True),
+    "sgd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+
+
+def optimizers(env: Env) -> dict:
+    """Each elementwise optimizer, as its own job on one cluster, with a second param group of its own lr."""
+    out = {}
+    for name, kwargs in ELEMENTWISE.items():
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": kwargs["lr"] / 2}]
+        opt = env.optimizer(groups, name, model=model, job=name, **kwargs)
+        for step in range(6):
+            x, y = env.rows(*M.digits_batch(step, env.union))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            env.step(opt)
+        out[name] = {"model": _sd(model), "optim": opt.state_dict()}
+    return out
+
+
+def batchnorm(env: Env) -> dict:
+    """BatchNorm's running statistics: rank 0's after each step, as DDP broadcasts them (the test's
+    reference simulates DDP in one process; see ``ddp_batchnorm_reference``)."""
+    torch.manual_seed(5)
+    model = M.ConvBN()
+    opt = env.optimizer(model, "sgd", lr=0.1, momentum=0.9)
+    for step in range(env.steps):
+        x, y = env.rows(*M.digits_batch(step, env.union))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        env.step(opt)
+    return {"model": _sd(model), "export": opt.model_state_dict()}
+
+
+def ddp_batchnorm_reference(sizes=SIZES, steps: int = STEPS) -> dict:
+    """What DDP computes for ``batchnorm``, in one process: every rank starts a step from rank 0's
+    buffers, gradients are averaged (sample-weighted, as shardps's batch_size asks), and rank 0's
+    buffers after its forward are everyone's next."""
+    torch.manual_seed(5)
+    model = M.ConvBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    buffers = dict(model.named_buffers())
+    for step in range(steps):
+        x, y = M.digits_batch(step, sum(sizes))
+        start = {k: v.clone() for k, v in buffers.items()}
+        grads, rank0 = None, None
+        for r, n in enumerate(sizes):
+            lo = sum(sizes[:r])
+            for k, v in start.items():
+                buffers[k].copy_(v)
+            model.zero_grad()
+            (F.cross_entropy(model(x[lo:lo + n]), y[lo:lo + n]) * n / sum(sizes)).backward()
+            g = [p.grad.clone() for p in model.parameters()]
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            if r == 0:
+                rank0 = {k: v.clone() for k, v in buffers.items()}
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        opt.step()
+        for k, v in rank0.items():
+            buffers[k].copy_(v)
+    return {"model": _sd(model)}
+
+
+def gradscaler(env: Env) -> dict:
+    """fp16 autocast with a GradScaler; at step 2 one worker's loss overflows (the reference's union
+    loss overflows alike): every worker skips that step and lowers its scale, as under DDP."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = env.optimizer(model.parameters(), "adam", lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    scales = []
+    for step in range(env.steps):
+        x, y = env.rows(*M.digits_batch(step, env.union))
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x).float(), y)
+        if step == 2 and (env.rank == len(env.sizes) - 1 or not env.sharded):  # the last rank's rows overflow
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        env.clip(opt, model.parameters(), 5.0)
+        env.step(opt, scaler)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return {"model": _sd(model), "scales": scales}
+
+
+def gan(env: Env) -> dict:
+    """A GAN: the generator's and the critic's optimizers are two jobs on one cluster."""
+    torch.manual_seed(7)
+    gen, critic = M.Generator(), M.Critic()
+    opt_g = env.optimizer(gen, "adam", job="generator", lr=2e-3, betas=(0.5, 0.999))
+    opt_d = env.optimizer(critic, "adam", job="critic", lr=2e-3, betas=(0.5, 0.999))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for step in range(env.steps):
+        real = env.rows(M.digits_batch(step, env.union)[0])
+        z = env.rows(M.noise_batch(step, env.union))
+        fake = gen(z)
+        opt_d.zero_grad()
+        d_loss = bce(critic(real), torch.ones(len(real), 1)) + bce(critic(fake.detach()), torch.zeros(len(z), 1))
+        d_loss.backward()
+        env.step(opt_d)
+        opt_g.zero_grad()
+        bce(critic(fake), torch.ones(len(z), 1)).backward()
+        env.step(opt_g)
+    return {"generator": _sd(gen), "critic": _sd(critic)}
+
+
+def weight_clipping(env: Env) -> dict:
+    """WGAN's critic: clamp every weight after each step; shardps needs the edit uploaded."""
+    torch.manual_seed(8)
+    critic = M.Critic()
+    opt = env.optimizer(critic, "rmsprop", lr=5e-3)
+    for step in range(env.steps):
+        real = env.rows(M.digits_batch(step, env.union)[0])
+        opt.zero_grad()
+        (-critic(real).mean()).backward()
+        env.step(opt)
+        with torch.no_grad():
+            for p in critic.parameters():
+                p.clamp_(-0.05, 0.05)
+        if env.sharded:
+            opt.upload_params()
+    return {"model": _sd(critic)}
+
+
+SCENARIOS = {f.__name__: f for f in (nanogpt, clip_inf_norm, unused_parameters, schedulers, optimizers, batchnorm,
+                                      gradscaler, gan, weight_clipping)}

@@ -1,0 +1,46 @@
+"""The worker's lease: a daemon thread renews it every lease / 3 seconds from registration on.
+
+Each beat reports the worker's step and fault counters (for status). The thread
+notes, for the training thread to act on between steps, a newer membership epoch
+(``view_changed``: its rank may have changed) and an eviction (``evicted``: the
+lease ran out and the worker must register again).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..proto.errors import UnknownWorker
+
+log = logging.getLogger("shardps.worker")
+
+
+class Heartbeat:
+    def __init__(self, opt):
+        self.opt, self._stop = opt, threading.Event()
+        self.view_changed = threading.Event()
+        self.evicted = ""  # why this worker is no longer in the job ("" while it is)
+        self._thread = threading.Thread(target=self._run, name="shardps-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = 0.0  # the first heartbeat at once
+        while not self._stop.wait(interval):
+            opt = self.opt
+            try:
+                epoch, lease = opt.coordinator.heartbeat(opt.job_id, opt.worker_id,
+                                                           getattr(opt, "steps_taken", 0), opt.counters())
+            except UnknownWorker as exc:
+                self.evicted = str(exc)
+                return
+            except Exception as exc:  # coordinator unreachable for a moment: the lease has slack
+                log.warning("heartbeat failed: %s", exc)
+                interval = 0.5
+                continue
+            interval = max(0.05, lease / 3)
+            if epoch > getattr(opt, "epoch", epoch):
+                self.view_changed.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
