@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -484,9 +486,23 @@ def chaos_link(
         _chaos_on_run("unlink", target, run, {}, timeout)
 
 
+def _token_from_file() -> None:
+    """SHARDPS_AUTH_TOKEN_FILE (a Docker/Swarm secret, /run/secrets/NAME): the token, unless SHARDPS_AUTH_TOKEN
+    is set. Read here, at the edge, so every role and client below sees the plain variable."""
+    path = os.environ.get("SHARDPS_AUTH_TOKEN_FILE", "")
+    if path and not os.environ.get("SHARDPS_AUTH_TOKEN"):
+        try:
+            os.environ["SHARDPS_AUTH_TOKEN"] = Path(path).read_text().strip()
+        except OSError as exc:
+            typer.echo(f"error: cannot read SHARDPS_AUTH_TOKEN_FILE {path}: {exc.strerror}; mount the secret "
+                       "there or set SHARDPS_AUTH_TOKEN", err=True)
+            sys.exit(1)
+
+
 def main() -> None:
     """The console script: click's own usage errors become one `error:` line too."""
     try:
+        _token_from_file()
         code = app(standalone_mode=False)
     except typer.Abort:
         code = 130
