@@ -28,9 +28,9 @@ COPY server/ /src/shardps/server/
 COPY coordinator/ /src/shardps/coordinator/
 COPY worker/ /src/shardps/worker/
 COPY client/ /src/shardps/client/
-# The roles need shardps and, for the built-in workloads' data, scikit-learn (not matplotlib).
+# A core install (scikit-learn, the built-in workloads' data, included); no plots or TensorBoard.
 RUN python3 -m pip install ${PIP_ARGS} "torch==${TORCH_VERSION}" \
- && python3 -m pip install ${PIP_ARGS} /src/shardps "scikit-learn>=1.3" \
+ && python3 -m pip install ${PIP_ARGS} /src/shardps \
  && rm -rf /wheelhouse /src \
  && useradd --create-home --uid 10001 shardps \
  && mkdir -p /checkpoints /run-data && chown shardps /checkpoints /run-data

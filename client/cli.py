@@ -5,6 +5,7 @@
     shardps server --coordinator 127.0.0.1:7070 --port 7071
     shardps worker --cluster 127.0.0.1:7070 --workload digits
     shardps status --cluster 127.0.0.1:7070 [--json]
+    shardps launch --nproc 4 train.py ARGS                # your script as 4 workers (torchrun-style)
     shardps export --cluster 127.0.0.1:7070 --out model.safetensors
 
 Every option can also be set by its ``SHARDPS_*`` environment variable (shown in --help).
@@ -14,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -77,6 +80,8 @@ def _user_errors(cluster: str = ""):
         _fail(str(exc).splitlines()[0], 1)
     except (ValueError, RunError, ClusterError) as exc:
         _fail(str(exc).splitlines()[0], 1 if not isinstance(exc, ValueError) else 2)
+    except ImportError as exc:  # an optional piece (or the workload's data) is missing: say what to install
+        _fail(str(exc).splitlines()[0], 1)
     except KeyboardInterrupt:
         _fail("interrupted; every process this command started was stopped", 130)
 
@@ -166,6 +171,8 @@ def worker(
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
+    tensorboard: str = typer.Option("", envvar="SHARDPS_TENSORBOARD",
+                                    help="Also write TensorBoard events into this directory (needs shardps[tb])."),
     metrics_port: int = _METRICS_PORT,
     eval_every: int = _TRAIN["eval_every"],
     threads: int = typer.Option(1, envvar="SHARDPS_THREADS", help="torch intra-op threads."),
@@ -181,7 +188,7 @@ def worker(
                              min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, amp=amp, metrics=metrics,
-                             eval_every=eval_every,
+                             tensorboard=tensorboard, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout, metrics_port=metrics_port)
         result = train(config)
     typer.echo(json.dumps(result))
@@ -272,6 +279,36 @@ def _plain_progress():
                   f"versions {p.versions}", flush=True)
 
     return show
+
+
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def launch(
+    script: str = typer.Argument(..., help="The training script (a Python file; a module with -m)."),
+    script_args: list[str] = typer.Argument(None, help="The script's own arguments (everything after it)."),
+    nproc: int = typer.Option(1, "--nproc", "--nproc-per-node", help="Worker processes on this machine."),
+    servers: int = typer.Option(2, "--servers", help="Shard servers of the embedded cluster."),
+    cluster: str = typer.Option("", "--cluster", help="Join this running coordinator (host:port) instead."),
+    min_workers: int = typer.Option(0, "--min-workers",
+                                    help="Workers the job starts with (0: --nproc; across machines: the total)."),
+    restart_on_failure: int = typer.Option(0, "--restart-on-failure",
+                                           help="Start a failed worker again up to K times; it rejoins the job."),
+    lease_seconds: float = typer.Option(10.0, "--lease-seconds",
+                                        help="Embedded cluster: a dead worker leaves the job after this long."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Embedded cluster: checkpoint every N steps."),
+    log_dir: str = typer.Option("", "--log-dir", help="Logs and launch.json (default runs/launch-<time>)."),
+    module: bool = typer.Option(False, "-m", "--module", help="SCRIPT is a module: run python -m SCRIPT."),
+):
+    """Run N copies of your training script as workers (torchrun for parameter servers): starts a local
+    cluster unless --cluster is given; scripts find it through SHARDPS_CLUSTER (ShardedOptimizer reads it)."""
+    from .launch import LaunchConfig, launch as run_launch
+
+    with _user_errors(cluster):
+        config = LaunchConfig(script=script, args=tuple(script_args or ()), nproc=nproc, servers=servers,
+                              cluster=cluster, min_workers=min_workers, restart_on_failure=restart_on_failure,
+                              lease_seconds=lease_seconds, checkpoint_every=checkpoint_every, log_dir=log_dir,
+                              module=module)
+        code = run_launch(config)
+    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -456,9 +493,23 @@ def chaos_link(
         _chaos_on_run("unlink", target, run, {}, timeout)
 
 
+def _token_from_file() -> None:
+    """SHARDPS_AUTH_TOKEN_FILE (a Docker/Swarm secret, /run/secrets/NAME): the token, unless SHARDPS_AUTH_TOKEN
+    is set. Read here, at the edge, so every role and client below sees the plain variable."""
+    path = os.environ.get("SHARDPS_AUTH_TOKEN_FILE", "")
+    if path and not os.environ.get("SHARDPS_AUTH_TOKEN"):
+        try:
+            os.environ["SHARDPS_AUTH_TOKEN"] = Path(path).read_text().strip()
+        except OSError as exc:
+            typer.echo(f"error: cannot read SHARDPS_AUTH_TOKEN_FILE {path}: {exc.strerror}; mount the secret "
+                       "there or set SHARDPS_AUTH_TOKEN", err=True)
+            sys.exit(1)
+
+
 def main() -> None:
     """The console script: click's own usage errors become one `error:` line too."""
     try:
+        _token_from_file()
         code = app(standalone_mode=False)
     except typer.Abort:
         code = 130

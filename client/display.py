@@ -63,6 +63,8 @@ def print_summary(s: dict) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    for note in s.get("notes", []):
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)  # [plots] is no markup
 
 
 def print_status(st: dict) -> None:

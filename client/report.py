@@ -86,42 +86,13 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "series": series,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(series, timeline, scenario, out / "faults.png")
+    from .plots import faults_plot, maybe
+
+    notes = summary.setdefault("notes", [])
+    report["plot"] = "faults.png" if maybe(faults_plot, series, timeline, scenario, out / "faults.png",
+                                           notes=notes) else ""
     (out / "report.md").write_text(_markdown(report))
     return {"path": str(out / "report.md"), "counters": counters}
-
-
-def _plot(series: dict, timeline, scenario, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax.plot(series["t"], series["loss"], color="tab:blue")
-    ax.set_ylabel("train loss")
-    ax2.plot(series["t"], series["samples_per_s"], color="tab:green")
-    ax2.set_ylabel("samples/s")
-    ax2.set_xlabel("seconds since training started")
-    starts: dict[tuple, float] = {}
-    for e in timeline:
-        t = e.unix - series.get("t0_unix", e.unix)
-        color = "tab:red" if e.ok else "black"
-        if e.action in ("pause", "partition", "link", "rpc"):
-            starts[(e.action, e.target)] = t
-        undo = {"resume": "pause", "heal": "partition", "unlink": "link", "unrpc": "rpc"}.get(e.action)
-        if undo and (undo, e.target) in starts:
-            began = starts.pop((undo, e.target))
-            for a in (ax, ax2):
-                a.axvspan(began, t, color="tab:orange", alpha=0.2)
-        for a in (ax, ax2):
-            a.axvline(t, color=color, linestyle=":", linewidth=1)
-        ax.annotate(f"{e.action} {e.target}", (t, 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                    fontsize=7, va="top", ha="right")
-    ax.set_title(f"scenario: {scenario.name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _markdown(r: dict) -> str:
@@ -138,5 +109,7 @@ def _markdown(r: dict) -> str:
                      f"{rb['from_version']} to {rb['to_version']} ({rb['steps']} steps replayed), epoch {rb['epoch']}")
     res = r["result"]
     lines += ["", "## Result", "", f"- steps: {res['steps']}, wall: {res['wall_s']:.1f} s",
-              f"- held-out: {json.dumps(res['held_out'])}", "", "![faults](faults.png)", ""]
+              f"- held-out: {json.dumps(res['held_out'])}", ""]
+    if r.get("plot"):
+        lines += [f"![faults]({r['plot']})", ""]
     return "\n".join(lines)

@@ -29,6 +29,8 @@ from typing import Callable
 
 from ..proto.errors import ShardpsError
 from .local import GLIBC_TUNABLES, LocalCluster
+from .extras import available, install_hint
+from .plots import maybe, training_plot
 from .sdk import cluster_status, export_model, load_model_file
 
 
@@ -88,12 +90,13 @@ class RunConfig:
 
         return load(self.scenario, self.workers, self.servers)
 
-    def worker_config(self, index: int, cluster: str, metrics: str):
+    def worker_config(self, index: int, cluster: str, metrics: str, tensorboard: str = ""):
         """worker-<index>'s TrainConfig: this run's training options plus its own."""
         from ..worker.train import TrainConfig
 
         shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name in _TRAINING_FIELDS}
         return TrainConfig(cluster=cluster, min_workers=self.workers, threads=self.worker_threads, metrics=metrics,
+                           tensorboard=tensorboard,
                            name=f"worker-{index}", slowdown=self.slow_workers.get(index, 1.0), **shared)
 
 
@@ -173,14 +176,31 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
         faults = _fault_counts(cluster, workers) if runner.timeline or scenario else None
     wall = time.time() - started
     summary = _summarize(config, tail.records, status, exported, wall)
+    notes = summary["notes"] = []  # optional pieces left out, each with the command that adds it
     if faults is not None:
         from .report import write_report
 
         summary["report"] = write_report(out, runner.scenario, runner.timeline, tail.records, status, faults, summary)
+    maybe(training_plot, tail.records, summary, out / "training.png", notes=notes)
+    _tensorboard_run(out / "tensorboard" / "run", runner.timeline, summary, notes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot(tail.records, summary, out / "training.png")
     summary["out"] = str(out)
     return summary
+
+
+def _tensorboard_run(path: Path, timeline, summary: dict, notes: list[str]) -> None:
+    """Beside the workers' event files: the faults of the timeline as text events, the final held-out numbers."""
+    if not available("tensorboard"):
+        notes.append(f"no TensorBoard event files: {install_hint('tensorboard')}")
+        return
+    from ..worker.tb_log import TensorBoardLog
+
+    log = TensorBoardLog(str(path))
+    for e in timeline:
+        log.text("faults", f"{e.action} {e.target} at {e.time_s:.1f}s: "
+                           f"{'ok' if e.ok else 'FAILED ' + e.error} {e.detail}".strip(), max(0, e.step))
+    log.scalars("final_held_out", summary["held_out"], summary["steps"])
+    log.close()
 
 
 def _prepare_resume(config: RunConfig, checkpoints: Path) -> Path:
@@ -217,7 +237,9 @@ class WorkerSet:
 
     def start(self, i: int) -> None:
         name = f"worker-{i}"
-        args = self.config.worker_config(i, self.cluster.address, str(self.out / "metrics.jsonl")).to_args()
+        tensorboard = str(self.out / "tensorboard" / name) if available("tensorboard") else ""
+        args = self.config.worker_config(i, self.cluster.address, str(self.out / "metrics.jsonl"),
+                                         tensorboard).to_args()
         log = open(self.logs / f"{name}.log", "ab")
         self.procs[name] = self.cluster.worker_popen(i, [sys.executable, "-m", "shardps", "worker", *args], stdout=log,
                                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
@@ -441,33 +463,3 @@ def _summarize(config: RunConfig, records: list[dict], status: dict, exported: d
         "staleness": [s.get("staleness") for s in status["shards"]],
         "model_file": exported["model"],
     }
-
-
-def _plot(records: list[dict], summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps: dict[int, list[float]] = {}
-    for r in records:
-        if r.get("kind") == "step":
-            steps.setdefault(r["step"], []).append(r["loss"])
-    evals = [r for r in records if r.get("kind") == "eval"]
-    metric = summary["metric"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    xs = sorted(steps)
-    ax.plot(xs, [sum(steps[s]) / len(steps[s]) for s in xs], color="tab:blue", label="train loss (mean of workers)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:orange",
-                 label=f"held-out {metric}")
-        ax2.set_ylabel(f"held-out {metric}", color="tab:orange")
-    c = summary["config"]
-    ax.set_title(f"shardps {summary['workload']}: {c['mode']}, {c['servers']} servers x {c['workers']} workers; "
-                 f"held-out {metric} {summary['held_out'][metric]:.4g}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/python -m ruff check .
-# The docker-compose end-to-end test runs last, on its own: it starts (and stops) a Docker engine,
-# which rewrites the root namespace's firewall.
+# The Docker end-to-end tests (docker-compose, then Swarm; marker `compose`) run last, on their own:
+# they start (and stop) a Docker engine, which rewrites the root namespace's firewall.
 .venv/bin/python -m pytest -p no:cacheprovider -m "not compose" "$@"
 .venv/bin/python -m pytest -p no:cacheprovider -m compose "$@" || [ $? -eq 5 ]  # 5: none selected

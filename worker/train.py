@@ -42,6 +42,7 @@ class TrainConfig:
     balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps (0: equal)
     amp: str = ""  # mixed precision on this worker: "" (off), "bfloat16" or "float16" (with loss scaling)
     metrics: str = ""  # append one JSON line per step here ("" = none)
+    tensorboard: str = ""  # also write these lines as TensorBoard events into this directory ("" = none; [tb] extra)
     eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
     threads: int = 1  # torch intra-op threads (keep low when processes share cores)
     name: str = ""  # worker name in status; default host:pid
@@ -140,19 +141,30 @@ class MixedPrecision:
 
 
 class MetricsLog:
-    """Appends JSON lines; each line is one write() on an O_APPEND file, so workers can share it."""
+    """Appends JSON lines; each line is one write() on an O_APPEND file, so workers can share it.
+    With ``tensorboard``, the same records also go to TensorBoard (``worker/tb_log.py``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tensorboard: str = ""):
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if path else None
+        self._tb = None
+        if tensorboard:
+            from .tb_log import TensorBoardLog
+
+            self._tb = TensorBoardLog(tensorboard)
 
     def write(self, record: dict) -> None:
         if self._fd is not None:
             os.write(self._fd, (json.dumps(record) + "\n").encode())
+        if self._tb is not None:
+            self._tb.write(record)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def train(config: TrainConfig) -> dict:
@@ -171,7 +183,7 @@ def train(config: TrainConfig) -> dict:
     split = BatchSplit(opt, batch_size)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
     precision = MixedPrecision(config.amp, device, opt)
-    log = MetricsLog(config.metrics)
+    log = MetricsLog(config.metrics, config.tensorboard)
     prometheus = None
     if config.metrics_port >= 0:
         from ..proto.metrics import WorkerMetrics
