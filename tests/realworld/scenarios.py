@@ -301,5 +301,39 @@ def weight_clipping(env: Env) -> dict:
     return {"model": _sd(critic)}
 
 
+def hf_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=M.VOCAB, n_positions=M.CONTEXT, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+
+
+def hf_gpt2(env: Env) -> dict:
+    """transformers' GPT-2 built from a config (tied LM head), HF Trainer's decay / no-decay groups,
+    ``get_linear_schedule_with_warmup`` (lr 0 at the first step), clipping at 1.0."""
+    from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+    torch.manual_seed(9)
+    model = GPT2LMHeadModel(hf_config())
+    plain = [n for n, _ in model.named_parameters() if n.endswith("bias") or ".ln_" in n]
+    groups = [{"params": [p for n, p in model.named_parameters() if n not in plain], "weight_decay": 0.01},
+              {"params": [p for n, p in model.named_parameters() if n in plain], "weight_decay": 0.0}]
+    # eps 1e-6, not 1e-8: GPT-2's key bias has an exactly-zero gradient, whose float noise Adam with a
+    # tiny eps turns into lr-sized steps in any two computations (torch alone, split or not, included).
+    opt = env.optimizer(groups, "adamw", model=model, lr=5e-3, eps=1e-6)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=env.steps)
+    for step in range(env.steps):
+        x = env.rows(M.text_batch(step, env.union)[0])
+        model(input_ids=x, labels=x).loss.backward()
+        env.clip(opt, model.parameters(), 1.0)
+        env.step(opt)
+        sched.step()
+        opt.zero_grad()
+    out = {"model": _sd(model)}
+    if env.sharded:
+        out["export"] = opt.model_state_dict()
+    return out
+
+
 SCENARIOS = {f.__name__: f for f in (nanogpt, clip_inf_norm, unused_parameters, schedulers, optimizers, batchnorm,
-                                      gradscaler, gan, weight_clipping)}
+                                      gradscaler, gan, weight_clipping, hf_gpt2)}

@@ -128,3 +128,17 @@ def test_deliberate_in_place_edits_reach_the_shards_with_upload_params(sharded):
     workers, want = sharded("weight_clipping"), reference("weight_clipping")
     for w in workers:
         close(w["model"], want["model"])
+
+
+@pytest.mark.slow
+def test_a_transformers_gpt2_with_hf_schedules_trains_as_torch_and_saves_with_save_pretrained(sharded, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    workers, want = sharded("hf_gpt2"), reference("hf_gpt2")
+    for w in workers:
+        close(w["model"], want["model"])
+    model = GPT2LMHeadModel(S.hf_config())
+    model.load_state_dict(workers[0]["export"], strict=True)  # lm_head.weight (tied) included
+    model.save_pretrained(tmp_path / "gpt2")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    close(again.state_dict(), want["model"])
