@@ -301,6 +301,50 @@ def weight_clipping(env: Env) -> dict:
     return {"model": _sd(critic)}
 
 
+def _frozen_mlp():
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 10))
+    model[2].requires_grad_(False)  # frozen, yet in the optimizer's groups as model.parameters() puts it
+    return model
+
+
+def _groups(model):
+    return [{"params": [model[0].weight, model[2].weight, model[4].weight], "weight_decay": 0.05},
+            {"params": [model[0].bias, model[2].bias, model[4].bias], "weight_decay": 0.0, "lr": 0.02}]
+
+
+def _train(env: Env, model, opt, steps: range) -> None:
+    for step in steps:
+        x, y = env.rows(*M.digits_batch(step, env.union))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        env.step(opt)
+
+
+def resume_both_ways(env: Env) -> dict:
+    """A checkpoint round trip each way with frozen parameters and two groups: shardps's state_dict
+    after 4 steps (the test goes on with stock AdamW), and a torch checkpoint after 4 plain steps
+    that this job loads (model before construction, optimizer state after) and trains on."""
+    model = _frozen_mlp()
+    opt = env.optimizer(_groups(model), "adamw", model=model, job="to-torch", lr=0.01)
+    _train(env, model, opt, range(4))
+    out = {"to_torch": {"model": _sd(model), "optim": opt.state_dict()}}
+    # The other way: 4 steps of plain torch on the union batch (every worker computes the same), then on.
+    plain = _frozen_mlp()
+    torch_opt = torch.optim.AdamW(_groups(plain), lr=0.01)
+    _train(Env(sharded=False, sizes=env.sizes), plain, torch_opt, range(4))
+    checkpoint = {"model": _sd(plain), "optim": torch_opt.state_dict()}
+    model = _frozen_mlp()
+    model.load_state_dict(checkpoint["model"])
+    opt = env.optimizer(_groups(model), "adamw", model=model, job="from-torch", lr=0.01)
+    opt.load_state_dict(checkpoint["optim"])
+    opt.load_state_dict(checkpoint["optim"])  # every worker loads the same state: loading again changes nothing
+    _train(env, model, opt, range(4, 8))
+    out["from_torch"] = {"model": _sd(model), "optim": opt.state_dict()}
+    return out
+
+
 def hf_config():
     from transformers import GPT2Config
 
@@ -336,4 +380,4 @@ def hf_gpt2(env: Env) -> dict:
 
 
 SCENARIOS = {f.__name__: f for f in (nanogpt, clip_inf_norm, unused_parameters, schedulers, optimizers, batchnorm,
-                                      gradscaler, gan, weight_clipping, hf_gpt2)}
+                                      gradscaler, gan, weight_clipping, hf_gpt2, resume_both_ways)}

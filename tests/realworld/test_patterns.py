@@ -142,3 +142,22 @@ def test_a_transformers_gpt2_with_hf_schedules_trains_as_torch_and_saves_with_sa
     model.save_pretrained(tmp_path / "gpt2")
     again = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
     close(again.state_dict(), want["model"])
+
+
+@pytest.mark.slow
+def test_state_dicts_go_both_ways_and_training_continues_identically(sharded):
+    workers = sharded("resume_both_ways")
+    straight = S._frozen_mlp()  # the reference: 8 plain torch steps
+    opt = torch.optim.AdamW(S._groups(straight), lr=0.01)
+    S._train(S.Env(sharded=False), straight, opt, range(8))
+    # shardps -> torch: the stock class built the user's way takes shardps's state and goes on.
+    model = S._frozen_mlp()
+    model.load_state_dict(workers[0]["to_torch"]["model"])
+    stock = torch.optim.AdamW(S._groups(model), lr=0.01)
+    stock.load_state_dict(workers[0]["to_torch"]["optim"])
+    S._train(S.Env(sharded=False), model, stock, range(4, 8))
+    close(S._sd(model), S._sd(straight))
+    # torch -> shardps: the shards take torch's state and the job goes on from it.
+    for w in workers:
+        close(w["from_torch"]["model"], S._sd(straight))
+    close_state(workers[0]["from_torch"]["optim"], opt.state_dict())
