@@ -1,15 +1,18 @@
 """Fault injection from the outside: RPC fault rules on any role, by name.
 
     from shardps.client import chaos
-    rules = chaos.set_rpc_faults(cluster.address, "servers",
+    rules = chaos.set_rpc_faults(cluster, "servers",
                                  [FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.3)])
     ...
-    chaos.clear_rpc_faults(cluster.address, "servers")
+    chaos.clear_rpc_faults(cluster, "servers")
 
-Targets are named as in ``LocalCluster``: ``"coordinator"``, ``"server-<k>"``,
-``"servers"`` (every shard server) or ``"all"``; addresses come from the
-coordinator's status, so this works against any running cluster. Process faults
-(kill, pause, restart) are ``LocalCluster`` methods and scenario actions.
+``cluster`` is a ``LocalCluster`` (whose operator credential is used) or a coordinator
+address (then ``security``, or SHARDPS_CLUSTER_TOKEN in the environment, must hold the
+cluster's credential: fault injection is an operator's call). Targets are named as in
+``LocalCluster``: ``"coordinator"``, ``"server-<k>"``, ``"servers"`` (every shard
+server) or ``"all"``; addresses come from the coordinator's status, so this works
+against any running cluster. Process faults (kill, pause, restart) are
+``LocalCluster`` methods and scenario actions.
 """
 from __future__ import annotations
 
@@ -20,9 +23,17 @@ from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
-def resolve(cluster: str, target: str) -> dict[str, str]:
+def endpoint(cluster, security=None):
+    """(coordinator address, credentials) of a ``LocalCluster`` or an address."""
+    if hasattr(cluster, "address"):
+        return cluster.address, security if security is not None else cluster.admin_security
+    return cluster, security
+
+
+def resolve(cluster, target: str, security=None) -> dict[str, str]:
     """{name: address} of ``target`` ("coordinator", "server-<k>", "servers" or "all")."""
-    with CoordinatorClient(cluster) as coord:
+    cluster, security = endpoint(cluster, security)
+    with CoordinatorClient(cluster, security=security) as coord:
         servers = {f"server-{s.shard_id}": s.address for s in coord.status().servers}
     everyone = {"coordinator": cluster, **servers}
     if target == "all":
@@ -34,33 +45,37 @@ def resolve(cluster: str, target: str) -> dict[str, str]:
     raise ValueError(f"unknown target {target!r}; choose coordinator, servers, all or one of: {', '.join(servers)}")
 
 
-def _admin(address: str, call):
+def _admin(address: str, call, security=None):
     import grpc
 
-    with open_channel(address) as channel:
+    with open_channel(address, security) as channel:
         try:
             return call(pb_grpc.AdminServiceStub(channel))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"AdminService at {address}") from None
 
 
-def set_rpc_faults(cluster: str, target: str, rules: list[FaultRule], clear: bool = False) -> dict[str, list[FaultRule]]:
+def set_rpc_faults(cluster, target: str, rules: list[FaultRule], clear: bool = False,
+                   security=None) -> dict[str, list[FaultRule]]:
     """Add ``rules`` (after clearing, with ``clear``) on every role ``target`` names; returns the
     active rules per role."""
+    cluster, security = endpoint(cluster, security)
     request = pb.SetFaultsRequest(add=[rule_to_pb(r) for r in rules], clear=clear)
-    return {name: [_rule(m) for m in _admin(address, lambda s: s.SetFaults(request, timeout=CONTROL_TIMEOUT_S)).rules]
-            for name, address in resolve(cluster, target).items()}
+    return {name: [_rule(m) for m in _admin(address, lambda s: s.SetFaults(request, timeout=CONTROL_TIMEOUT_S),
+                                            security).rules]
+            for name, address in resolve(cluster, target, security).items()}
 
 
-def clear_rpc_faults(cluster: str, target: str = "all") -> None:
-    set_rpc_faults(cluster, target, [], clear=True)
+def clear_rpc_faults(cluster, target: str = "all", security=None) -> None:
+    set_rpc_faults(cluster, target, [], clear=True, security=security)
 
 
-def get_rpc_faults(cluster: str, target: str = "all") -> dict[str, dict]:
+def get_rpc_faults(cluster, target: str = "all", security=None) -> dict[str, dict]:
     """Per role: {"rules": [FaultRule...], "injected": {"kind/method": count}}."""
+    cluster, security = endpoint(cluster, security)
     out = {}
-    for name, address in resolve(cluster, target).items():
-        reply = _admin(address, lambda s: s.GetFaults(pb.GetFaultsRequest(), timeout=CONTROL_TIMEOUT_S))
+    for name, address in resolve(cluster, target, security).items():
+        reply = _admin(address, lambda s: s.GetFaults(pb.GetFaultsRequest(), timeout=CONTROL_TIMEOUT_S), security)
         out[name] = {"rules": [_rule(m) for m in reply.rules], "injected": dict(reply.injected)}
     return out
 

@@ -368,15 +368,39 @@ def probe(
 
 @app.command()
 def checkpoint(
-    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    cluster: str = typer.Option("", envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP + " (or --run)"),
+    run: str = typer.Option("", "--run", help="A `shardps run` directory: its cluster and credential."),
+    job: str = typer.Option("", "--job", help="The job's name (default: the job named default)."),
     timeout: float = typer.Option(120.0, help="Seconds to wait for every shard to reach the version and write."),
 ):
-    """Checkpoint every shard at one common version (servers need --checkpoint-dir)."""
+    """Checkpoint every shard at one common version (servers need --checkpoint-dir). An operator's
+    call: it needs the cluster's credential (SHARDPS_CLUSTER_TOKEN, or --run of a `shardps run`)."""
     from .sdk import checkpoint_cluster
 
+    cluster, security = _operator(cluster, run)
     with _user_errors(cluster):
-        written = checkpoint_cluster(cluster, timeout)
+        written = checkpoint_cluster(cluster, timeout, job, security)
     typer.echo(json.dumps(written, indent=2))
+
+
+def _operator(cluster: str, run: str):
+    """(coordinator address, credentials) for an operator's call: ``--run DIR`` gives both (the run's
+    coordinator and the credential it made up); else the address and SHARDPS_CLUSTER_TOKEN."""
+    from ..proto.security import Security
+
+    if not run:
+        if not cluster:
+            _fail("give --cluster HOST:PORT (with SHARDPS_CLUSTER_TOKEN set) or --run DIR of a `shardps run`")
+        return cluster, Security.from_env()
+    logs = Path(run) / "logs"
+    try:
+        token = (logs / "cluster.token").read_text().strip()
+        address = cluster or f"127.0.0.1:{int((logs / 'coordinator.port').read_text())}"
+    except (OSError, ValueError):
+        _fail(f"{run} is not the directory of a running `shardps run` (no logs/cluster.token or "
+              "logs/coordinator.port); pass the run's --out directory")
+    base = Security.from_env()
+    return address, Security(base.token, token, base.tls_cert, base.tls_key, base.tls_ca)
 
 
 chaos_app = typer.Typer(no_args_is_help=True, help="Inject faults into a running cluster (experiments).")
@@ -385,7 +409,8 @@ app.add_typer(chaos_app, name="chaos")
 
 @chaos_app.command("rpc")
 def chaos_rpc(
-    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    cluster: str = typer.Option("", envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP + " (or --run)"),
+    run: str = typer.Option("", "--run", help="A `shardps run` directory: its cluster and credential."),
     target: str = typer.Option("servers", help="coordinator, server-<k>, servers or all."),
     kind: str = typer.Option("", help="delay, abort or drop (leave out with --clear or --list)."),
     method: str = typer.Option("*", help="RPC name (Push, Pull, RegisterWorker, ...) or * for all."),
@@ -400,21 +425,23 @@ def chaos_rpc(
     clear: bool = typer.Option(False, "--clear", help="Remove every rule on the target first."),
     list_: bool = typer.Option(False, "--list", help="Only show the active rules and fault counts."),
 ):
-    """Delay, abort or drop RPCs on coordinator or servers, by method, worker and probability."""
+    """Delay, abort or drop RPCs on coordinator or servers, by method, worker and probability. An
+    operator's call: it needs the cluster's credential (SHARDPS_CLUSTER_TOKEN, or --run)."""
     from ..proto.faults import FaultRule
     from . import chaos
 
+    cluster, security = _operator(cluster, run)
     with _user_errors(cluster):
         if list_:
-            shown = chaos.get_rpc_faults(cluster, target)
+            shown = chaos.get_rpc_faults(cluster, target, security)
         else:
             if not kind and not clear:
                 raise ValueError("give --kind delay|abort|drop, or --clear / --list")
             rules = [FaultRule(kind=kind, method=method, worker_id=None if worker < 0 else worker,
                                probability=probability, delay_s=delay, status=status, after=after,
                                max_active=max_active, max_count=count, duration_s=duration)] if kind else []
-            shown = {name: {"rules": active} for name, active in chaos.set_rpc_faults(cluster, target, rules,
-                                                                                         clear).items()}
+            shown = {name: {"rules": active}
+                     for name, active in chaos.set_rpc_faults(cluster, target, rules, clear, security).items()}
     typer.echo(json.dumps({name: {**role, "rules": [chaos.rule_dict(r) for r in role["rules"]]}
                            for name, role in shown.items()}, indent=2))
 
@@ -494,16 +521,18 @@ def chaos_link(
 
 
 def _token_from_file() -> None:
-    """SHARDPS_AUTH_TOKEN_FILE (a Docker/Swarm secret, /run/secrets/NAME): the token, unless SHARDPS_AUTH_TOKEN
-    is set. Read here, at the edge, so every role and client below sees the plain variable."""
-    path = os.environ.get("SHARDPS_AUTH_TOKEN_FILE", "")
-    if path and not os.environ.get("SHARDPS_AUTH_TOKEN"):
-        try:
-            os.environ["SHARDPS_AUTH_TOKEN"] = Path(path).read_text().strip()
-        except OSError as exc:
-            typer.echo(f"error: cannot read SHARDPS_AUTH_TOKEN_FILE {path}: {exc.strerror}; mount the secret "
-                       "there or set SHARDPS_AUTH_TOKEN", err=True)
-            sys.exit(1)
+    """SHARDPS_AUTH_TOKEN_FILE and SHARDPS_CLUSTER_TOKEN_FILE (Docker/Swarm secrets, /run/secrets/NAME):
+    the tokens, unless the plain variables are set. Read here, at the edge, so every role and client
+    below sees the plain variables."""
+    for name in ("SHARDPS_AUTH_TOKEN", "SHARDPS_CLUSTER_TOKEN"):
+        path = os.environ.get(name + "_FILE", "")
+        if path and not os.environ.get(name):
+            try:
+                os.environ[name] = Path(path).read_text().strip()
+            except OSError as exc:
+                typer.echo(f"error: cannot read {name}_FILE {path}: {exc.strerror}; mount the secret "
+                           f"there or set {name}", err=True)
+                sys.exit(1)
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ class LocalCluster:
         worker_hosts: int = 0,
         resume_job: str | os.PathLike | None = None,
         auth_token: str = "",
+        cluster_token: str = "",
         tls_dir: str | os.PathLike | None = None,
         mutual_tls: bool = False,
         metrics: bool = False,
@@ -90,17 +91,30 @@ class LocalCluster:
         self.checkpoint_every, self.lease_seconds = checkpoint_every, lease_seconds
         self.resume_job = resume_job
         self.metrics = metrics  # every role serves Prometheus metrics on a free port: metrics_address(name)
-        # Who may talk to the cluster: off by default. tls_dir holds what scripts/dev-certs.sh makes
-        # (ca.pem, server.pem/-key.pem, client.pem/-key.pem).
+        # Who may talk to the cluster. Workers: anyone, unless auth_token is set. Internal and admin
+        # calls: only holders of the cluster's credential, made up here unless given (proto/security.py).
+        # tls_dir holds what scripts/dev-certs.sh makes (ca.pem, server.pem/-key.pem, client.pem/-key.pem).
+        import secrets
+
         from ..proto.security import Security
 
         tls = Path(tls_dir) if tls_dir is not None else None
-        self.role_security = Security(token=auth_token, tls_cert=str(tls / "server.pem") if tls else "",
+        cluster_token = cluster_token or secrets.token_hex(24)
+        self.role_security = Security(token=auth_token, cluster_token=cluster_token,
+                                      tls_cert=str(tls / "server.pem") if tls else "",
                                       tls_key=str(tls / "server-key.pem") if tls else "",
                                       tls_ca=str(tls / "ca.pem") if tls else "", client_auth=mutual_tls)
+        # What workers and tools of this cluster use: never the cluster's credential...
         self.security = Security(token=auth_token, tls_ca=str(tls / "ca.pem") if tls else "",
                                  tls_cert=str(tls / "client.pem") if tls and mutual_tls else "",
                                  tls_key=str(tls / "client-key.pem") if tls and mutual_tls else "")
+        # ...and what its operator uses (fault injection, checkpoints on request): with it.
+        self.admin_security = Security(auth_token, cluster_token, self.security.tls_cert, self.security.tls_key,
+                                       self.security.tls_ca)
+        self.token_file = self.log_dir / "cluster.token"
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:  # for `shardps chaos/checkpoint --run DIR`: readable by this user only
+            f.write(cluster_token)
         self.network = None
         if hosts:
             from .netns import Network
@@ -156,7 +170,8 @@ class LocalCluster:
         self._args[name] = args
         cmd = [sys.executable, "-m", "shardps", *args, "--host", self._host_of(name), "--port", str(port),
                "--port-file", str(port_file), "--log-level", self.log_level]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDPS_AUTH_TOKEN", "SHARDPS_TLS_"))}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SHARDPS_AUTH_TOKEN", "SHARDPS_CLUSTER_TOKEN", "SHARDPS_TLS_"))}
         env.update({"GLIBC_TUNABLES": GLIBC_TUNABLES, **self.role_security.env()})
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = self._popen(name, cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -371,17 +371,17 @@ def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
         p = dict(params)
         worker = p.pop("worker", None)
         rule = FaultRule(worker_id=worker, **p)
-        active = chaos.set_rpc_faults(cluster.address, target, [rule])
+        active = chaos.set_rpc_faults(cluster, target, [rule])
         return f"rule on {', '.join(active)}"
 
     def unrpc(target, params):
-        chaos.clear_rpc_faults(cluster.address, target)
+        chaos.clear_rpc_faults(cluster, target)
         return ""
 
     def checkpoint(target, params):
         from .sdk import checkpoint_cluster
 
-        written = checkpoint_cluster(cluster.address, timeout=60)
+        written = checkpoint_cluster(cluster.address, timeout=60, security=cluster.admin_security)
         return f"version {written[0]['version']}"
 
     return {**{a: process(a) for a in ("kill", "pause", "resume", "restart")},
@@ -394,7 +394,7 @@ def _fault_counts(cluster: LocalCluster, workers: WorkerSet) -> dict:
 
     injected = {}
     try:
-        for role, faults in chaos.get_rpc_faults(cluster.address, "all").items():
+        for role, faults in chaos.get_rpc_faults(cluster, "all").items():
             injected[role] = faults["injected"]
     except ShardpsError as exc:
         injected["error"] = str(exc)

@@ -24,10 +24,12 @@ from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
 from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
-def shard_status(address: str, timeout: float = CONTROL_TIMEOUT_S) -> pb.GetShardStatusResponse:
-    with open_channel(address) as channel:
+def shard_status(address: str, timeout: float = CONTROL_TIMEOUT_S, job_id: str = "",
+                 security=None) -> pb.GetShardStatusResponse:
+    with open_channel(address, security) as channel:
         try:
-            return pb_grpc.ShardServiceStub(channel).GetShardStatus(pb.GetShardStatusRequest(), timeout=timeout)
+            return pb_grpc.ShardServiceStub(channel).GetShardStatus(pb.GetShardStatusRequest(job_id=job_id),
+                                                                   timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"GetShardStatus at {address}") from None
 
@@ -40,11 +42,13 @@ def _staleness_summary(counts: dict[int, int]) -> dict:
             "histogram": {str(k): v for k, v in sorted(counts.items())}}
 
 
-def cluster_status(address: str) -> dict:
-    """Job, membership and every shard's counters, as plain JSON-able data."""
-    with CoordinatorClient(address) as coord:
-        st = coord.status()
-    out: dict = {"coordinator": address, "job_id": st.job_id, "num_servers": st.num_servers, "job": None}
+def cluster_status(address: str, job: str = "", security=None) -> dict:
+    """Job ``job`` (default: the job named "default"), its membership and every shard's counters
+    for it, as plain JSON-able data; ``jobs`` lists every job of the cluster."""
+    with CoordinatorClient(address, security=security) as coord:
+        st = coord.status(job)
+    out: dict = {"coordinator": address, "job_id": st.job_id, "num_servers": st.num_servers, "job": None,
+                 "jobs": list(st.job_names), "coordinator_generation": st.generation}
     if st.job_id:
         job = job_from_pb(st.job)
         out["job"] = {"mode": job.mode.value, "optimizer": job.optimizer, "optimizer_kwargs": job.optimizer_kwargs,
@@ -60,7 +64,7 @@ def cluster_status(address: str) -> dict:
         entry = {"shard_id": shard_id, "address": addresses.get(shard_id, "")}
         if entry["address"]:
             try:
-                s = shard_status(entry["address"])
+                s = shard_status(entry["address"], job_id=st.job_id, security=security)
             except Exception as exc:  # one unreachable shard must not hide the others
                 entry["error"] = str(exc)
             else:
@@ -68,6 +72,7 @@ def cluster_status(address: str) -> dict:
                     range=[s.start, s.stop], initialized=s.initialized, version=s.version,
                     mode=mode_from_pb(s.mode).value if s.mode else "", pushes=s.pushes_received,
                     rejected=s.pushes_rejected, duplicates=s.pushes_duplicate, dropped=s.pushes_dropped,
+                    skipped=s.pushes_skipped,
                     bytes_in=s.bytes_in, wait_seconds=s.wait_seconds,
                     bytes_out=s.bytes_out, apply_seconds=s.apply_seconds, rejections=dict(s.rejections),
                     staleness=_staleness_summary(dict(s.staleness_counts)),
@@ -91,18 +96,18 @@ def cluster_status(address: str) -> dict:
         "worker_counters": {str(w): {"step": c.step, **dict(c.counters)} for w, c in st.worker_counters.items()},
     }
     out["shards"] = shards
-    out["faults_injected"] = _faults_injected(address, addresses)
+    out["faults_injected"] = _faults_injected(address, addresses, security)
     out["rollbacks"] = [{"shard_id": r.shard_id, "from_version": r.from_version, "to_version": r.to_version,
                          "steps": r.from_version - r.to_version, "epoch": r.epoch, "unix_time": r.unix_time}
                         for r in st.rollbacks]
     return out
 
 
-def _faults_injected(coordinator: str, servers: dict[int, str]) -> dict[str, dict[str, int]]:
+def _faults_injected(coordinator: str, servers: dict[int, str], security=None) -> dict[str, dict[str, int]]:
     """RPC faults each role injected so far ("kind/method" -> count); roles that do not answer are left out."""
     out = {}
     for name, address in [("coordinator", coordinator), *((f"server-{i}", a) for i, a in sorted(servers.items()))]:
-        with open_channel(address) as channel:
+        with open_channel(address, security) as channel:
             try:
                 reply = pb_grpc.AdminServiceStub(channel).GetFaults(pb.GetFaultsRequest(), timeout=CONTROL_TIMEOUT_S)
             except grpc.RpcError:
@@ -112,7 +117,8 @@ def _faults_injected(coordinator: str, servers: dict[int, str]) -> dict[str, dic
     return out
 
 
-def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = False) -> dict:
+def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = False, job: str = "",
+                 security=None) -> dict:
     """Assemble the model's ``state_dict`` (names, shapes, dtypes) from the shards and write it.
 
     ``.safetensors`` files are written with safetensors, anything else with ``torch.save``.
@@ -121,11 +127,12 @@ def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = F
     """
     from ..worker.ps_client import PSClient
 
-    with CoordinatorClient(address) as coord:
-        job_id, job, plan = coord.job()
+    with CoordinatorClient(address, security=security) as coord:
+        job_id, spec, plan = coord.job(job)
     if not job_id:
-        raise FailedPrecondition(f"the cluster at {address} has no job yet: nothing to export")
-    ps = PSClient(plan, job_id, job.layout.fingerprint, chunk_bytes=1 << 20, timeout=120.0)
+        raise FailedPrecondition(f"the cluster at {address} has no job {job or 'default'!r}: nothing to export")
+    job = spec
+    ps = PSClient(plan, job_id, job.layout.fingerprint, chunk_bytes=1 << 20, timeout=120.0, security=security)
     try:
         if optimizer_state:
             shards = ps.pull_state()
@@ -204,16 +211,17 @@ def train_single_process(workload: str, *, workers: int = 2, batch_size: int = 0
             **wl.evaluate(model), "model": model}
 
 
-def checkpoint_cluster(address: str, timeout: float = 120.0) -> list[dict]:
+def checkpoint_cluster(address: str, timeout: float = 120.0, job: str = "", security=None) -> list[dict]:
     """Checkpoint every shard at one common version, the highest any shard has reached (a shard
     behind it writes when it gets there), and wait until all are on disk.
 
     Returns one {"shard_id", "version", "path", "bytes"} per shard. Raises the shard's own error
-    (e.g. RESOURCE_EXHAUSTED: disk full; the previous checkpoint is intact).
+    (e.g. RESOURCE_EXHAUSTED: disk full; the previous checkpoint is intact). An operator's call:
+    ``security`` (or SHARDPS_CLUSTER_TOKEN) must hold the cluster's credential.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    st = cluster_status(address)
+    st = cluster_status(address, job, security)
     if not st["job_id"]:
         raise FailedPrecondition(f"the cluster at {address} has no job yet: nothing to checkpoint")
     broken = [s for s in st["shards"] if "version" not in s]
@@ -222,8 +230,8 @@ def checkpoint_cluster(address: str, timeout: float = 120.0) -> list[dict]:
     version = max(s["version"] for s in st["shards"])
 
     def one(shard):
-        request = pb.CheckpointRequest(at_version=version, timeout_ms=int(timeout * 1000))
-        with open_channel(shard["address"]) as channel:
+        request = pb.CheckpointRequest(at_version=version, timeout_ms=int(timeout * 1000), job_id=st["job_id"])
+        with open_channel(shard["address"], security) as channel:
             try:
                 reply = pb_grpc.ShardServiceStub(channel).Checkpoint(request, timeout=timeout + 10)
             except grpc.RpcError as exc:

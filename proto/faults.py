@@ -267,13 +267,20 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
                   security=None) -> tuple[grpc.Server, FaultInjector]:
     """A role's gRPC server with fault injection installed: the interceptor, and AdminService
-    to set its rules at runtime (no rules are active until someone adds one). With a token in
-    ``security`` (default: the environment's), every call but health checks must carry it."""
-    from .security import Security, TokenInterceptor
+    to set its rules at runtime (no rules are active until someone adds one). Credentials are
+    checked first (``proto.security.AuthInterceptor``, settings from ``security`` or the environment)."""
+    import logging
+
+    from .security import AuthInterceptor, Security
 
     security = security if security is not None else Security.from_env()
+    if not security.cluster_token:
+        logging.getLogger("shardps").warning(
+            "SHARDPS_CLUSTER_TOKEN is not set: internal and admin calls (membership, rollbacks, fault injection) "
+            "are open to anyone who reaches this port; set it on every role (LocalCluster and shardps run make "
+            "one up)")
     injector = FaultInjector()
-    interceptors = ([TokenInterceptor(security.token)] if security.token else []) + [FaultInterceptor(injector)]
+    interceptors = [AuthInterceptor(security.token, security.cluster_token), FaultInterceptor(injector)]
     server = new_grpc_server(max_threads, max_message_bytes, interceptors=interceptors)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(injector), server)
     return server, injector

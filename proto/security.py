@@ -1,19 +1,31 @@
-"""Who may talk to the cluster: a shared token, TLS, mutual TLS. Off unless configured.
+"""Who may talk to the cluster: three principals, tokens, TLS, mutual TLS.
+
+- **Workers** train: register, push, pull, heartbeat, load optimizer state, read status.
+  With ``SHARDPS_AUTH_TOKEN`` set, their calls must carry it.
+- **Cluster members** (the coordinator and the shard servers, calling each other:
+  registration, membership changes, rollbacks, restores) and **operators** (fault
+  injection, checkpoints on request) hold the cluster's own credential,
+  ``SHARDPS_CLUSTER_TOKEN``, which a worker never holds. ``LocalCluster`` and
+  ``shardps run`` make one up by themselves (in ``<log dir>/cluster.token``), so
+  their internal and admin calls are guarded even when the user set no token.
 
 Every role and every client reads the same settings, from arguments or from the
 environment (so one ``.env`` or Kubernetes Secret configures a whole cluster):
 
 | variable | meaning |
 |---|---|
-| ``SHARDPS_AUTH_TOKEN`` | shared secret; calls must carry ``authorization: Bearer <token>`` |
+| ``SHARDPS_AUTH_TOKEN`` | the workers' token; worker calls must carry ``authorization: Bearer <token>`` |
+| ``SHARDPS_CLUSTER_TOKEN`` | the cluster's credential: internal and admin calls must carry it (it is valid for worker calls too) |
 | ``SHARDPS_TLS_CERT`` / ``SHARDPS_TLS_KEY`` | this process's certificate and key (PEM): a server's, or a client's for mutual TLS |
 | ``SHARDPS_TLS_CA`` | the CA that signed the peer's certificate (clients: the servers'; servers with mutual TLS: the clients') |
 | ``SHARDPS_TLS_CLIENT_AUTH`` | ``1``: servers require a client certificate signed by the CA (mutual TLS) |
 
-Servers check the token in an interceptor (``TokenInterceptor``), before any
-other logic, and answer UNAUTHENTICATED without touching state; health checks
-stay open so orchestrators can probe. ``scripts/dev-certs.sh`` makes a
-development CA and certificates.
+Servers check credentials in an interceptor (``AuthInterceptor``), before any
+other logic: a call without a valid credential gets UNAUTHENTICATED, a worker's
+credential on an internal or admin call PERMISSION_DENIED, and neither touches
+state. Health checks stay open so orchestrators can probe. A role started without
+``SHARDPS_CLUSTER_TOKEN`` leaves internal calls open and says so in its log.
+``scripts/dev-certs.sh`` makes a development CA and certificates.
 
     security = Security(token="s3cret")             # or Security.from_env()
     channel = open_channel("host:7070", security)   # proto.rpc
@@ -29,6 +41,16 @@ import grpc
 
 AUTH_METADATA = "authorization"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes need no credentials
+# Calls only cluster members and operators may make: they change membership, roll shards back,
+# register servers, inject faults or write checkpoints.
+INTERNAL_METHODS = frozenset({
+    "/shardps.v1.CoordinatorService/RegisterServer",
+    "/shardps.v1.CoordinatorService/ReportRestore",
+    "/shardps.v1.ShardService/SetMembership",
+    "/shardps.v1.ShardService/Rollback",
+    "/shardps.v1.ShardService/Checkpoint",
+    "/shardps.v1.AdminService/SetFaults",
+})
 
 
 class SecurityError(ValueError):
@@ -45,7 +67,8 @@ def _read(path: str, what: str) -> bytes:
 
 @dataclass(frozen=True)
 class Security:
-    token: str = ""
+    token: str = ""  # the workers' token
+    cluster_token: str = ""  # the cluster's own credential: roles and operators hold it, workers never do
     tls_cert: str = ""  # PEM file
     tls_key: str = ""
     tls_ca: str = ""
@@ -62,6 +85,7 @@ class Security:
         """Settings from SHARDPS_* variables; an explicit ``token`` wins over SHARDPS_AUTH_TOKEN."""
         env = os.environ
         return cls(token=env.get("SHARDPS_AUTH_TOKEN", "") if token is None else token,
+                   cluster_token=env.get("SHARDPS_CLUSTER_TOKEN", ""),
                    tls_cert=env.get("SHARDPS_TLS_CERT", ""), tls_key=env.get("SHARDPS_TLS_KEY", ""),
                    tls_ca=env.get("SHARDPS_TLS_CA", ""),
                    client_auth=env.get("SHARDPS_TLS_CLIENT_AUTH", "").lower() in ("1", "true", "yes"))
@@ -73,8 +97,8 @@ class Security:
 
     def env(self) -> dict[str, str]:
         """The SHARDPS_* variables that give a child process these settings."""
-        out = {"SHARDPS_AUTH_TOKEN": self.token, "SHARDPS_TLS_CERT": self.tls_cert, "SHARDPS_TLS_KEY": self.tls_key,
-               "SHARDPS_TLS_CA": self.tls_ca}
+        out = {"SHARDPS_AUTH_TOKEN": self.token, "SHARDPS_CLUSTER_TOKEN": self.cluster_token,
+               "SHARDPS_TLS_CERT": self.tls_cert, "SHARDPS_TLS_KEY": self.tls_key, "SHARDPS_TLS_CA": self.tls_ca}
         if self.client_auth:
             out["SHARDPS_TLS_CLIENT_AUTH"] = "1"
         return {k: v for k, v in out.items() if v}
@@ -93,36 +117,63 @@ class Security:
         return grpc.ssl_channel_credentials(ca)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((AUTH_METADATA, f"Bearer {self.token}"),) if self.token else ()
+        """The credential this process presents: the cluster's when it holds it, else the workers'."""
+        presented = self.cluster_token or self.token
+        return ((AUTH_METADATA, f"Bearer {presented}"),) if presented else ()
+
+    def as_worker(self) -> "Security":
+        """These settings without the cluster's credential: what a worker process may be given."""
+        return Security(self.token, "", self.tls_cert, self.tls_key, self.tls_ca, self.client_auth)
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every call (but health checks) that does not carry the cluster's token."""
+def _equal(given: bytes, secret: str) -> bool:
+    return bool(secret) and hmac.compare_digest(given, f"Bearer {secret}".encode())
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks every call's credential against the principal its method needs (see the module doc)."""
+
+    def __init__(self, token: str, cluster_token: str):
+        self._token, self._cluster = token, cluster_token
 
     def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_PREFIXES):
+        method = details.method
+        if method.startswith(OPEN_PREFIXES):
             return continuation(details)
         given = dict(details.invocation_metadata or ()).get(AUTH_METADATA, "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        given = (given if isinstance(given, str) else given.decode(errors="replace")).encode()
+        member = _equal(given, self._cluster)
+        worker = member or not self._token or _equal(given, self._token)
+        if method in INTERNAL_METHODS and self._cluster and not member:
+            if worker and (given or not self._token):
+                return _refusal(continuation(details), grpc.StatusCode.PERMISSION_DENIED,
+                                f"{method.rsplit('/', 1)[-1]} is a call between the cluster's own roles or from its "
+                                "operators: it needs the cluster's credential (SHARDPS_CLUSTER_TOKEN), which workers "
+                                "do not hold")
+            return _refusal(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
+                            "the call carried no valid credential: operators set SHARDPS_CLUSTER_TOKEN to the "
+                            "cluster's credential")
+        if worker:
             return continuation(details)
-        handler = continuation(details)
-        if handler is None:
-            return None
         reason = "no auth token" if not given else "a wrong auth token"
-        message = (f"the call carried {reason}: set SHARDPS_AUTH_TOKEN (or auth_token=) to the cluster's token")
+        return _refusal(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
+                        f"the call carried {reason}: set SHARDPS_AUTH_TOKEN (or auth_token=) to the cluster's token")
 
-        def refuse(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        def refuse_stream(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - abort raises
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    """``handler`` with its behaviour replaced by aborting with ``code``: nothing of the call runs."""
+    if handler is None:
+        return None
 
-        kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
-        return handler._replace(**{kind: refuse_stream if handler.response_streaming else refuse})
+    def refuse(request, context):
+        context.abort(code, message)
+
+    def refuse_stream(request, context):
+        context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
+    return handler._replace(**{kind: refuse_stream if handler.response_streaming else refuse})
 
 
 class _TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -162,6 +213,6 @@ def secure(channel_factory, address: str, security: "Security", options) -> grpc
         channel = channel_factory.secure_channel(address, security.channel_credentials(), options=options)
     else:
         channel = channel_factory.insecure_channel(address, options=options)
-    if security.token:
+    if security.metadata():
         channel = grpc.intercept_channel(channel, _TokenClientInterceptor(security.metadata()))
     return channel

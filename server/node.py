@@ -26,6 +26,7 @@ from .state import ShardState
 
 log = logging.getLogger("shardps.server")
 
+MAX_EPOCH_JUMP = 1 << 20  # a rollback's epoch is at most this far past the newest view a shard knows
 FetchJob = Callable[[str], tuple[str, JobConfig, list[ShardInfo]]]  # job_id -> (job_id, job, plan)
 FetchView = Callable[[str, int], View]  # (job_id, epoch) -> view
 
@@ -200,10 +201,12 @@ class ShardNode:
     def rollback(self, job_id: str, version: int, epoch: int, generation: int = 0) -> int:
         """Restore the checkpoint of ``version``; calls must name ``epoch`` or later. Returns the old version."""
         self.check_generation(generation)
-        if version < 0 or epoch < 1:
-            raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) >= 1")
         with self._cond:
             state = self.states.get(job_id)
+        latest = state.latest_epoch if state is not None else 0
+        if version < 0 or not 1 <= epoch <= latest + MAX_EPOCH_JUMP:
+            raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) in 1..{latest} + "
+                                  f"{MAX_EPOCH_JUMP}")
         if state is None:
             _, job, _ = self._fetch_job(job_id)
             name = job.name if job is not None else DEFAULT_JOB

@@ -20,7 +20,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import translate_errors
 from .modes import Push
-from .node import ShardNode, Target
+from .node import MAX_EPOCH_JUMP, ShardNode, Target
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
 SERVICE = "shardps.v1.ShardService"
@@ -302,6 +302,8 @@ class ShardServicer:
         state = self.node.state_for(request.job_id) if request.job_id else None
         if state is None:  # no such job here yet: the view is fetched when the first push names it
             return pb.SetMembershipResponse(accepted=True)
+        if view.epoch > state.latest_epoch + MAX_EPOCH_JUMP:
+            raise InvalidArgument(f"view epoch {view.epoch} is far past this shard's newest ({state.latest_epoch})")
         accepted = state.learn_view(view, request.from_open_step)
         with state.cond:
             return pb.SetMembershipResponse(accepted=accepted, version=state.version)

@@ -115,8 +115,11 @@ def test_a_full_filesystem_gives_a_clear_error_and_keeps_the_previous_checkpoint
 SHARDPS = [sys.executable, "-m", "shardps"]
 
 
-def shardps(*args, timeout=120):
-    return subprocess.run([*SHARDPS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def shardps(*args, timeout=120, cluster_token=""):
+    env = {k: v for k, v in os.environ.items() if k != "SHARDPS_CLUSTER_TOKEN"}
+    if cluster_token:
+        env["SHARDPS_CLUSTER_TOKEN"] = cluster_token  # checkpoints and fault injection are an operator's calls
+    return subprocess.run([*SHARDPS, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
@@ -128,25 +131,28 @@ def test_shardps_checkpoint_and_chaos_commands_against_a_live_cluster_with_a_dis
 
     with LocalCluster(servers=2, checkpoint_dir=tiny_fs) as cluster:
         run_workers(cluster, 2, steps=10)
-        res = shardps("checkpoint", "--cluster", cluster.address)
+        res = shardps("checkpoint", "--cluster", cluster.address)  # a worker's credential: refused
+        assert res.returncode == 1 and "PERMISSION_DENIED" in res.stderr and "SHARDPS_CLUSTER_TOKEN" in res.stderr
+        token = cluster.admin_security.cluster_token
+        res = shardps("checkpoint", "--cluster", cluster.address, cluster_token=token)
         assert res.returncode == 0, res.stderr
         written = json.loads(res.stdout)
         assert [w["version"] for w in written] == [10, 10] and all(w["bytes"] > 0 for w in written)
 
         res = shardps("chaos", "rpc", "--cluster", cluster.address, "--kind", "abort", "--method", "Pull",
-                      "--status", "UNAVAILABLE", "--probability", "0.5")
+                      "--status", "UNAVAILABLE", "--probability", "0.5", cluster_token=token)
         assert res.returncode == 0, res.stderr
         assert [r["kind"] for r in json.loads(res.stdout)["server-1"]["rules"]] == ["abort"]
-        res = shardps("chaos", "rpc", "--cluster", cluster.address, "--kind", "explode")
+        res = shardps("chaos", "rpc", "--cluster", cluster.address, "--kind", "explode", cluster_token=token)
         assert res.returncode == 1 and res.stderr.startswith("error: fault kind must be one of")
-        res = shardps("chaos", "rpc", "--cluster", cluster.address, "--clear")
+        res = shardps("chaos", "rpc", "--cluster", cluster.address, "--clear", cluster_token=token)
         assert res.returncode == 0 and json.loads(res.stdout)["server-0"]["rules"] == []
 
         free = os.statvfs(tiny_fs)
         (tiny_fs / "filler").write_bytes(b"\0" * max(0, free.f_bavail * free.f_frsize - 1024))
         shard_dir = tiny_fs / "shard-0"
         before = sorted(os.listdir(shard_dir))
-        res = shardps("checkpoint", "--cluster", cluster.address)
+        res = shardps("checkpoint", "--cluster", cluster.address, cluster_token=token)
     assert res.returncode == 1, res.stdout
     assert "RESOURCE_EXHAUSTED" in res.stderr and "previous checkpoints are intact" in res.stderr
     assert sorted(os.listdir(shard_dir)) == before  # nothing torn, nothing lost

@@ -50,13 +50,13 @@ def wait_for_version(cluster, version, timeout=120):
 def test_retry_storm_applies_every_push_exactly_once(spawn_workers):
     """Push replies are lost after the shard applied the push; every retry is deduplicated."""
     with LocalCluster(servers=2) as cluster:
-        chaos.set_rpc_faults(cluster.address, "servers", [
+        chaos.set_rpc_faults(cluster, "servers", [
             FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.4, after=True)])
         results = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(KWARGS),
                                 sizes=",".join(map(str, SIZES)), steps=STEPS).wait()
         status = cluster_status(cluster.address)
         shards = status["shards"]
-        injected = chaos.get_rpc_faults(cluster.address, "servers")
+        injected = chaos.get_rpc_faults(cluster, "servers")
     lost = sum(role["injected"].get("abort/Push", 0) for role in injected.values())
     assert sum(c.get("abort/Push", 0) for c in status["faults_injected"].values()) == lost  # status shows them too
     assert lost >= 5  # the storm happened (expected ~0.4 x 120 pushes)
@@ -89,27 +89,27 @@ def test_a_server_paused_longer_than_the_client_deadline_recovers_without_help(s
 @pytest.mark.slow
 def test_rules_expire_after_max_count_delay_calls_and_are_counted_per_role():
     with LocalCluster(servers=1) as cluster, CoordinatorClient(cluster.address) as coord:
-        rules = chaos.set_rpc_faults(cluster.address, "coordinator", [
+        rules = chaos.set_rpc_faults(cluster, "coordinator", [
             FaultRule(kind="abort", method="GetJob", status="RESOURCE_EXHAUSTED", max_count=2)])
         assert [r.kind for r in rules["coordinator"]] == ["abort"]
         for _ in range(2):
             with pytest.raises(ShardpsError, match="RESOURCE_EXHAUSTED"):
                 coord.job()
         assert coord.job()[0] == ""  # the rule expired after 2 faults
-        chaos.set_rpc_faults(cluster.address, "coordinator", [FaultRule(kind="delay", method="GetJob", delay_s=0.3)],
+        chaos.set_rpc_faults(cluster, "coordinator", [FaultRule(kind="delay", method="GetJob", delay_s=0.3)],
                              clear=True)
         start = time.monotonic()
         coord.job()
         assert time.monotonic() - start >= 0.3
         # A bad rule is refused with INVALID_ARGUMENT and changes nothing.
-        with open_channel(cluster.address) as channel, pytest.raises(grpc.RpcError) as err:
+        with open_channel(cluster.address, cluster.admin_security) as channel, pytest.raises(grpc.RpcError) as err:
             pb_grpc.AdminServiceStub(channel).SetFaults(
                 pb.SetFaultsRequest(add=[pb.FaultRule(kind="explode")], clear=True), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fault kind" in err.value.details()
-        faults = chaos.get_rpc_faults(cluster.address, "coordinator")["coordinator"]
+        faults = chaos.get_rpc_faults(cluster, "coordinator")["coordinator"]
         assert [r.kind for r in faults["rules"]] == ["delay"]
         assert faults["injected"] == {"abort/GetJob": 2, "delay/GetJob": 1}
-        assert chaos.get_rpc_faults(cluster.address, "server-0")["server-0"]["injected"] == {}
+        assert chaos.get_rpc_faults(cluster, "server-0")["server-0"]["injected"] == {}
 
 
 def test_fault_rules_are_checked():
