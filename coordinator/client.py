@@ -141,11 +141,11 @@ class CoordinatorClient:
         reply = self._call("ReportThroughput", lambda: self._stub.ReportThroughput(req, timeout=self.timeout))
         return tuple(reply.batch_sizes)
 
-    def heartbeat(self, job_id: str, worker_id: int, step: int, counters: dict[str, int]) -> tuple[int, float]:
-        """Renew this worker's lease; returns (the job's newest epoch, lease seconds)."""
+    def heartbeat(self, job_id: str, worker_id: int, step: int, counters: dict[str, int]) -> pb.HeartbeatResponse:
+        """Renew this worker's lease; the reply has the job's newest epoch, the lease in ms, and why
+        the job cannot go on when it cannot."""
         req = pb.HeartbeatRequest(job_id=job_id, worker_id=worker_id, step=step, counters=counters)
-        reply = self._call("Heartbeat", lambda: self._stub.Heartbeat(req, timeout=self.timeout))
-        return reply.epoch, reply.lease_ms / 1000.0
+        return self._call("Heartbeat", lambda: self._stub.Heartbeat(req, timeout=self.timeout))
 
     def report_restore(self, job_id: str, shard_id: int, version: int, timeout: float = 120.0) -> pb.Rollback:
         """A restarted shard restored ``version``; returns the rollback the coordinator carried out."""

@@ -70,7 +70,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @translate_errors
     def Heartbeat(self, request, context):
         epoch, lease = self.c.heartbeat(request.job_id, request.worker_id, request.step, dict(request.counters))
-        return pb.HeartbeatResponse(epoch=epoch, lease_ms=int(lease * 1000))
+        with self.c.cond:
+            state = self.c.job(request.job_id)
+            waiting, abandoned = state.waiting_for, state.abandoned
+        return pb.HeartbeatResponse(epoch=epoch, lease_ms=int(lease * 1000), waiting_for=waiting, abandoned=abandoned)
 
     @translate_errors
     def ReportRestore(self, request, context):

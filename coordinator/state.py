@@ -79,6 +79,7 @@ class JobState:
     last_seen: dict[int, float] = field(default_factory=dict)  # worker_id -> monotonic time (not durable)
     reports: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)  # worker -> (step, counters)
     waiting_for: str = ""  # why the job cannot go on, when it cannot
+    abandoned: bool = False  # ... because the other workers left it (nobody is coming back)
     balancer: "BatchSplitter" = field(default_factory=lambda: BatchSplitter())
 
     def latest(self) -> View:
@@ -233,7 +234,8 @@ class Coordinator:
     # ------------------------------------------------------------------ leases and membership changes
 
     def heartbeat(self, job_id: str, worker_id: int, step: int, counters: dict[str, int]) -> tuple[int, float]:
-        """Renew ``worker_id``'s lease; returns (newest epoch, lease seconds)."""
+        """Renew ``worker_id``'s lease; returns (newest epoch, lease seconds). ``job(job_id).waiting_for``
+        and ``.abandoned`` say why the job cannot go on, when it cannot."""
         if len(counters) > MAX_COUNTERS or any(len(k) > 64 for k in counters):
             raise InvalidArgument(f"a heartbeat reports at most {MAX_COUNTERS} counters with names of at most 64 "
                                   "characters")
@@ -266,21 +268,23 @@ class Coordinator:
         current = state.latest().members
         dead = [m for m in current if m.worker_id not in state.left
                 and now - state.last_seen.get(m.worker_id, now) > self.lease_s]
-        alive = [m for m in current if m not in dead]
+        gone = [m for m in current if m.worker_id in state.left]  # left normally: they push no more steps
+        alive = [m for m in current if m not in dead and m not in gone]
         if state.job.mode is UpdateMode.ASYNC:
             if dead:
                 state.expired += [m.worker_id for m in dead]
                 self._new_view(state, _ranked(alive))
             return state.latest() if dead else None
-        if dead and len(alive) + len(state.pending) < state.job.min_workers:
-            state.waiting_for = (
-                f"only {len(alive)} of min_workers {state.job.min_workers} workers are alive (the lease of "
-                f"worker {', '.join(str(m.worker_id) for m in dead)} ran out); start another worker"
-            )
+        if (dead or gone) and len(alive) + len(state.pending) < state.job.min_workers:
+            why = [f"worker {m.worker_id} left" for m in gone] + [f"the lease of worker {m.worker_id} ran out"
+                                                                  for m in dead]
+            state.waiting_for = (f"only {len(alive)} of min_workers {state.job.min_workers} workers are in the job "
+                                 f"({'; '.join(why)}); start another worker" if alive else "")
+            state.abandoned = bool(alive) and not dead
             return None
-        state.waiting_for = ""
+        state.waiting_for, state.abandoned = "", False
         view = None
-        if dead:
+        if dead or gone:  # from the open step: a leaver's last step closed before it could leave
             state.expired += [m.worker_id for m in dead]
             view = self._install(state, _ranked(alive), from_open_step=True)
         if state.pending:

@@ -72,6 +72,11 @@ class Retrier:
         self.budget, self.initial, self.maximum = budget, initial, maximum
         self.stats = stats if stats is not None else RetryStats()
         self.retryable = retryable
+        self.aborted = ""  # set by abort(): calls stop retrying and raise this
+
+    def abort(self, reason: str) -> None:
+        """Stop every retry loop now (the caller gave up on what they were for)."""
+        self.aborted = reason
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         start = time.monotonic()
@@ -81,7 +86,7 @@ class Retrier:
                 return fn()
             except ShardpsError as exc:
                 code = getattr(exc, "code", "")
-                if code not in self.retryable:
+                if code not in self.retryable or self.aborted:
                     raise
                 pause = delay * random.uniform(0.5, 1.5)  # jitter: retries from many workers spread out
                 if time.monotonic() + pause > deadline:

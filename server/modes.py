@@ -285,11 +285,11 @@ class SyncPolicy:
             state.skip(buffers)
         else:
             mean = _unscale(pushes[0])
-            if len(pushes) > 1:  # sum_i b_i g_i / sum_i b_i, in the first buffer
-                mean.mul_(pushes[0].batch_size)
+            if len(pushes) > 1:  # sum_i (b_i / B) g_i, in the first buffer: a weighted mean of finite
+                total = sum(p.batch_size for p in pushes)  # values never overflows, as b_i g_i summed could
+                mean.mul_(pushes[0].batch_size / total)
                 for p in pushes[1:]:
-                    mean.add_(_unscale(p), alpha=p.batch_size)
-                mean.div_(sum(p.batch_size for p in pushes))
+                    mean.add_(_unscale(p), alpha=p.batch_size / total)
             lr_scale = 1.0
             if self.staleness_lr:
                 samples = sum(p.batch_size for p in pushes)

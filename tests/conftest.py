@@ -10,8 +10,8 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 class Workers:
     """train_worker.py processes started by a test; ``wait`` collects their results."""
 
-    def __init__(self, tmp_path, procs, outs):
-        self.tmp_path, self.procs, self.outs = tmp_path, procs, outs
+    def __init__(self, tmp_path, procs, outs, logs):
+        self.tmp_path, self.procs, self.outs, self.logs = tmp_path, procs, outs, logs
 
     def wait(self, timeout=240):
         import torch
@@ -20,7 +20,7 @@ class Workers:
             for i, (proc, log) in enumerate(self.procs):
                 code = proc.wait(timeout=timeout)
                 log.close()
-                text = (self.tmp_path / f"worker{i}.log").read_text()
+                text = self.logs[i].read_text()
                 assert code == 0, f"worker {i} exited {code}:\n{text[-3000:]}"
         finally:
             self.kill()
@@ -39,8 +39,9 @@ def spawn_workers(tmp_path):
     started = []
 
     def spawn(cluster, n, **opts):
-        procs, outs = [], []
-        for i in range(n):
+        procs, outs, logs = [], [], []
+        first = sum(len(w.procs) for w in started)  # files of later spawns never clobber earlier ones'
+        for i in range(first, first + n):
             out = tmp_path / f"worker{i}.pt"
             args = [sys.executable, str(HELPERS / "train_worker.py"), "--cluster", cluster.address,
                     "--out", str(out), "--init-seed", str(100 + i)]
@@ -49,10 +50,11 @@ def spawn_workers(tmp_path):
                     continue
                 flag = "--" + key.replace("_", "-")
                 args += [flag] if value is True else [flag, str(value)]
-            log = open(tmp_path / f"worker{i}.log", "wb")
+            logs.append(tmp_path / f"worker{i}.log")
+            log = open(logs[-1], "wb")
             procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), log))
             outs.append(out)
-        started.append(Workers(tmp_path, procs, outs))
+        started.append(Workers(tmp_path, procs, outs, logs))
         return started[-1]
 
     yield spawn

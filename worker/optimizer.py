@@ -35,7 +35,7 @@ import math
 import os
 import socket
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -46,7 +46,7 @@ from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
-from ..proto.errors import RolledBack, UnknownWorker
+from ..proto.errors import FailedPrecondition, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.layout import BufferEntry
 from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
@@ -275,7 +275,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                              f"step() too (or give clip_grad_norm_ batch_size={batch_size})")
         self._inflight = None
         try:
-            replies = results(step.futures)
+            replies = self._await(step.futures)
         except RolledBack as exc:
             self._rejoin(exc)
             return loss
@@ -305,15 +305,31 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                   norm_type, error_if_nonfinite)
             return total.to(device)
         step = self._begin(batch_size, clip=(max_norm, norm_type))
-        total = step.exchange.wait()
+        total = step.exchange.wait(self._check_progress)
         if total is None:  # no total came: the step was skipped (an overflow elsewhere) or our push dropped
-            wait_for = results(step.futures)
+            wait_for = self._await(step.futures)
             total = math.inf if any(r.skipped for r in wait_for) else self._local_norm(norm_type)
         if error_if_nonfinite and not math.isfinite(total):
             raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is "
                                "non-finite, so it cannot be clipped. To disable this error and scale the "
                                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
         return torch.tensor(total, dtype=torch.float32, device=device)
+
+    def _await(self, futures: list[Future]) -> list[PushReply]:
+        """The replies of this step's pushes; raises at once if the job can never close the step
+        (the other workers left it), instead of waiting for the step's timeout."""
+        while True:
+            done, _ = wait(futures, timeout=0.5)
+            if len(done) == len(futures):
+                return results(futures)
+            self._check_progress()
+
+    def _check_progress(self) -> None:
+        if self._heartbeat.abandoned and self._heartbeat.waiting_for:
+            reason = f"step {self.steps_taken} of job {self.job.name!r} cannot close: {self._heartbeat.waiting_for}"
+            self.ps.abort(reason)  # nothing in flight keeps retrying (nor keeps the process from exiting)
+            raise FailedPrecondition(reason)
+        self._check_alive()
 
     def _local_norm(self, norm_type: float) -> float:
         grads = [p.grad for p in self.flat.params if p.grad is not None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
@@ -78,12 +79,16 @@ class ClipExchange:
             self._cond.wait_for(lambda: self.total is not None or self.broken or ended.is_set(), timeout=self.timeout)
             return self.total
 
-    def wait(self) -> float | None:
-        """Block until the total is known (or no total will come: None)."""
+    def wait(self, check: Callable[[], None] = lambda: None) -> float | None:
+        """Block until the total is known (or no total will come: None); ``check`` runs every half
+        second meanwhile and may raise to give up."""
+        deadline = time.monotonic() + self.timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: self.total is not None or self.broken, timeout=self.timeout):
-                raise WaitTimeout(f"the shards' clip norms for step {self.step} did not all arrive within "
-                                  f"{self.timeout:.0f}s")
+            while not self._cond.wait_for(lambda: self.total is not None or self.broken, timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise WaitTimeout(f"the shards' clip norms for step {self.step} did not all arrive within "
+                                      f"{self.timeout:.0f}s")
+                check()
             return self.total
 
     def ended(self, ended: threading.Event) -> None:
@@ -274,7 +279,14 @@ class PSClient:
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
 
     def close(self) -> None:
+        for shard in self.shards:  # closing a channel cancels its calls still in flight
+            shard.close()
         self._pool.shutdown(wait=True)
+
+    def abort(self, reason: str) -> None:
+        """Give up on every call in flight: no more retries, and the calls are cancelled (the
+        channels close; this client is unusable afterwards)."""
+        self.retry.abort(reason)
         for shard in self.shards:
             shard.close()
 

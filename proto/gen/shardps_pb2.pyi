@@ -299,12 +299,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("epoch", "lease_ms")
+    __slots__ = ("epoch", "lease_ms", "waiting_for", "abandoned")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_ms: int
-    def __init__(self, epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    waiting_for: str
+    abandoned: bool
+    def __init__(self, epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ..., waiting_for: _Optional[str] = ..., abandoned: _Optional[bool] = ...) -> None: ...
 
 class GetJobStatusRequest(_message.Message):
     __slots__ = ("job_name",)

@@ -199,9 +199,24 @@ def test_a_restarted_coordinator_resumes_its_jobs_from_its_journal(tmp_path):
     assert state.job == spec and state.latest() == first.job(a.job_id).latest()
     assert again.servers == first.servers and [s.address for s in state.plan] == ["127.0.0.1:7100", "127.0.0.1:7101"]
     assert again.report_throughput(a.job_id, b.worker_id, 0, 0.0, 40) == split  # decided splits are kept
-    assert again.heartbeat(a.job_id, b.worker_id, 3, {})[0] == 1  # members reattach without registering again
+    assert again.heartbeat(a.job_id, b.worker_id, 3, {}) == (1, again.lease_s)  # members reattach as they were
     c = again.register_worker(spec, "c")
     assert c.worker_id == 2 and not c.initializer  # ids are never reused
     again.journal.close()
     with pytest.raises(JournalError, match="--num-servers 2"):
         Coordinator(3, journal=Journal(tmp_path))
+
+
+def test_a_sync_worker_that_leaves_is_removed_from_the_open_step_and_the_last_one_standing_is_told():
+    c = ready()
+    c.shards = FakeShards({"127.0.0.1:7100": 4, "127.0.0.1:7101": 4})
+    a, b, d = (c.register_worker(job(min_workers=2)) for _ in range(3))
+    c.reconfigure()  # d joins
+    assert len(c.named("").latest().members) == 3
+    c.leave(a.job_id, a.worker_id)  # finished its loop
+    [view] = c.reconfigure()
+    assert view.worker_ids == {b.worker_id, d.worker_id} and view.start_step == 4  # from the open step
+    c.leave(a.job_id, b.worker_id)
+    assert c.reconfigure() == []  # 1 < min_workers 2: the view stays, and the job says why
+    state = c.named("")
+    assert state.abandoned and f"worker {b.worker_id} left" in state.waiting_for

@@ -69,3 +69,17 @@ def test_a_killed_worker_is_removed_when_its_lease_runs_out_and_a_replacement_jo
         assert s.worker_last_step[newcomer] == STEPS - 1  # the replacement pushed every step to the end
         assert s.worker_last_step[victim.worker_id] < removed.start_step + 1  # nothing after its removal
     assert counters[newcomer].step == STEPS or counters[newcomer].step >= joined.start_step
+
+
+@pytest.mark.slow
+def test_a_worker_left_alone_by_workers_that_finished_is_told_at_once_instead_of_timing_out(spawn_workers):
+    opts = dict(optimizer="sgd", kwargs=json.dumps({"lr": 0.1}), sizes="8,8,8", min_workers=2)
+    with LocalCluster(servers=2, lease_seconds=3.0) as cluster:
+        short = spawn_workers(cluster, 2, steps=10, **opts)  # these two finish after 10 steps and leave
+        long = spawn_workers(cluster, 1, steps=400, step_timeout=300, **opts)  # this one wants 400
+        short.wait(timeout=120)
+        proc, log = long.procs[0]
+        code = proc.wait(timeout=120)  # far less than its step timeout and retries (minutes)
+        log.close()
+        text = long.logs[0].read_text()
+    assert code != 0 and "cannot close" in text and "left" in text and "min_workers 2" in text

@@ -241,3 +241,14 @@ def test_ssp_staleness_aware_lr_divides_each_step_by_its_mean_staleness():
     assert lrs[2] == pytest.approx(0.1 / 1.75)  # (3*2 + 1*1) / 4 = 1.75
     assert torch.allclose(state.param, expected)
     assert state.stats.staleness == {0: 3, 1: 2, 2: 1}  # worker 0: 0, 1, 2; worker 1: 0, 0, 1
+
+
+def test_the_sync_mean_of_huge_finite_gradients_cannot_overflow():
+    state = make_job_state("sync", 2)
+    members = frozenset({0, 1})
+    huge = torch.full((N,), 3e38)  # finite; the sum of two is not
+    t, _ = in_thread(lambda: state.push(push(0, 0, huge.clone(), lr=1e-30, job=state.job), members))
+    state.push(push(1, 0, huge.clone(), lr=1e-30, job=state.job), members)
+    t.join(5)
+    assert state.version == 1 and bool(torch.isfinite(state.param).all())
+    assert torch.allclose(state.param, torch.full((N,), 1 - 1e-30 * 3e38))
