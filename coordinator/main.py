@@ -82,7 +82,7 @@ def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordina
         mport = metrics.serve(config.metrics_port, config.host,
                               metrics.registry_with(metrics.CoordinatorCollector(coordinator, injector)))
         write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
-    pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator, config.threads), server)
     add_health(server, ["shardps.v1.CoordinatorService"])
     port = bind(server, f"{config.host}:{config.port}")
     if port == 0:

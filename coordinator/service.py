@@ -5,6 +5,7 @@ import time
 
 
 from ..proto.errors import InvalidArgument
+from ..proto.limits import WaitSlots
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, job_to_pb, member_to_pb, plan_to_pb, view_to_pb
@@ -13,8 +14,10 @@ from .state import Coordinator
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator: Coordinator, threads: int = 32):
         self.c = coordinator
+        # Membership long-polls park a handler thread each: capped so health checks always find one.
+        self.watches = WaitSlots(max(2, threads // 2), "membership watches")
 
     def _plan(self, state):
         return plan_to_pb(state.plan, state.job.layout.numel, self.c.align)
@@ -38,7 +41,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @translate_errors
     def WatchMembership(self, request, context):
-        view = self.c.watch(request.job_id, request.after_epoch, request.timeout_ms / 1000.0)
+        with self.watches.slot():
+            view = self.c.watch(request.job_id, request.after_epoch, request.timeout_ms / 1000.0)
         return pb.WatchMembershipResponse(view=view_to_pb(view))
 
     @translate_errors

@@ -265,12 +265,14 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
 
 def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                  security=None) -> tuple[grpc.Server, FaultInjector]:
+                  security=None, idle_s: float = 300.0) -> tuple[grpc.Server, FaultInjector]:
     """A role's gRPC server with fault injection installed: the interceptor, and AdminService
     to set its rules at runtime (no rules are active until someone adds one). Credentials are
-    checked first (``proto.security.AuthInterceptor``, settings from ``security`` or the environment)."""
+    checked first (``proto.security.AuthInterceptor``, settings from ``security`` or the environment),
+    and a request stream idle for ``idle_s`` is cancelled (``proto.limits``)."""
     import logging
 
+    from .limits import IdleStreamInterceptor, Watchdog
     from .security import AuthInterceptor, Security
 
     security = security if security is not None else Security.from_env()
@@ -280,7 +282,8 @@ def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
             "are open to anyone who reaches this port; set it on every role (LocalCluster and shardps run make "
             "one up)")
     injector = FaultInjector()
-    interceptors = [AuthInterceptor(security.token, security.cluster_token), FaultInterceptor(injector)]
+    interceptors = [AuthInterceptor(security.token, security.cluster_token),
+                    IdleStreamInterceptor(Watchdog(), idle_s), FaultInterceptor(injector)]
     server = new_grpc_server(max_threads, max_message_bytes, interceptors=interceptors)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(injector), server)
     return server, injector

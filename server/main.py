@@ -61,7 +61,9 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
     node = ShardNode(config.shard_id, lambda job_id: coordinator.job(job_id=job_id), coordinator.view,
                      config.step_timeout,
                      config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
-    server, injector = new_grpc_server(config.threads, config.max_message_bytes)
+    # A request stream may legitimately pause as long as a sync step takes (a clipped push waits for
+    # the other shards' partial norms), not longer.
+    server, injector = new_grpc_server(config.threads, config.max_message_bytes, idle_s=config.step_timeout + 30)
     if config.metrics_port >= 0:
         from ..proto import metrics
 
@@ -69,7 +71,7 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
                               metrics.registry_with(metrics.ShardCollector(node, injector)))
         write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
         log.info("metrics on http://%s:%d/metrics", config.host, mport)
-    servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait)
+    servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait, threads=config.threads)
     add_to_server(servicer, server)
     add_health(server, ["shardps.v1.ShardService"])
     port = bind(server, f"{config.host}:{config.port}")

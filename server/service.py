@@ -20,6 +20,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import translate_errors
 from .modes import Push
+from ..proto.limits import WaitSlots
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
@@ -38,11 +39,14 @@ def _target(msg: pb.ShardTarget) -> Target:
 
 
 class ShardServicer:
-    def __init__(self, node: ShardNode, chunk_bytes: int, wait_timeout: float):
+    def __init__(self, node: ShardNode, chunk_bytes: int, wait_timeout: float, threads: int = 64):
         self.node = node
         self.chunk_bytes = chunk_bytes
         self.wait_timeout = wait_timeout  # how long calls wait for the shard to be initialised
         self._push_frames = wire.serializer(pb.PushResponse)
+        # Waits that park a handler thread, capped so that pushes and health checks always find one.
+        self.pull_waits = WaitSlots(max(2, threads // 8), "pulls waiting for a version")
+        self.checkpoint_waits = WaitSlots(max(2, threads // 8), "checkpoint requests")
 
     @translate_errors
     def InitShard(self, frames: Iterator[wire.Frame], context):
@@ -218,9 +222,12 @@ class ShardServicer:
         state = self.node.require(_target(request.target), self.wait_timeout)
         with state.cond:
             state.check_epoch(None)  # a restored shard hands out nothing until the job is aligned
-            if not state.cond.wait_for(lambda: state.version >= request.min_version, timeout=self.wait_timeout):
-                raise WaitTimeout(f"shard {self.node.shard_id} did not reach version {request.min_version} within "
-                                  f"{self.wait_timeout:.0f}s (it is at {state.version})")
+            ready = state.version >= request.min_version
+        if not ready:
+            with self.pull_waits.slot(), state.cond:
+                if not state.cond.wait_for(lambda: state.version >= request.min_version, timeout=self.wait_timeout):
+                    raise WaitTimeout(f"shard {self.node.shard_id} did not reach version {request.min_version} "
+                                      f"within {self.wait_timeout:.0f}s (it is at {state.version})")
         if not request.include_optimizer_state:
             # A PullResponse holding only field 2 has the bytes of a PushResponse holding only
             # field 2, so pulls share the frames cached for push replies.
@@ -280,7 +287,8 @@ class ShardServicer:
             self.node.store()  # raises: no checkpoint directory
         if request.at_version < 0 or not 0 <= request.timeout_ms <= MAX_WAIT_MS:
             raise InvalidArgument(f"at_version must be >= 0 and timeout_ms in 0..{MAX_WAIT_MS}")
-        written = checkpointer.request(state, request.at_version, request.timeout_ms / 1000.0 or 60.0)
+        with self.checkpoint_waits.slot():
+            written = checkpointer.request(state, request.at_version, request.timeout_ms / 1000.0 or 60.0)
         return pb.CheckpointResponse(version=written.version, path=str(written.path), bytes=written.bytes)
 
     @translate_errors
