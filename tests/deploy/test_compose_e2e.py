@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(1200)]
 def test_a_compose_cluster_trains_across_containers_and_survives_container_faults(image):
     project = f"shardpsci{os.getpid()}"
     env = {**os.environ, "SHARDPS_IMAGE": image, "SHARDPS_STEPS": str(STEPS), "SHARDPS_SLOWDOWN": "3",
-           "SHARDPS_AUTH_TOKEN": "ci-token", "SHARDPS_CHECKPOINT_EVERY": "20", "SHARDPS_EVAL_EVERY": "0"}
+           "SHARDPS_AUTH_TOKEN": "ci-token", "SHARDPS_CLUSTER_TOKEN": "ci-cluster-token",
+           "SHARDPS_CHECKPOINT_EVERY": "20", "SHARDPS_EVAL_EVERY": "0"}
     compose = ["docker-compose", "-p", project, "-f", ROOT / "docker-compose.yml"]
     chaos = [sys.executable, "-m", "shardps", "chaos"]
 
@@ -35,6 +36,11 @@ def test_a_compose_cluster_trains_across_containers_and_survives_container_fault
     try:
         sh(*compose, "up", "-d", "--scale", "worker=2", env=env, timeout=300)
         wait_for(lambda: min(versions()) >= 40, "training to start")
+        job_id = status()["job_id"]
+        for action in ("kill", "restart"):  # the coordinator resumes the same job from its state volume
+            sh(*chaos, action, "coordinator", "--compose", project)
+        wait_for(lambda: status()["coordinator_generation"] == 2, "the coordinator to come back")
+        assert status()["job_id"] == job_id
         for action in ("kill", "restart"):  # the server restores its checkpoint; the job rolls back
             sh(*chaos, action, "server-1", "--compose", project)
         wait_for(lambda: status()["rollbacks"], "the rollback")

@@ -29,7 +29,7 @@ def manifests():
 def test_every_manifest_is_valid_for_the_documented_kubernetes_version(manifests):
     version = documented_version()
     assert version in kubernetes_validate.utils.all_versions()
-    assert {d["kind"] for d in manifests} == {"Service", "Deployment", "StatefulSet", "Job"}
+    assert {d["kind"] for d in manifests} == {"Service", "Deployment", "StatefulSet", "Job", "PersistentVolumeClaim"}
     for doc in manifests:
         kubernetes_validate.validate(doc, version, strict=True)  # raises with the path of what is wrong
 

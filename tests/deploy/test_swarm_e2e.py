@@ -81,6 +81,7 @@ def test_a_swarm_stack_trains_across_services_and_swarm_replaces_a_killed_server
            "SHARDPS_STEPS": str(STEPS), "SHARDPS_SLOWDOWN": "3", "SHARDPS_CHECKPOINT_EVERY": "20",
            "SHARDPS_EVAL_EVERY": "0", "SHARDPS_WORKERS": "2"}
     sh("docker", "secret", "create", "shardps_auth_token", "-", stdin="swarm-ci-token\n")
+    sh("docker", "secret", "create", "shardps_cluster_token", "-", stdin="swarm-ci-cluster-token\n")
     try:
         sh("docker", "stack", "deploy", "-c", ROOT / "deploy" / "swarm" / "stack.yml", "-c",
            ROOT / "deploy" / "swarm" / "metrics.yml", STACK, env=env, timeout=300)
@@ -117,6 +118,6 @@ def test_a_swarm_stack_trains_across_services_and_swarm_replaces_a_killed_server
         sh("docker", "stack", "rm", STACK, check=False, timeout=120)
         wait_for(lambda: not sh("docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}"
                                 ).stdout.strip(), "the stack's containers to go", timeout=120)
-        sh("docker", "secret", "rm", "shardps_auth_token", check=False)
+        sh("docker", "secret", "rm", "shardps_auth_token", "shardps_cluster_token", check=False)
         for volume in ("server-0-checkpoints", "server-1-checkpoints"):
             sh("docker", "volume", "rm", f"{STACK}_{volume}", check=False)
