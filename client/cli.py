@@ -314,13 +314,14 @@ def launch(
 @app.command()
 def status(
     cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    job: str = typer.Option("", "--job", help="The job's name (default: the job named default)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Job, mode, membership and every shard's counters."""
     from .sdk import cluster_status
 
     with _user_errors(cluster):
-        st = cluster_status(cluster)
+        st = cluster_status(cluster, job)
     if as_json:
         typer.echo(json.dumps(st, indent=2))
     else:
@@ -336,8 +337,10 @@ def export(
                                         help="Read the shards' checkpoints in this run or checkpoint folder instead."),
     out: str = typer.Option(..., "--out", help="Output file: .safetensors, or .pt for torch.save."),
     optimizer_state: bool = typer.Option(False, "--optimizer-state", help="Also write <stem>.optim.pt."),
+    job: str = typer.Option("", "--job", help="The job's name (default: the job named default)."),
 ):
-    """Assemble the model's state_dict from the shards (or their checkpoints) into one file."""
+    """Assemble the model's state_dict from the shards (or their checkpoints) into one file: it loads
+    with model.load_state_dict(strict=True) (buffers and tied names included)."""
     if bool(cluster) == bool(from_checkpoint):
         _fail("give --cluster HOST:PORT (a running cluster) or --from-checkpoint DIR (its checkpoints)")
     if from_checkpoint:
@@ -350,7 +353,7 @@ def export(
     from .sdk import export_model
 
     with _user_errors(cluster):
-        result = export_model(cluster, out, optimizer_state=optimizer_state)
+        result = export_model(cluster, out, optimizer_state=optimizer_state, job=job)
     typer.echo(json.dumps(result))
 
 

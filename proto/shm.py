@@ -1,0 +1,122 @@
+"""The same-host byte path: a worker's flat gradients and parameters in one shared-memory segment.
+
+When a worker and a shard server share a host (and ``/dev/shm``), bytes need not cross
+a socket: the worker's flat fp32 gradient and parameter vectors live in one file in
+``/dev/shm``, backward writes the gradients straight into it (for an fp32 CPU model
+they *are* the parameters' ``.grad``), each server maps it and reads the gradients of
+its range, and writes its updated slice back into the worker's parameters. gRPC
+still carries every push's header, its step options, the exactly-once identity
+``(job, worker, step)`` and the reply, so validation, deduplication, rollbacks and
+fault injection are unchanged; only the bulk bytes move through memory.
+
+Negotiation is by trying: a push names the segment (``PushHeader.shm``); a server
+that cannot open it (another host, a container without the worker's ``/dev/shm``)
+refuses that push with FAILED_PRECONDITION "no shared memory", and the worker sends
+the same push again over gRPC and keeps that shard on gRPC.
+
+Layout (little-endian): a 4096-byte header (magic, version, nonce, numel, the
+creator's pid), then ``grads`` fp32[numel], then ``values`` fp32[numel], each
+starting on a 4096-byte boundary. The name is ``shardps-<32 hex>``; the worker
+unlinks it when it closes (or exits), and a server unlinks the segment of a worker
+that left the job or whose lease ran out, so a killed worker leaks nothing.
+
+    seg = Segment.create(numel)                        # worker
+    seg.grads, seg.values                              # fp32 tensors over the shared memory
+    seg = Segment.attach(name, nonce, numel)           # server (ShmUnavailable if it cannot)
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import struct
+
+import torch
+
+SHM_DIR = "/dev/shm"
+MAGIC = b"SHARDPS\x01"
+HEADER = 4096
+_FIELDS = struct.Struct("<8sI16sQI")  # magic, version, nonce, numel, pid
+NAME = re.compile(r"shardps-[0-9a-f]{32}")
+
+
+class ShmUnavailable(RuntimeError):
+    """This host cannot share that segment (another host, another /dev/shm, a full one)."""
+
+
+def _aligned(n: int) -> int:
+    return -(-n // HEADER) * HEADER
+
+
+def segment_bytes(numel: int) -> int:
+    return HEADER + 2 * _aligned(4 * numel)
+
+
+class Segment:
+    def __init__(self, name: str, nonce: bytes, numel: int, fd: int, owner: bool):
+        self.name, self.nonce, self.numel, self.owner = name, nonce, numel, owner
+        self.path = os.path.join(SHM_DIR, name)
+        size = segment_bytes(numel)
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)
+        second = HEADER + _aligned(4 * numel)
+        self.grads = torch.frombuffer(self._map, dtype=torch.float32, count=numel, offset=HEADER) \
+            if numel else torch.zeros(0)
+        self.values = torch.frombuffer(self._map, dtype=torch.float32, count=numel, offset=second) \
+            if numel else torch.zeros(0)
+
+    @classmethod
+    def create(cls, numel: int) -> "Segment":
+        """A new segment for ``numel`` elements, its space reserved now (a full /dev/shm raises
+        ShmUnavailable here, never SIGBUS later)."""
+        size = segment_bytes(numel)
+        if not os.path.isdir(SHM_DIR):
+            raise ShmUnavailable(f"{SHM_DIR} does not exist on this host")
+        name, nonce = f"shardps-{secrets.token_hex(16)}", secrets.token_bytes(16)
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            os.pwrite(fd, _FIELDS.pack(MAGIC, 1, nonce, numel, os.getpid()), 0)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            raise ShmUnavailable(f"cannot reserve {size} bytes in {SHM_DIR}: {exc.strerror}") from None
+        return cls(name, nonce, numel, fd, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, nonce: bytes, numel: int) -> "Segment":
+        """Map a worker's segment; ShmUnavailable unless it is there, whole, and the one named."""
+        if not NAME.fullmatch(name):
+            raise ShmUnavailable(f"{name[:80]!r} is not a shardps segment name")
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise ShmUnavailable(f"no shared memory {name} on this host ({exc.strerror}): another host, or "
+                                 f"another {SHM_DIR}") from None
+        try:
+            size = os.fstat(fd).st_size
+            magic, version, found, count, _ = _FIELDS.unpack(os.pread(fd, _FIELDS.size, 0))
+        except (OSError, struct.error) as exc:
+            os.close(fd)
+            raise ShmUnavailable(f"cannot read shared memory {name}: {exc}") from None
+        if (magic, version, found, count, size) != (MAGIC, 1, bytes(nonce), numel, segment_bytes(numel)):
+            os.close(fd)
+            raise ShmUnavailable(f"shared memory {name} is not the worker's segment of {numel} elements")
+        return cls(name, bytes(nonce), numel, fd, owner=False)
+
+    def unlink(self) -> None:
+        """Remove the name (the memory goes once nobody maps it)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.grads = self.values = None
+        try:
+            self._map.close()
+        except BufferError:  # a tensor view still exists; the mapping goes with it
+            pass
