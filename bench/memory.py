@@ -11,6 +11,7 @@ interpreter, torch and grpc), so the ratio compares training state with training
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,9 +76,13 @@ def main():
             p.start()
         workers = [queue.get(timeout=600) for _ in procs]
         server_peak = [rss(cluster.pid(f"server-{k}")) for k in range(args.servers)]
+        # After training: the server's own memory (anonymous) and the workers' shared segments it maps.
+        server_anon = [rss(cluster.pid(f"server-{k}"), "RssAnon") for k in range(args.servers)]
+        server_shmem = [rss(cluster.pid(f"server-{k}"), "RssShmem") for k in range(args.servers)]
         for p in procs:
             p.join(60)
     formula_server = (4 + 4 + 4 * 2) * numel / args.servers
+    formula_issue = (4 + 4 * 2) * numel / args.servers  # fp32 param + Adam's two states, no accumulator
     formula_worker = 8 * numel
     server_used = [peak - base for peak, base in zip(server_peak, server_base)]
     worker_used = [peak - base for base, peak in workers]
@@ -86,7 +91,12 @@ def main():
         "server": {"formula_bytes": formula_server, "peak_rss_bytes": server_peak, "baseline_rss_bytes": server_base,
                    "used_bytes": server_used, "ratio_used_over_formula": [u / formula_server for u in server_used],
                    "target_bytes": 1.15 * formula_server + 200e6,
-                   "ratio_peak_over_target": [p / (1.15 * formula_server + 200e6) for p in server_peak]},
+                   "ratio_peak_over_target": [p / (1.15 * formula_server + 200e6) for p in server_peak],
+                   "formula_4_4k_bytes": formula_issue,
+                   "ratio_peak_over_4_4k": [p / formula_issue for p in server_peak],
+                   "anon_rss_bytes": server_anon, "shared_rss_bytes": server_shmem,
+                   "ratio_anon_over_4_4k": [a / formula_issue for a in server_anon],
+                   "transport": os.environ.get("SHARDPS_TRANSPORT", "auto")},
         "worker": {"formula_bytes": formula_worker, "peak_rss_bytes": [p for _, p in workers],
                    "used_bytes": worker_used, "ratio_used_over_formula": [u / formula_worker for u in worker_used]},
     }, args.out)

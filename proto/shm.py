@@ -15,10 +15,13 @@ refuses that push with FAILED_PRECONDITION "no shared memory", and the worker se
 the same push again over gRPC and keeps that shard on gRPC.
 
 Layout (little-endian): a 4096-byte header (magic, version, nonce, numel, the
-creator's pid), then ``grads`` fp32[numel], then ``values`` fp32[numel], each
-starting on a 4096-byte boundary. The name is ``shardps-<32 hex>``; the worker
-unlinks it when it closes (or exits), and a server unlinks the segment of a worker
-that left the job or whose lease ran out, so a killed worker leaks nothing.
+creator's pid and pid namespace), then ``grads`` fp32[numel], then ``values``
+fp32[numel], each starting on a 4096-byte boundary. The name is
+``shardps-<32 hex>``. Nothing leaks when a worker is killed: it unlinks the name
+when it closes; a server unlinks the segment of a worker that left the job or whose
+lease ran out; and ``sweep`` (run by every new segment's creator and by servers when
+a worker leaves) unlinks segments whose creator is dead, judged only in the
+creator's own pid namespace.
 
     seg = Segment.create(numel)                        # worker
     seg.grads, seg.values                              # fp32 tensors over the shared memory
@@ -37,7 +40,7 @@ import torch
 SHM_DIR = "/dev/shm"
 MAGIC = b"SHARDPS\x01"
 HEADER = 4096
-_FIELDS = struct.Struct("<8sI16sQI")  # magic, version, nonce, numel, pid
+_FIELDS = struct.Struct("<8sI16sQIQ")  # magic, version, nonce, numel, creator pid, its pid namespace
 NAME = re.compile(r"shardps-[0-9a-f]{32}")
 
 
@@ -73,12 +76,13 @@ class Segment:
         size = segment_bytes(numel)
         if not os.path.isdir(SHM_DIR):
             raise ShmUnavailable(f"{SHM_DIR} does not exist on this host")
+        sweep()
         name, nonce = f"shardps-{secrets.token_hex(16)}", secrets.token_bytes(16)
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)
-            os.pwrite(fd, _FIELDS.pack(MAGIC, 1, nonce, numel, os.getpid()), 0)
+            os.pwrite(fd, _FIELDS.pack(MAGIC, 1, nonce, numel, os.getpid(), _pid_namespace()), 0)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
@@ -98,7 +102,7 @@ class Segment:
                                  f"another {SHM_DIR}") from None
         try:
             size = os.fstat(fd).st_size
-            magic, version, found, count, _ = _FIELDS.unpack(os.pread(fd, _FIELDS.size, 0))
+            magic, version, found, count, _, _ = _FIELDS.unpack(os.pread(fd, _FIELDS.size, 0))
         except (OSError, struct.error) as exc:
             os.close(fd)
             raise ShmUnavailable(f"cannot read shared memory {name}: {exc}") from None
@@ -120,3 +124,44 @@ class Segment:
             self._map.close()
         except BufferError:  # a tensor view still exists; the mapping goes with it
             pass
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep() -> list[str]:
+    """Unlink the segments whose creator died (a SIGKILLed worker), judging only those created in
+    this pid namespace (elsewhere a pid means nothing here). Returns the names removed."""
+    removed, mine = [], _pid_namespace()
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if NAME.fullmatch(n)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                magic, version, _, _, pid, ns = _FIELDS.unpack(f.read(_FIELDS.size))
+        except (OSError, struct.error):
+            continue
+        if magic == MAGIC and version == 1 and ns == mine and mine and not _alive(pid):
+            try:
+                os.unlink(path)
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import load as st_load, save_file as st_save_file
 
 from ..proto.errors import FailedPrecondition, ShardpsError
+from ..proto.process import release_free_memory
 
 log = logging.getLogger("shardps.checkpoint")
 
@@ -107,22 +108,22 @@ class CheckpointStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
-            data = st_save(tensors, metadata=metadata)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
+            # Streamed from the tensors to the file: no second in-memory copy of the whole slice.
+            st_save_file(tensors, str(tmp), metadata=metadata)
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            size = os.path.getsize(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.dir)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or safetensors' own error around one (a full disk)
             tmp.unlink(missing_ok=True)
+            reason = getattr(exc, "strerror", None) or str(exc)
             raise CheckpointError(
                 f"checkpoint of shard {snap.shard_id} at version {snap.version} failed in {self.dir}: "
-                f"{exc.strerror or exc}; the previous checkpoints are intact (free space or pick another "
-                "--checkpoint-dir)"
+                f"{reason}; the previous checkpoints are intact (free space or pick another --checkpoint-dir)"
             ) from None
         self._prune()
-        return Written(snap.version, final, len(data))
+        return Written(snap.version, final, size)
 
     def load(self, version: int, shard_id: int | None = None) -> Snapshot:
         path = self.path(version)
@@ -256,6 +257,8 @@ class Checkpointer:
                 continue
             self.written += 1
             self.last = written
+            del snap
+            release_free_memory()
             log.info("checkpoint of version %d written to %s (%d bytes)", written.version, written.path,
                      written.bytes)
             for f in waiting:

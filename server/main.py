@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -108,6 +109,18 @@ def _recover_logged(coordinator: CoordinatorClient, node: ShardNode) -> None:
         log.error("recovery from the checkpoint failed: %s", exc)
 
 
+def _sweep_forever(every: float = 30.0) -> None:
+    """Unlink shared memory left by workers killed on this host (``proto.shm.sweep``), now and then."""
+    from ..proto.shm import sweep
+
+    while True:
+        try:
+            sweep()
+        except OSError as exc:
+            log.warning("sweeping shared memory failed: %s", exc)
+        time.sleep(every)
+
+
 def checkpoint_on_exit(node: ShardNode) -> None:
     """SIGTERM: write every job's current version before going (``docker compose down``, ``kubectl delete``)."""
     for state in list(node.states.values()):
@@ -130,6 +143,7 @@ def serve(config: ServerConfig) -> None:
         # Recovery waits for every server to be registered (a resumed job starts them all at once),
         # so it runs beside serving; until it is done, pushes are answered UNAVAILABLE (retry).
         threading.Thread(target=_recover_logged, args=(coordinator, node), name="shardps-recover", daemon=True).start()
+        threading.Thread(target=_sweep_forever, name="shardps-shm-sweep", daemon=True).start()
         wait_for_stop_signal()
         checkpoint_on_exit(node)
         server.stop(grace=2).wait(5)

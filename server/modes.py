@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -43,10 +43,23 @@ class Push:
     buffers: bytes | None = None  # the model's buffers (shard 0, rank 0), checked
     kept: bool = False  # set by a policy that holds on to grad past submit()
     evicted: bool = False  # its worker left the step's membership while the push waited
+    # False: ``grad`` is the worker's own memory (a shared-memory segment): read it, never write it,
+    # and ``own()`` (a copy into ``take()``, given back by ``release``) before keeping it past the reply.
+    owned: bool = True
+    take: Callable[[], torch.Tensor] | None = None
+    give: Callable[[torch.Tensor], None] | None = None
 
     @property
     def batch_size(self) -> int:
         return self.options.batch_size
+
+    def own(self) -> torch.Tensor:
+        """The gradient in a buffer of the shard's own (copied once if it was the worker's)."""
+        if not self.owned:
+            buf = self.take().copy_(self.grad)
+            self.grad, self.owned = buf, True
+            self.release = lambda: self.give(buf)
+        return self.grad
 
 
 @dataclass(frozen=True)
@@ -80,8 +93,8 @@ class _Pending:
     lr_scale: float
     options: StepOpts
     partial: float
-    pushes: list[Push] = field(default_factory=list)  # whose buffers go back once it is applied
     buffers: bytes | None = None
+    release: Callable[[], None] | None = None  # gives the mean's buffer back once applied
 
 
 CLOSED_KEPT = 1024  # closed steps a policy remembers (a late SSP reply or retry looks them up)
@@ -97,11 +110,17 @@ def _merge_present(pushes: list[Push]) -> list[bool] | None:
     return merged
 
 
-def _unscale(push: Push) -> torch.Tensor:
-    """The push's gradient divided by its loss scale (in place)."""
+def _scale_of(push: Push) -> float:
+    """The factor that undoes the push's loss scale (1 when it has none)."""
     scale = push.options.grad_scale
-    if scale and scale != 1.0:
-        push.grad.mul_(1.0 / scale)
+    return 1.0 / scale if scale and scale != 1.0 else 1.0
+
+
+def _unscale(push: Push) -> torch.Tensor:
+    """The push's gradient divided by its loss scale, in a buffer of the shard's own when it changes."""
+    factor = _scale_of(push)
+    if factor != 1.0:
+        push.own().mul_(factor)
     return push.grad
 
 
@@ -174,17 +193,25 @@ class SyncPolicy:
 
     def reset(self) -> None:
         """Forget open and pending steps (a rollback): their buffers go back to the pool."""
-        for pushes in [*(o.pushes.values() for o in self._open.values()),
-                       *(p.pushes for p in self._pending.values())]:
+        for pushes in (o.pushes.values() for o in self._open.values()):
             for p in pushes:
                 if p.release is not None:
                     p.release()
+        for pending in self._pending.values():
+            if pending.release is not None:
+                pending.release()
         self._open.clear()
         self._pending.clear()
         self.closed.clear()
 
     def waiting_pushes(self) -> int:
         return sum(len(o.pushes) for o in self._open.values())
+
+    @property
+    def params_still_while_replying(self) -> bool:
+        """Whether the slice cannot change while a reply streams it: in plain sync the next step needs
+        every worker's next push, which each sends only after its whole reply arrived."""
+        return self.staleness == 0 and self.backup == 0
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
@@ -215,6 +242,8 @@ class SyncPolicy:
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
         if not duplicate:
             push.kept = True
+            if self.staleness:  # an SSP worker moves on before its step closes: keep a copy, not its memory
+                push.own()
             self._open.setdefault(push.step, _OpenStep(members, {})).pushes[w] = push
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
@@ -262,9 +291,8 @@ class SyncPolicy:
         if pending is not None:
             pending.grad.mul_(clip_coefficient(pending.options.clip_max_norm, total_norm))
             self._apply(state, push.step, pending.grad, pending)
-            for p in pending.pushes:
-                if p.release is not None:
-                    p.release()
+            if pending.release is not None:
+                pending.release()
             state.cond.notify_all()
             self._close_ready(state)
         return self.await_reply(state, push, duplicate, clip_done=True)
@@ -284,23 +312,30 @@ class SyncPolicy:
             self._remember(state, step, Closed(0.0, skipped=True))
             state.skip(buffers)
         else:
-            mean = _unscale(pushes[0])
-            if len(pushes) > 1:  # sum_i (b_i / B) g_i, in the first buffer: a weighted mean of finite
-                total = sum(p.batch_size for p in pushes)  # values never overflows, as b_i g_i summed could
-                mean.mul_(pushes[0].batch_size / total)
+            # sum_i (b_i / B) g_i / s_i (s_i: loss scale), in the first push's buffer (copied first if it is
+            # a worker's shared memory). A weighted mean of finite values never overflows; b_i g_i summed could.
+            total = sum(p.batch_size for p in pushes)
+            weight = pushes[0].batch_size / total * _scale_of(pushes[0])
+            clipped = next((p.options for p in pushes if p.options.clipped), None)
+            if len(pushes) == 1 and weight == 1.0 and clipped is None:
+                mean = pushes[0].grad  # one push, used as it is: torch's optimizers only read a gradient
+            else:
+                mean = pushes[0].own()
+                if weight != 1.0:
+                    mean.mul_(weight)
                 for p in pushes[1:]:
-                    mean.add_(_unscale(p), alpha=p.batch_size / total)
+                    mean.add_(p.grad, alpha=p.batch_size / total * _scale_of(p))
             lr_scale = 1.0
             if self.staleness_lr:
                 samples = sum(p.batch_size for p in pushes)
                 lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
             present = _merge_present(pushes)
-            clipped = next((p.options for p in pushes if p.options.clipped), None)
+            pushes[0].release, first_release = None, pushes[0].release  # the mean's buffer, given back after apply
             pending = _Pending(mean, present, pushes[0].hyper, lr_scale, clipped or pushes[0].options, 0.0,
-                               pushes, buffers)
+                               buffers)
             if clipped is not None:
                 pending.partial = state.optimizer.partial_norm(mean, present, clipped.clip_norm_type)
-                pending.pushes = pushes[:1]  # the mean lives in the first push's buffer until applied
+                pending.release = first_release  # the mean lives in the first push's buffer until applied
                 self._pending[step] = pending
                 for p in pushes[1:]:
                     if p.release is not None:
@@ -308,6 +343,8 @@ class SyncPolicy:
                 state.cond.notify_all()
                 return
             self._apply(state, step, mean, pending)
+            if first_release is not None:
+                first_release()
         for p in pushes:
             if p.release is not None:
                 p.release()
@@ -341,9 +378,8 @@ class AsyncPolicy:
 
     def reset(self) -> None:
         for pending in self._pending.values():
-            for p in pending.pushes:
-                if p.release is not None:
-                    p.release()
+            if pending.release is not None:
+                pending.release()
         self._pending.clear()
 
     def reconsider(self, state) -> None:
@@ -351,6 +387,8 @@ class AsyncPolicy:
 
     def waiting_pushes(self) -> int:
         return len(self._pending)
+
+    params_still_while_replying = False  # every push applies on arrival
 
     def check(self, state, push: Push, members: frozenset[int]) -> bool:
         last = state.last_step.get(push.worker_id, -1)
@@ -383,10 +421,11 @@ class AsyncPolicy:
         staleness = state.version - push.base_version
         state.stats.staleness[staleness] += 1
         lr_scale = 1.0 / max(1, staleness) if self.staleness_lr else 1.0
-        pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, [], push.buffers)
+        pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, push.buffers)
         if push.options.clipped:
             push.kept = True
-            pending.pushes.append(push)
+            pending.grad = push.own()  # scaled in place by the clip coefficient later
+            pending.release, push.release = push.release, None
             pending.partial = state.optimizer.partial_norm(push.grad, push.present, push.options.clip_norm_type)
             self._pending[key] = pending
             return Outcome(state.version, staleness, False, next_step=push.step + 1, clip_partial=pending.partial)
@@ -401,9 +440,8 @@ class AsyncPolicy:
         try:
             return self._apply(state, push, pending, state.version - push.base_version)
         finally:
-            for p in pending.pushes:
-                if p.release is not None:
-                    p.release()
+            if pending.release is not None:
+                pending.release()
 
     def _apply(self, state, push: Push, pending: _Pending, staleness: int) -> Outcome:
         state.apply(pending.grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers)

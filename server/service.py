@@ -21,6 +21,7 @@ from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import translate_errors
 from .modes import Push
 from ..proto.limits import WaitSlots
+from ..proto.process import release_free_memory
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
@@ -54,7 +55,7 @@ class ShardServicer:
         if first is None or first.fields is None or not first.fields.HasField("target"):
             raise InvalidArgument("InitShard's first message must carry the target")
         state = self.node.state_for_init(_target(first.fields.target))
-        buf = self.node.buffers.take(torch.float32, state.shard.numel)
+        buf = torch.empty(state.shard.numel)  # once per job (or a deliberate edit): not kept in the pool
         try:
             asm, blob = codec.Assembler(out=buf), None
             for frame in _chain(first, frames):
@@ -68,7 +69,8 @@ class ShardServicer:
             asm.finish()
             fresh = state.initialize(buf, blob.finish() if blob else None, replace=first.fields.replace)
         finally:
-            self.node.buffers.give(buf)  # the pool keeps it for the first pushes
+            del buf
+            release_free_memory()
         state.add_bytes(received=asm.received)
         return pb.InitShardResponse(version=state.version, already_initialized=not fresh)
 
@@ -84,21 +86,40 @@ class ShardServicer:
             raise InvalidArgument(f"push header out of range: epoch {h.epoch} (>= 1), step {h.step}, base_version "
                                   f"{h.base_version} and worker_id {h.worker_id} (>= 0)")
         members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
+        shm = state.segment(h.worker_id, h.shm.name, h.shm.nonce) if h.HasField("shm") else None
         frames = _chain(first, frames)
-        grad, options, blob = self._receive(state, frames, h.options if h.HasField("options") else None)
+        grad, options, blob = self._receive(state, frames, h.options if h.HasField("options") else None,
+                                            expect_grad=shm is None)
+        pool, shard = self.node.buffers, state.shard
         push = Push(h.worker_id, h.step, h.epoch, h.base_version, StepOpts.from_pb(options), grad, buffers=blob,
-                    release=(lambda: self.node.buffers.give(grad)) if grad is not None else None)
+                    release=(lambda: pool.give(grad)) if grad is not None else None,
+                    take=lambda: pool.take(torch.float32, shard.numel), give=pool.give)
+        if shm is not None:
+            if grad is not None:  # chunks as well as shared memory: the chunks are ignored
+                pool.give(grad)
+            push.grad, push.owned, push.release = shm.grads[shard.start:shard.stop], False, None
+        elif state.transport.get(h.worker_id) != "grpc":
+            with state.cond:
+                state.transport[h.worker_id] = "grpc"
         outcome = state.push(push, members)  # releases the buffer when done with it
         if outcome.clip_partial is not None:
             yield pb.PushResponse(clip_partial=pb.ClipPartial(step=h.step, partial=outcome.clip_partial))
             outcome = state.finish_clip(push, self._clip_total(state, frames, h.step), outcome.duplicate)
-        version, pieces = state.snapshot(self._encode_push)
+        if shm is not None:  # the reply's parameters go straight into the worker's memory
+            version, pieces = state.write_params(shm.values[shard.start:shard.stop]), ()
+        elif state.policy.params_still_while_replying:  # stream the slice itself: no encoded copy held
+            with state.cond:
+                version = state.version
+            pieces = (wire.Frame(None, c) for c in codec.views(state.param, self.chunk_bytes))
+            state.add_bytes(sent=shard.numel * 4)
+        else:
+            version, pieces = state.snapshot(self._encode_push)
+            state.add_bytes(sent=shard.numel * 4)
         yield pb.PushResponse(result=pb.PushResult(
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
             next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch,
             skipped=outcome.skipped))
         yield from pieces
-        state.add_bytes(sent=state.shard.numel * 4)
         if state.job.broadcast_buffers:
             yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
 
@@ -140,12 +161,13 @@ class ShardServicer:
     def _encode_push(self, param: torch.Tensor) -> list[bytes]:
         return [self._push_frames(wire.Frame(None, c)) for c in codec.views(param, self.chunk_bytes)]
 
-    def _receive(self, state, frames: Iterator[wire.Frame], options: pb.StepOptions | None):
+    def _receive(self, state, frames: Iterator[wire.Frame], options: pb.StepOptions | None, expect_grad: bool = True):
         """Read a push: its buffers file (shard 0, rank 0), then a sparse push's int32 positions,
         then the gradient, and the step options (in the header, or in a PushCommit after the
         gradient). Reading stops once the gradient is complete and the options are known, so a
-        clipped push's stream stays open for its ClipTotal. Returns (the fp32 gradient in a pooled
-        buffer the caller gives back, or None for an overflow vote; the options; the buffers file).
+        clipped push's stream stays open for its ClipTotal (without ``expect_grad``, the gradient is
+        in shared memory: reading stops once the options are known). Returns (the fp32 gradient in a
+        pooled buffer the caller gives back, or None; the options; the buffers file).
 
         A sparse push's values are scattered into a zeroed buffer. Nothing is kept on error.
         """
@@ -179,7 +201,7 @@ class ShardServicer:
                                                                                            dtype=dtype)
                         asm = codec.Assembler(out=buf)
                     asm.add(chunk)
-                if options is not None and asm is not None and asm.complete:
+                if options is not None and (asm.complete if asm is not None else not expect_grad):
                     break
             if options is None:
                 raise codec.CodecError("the push carried no step options (PushHeader.options or a PushCommit)")
@@ -229,12 +251,16 @@ class ShardServicer:
                     raise WaitTimeout(f"shard {self.node.shard_id} did not reach version {request.min_version} "
                                       f"within {self.wait_timeout:.0f}s (it is at {state.version})")
         if not request.include_optimizer_state:
-            # A PullResponse holding only field 2 has the bytes of a PushResponse holding only
-            # field 2, so pulls share the frames cached for push replies.
-            version, pieces = state.snapshot(self._encode_push)
+            # A copy taken at one version, serialized chunk by chunk as it streams: a pull (a join, a
+            # rollback) is rare, and an encoded copy of the whole slice would stay in the heap after it.
+            with state.cond:
+                version, copy = state.version, state.param.clone()
             yield pb.PullResponse(version=version)
-            yield from pieces
+            for chunk in codec.views(copy, self.chunk_bytes):
+                yield wire.Frame(None, chunk)
             state.add_bytes(sent=state.shard.numel * 4)
+            del copy
+            release_free_memory()
         else:
             version, tensors, hyper = state.export()
             yield pb.PullResponse(version=version, hyperparams_json=hyper)
@@ -352,6 +378,7 @@ class ShardServicer:
                 rejections=dict(s.rejections),
                 worker_last_push_unix=dict(sorted(s.last_push.items())[-STATUS_WORKERS:]),
                 worker_last_step=dict(sorted(state.last_step.items())[-STATUS_WORKERS:]),
+                worker_transport=dict(sorted(state.transport.items())[-STATUS_WORKERS:]),
                 rollbacks=s.rollbacks,
                 steps_rolled_back=s.steps_rolled_back,
                 restored=state.restored_from is not None,

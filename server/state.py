@@ -31,6 +31,7 @@ from ..proto import codec, optim
 from ..proto.errors import FailedPrecondition, InvalidArgument, RolledBack, ShardpsError, Unavailable
 from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
+from ..proto.shm import Segment, ShmUnavailable, sweep
 from .checkpoint import Snapshot
 from .modes import Outcome, Push, make_policy
 from .slice_optimizer import SliceOptimizer
@@ -69,6 +70,9 @@ class ShardState:
         self.policy = make_policy(job, step_timeout)
         # Shard 0 keeps the job's persistent buffers (the initializer's, then rank 0's after each step).
         self.buffers: bytes | None = None
+        # Same-host workers' shared-memory segments (proto/shm.py), and the byte path each worker takes.
+        self.segments: dict[int, Segment] = {}
+        self.transport: dict[int, str] = {}
         self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
         self.version = 0  # updates applied
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
@@ -282,6 +286,46 @@ class ShardState:
                 self.optimizer.set_hyper(hyper)
             return self.version
 
+    # ------------------------------------------------------------------ same-host byte path
+
+    def segment(self, worker_id: int, name: str, nonce: bytes) -> Segment:
+        """Worker ``worker_id``'s shared-memory segment, mapped on first use; FailedPrecondition
+        "no shared memory" when this server cannot open it (the worker then uses gRPC)."""
+        with self.cond:
+            seg = self.segments.get(worker_id)
+            if seg is not None and seg.name == name and seg.nonce == bytes(nonce):
+                return seg
+        try:
+            seg = Segment.attach(name, nonce, self.job.layout.numel)
+        except ShmUnavailable as exc:
+            with self.cond:
+                self.transport[worker_id] = "grpc"
+            raise FailedPrecondition(f"no shared memory: {exc}") from None
+        with self.cond:
+            old, self.segments[worker_id] = self.segments.get(worker_id), seg
+            self.transport[worker_id] = "shm"
+        if old is not None:
+            old.close()
+        return seg
+
+    def write_params(self, out: torch.Tensor) -> int:
+        """Copy the slice into ``out`` (a worker's shared memory) at one version; returns it."""
+        with self.cond:
+            out.copy_(self.param)
+            return self.version
+
+    def _forget_segments(self) -> None:
+        """Unmap, and unlink, the segments of workers no longer in the newest view (a worker that left
+        or whose lease ran out: a killed worker leaks no shared memory). Under the lock."""
+        if not self.views:
+            return
+        members = self.views[self.latest_epoch][1]
+        for w in [w for w in self.segments if w not in members]:
+            seg = self.segments.pop(w)
+            seg.unlink()
+            seg.close()
+        sweep()  # also a worker killed before it ever pushed here
+
     # ------------------------------------------------------------------ membership
 
     @property
@@ -309,6 +353,7 @@ class ShardState:
                 start = self.version
             self.views[view.epoch] = (start, view.worker_ids)
             self.policy.reconsider(self)
+            self._forget_segments()
             self.cond.notify_all()
             return True
 

@@ -15,12 +15,16 @@ so the shards can skip a parameter no worker computed a gradient for, as
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 
 from ..proto.layout import Layout
 from ..proto.messages import mask_of
+from ..proto.shm import Segment, ShmUnavailable
+
+log = logging.getLogger("shardps.worker")
 
 CHECK_SAMPLES = 1 << 16  # elements sampled to notice parameters changed behind the optimizer's back
 
@@ -29,13 +33,25 @@ class FlatParams:
     """Parameters laid out as ``layout`` describes (the order of the optimizer's param groups)."""
 
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], groups: Sequence[int],
-                 aliases: Sequence[tuple[str, ...]], num_groups: int, wire_dtype=torch.float32):
+                 aliases: Sequence[tuple[str, ...]], num_groups: int, wire_dtype=torch.float32,
+                 shared: bool = False):
+        """``shared``: put the flat buffers in a shared-memory segment (``proto/shm.py``) that shard
+        servers on this host read and write directly; where /dev/shm cannot hold it, plain memory."""
         self.params = list(params)
         self.layout = Layout.from_shapes(
             [(n, tuple(p.shape), str(p.dtype).removeprefix("torch."), g, a)
              for p, n, g, a in zip(self.params, names, groups, aliases)], num_groups)
-        self.grads = torch.zeros(self.layout.numel, dtype=torch.float32)  # flat gradients, host
-        self.values = torch.zeros(self.layout.numel, dtype=torch.float32)  # flat parameters, host
+        self.segment = None
+        if shared:
+            try:
+                self.segment = Segment.create(self.layout.numel)
+            except ShmUnavailable as exc:
+                log.info("pushes go over gRPC only: %s", exc)
+        if self.segment is not None:  # zeroed by the kernel; the same memory the servers map
+            self.grads, self.values = self.segment.grads, self.segment.values
+        else:
+            self.grads = torch.zeros(self.layout.numel, dtype=torch.float32)  # flat gradients, host
+            self.values = torch.zeros(self.layout.numel, dtype=torch.float32)  # flat parameters, host
         # The push's wire buffer: the fp32 grads themselves, or a bf16/fp16 copy of them.
         self.wire = self.grads if wire_dtype == torch.float32 else torch.zeros(self.layout.numel, dtype=wire_dtype)
         self.bound = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in self.params)
@@ -69,6 +85,8 @@ class FlatParams:
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
+        if self.segment is not None:  # the memory stays mapped (the model's tensors live in it); the name goes
+            self.segment.unlink()
 
     def zero_grads(self, set_to_none: bool = True) -> None:
         """Zero the flat gradients in place; bound gradients stay attached as views. With

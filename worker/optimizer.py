@@ -94,6 +94,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         wire_dtype: str = "float32",
         overlap: bool = False,
         broadcast_buffers: bool = True,
+        transport: str = "",
         name: str = "",
         connect_timeout: float = 120.0,
         step_timeout: float = 330.0,
@@ -139,6 +140,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 micro-batches in ``opt.no_sync()``.
             broadcast_buffers: as DDP's: every worker takes rank 0's buffers after each step
                 (False: each keeps its own; the job still keeps rank 0's for exports).
+            transport: how gradients and parameters travel to each shard: "auto" (default, or
+                ``SHARDPS_TRANSPORT``): through shared memory with servers on this host, over gRPC
+                with the others (tried per shard, so it falls back by itself); "grpc": always gRPC.
             name: how this worker appears in status (default ``SHARDPS_WORKER_NAME``, else host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
             step_timeout: deadline of one push-pull attempt, seconds (sync waits for the slowest worker).
@@ -159,6 +163,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         name = name or os.environ.get("SHARDPS_WORKER_NAME", "")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        transport = transport or os.environ.get("SHARDPS_TRANSPORT", "auto")
+        if transport not in ("auto", "grpc"):
+            raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
         module = params if isinstance(params, torch.nn.Module) else model
         if isinstance(params, torch.nn.Module):
             params = params.parameters()
@@ -170,8 +177,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         named = torch_compat.describe_params(self.param_groups, module)
         self._wire_dtype = dtype_from_name(wire_dtype)
         # Top-k reads the fp32 gradients and casts only what it sends, so it needs no wire copy.
-        self.flat = FlatParams(*named, len(self.param_groups),
-                               torch.float32 if 0 < topk_ratio < 1 else self._wire_dtype)
+        sparse = 0 < topk_ratio < 1
+        self.flat = FlatParams(*named, len(self.param_groups), torch.float32 if sparse else self._wire_dtype,
+                               shared=transport == "auto" and not sparse)
         self._buffers = torch_compat.persistent_buffers(module)
         self.job = JobConfig(
             self.flat.layout, optimizer, defaults, UpdateMode.parse(mode), min_workers, backup_workers, staleness_lr,
@@ -202,7 +210,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
-                           self.compressor, self.retry, self.worker_id, self.security)
+                           self.compressor, self.retry, self.worker_id, self.security, self.flat.segment)
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob())
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

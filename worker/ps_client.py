@@ -10,6 +10,7 @@ most once and answers a repeat like the first try, so retrying is exactly-once.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -21,11 +22,14 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import WaitTimeout
+from ..proto.errors import FailedPrecondition, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
 from ..proto.rpc import WORKER_METADATA, error_from_rpc, open_channel
+from ..proto.shm import Segment
+
+log = logging.getLogger("shardps.worker")
 
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
 
@@ -41,6 +45,10 @@ class PushReply:
     epoch: int = 0  # the newest membership epoch the shard knows
     skipped: bool = False  # the step was skipped everywhere (an fp16 overflow on some worker)
     buffers: bytes | None = None  # shard 0, broadcast buffers: rank 0's buffers of the step
+
+
+class ShmRefused(FailedPrecondition):
+    """The shard server cannot open this worker's shared memory: use gRPC for that shard."""
 
 
 class ClipExchange:
@@ -144,17 +152,22 @@ class ShardChannel:
 
     def push(self, header: pb.PushHeader, grad: torch.Tensor | None, out: torch.Tensor, timeout: float,
              commit: Callable[[], pb.StepOptions] | None = None, positions: torch.Tensor | None = None,
-             clip: ClipExchange | None = None, buffers: bytes | None = None) -> PushReply:
+             clip: ClipExchange | None = None, buffers: bytes | None = None, shm: Segment | None = None) -> PushReply:
         """Push ``grad`` (this shard's slice, or with ``positions`` only the values at those
         int32 positions; None: an overflow vote) and write the returned slice into ``out``.
 
         The header carries the step options, or ``commit()`` supplies them in a PushCommit
         after the gradient (it may block until the caller knows them). A clipped push
         reports the shard's ClipPartial to ``clip`` and sends back its total. ``buffers``
-        (shard 0, rank 0) goes first.
+        (shard 0, rank 0) goes first. With ``shm`` the gradient is read from, and the reply
+        written into, the worker's shared segment: only the header travels (ShmRefused when
+        the server cannot open it).
         """
         header.target.CopyFrom(self.target)
         shard_id = self.info.range.shard_id
+        if shm is not None:
+            header.shm.CopyFrom(pb.ShmSegment(name=shm.name, nonce=shm.nonce))
+            grad = None
 
         def requests(ended: threading.Event):
             yield pb.PushRequest(header=header)
@@ -192,11 +205,15 @@ class ShardChannel:
                         else:
                             asm.add(frame.chunk)
             except grpc.RpcError as exc:
-                raise error_from_rpc(exc, self._what("Push")) from None
+                error = error_from_rpc(exc, self._what("Push"))
+                if shm is not None and isinstance(error, FailedPrecondition) and "no shared memory" in str(error):
+                    raise ShmRefused(str(error)) from None
+                raise error from None
             finally:
                 if clip is not None:
                     clip.ended(ended)  # a request stream waiting for the total gives up
-            asm.finish()
+            if shm is None:
+                asm.finish()
             return result, blob.finish().numpy().tobytes() if blob is not None else None
 
         result, blob = self.retry.call(self._what("Push"), attempt)
@@ -271,8 +288,13 @@ class PSClient:
     """All shards of one job; every fan-out call runs on every shard concurrently."""
 
     def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
-                 compressor=None, retry: Retrier | None = None, worker_id: int = -1, security=None):
+                 compressor=None, retry: Retrier | None = None, worker_id: int = -1, security=None,
+                 segment: Segment | None = None):
+        """``segment``: this worker's shared memory; pushes to a shard go through it until that
+        shard refuses it (another host), then over gRPC."""
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
+        self.segment = segment if compressor is None else None  # top-k pushes are sparse: gRPC
+        self.shm_ok = [self.segment is not None] * len(plan)
         self.retry = retry if retry is not None else Retrier(budget=timeout)
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security)
                        for info in plan]
@@ -319,8 +341,17 @@ class PSClient:
         r = shard.info.range
         blob = buffers if r.shard_id == 0 else None
 
+        k = self.shards.index(shard)
+
         def task():
             out = self._slice(values, shard)
+            if self.shm_ok[k]:
+                try:
+                    return shard.push(h, None, out, self.timeout, commit, None, clip, blob, shm=self.segment)
+                except ShmRefused as exc:  # another host (or /dev/shm): this shard takes the bytes over gRPC
+                    self.shm_ok[k] = False
+                    log.info("shard %d: %s; pushing over gRPC", r.shard_id, exc)
+                    h.ClearField("shm")
             if grads is None:
                 return shard.push(h, None, out, self.timeout, commit, None, clip, blob)
             if self.compressor is not None and r.numel:

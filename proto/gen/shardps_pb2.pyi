@@ -554,20 +554,30 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., already_initialized: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options")
+    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options", "shm")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     worker_id: int
     step: int
     epoch: int
     base_version: int
     options: StepOptions
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ...) -> None: ...
+    shm: ShmSegment
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ..., shm: _Optional[_Union[ShmSegment, _Mapping]] = ...) -> None: ...
+
+class ShmSegment(_message.Message):
+    __slots__ = ("name", "nonce")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nonce: bytes
+    def __init__(self, name: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class StepOptions(_message.Message):
     __slots__ = ("batch_size", "hyperparams_json", "grad_mask", "overflow", "grad_scale", "clip_max_norm", "clip_norm_type")
@@ -708,7 +718,7 @@ class GetShardStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids")
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport")
     class StalenessCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -737,6 +747,13 @@ class GetShardStatusResponse(_message.Message):
         key: int
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class WorkerTransportEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -767,6 +784,7 @@ class GetShardStatusResponse(_message.Message):
     RESTORED_FIELD_NUMBER: _ClassVar[int]
     PUSHES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     job_id: str
     mode: UpdateMode
@@ -797,7 +815,8 @@ class GetShardStatusResponse(_message.Message):
     restored: bool
     pushes_skipped: int
     job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    worker_transport: _containers.ScalarMap[int, str]
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class FaultRule(_message.Message):
     __slots__ = ("id", "kind", "method", "worker_id", "probability", "delay_s", "status", "after", "max_active", "max_count", "duration_s", "injected")

@@ -1,0 +1,182 @@
+"""The same-host byte path: gradients and parameters through a shared-memory segment, with gRPC
+carrying the headers. Same training as over gRPC, observable per worker, falls back by itself,
+and a killed worker's segment does not outlive its lease."""
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardps import LocalCluster, ShardedOptimizer
+from shardps.client.sdk import shard_status
+from shardps.proto import shm
+from shardps.proto.shm import Segment, ShmUnavailable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from task import global_batch, loss_fn, make_model  # noqa: E402
+
+SIZES = [24, 40]
+
+
+def train_pair(cluster, transport, steps=6, sabotage=False):
+    """Two workers (threads) of a sync job; returns rank 0's final parameters and each worker's
+    per-shard shared-memory flags. ``sabotage``: unlink each segment's name before the first push."""
+    results = {}
+    models = [make_model(0) for _ in SIZES]  # here: the global RNG is not for threads to race on
+
+    def worker(model):
+        opt = ShardedOptimizer(model, cluster=cluster.address, optimizer="adam", lr=0.01, min_workers=2,
+                               transport=transport)
+        if sabotage:
+            opt.flat.segment.unlink()  # as if the servers ran on another host: they cannot open it
+        for step in range(steps):
+            lo = sum(SIZES[:opt.rank])
+            x, y = global_batch(step, sum(SIZES))
+            opt.zero_grad()
+            loss_fn(model, x[lo:lo + SIZES[opt.rank]], y[lo:lo + SIZES[opt.rank]]).backward()
+            if step % 2:
+                opt.clip_grad_norm_(0.5, batch_size=SIZES[opt.rank])
+            opt.step(batch_size=SIZES[opt.rank])
+        results[opt.rank] = ({k: v.clone() for k, v in model.state_dict().items()}, list(opt.ps.shm_ok))
+        opt.close()
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    transports = [dict(shard_status(a).worker_transport) for a in cluster.server_addresses.values()]
+    return results, transports
+
+
+@pytest.mark.slow
+def test_same_host_workers_push_through_shared_memory_and_train_exactly_as_over_grpc():
+    runs = {}
+    for transport in ("auto", "grpc"):
+        with LocalCluster(servers=2, durable=False) as cluster:
+            runs[transport] = train_pair(cluster, transport)
+    (shm_results, shm_paths), (grpc_results, grpc_paths) = runs["auto"], runs["grpc"]
+    assert all(flags == [True, True] for _, flags in shm_results.values())
+    assert all(set(t.values()) == {"shm"} for t in shm_paths) and all(set(t.values()) == {"grpc"} for t in grpc_paths)
+    for key, value in grpc_results[0][0].items():
+        assert torch.equal(shm_results[0][0][key], value), key  # bit for bit the same training
+    assert not glob.glob(f"{shm.SHM_DIR}/shardps-*")  # both workers closed: no segment left
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_open_the_segment_takes_the_same_push_over_grpc():
+    with LocalCluster(servers=2, durable=False) as cluster:
+        results, transports = train_pair(cluster, "auto", sabotage=True)
+    assert all(flags == [False, False] for _, flags in results.values())  # refused once, then gRPC
+    assert all(set(t.values()) == {"grpc"} for t in transports)
+    with LocalCluster(servers=2, durable=False) as cluster:
+        plain, _ = train_pair(cluster, "grpc")
+    for key, value in plain[0][0].items():
+        assert torch.equal(results[0][0][key], value), key
+
+
+@pytest.mark.slow
+def test_a_killed_workers_segment_is_unlinked_once_its_lease_runs_out(tmp_path):
+    helpers = Path(__file__).resolve().parents[1] / "helpers"
+    before = set(glob.glob(f"{shm.SHM_DIR}/shardps-*"))
+    with LocalCluster(servers=2, lease_seconds=2.0, durable=False) as cluster:
+        procs = [subprocess.Popen([sys.executable, str(helpers / "train_worker.py"), "--cluster", cluster.address,
+                                   "--out", str(tmp_path / f"w{i}.pt"), "--optimizer", "sgd", "--kwargs",
+                                   json.dumps({"lr": 0.1}), "--sizes", "16,16", "--min-workers", "1",
+                                   "--steps", "100000", "--sleep", "0.02"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        try:
+            deadline, paths = time.monotonic() + 60, {}
+            while time.monotonic() < deadline and not {p.pid for p in procs} <= set(paths):
+                paths = {_owner(p): p for p in set(glob.glob(f"{shm.SHM_DIR}/shardps-*")) - before}
+                time.sleep(0.2)
+            victim = procs[0]
+            assert victim.pid in paths, "the workers did not create their segments"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not _both_training(cluster):
+                time.sleep(0.2)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+            deadline = time.monotonic() + 60
+            while os.path.exists(paths[victim.pid]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not os.path.exists(paths[victim.pid])  # the servers unlinked it when the lease ran out
+            assert os.path.exists(paths[procs[1].pid])  # the live worker's stays
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def _both_training(cluster) -> bool:
+    """Both workers are in the view and their shared memory is attached on every shard."""
+    return all(sorted(shard_status(a).worker_transport.values()) == ["shm", "shm"]
+               for a in cluster.server_addresses.values())
+
+
+def _owner(path: str) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<8sI16sQIQ", f.read(48))[4]
+
+
+def test_a_segment_is_found_only_by_its_name_and_nonce_and_never_outside_dev_shm():
+    seg = Segment.create(100)
+    try:
+        seg.grads.fill_(3.0)
+        other = Segment.attach(seg.name, seg.nonce, 100)
+        assert torch.equal(other.grads, seg.grads)  # the same memory
+        other.values[:5] = 7.0
+        assert seg.values[:5].eq(7.0).all()
+        with pytest.raises(ShmUnavailable, match="not the worker's segment"):
+            Segment.attach(seg.name, b"\0" * 16, 100)
+        with pytest.raises(ShmUnavailable, match="not the worker's segment"):
+            Segment.attach(seg.name, seg.nonce, 99)
+        for name in ("../etc/passwd", "shardps-xyz", "/dev/shm/" + seg.name):
+            with pytest.raises(ShmUnavailable, match="not a shardps segment name"):
+                Segment.attach(name, seg.nonce, 100)
+    finally:
+        seg.unlink()
+    with pytest.raises(ShmUnavailable, match="no shared memory"):
+        Segment.attach(seg.name, seg.nonce, 100)
+
+
+def test_a_full_dev_shm_is_refused_up_front_instead_of_a_sigbus_later(tmp_path, monkeypatch):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {res.stderr.decode().strip()}")
+    try:
+        monkeypatch.setattr(shm, "SHM_DIR", str(mount))
+        with pytest.raises(ShmUnavailable, match="cannot reserve"):
+            Segment.create(1_000_000)  # 8 MB does not fit in 256 kB
+        assert os.listdir(mount) == []  # nothing left behind
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_sweep_unlinks_the_segments_of_dead_creators_only():
+    code = ("import sys, time; from shardps.proto.shm import Segment; s = Segment.create(10); "
+            "print(s.name, flush=True); time.sleep(60)")
+    dead, alive = (subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2))
+    try:
+        names = [p.stdout.readline().strip() for p in (dead, alive)]
+        dead.kill()
+        dead.wait()
+        removed = shm.sweep()
+        assert names[0] in removed and not os.path.exists(f"{shm.SHM_DIR}/{names[0]}")
+        assert names[1] not in removed and os.path.exists(f"{shm.SHM_DIR}/{names[1]}")
+    finally:
+        alive.kill()
+        alive.wait()
+        shm.sweep()
+    assert not os.path.exists(f"{shm.SHM_DIR}/{names[1]}")
