@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--init-seed", type=int, default=0)
     ap.add_argument("--scheduler", action="store_true")
     ap.add_argument("--wire-dtype", default="float32")
+    ap.add_argument("--transport", default="auto", help="auto (shared memory on this host) or grpc")
+    ap.add_argument("--overlap", action="store_true", help="push each shard as backward finishes it")
     ap.add_argument("--step-timeout", type=float, default=330.0)
     ap.add_argument("--retry-timeout", type=float, default=600.0)
     ap.add_argument("--min-workers", type=int, default=0, help="default: one per --sizes entry")
@@ -43,6 +45,7 @@ def main():
     model = make_model(a.init_seed)
     opt = ShardedOptimizer(model, cluster=a.cluster, optimizer=a.optimizer, mode=a.mode, min_workers=a.min_workers or len(sizes),
                            staleness=a.staleness, wire_dtype=a.wire_dtype, connect_timeout=120,
+                           transport=a.transport, overlap=a.overlap,
                            step_timeout=a.step_timeout, retry_timeout=a.retry_timeout,
                            **json.loads(a.kwargs))
     sched = make_scheduler(opt, a.scheduler)

@@ -13,22 +13,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import reference  # noqa: E402
 
 STEPS = 30
-CASES = [  # (optimizer, kwargs, per-rank batch sizes, LR scheduler, mode)
-    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, [32, 32], True, "sync"),
-    ("adam", {"lr": 0.01, "betas": [0.9, 0.99]}, [24, 40], False, "sync"),
-    ("adamw", {"lr": 0.01, "weight_decay": 0.1}, [40, 17], False, "sync"),
-    ("adam", {"lr": 0.01}, [20, 44], False, "ssp"),  # bounded staleness with k = 0 is sync
+CASES = [  # (optimizer, kwargs, per-rank batch sizes, LR scheduler, mode, transport, overlap)
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, [32, 32], True, "sync", "auto", False),
+    ("adam", {"lr": 0.01, "betas": [0.9, 0.99]}, [24, 40], False, "sync", "grpc", False),
+    ("adamw", {"lr": 0.01, "weight_decay": 0.1}, [40, 17], False, "sync", "auto", True),
+    ("adam", {"lr": 0.01}, [20, 44], False, "ssp", "grpc", True),  # bounded staleness with k = 0 is sync
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer, kwargs, sizes, scheduler, mode", CASES, ids=[f"{c[0]}-{c[4]}" for c in CASES])
+@pytest.mark.parametrize("optimizer, kwargs, sizes, scheduler, mode, transport, overlap", CASES,
+                         ids=[f"{c[0]}-{c[4]}-{c[5]}" + ("-overlap" if c[6] else "") for c in CASES])
 def test_sync_training_equals_single_process_torch_on_the_union_batch(run_workers, optimizer, kwargs, sizes, scheduler,
-                                                                      mode):
+                                                                      mode, transport, overlap):
     with LocalCluster(servers=2) as cluster:
         results = run_workers(cluster, len(sizes), optimizer=optimizer, kwargs=json.dumps(kwargs),
                               sizes=",".join(map(str, sizes)), steps=STEPS, scheduler=scheduler, mode=mode,
-                              staleness=0)
+                              staleness=0, transport=transport, overlap=overlap)
     # Workers were initialised differently; both started from the job's (initializer's) parameters.
     for key in results[0]["initial"]:
         assert torch.equal(results[0]["initial"][key], results[1]["initial"][key])
