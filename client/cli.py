@@ -37,6 +37,8 @@ _TRAIN = {
     "device": typer.Option("cpu", envvar="SHARDPS_DEVICE", help="Worker device: cpu, cuda, cuda:N, mps or auto."),
     "seed": typer.Option(0, envvar="SHARDPS_SEED", help="Model init and data order."),
     "wire_dtype": typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
+    "transport": typer.Option("auto", envvar="SHARDPS_TRANSPORT",
+                              help="auto: shared memory with shards on the same host, gRPC otherwise; grpc: always gRPC."),
     "backup_workers": typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
                              help="Sync/ssp: close each step after the first (workers - B) pushes."),
     "staleness": typer.Option(0, envvar="SHARDPS_STALENESS", help="ssp: steps a worker may run ahead of the last closed step."),
@@ -162,6 +164,7 @@ def worker(
     seed: int = _TRAIN["seed"],
     min_workers: int = typer.Option(1, envvar="SHARDPS_MIN_WORKERS", help="Training starts with this many workers."),
     wire_dtype: str = _TRAIN["wire_dtype"],
+    transport: str = _TRAIN["transport"],
     backup_workers: int = _TRAIN["backup_workers"],
     staleness: int = _TRAIN["staleness"],
     staleness_lr: bool = _TRAIN["staleness_lr"],
@@ -185,7 +188,7 @@ def worker(
     with _user_errors(cluster):
         config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                             min_workers=min_workers, wire_dtype=wire_dtype, backup_workers=backup_workers,
+                             min_workers=min_workers, wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, amp=amp, metrics=metrics,
                              tensorboard=tensorboard, eval_every=eval_every,
@@ -208,6 +211,7 @@ def run(
     device: str = _TRAIN["device"],
     seed: int = _TRAIN["seed"],
     wire_dtype: str = _TRAIN["wire_dtype"],
+    transport: str = _TRAIN["transport"],
     backup_workers: int = _TRAIN["backup_workers"],
     staleness: int = _TRAIN["staleness"],
     staleness_lr: bool = _TRAIN["staleness_lr"],
@@ -237,7 +241,8 @@ def run(
     with _user_errors():
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                           wire_dtype=wire_dtype, backup_workers=backup_workers, staleness=staleness,
+                           wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
+                           staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every, amp=amp,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
                            scenario=scenario, checkpoint_every=checkpoint_every, durable=durable, resume=resume)

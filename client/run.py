@@ -48,6 +48,7 @@ class RunConfig:
     device: str = "cpu"  # worker device: cpu, cuda, mps, auto
     seed: int = 0
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16
+    transport: str = ""  # auto (shared memory with same-host shards) | grpc ("" = SHARDPS_TRANSPORT or auto)
     backup_workers: int = 0  # sync/ssp: close each step after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
@@ -102,7 +103,7 @@ class RunConfig:
 
 # The RunConfig fields that every worker takes over unchanged.
 _TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
-                    "wire_dtype", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every", "amp",
+                    "wire_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every", "amp",
                     "eval_every")
 
 
@@ -460,6 +461,8 @@ def _summarize(config: RunConfig, records: list[dict], status: dict, exported: d
                    for s in status["shards"]],
         "bytes_in": sum(s.get("bytes_in", 0) for s in status["shards"]),
         "bytes_out": sum(s.get("bytes_out", 0) for s in status["shards"]),
+        "shm_bytes_in": sum(s.get("shm_bytes_in", 0) for s in status["shards"]),
+        "shm_bytes_out": sum(s.get("shm_bytes_out", 0) for s in status["shards"]),
         "staleness": [s.get("staleness") for s in status["shards"]],
         "model_file": exported["model"],
     }

@@ -10,7 +10,8 @@ the push path pays nothing for metrics. Workers time their steps with histograms
 |---|---|---|
 | ``shardps_shard_version`` | server | shard, job |
 | ``shardps_shard_pushes_total`` | server | shard, job, outcome = received, duplicate (a deduplicated retry), dropped, skipped (fp16 overflow), rejected |
-| ``shardps_shard_bytes_total`` | server | shard, job, direction = in, out |
+| ``shardps_shard_bytes_total`` | server | shard, job, direction = in, out (over gRPC) |
+| ``shardps_shard_shm_bytes_total`` | server | shard, job, direction = in, out (through shared memory) |
 | ``shardps_shard_apply_seconds_total``, ``shardps_shard_wait_seconds_total`` | server | shard, job |
 | ``shardps_shard_staleness`` (histogram) | server | shard, job |
 | ``shardps_shard_rollbacks_total``, ``shardps_shard_steps_rolled_back_total`` | server | shard, job |
@@ -60,7 +61,9 @@ class ShardCollector:
             "epoch": GaugeMetricFamily("shardps_shard_membership_epoch", "Newest membership epoch the shard knows",
                                        labels=labels),
             "pushes": CounterMetricFamily("shardps_shard_pushes", "Pushes by outcome", labels=[*labels, "outcome"]),
-            "bytes": CounterMetricFamily("shardps_shard_bytes", "Payload bytes", labels=[*labels, "direction"]),
+            "bytes": CounterMetricFamily("shardps_shard_bytes", "Payload bytes over gRPC", labels=[*labels, "direction"]),
+            "shm_bytes": CounterMetricFamily("shardps_shard_shm_bytes", "Payload bytes through same-host shared memory",
+                                             labels=[*labels, "direction"]),
             "apply": CounterMetricFamily("shardps_shard_apply_seconds", "Seconds in optimizer steps", labels=labels),
             "wait": CounterMetricFamily("shardps_shard_wait_seconds",
                                         "Seconds pushes waited at the sync barrier or SSP bound", labels=labels),
@@ -83,6 +86,8 @@ class ShardCollector:
                 fam["epoch"].add_metric(key, state.latest_epoch)
                 fam["bytes"].add_metric([*key, "in"], s.bytes_in)
                 fam["bytes"].add_metric([*key, "out"], s.bytes_out)
+                fam["shm_bytes"].add_metric([*key, "in"], s.shm_bytes_in)
+                fam["shm_bytes"].add_metric([*key, "out"], s.shm_bytes_out)
                 for name, value in (("apply", s.apply_seconds), ("wait", s.wait_seconds), ("rollbacks", s.rollbacks),
                                     ("rolled", s.steps_rolled_back)):
                     fam[name].add_metric(key, value)

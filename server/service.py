@@ -98,6 +98,7 @@ class ShardServicer:
             if grad is not None:  # chunks as well as shared memory: the chunks are ignored
                 pool.give(grad)
             push.grad, push.owned, push.release = shm.grads[shard.start:shard.stop], False, None
+            state.add_bytes(shm_received=shard.numel * 4)
         elif state.transport.get(h.worker_id) != "grpc":
             with state.cond:
                 state.transport[h.worker_id] = "grpc"
@@ -370,6 +371,8 @@ class ShardServicer:
                 pushes_skipped=s.pushes_skipped,
                 bytes_in=s.bytes_in,
                 bytes_out=s.bytes_out,
+                shm_bytes_in=s.shm_bytes_in,
+                shm_bytes_out=s.shm_bytes_out,
                 workers_seen=sorted(s.last_push)[-STATUS_WORKERS:],
                 staleness_counts=dict(s.staleness),
                 apply_seconds=s.apply_seconds,

@@ -47,6 +47,8 @@ class ShardStats:
     pushes_skipped: int = 0  # steps (sync) or pushes (async) skipped for an fp16 overflow
     bytes_in: int = 0
     bytes_out: int = 0
+    shm_bytes_in: int = 0  # moved through a same-host worker's shared memory instead of gRPC
+    shm_bytes_out: int = 0
     apply_seconds: float = 0.0
     wait_seconds: float = 0.0  # pushes held back by the sync barrier or the SSP bound, total
     last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
@@ -312,6 +314,7 @@ class ShardState:
         """Copy the slice into ``out`` (a worker's shared memory) at one version; returns it."""
         with self.cond:
             out.copy_(self.param)
+            self.stats.shm_bytes_out += self.param.numel() * 4
             return self.version
 
     def _forget_segments(self) -> None:
@@ -432,10 +435,12 @@ class ShardState:
             return self.version, {"param": self.param.detach().clone(), **self.optimizer.state_tensors()}, \
                 self.hyper_json()
 
-    def add_bytes(self, received: int = 0, sent: int = 0) -> None:
+    def add_bytes(self, received: int = 0, sent: int = 0, shm_received: int = 0, shm_sent: int = 0) -> None:
         with self.cond:
             self.stats.bytes_in += received
             self.stats.bytes_out += sent
+            self.stats.shm_bytes_in += shm_received
+            self.stats.shm_bytes_out += shm_sent
 
     def digest(self) -> str:
         """SHA-256 over version, dedup table, parameters and optimizer state."""

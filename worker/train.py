@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     min_workers: int = 1  # training starts once this many workers joined
     wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16
+    transport: str = ""  # byte path: "auto" (shared memory with same-host shards, else gRPC) | "grpc" ("" = env/auto)
     backup_workers: int = 0  # sync/ssp: each step closes after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError("--staleness must be >= 0")
         if self.staleness_lr and self.mode == "sync":
             raise ValueError("--staleness-lr needs --mode async or ssp")
+        if self.transport not in ("", "auto", "grpc"):
+            raise ValueError(f"--transport must be auto or grpc, got {self.transport!r}")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.balance_every and self.mode == "async":
@@ -176,7 +179,7 @@ def train(config: TrainConfig) -> dict:
     model = workload.model().to(device)
     opt = ShardedOptimizer(model, cluster=config.cluster, optimizer=config.optimizer or d.optimizer,
                            lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
-                           wire_dtype=config.wire_dtype, name=config.name, connect_timeout=config.connect_timeout,
+                           wire_dtype=config.wire_dtype, transport=config.transport, name=config.name, connect_timeout=config.connect_timeout,
                            backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
                            staleness=config.staleness, topk_ratio=config.topk_ratio,
                            balance_every=config.balance_every)

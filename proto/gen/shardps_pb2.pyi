@@ -718,7 +718,7 @@ class GetShardStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport")
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport", "shm_bytes_in", "shm_bytes_out")
     class StalenessCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -785,6 +785,8 @@ class GetShardStatusResponse(_message.Message):
     PUSHES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SHM_BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    SHM_BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     job_id: str
     mode: UpdateMode
@@ -816,7 +818,9 @@ class GetShardStatusResponse(_message.Message):
     pushes_skipped: int
     job_ids: _containers.RepeatedScalarFieldContainer[str]
     worker_transport: _containers.ScalarMap[int, str]
-    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ...) -> None: ...
+    shm_bytes_in: int
+    shm_bytes_out: int
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ..., shm_bytes_in: _Optional[int] = ..., shm_bytes_out: _Optional[int] = ...) -> None: ...
 
 class FaultRule(_message.Message):
     __slots__ = ("id", "kind", "method", "worker_id", "probability", "delay_s", "status", "after", "max_active", "max_count", "duration_s", "injected")
