@@ -1,6 +1,6 @@
 """Peak memory of shard servers and workers vs the formula in DESIGN.md.
 
-    python bench/memory.py --params 25000000 --servers 2 --workers 2
+    python bench/memory.py --params 25000000 --servers 2 --workers 2 [--transport grpc]
 
 Per server the formula is (4 + 4 + 4k) * numel / S bytes (fp32 param, gradient
 accumulator, k optimizer-state tensors: k = 2 for Adam). Per worker: the model and
@@ -30,13 +30,14 @@ def rss(pid: int, field: str = "VmHWM") -> int:
     raise KeyError(field)
 
 
-def worker(address, width, io, steps, workers, queue):
+def worker(address, width, io, steps, workers, queue, transport):
     torch.set_num_threads(1)
     from shardps import ShardedOptimizer
 
     base = rss(_self(), "VmRSS")
     model = mlp(width, io)
-    opt = ShardedOptimizer(model, cluster=address, optimizer="adam", lr=1e-4, min_workers=workers)
+    opt = ShardedOptimizer(model, cluster=address, optimizer="adam", lr=1e-4, min_workers=workers,
+                           transport=transport)
     x, y = torch.randn(8, io), torch.randn(8, io)
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -59,6 +60,7 @@ def main():
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--transport", choices=("auto", "grpc"), default="auto")
     ap.add_argument("--out")
     args = ap.parse_args()
     from shardps import LocalCluster
@@ -70,7 +72,8 @@ def main():
     with LocalCluster(servers=args.servers) as cluster:
         time.sleep(1.0)
         server_base = [rss(cluster.pid(f"server-{k}"), "VmRSS") for k in range(args.servers)]
-        procs = [ctx.Process(target=worker, args=(cluster.address, width, io, args.steps, args.workers, queue))
+        procs = [ctx.Process(target=worker, args=(cluster.address, width, io, args.steps, args.workers, queue,
+                                                       args.transport))
                  for _ in range(args.workers)]
         for p in procs:
             p.start()

@@ -4,6 +4,7 @@
     python bench/step_vs_ddp.py --model charlm        # the charlm transformer
     python bench/step_vs_ddp.py --wire-dtype bfloat16 # bf16 pushes
     python bench/step_vs_ddp.py --overlap             # push each shard as backward finishes it
+    python bench/step_vs_ddp.py --transport grpc      # every byte over gRPC (as across hosts)
 
 Same model, same per-rank batch, same optimizer (DDP uses torch's fused Adam; the
 shard servers use it on their slices). DDP and shardps alternate, --reps times
@@ -79,7 +80,7 @@ def shardps_worker(rank, address, args, queue):
 
     model, batch, loss_fn = build(args.model)
     opt = ShardedOptimizer(model, cluster=address, optimizer="adam", lr=1e-4, min_workers=args.workers,
-                           wire_dtype=args.wire_dtype, overlap=args.overlap)
+                           wire_dtype=args.wire_dtype, overlap=args.overlap, transport=args.transport)
     times, comm = [], []
     for step in range(args.warmup + args.steps):
         x, y = batch(opt.rank, step, args.batch)
@@ -140,6 +141,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--wire-dtype", default="float32")
     ap.add_argument("--overlap", action="store_true", help="push shards while backward runs")
+    ap.add_argument("--transport", choices=("auto", "grpc"), default="auto",
+                    help="auto: shared memory with same-host servers (the default); grpc: every byte over gRPC")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args()
     ddp, ps, comm = [], [], []

@@ -1,12 +1,15 @@
-"""Push-pull throughput: shardps (1 worker -> 1 shard server) vs raw loopback TCP between two processes.
+"""Push-pull throughput: shardps (1 worker -> S shard servers) vs raw loopback TCP between two processes.
 
-    python bench/wire_vs_tcp.py --mb 100
+    python bench/wire_vs_tcp.py --mb 100                    # gRPC bytes (what crosses hosts)
+    python bench/wire_vs_tcp.py --mb 100 --transport auto   # same host: the shared-memory path
 
 Raw TCP: a client sends N MB, the server echoes N MB back (sendall / recv_into with
 preallocated buffers, the best a Python process does). shardps: one worker pushes
 an N MB fp32 gradient to one shard server (async mode, SGD, so the apply is a few
 ms) and receives the N MB updated slice: the real ShardedOptimizer path. Both
-report bytes moved (both directions) per second; alternating, --reps times.
+report bytes moved (both directions) per second; alternating, --reps times. With
+``--transport auto`` the worker and servers share /dev/shm, so the bytes never cross a socket:
+the figure is then how fast a push-pull goes, not a wire speed.
 """
 from __future__ import annotations
 
@@ -65,21 +68,23 @@ def run_tcp(nbytes: int, rounds: int) -> list[float]:
     return times
 
 
-def run_shardps(nbytes: int, rounds: int, wire_dtype: str) -> list[float]:
+def run_shardps(nbytes: int, rounds: int, wire_dtype: str, transport: str, servers: int) -> list[float]:
     from shardps import LocalCluster, ShardedOptimizer
 
     numel = nbytes // 4
     param = torch.nn.Parameter(torch.zeros(numel))
-    with LocalCluster(servers=1) as cluster:
+    with LocalCluster(servers=servers) as cluster:
         opt = ShardedOptimizer([param], cluster=cluster.address, optimizer="sgd", lr=1e-9, mode="async",
-                               wire_dtype=wire_dtype)
+                               wire_dtype=wire_dtype, transport=transport)
         param.grad = torch.ones(numel)
         times = []
         for _ in range(rounds):
             t = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t)
+        shm = list(opt.ps.shm_ok)  # which shards took the bytes through shared memory
         opt.close()
+    assert all(shm) if transport == "auto" else not any(shm), (transport, shm)
     return times
 
 
@@ -89,6 +94,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--wire-dtype", default="float32")
+    ap.add_argument("--transport", choices=("grpc", "auto"), default="grpc",
+                    help="grpc: every byte over gRPC; auto: shared memory when on one host")
+    ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args()
     nbytes = args.mb * 1_000_000 // 4 * 4
@@ -96,7 +104,7 @@ def main():
     for rep in range(args.reps):
         tcp.append(2 * nbytes / stats(run_tcp(nbytes, args.rounds)[2:])["median"])
         ps_bytes = nbytes + (nbytes // 2 if args.wire_dtype != "float32" else nbytes)
-        ps.append(ps_bytes / stats(run_shardps(nbytes, args.rounds, args.wire_dtype)[2:])["median"])
+        ps.append(ps_bytes / stats(run_shardps(nbytes, args.rounds, args.wire_dtype, args.transport, args.servers)[2:])["median"])
         print(f"rep {rep}: tcp {tcp[-1] / 1e9:.2f} GB/s, shardps {ps[-1] / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
     emit("wire_vs_tcp", {"config": vars(args), "tcp_bytes_per_s": stats(tcp), "shardps_bytes_per_s": stats(ps),
                          "ratio_shardps_over_tcp": stats([p / t for p, t in zip(ps, tcp)])}, args.out)

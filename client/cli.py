@@ -126,6 +126,9 @@ def server(
     advertise: str = typer.Option("", envvar="SHARDPS_ADVERTISE", help="host:port workers dial (default host:port)."),
     shard_id: int = typer.Option(-1, envvar="SHARDPS_SHARD_ID", help="Shard id; -1 lets the coordinator assign one."),
     threads: int = typer.Option(64, envvar="SHARDPS_THREADS", help="gRPC handler threads (>= workers + 8)."),
+    compute_threads: int = typer.Option(0, envvar="SHARDPS_COMPUTE_THREADS",
+                                        help="torch threads for the optimizer (0: every core; servers sharing a "
+                                             "host should split its cores)."),
     step_timeout: float = typer.Option(300.0, envvar="SHARDPS_STEP_TIMEOUT", help="Sync: seconds a push waits for its step."),
     port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
     checkpoint_dir: str = typer.Option("", envvar="SHARDPS_CHECKPOINT_DIR",
@@ -142,7 +145,8 @@ def server(
     _setup_logging(log_level)
     try:
         config = ServerConfig(coordinator=coordinator, host=host, port=port, advertise=advertise, shard_id=shard_id,
-                              threads=threads, step_timeout=step_timeout, port_file=port_file,
+                              threads=threads, compute_threads=compute_threads, step_timeout=step_timeout,
+                              port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               checkpoint_keep=checkpoint_keep, metrics_port=metrics_port)
     except ValueError as exc:

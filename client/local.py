@@ -148,7 +148,9 @@ class LocalCluster:
             for shard_id in range(self.num_servers):
                 name = f"server-{shard_id}"
                 args = ["server", "--coordinator", self.address, "--shard-id", str(shard_id),
-                        "--step-timeout", str(self.step_timeout)]
+                        "--step-timeout", str(self.step_timeout),
+                        # the servers share this host's cores rather than each running every core's worth of threads
+                        "--compute-threads", str(max(1, (os.cpu_count() or 1) // self.num_servers))]
                 if self.checkpoint_dir is not None:
                     args += ["--checkpoint-dir", str(self.checkpoint_dir), "--checkpoint-every",
                              str(self.checkpoint_every)]

@@ -324,7 +324,7 @@ def _watch(config, cluster: LocalCluster, workers: WorkerSet, logs: Path, tail: 
             for rec in tail.poll():
                 _fold(progress, rec, rates)
             return tail
-        time.sleep(0.25)
+        time.sleep(runner.poll_s())
 
 
 def runner_down(cluster: LocalCluster) -> set[str]:

@@ -143,6 +143,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def creator(path: str) -> tuple[int, int]:
+    """The pid that created the segment at ``path`` and its pid namespace; (0, 0) if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            magic, version, _, _, pid, ns = _FIELDS.unpack(f.read(_FIELDS.size))
+    except (OSError, struct.error):
+        return 0, 0
+    return (pid, ns) if (magic, version) == (MAGIC, 1) else (0, 0)
+
+
 def sweep() -> list[str]:
     """Unlink the segments whose creator died (a SIGKILLed worker), judging only those created in
     this pid namespace (elsewhere a pid means nothing here). Returns the names removed."""
@@ -153,12 +163,8 @@ def sweep() -> list[str]:
         return removed
     for name in names:
         path = os.path.join(SHM_DIR, name)
-        try:
-            with open(path, "rb") as f:
-                magic, version, _, _, pid, ns = _FIELDS.unpack(f.read(_FIELDS.size))
-        except (OSError, struct.error):
-            continue
-        if magic == MAGIC and version == 1 and ns == mine and mine and not _alive(pid):
+        pid, ns = creator(path)
+        if ns == mine and mine and pid and not _alive(pid):
             try:
                 os.unlink(path)
                 removed.append(name)

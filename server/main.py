@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
@@ -41,12 +42,15 @@ class ServerConfig:
     checkpoint_every: int = 0  # also checkpoint every N versions (0: only at version 0, on request and on SIGTERM)
     checkpoint_keep: int = 3  # newest checkpoints kept per shard
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
+    compute_threads: int = 0  # torch threads for the optimizer step (0: torch's default, every core)
 
     def __post_init__(self):
         if ":" not in self.coordinator:
             raise ValueError(f"coordinator must be host:port, got {self.coordinator!r}")
         if self.threads < 4:
             raise ValueError(f"threads must be >= 4, got {self.threads}")
+        if self.compute_threads < 0:
+            raise ValueError(f"compute_threads must be >= 0 (0: every core), got {self.compute_threads}")
         if self.chunk_bytes < 1 or self.chunk_bytes > self.max_message_bytes - 4096:
             raise ValueError("chunk_bytes must be positive and fit in max_message_bytes with room for headers")
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
@@ -135,6 +139,8 @@ def checkpoint_on_exit(node: ShardNode) -> None:
 
 
 def serve(config: ServerConfig) -> None:
+    if config.compute_threads:  # servers sharing a host split its cores instead of each taking all of them
+        torch.set_num_threads(config.compute_threads)
     with CoordinatorClient(config.coordinator, reconnect=config.register_wait) as coordinator:
         server, port, node = create_server(config, coordinator)
         server.start()

@@ -308,6 +308,7 @@ class SyncPolicy:
     def _close(self, state, step: int, open_: _OpenStep) -> None:
         pushes = [open_.pushes[w] for w in sorted(open_.pushes)]
         buffers = next((p.buffers for p in pushes if p.buffers is not None), None)
+        in_shared_memory = any(not p.owned for p in pushes)
         if any(p.options.overflow for p in pushes):
             self._remember(state, step, Closed(0.0, skipped=True))
             state.skip(buffers)
@@ -329,6 +330,14 @@ class SyncPolicy:
             if self.staleness_lr:
                 samples = sum(p.batch_size for p in pushes)
                 lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
+            if in_shared_memory and not state.still_finite(mean):
+                self._remember(state, step, Closed(0.0, skipped=True))
+                state.skip(buffers)
+                for p in pushes:
+                    if p.release is not None:
+                        p.release()
+                state.cond.notify_all()
+                return
             present = _merge_present(pushes)
             pushes[0].release, first_release = None, pushes[0].release  # the mean's buffer, given back after apply
             pending = _Pending(mean, present, pushes[0].hyper, lr_scale, clipped or pushes[0].options, 0.0,
@@ -421,6 +430,9 @@ class AsyncPolicy:
         staleness = state.version - push.base_version
         state.stats.staleness[staleness] += 1
         lr_scale = 1.0 / max(1, staleness) if self.staleness_lr else 1.0
+        if not push.owned and not state.still_finite(push.grad):  # rewritten in shared memory since it was checked
+            state.skip(push.buffers)
+            return Outcome(state.version, 0, False, next_step=push.step + 1, skipped=True)
         pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, push.buffers)
         if push.options.clipped:
             push.kept = True

@@ -167,7 +167,8 @@ class ShardServicer:
         then the gradient, and the step options (in the header, or in a PushCommit after the
         gradient). Reading stops once the gradient is complete and the options are known, so a
         clipped push's stream stays open for its ClipTotal (without ``expect_grad``, the gradient is
-        in shared memory: reading stops once the options are known). Returns (the fp32 gradient in a
+        in shared memory: reading stops once the options are known, so a push with buffers sends its
+        options after them, in a PushCommit). Returns (the fp32 gradient in a
         pooled buffer the caller gives back, or None; the options; the buffers file).
 
         A sparse push's values are scattered into a zeroed buffer. Nothing is kept on error.

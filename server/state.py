@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,8 @@ from ..proto.shm import Segment, ShmUnavailable, sweep
 from .checkpoint import Snapshot
 from .modes import Outcome, Push, make_policy
 from .slice_optimizer import SliceOptimizer
+
+log = logging.getLogger("shardps.server")
 
 
 @dataclass
@@ -197,6 +200,17 @@ class ShardState:
         if not _all_finite(grad):
             self.reject("nonfinite")
             raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
+
+    def still_finite(self, grad: torch.Tensor) -> bool:
+        """Under the lock: check a gradient that was read from a worker's shared memory once more, right before it is
+        applied: a worker that rewrote it after it was validated (a bug) gets the step skipped and a
+        "nonfinite" rejection counted, not NaN parameters."""
+        if _all_finite(grad):
+            return True
+        self.stats.rejections["nonfinite"] += 1  # the caller holds the lock
+        log.warning("shard %d: a gradient in a worker's shared memory turned non-finite after it was checked; "
+                    "the step is skipped", self.shard.shard_id)
+        return False
 
     def push(self, push: Push, members: frozenset[int]) -> Outcome:
         """Submit one push to the policy. Raises a domain error (state unchanged) for bad pushes.

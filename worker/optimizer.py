@@ -180,25 +180,49 @@ class ShardedOptimizer(torch.optim.Optimizer):
         sparse = 0 < topk_ratio < 1
         self.flat = FlatParams(*named, len(self.param_groups), torch.float32 if sparse else self._wire_dtype,
                                shared=transport == "auto" and not sparse)
-        self._buffers = torch_compat.persistent_buffers(module)
-        self.job = JobConfig(
-            self.flat.layout, optimizer, defaults, UpdateMode.parse(mode), min_workers, backup_workers, staleness_lr,
-            staleness, topk_ratio, balance_every,
-            groups=tuple(optim.group_kwargs(optimizer, defaults, g) for g in self.param_groups),
-            buffers=tuple(BufferEntry(n, tuple(b.shape), str(b.dtype).removeprefix("torch."))
-                          for n, b in self._buffers.items()),
-            broadcast_buffers=broadcast_buffers, name=job)
-        self._state_keys = list(module.state_dict(keep_vars=True)) if module is not None else []
-        self._param_ids = {id(p) for p in self.flat.params}
-        self._warned_local_clip = self._warned_edit = False
-        self.step_timeout = step_timeout
-        self.retry = Retrier(budget=retry_timeout)
-        self.security = Security.from_env(token=auth_token)
-        self.device = str(self.flat.params[0].device)
-        self._overlap: OverlapPusher | None = None
-        self._inflight: _Step | None = None
-        self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes, overlap)
+        try:
+            self._buffers = torch_compat.persistent_buffers(module)
+            self.job = JobConfig(
+                self.flat.layout, optimizer, defaults, UpdateMode.parse(mode), min_workers, backup_workers, staleness_lr,
+                staleness, topk_ratio, balance_every,
+                groups=tuple(optim.group_kwargs(optimizer, defaults, g) for g in self.param_groups),
+                buffers=tuple(BufferEntry(n, tuple(b.shape), str(b.dtype).removeprefix("torch."))
+                              for n, b in self._buffers.items()),
+                broadcast_buffers=broadcast_buffers, name=job)
+            self._state_keys = list(module.state_dict(keep_vars=True)) if module is not None else []
+            self._param_ids = {id(p) for p in self.flat.params}
+            self._warned_local_clip = self._warned_edit = False
+            self.step_timeout = step_timeout
+            self.retry = Retrier(budget=retry_timeout)
+            self.security = Security.from_env(token=auth_token)
+            self.device = str(self.flat.params[0].device)
+            self._overlap: OverlapPusher | None = None
+            self._inflight: _Step | None = None
+            self._connect(cluster, name or f"{socket.gethostname()}:{os.getpid()}", connect_timeout, chunk_bytes, overlap)
+        except BaseException:
+            self._abandon()  # a refused registration leaves no shared memory, lease or channel behind
+            raise
         torch_compat.track(self)
+
+    def _abandon(self) -> None:
+        """Undo a construction that failed part way: whatever exists of it is closed, a registered
+        worker leaves (best effort: the error that got us here is the one to report)."""
+        if getattr(self, "_overlap", None) is not None:
+            self._overlap.close()
+        if getattr(self, "_heartbeat", None) is not None:
+            self._heartbeat.stop()
+        self.flat.close()
+        coordinator, ps = getattr(self, "coordinator", None), getattr(self, "ps", None)
+        try:
+            if coordinator is not None and getattr(self, "worker_id", None) is not None:
+                coordinator.leave(self.job_id, self.worker_id)
+        except Exception:  # noqa: BLE001 - the construction error is the one to raise
+            pass
+        finally:
+            for part in (ps, coordinator):
+                if part is not None:
+                    part.close()
+            self.ps = None
 
     def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int, overlap: bool) -> None:
         self.coordinator = CoordinatorClient(cluster, security=self.security, reconnect=RECONNECT_S)
@@ -227,6 +251,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ parameters and buffers
 
     def _pull(self, min_version: int = 0) -> list[int]:
+        self.flat.quiesce()  # no device copy still reads the host values the pull overwrites
         self.versions, blob = self.ps.pull(self.flat.values, min_version, buffers=bool(self._buffers))
         self.flat.scatter_params()
         if blob is not None and self.job.broadcast_buffers:
@@ -364,23 +389,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                   grad_scale=grad_scale, clip_max_norm=max_norm, clip_norm_type=norm_type)
 
         blob = self._buffers_blob() if self._buffers and self.rank == 0 else None
+        self.flat.fence()  # replies reach the device only after this step's forward and backward
         if self._overlap is not None:
             futures, exchange = self._overlap.commit(lambda k: options(self.ps.shards[k]), norm_type)
             self._inflight = _Step(futures, exchange, batch, clip is not None)
             return self._inflight
-        grads = None if overflow else self.flat.gather_grads()
+        # Every shard's gradient is queued for the host first (on a GPU: cast and copied on a stream of
+        # its own), then each push waits only for its own shard's bytes.
+        staged = [None if overflow else self.flat.stage_grads(s.info.range.start, s.info.range.stop, self.ps.shm_ok[k])
+                  for k, s in enumerate(self.ps.shards)]
         exchange = ClipExchange(len(self.ps.shards), self.steps_taken, norm_type, self.step_timeout) if clip else None
         futures = []
-        for shard in self.ps.shards:
+        for k, shard in enumerate(self.ps.shards):
             header = self._header()
             header.options.CopyFrom(options(shard))
-            futures.append(self.ps.submit_push(shard, grads, self.flat.values, header,
-                                               self.versions[shard.info.range.shard_id], clip=exchange, buffers=blob))
+            futures.append(self.ps.submit_push(shard, staged[k], self.flat.values, header,
+                                               self.versions[shard.info.range.shard_id], clip=exchange, buffers=blob,
+                                               landed=self.flat.scatter_range))
         self._inflight = _Step(futures, exchange, batch, clip is not None)
         return self._inflight
 
     def _finish(self, replies: list[PushReply], overflow: bool, under_scaler: bool) -> None:
-        self.flat.scatter_params()
+        self.flat.scatter_params(ranges_done=True)  # each reply went to the device as it landed
         self.versions = [r.version for r in replies]
         self.last_replies = replies
         blob = next((r.buffers for r in replies if r.buffers is not None), None)
@@ -446,10 +476,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ torch.optim's API
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. For fp32 CPU models they are views into the push buffer and are
-        zeroed in place (as DDP's gradient_as_bucket_view); with ``set_to_none`` a parameter then
-        counts as having no gradient until backward writes one, as torch sees ``p.grad is None``."""
-        if self.flat.bound:
+        """Zero the gradients. Where they are views into the push bucket (an fp32 CPU model, or a
+        model on one device with one dtype) they are zeroed in place (as DDP's
+        gradient_as_bucket_view); with ``set_to_none`` a parameter then counts as having no
+        gradient until backward writes one, as torch sees ``p.grad is None``."""
+        if self.flat.bound:  # gradients are views into the bucket (CPU fp32, or one device and dtype)
             self.flat.zero_grads(set_to_none)
         else:
             super().zero_grad(set_to_none)

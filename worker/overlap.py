@@ -87,10 +87,11 @@ class OverlapPusher:
             self.exchange = ClipExchange(len(self.ps.shards), self._header.step, 2.0, self.timeout)
         shard = self.ps.shards[k]
         r = shard.info.range
-        grads = self.flat.gather_grads(r.start, r.stop)
+        grads = self.flat.stage_grads(r.start, r.stop, shm=self.ps.shm_ok[k])  # queued; the push thread waits
         commit = self._commits[k] = _Commit(self.timeout)
         self._futures[k] = self.ps.submit_push(shard, grads, self.flat.values, self._header,
-                                               self._base_versions[k], commit.wait, self.exchange)
+                                               self._base_versions[k], commit.wait, self.exchange,
+                                               landed=self.flat.scatter_range)
 
     def commit(self, options_for: Callable[[int], pb.StepOptions],
                norm_type: float = 2.0) -> tuple[list[Future], ClipExchange]:

@@ -28,6 +28,7 @@ from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
 from ..proto.rpc import WORKER_METADATA, error_from_rpc, open_channel
 from ..proto.shm import Segment
+from .flat import Staged
 
 log = logging.getLogger("shardps.worker")
 
@@ -168,6 +169,11 @@ class ShardChannel:
         if shm is not None:
             header.shm.CopyFrom(pb.ShmSegment(name=shm.name, nonce=shm.nonce))
             grad = None
+            if buffers is not None and commit is None and header.HasField("options"):
+                # The stream has no gradient to end the buffers, and the server stops reading at the
+                # step options: the buffers go before them, so the options follow in a PushCommit.
+                header, options = _without_options(header)
+                commit = lambda: options  # noqa: E731
 
         def requests(ended: threading.Event):
             yield pb.PushRequest(header=header)
@@ -326,12 +332,15 @@ class PSClient:
         return self._fan_out(lambda s: s.init(self._slice(values, s), worker_id, self.timeout,
                                               buffers if s.info.range.shard_id == 0 else None, replace))
 
-    def submit_push(self, shard: "ShardChannel", grads: torch.Tensor | None, values: torch.Tensor,
+    def submit_push(self, shard: "ShardChannel", grads: Staged | None, values: torch.Tensor,
                     header: pb.PushHeader, base_version: int, commit: Callable[[], pb.StepOptions] | None = None,
-                    clip: ClipExchange | None = None, buffers: bytes | None = None):
+                    clip: ClipExchange | None = None, buffers: bytes | None = None,
+                    landed: Callable[[int, int], None] | None = None):
         """Start one shard's push-pull on the pool; returns its Future[PushReply]. ``grads`` is the
-        flat wire buffer (None: an overflow vote); the header carries the step options unless
-        ``commit`` supplies them after the gradient.
+        shard's gradient staged by ``FlatParams.stage_grads`` (None: an overflow vote); the pool
+        thread waits for it, so one shard's bytes go out while the next shard's are still being
+        copied off the GPU. The header carries the step options unless ``commit`` supplies them
+        after the gradient; ``landed(start, stop)`` runs once the reply is in ``values``.
 
         With a compressor (top-k), the shard's slice is compressed on the pool thread too.
         """
@@ -345,6 +354,8 @@ class PSClient:
 
         def task():
             out = self._slice(values, shard)
+            if grads is not None:
+                grads.wait()
             if self.shm_ok[k]:
                 try:
                     return shard.push(h, None, out, self.timeout, commit, None, clip, blob, shm=self.segment)
@@ -354,12 +365,19 @@ class PSClient:
                     h.ClearField("shm")
             if grads is None:
                 return shard.push(h, None, out, self.timeout, commit, None, clip, blob)
+            wire = grads.wire()
             if self.compressor is not None and r.numel:
-                positions, kept = self.compressor.compress(grads, r.start, r.stop)
+                positions, kept = self.compressor.compress(wire, r.start, r.stop)
                 return shard.push(h, kept, out, self.timeout, commit, positions, clip, blob)
-            return shard.push(h, self._slice(grads, shard), out, self.timeout, commit, None, clip, blob)
+            return shard.push(h, self._slice(wire, shard), out, self.timeout, commit, None, clip, blob)
 
-        return self._pool.submit(task)
+        def push_and_land():
+            reply = task()
+            if landed is not None:
+                landed(r.start, r.stop)
+            return reply
+
+        return self._pool.submit(push_and_land)
 
     def pull(self, values: torch.Tensor, min_version: int = 0, buffers: bool = False) -> tuple[list[int], bytes | None]:
         """Every shard's current slice into ``values``; returns the versions and (with ``buffers``)
@@ -382,3 +400,11 @@ def results(futures: list[Future]) -> list:
     into its buffers."""
     wait(futures)
     return [f.result() for f in futures]
+
+
+def _without_options(header: pb.PushHeader) -> tuple[pb.PushHeader, pb.StepOptions]:
+    """A copy of ``header`` without its step options, and the options."""
+    bare = pb.PushHeader()
+    bare.CopyFrom(header)
+    bare.ClearField("options")
+    return bare, header.options

@@ -1,5 +1,7 @@
 """Who may talk to the cluster: calls without the token, with a wrong one, or in plaintext to a TLS
 cluster are refused with the right status and change nothing; with the right credentials training works."""
+import glob
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from shardps.proto.errors import Unauthenticated, Unavailable
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
 from shardps.proto.rpc import check_health, open_channel
+from shardps.proto import shm
 from shardps.proto.security import Security, SecurityError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +52,7 @@ def test_a_token_protects_every_role_and_the_right_token_trains():
         with pytest.raises(Unauthenticated, match="wrong auth token"):
             train_two_steps(cluster, auth_token="wrong")
         assert not call_status(cluster.address, cluster.security).job_id  # the refused worker changed nothing
+        assert not [p for p in glob.glob(f"{shm.SHM_DIR}/shardps-*") if shm.creator(p)[0] == os.getpid()]  # nor left memory
         assert train_two_steps(cluster, auth_token="s3cret") == [2, 2]
 
 

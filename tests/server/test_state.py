@@ -252,3 +252,42 @@ def test_the_sync_mean_of_huge_finite_gradients_cannot_overflow():
     t.join(5)
     assert state.version == 1 and bool(torch.isfinite(state.param).all())
     assert torch.allclose(state.param, torch.full((N,), 1 - 1e-30 * 3e38))
+
+
+def shared(p: Push) -> Push:
+    """The push as the shared-memory path hands it over: the gradient is the worker's memory."""
+    p.owned = False
+    p.take = lambda: torch.empty(N)
+    p.give = lambda buf: None
+    return p
+
+
+def test_a_gradient_rewritten_in_shared_memory_after_its_check_skips_the_step_instead_of_poisoning_it():
+    # sync: worker 0's gradient sits in its own memory until worker 1 closes the step
+    state = make_state("sync", optimizer="adam", lr=0.1)
+    members = frozenset({0, 1})
+    mine = torch.ones(N)
+    t, result = in_thread(lambda: state.push(shared(push(0, 0, mine)), members))
+    t.join(0.3)
+    mine[3] = float("nan")  # a buggy worker writes into its gradient while the step is open
+    out = state.push(shared(push(1, 0, torch.ones(N))), members)
+    t.join(5)
+    assert out.skipped and result["v"].skipped and state.version == 1
+    assert torch.equal(state.param, torch.ones(N)) and state.stats.rejections["nonfinite"] == 1
+    # the next step goes on normally
+    mine[3] = 1.0
+    t, _ = in_thread(lambda: state.push(shared(push(0, 1, mine)), members))
+    state.push(shared(push(1, 1, torch.ones(N))), members)
+    t.join(5)
+    assert state.version == 2 and torch.isfinite(state.param).all() and not torch.equal(state.param, torch.ones(N))
+
+
+def test_an_async_gradient_rewritten_in_shared_memory_is_checked_again_before_it_is_applied():
+    state = make_state("async")
+    grad = torch.ones(N)
+    p = shared(push(0, 0, grad))
+    state.validate(p)  # what the handler checked on arrival ...
+    grad[0] = float("inf")  # ... and what the worker's memory holds when the policy applies it
+    with state.cond:
+        out = state.policy.submit(state, p, frozenset({0}), False)
+    assert out.skipped and torch.equal(state.param, torch.ones(N)) and state.stats.rejections["nonfinite"] == 1
