@@ -28,6 +28,7 @@ COPY server/ /src/shardps/server/
 COPY coordinator/ /src/shardps/coordinator/
 COPY worker/ /src/shardps/worker/
 COPY client/ /src/shardps/client/
+COPY chaos/ /src/shardps/chaos/
 # A core install (scikit-learn, the built-in workloads' data, included); no plots or TensorBoard.
 RUN python3 -m pip install ${PIP_ARGS} "torch==${TORCH_VERSION}" \
  && python3 -m pip install ${PIP_ARGS} /src/shardps \

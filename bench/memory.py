@@ -49,7 +49,6 @@ def worker(address, width, io, steps, workers, queue, transport):
 
 
 def _self() -> int:
-    import os
 
     return os.getpid()
 
@@ -98,8 +97,8 @@ def main():
                    "formula_4_4k_bytes": formula_issue,
                    "ratio_peak_over_4_4k": [p / formula_issue for p in server_peak],
                    "anon_rss_bytes": server_anon, "shared_rss_bytes": server_shmem,
-                   "ratio_anon_over_4_4k": [a / formula_issue for a in server_anon],
-                   "transport": os.environ.get("SHARDPS_TRANSPORT", "auto")},
+                   "ratio_anon_over_4_4k": [(a - b) / formula_issue for a, b in zip(server_anon, server_base)],  # private, less the runtime
+                   "transport": args.transport},
         "worker": {"formula_bytes": formula_worker, "peak_rss_bytes": [p for _, p in workers],
                    "used_bytes": worker_used, "ratio_used_over_formula": [u / formula_worker for u in worker_used]},
     }, args.out)

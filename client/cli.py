@@ -439,8 +439,8 @@ def chaos_rpc(
 ):
     """Delay, abort or drop RPCs on coordinator or servers, by method, worker and probability. An
     operator's call: it needs the cluster's credential (SHARDPS_CLUSTER_TOKEN, or --run)."""
-    from ..proto.faults import FaultRule
-    from . import chaos
+    from ..chaos.faults import FaultRule
+    from .. import chaos
 
     cluster, security = _operator(cluster, run)
     with _user_errors(cluster):
@@ -459,12 +459,12 @@ def chaos_rpc(
 
 
 def _chaos_on_run(action: str, target: str, run_dir: str, params: dict, timeout: float, compose: str = "") -> None:
-    from . import chaos
+    from .. import chaos
 
     if bool(run_dir) == bool(compose):
         _fail("give --run DIR (a running `shardps run`) or --compose PROJECT (a docker-compose cluster)")
     if compose:
-        from .compose import ComposeCluster, ComposeError
+        from ..chaos.compose import ComposeCluster, ComposeError
 
         try:
             name = ComposeCluster(compose).do(action, target, params)

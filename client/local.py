@@ -10,7 +10,7 @@ checks and every server has registered. ``stop`` ends only the processes this
 object started (SIGTERM, then SIGKILL after a grace period), by PID.
 
 With ``hosts=True`` every role runs in its own Linux network namespace behind a
-bridge (``client/netns.py``), on its own private address, so the cluster crosses a
+bridge (``chaos/netns.py``), on its own private address, so the cluster crosses a
 real network and ``cluster.network`` can cut, slow or lossify each host's link;
 ``worker_popen`` starts worker ``i`` on host ``worker-<i>``. Root only.
 
@@ -117,7 +117,7 @@ class LocalCluster:
             f.write(cluster_token)
         self.network = None
         if hosts:
-            from .netns import Network
+            from ..chaos.netns import Network
 
             names = ["coordinator", *(f"server-{i}" for i in range(servers)),
                      *(f"worker-{i}" for i in range(worker_hosts))]

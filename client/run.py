@@ -12,7 +12,7 @@ from the shards, evaluates it on held-out data, and writes the run directory:
     report.json/.md     with --scenario: the fault timeline, counters and faults.png
 
 With ``hosts=True`` every process runs in its own network namespace (root only);
-with ``scenario`` a TOML file schedules faults (``client/scenario.py``).
+with ``scenario`` a TOML file schedules faults (``chaos/scenario.py``).
 
 It stops everything it started, also on error or Ctrl-C.
 """
@@ -30,7 +30,7 @@ from typing import Callable
 from ..proto.errors import ShardpsError
 from .local import GLIBC_TUNABLES, LocalCluster
 from .extras import available, install_hint
-from .plots import maybe, training_plot
+from .plots import faults_plot, maybe, training_plot
 from .sdk import cluster_status, export_model, load_model_file
 
 
@@ -60,7 +60,7 @@ class RunConfig:
     out: str = ""  # run directory; default runs/<workload>-<time>
     worker_threads: int = 1  # torch threads per worker
     hosts: bool = False  # every role in its own network namespace (root only)
-    scenario: str = ""  # TOML file of faults to inject (see client/scenario.py)
+    scenario: str = ""  # TOML file of faults to inject (see chaos/scenario.py)
     checkpoint_every: int = 100  # servers also checkpoint every N steps (always: at the start and at the end)
     durable: bool = True  # coordinator state and shard checkpoints on disk, so a killed process is survived
     resume: str = ""  # a run directory (or checkpoint folder) to go on from; --steps counts from step 0
@@ -80,14 +80,14 @@ class RunConfig:
             if plan.needs_hosts and not self.hosts:
                 raise ValueError(f"scenario {self.scenario} has network faults (partition/link): add --hosts")
         if self.hosts:
-            from .netns import available
+            from ..chaos.netns import available
 
             ok, reason = available()
             if not ok:
                 raise ValueError(f"--hosts: {reason}")
 
     def load_scenario(self):
-        from .scenario import load
+        from ..chaos.scenario import load
 
         return load(self.scenario, self.workers, self.servers)
 
@@ -159,7 +159,7 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoints, resume_job=resume_job,
                       lease_seconds=config.lease_seconds, durable=config.durable or bool(resume_job)) as cluster:
         workers = WorkerSet(config, cluster, out, logs)
-        from .scenario import Scenario, ScenarioRunner
+        from ..chaos.scenario import Scenario, ScenarioRunner
 
         # Scheduled faults, and ad-hoc ones that `shardps chaos ACTION TARGET --run DIR` asks for.
         runner = ScenarioRunner(scenario or Scenario("ad hoc", []), _actions(cluster, workers))
@@ -179,9 +179,10 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
     summary = _summarize(config, tail.records, status, exported, wall)
     notes = summary["notes"] = []  # optional pieces left out, each with the command that adds it
     if faults is not None:
-        from .report import write_report
+        from ..chaos.report import write_report
 
-        summary["report"] = write_report(out, runner.scenario, runner.timeline, tail.records, status, faults, summary)
+        summary["report"] = write_report(out, runner.scenario, runner.timeline, tail.records, status, faults, summary,
+                                         draw=lambda *args: maybe(faults_plot, *args, notes=notes))
     maybe(training_plot, tail.records, summary, out / "training.png", notes=notes)
     _tensorboard_run(out / "tensorboard" / "run", runner.timeline, summary, notes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -335,8 +336,8 @@ def runner_down(cluster: LocalCluster) -> set[str]:
 
 def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
     """What each scenario action does in this run."""
-    from . import chaos
-    from ..proto.faults import FaultRule
+    from .. import chaos
+    from ..chaos.faults import FaultRule
 
     def process(action):
         def do(target, params):
@@ -391,7 +392,7 @@ def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
 
 
 def _fault_counts(cluster: LocalCluster, workers: WorkerSet) -> dict:
-    from . import chaos
+    from .. import chaos
 
     injected = {}
     try:

@@ -17,7 +17,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import JobConfig, job_from_pb
 from ..proto.process import wait_for_stop_signal, write_port_file
-from ..proto.faults import create_server as new_grpc_server
+from ..chaos.faults import create_server as new_grpc_server
 from ..proto.rpc import add_health, bind
 from .service import CoordinatorServicer
 from .journal import Journal

@@ -17,7 +17,7 @@ import torch
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
 from ..proto.process import wait_for_stop_signal, write_port_file
-from ..proto.faults import create_server as new_grpc_server
+from ..chaos.faults import create_server as new_grpc_server
 from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
 from .node import ShardNode
 from .service import ShardServicer, add_to_server

@@ -178,12 +178,16 @@ class ShardNode:
             log.warning("ignoring checkpoints of job %s: the coordinator runs job %s", snap.job_id, job_id)
             snap = None
         if snap is None:
-            if started:
-                why = (f"shard {self.shard_id} restarted and has no checkpoint of job {job_name!r} "
-                       + (f"in {self.checkpoint_dir}" if self.checkpoint_dir else "(it was started without "
-                          "--checkpoint-dir)")
-                       + ", so the job's parameters on this shard are lost; resume the job from a run checkpoint "
-                       "(shardps run --resume) or start servers with --checkpoint-dir so a restart can restore them")
+            if started and self.checkpoint_dir:
+                # InitShard acknowledges only once version 0 is on disk: this shard was never
+                # initialised, and the initializer's retried upload will do it now.
+                log.warning("shard %d has no checkpoint of job %s: it was not initialised here before the "
+                            "restart; waiting for the job's upload", self.shard_id, job_name)
+            elif started:
+                why = (f"shard {self.shard_id} restarted and has no checkpoint of job {job_name!r} (it was started "
+                       "without --checkpoint-dir), so the job's parameters on this shard are lost; resume the job "
+                       "from a run checkpoint (shardps run --resume) or start servers with --checkpoint-dir so a "
+                       "restart can restore them")
                 with self._cond:
                     if job_id not in self.states:
                         self.lost[job_id] = why

@@ -71,6 +71,11 @@ class ShardServicer:
         finally:
             del buf
             release_free_memory()
+        checkpointer = self.node.checkpointer_for(state)
+        if fresh and checkpointer is not None:
+            # The starting point is on disk before the upload is acknowledged: a shard that restarts
+            # after it always finds a checkpoint, and one that finds none was never initialised.
+            checkpointer.flush(timeout=self.wait_timeout)
         state.add_bytes(received=asm.received)
         return pb.InitShardResponse(version=state.version, already_initialized=not fresh)
 

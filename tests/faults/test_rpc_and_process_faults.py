@@ -9,11 +9,11 @@ import grpc
 import pytest
 
 from shardps import LocalCluster
-from shardps.client import chaos
+from shardps import chaos
 from shardps.client.sdk import cluster_status
 from shardps.coordinator.client import CoordinatorClient
 from shardps.proto.errors import InvalidArgument, ShardpsError
-from shardps.proto.faults import FaultRule
+from shardps.chaos.faults import FaultRule
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
 from shardps.proto.rpc import open_channel

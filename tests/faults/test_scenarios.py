@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from shardps.client.netns import available
+from shardps.chaos.netns import available
 from shardps.client.run import RunConfig, run
-from shardps.client.scenario import ScenarioError, load
+from shardps.chaos.scenario import ScenarioError, load
 from shardps.client.sdk import load_model_file, train_single_process
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "scenarios"

@@ -42,3 +42,44 @@ def test_sigkill_a_server_mid_run_restart_it_and_the_job_rolls_back_and_finishes
     assert shards[0]["steps_rolled_back"] == rb.from_version - rb.to_version
     assert applied_pushes(shards[0]) == 2 * (STEPS + shards[0]["steps_rolled_back"])
     assert_equals_fault_free_run(results)
+
+
+@pytest.mark.slow
+def test_a_server_killed_before_its_upload_landed_is_initialised_by_the_retry_not_declared_lost(tmp_path):
+    import threading
+
+    import torch
+
+    from shardps import ShardedOptimizer, chaos
+
+    with LocalCluster(servers=2, checkpoint_dir=tmp_path / "ckpt") as cluster:
+        # server-1 refuses every upload (as if it died mid-transfer each time) while the job exists
+        chaos.set_rpc_faults(cluster, "server-1", [chaos.FaultRule(kind="abort", method="InitShard")])
+        model, made = torch.nn.Linear(6, 3), {}
+
+        def construct():
+            try:
+                made["opt"] = ShardedOptimizer(model, cluster=cluster.address, lr=0.1, retry_timeout=90)
+            except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+                made["error"] = exc
+
+        t = threading.Thread(target=construct)
+        t.start()
+        deadline = time.monotonic() + 60
+        while not chaos.get_rpc_faults(cluster, "server-1")["server-1"]["injected"]:
+            assert time.monotonic() < deadline, "the upload never reached server-1"
+            time.sleep(0.1)
+        with CoordinatorClient(cluster.address, security=cluster.admin_security) as coord:
+            assert coord.status().view.epoch > 0  # the job had started when the shard went down
+        cluster.kill("server-1")
+        cluster.restart("server-1")  # no checkpoint here: never initialised, so it waits for the upload
+        t.join(120)
+        assert "error" not in made, made.get("error")
+        opt = made["opt"]
+        for k in (0, 1):  # an acknowledged upload is on disk already
+            assert (tmp_path / "ckpt" / f"shard-{k}" / "ckpt-000000000000.safetensors").exists()
+        opt.zero_grad()
+        model(torch.randn(4, 6)).pow(2).mean().backward()
+        opt.step(batch_size=4)
+        assert opt.versions == [1, 1]
+        opt.close()

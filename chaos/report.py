@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 
 def _series(records: list[dict]) -> dict:
@@ -49,7 +50,9 @@ def _mean_staleness(shards: list[dict]) -> float:
 
 
 def write_report(out: Path, scenario, timeline, records: list[dict], status: dict, faults: dict,
-                 summary: dict) -> dict:
+                 summary: dict, draw: Callable[..., bool] | None = None) -> dict:
+    """Write report.json and report.md; ``draw(series, timeline, scenario, path)`` draws faults.png
+    (returning False when it cannot, e.g. without matplotlib)."""
     series = _series(records)
     workers = _worker_counters(records)
     shards = status.get("shards", [])
@@ -86,11 +89,7 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "series": series,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    from .plots import faults_plot, maybe
-
-    notes = summary.setdefault("notes", [])
-    report["plot"] = "faults.png" if maybe(faults_plot, series, timeline, scenario, out / "faults.png",
-                                           notes=notes) else ""
+    report["plot"] = "faults.png" if draw is not None and draw(series, timeline, scenario, out / "faults.png") else ""
     (out / "report.md").write_text(_markdown(report))
     return {"path": str(out / "report.md"), "counters": counters}
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from .errors import InvalidArgument
-from .gen import shardps_pb2 as pb
-from .gen import shardps_pb2_grpc as pb_grpc
-from .rpc import MAX_MESSAGE_BYTES, WORKER_METADATA, create_server as new_grpc_server, translate_errors
+from ..proto.errors import InvalidArgument
+from ..proto.gen import shardps_pb2 as pb
+from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto.rpc import MAX_MESSAGE_BYTES, WORKER_METADATA, create_server as new_grpc_server, translate_errors
 
 log = logging.getLogger("shardps.faults")
 
@@ -272,8 +272,8 @@ def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
     and a request stream idle for ``idle_s`` is cancelled (``proto.limits``)."""
     import logging
 
-    from .limits import IdleStreamInterceptor, Watchdog
-    from .security import AuthInterceptor, Security
+    from ..proto.limits import IdleStreamInterceptor, Watchdog
+    from ..proto.security import AuthInterceptor, Security
 
     security = security if security is not None else Security.from_env()
     if not security.cluster_token:

@@ -1,4 +1,4 @@
-"""shardps.client.netns on real network namespaces: reachability, teardown, and each per-link fault.
+"""shardps.chaos.netns on real network namespaces: reachability, teardown, and each per-link fault.
 
 Needs root, iproute2 and iptables (skipped otherwise, with the reason). Helper programs run inside
 the hosts' namespaces as ``python -c`` scripts; each prints its result on stdout.
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from shardps.client.netns import Network, NetworkError, available
+from shardps.chaos.netns import Network, NetworkError, available
 
 ok, reason = available()
 if not ok:
@@ -232,7 +232,7 @@ def process_gone(pid: int) -> bool:
 
 
 def test_delay_proxy_command_line_and_bounded_life():
-    argv = [sys.executable, "-m", "shardps.client.delay_proxy", "--port", "0", "--delay-ms", "5"]
+    argv = [sys.executable, "-m", "shardps.chaos.delay_proxy", "--port", "0", "--delay-ms", "5"]
     with Network(["a"]) as net:
         proxy = net.popen("a", argv, stdout=subprocess.PIPE, text=True)
         assert proxy.stdout.readline().startswith("listening ")

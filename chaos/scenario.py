@@ -26,6 +26,14 @@
     action = "partition"
     target = "server-1"
 
+    [chaos]                        # an MTBF loop: every 8 s SIGKILL a role drawn at random (seeded),
+    every_s = 8                    # restart it down_s later; `failures` times, from start_s on
+    failures = 5
+    down_s = 1.0
+    start_s = 5
+    seed = 1
+    targets = ["servers", "workers", "coordinator"]   # groups or names; the default is all three
+
 Actions and what undoes them at the end of a window:
 
 | action | target | parameters | undone by |
@@ -39,11 +47,15 @@ Actions and what undoes them at the end of a window:
 | rpc | coordinator, server-k, servers, all | kind, method, status, probability, after, worker, delay_s | rules cleared |
 | checkpoint | cluster | | |
 
+A ``[chaos]`` table expands into ``kill`` + ``restart`` pairs at those times (the same seed
+gives the same failures); it may stand alone or beside ``[[fault]]`` entries.
+
 Everything the runner does is recorded in its timeline (time, step, action, target, outcome),
 which ``shardps run --scenario`` writes into the run's report.
 """
 from __future__ import annotations
 
+import random
 import time
 
 try:
@@ -107,13 +119,16 @@ def load(path: str | Path, workers: int, servers: int) -> Scenario:
         raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"scenario {path} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"name", "fault"}
+    unknown = set(data) - {"name", "fault", "chaos"}
     if unknown:
-        raise ScenarioError(f"scenario {path}: unknown top-level keys {sorted(unknown)}; use name and [[fault]]")
+        raise ScenarioError(f"scenario {path}: unknown top-level keys {sorted(unknown)}; use name, [[fault]] "
+                            f"and [chaos]")
     processes = ["coordinator", *(f"server-{i}" for i in range(servers)), *(f"worker-{i}" for i in range(workers))]
     faults = [_fault(entry, i, path, processes) for i, entry in enumerate(data.get("fault", []))]
+    if "chaos" in data:
+        faults += _chaos(data["chaos"], path, processes)
     if not faults:
-        raise ScenarioError(f"scenario {path} has no [[fault]] entries")
+        raise ScenarioError(f"scenario {path} has no [[fault]] entries and no [chaos] table")
     return Scenario(str(data.get("name", path.stem)), faults)
 
 
@@ -159,6 +174,51 @@ def _fault(entry: dict, index: int, path: Path, processes: list[str]) -> Fault:
                  duration_s=float(duration) if duration is not None else None)
 
 
+_CHAOS_KEYS = ("every_s", "failures", "down_s", "start_s", "seed", "targets")
+
+
+def _chaos(entry, path: Path, processes: list[str]) -> list[Fault]:
+    """A [chaos] table as kill + restart faults by time: failure i at start_s + i * every_s, its
+    target drawn with ``random.Random(seed)`` from the targets, restarted down_s later."""
+    where = f"scenario {path}, [chaos]"
+    if not isinstance(entry, dict):
+        raise ScenarioError(f"{where}: must be a table ([chaos] with every_s and failures)")
+    extra = set(entry) - set(_CHAOS_KEYS)
+    if extra:
+        raise ScenarioError(f"{where}: unknown keys {sorted(extra)}; it takes {list(_CHAOS_KEYS)}")
+    if "every_s" not in entry or "failures" not in entry:
+        raise ScenarioError(f"{where}: say how often and how many: every_s = SECONDS, failures = N")
+    every, failures = entry["every_s"], entry["failures"]
+    down, seed = entry.get("down_s", 1.0), entry.get("seed", 0)
+    start = entry.get("start_s", every)
+    numbers = {"every_s": every, "down_s": down, "start_s": start}
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers.values()):
+        raise ScenarioError(f"{where}: every_s, down_s and start_s must be numbers of seconds")
+    if not (isinstance(failures, int) and not isinstance(failures, bool) and 1 <= failures <= 10_000):
+        raise ScenarioError(f"{where}: failures must be a whole number from 1 to 10000, got {failures!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ScenarioError(f"{where}: seed must be a whole number, got {seed!r}")
+    if not 0 < down < every or start < 0:
+        raise ScenarioError(f"{where}: need 0 < down_s < every_s (a role is back before the next failure) and "
+                            f"start_s >= 0; got down_s={down}, every_s={every}, start_s={start}")
+    groups = {"servers": [p for p in processes if p.startswith("server-")],
+              "workers": [p for p in processes if p.startswith("worker-")], "coordinator": ["coordinator"]}
+    names = entry.get("targets", list(groups))
+    if not isinstance(names, list) or not names:
+        raise ScenarioError(f"{where}: targets must be a non-empty list of servers, workers, coordinator or names")
+    pool: list[str] = []
+    for name in names:
+        if name not in groups and name not in processes:
+            raise ScenarioError(f"{where}: target {name!r} is not one of servers, workers, coordinator, "
+                                f"{', '.join(processes)}")
+        pool += [p for p in groups.get(name, [name]) if p not in pool]
+    rng, faults = random.Random(seed), []
+    for i in range(failures):
+        at, target = float(start + i * every), rng.choice(pool)
+        faults += [Fault("kill", target, at, None, False), Fault("restart", target, at + down, None, False)]
+    return faults
+
+
 @dataclass
 class Event:
     time_s: float  # since training started
@@ -194,10 +254,12 @@ class ScenarioRunner:
 
     def tick(self, step: int) -> None:
         now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        elapsed = now - self.started
+        if self.started is None and step > 0:
+            self.started = now  # the clock of by-time faults starts with training: its first step closed
+        elapsed = now - self.started if self.started is not None else 0.0
         for fault in self.scenario.faults:
+            if not fault.by_step and self.started is None:
+                continue
             position = step if fault.by_step else elapsed
             if not fault.applied and position >= fault.start:
                 fault.applied, fault.applied_at = True, time.monotonic()
@@ -211,10 +273,8 @@ class ScenarioRunner:
     def do_now(self, action: str, target: str, params: dict, step: int) -> Event:
         """An ad-hoc fault (``shardps chaos kill server-1 --run DIR``), recorded like scheduled ones."""
         now = time.monotonic()
-        if self.started is None:
-            self.started = now
         fault = Fault(action, target, float(step), None, True, params=dict(params))
-        self._do(action, fault, step, now - self.started)
+        self._do(action, fault, step, now - self.started if self.started is not None else 0.0)
         self.timeline[-1].detail = f"on request: {action} {target}"
         return self.timeline[-1]
 

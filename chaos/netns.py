@@ -28,7 +28,7 @@ host's veth pair:
 * ``delay``: netem on eth0 when the kernel has it (probed once); otherwise ``delay_proxy``, a
   transparent TCP proxy run inside the host's namespace, which NAT rules (nat OUTPUT -o eth0 and
   nat PREROUTING -i eth0, REDIRECT) feed with the host's TCP connections, and which holds back what
-  the host *sends* by ``ms``. See ``client/delay_proxy.py``; differences from netem are listed at
+  the host *sends* by ``ms``. See ``chaos/delay_proxy.py``; differences from netem are listed at
   ``Network.delay``.
 
 Safety rules

@@ -1,8 +1,8 @@
 """Fault injection from the outside: RPC fault rules on any role, by name.
 
-    from shardps.client import chaos
+    from shardps import chaos
     rules = chaos.set_rpc_faults(cluster, "servers",
-                                 [FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.3)])
+                                 [chaos.FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.3)])
     ...
     chaos.clear_rpc_faults(cluster, "servers")
 
@@ -16,8 +16,7 @@ against any running cluster. Process faults (kill, pause, restart) are
 """
 from __future__ import annotations
 
-from ..coordinator.client import CoordinatorClient
-from ..proto.faults import FaultRule, rule_from_pb, rule_to_pb
+from .faults import FaultRule, rule_from_pb, rule_to_pb
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
@@ -32,9 +31,16 @@ def endpoint(cluster, security=None):
 
 def resolve(cluster, target: str, security=None) -> dict[str, str]:
     """{name: address} of ``target`` ("coordinator", "server-<k>", "servers" or "all")."""
+    import grpc
+
     cluster, security = endpoint(cluster, security)
-    with CoordinatorClient(cluster, security=security) as coord:
-        servers = {f"server-{s.shard_id}": s.address for s in coord.status().servers}
+    with open_channel(cluster, security) as channel:
+        try:
+            status = pb_grpc.CoordinatorServiceStub(channel).GetJobStatus(pb.GetJobStatusRequest(),
+                                                                          timeout=CONTROL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"the coordinator at {cluster}") from None
+    servers = {f"server-{s.shard_id}": s.address for s in status.servers}
     everyone = {"coordinator": cluster, **servers}
     if target == "all":
         return everyone

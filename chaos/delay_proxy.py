@@ -1,6 +1,6 @@
-"""A transparent TCP proxy that adds latency: ``shardps.client.netns``'s ``delay()`` when the kernel lacks netem.
+"""A transparent TCP proxy that adds latency: ``shardps.chaos.netns``'s ``delay()`` when the kernel lacks netem.
 
-    python -m shardps.client.delay_proxy --port P --delay-ms D [--control-stdin]
+    python -m shardps.chaos.delay_proxy --port P --delay-ms D [--control-stdin]
 
 It runs inside a host's network namespace; iptables NAT rules in that namespace steer the host's
 TCP connections to it (see ``Network.delay``):
@@ -194,7 +194,7 @@ async def serve(port: int, delay_ms: float, *, listen: str = "0.0.0.0", mark: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardps.client.delay_proxy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shardps.chaos.delay_proxy", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any; printed as 'listening P')")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="latency added to the host's outgoing bytes")
     parser.add_argument("--listen", default="0.0.0.0", help="address to listen on (both NAT rules need 0.0.0.0)")

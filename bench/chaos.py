@@ -1,0 +1,103 @@
+"""Chaos: SIGKILL a random role every T seconds (seeded) and restart it, N times over one sync
+run of `shardps run`; the same run without faults beside it.
+
+    python bench/chaos.py                                        # 6 failures, one every 6 s, any role
+    python bench/chaos.py --targets servers coordinator          # only roles whose loss loses no work
+    python bench/chaos.py --failures 3 --every 4 --steps 300     # short (what CI runs)
+
+The failures come from a ``[chaos]`` scenario (``chaos/scenario.py``), so ``shardps run --scenario``
+does the same. Reported, per run: failures injected and survived (the role came back and the
+run finished), steps rolled back (a killed server restores its last checkpoint and the job
+replays from the newest common step), pushes applied twice (each shard's update count minus
+the run's steps: 0 expected), wall time against the fault-free run, and the final model
+against the fault-free model: max |difference|, 0 expected when no worker is killed (a
+restarted worker joins as a new member, so the steps its lease was running out in had a
+smaller global batch).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
+
+
+def scenario_text(failures: int, every: float, down: float, start: float, seed: int, targets: list[str]) -> str:
+    quoted = ", ".join(f'"{t}"' for t in targets)
+    return (f'name = "chaos: {failures} failures, one every {every:g} s, seed {seed}"\n[chaos]\n'
+            f"every_s = {every}\nfailures = {failures}\ndown_s = {down}\nstart_s = {start}\nseed = {seed}\n"
+            f"targets = [{quoted}]\n")
+
+
+def chaos_run(args, out: Path) -> dict:
+    """Both runs; the comparison as a dict."""
+    from shardps.client.run import RunConfig, run
+    from shardps.client.sdk import load_model_file
+
+    common = dict(workload=args.workload, steps=args.steps, servers=args.servers, workers=args.workers, seed=args.seed,
+                  checkpoint_every=args.checkpoint_every, lease_seconds=args.lease, eval_every=10 ** 9)
+    clean = run(RunConfig(out=str(out / "clean"), **common))
+    scenario = out / "chaos.toml"
+    scenario.write_text(scenario_text(args.failures, args.every, args.down, args.start, args.seed, args.targets))
+    faulty = run(RunConfig(out=str(out / "chaos"), scenario=str(scenario), **common))
+
+    a, b = load_model_file(clean["model_file"]), load_model_file(faulty["model_file"])
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    report = _read_report(out / "chaos")
+    kills = [e for e in report["timeline"] if e["action"] == "kill"]
+    restarts = [e for e in report["timeline"] if e["action"] == "restart"]
+    return {
+        "scenario": scenario.read_text(),
+        "failures_injected": len(kills),
+        "failures_survived": sum(e["ok"] for e in restarts) if faulty["steps"] == args.steps else 0,
+        "killed": sorted(e["target"] for e in kills),
+        "steps": faulty["steps"],
+        "steps_rolled_back": report["counters"].get("steps_rolled_back", 0),
+        "rollbacks": report["counters"].get("rollbacks", 0),
+        "retries": report["counters"].get("retries", 0),
+        "pushes_applied_twice": [v - faulty["steps"] for v in faulty["updates_per_shard"]],
+        "wall_s": {"clean": clean["wall_s"], "chaos": faulty["wall_s"]},
+        "wall_ratio": faulty["wall_s"] / clean["wall_s"],
+        "held_out": {"clean": clean["held_out"], "chaos": faulty["held_out"]},
+        "max_abs_param_diff": diff,
+        "report": faulty["report"]["path"],
+    }
+
+
+def _read_report(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--failures", type=int, default=6)
+    ap.add_argument("--every", type=float, default=6.0, help="seconds between failures")
+    ap.add_argument("--down", type=float, default=1.0, help="seconds a killed role stays down")
+    ap.add_argument("--start", type=float, default=3.0, help="seconds into training of the first failure")
+    ap.add_argument("--targets", nargs="+", default=["servers", "workers", "coordinator"])
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workload", default="digits")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--servers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--checkpoint-every", type=int, default=20)
+    ap.add_argument("--lease", type=float, default=5.0, help="worker lease (s): how long a killed worker is waited for")
+    ap.add_argument("--dir", help="keep both run directories here (default: a temporary directory)")
+    ap.add_argument("--out", help="also write the JSON result here")
+    args = ap.parse_args(argv)
+    if args.dir:
+        result = chaos_run(args, Path(args.dir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="shardps-chaos-") as tmp:
+            result = chaos_run(args, Path(tmp))
+    emit("chaos", {"config": vars(args), **result}, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

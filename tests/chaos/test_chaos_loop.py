@@ -1,0 +1,72 @@
+"""The chaos loop: a [chaos] table becomes seeded kill + restart pairs, bad tables are refused with
+the fix, and a short MTBF run (bench/chaos.py, the benchmark itself) survives every failure with
+no step lost for good, no push applied twice and the fault-free run's final model."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardps.chaos.scenario import ScenarioError, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def chaos(tmp_path, body: str, workers=2, servers=2):
+    path = tmp_path / "chaos.toml"
+    path.write_text("[chaos]\n" + body)
+    return load(path, workers=workers, servers=servers).faults
+
+
+def test_a_chaos_table_is_seeded_kill_and_restart_pairs_over_the_named_roles(tmp_path):
+    body = "every_s = 5\nfailures = 40\ndown_s = 1.5\nstart_s = 2\nseed = {}\ntargets = [\"servers\", \"worker-1\"]\n"
+    faults = chaos(tmp_path, body.format(3))
+    assert [(f.action, f.start) for f in faults[:4]] == [("kill", 2.0), ("restart", 3.5), ("kill", 7.0),
+                                                         ("restart", 8.5)]
+    kills, restarts = faults[0::2], faults[1::2]
+    assert all(k.action == "kill" and r.action == "restart" and k.target == r.target and not k.by_step
+               for k, r in zip(kills, restarts))
+    assert {k.target for k in kills} == {"server-0", "server-1", "worker-1"}  # groups expand; 40 draws hit all
+    assert [f.target for f in chaos(tmp_path, body.format(3))] == [f.target for f in faults]  # same seed, same run
+    assert [f.target for f in chaos(tmp_path, body.format(4))] != [f.target for f in faults]
+
+
+def test_a_chaos_table_beside_faults_and_the_shipped_example(tmp_path):
+    path = tmp_path / "both.toml"
+    path.write_text('[[fault]]\nat_step = 3\naction = "checkpoint"\n[chaos]\nevery_s = 4\nfailures = 2\n')
+    faults = load(path, workers=1, servers=1).faults
+    assert [f.action for f in faults] == ["checkpoint", "kill", "restart", "kill", "restart"]
+    assert faults[1].start == 4.0  # start_s defaults to every_s
+    example = load(ROOT / "examples" / "scenarios" / "chaos.toml", workers=2, servers=2).faults
+    assert len(example) == 10
+
+
+@pytest.mark.parametrize("body, words", [
+    ("failures = 3\n", "every_s = SECONDS, failures = N"),
+    ("every_s = 2\nfailures = 3\ndown_s = 2\n", "0 < down_s < every_s"),
+    ("every_s = 2\nfailures = 0\n", "failures must be a whole number"),
+    ("every_s = 2\nfailures = 2.5\n", "failures must be a whole number"),
+    ("every_s = \"soon\"\nfailures = 2\n", "must be numbers of seconds"),
+    ("every_s = 2\nfailures = 2\ntargets = [\"server-9\"]\n", "target 'server-9' is not one of"),
+    ("every_s = 2\nfailures = 2\ntargets = []\n", "non-empty list"),
+    ("every_s = 2\nfailures = 2\nmtbf = 3\n", "unknown keys"),
+    ("every_s = 2\nfailures = 2\nseed = true\n", "seed must be a whole number"),
+])
+def test_bad_chaos_tables_are_refused_with_a_message_naming_the_fix(tmp_path, body, words):
+    with pytest.raises(ScenarioError, match=words):
+        chaos(tmp_path, body)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_chaos_benchmark_kills_servers_and_the_coordinator_and_the_run_ends_as_the_fault_free_one(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import chaos as bench  # bench/chaos.py
+
+    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", "600", "--seed", "2",
+                         "--targets", "servers", "coordinator", "--dir", str(tmp_path)])
+    assert result["steps"] == 600 and result["failures_injected"] >= 2  # the run outlasts at least two
+    assert result["failures_survived"] == result["failures_injected"]
+    assert result["pushes_applied_twice"] == [0, 0]
+    assert result["max_abs_param_diff"] == 0.0  # rollbacks replay exactly; the journal loses nothing
+    if any(t.startswith("server-") for t in result["killed"]):
+        assert result["rollbacks"] >= 1
