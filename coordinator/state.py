@@ -283,17 +283,25 @@ class Coordinator:
             state.abandoned = bool(alive) and not dead
             return None
         state.waiting_for, state.abandoned = "", False
-        view = None
-        if dead or gone:  # from the open step: a leaver's last step closed before it could leave
+        view, members = None, list(state.latest().members)
+        if (dead or gone) and alive:  # from the open step: a leaver's last step closed before it could leave
             state.expired += [m.worker_id for m in dead]
             view = self._install(state, _ranked(alive), from_open_step=True)
+            members = list(alive)
+        elif dead or gone:  # nobody is left: the joiners' view below replaces them all at once
+            members = []
         if state.pending:
             joiners, state.pending = state.pending, []
+            # With nobody left in the job no shard can close another step, so the joiners start at the
+            # open step (a shard that closed it already takes them from its own open step); with members
+            # still training they start a few steps ahead, at a step no shard has closed.
             try:
-                view = self._install(state, _ranked([*state.latest().members, *joiners]), from_open_step=False)
+                view = self._install(state, _ranked([*members, *joiners]), from_open_step=not members)
             except Exception:
                 state.pending = joiners + state.pending  # try again next time
                 raise
+            if not alive:
+                state.expired += [m.worker_id for m in dead if m.worker_id not in state.expired]
         return view
 
     def _install(self, state: JobState, members: tuple[MemberInfo, ...], from_open_step: bool) -> View:

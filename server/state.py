@@ -233,6 +233,11 @@ class ShardState:
             self.check_epoch(push.epoch)
             if self.views:  # the views this shard knows decide, not the caller (a view may have changed since)
                 members = self.members_for(push.step)
+                if push.worker_id not in members and push.step < self.version and self._member_later(push):
+                    # A joiner whose view starts at the job's open step, which this shard closed already
+                    # (with the members before it): late, as a backup worker's push; it goes on from here.
+                    self.stats.pushes_dropped += 1
+                    return Outcome(self.version, 0, False, next_step=self.version, dropped=True)
             try:
                 duplicate = self.policy.check(self, push, members)
             except ShardpsError as exc:
@@ -348,6 +353,10 @@ class ShardState:
     @property
     def latest_epoch(self) -> int:
         return max(self.views, default=0)
+
+    def _member_later(self, push: Push) -> bool:
+        """Whether ``push``'s worker is a member of a view that starts after ``push.step`` (under the lock)."""
+        return any(start > push.step and push.worker_id in ids for start, ids in self.views.values())
 
     def members_for(self, step: int) -> frozenset[int]:
         """Member ids of the newest known view that governs ``step`` (under the lock)."""

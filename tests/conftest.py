@@ -70,3 +70,17 @@ def run_workers(spawn_workers):
         return spawn_workers(cluster, n, **opts).wait(timeout)
 
     return run
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 kB tmpfs (root only; skips otherwise): a disk or /dev/shm that fills up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {res.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -83,19 +83,6 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_pat
     assert not any(".tmp-" in n for n in os.listdir(tmp_path))
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {res.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_filesystem_gives_a_clear_error_and_keeps_the_previous_checkpoint(tiny_fs):
     store = CheckpointStore(tiny_fs / "shard-0")
     small = trained_state(numel=1000)

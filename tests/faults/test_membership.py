@@ -83,3 +83,31 @@ def test_a_worker_left_alone_by_workers_that_finished_is_told_at_once_instead_of
         log.close()
         text = long.logs[0].read_text()
     assert code != 0 and "cannot close" in text and "left" in text and "min_workers 2" in text
+
+
+@pytest.mark.slow
+def test_every_worker_killed_and_replaced_and_the_new_ones_take_the_job_from_its_open_step(spawn_workers):
+    opts = dict(optimizer="adam", kwargs=json.dumps({"lr": 0.01}), sizes="16,16", steps=STEPS, sleep=0.05,
+                min_workers=2, step_timeout=60)
+    with LocalCluster(servers=2, lease_seconds=3.0) as cluster, CoordinatorClient(cluster.address) as coord:
+        first = spawn_workers(cluster, 2, **opts)
+        wait_until(lambda: min(versions(cluster)) >= 10, what="training")
+        first.kill()  # SIGKILL: nobody is left in the job
+        dead = {m.worker_id for m in coord.status().view.members}
+        wait_until(lambda: all(coord.status().heartbeat_age_s[w] > 4.0 for w in dead), timeout=60,
+                   what="both leases (3 s) to run out")
+        stopped = versions(cluster)
+        replacements = spawn_workers(cluster, 2, **opts)
+
+        def newcomers():
+            view = coord.status().view
+            ids = {m.worker_id for m in view.members}
+            return view if len(ids) == 2 and not ids & dead else None
+
+        joined = wait_until(newcomers, timeout=60, what="the replacements to join")
+        assert joined.start_step <= max(stopped)  # the open step: nobody else could close the ones after it
+        for proc, _ in replacements.procs:
+            assert proc.wait(timeout=300) == 0, [log.read_text()[-2000:] for log in replacements.logs]
+        shards = [shard_status(a) for a in cluster.server_addresses.values()]
+    for s in shards:
+        assert s.version == STEPS  # the new workers took the job from where it stopped to the end
