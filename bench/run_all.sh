@@ -17,6 +17,7 @@ $PY bench/memory.py --transport grpc --out bench/results/memory_grpc.json
 $PY bench/scaling.py --out bench/results/scaling.json --plot bench/results/scaling.png
 $PY bench/raw_grpc.py bench/results/raw_grpc.json
 $PY bench/heterogeneous.py --target 3.7 --out bench/results/heterogeneous.json --plot bench/results/heterogeneous.png
+$PY bench/chaos.py --out bench/results/chaos.json
 # Needs a CUDA GPU (skipped here otherwise): the GPU worker against the one-process offload peer.
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   $PY bench/offload.py --out bench/results/offload.json
