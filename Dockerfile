@@ -34,7 +34,7 @@ RUN python3 -m pip install ${PIP_ARGS} "torch==${TORCH_VERSION}" \
  && python3 -m pip install ${PIP_ARGS} /src/shardps \
  && rm -rf /wheelhouse /src \
  && useradd --create-home --uid 10001 shardps \
- && mkdir -p /checkpoints /run-data && chown shardps /checkpoints /run-data
+ && mkdir -p /checkpoints /run-data /state && chown shardps /checkpoints /run-data /state
 
 USER shardps
 WORKDIR /run-data
