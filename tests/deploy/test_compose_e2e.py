@@ -30,8 +30,14 @@ def test_a_compose_cluster_trains_across_containers_and_survives_container_fault
                  env=env, timeout=60)
         return json.loads(res.stdout)
 
+    def polled() -> dict:
+        try:
+            return status()
+        except AssertionError:  # the coordinator not reachable yet (start-up, a restart): ask again
+            return {}
+
     def versions() -> list[int]:
-        return [s.get("version", -1) for s in status()["shards"]]
+        return [s.get("version", -1) for s in polled().get("shards", [])] or [-1]
 
     try:
         sh(*compose, "up", "-d", "--scale", "worker=2", env=env, timeout=300)
@@ -39,11 +45,11 @@ def test_a_compose_cluster_trains_across_containers_and_survives_container_fault
         job_id = status()["job_id"]
         for action in ("kill", "restart"):  # the coordinator resumes the same job from its state volume
             sh(*chaos, action, "coordinator", "--compose", project)
-        wait_for(lambda: status()["coordinator_generation"] == 2, "the coordinator to come back")
+        wait_for(lambda: polled().get("coordinator_generation") == 2, "the coordinator to come back")
         assert status()["job_id"] == job_id
         for action in ("kill", "restart"):  # the server restores its checkpoint; the job rolls back
             sh(*chaos, action, "server-1", "--compose", project)
-        wait_for(lambda: status()["rollbacks"], "the rollback")
+        wait_for(lambda: polled().get("rollbacks"), "the rollback")
         to_version = status()["rollbacks"][0]["to_version"]
         wait_for(lambda: min(versions()) >= to_version + 20, "training to go on after the restart")
         assert min(versions()) < STEPS - 500, "the run ended before the next faults could land"
