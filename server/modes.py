@@ -110,6 +110,13 @@ def _merge_present(pushes: list[Push]) -> list[bool] | None:
     return merged
 
 
+def _let_go(pushes) -> None:
+    """Give every push's receive buffer back (those a policy kept hold none any more)."""
+    for p in pushes:
+        if p.release is not None:
+            p.release()
+
+
 def _scale_of(push: Push) -> float:
     """The factor that undoes the push's loss scale (1 when it has none)."""
     scale = push.options.grad_scale
@@ -193,10 +200,8 @@ class SyncPolicy:
 
     def reset(self) -> None:
         """Forget open and pending steps (a rollback): their buffers go back to the pool."""
-        for pushes in (o.pushes.values() for o in self._open.values()):
-            for p in pushes:
-                if p.release is not None:
-                    p.release()
+        for open_ in self._open.values():
+            _let_go(open_.pushes.values())
         for pending in self._pending.values():
             if pending.release is not None:
                 pending.release()
@@ -333,9 +338,7 @@ class SyncPolicy:
             if in_shared_memory and not state.still_finite(mean):
                 self._remember(state, step, Closed(0.0, skipped=True))
                 state.skip(buffers)
-                for p in pushes:
-                    if p.release is not None:
-                        p.release()
+                _let_go(pushes)
                 state.cond.notify_all()
                 return
             present = _merge_present(pushes)
@@ -346,17 +349,13 @@ class SyncPolicy:
                 pending.partial = state.optimizer.partial_norm(mean, present, clipped.clip_norm_type)
                 pending.release = first_release  # the mean lives in the first push's buffer until applied
                 self._pending[step] = pending
-                for p in pushes[1:]:
-                    if p.release is not None:
-                        p.release()
+                _let_go(pushes[1:])
                 state.cond.notify_all()
                 return
             self._apply(state, step, mean, pending)
             if first_release is not None:
                 first_release()
-        for p in pushes:
-            if p.release is not None:
-                p.release()
+        _let_go(pushes)
         state.cond.notify_all()
 
     def _apply(self, state, step: int, grad: torch.Tensor, pending: _Pending) -> None:

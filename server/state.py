@@ -458,12 +458,11 @@ class ShardState:
             return self.version, {"param": self.param.detach().clone(), **self.optimizer.state_tensors()}, \
                 self.hyper_json()
 
-    def add_bytes(self, received: int = 0, sent: int = 0, shm_received: int = 0, shm_sent: int = 0) -> None:
+    def add_bytes(self, received: int = 0, sent: int = 0, shm_received: int = 0) -> None:
         with self.cond:
             self.stats.bytes_in += received
             self.stats.bytes_out += sent
-            self.stats.shm_bytes_in += shm_received
-            self.stats.shm_bytes_out += shm_sent
+            self.stats.shm_bytes_in += shm_received  # (shm bytes out are counted by write_params)
 
     def digest(self) -> str:
         """SHA-256 over version, dedup table, parameters and optimizer state."""
