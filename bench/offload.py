@@ -102,17 +102,23 @@ def timed(args, one_step) -> float:
     return stats(times[args.warmup:])["median"]
 
 
+def backward(args, model, zero_grad, step: int, rank_hint: int = 0) -> None:
+    """Forward (under autocast) and backward of one step's batch, after ``zero_grad()``: the part
+    every contender shares, so the timings differ only in the optimizer step."""
+    x, y = batch(args, step, rank_hint)
+    with autocast(args):
+        loss = model(x, y)
+    zero_grad()
+    loss.backward()
+
+
 def run_gpu(args) -> float:
     model = make_model(args)
     fused = torch.device(args.device).type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
     def one_step(step):
-        x, y = batch(args, step)
-        with autocast(args):
-            loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(args, model, opt.zero_grad, step)
         opt.step()
 
     return timed(args, one_step)
@@ -132,11 +138,7 @@ def run_offload(args) -> float:
     opt = torch.optim.AdamW(masters, lr=1e-4, fused=True)
 
     def one_step(step):
-        x, y = batch(args, step)
-        with autocast(args):
-            loss = model(x, y)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(args, model, model.zero_grad, step)
         for m, p in zip(masters, params):
             m.grad.copy_(p.grad, non_blocking=True)
         sync(args)
@@ -158,11 +160,7 @@ def shardps_steps(args, address: str, wire: str, job: str, workers: int = 1, ran
     comm = []
 
     def one_step(step):
-        x, y = batch(args, step, rank_hint)
-        with autocast(args):
-            loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
+        backward(args, model, opt.zero_grad, step, rank_hint)
         t = time.perf_counter()
         opt.step()
         comm.append(time.perf_counter() - t)
