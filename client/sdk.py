@@ -25,11 +25,15 @@ from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
 def shard_status(address: str, timeout: float = CONTROL_TIMEOUT_S, job_id: str = "",
-                 security=None) -> pb.GetShardStatusResponse:
+                 security=None, shard_id: int | None = None, digest: bool = False) -> pb.GetShardStatusResponse:
+    """The status of the server's own shard of ``job_id`` (or, with ``shard_id``, of the replica of that
+    shard it holds; ``digest``: with a SHA-256 over its state)."""
+    request = pb.GetShardStatusRequest(job_id=job_id, include_digest=digest)
+    if shard_id is not None:
+        request.shard_id = shard_id
     with open_channel(address, security) as channel:
         try:
-            return pb_grpc.ShardServiceStub(channel).GetShardStatus(pb.GetShardStatusRequest(job_id=job_id),
-                                                                   timeout=timeout)
+            return pb_grpc.ShardServiceStub(channel).GetShardStatus(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"GetShardStatus at {address}") from None
 

@@ -94,6 +94,7 @@ class Journal:
             "registered": state.registered_ids,
             "rollbacks": [[r.shard_id, r.from_version, r.to_version, r.epoch, r.unix_time] for r in state.rollbacks],
             "balancer": state.balancer.to_dict(),
+            "placement": state.placement.to_dict() if state.placement is not None else None,
         }
 
     # ------------------------------------------------------------------ read
@@ -102,6 +103,7 @@ class Journal:
         """Load the saved state into a fresh ``coord`` (nothing to load: nothing changes)."""
         if not self.path.exists():
             return
+        from .placement import Placement
         from .state import BatchSplitter, JobState, RollbackRecord
 
         try:
@@ -127,6 +129,9 @@ class Journal:
                 state.rollbacks = [RollbackRecord(int(a), int(b), int(c), int(d), float(t)) for a, b, c, d, t in
                                    j["rollbacks"]]
                 state.balancer = BatchSplitter.from_dict(j["balancer"])
+                if j.get("placement"):
+                    state.placement = Placement.from_dict(j["placement"])
+                    coord._replan(state)
                 coord.jobs[state.name] = state
         except JournalError:
             raise

@@ -8,6 +8,8 @@ import base64
 import json
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -101,11 +103,45 @@ def reconfigure_forever(coordinator: Coordinator, stop: threading.Event, every: 
             log.warning("membership change postponed: %s", exc)
 
 
+def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, every: float = 0.25) -> None:
+    """Replicated jobs: tell every server its replica placement a few times a second, all at once (which
+    renews the primaries' leases and finds dead servers), until ``stop``."""
+    pool = ThreadPoolExecutor(max_workers=max(2, coordinator.num_servers), thread_name_prefix="shardps-placement")
+    lease = coordinator.replica_lease_s
+
+    def call(address, rows):
+        reports = coordinator.shards.set_replicas(address, rows, lease, timeout=max(0.2, lease / 2))
+        return time.monotonic(), reports  # the lease a server holds runs from before this moment
+
+    silent: set[int] = set()
+    while not stop.wait(every):
+        try:
+            calls = coordinator.replica_calls()
+            futures = {sid: pool.submit(call, address, rows) for sid, (address, rows) in calls.items()}
+            answers = {}
+            for sid, future in futures.items():
+                try:
+                    answers[sid] = future.result()
+                except Exception as exc:  # noqa: BLE001 - a server that does not answer may be dead
+                    if sid not in silent:
+                        log.warning("server %d does not answer its placement call: %s", sid, exc)
+                    silent.add(sid)
+                    answers[sid] = None
+                else:
+                    silent.discard(sid)
+            if answers:
+                coordinator.replicas_renewed(answers)
+        except Exception as exc:  # noqa: BLE001 - never let the loop die
+            log.warning("replica placement round failed: %s", exc)
+
+
 def serve(config: CoordinatorConfig) -> None:
     server, port, coordinator = create_server(config)
     server.start()
     stop = threading.Event()
     threading.Thread(target=reconfigure_forever, args=(coordinator, stop), name="shardps-leases", daemon=True).start()
+    threading.Thread(target=renew_replicas_forever, args=(coordinator, stop), name="shardps-placement",
+                     daemon=True).start()
     write_port_file(config.port_file, port)
     log.info("coordinator serving on %s:%d for %d shard servers", config.host, port, config.num_servers)
     wait_for_stop_signal()

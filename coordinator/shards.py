@@ -1,6 +1,7 @@
 """The coordinator's calls to shard servers (control only, never tensors): list checkpoints, roll back."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +24,8 @@ class ShardAdmin:
 
     def __init__(self, timeout: float = CONTROL_TIMEOUT_S, security=None):
         self.timeout, self.security, self.generation = timeout, security, 1
+        self._kept: dict[str, grpc.Channel] = {}  # the placement calls' channels (a few per second each)
+        self._lock = threading.Lock()
 
     def _call(self, address: str, what: str, fn):
         with open_channel(address, self.security) as channel:
@@ -47,3 +50,19 @@ class ShardAdmin:
     def rollback(self, address: str, job_id: str, version: int, epoch: int) -> int:
         req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch, coordinator_generation=self.generation)
         return self._call(address, "Rollback", lambda s: s.Rollback(req, timeout=60.0)).from_version
+
+    def set_replicas(self, address: str, rows: list, lease_s: float, timeout: float) -> list:
+        """Tell the server at ``address`` which replicas it holds and renew its primary lease; returns
+        [(job_id, shard, in-sync backup addresses, unreachable backup addresses)] for its primaries."""
+        req = pb.SetReplicasRequest(coordinator_generation=self.generation, lease_ms=int(lease_s * 1000), assignments=[
+            pb.ReplicaAssignment(job_id=j, shard_id=k, placement_epoch=e, primary=p, backups=b)
+            for j, k, e, p, b in rows])
+        with self._lock:
+            channel = self._kept.get(address)
+            if channel is None:
+                channel = self._kept[address] = open_channel(address, self.security)
+        try:
+            reply = pb_grpc.ShardServiceStub(channel).SetReplicas(req, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"SetReplicas at shard server {address}") from None
+        return [(r.job_id, r.shard_id, list(r.in_sync), list(r.unreachable)) for r in reply.reports]

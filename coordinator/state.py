@@ -23,6 +23,7 @@ disk before the call returns, and a restarted coordinator resumes the same jobs
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -31,12 +32,16 @@ from dataclasses import dataclass, field
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
 from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
+from .placement import Placement
+
+log = logging.getLogger("shardps.coordinator")
 
 MAX_WATCH_S = 60.0  # longest a WatchMembership call is held open
 MAX_JOBS = 64  # named jobs per cluster
 MAX_WORKERS_SEEN = 1 << 16  # worker registrations per job over its life (ids are never reused)
 MAX_COUNTERS = 32  # fault counters a heartbeat may report
 MAX_ADDRESS = 256  # characters of a server address
+REPLICA_LEASE_S = 1.5  # a primary answers pushes this long after the coordinator's last placement call
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class JobState:
     waiting_for: str = ""  # why the job cannot go on, when it cannot
     abandoned: bool = False  # ... because the other workers left it (nobody is coming back)
     balancer: "BatchSplitter" = field(default_factory=lambda: BatchSplitter())
+    placement: Placement | None = None  # replicated jobs: where each shard's copies are
 
     def latest(self) -> View:
         return self.views[-1] if self.views else View(0, 0, ())
@@ -102,6 +108,10 @@ class Coordinator:
         self.jobs: dict[str, JobState] = {}  # by name
         self._next_worker_id = 0  # unique across the cluster's jobs, never reused
         self.generation = 1  # bumped by every restart from the journal; shards refuse older coordinators
+        self.replica_lease_s = REPLICA_LEASE_S
+        self.last_ok: dict[int, float] = {}  # server -> when it last acknowledged its replica placement
+        self.down: set[int] = set()  # servers declared dead (replicated jobs), until they answer again
+        self._placing_since: float | None = None  # the first placement round (a server's silence counts from it)
         self.cond = threading.Condition()
         self.journal = journal
         if journal is not None:
@@ -144,9 +154,12 @@ class Coordinator:
                 shard_id = free[0]
             elif not 0 <= shard_id < self.num_servers:
                 raise InvalidArgument(f"shard id {shard_id} is outside 0..{self.num_servers - 1}")
+            restarted = shard_id in self.servers
             self.servers[shard_id] = address
+            if restarted:  # its process is new: the copies it held are gone (replicated jobs fail over now)
+                self._lose(shard_id)
             for state in self.jobs.values():
-                state.plan = [ShardInfo(s.range, self.servers.get(s.range.shard_id, "")) for s in state.plan]
+                self._replan(state)
             self._persist()
             self.cond.notify_all()
             return shard_id
@@ -189,11 +202,98 @@ class Coordinator:
     def _define(self, job: JobConfig, job_id: str = "") -> JobState:
         if len(self.jobs) >= MAX_JOBS:
             raise FailedPrecondition(f"this cluster already runs {MAX_JOBS} jobs; start another cluster")
+        if job.replicas > self.num_servers:
+            raise FailedPrecondition(f"a job with {job.replicas} replicas needs as many servers; this cluster has "
+                                     f"{self.num_servers} (lower replicas or add servers)")
         ranges = plan_shards(job.layout.numel, self.num_servers, self.align)
         plan = [ShardInfo(r, self.servers.get(r.shard_id, "")) for r in ranges]
         state = JobState(job.name, job_id or uuid.uuid4().hex[:16], job, plan)
+        if job.replicas > 1:
+            state.placement = Placement.initial(self.num_servers, job.replicas)
+            self._replan(state)
         self.jobs[job.name] = state
         return state
+
+    def _replan(self, state: JobState) -> None:
+        """The plan's addresses from the servers and (replicated jobs) the placement (under the lock)."""
+        p = state.placement
+        if p is None:
+            state.plan = [ShardInfo(s.range, self.servers.get(s.range.shard_id, "")) for s in state.plan]
+            return
+        state.plan = [ShardInfo(s.range, self.servers.get(p.primary(s.range.shard_id), ""),
+                                tuple(self.servers.get(b, "") for b in p.replicas[s.range.shard_id][1:]))
+                      for s in state.plan]
+
+    # ------------------------------------------------------------------ replicated shards
+
+    def _lose(self, server: int) -> None:
+        """``server`` is dead (under the lock): each replicated job's shards fail over to in-sync backups."""
+        self.down.add(server)
+        for state in self.jobs.values():
+            if state.placement is None:
+                continue
+            for f in state.placement.lose(server):
+                log.warning("job %s: shard %d fails over from server %d to server %d (placement epoch %d)",
+                            state.name, f.shard_id, f.from_server, f.to_server, f.epoch)
+            self._replan(state)
+        self.cond.notify_all()
+
+    def replica_calls(self) -> dict[int, tuple[str, list]]:
+        """server -> (address, [(job_id, shard, placement epoch, primary, backup addresses)]): what every
+        server is to hold now. Empty when no job is replicated (nothing to renew)."""
+        with self.cond:
+            jobs = [s for s in self.jobs.values() if s.placement is not None]
+            if not jobs:
+                return {}
+            if self._placing_since is None:
+                self._placing_since = time.monotonic()
+            out = {}
+            for sid, address in sorted(self.servers.items()):
+                rows = []
+                for state in jobs:
+                    for k, primary, backups in state.placement.held_by(sid):
+                        rows.append((state.job_id, k, state.placement.epoch, primary,
+                                     [self.servers.get(b, "") for b in backups]))
+                out[sid] = (address, rows)
+            return out
+
+    def replicas_renewed(self, answers: dict[int, tuple[float, list] | None]) -> None:
+        """The servers' answers to one round of placement calls (None: no answer): record who is
+        alive and in sync, drop unreachable backups, fail over dead primaries, heal and rebalance."""
+        with self.cond:
+            now, changed = time.monotonic(), False
+            by_address = {a: sid for sid, a in self.servers.items()}
+            for sid, answer in answers.items():
+                if answer is None:
+                    continue
+                acked, reports = answer
+                self.last_ok[sid] = acked
+                self.down.discard(sid)
+                for job_id, shard, in_sync, unreachable in reports:
+                    state = next((j for j in self.jobs.values() if j.job_id == job_id), None)
+                    if state is None or state.placement is None or state.placement.primary(shard) != sid:
+                        continue
+                    state.placement.in_sync[shard] = {by_address[a] for a in in_sync if a in by_address}
+                    for address in unreachable:
+                        if address in by_address and state.placement.drop(shard, by_address[address]):
+                            log.warning("job %s: shard %d's primary cannot reach server %d; it is no longer a "
+                                        "backup", state.name, shard, by_address[address])
+                            changed = True
+            for sid in sorted(self.servers):
+                seen = self.last_ok.get(sid, self._placing_since or now)
+                if sid not in self.down and now - seen > self.replica_lease_s * 1.25 + 0.5:
+                    log.warning("server %d has not answered for %.1fs: declared dead", sid, now - seen)
+                    self._lose(sid)
+                    changed = True
+            live = {sid for sid, answer in answers.items() if answer is not None}  # answered just now
+            for state in self.jobs.values():
+                if state.placement is not None and state.placement.heal(live, self.num_servers, state.job.replicas):
+                    changed = True
+            if changed:
+                for state in self.jobs.values():
+                    self._replan(state)
+                self._persist()
+                self.cond.notify_all()
 
     def _admit(self, state: JobState, member: MemberInfo) -> None:
         if state.views and state.job.mode is not UpdateMode.ASYNC:

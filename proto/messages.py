@@ -20,6 +20,7 @@ MAX_KWARGS_JSON = 1 << 16  # bytes of one optimizer kwargs object
 MAX_GROUPS = 1024  # param groups per job
 MAX_WORKERS = 1 << 16  # min_workers / backup_workers bound
 MAX_BATCH = 1 << 40  # samples behind one push
+MAX_REPLICAS = 8  # copies of a shard (each on its own server)
 DEFAULT_JOB = "default"
 JOB_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # job names name checkpoint folders too
 
@@ -76,6 +77,7 @@ class JobConfig:
     buffers: tuple[BufferEntry, ...] = ()  # persistent module buffers kept on shard 0 (rank 0's, as DDP's)
     broadcast_buffers: bool = True  # push replies carry rank 0's buffers to every worker (DDP's default)
     name: str = DEFAULT_JOB  # the job's name in its cluster (a GAN's two optimizers are two jobs)
+    replicas: int = 1  # copies of each shard on different servers (>= 2: a lost server costs no rollback)
 
     def __post_init__(self):
         set_ = object.__setattr__  # canonical forms for a frozen dataclass
@@ -121,6 +123,8 @@ class JobConfig:
             raise ValueError("balancing batches applies to sync and ssp modes only (async workers run at their own pace)")
         if self.staleness_lr and self.mode is UpdateMode.SYNC:
             raise ValueError("staleness-aware lr applies to async and ssp modes only")
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be in 1..{MAX_REPLICAS} (1: no copies), got {self.replicas}")
 
     @property
     def sparse_push(self) -> bool:
@@ -149,7 +153,7 @@ class JobConfig:
         if [e.aliases for e in self.layout.params] != [e.aliases for e in other.layout.params]:
             out.append("tied parameter names differ from the job's")
         for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound", "topk_ratio",
-                     "balance_every", "buffers", "broadcast_buffers", "name"):
+                     "balance_every", "buffers", "broadcast_buffers", "name", "replicas"):
             if getattr(self, name) != getattr(other, name):
                 out.append(f"{name} {getattr(other, name)} differs from the job's {getattr(self, name)}")
         return out
@@ -172,7 +176,8 @@ class ShardInfo:
     """A shard's range and the address of the server that owns it."""
 
     range: ShardRange
-    address: str
+    address: str  # the primary's
+    backups: tuple[str, ...] = ()  # servers keeping in-sync copies (replicated jobs), in promotion order
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,7 @@ def job_to_pb(job: JobConfig) -> pb.JobSpec:
         buffers=[pb.BufferInfo(name=b.name, shape=list(b.shape), dtype=_DTYPE_NAMES[b.dtype]) for b in job.buffers],
         broadcast_buffers=job.broadcast_buffers,
         name=job.name,
+        replicas=job.replicas,
     )
 
 
@@ -288,13 +294,15 @@ def job_from_pb(msg: pb.JobSpec) -> JobConfig:
         buffers=tuple(buffers),
         broadcast_buffers=msg.broadcast_buffers,
         name=msg.name or DEFAULT_JOB,
+        replicas=msg.replicas or 1,
     )
 
 
 def plan_to_pb(shards: list[ShardInfo], numel: int, align: int) -> pb.ShardPlan:
     return pb.ShardPlan(
         shards=[
-            pb.ShardAssignment(shard_id=s.range.shard_id, start=s.range.start, stop=s.range.stop, address=s.address)
+            pb.ShardAssignment(shard_id=s.range.shard_id, start=s.range.start, stop=s.range.stop, address=s.address,
+                               backups=list(s.backups))
             for s in shards
         ],
         numel=numel,
@@ -303,7 +311,7 @@ def plan_to_pb(shards: list[ShardInfo], numel: int, align: int) -> pb.ShardPlan:
 
 
 def plan_from_pb(msg: pb.ShardPlan) -> list[ShardInfo]:
-    return [ShardInfo(ShardRange(s.shard_id, s.start, s.stop), s.address) for s in msg.shards]
+    return [ShardInfo(ShardRange(s.shard_id, s.start, s.stop), s.address, tuple(s.backups)) for s in msg.shards]
 
 
 def view_to_pb(view: View) -> pb.MembershipView:

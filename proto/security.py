@@ -47,6 +47,8 @@ INTERNAL_METHODS = frozenset({
     "/shardps.v1.CoordinatorService/RegisterServer",
     "/shardps.v1.CoordinatorService/ReportRestore",
     "/shardps.v1.ShardService/SetMembership",
+    "/shardps.v1.ShardService/SetReplicas",
+    "/shardps.v1.ShardService/Replicate",
     "/shardps.v1.ShardService/Rollback",
     "/shardps.v1.ShardService/Checkpoint",
     "/shardps.v1.AdminService/SetFaults",

@@ -49,6 +49,7 @@ CHUNK_FIELDS = {
     pb.PushResponse: (2, 4),  # params, buffers
     pb.PullResponse: (2,),
     pb.LoadStateRequest: (4,),
+    pb.ReplicateRequest: (2,),
 }
 
 

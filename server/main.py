@@ -89,6 +89,7 @@ def register(config: ServerConfig, coordinator: CoordinatorClient, node: ShardNo
     host = socket.gethostname() if config.host in ("0.0.0.0", "::", "[::]") else config.host
     advertise = config.advertise or f"{host}:{port}"
     node.shard_id, num_servers = coordinator.register_server(advertise, config.shard_id, config.register_wait)
+    node.address = advertise
     log.info("shard %d of %d serving on %s", node.shard_id, num_servers, advertise)
 
 
@@ -98,6 +99,14 @@ def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
     that had started and has no checkpoint here is marked lost, with the reason)."""
     for name in coordinator.status().job_names:
         status = coordinator.status(name)
+        job_id, job, plan = coordinator.job(job_id=status.job_id)
+        home = next((s for s in plan if s.range.shard_id == node.shard_id), None)
+        if job is not None and job.replicas > 1 and home is not None and home.address != node.address:
+            # A live copy took the shard over: this server rejoins as a backup, and the primary sends it
+            # a whole copy (the coordinator places it); the disk's older copy would only roll the job back.
+            log.warning("job %s: shard %d is served by %s now; rejoining as a backup", name, node.shard_id,
+                        home.address)
+            continue
         version = node.restore_latest(status.job_id, name, started=status.view.epoch > 0)
         if version is None:
             continue

@@ -265,7 +265,8 @@ class SyncPolicy:
         released = state.cond.wait_for(lambda: state.version > push.step - slack or push.step in self._pending
                                        or state.generation != generation or push.evicted, timeout=self.timeout)
         state.stats.wait_seconds += time.monotonic() - start
-        if state.generation != generation:  # rolled back while this push waited: it is void
+        if state.generation != generation:  # rolled back (or demoted) while this push waited: it is void
+            state.check_serving()
             raise RolledBack.at(state.rolled_back_to, state.min_epoch, f" while step {push.step} was open")
         if push.evicted:
             raise UnknownWorker(f"worker {push.worker_id} was removed from the membership (its lease ran out) while "
@@ -315,8 +316,8 @@ class SyncPolicy:
         buffers = next((p.buffers for p in pushes if p.buffers is not None), None)
         in_shared_memory = any(not p.owned for p in pushes)
         if any(p.options.overflow for p in pushes):
+            state.skip(buffers, step=step)
             self._remember(state, step, Closed(0.0, skipped=True))
-            state.skip(buffers)
         else:
             # sum_i (b_i / B) g_i / s_i (s_i: loss scale), in the first push's buffer (copied first if it is
             # a worker's shared memory). A weighted mean of finite values never overflows; b_i g_i summed could.
@@ -336,8 +337,8 @@ class SyncPolicy:
                 samples = sum(p.batch_size for p in pushes)
                 lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
             if in_shared_memory and not state.still_finite(mean):
+                state.skip(buffers, step=step)
                 self._remember(state, step, Closed(0.0, skipped=True))
-                state.skip(buffers)
                 _let_go(pushes)
                 state.cond.notify_all()
                 return
@@ -359,11 +360,16 @@ class SyncPolicy:
         state.cond.notify_all()
 
     def _apply(self, state, step: int, grad: torch.Tensor, pending: _Pending) -> None:
-        state.apply(grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers)
         partial = pending.partial if pending.options.clipped else None
+        state.apply(grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers, step=step,
+                    partial=partial)
         self._remember(state, step, Closed(state.optimizer.lr() * pending.lr_scale, partial=partial))
 
     def _remember(self, state, step: int, closed: Closed) -> None:
+        self.remember(step, closed)
+
+    def remember(self, step: int, closed: Closed) -> None:
+        """Keep what step ``step`` did, for answering its repeats (a backup replica learns it from its primary)."""
         self.closed[step] = closed
         self.closed.pop(step - CLOSED_KEPT, None)
 
@@ -392,6 +398,9 @@ class AsyncPolicy:
 
     def reconsider(self, state) -> None:
         pass  # nothing waits for other workers
+
+    def remember(self, step: int, closed: Closed) -> None:
+        pass  # an async repeat is answered with the current slice
 
     def waiting_pushes(self) -> int:
         return len(self._pending)

@@ -95,7 +95,11 @@ class ShardNode:
         self.membership = MembershipCache(fetch_view)
         self.buffers = BufferPool()
         self._fetch_job = fetch_job
-        self.states: dict[str, ShardState] = {}
+        self.states: dict[str, ShardState] = {}  # job_id -> this server's own shard of it
+        # Replicated jobs: copies of other shards this server holds (backups, or promoted primaries).
+        self.others: dict[tuple[str, int], ShardState] = {}
+        self.address = ""  # where workers reach this server (set at registration)
+        self.send = None  # server.replica.Send: how a primary here reaches its backups (set by the gRPC layer)
         self.lost: dict[str, str] = {}  # job_id -> why this restarted server cannot serve it
         self.coordinator_generation = 0  # the newest coordinator generation seen (older ones are refused)
         self._cond = threading.Condition()
@@ -116,7 +120,46 @@ class ShardNode:
             return None
 
     def checkpointer_for(self, state: ShardState) -> Checkpointer | None:
-        return self.checkpointers.get(state.job_id)
+        return self.checkpointers.get(self._checkpoint_key(state))
+
+    def _checkpoint_key(self, state: ShardState) -> str:
+        return state.job_id if state.shard.shard_id == self.shard_id else f"{state.job_id}/{state.shard.shard_id}"
+
+    def find(self, job_id: str, shard_id: int) -> ShardState | None:
+        """This server's replica of shard ``shard_id`` of ``job_id``, if it holds one."""
+        with self._cond:
+            if shard_id == self.shard_id:
+                return self.states.get(job_id)
+            return self.others.get((job_id, shard_id))
+
+    def replicas_of(self, job_id: str) -> list[ShardState]:
+        """Every shard of ``job_id`` this server holds (its own first)."""
+        with self._cond:
+            own = [self.states[job_id]] if job_id in self.states else []
+            return own + [s for (j, _), s in sorted(self.others.items()) if j == job_id]
+
+    def assign(self, assignments, lease_s: float, generation: int) -> list:
+        """The coordinator's replica placement (``SetReplicas``): create the replicas this server
+        is to hold (empty until their primary sends a copy), and tell each its role and backups.
+        Returns [(assignment, state)]."""
+        self.check_generation(generation)
+        out = []
+        for a in assignments:
+            state = self.find(a.job_id, a.shard_id)
+            if state is None:
+                job_id, job, plan = self._fetch_job(a.job_id)  # network call, outside the lock
+                mine = [p for p in plan if p.range.shard_id == a.shard_id]
+                if job_id != a.job_id or not mine or job.replicas < 2:
+                    raise InvalidArgument(f"job {a.job_id[:64]!r} has no replicated shard {a.shard_id}")
+                with self._cond:
+                    if self.find(a.job_id, a.shard_id) is None:  # (the lock is reentrant)
+                        self._install(ShardState(mine[0].range, job, job_id, self.step_timeout))
+                state = self.find(a.job_id, a.shard_id)
+            if state.replica is None:
+                raise InvalidArgument(f"job {a.job_id[:64]!r} keeps no replicas of its shards")
+            state.replica.assign(a.placement_epoch, a.primary, list(a.backups), lease_s)
+            out.append((a, state))
+        return out
 
     def state_for_init(self, target: Target) -> ShardState:
         """The shard's state for ``target``'s job, created on first use from the coordinator's
@@ -140,12 +183,21 @@ class ShardNode:
 
     def _install(self, state: ShardState) -> None:
         """Make ``state`` one of this node's jobs (under ``_cond``), checkpointing it if a directory is set."""
+        own = state.shard.shard_id == self.shard_id
         if self.checkpoint_dir:
-            checkpointer = self.checkpointers.get(state.job_id)
+            key = self._checkpoint_key(state)
+            checkpointer = self.checkpointers.get(key)
             if checkpointer is None:
-                checkpointer = self.checkpointers[state.job_id] = Checkpointer(self.store(state.job.name),
-                                                                               self.checkpoint_every)
+                checkpointer = self.checkpointers[key] = Checkpointer(
+                    self.store(state.job.name, state.shard.shard_id), self.checkpoint_every)
             state.on_version = checkpointer.on_version
+            if not own:  # a backup checkpoints only once it is promoted
+                state.on_version = _when_primary(state, checkpointer.on_version)
+        state.send = self.send
+        if not own:
+            self.others[(state.job_id, state.shard.shard_id)] = state
+            self._cond.notify_all()
+            return
         self.states[state.job_id] = state
         self.lost.pop(state.job_id, None)
         self._cond.notify_all()
@@ -158,15 +210,15 @@ class ShardNode:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def store(self, job_name: str = DEFAULT_JOB) -> CheckpointStore:
-        """Job ``job_name``'s checkpoints: ``<dir>/shard-<k>/`` for the default job,
-        ``<dir>/job-<name>/shard-<k>/`` for the others."""
+    def store(self, job_name: str = DEFAULT_JOB, shard_id: int | None = None) -> CheckpointStore:
+        """Job ``job_name``'s checkpoints of shard ``shard_id`` (default: this server's):
+        ``<dir>/shard-<k>/`` for the default job, ``<dir>/job-<name>/shard-<k>/`` for the others."""
         if not self.checkpoint_dir:
             raise FailedPrecondition(f"shard {self.shard_id} keeps no checkpoints; start it with --checkpoint-dir")
         root = Path(self.checkpoint_dir)
         if job_name != DEFAULT_JOB:
             root = root / f"job-{job_name}"
-        return CheckpointStore(root / f"shard-{self.shard_id}", self.checkpoint_keep)
+        return CheckpointStore(root / f"shard-{self.shard_id if shard_id is None else shard_id}", self.checkpoint_keep)
 
     def restore_latest(self, job_id: str, job_name: str, started: bool) -> int | None:
         """At start-up: take the newest checkpoint of ``job_id`` (a job the coordinator runs) as this
@@ -250,7 +302,11 @@ class ShardNode:
                 )
         self._refuse_lost(target.job_id)
         state = self.states[target.job_id]
+        if target.shard_id != self.shard_id:  # a replica of another shard (a promoted backup)
+            state = self.find(target.job_id, target.shard_id) or state
         self.check(state, target)
+        with state.cond:
+            state.check_serving()  # a backup replica waiting for its copy answers at once: not here
         state.wait_initialized(timeout)
         return state
 
@@ -264,11 +320,20 @@ class ShardNode:
                 f"layout fingerprint {target.fingerprint[:12]} differs from the job's "
                 f"{state.job.layout.fingerprint[:12]}: every worker must build the same model"
             )
-        elif (target.shard_id, target.start, target.stop) != (self.shard_id, state.shard.start, state.shard.stop):
+        elif (target.shard_id, target.start, target.stop) != (state.shard.shard_id, state.shard.start,
+                                                                state.shard.stop):
             problem = (
                 f"shard {target.shard_id} [{target.start}, {target.stop}) is not this server's "
-                f"shard {self.shard_id} [{state.shard.start}, {state.shard.stop}); refresh the shard plan"
+                f"shard {state.shard.shard_id} [{state.shard.start}, {state.shard.stop}); refresh the shard plan"
             )
         if problem:
             state.reject(WrongJob.reason)
             raise WrongJob(problem)
+
+
+def _when_primary(state: ShardState, on_version):
+    """A backup's checkpoint hook: it writes only while its replica is the shard's primary."""
+    def hook(s: ShardState) -> None:
+        if state.replica is not None and state.replica.primary:
+            on_version(s)
+    return hook

@@ -8,6 +8,8 @@ and once on the way in.
 """
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Iterator
 
 import grpc
@@ -18,12 +20,14 @@ from ..proto import codec, wire
 from ..proto.errors import FailedPrecondition, InvalidArgument, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
-from ..proto.rpc import translate_errors
+from ..proto.rpc import error_from_rpc, open_channel, translate_errors
 from .modes import Push
 from ..proto.limits import WaitSlots
 from ..proto.process import release_free_memory
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
+from . import replica as replicas
 
+log = logging.getLogger("shardps.server")
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
 SERVICE = "shardps.v1.ShardService"
 INDICES_FIELD = 4  # PushRequest.indices
@@ -48,6 +52,8 @@ class ShardServicer:
         # Waits that park a handler thread, capped so that pushes and health checks always find one.
         self.pull_waits = WaitSlots(max(2, threads // 8), "pulls waiting for a version")
         self.checkpoint_waits = WaitSlots(max(2, threads // 8), "checkpoint requests")
+        self.sender = ReplicaSender(chunk_bytes)
+        node.send = self.sender.send
 
     @translate_errors
     def InitShard(self, frames: Iterator[wire.Frame], context):
@@ -250,6 +256,7 @@ class ShardServicer:
     def Pull(self, request: pb.PullRequest, context):
         state = self.node.require(_target(request.target), self.wait_timeout)
         with state.cond:
+            state.check_serving()  # a backup replica (or a primary without its lease) hands out nothing
             state.check_epoch(None)  # a restored shard hands out nothing until the job is aligned
             ready = state.version >= request.min_version
         if not ready:
@@ -345,9 +352,85 @@ class ShardServicer:
             return pb.SetMembershipResponse(accepted=True)
         if view.epoch > state.latest_epoch + MAX_EPOCH_JUMP:
             raise InvalidArgument(f"view epoch {view.epoch} is far past this shard's newest ({state.latest_epoch})")
-        accepted = state.learn_view(view, request.from_open_step)
-        with state.cond:
-            return pb.SetMembershipResponse(accepted=accepted, version=state.version)
+        accepted, version = True, 0
+        for held in self.node.replicas_of(request.job_id):  # every replica here (a backup may be promoted)
+            serving = held.replica is None or not held.replica.serving()
+            if serving and not held.learn_view(view, request.from_open_step):
+                accepted = False
+            elif not serving:
+                held.learn_view(view, from_open_step=True)
+            with held.cond:
+                version = max(version, held.version) if serving else version
+        return pb.SetMembershipResponse(accepted=accepted, version=version)
+
+    @translate_errors
+    def SetReplicas(self, request, context):
+        if not 0 < request.lease_ms <= 600_000:
+            raise InvalidArgument("lease_ms must be in 1..600000")
+        reports = []
+        for a, state in self.node.assign(request.assignments, request.lease_ms / 1000.0,
+                                         request.coordinator_generation):
+            if a.primary:
+                self._copy_to_new_backups(state)
+            # Read without the shard's lock: a primary holds it while it waits for the coordinator to drop
+            # a backup it cannot reach, and this answer is how the coordinator learns of that.
+            reports.append(pb.ReplicaReport(job_id=a.job_id, shard_id=a.shard_id, version=state.version,
+                                            has_copy=state.initialized, unreachable=state.replica.report(),
+                                            in_sync=state.replica.in_sync()))
+        return pb.SetReplicasResponse(reports=reports)
+
+    def _copy_to_new_backups(self, state) -> None:
+        """A primary with a backup that holds no copy yet (new, or restarted) sends it one now, in
+        the background: training pauses for the copy (it is taken under the shard's lock), and the
+        backup is promotable once it has it."""
+        role = state.replica
+        with role.cond:
+            if role.copying or set(role.backups) <= role.synced or not role.primary:
+                return
+            role.copying = True
+
+        def copy():
+            try:
+                with state.cond:
+                    if state.initialized and not role.serving():
+                        replicas.ship(role, state, None, state.send, state.ship_timeout)
+            except Exception as exc:  # noqa: BLE001 - logged; the next placement call tries again
+                log.warning("shard %d: copy to a new backup failed: %s", state.shard.shard_id, exc)
+            finally:
+                with role.cond:
+                    role.copying = False
+
+        threading.Thread(target=copy, name="shardps-replica-copy", daemon=True).start()
+
+    @translate_errors
+    def Replicate(self, frames: Iterator[wire.Frame], context):
+        first = next(frames, None)
+        if first is None or first.fields is None or not first.fields.HasField("header"):
+            raise InvalidArgument("Replicate's first message must carry the header")
+        h = first.fields.header
+        state = self.node.find(h.job_id, h.shard_id)
+        if state is None:
+            raise FailedPrecondition(f"{replicas.NEEDS_COPY}: this server holds no replica of shard {h.shard_id} of "
+                                     f"job {h.job_id[:64]!r} yet (the coordinator places replicas)")
+        numel = max(1, state.shard.numel)
+        limit = numel * 8 + (1 << 20)  # elements a shard's state may have: a few per parameter
+        tensors: dict[str, codec.Assembler] = {}
+        total = 0
+        for frame in _chain(first, frames):
+            if frame.chunk is None:
+                continue
+            name = frame.fields.name if frame.fields is not None else ""
+            if name not in tensors:
+                if len(tensors) >= 64 * max(1, len(state.optimizer.pieces)) + 3:
+                    raise InvalidArgument("too many tensors in one replica update")
+                tensors[name] = codec.Assembler(max_numel=numel if name != "buffers" else 1 << 30)
+            tensors[name].add(frame.chunk)
+            total += len(frame.chunk.data)
+            if total > limit * 4:
+                raise InvalidArgument(f"a replica update larger than this shard can hold ({limit * 4} bytes)")
+        done = {name: asm.finish() for name, asm in tensors.items()}
+        version = state.take_copy(h, done) if h.full else state.replay(h, done)
+        return pb.ReplicateResponse(version=version)
 
     @translate_errors
     def Rollback(self, request, context):
@@ -356,6 +439,8 @@ class ShardServicer:
 
     def GetShardStatus(self, request, context):
         state = self.node.state_for(request.job_id)
+        if state is not None and request.HasField("shard_id"):
+            state = self.node.find(state.job_id, request.shard_id)
         job_ids = sorted(self.node.states)
         if state is None:
             return pb.GetShardStatusResponse(shard_id=self.node.shard_id, job_ids=job_ids)
@@ -394,7 +479,17 @@ class ShardServicer:
                 restored_from_version=state.restored_from or 0,
                 job_ids=job_ids,
                 **self._checkpoint_status(state),
+                **self._replica_status(state),
             )
+
+    def _replica_status(self, state) -> dict:
+        role = state.replica
+        if role is None:
+            return {}
+        with role.cond:
+            return {"replica_role": "primary" if role.primary else "backup", "placement_epoch": role.placement_epoch,
+                    "replica_shards": [s.shard.shard_id for s in self.node.replicas_of(state.job_id)],
+                    "updates_replicated": role.updates_replicated, "copies_sent": role.copies_sent}
 
     def _checkpoint_status(self, state) -> dict:
         c = self.node.checkpointer_for(state)
@@ -402,6 +497,43 @@ class ShardServicer:
             return {"last_checkpoint_version": -1}
         return {"checkpoints_written": c.written, "checkpoint_failures": c.failures,
                 "last_checkpoint_version": c.last.version if c.last else -1}
+
+
+class ReplicaSender:
+    """A primary's calls to its backups (server to server, with the cluster's credential): one
+    channel per backup, kept; each call has a deadline sized to its bytes."""
+
+    def __init__(self, chunk_bytes: int):
+        self.chunk_bytes = chunk_bytes
+        self._stubs: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, address: str):
+        with self._lock:
+            if address not in self._stubs:
+                channel = open_channel(address)
+                self._stubs[address] = (channel, channel.stream_unary(
+                    "/shardps.v1.ShardService/Replicate", request_serializer=wire.serializer(pb.ReplicateRequest),
+                    response_deserializer=pb.ReplicateResponse.FromString))
+            return self._stubs[address][1]
+
+    def send(self, address: str, header, tensors: list) -> int:
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+
+        def requests():
+            yield pb.ReplicateRequest(header=header)
+            for name, tensor in tensors:
+                for chunk in codec.views(tensor.contiguous(), self.chunk_bytes):
+                    yield wire.Frame(pb.ReplicateRequest(name=name), chunk)
+
+        try:
+            return self._stub(address)(requests(), timeout=10.0 + nbytes / 50e6).version
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc, f"Replicate to {address}")
+            if isinstance(error, FailedPrecondition) and (replicas.NEEDS_COPY in str(error)
+                                                          or replicas.SUPERSEDED in str(error)):
+                raise replicas.ReplicaRefused(str(error)) from None
+            raise error from None
 
 
 class _BlobReader:
@@ -447,7 +579,11 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         **{name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=getattr(pb, name + "Request").FromString,
             response_serializer=getattr(pb, name + "Response").SerializeToString)
-           for name in ("GetShardStatus", "Checkpoint", "ListCheckpoints", "Rollback", "SetMembership")},
+           for name in ("GetShardStatus", "Checkpoint", "ListCheckpoints", "Rollback", "SetMembership",
+                        "SetReplicas")},
+        "Replicate": grpc.stream_unary_rpc_method_handler(
+            servicer.Replicate, request_deserializer=wire.deserializer(pb.ReplicateRequest),
+            response_serializer=pb.ReplicateResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -34,7 +34,8 @@ from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from ..proto.shm import Segment, ShmUnavailable, sweep
 from .checkpoint import Snapshot
-from .modes import Outcome, Push, make_policy
+from .modes import Closed, Outcome, Push, make_policy
+from . import replica as replicas
 from .slice_optimizer import SliceOptimizer
 
 log = logging.getLogger("shardps.server")
@@ -94,6 +95,11 @@ class ShardState:
         # Membership views this shard knows: epoch -> (first step it governs here, member ids). A
         # step is made up of the members of the newest view that governs it.
         self.views: dict[int, tuple[int, frozenset[int]]] = {}
+        # A replicated job's shard (server/replica.py): this copy's role, and how updates reach backups.
+        self.replica: replicas.ReplicaRole | None = replicas.ReplicaRole() if job.replicas > 1 else None
+        self.send: replicas.Send | None = None
+        self.ship_timeout = step_timeout
+        self.applied_table: dict[int, int] = {}  # the dedup table as of the last applied version
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot, step_timeout: float = 300.0) -> "ShardState":
@@ -120,14 +126,21 @@ class ShardState:
         if not _all_finite(params):
             raise InvalidArgument("parameters contain NaN or Inf; nothing was changed")
         self.check_buffers(buffers)
+        if self.replica is not None:
+            self.replica.wait_assigned(self.ship_timeout)
         with self.cond:
             if self.initialized and not replace:
                 return False
+            self.check_serving()
             self.param.copy_(params)
             if buffers is not None:
                 self.buffers = bytes(buffers)
             self._snapshot = None
             first, self.initialized = not self.initialized, True
+            if self.replica is not None:  # the backups take the starting point before anyone is told
+                with self.replica.cond:
+                    self.replica.synced.clear()
+                replicas.ship(self.replica, self, None, self.send, self.ship_timeout)
             self.cond.notify_all()
             if first and self.on_version is not None:
                 self.on_version(self)  # version 0: the starting point a rollback can always reach
@@ -230,6 +243,7 @@ class ShardState:
             if not self.initialized:
                 self.stats.rejections["not_initialized"] += 1
                 raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
+            self.check_serving()
             self.check_epoch(push.epoch)
             if self.views:  # the views this shard knows decide, not the caller (a view may have changed since)
                 members = self.members_for(push.step)
@@ -269,10 +283,17 @@ class ShardState:
                 push.release()
 
     def apply(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float = 1.0,
-              buffers: bytes | None = None) -> None:
+              buffers: bytes | None = None, step: int | None = None, partial: float | None = None) -> None:
         """One optimizer step with ``grad`` (called by the policy, under the lock): pieces not
-        ``present`` are skipped, ``hyper`` (the groups' kwargs, None: unchanged) applies from now on."""
+        ``present`` are skipped, ``hyper`` (the groups' kwargs, None: unchanged) applies from now on.
+        ``step``: the sync step it closes (None: async, one push). A replicated shard's backups
+        apply it first (``server/replica.py``)."""
         start = time.perf_counter()
+        if self.replica is not None:
+            hyper_json = json.dumps(optim.hyper_of(hyper if hyper is not None else self.optimizer.hyper,
+                                                   self.job.schedulable()), separators=(",", ":"))
+            self._ship(replicas.Update(self.version + 1, grad, present, hyper_json, lr_scale, buffers,
+                                       self._table(step), clip_partial=partial))
         if hyper is not None:
             self.optimizer.set_hyper(hyper)
         if self.shard.numel:
@@ -280,10 +301,35 @@ class ShardState:
         self._next_version(buffers)
         self.stats.apply_seconds += time.perf_counter() - start
 
-    def skip(self, buffers: bytes | None = None) -> None:
+    def skip(self, buffers: bytes | None = None, step: int | None = None) -> None:
         """Close a step without applying it (an fp16 overflow on some worker), under the lock."""
+        if self.replica is not None:
+            self._ship(replicas.Update(self.version + 1, None, None, self.hyper_json(), 1.0, buffers,
+                                       self._table(step)))
         self.stats.pushes_skipped += 1
         self._next_version(buffers)
+
+    def _table(self, step: int | None) -> dict[int, int]:
+        """The dedup table once ``step`` is applied: a worker that pushed later steps already (SSP) has
+        pushed this one (a worker's steps come in order), so its entry is this step."""
+        if step is None:
+            return dict(self.last_step)
+        return {w: min(s, step) for w, s in self.last_step.items()}
+
+    def _ship(self, update: replicas.Update) -> None:
+        replicas.ship(self.replica, self, update, self.send, self.ship_timeout)
+        self.applied_table = update.last_step
+
+    def check_serving(self) -> None:
+        """Under the lock: refuse work on a replica that is not the shard's primary now (a worker
+        with an old plan, or a primary whose lease ran out): Unavailable, which workers retry after
+        asking the coordinator where the shard is."""
+        if self.replica is None:
+            return
+        why = self.replica.serving()
+        if why:
+            self.stats.rejections["not_primary"] += 1
+            raise Unavailable(replicas.moved(self.shard.shard_id, why))
 
     def _next_version(self, buffers: bytes | None) -> None:
         if buffers is not None:
@@ -306,6 +352,100 @@ class ShardState:
             if hyper is not None:
                 self.optimizer.set_hyper(hyper)
             return self.version
+
+    # ------------------------------------------------------------------ backup replicas
+
+    def replay(self, header, tensors: dict[str, torch.Tensor]) -> int:
+        """A backup applies its primary's update (``server/replica.py``) with the same kernels, so the
+        copies stay bit-identical; returns the version. ReplicaRefused when it cannot: it needs a
+        whole copy first (new, or not at the version before), or the sender is no longer primary."""
+        grad = tensors.get("grad")
+        if not header.skipped and (grad is None or grad.numel() != self.shard.numel or grad.dtype != torch.float32):
+            raise InvalidArgument(f"an update of shard {self.shard.shard_id} carries {self.shard.numel} fp32 "
+                                  "gradient elements")
+        present = list(header.present) or None
+        if present is not None and len(present) != len(self.optimizer.pieces):
+            raise InvalidArgument(f"an update names {len(present)} pieces; shard {self.shard.shard_id} has "
+                                  f"{len(self.optimizer.pieces)}")
+        buffers = tensors.get("buffers")
+        blob = buffers.numpy().tobytes() if buffers is not None else None
+        self.check_buffers(blob)
+        hyper = self.parse_hyper(header.hyperparams_json)
+        with self.cond:
+            self._check_sender(header)
+            if self.initialized and self.version == header.version:
+                return self.version  # a repeat: the primary's first attempt landed
+            if not self.initialized or self.version != header.version - 1:
+                raise replicas.ReplicaRefused(f"{replicas.NEEDS_COPY}: the backup of shard {self.shard.shard_id} is "
+                                              f"at version {self.version if self.initialized else 'none'}, the update "
+                                              f"makes {header.version}")
+            if hyper is not None:
+                self.optimizer.set_hyper(hyper)
+            step = header.version - 1
+            if header.skipped:
+                self.stats.pushes_skipped += 1
+                closed = Closed(0.0, skipped=True)
+            else:
+                if self.shard.numel:
+                    self.optimizer.step(grad, present, header.lr_scale)
+                closed = Closed(self.optimizer.lr() * header.lr_scale,
+                                partial=header.clip_partial if header.has_clip_partial else None)
+            self.policy.remember(step, closed)
+            self.last_step = {int(w): int(s) for w, s in header.last_step.items()}
+            self.applied_table = dict(self.last_step)
+            self._snapshot = None
+            self._next_version(blob)
+            return self.version
+
+    def take_copy(self, header, tensors: dict[str, torch.Tensor]) -> int:
+        """A backup takes a whole copy of its primary's replica (a new or restarted backup, or one
+        that fell behind): parameters, optimizer state, buffers, version, dedup table, views."""
+        param = tensors.get("param")
+        if param is None or param.numel() != self.shard.numel or param.dtype != torch.float32:
+            raise InvalidArgument(f"a copy of shard {self.shard.shard_id} carries {self.shard.numel} fp32 parameters")
+        buffers = tensors.get("buffers")
+        blob = buffers.numpy().tobytes() if buffers is not None else None
+        self.check_buffers(blob)
+        hyper = self.parse_hyper(header.hyperparams_json)
+        try:
+            views = {int(e): (int(v[0]), frozenset(int(w) for w in v[1]))
+                     for e, v in json.loads(header.views_json or "{}").items()}
+        except (ValueError, TypeError, IndexError) as exc:
+            raise InvalidArgument(f"a copy's views are not {{epoch: [start, [worker ids]]}}: {exc}") from None
+        with self.cond:
+            self._check_sender(header)
+            self.policy.reset()
+            optimizer = SliceOptimizer(self.job, self.shard, self.param)
+            try:
+                optimizer.load_state_tensors({k: v for k, v in tensors.items() if k.startswith("optim/")})
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            self.param.copy_(param)
+            self.optimizer = optimizer
+            if hyper is not None:
+                self.optimizer.set_hyper(hyper)
+            self.buffers = blob
+            self.version = header.version
+            self.last_step = {int(w): int(s) for w, s in header.last_step.items()}
+            self.applied_table = dict(self.last_step)
+            self.views.update(views)
+            self.min_epoch, self.rolled_back_to = header.min_epoch, header.rolled_back_to
+            self.initialized, self._snapshot, self.awaiting_rollback = True, None, False
+            self.generation += 1
+            self.cond.notify_all()
+            return self.version
+
+    def _check_sender(self, header) -> None:
+        """Under the lock: updates come only from the primary of this replica's placement or a newer one."""
+        role = self.replica
+        if role is None:
+            raise FailedPrecondition(f"job {self.job.name!r} keeps no replicas of its shards")
+        with role.cond:
+            if header.placement_epoch < role.placement_epoch or (role.primary and not role.demoted):
+                raise replicas.ReplicaRefused(
+                    f"{replicas.SUPERSEDED} {role.placement_epoch}: shard {self.shard.shard_id}'s replica here "
+                    f"{'is the primary' if role.primary else 'follows a newer placement'} (the update named "
+                    f"{header.placement_epoch})")
 
     # ------------------------------------------------------------------ same-host byte path
 

@@ -57,7 +57,7 @@ from .compress import TopK
 from .flat import FlatParams
 from .heartbeat import Heartbeat
 from .overlap import OverlapPusher
-from .ps_client import ClipExchange, PSClient, PushReply, results
+from .ps_client import ClipExchange, Locator, PSClient, PushReply, results
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 RECONNECT_S = 60.0  # how long coordinator calls ride out a restarting coordinator
@@ -91,6 +91,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         staleness_lr: bool = False,
         topk_ratio: float = 0.0,
         balance_every: int = 0,
+        replicas: int = 1,
         wire_dtype: str = "float32",
         overlap: bool = False,
         broadcast_buffers: bool = True,
@@ -133,6 +134,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             balance_every: sync/ssp: every this many steps the coordinator re-splits each
                 global batch between the workers by their measured throughput (see
                 ``worker.balance.BatchSplit``, which asks for this worker's rows). 0: equal.
+            replicas: copies of each shard, each on its own server (at most the number of servers).
+                With 2 or more, a killed server's shards fail over to an in-sync copy and nothing
+                rolls back; 1 (default): a lost server costs a rollback to the last checkpoint.
             wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
                 (servers keep fp32 masters either way).
             overlap: push each shard's gradients as soon as backward has produced them,
@@ -188,7 +192,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 groups=tuple(optim.group_kwargs(optimizer, defaults, g) for g in self.param_groups),
                 buffers=tuple(BufferEntry(n, tuple(b.shape), str(b.dtype).removeprefix("torch."))
                               for n, b in self._buffers.items()),
-                broadcast_buffers=broadcast_buffers, name=job)
+                broadcast_buffers=broadcast_buffers, name=job, replicas=replicas)
             self._state_keys = list(module.state_dict(keep_vars=True)) if module is not None else []
             self._param_ids = {id(p) for p in self.flat.params}
             self._warned_local_clip = self._warned_edit = False
@@ -233,8 +237,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._heartbeat = Heartbeat(self)  # the lease runs from registration on
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
+        locate = Locator(lambda: self.coordinator.job(job_id=self.job_id)[2]) if self.job.replicas > 1 else None
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
-                           self.compressor, self.retry, self.worker_id, self.security, self.flat.segment)
+                           self.compressor, self.retry, self.worker_id, self.security, self.flat.segment, locate)
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob())
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

@@ -16,13 +16,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, WaitTimeout
+from ..proto.errors import FailedPrecondition, Unavailable, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
@@ -31,6 +31,7 @@ from ..proto.shm import Segment
 from .flat import Staged
 
 log = logging.getLogger("shardps.worker")
+T = TypeVar("T")
 
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
 
@@ -110,12 +111,16 @@ class ShardChannel:
     """Calls to one shard server."""
 
     def __init__(self, info: ShardInfo, job_id: str, fingerprint: str, chunk_bytes: int, retry: Retrier,
-                 worker_id: int = -1, security=None):
+                 worker_id: int = -1, security=None, locate: "Locator | None" = None):
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
+        self.security, self.locate = security, locate
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
-        self._channel = ch = open_channel(info.address, security)
+        self._dial(info.address)
+
+    def _dial(self, address: str) -> None:
+        self._channel = ch = open_channel(address, self.security)
         method = "/shardps.v1.ShardService/"
         self._init = ch.stream_unary(method + "InitShard", request_serializer=wire.serializer(pb.InitShardRequest),
                                      response_deserializer=pb.InitShardResponse.FromString)
@@ -131,6 +136,30 @@ class ShardChannel:
 
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
+
+    def _call(self, rpc: str, attempt: Callable[[], T]) -> T:
+        """``attempt`` under the retry policy; after an UNAVAILABLE attempt the shard's address is
+        looked up again (a replicated shard's backup may have been promoted on another server)."""
+        def rerouting():
+            try:
+                return attempt()
+            except Unavailable:
+                if not self._follow():
+                    raise
+                return attempt()  # moved: the new server at once, not after a backoff
+        return self.retry.call(self._what(rpc), rerouting)
+
+    def _follow(self) -> bool:
+        """Whether the shard moved (the channel now leads to its new server)."""
+        if self.locate is None:
+            return False
+        address = self.locate.address(self.info.range.shard_id)
+        if not address or address == self.info.address:
+            return False
+        log.warning("shard %d moved from %s to %s", self.info.range.shard_id, self.info.address, address)
+        self.info = ShardInfo(self.info.range, address, self.info.backups)
+        self._dial(address)  # the old channel closes when its calls in flight let go of it
+        return True
 
     def init(self, params: torch.Tensor, worker_id: int, timeout: float, buffers: bytes | None = None,
              replace: bool = False) -> tuple[int, bool]:
@@ -148,7 +177,7 @@ class ShardChannel:
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, self._what("InitShard")) from None
 
-        reply = self.retry.call(self._what("InitShard"), attempt)
+        reply = self._call("InitShard", attempt)
         return reply.version, reply.already_initialized
 
     def push(self, header: pb.PushHeader, grad: torch.Tensor | None, out: torch.Tensor, timeout: float,
@@ -222,7 +251,7 @@ class ShardChannel:
                 asm.finish()
             return result, blob.finish().numpy().tobytes() if blob is not None else None
 
-        result, blob = self.retry.call(self._what("Push"), attempt)
+        result, blob = self._call("Push", attempt)
         return PushReply(result.version, result.staleness, result.duplicate, result.dropped, result.next_step,
                          result.applied_lr, result.epoch, result.skipped, blob)
 
@@ -250,7 +279,7 @@ class ShardChannel:
             asm.finish()
             return version, blob.finish().numpy().tobytes() if blob is not None else None
 
-        return self.retry.call(self._what("Pull"), attempt)
+        return self._call("Pull", attempt)
 
     def pull_state(self, timeout: float) -> tuple[int, dict[str, torch.Tensor], str]:
         """(version, {"param": slice, "optim/<i>/<key>": tensor, "buffers": uint8, ...}, the groups'
@@ -271,7 +300,7 @@ class ShardChannel:
                 raise error_from_rpc(exc, self._what("Pull")) from None
             return version, {name: asm.finish() for name, asm in tensors.items()}, hyper
 
-        return self.retry.call(self._what("Pull"), attempt)
+        return self._call("Pull", attempt)
 
     def load_state(self, tensors: dict[str, torch.Tensor], hyper_json: str, timeout: float) -> int:
         """Hand this shard's pieces their optimizer state (``optim/<i>/<key>``); returns the version."""
@@ -287,7 +316,28 @@ class ShardChannel:
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, self._what("LoadState")) from None
 
-        return self.retry.call(self._what("LoadState"), attempt)
+        return self._call("LoadState", attempt)
+
+
+class Locator:
+    """Where each shard is served now, asked of the coordinator at most every ``every`` seconds
+    (every shard's channel asks after a failed attempt; one answer serves them all)."""
+
+    def __init__(self, fetch_plan: Callable[[], list[ShardInfo]], every: float = 0.5):
+        self._fetch, self.every = fetch_plan, every
+        self._plan: dict[int, str] = {}
+        self._at = -math.inf
+        self._lock = threading.Lock()
+
+    def address(self, shard_id: int) -> str:
+        with self._lock:
+            if time.monotonic() - self._at >= self.every:
+                self._at = time.monotonic()
+                try:
+                    self._plan = {s.range.shard_id: s.address for s in self._fetch()}
+                except Exception as exc:  # noqa: BLE001 - the coordinator restarting: keep the old answer
+                    log.info("could not ask the coordinator where shard %d is: %s", shard_id, exc)
+            return self._plan.get(shard_id, "")
 
 
 class PSClient:
@@ -295,14 +345,14 @@ class PSClient:
 
     def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
                  compressor=None, retry: Retrier | None = None, worker_id: int = -1, security=None,
-                 segment: Segment | None = None):
+                 segment: Segment | None = None, locate: Locator | None = None):
         """``segment``: this worker's shared memory; pushes to a shard go through it until that
         shard refuses it (another host), then over gRPC."""
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
         self.segment = segment if compressor is None else None  # top-k pushes are sparse: gRPC
         self.shm_ok = [self.segment is not None] * len(plan)
         self.retry = retry if retry is not None else Retrier(budget=timeout)
-        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security)
+        self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
                        for info in plan]
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
 

@@ -108,7 +108,7 @@ class ParamGroupSpec(_message.Message):
     def __init__(self, kwargs_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every", "buffers", "broadcast_buffers", "name")
+    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every", "buffers", "broadcast_buffers", "name", "replicas")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class JobSpec(_message.Message):
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     layout: Layout
     optimizer: OptimizerSpec
     mode: UpdateMode
@@ -133,19 +134,22 @@ class JobSpec(_message.Message):
     buffers: _containers.RepeatedCompositeFieldContainer[BufferInfo]
     broadcast_buffers: bool
     name: str
-    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[BufferInfo, _Mapping]]] = ..., broadcast_buffers: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    replicas: int
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[BufferInfo, _Mapping]]] = ..., broadcast_buffers: _Optional[bool] = ..., name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
-    __slots__ = ("shard_id", "start", "stop", "address")
+    __slots__ = ("shard_id", "start", "stop", "address", "backups")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BACKUPS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     start: int
     stop: int
     address: str
-    def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    backups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., address: _Optional[str] = ..., backups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardPlan(_message.Message):
     __slots__ = ("shards", "numel", "align")
@@ -437,6 +441,111 @@ class WorkerCounters(_message.Message):
     counters: _containers.ScalarMap[str, int]
     def __init__(self, step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class SetReplicasRequest(_message.Message):
+    __slots__ = ("coordinator_generation", "assignments", "lease_ms")
+    COORDINATOR_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    coordinator_generation: int
+    assignments: _containers.RepeatedCompositeFieldContainer[ReplicaAssignment]
+    lease_ms: int
+    def __init__(self, coordinator_generation: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ReplicaAssignment, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class ReplicaAssignment(_message.Message):
+    __slots__ = ("job_id", "shard_id", "placement_epoch", "primary", "backups")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_id: int
+    placement_epoch: int
+    primary: bool
+    backups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., primary: _Optional[bool] = ..., backups: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetReplicasResponse(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[ReplicaReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[ReplicaReport, _Mapping]]] = ...) -> None: ...
+
+class ReplicaReport(_message.Message):
+    __slots__ = ("job_id", "shard_id", "version", "has_copy", "unreachable", "in_sync")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAS_COPY_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_id: int
+    version: int
+    has_copy: bool
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    in_sync: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., version: _Optional[int] = ..., has_copy: _Optional[bool] = ..., unreachable: _Optional[_Iterable[str]] = ..., in_sync: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("header", "chunk", "name")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    header: ReplicaHeader
+    chunk: TensorChunk
+    name: str
+    def __init__(self, header: _Optional[_Union[ReplicaHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ReplicaHeader(_message.Message):
+    __slots__ = ("job_id", "shard_id", "placement_epoch", "full", "version", "skipped", "present", "hyperparams_json", "lr_scale", "applied_lr", "has_clip_partial", "clip_partial", "last_step", "views_json", "min_epoch", "rolled_back_to")
+    class LastStepEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_LR_FIELD_NUMBER: _ClassVar[int]
+    HAS_CLIP_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_TO_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_id: int
+    placement_epoch: int
+    full: bool
+    version: int
+    skipped: bool
+    present: _containers.RepeatedScalarFieldContainer[bool]
+    hyperparams_json: str
+    lr_scale: float
+    applied_lr: float
+    has_clip_partial: bool
+    clip_partial: float
+    last_step: _containers.ScalarMap[int, int]
+    views_json: str
+    min_epoch: int
+    rolled_back_to: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., full: _Optional[bool] = ..., version: _Optional[int] = ..., skipped: _Optional[bool] = ..., present: _Optional[_Iterable[bool]] = ..., hyperparams_json: _Optional[str] = ..., lr_scale: _Optional[float] = ..., applied_lr: _Optional[float] = ..., has_clip_partial: _Optional[bool] = ..., clip_partial: _Optional[float] = ..., last_step: _Optional[_Mapping[int, int]] = ..., views_json: _Optional[str] = ..., min_epoch: _Optional[int] = ..., rolled_back_to: _Optional[int] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
 class SetMembershipRequest(_message.Message):
     __slots__ = ("job_id", "view", "from_open_step", "coordinator_generation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -710,15 +819,17 @@ class LoadStateResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class GetShardStatusRequest(_message.Message):
-    __slots__ = ("include_digest", "job_id")
+    __slots__ = ("include_digest", "job_id", "shard_id")
     INCLUDE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     include_digest: bool
     job_id: str
-    def __init__(self, include_digest: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...
+    shard_id: int
+    def __init__(self, include_digest: _Optional[bool] = ..., job_id: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport", "shm_bytes_in", "shm_bytes_out")
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport", "shm_bytes_in", "shm_bytes_out", "replica_role", "placement_epoch", "replica_shards", "updates_replicated", "copies_sent")
     class StalenessCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -787,6 +898,11 @@ class GetShardStatusResponse(_message.Message):
     WORKER_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ROLE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    COPIES_SENT_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     job_id: str
     mode: UpdateMode
@@ -820,7 +936,12 @@ class GetShardStatusResponse(_message.Message):
     worker_transport: _containers.ScalarMap[int, str]
     shm_bytes_in: int
     shm_bytes_out: int
-    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ..., shm_bytes_in: _Optional[int] = ..., shm_bytes_out: _Optional[int] = ...) -> None: ...
+    replica_role: str
+    placement_epoch: int
+    replica_shards: _containers.RepeatedScalarFieldContainer[int]
+    updates_replicated: int
+    copies_sent: int
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ..., shm_bytes_in: _Optional[int] = ..., shm_bytes_out: _Optional[int] = ..., replica_role: _Optional[str] = ..., placement_epoch: _Optional[int] = ..., replica_shards: _Optional[_Iterable[int]] = ..., updates_replicated: _Optional[int] = ..., copies_sent: _Optional[int] = ...) -> None: ...
 
 class FaultRule(_message.Message):
     __slots__ = ("id", "kind", "method", "worker_id", "probability", "delay_s", "status", "after", "max_active", "max_count", "duration_s", "injected")

@@ -561,6 +561,16 @@ class ShardServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipResponse.FromString,
                 _registered_method=True)
+        self.SetReplicas = channel.unary_unary(
+                '/shardps.v1.ShardService/SetReplicas',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.SetReplicasRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.SetReplicasResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.stream_unary(
+                '/shardps.v1.ShardService/Replicate',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer:
@@ -639,6 +649,25 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReplicas(self, request, context):
+        """The coordinator tells a server which replicas of which shards it holds
+        (primary or backup, and each primary's backups) and renews its primary
+        lease; sent a few times a second, it is also the coordinator's liveness
+        probe. A primary whose lease ran out answers nothing until it is renewed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request_iterator, context):
+        """A primary ships one applied update (or a whole copy: a new or restarted
+        backup) of a shard to a backup, which applies it the same way (server to
+        server).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -686,6 +715,16 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.SetMembership,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.SetMembershipResponse.SerializeToString,
+            ),
+            'SetReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReplicas,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.SetReplicasRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.SetReplicasResponse.SerializeToString,
+            ),
+            'Replicate': grpc.stream_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.ReplicateRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.ReplicateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -933,6 +972,60 @@ class ShardService:
             '/shardps.v1.ShardService/SetMembership',
             shardps_dot_v1_dot_shardps__pb2.SetMembershipRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.SetMembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ShardService/SetReplicas',
+            shardps_dot_v1_dot_shardps__pb2.SetReplicasRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.SetReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shardps.v1.ShardService/Replicate',
+            shardps_dot_v1_dot_shardps__pb2.ReplicateRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.ReplicateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--step-timeout", type=float, default=330.0)
     ap.add_argument("--retry-timeout", type=float, default=600.0)
     ap.add_argument("--min-workers", type=int, default=0, help="default: one per --sizes entry")
+    ap.add_argument("--replicas", type=int, default=1, help="copies of each shard (>= 2: failover)")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep every step (a slower worker)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -45,7 +46,7 @@ def main():
     model = make_model(a.init_seed)
     opt = ShardedOptimizer(model, cluster=a.cluster, optimizer=a.optimizer, mode=a.mode, min_workers=a.min_workers or len(sizes),
                            staleness=a.staleness, wire_dtype=a.wire_dtype, connect_timeout=120,
-                           transport=a.transport, overlap=a.overlap,
+                           transport=a.transport, overlap=a.overlap, replicas=a.replicas,
                            step_timeout=a.step_timeout, retry_timeout=a.retry_timeout,
                            **json.loads(a.kwargs))
     sched = make_scheduler(opt, a.scheduler)

@@ -1,0 +1,114 @@
+"""Where a replicated job's shard copies live, and how that changes when servers die and come back.
+
+Pure bookkeeping over server ids (no network, no lock: ``Coordinator`` holds its lock
+around these). Shard k of a job with r replicas starts on servers k, k+1, ..., k+r-1
+(mod S), the first being its primary. When a server is declared dead, each shard it was
+primary of is handed to a backup its primary last reported *in sync* (one that
+acknowledged every update the primary answered), and it is dropped as a backup
+elsewhere; each change starts a new placement epoch. A server that answers again is
+added back as a backup where copies are missing (its primary sends it a whole copy),
+and once it is in sync with the shard it is home to, it takes that shard's primary
+back (the plan rebalances).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Failover:
+    shard_id: int
+    from_server: int
+    to_server: int
+    epoch: int  # the placement epoch it started
+    unix_time: float
+    reason: str = "dead"  # "dead" (the primary was lost) or "rebalance" (a server took its shard back)
+
+
+@dataclass
+class Placement:
+    replicas: dict[int, list[int]]  # shard -> server ids holding a copy, primary first
+    epoch: int = 1
+    in_sync: dict[int, set[int]] = field(default_factory=dict)  # shard -> backups its primary reported in sync
+    failovers: list[Failover] = field(default_factory=list)
+
+    @classmethod
+    def initial(cls, num_servers: int, replicas: int) -> "Placement":
+        return cls({k: [(k + i) % num_servers for i in range(replicas)] for k in range(num_servers)})
+
+    def to_dict(self) -> dict:
+        return {"replicas": {str(k): v for k, v in self.replicas.items()}, "epoch": self.epoch,
+                "failovers": [[f.shard_id, f.from_server, f.to_server, f.epoch, f.unix_time, f.reason]
+                              for f in self.failovers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Placement":
+        return cls({int(k): [int(s) for s in v] for k, v in d["replicas"].items()}, int(d["epoch"]),
+                   failovers=[Failover(int(a), int(b), int(c), int(e), float(t), str(r))
+                              for a, b, c, e, t, r in d.get("failovers", [])])
+
+    def primary(self, shard_id: int) -> int:
+        return self.replicas[shard_id][0]
+
+    def held_by(self, server: int) -> list[tuple[int, bool, list[int]]]:
+        """(shard, is primary, backups) for every copy ``server`` holds."""
+        return [(k, reps[0] == server, reps[1:] if reps[0] == server else [])
+                for k, reps in sorted(self.replicas.items()) if server in reps]
+
+    def lose(self, server: int) -> list[Failover]:
+        """``server`` is dead: promote an in-sync backup of each shard it was primary of, drop it as a
+        backup. A shard with no in-sync backup keeps it as primary (it waits for the server to come
+        back, or for its checkpoint). Returns the failovers; bumps the epoch if anything changed."""
+        out, changed = [], False
+        for k, reps in self.replicas.items():
+            if server not in reps:
+                continue
+            if reps[0] == server:
+                candidates = [b for b in reps[1:] if b in self.in_sync.get(k, set())]
+                if not candidates:
+                    continue
+                new = candidates[0]
+                self.replicas[k] = [new] + [b for b in reps if b not in (server, new)]
+                out.append(Failover(k, server, new, self.epoch + 1, time.time()))
+                self.in_sync[k] = set()
+            else:
+                self.replicas[k] = [b for b in reps if b != server]
+                self.in_sync.get(k, set()).discard(server)
+            changed = True
+        if changed:
+            self.epoch += 1
+            self.failovers.extend(out)
+        return out
+
+    def drop(self, shard_id: int, server: int) -> bool:
+        """Shard ``shard_id``'s primary cannot reach backup ``server``: it stops being one."""
+        reps = self.replicas[shard_id]
+        if server not in reps[1:]:
+            return False
+        reps.remove(server)
+        self.in_sync.get(shard_id, set()).discard(server)
+        self.epoch += 1
+        return True
+
+    def heal(self, live: set[int], num_servers: int, want: int) -> bool:
+        """Add live servers as backups where copies are missing (home server first); hand a shard
+        back to its home server once that one is in sync. Returns whether anything changed."""
+        changed = False
+        for k, reps in self.replicas.items():
+            for i in range(num_servers):
+                if len(reps) >= want:
+                    break
+                candidate = (k + i) % num_servers
+                if candidate in live and candidate not in reps:
+                    reps.append(candidate)
+                    changed = True
+            if reps[0] != k and k in reps and k in self.in_sync.get(k, set()) and reps[0] in live:
+                old = reps[0]
+                self.replicas[k] = [k] + [b for b in reps if b != k]
+                self.failovers.append(Failover(k, old, k, self.epoch + 1, time.time(), "rebalance"))
+                self.in_sync[k] = set()
+                changed = True
+        if changed:
+            self.epoch += 1
+        return changed
