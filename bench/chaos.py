@@ -38,7 +38,8 @@ def chaos_run(args, out: Path) -> dict:
     from shardps.client.sdk import load_model_file
 
     common = dict(workload=args.workload, steps=args.steps, servers=args.servers, workers=args.workers, seed=args.seed,
-                  checkpoint_every=args.checkpoint_every, lease_seconds=args.lease, eval_every=10 ** 9)
+                  checkpoint_every=args.checkpoint_every, lease_seconds=args.lease, eval_every=10 ** 9,
+                  replicas=args.replicas)
     clean = run(RunConfig(out=str(out / "clean"), **common))
     scenario = out / "chaos.toml"
     scenario.write_text(scenario_text(args.failures, args.every, args.down, args.start, args.seed, args.targets))
@@ -57,6 +58,7 @@ def chaos_run(args, out: Path) -> dict:
         "steps": faulty["steps"],
         "steps_rolled_back": report["counters"].get("steps_rolled_back", 0),
         "rollbacks": report["counters"].get("rollbacks", 0),
+        "failovers": report["counters"].get("failovers", 0),
         "retries": report["counters"].get("retries", 0),
         "pushes_applied_twice": [v - faulty["steps"] for v in faulty["updates_per_shard"]],
         "wall_s": {"clean": clean["wall_s"], "chaos": faulty["wall_s"]},
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--lease", type=float, default=5.0, help="worker lease (s): how long a killed worker is waited for")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="copies of each shard (2+: a killed server fails over to a copy, nothing rolls back)")
     ap.add_argument("--dir", help="keep both run directories here (default: a temporary directory)")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args(argv)

@@ -61,6 +61,8 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "timeouts": sum(w["timeouts"] for w in workers.values()),
         "rollbacks": len(status.get("rollbacks", [])),
         "steps_rolled_back": sum(r["steps"] for r in status.get("rollbacks", [])),
+        "failovers": sum(f["reason"] == "dead" for f in status.get("failovers", [])),
+        "shards_handed_back": sum(f["reason"] == "rebalance" for f in status.get("failovers", [])),
         "deduplicated_pushes": sum(s.get("duplicates", 0) for s in shards),
         "dropped_pushes": sum(s.get("dropped", 0) for s in shards),
         "rejected_pushes": sum(s.get("rejected", 0) for s in shards),
@@ -83,6 +85,7 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
                                              "steps_rolled_back", "checkpoints_written", "checkpoint_failures")}
                       for s in shards],
         "rollbacks": status.get("rollbacks", []),
+        "failovers": status.get("failovers", []),
         "network": faults.get("network", {}),
         "rpc_injected": faults.get("rpc_injected", {}),
         "result": {"steps": summary["steps"], "held_out": summary["held_out"], "wall_s": summary["wall_s"]},
@@ -106,6 +109,10 @@ def _markdown(r: dict) -> str:
     for rb in r["rollbacks"]:
         lines.append(f"- rollback: shard {rb['shard_id']} restarted; every shard went back from version "
                      f"{rb['from_version']} to {rb['to_version']} ({rb['steps']} steps replayed), epoch {rb['epoch']}")
+    for f in r.get("failovers", []):
+        lines.append(f"- shard {f['shard_id']}: primary moved from server {f['from_server']} to server {f['to_server']} "
+                     f"({'its primary was lost' if f['reason'] == 'dead' else 'handed back'}, placement epoch "
+                     f"{f['placement_epoch']}); nothing rolled back")
     res = r["result"]
     lines += ["", "## Result", "", f"- steps: {res['steps']}, wall: {res['wall_s']:.1f} s",
               f"- held-out: {json.dumps(res['held_out'])}", ""]

@@ -47,6 +47,9 @@ _TRAIN = {
                          help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
     "balance_every": typer.Option(0, envvar="SHARDPS_BALANCE_EVERY",
                             help="Sync/ssp: every N steps re-split each global batch by worker throughput (0: equal)."),
+    "replicas": typer.Option(1, envvar="SHARDPS_REPLICAS",
+                             help="Copies of each shard on different servers (2+: a killed server fails over to a "
+                                  "copy, nothing rolls back; 1: it costs a rollback to the last checkpoint)."),
     "amp": typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),
     "eval_every": typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation (rank 0) every N steps."),
 }
@@ -97,6 +100,10 @@ def coordinator(
     port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
     lease_seconds: float = typer.Option(10.0, envvar="SHARDPS_LEASE_SECONDS",
                                         help="A worker silent this long is removed from the job's membership."),
+    replica_lease_seconds: float = typer.Option(
+        1.5, envvar="SHARDPS_REPLICA_LEASE_SECONDS",
+        help="Replicated jobs: a shard's primary may answer this long after the coordinator last renewed it; a "
+             "silent server is declared dead (and its shards fail over) about 1.25 x this later."),
     resume_job: str = typer.Option("", envvar="SHARDPS_RESUME_JOB",
                                    help="job.json from a prepared checkpoint: run that job from its step."),
     state_dir: str = typer.Option("", envvar="SHARDPS_STATE_DIR",
@@ -112,6 +119,7 @@ def coordinator(
     try:
         config = CoordinatorConfig(host=host, port=port, num_servers=num_servers, threads=threads,
                                    port_file=port_file, lease_seconds=lease_seconds, resume_job=resume_job,
+                                   replica_lease_seconds=replica_lease_seconds,
                                    state_dir=state_dir, metrics_port=metrics_port)
         serve(config)
     except (ValueError, JournalError) as exc:
@@ -174,6 +182,7 @@ def worker(
     staleness_lr: bool = _TRAIN["staleness_lr"],
     topk_ratio: float = _TRAIN["topk_ratio"],
     balance_every: int = _TRAIN["balance_every"],
+    replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
@@ -194,7 +203,8 @@ def worker(
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                              min_workers=min_workers, wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
-                             topk_ratio=topk_ratio, balance_every=balance_every, amp=amp, metrics=metrics,
+                             topk_ratio=topk_ratio, balance_every=balance_every, replicas=replicas, amp=amp,
+                             metrics=metrics,
                              tensorboard=tensorboard, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout, metrics_port=metrics_port)
         result = train(config)
@@ -221,6 +231,7 @@ def run(
     staleness_lr: bool = _TRAIN["staleness_lr"],
     topk_ratio: float = _TRAIN["topk_ratio"],
     balance_every: int = _TRAIN["balance_every"],
+    replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
@@ -247,7 +258,8 @@ def run(
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
                            wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                            staleness=staleness,
-                           staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every, amp=amp,
+                           staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every,
+                           replicas=replicas, amp=amp,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
                            scenario=scenario, checkpoint_every=checkpoint_every, durable=durable, resume=resume)
         if as_json or not sys.stdout.isatty():

@@ -98,6 +98,10 @@ def print_status(st: dict) -> None:
     for rb in st.get("rollbacks", []):
         console.print(f"rollback: shard {rb['shard_id']} restarted; all shards went from version "
                       f"{rb['from_version']} back to {rb['to_version']} ({rb['steps']} steps), epoch {rb['epoch']}")
+    for f in st.get("failovers", []):
+        console.print(f"shard {f['shard_id']}: primary moved from server {f['from_server']} to server "
+                      f"{f['to_server']} ({'failover' if f['reason'] == 'dead' else 'handed back'}), "
+                      f"placement epoch {f['placement_epoch']}")
     shards = Table(title="shards", title_justify="left")
     columns = ("shard", "address", "range", "version", "pushes", "dedup", "dropped", "rejected", "in", "out",
                "staleness", "checkpoint", "rollbacks")

@@ -55,6 +55,7 @@ class RunConfig:
     slow_workers: dict = field(default_factory=dict)  # worker index -> slowdown factor (simulation)
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
     balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps (0: equal)
+    replicas: int = 1  # copies of each shard on different servers (>= 2: a killed server fails over, no rollback)
     amp: str = ""  # mixed precision on the workers: "", "bfloat16" or "float16"
     eval_every: int = 50  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
@@ -71,6 +72,8 @@ class RunConfig:
             raise ValueError("--servers and --workers must be at least 1")
         if not 0 <= self.backup_workers < self.workers:
             raise ValueError(f"--backup-workers must be in 0..{self.workers - 1} (fewer than --workers)")
+        if not 1 <= self.replicas <= self.servers:
+            raise ValueError(f"--replicas must be in 1..{self.servers} (each copy of a shard needs its own server)")
         for index, factor in self.slow_workers.items():
             if not 0 <= index < self.workers or factor < 1:
                 raise ValueError(f"--slow-worker {index}:{factor}: index must be < --workers and factor >= 1")
@@ -103,7 +106,8 @@ class RunConfig:
 
 # The RunConfig fields that every worker takes over unchanged.
 _TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
-                    "wire_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every", "amp",
+                    "wire_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every",
+                    "replicas", "amp",
                     "eval_every")
 
 

@@ -59,16 +59,20 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
                       "numel": job.layout.numel, "fingerprint": job.layout.fingerprint,
                       "min_workers": job.min_workers, "parameters": len(job.layout.params),
                       "backup_workers": job.backup_workers, "staleness_lr": job.staleness_lr,
-                      "staleness_bound": job.staleness_bound}
+                      "staleness_bound": job.staleness_bound, "replicas": job.replicas}
     view = view_from_pb(st.view)
     shards = []
     addresses = {s.shard_id: s.address for s in st.servers}
     last_seen: dict[int, float] = {}
+    placed = {a.shard_id: a for a in st.plan.shards if a.backups or st.job.replicas > 1}  # replicated: primaries
     for shard_id in range(st.num_servers):
         entry = {"shard_id": shard_id, "address": addresses.get(shard_id, "")}
+        if shard_id in placed:
+            entry.update(address=placed[shard_id].address, backups=list(placed[shard_id].backups))
         if entry["address"]:
             try:
-                s = shard_status(entry["address"], job_id=st.job_id, security=security)
+                s = shard_status(entry["address"], job_id=st.job_id, security=security,
+                                 shard_id=shard_id if shard_id in placed else None)
             except Exception as exc:  # one unreachable shard must not hide the others
                 entry["error"] = str(exc)
             else:
@@ -105,6 +109,9 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
     out["rollbacks"] = [{"shard_id": r.shard_id, "from_version": r.from_version, "to_version": r.to_version,
                          "steps": r.from_version - r.to_version, "epoch": r.epoch, "unix_time": r.unix_time}
                         for r in st.rollbacks]
+    out["failovers"] = [{"shard_id": f.shard_id, "from_server": f.from_server, "to_server": f.to_server,
+                         "placement_epoch": f.placement_epoch, "unix_time": f.unix_time, "reason": f.reason}
+                        for f in st.failovers]
     return out
 
 

@@ -36,6 +36,7 @@ class CoordinatorConfig:
     num_servers: int = 2  # shard servers the flat parameter vector is cut across
     threads: int = 32  # gRPC handler threads (membership watches hold one each)
     lease_seconds: float = 10.0  # a worker silent this long is removed from the membership
+    replica_lease_seconds: float = 1.5  # replicated jobs: how long a primary answers after its last renewal
     resume_job: str = ""  # job.json written by prepare_resume: run that job from its checkpoint step
     state_dir: str = ""  # keep the coordinator's state here, so a restart resumes its jobs ("": in memory only)
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
@@ -48,6 +49,8 @@ class CoordinatorConfig:
             read_resume_file(self.resume_job)  # a bad file is a usage error, before anything starts
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be > 0, got {self.lease_seconds}")
+        if not 0.2 <= self.replica_lease_seconds <= 600:
+            raise ValueError(f"replica_lease_seconds must be in 0.2..600, got {self.replica_lease_seconds}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
@@ -67,6 +70,7 @@ def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordina
     shards = ShardAdmin()
     journal = Journal(config.state_dir) if config.state_dir else None
     coordinator = Coordinator(config.num_servers, shards=shards, lease_s=config.lease_seconds, journal=journal)
+    coordinator.replica_lease_s = config.replica_lease_seconds
     shards.generation = coordinator.generation
     if config.resume_job:
         job_id, job, step = read_resume_file(config.resume_job)

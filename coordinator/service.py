@@ -105,8 +105,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 worker_counters={w: pb.WorkerCounters(step=step, counters=counters)
                                  for w, (step, counters) in sorted(state.reports.items())[-STATUS_LIST:]},
                 waiting_for=state.waiting_for,
+                **self._placement(state),
                 **base,
             )
+
+    @staticmethod
+    def _placement(state) -> dict:
+        p = state.placement
+        if p is None:
+            return {}
+        return {"placement_epoch": p.epoch, "failovers": [
+            pb.Failover(shard_id=f.shard_id, from_server=f.from_server, to_server=f.to_server,
+                        placement_epoch=f.epoch, unix_time=f.unix_time, reason=f.reason)
+            for f in p.failovers[-STATUS_LIST:]]}
 
 
 STATUS_LIST = 256  # newest entries of each history list that status returns

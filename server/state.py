@@ -351,7 +351,19 @@ class ShardState:
                 raise InvalidArgument(str(exc)) from None
             if hyper is not None:
                 self.optimizer.set_hyper(hyper)
+            self._recopy()
             return self.version
+
+    def _recopy(self) -> None:
+        """Under the lock: the state changed outside a step (loaded, restored): a replicated primary's
+        backups take a whole copy before anyone is answered."""
+        if self.replica is None:
+            return
+        with self.replica.cond:
+            self.replica.synced.clear()
+            primary = self.replica.primary
+        if primary and self.initialized:
+            replicas.ship(self.replica, self, None, self.send, self.ship_timeout)
 
     # ------------------------------------------------------------------ backup replicas
 
@@ -569,6 +581,10 @@ class ShardState:
                 self.awaiting_rollback = False
                 self.stats.rollbacks += 1
                 self.stats.steps_rolled_back += max(0, before - snap.version)
+            self.applied_table = dict(self.last_step)
+            if self.replica is not None:  # a backup at the same version number may hold other values now
+                with self.replica.cond:
+                    self.replica.synced.clear()
             self.cond.notify_all()
             return before
 

@@ -197,7 +197,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._param_ids = {id(p) for p in self.flat.params}
             self._warned_local_clip = self._warned_edit = False
             self.step_timeout = step_timeout
-            self.retry = Retrier(budget=retry_timeout)
+            # Replicated shards move when a server dies: retry often enough to follow them within a lease.
+            self.retry = Retrier(budget=retry_timeout, maximum=0.5 if replicas > 1 else 2.0)
             self.security = Security.from_env(token=auth_token)
             self.device = str(self.flat.params[0].device)
             self._overlap: OverlapPusher | None = None

@@ -41,6 +41,7 @@ class TrainConfig:
     slowdown: float = 1.0  # simulate a slower machine: sleep (slowdown - 1) x compute time per step
     topk_ratio: float = 0.0  # send only this fraction of each shard's gradient (top-k, error feedback)
     balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps (0: equal)
+    replicas: int = 1  # copies of each shard on different servers (>= 2: a killed server costs no rollback)
     amp: str = ""  # mixed precision on this worker: "" (off), "bfloat16" or "float16" (with loss scaling)
     metrics: str = ""  # append one JSON line per step here ("" = none)
     tensorboard: str = ""  # also write these lines as TensorBoard events into this directory ("" = none; [tb] extra)
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"--amp takes bfloat16 or float16, got {self.amp!r}")
         if self.slowdown < 1:
             raise ValueError(f"slowdown is a factor >= 1, got {self.slowdown}")
+        if not 1 <= self.replicas <= 8:
+            raise ValueError(f"--replicas must be in 1..8 (and at most the number of servers), got {self.replicas}")
 
     def to_args(self) -> list[str]:
         """The ``shardps worker`` flags that recreate exactly this config: every field, so
@@ -182,7 +185,7 @@ def train(config: TrainConfig) -> dict:
                            wire_dtype=config.wire_dtype, transport=config.transport, name=config.name, connect_timeout=config.connect_timeout,
                            backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
                            staleness=config.staleness, topk_ratio=config.topk_ratio,
-                           balance_every=config.balance_every)
+                           balance_every=config.balance_every, replicas=config.replicas)
     split = BatchSplit(opt, batch_size)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
     precision = MixedPrecision(config.amp, device, opt)

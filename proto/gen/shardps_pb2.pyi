@@ -379,7 +379,7 @@ class ServerInfo(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class GetJobStatusResponse(_message.Message):
-    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids", "rollbacks", "expired_worker_ids", "heartbeat_age_s", "worker_counters", "waiting_for", "job_names", "generation")
+    __slots__ = ("job_id", "job", "plan", "view", "servers", "num_servers", "pending", "left_worker_ids", "rollbacks", "expired_worker_ids", "heartbeat_age_s", "worker_counters", "waiting_for", "job_names", "generation", "placement_epoch", "failovers")
     class HeartbeatAgeSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +409,8 @@ class GetJobStatusResponse(_message.Message):
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     JOB_NAMES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     job: JobSpec
     plan: ShardPlan
@@ -424,7 +426,25 @@ class GetJobStatusResponse(_message.Message):
     waiting_for: str
     job_names: _containers.RepeatedScalarFieldContainer[str]
     generation: int
-    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ..., expired_worker_ids: _Optional[_Iterable[int]] = ..., heartbeat_age_s: _Optional[_Mapping[int, float]] = ..., worker_counters: _Optional[_Mapping[int, WorkerCounters]] = ..., waiting_for: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ...) -> None: ...
+    placement_epoch: int
+    failovers: _containers.RepeatedCompositeFieldContainer[Failover]
+    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., plan: _Optional[_Union[ShardPlan, _Mapping]] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., num_servers: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., left_worker_ids: _Optional[_Iterable[int]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ..., expired_worker_ids: _Optional[_Iterable[int]] = ..., heartbeat_age_s: _Optional[_Mapping[int, float]] = ..., worker_counters: _Optional[_Mapping[int, WorkerCounters]] = ..., waiting_for: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., failovers: _Optional[_Iterable[_Union[Failover, _Mapping]]] = ...) -> None: ...
+
+class Failover(_message.Message):
+    __slots__ = ("shard_id", "from_server", "to_server", "placement_epoch", "unix_time", "reason")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SERVER_FIELD_NUMBER: _ClassVar[int]
+    TO_SERVER_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    from_server: int
+    to_server: int
+    placement_epoch: int
+    unix_time: float
+    reason: str
+    def __init__(self, shard_id: _Optional[int] = ..., from_server: _Optional[int] = ..., to_server: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., unix_time: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerCounters(_message.Message):
     __slots__ = ("step", "counters")

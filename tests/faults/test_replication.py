@@ -1,14 +1,20 @@
 """Replicated shards (``replicas=2``): a SIGKILLed primary fails over to its in-sync backup, nothing
 rolls back, and a sync run ends bit-identical to the fault-free run (real processes, no checkpoints)."""
 import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from shardps import LocalCluster
+from shardps import LocalCluster, chaos
+from shardps.chaos.faults import FaultRule
 from shardps.client.sdk import shard_status
 from shardps.coordinator.client import CoordinatorClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from task import reference  # noqa: E402
 
 STEPS = 60
 OPTS = dict(optimizer="adam", kwargs=json.dumps({"lr": 0.01}), sizes="16,16", steps=STEPS, replicas=2, sleep=0.02,
@@ -86,3 +92,35 @@ def test_each_primary_killed_in_turn_fails_over_without_rollback_and_the_run_is_
         assert not status.rollbacks
     for got in result:
         assert max_diff(reference[0], got) == 0.0  # bit-identical to the fault-free run
+
+
+def injected(cluster, name):
+    return chaos.get_rpc_faults(cluster, name)[name]["injected"].get("abort/Push", 0)
+
+
+@pytest.mark.slow
+def test_a_retry_storm_across_a_failover_applies_every_push_once(spawn_workers):
+    """40 % of push replies are lost after the shard applied the push, and shard 0's primary is
+    SIGKILLed mid-run: the retries land on the promoted backup, which answers the pushes its
+    primary applied as duplicates (its dedup table is the primary's) and applies the others."""
+    steps, sizes, kwargs = 30, [24, 40], {"lr": 0.01}
+    with LocalCluster(servers=2, durable=False) as cluster, CoordinatorClient(cluster.address) as coord:
+        chaos.set_rpc_faults(cluster, "servers", [
+            FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.4, after=True)])
+        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
+                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.02)
+        wait_until(lambda: primary_version(cluster, coord, 0) >= 10, what="step 10")
+        lost = injected(cluster, "server-0")
+        cluster.kill("server-0")
+        results = workers.wait(timeout=300)
+        lost += injected(cluster, "server-1")
+        survivor = [shard_status(cluster.server_address(1), shard_id=k) for k in (0, 1)]
+    assert lost >= 5  # the storm happened
+    assert all(s.version == steps and s.replica_role == "primary" for s in survivor)  # one update per step
+    assert sum(s.pushes_duplicate for s in survivor) >= 1  # retried pushes were answered, not applied again
+    assert all(s.rollbacks == 0 for s in survivor)
+    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
+    for r in results:
+        assert r["rollbacks"] == 0 and r["versions"] == [steps, steps]
+        for key, value in ref_params.items():  # a push applied twice, or lost, would change the result
+            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key

@@ -1,0 +1,104 @@
+"""Replicated shards: recovery time after a SIGKILLed primary, and what replication costs.
+
+    python bench/failover.py [--sizes-mb 10 100 1000] [--steps 8]
+
+For each slice size: 2 shard servers, one worker training one flat parameter of
+2 x size (one slice per server), plain SGD (no optimizer state, so the slice is the
+whole shard). Three runs per size:
+
+* ``replicas=1``: step time and server peak RSS without copies (the peer);
+* ``replicas=2``: the same with every update shipped to the backup first;
+* ``replicas=2`` with server-0 (shard 0's primary) SIGKILLed after a few steps:
+  **recovery** is the time from the SIGKILL to the end of the first step closed
+  after it (which the promoted backup closes: the coordinator declares the primary
+  dead once its lease can have run out, promotes the backup in a new placement
+  epoch, and the worker follows the plan). Also checked: no step rolled back and
+  the run's final parameters equal the fault-free replicas=2 run's.
+
+Reported as ratios replicas=2 / replicas=1 (step time, server peak RSS above the
+idle process) and seconds (recovery), from one run each.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
+from memory import rss  # noqa: E402
+
+
+def run(numel_per_shard: int, steps: int, replicas: int, kill_at: int | None) -> dict:
+    from shardps import LocalCluster, ShardedOptimizer
+    from shardps.client.sdk import shard_status
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as logs, LocalCluster(servers=2, durable=False, log_dir=logs) as cluster:
+        idle = {name: rss(cluster.pid(name), "VmRSS") for name in ("server-0", "server-1")}
+        param = torch.nn.Parameter(torch.zeros(2 * numel_per_shard))
+        direction = torch.linspace(-1.0, 1.0, 2 * numel_per_shard)
+        opt = ShardedOptimizer([param], cluster=cluster.address, optimizer="sgd", lr=1e-3, replicas=replicas,
+                               connect_timeout=600, step_timeout=600)
+        times, killed_at, recovery = [], None, None
+        for step in range(steps):
+            if kill_at is not None and step == kill_at:
+                killer = threading.Timer(0.05, lambda: cluster.kill("server-0"))  # mid-step, as a crash would be
+                killed_at = time.monotonic() + 0.05
+                killer.start()
+            start = time.monotonic()
+            opt.zero_grad()
+            param.grad = direction * (1.0 + step)
+            opt.step()
+            end = time.monotonic()
+            times.append(end - start)
+            if killed_at is not None and recovery is None and end > killed_at:
+                killer.join()
+                recovery = end - killed_at
+        final = param.detach().clone()
+        peak = {name: rss(cluster.pid(name)) - idle[name] for name in idle if cluster.alive(name)}
+        address = cluster.server_address(1)
+        rollbacks = sum(shard_status(address, shard_id=k).rollbacks for k in (0, 1) if replicas > 1)
+        opt.close()
+    return {"step_s": statistics.median(times[1:]), "peak_bytes": peak, "recovery_s": recovery,
+            "rollbacks": rollbacks, "final": final}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1000], help="slice size per shard, MB")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    rows = []
+    for mb in a.sizes_mb:
+        numel = int(mb * 1e6 / 4)
+        kill_at = a.steps // 2
+        plain = run(numel, a.steps, 1, None)
+        copied = run(numel, a.steps, 2, None)
+        failed = run(numel, a.steps, 2, kill_at)
+        row = {
+            "slice_mb": mb,
+            "step_s_replicas_1": round(plain["step_s"], 4),
+            "step_s_replicas_2": round(copied["step_s"], 4),
+            "step_time_ratio": round(copied["step_s"] / plain["step_s"], 3),
+            "server_peak_mb_replicas_1": {k: round(v / 1e6) for k, v in plain["peak_bytes"].items()},
+            "server_peak_mb_replicas_2": {k: round(v / 1e6) for k, v in copied["peak_bytes"].items()},
+            "server_memory_ratio": round(sum(copied["peak_bytes"].values()) / sum(plain["peak_bytes"].values()), 3),
+            "recovery_s": round(failed["recovery_s"], 3),
+            "rollbacks_after_kill": failed["rollbacks"],
+            "final_equals_fault_free": bool(torch.equal(failed["final"], copied["final"])),
+        }
+        rows.append(row)
+        print(row, flush=True)
+    emit("failover", {"workers": 1, "servers": 2, "optimizer": "sgd", "steps": a.steps, "rows": rows}, a.out)
+
+
+if __name__ == "__main__":
+    main()
