@@ -22,6 +22,7 @@ import torch
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
 from ..proto.messages import DEFAULT_JOB, JobConfig, ShardInfo, View
 from .checkpoint import Checkpointer, CheckpointStore
+from . import replica as replicas
 from .state import ShardState
 
 log = logging.getLogger("shardps.server")
@@ -157,7 +158,9 @@ class ShardNode:
                 state = self.find(a.job_id, a.shard_id)
             if state.replica is None:
                 raise InvalidArgument(f"job {a.job_id[:64]!r} keeps no replicas of its shards")
-            state.replica.assign(a.placement_epoch, a.primary, list(a.backups), lease_s)
+            if state.replica.assign(a.placement_epoch, a.primary, list(a.backups), lease_s):
+                with state.cond:  # a primary made a backup (the shard handed back): its open steps are void
+                    replicas.void_open_steps(state)
             out.append((a, state))
         return out
 

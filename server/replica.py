@@ -85,10 +85,12 @@ class ReplicaRole:
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def assign(self, epoch: int, primary: bool, backups: list[str], lease_s: float) -> bool:
-        """Take the coordinator's placement (ignored when older than the one held); renews the lease."""
+        """Take the coordinator's placement (ignored when older than the one held); renews the lease.
+        Returns whether this replica stopped being the primary (its open steps are void)."""
         with self.cond:
             if epoch < self.placement_epoch:
                 return False
+            stepped_down = self.primary and not primary
             if epoch > self.placement_epoch or primary != self.primary:
                 self.demoted = ""
             self.placement_epoch, self.primary, self.assigned = epoch, primary, True
@@ -98,7 +100,7 @@ class ReplicaRole:
             if primary:
                 self.lease_until = time.monotonic() + lease_s
             self.cond.notify_all()
-            return True
+            return stepped_down
 
     def wait_assigned(self, timeout: float) -> None:
         with self.cond:
@@ -212,12 +214,19 @@ def demote(role: ReplicaRole, state, why: str) -> None:
     with role.cond:
         role.primary, role.demoted = False, why
         role.synced.clear()
-    state.last_step = dict(state.applied_table)  # pushes of the steps not applied may come again
+    void_open_steps(state)
+    log.error("shard %d: no longer primary: %s", state.shard.shard_id, why)
+    raise Unavailable(moved(state.shard.shard_id, why))
+
+
+def void_open_steps(state) -> None:
+    """Under the state's lock: the steps this replica had open will be closed elsewhere (or again):
+    the pushes waiting in them are refused, and their workers' entries in the dedup table go back to
+    the last applied version, so that their pushes are applied when they come again."""
+    state.last_step = dict(state.applied_table)
     state.generation += 1  # pushes waiting in a step wake up and are refused
     state.policy.reset()
     state.cond.notify_all()
-    log.error("shard %d: no longer primary: %s", state.shard.shard_id, why)
-    raise Unavailable(moved(state.shard.shard_id, why))
 
 
 def moved(shard_id: int, why: str) -> str:

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, Unavailable, WaitTimeout
+from ..proto.errors import FailedPrecondition, ShardpsError, Unavailable, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
@@ -114,6 +114,8 @@ class ShardChannel:
                  worker_id: int = -1, security=None, locate: "Locator | None" = None):
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self.security, self.locate = security, locate
+        self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
+        self._move_lock = threading.Lock()
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
@@ -141,12 +143,18 @@ class ShardChannel:
         """``attempt`` under the retry policy; after an UNAVAILABLE attempt the shard's address is
         looked up again (a replicated shard's backup may have been promoted on another server)."""
         def rerouting():
+            moves = self._moves
             try:
                 return attempt()
             except Unavailable:
                 if not self._follow():
                     raise
                 return attempt()  # moved: the new server at once, not after a backoff
+            except ShardpsError as exc:
+                if self._moves == moves:
+                    raise
+                # The shard moved while this call waited (its old channel was closed under it): again, there.
+                raise Unavailable(f"{exc} (the shard moved to {self.info.address}; retrying there)") from None
         return self.retry.call(self._what(rpc), rerouting)
 
     def _follow(self) -> bool:
@@ -154,11 +162,20 @@ class ShardChannel:
         if self.locate is None:
             return False
         address = self.locate.address(self.info.range.shard_id)
-        if not address or address == self.info.address:
-            return False
-        log.warning("shard %d moved from %s to %s", self.info.range.shard_id, self.info.address, address)
-        self.info = ShardInfo(self.info.range, address, self.info.backups)
-        self._dial(address)  # the old channel closes when its calls in flight let go of it
+        return bool(address) and self.move(address)
+
+    def move(self, address: str) -> bool:
+        """Lead this shard's calls to ``address`` (its new primary); calls in flight on the old
+        channel are cancelled and retried there. Returns whether it moved."""
+        with self._move_lock:
+            if address == self.info.address:
+                return False
+            log.warning("shard %d moved from %s to %s", self.info.range.shard_id, self.info.address, address)
+            old = self._channel
+            self.info = ShardInfo(self.info.range, address, self.info.backups)
+            self._dial(address)
+            self._moves += 1
+        old.close()  # a call still waiting on a paused or partitioned old primary gives up now
         return True
 
     def init(self, params: torch.Tensor, worker_id: int, timeout: float, buffers: bytes | None = None,
@@ -330,14 +347,29 @@ class Locator:
         self._lock = threading.Lock()
 
     def address(self, shard_id: int) -> str:
+        return self.plan().get(shard_id, "")
+
+    def plan(self) -> dict[int, str]:
+        """shard -> its primary's address (asked again when the last answer is older than ``every``)."""
         with self._lock:
             if time.monotonic() - self._at >= self.every:
                 self._at = time.monotonic()
                 try:
                     self._plan = {s.range.shard_id: s.address for s in self._fetch()}
                 except Exception as exc:  # noqa: BLE001 - the coordinator restarting: keep the old answer
-                    log.info("could not ask the coordinator where shard %d is: %s", shard_id, exc)
-            return self._plan.get(shard_id, "")
+                    log.info("could not ask the coordinator where the shards are: %s", exc)
+            return dict(self._plan)
+
+    def watch(self, shards: list["ShardChannel"], stop: threading.Event, every: float = 1.0) -> None:
+        """Until ``stop``: move each shard's channel when its primary moves. A call blocked on a primary
+        that stopped answering without closing its connection (paused, partitioned) would otherwise
+        wait for its deadline or for keepalive to notice."""
+        while not stop.wait(every):
+            plan = self.plan()
+            for shard in shards:
+                address = plan.get(shard.info.range.shard_id, "")
+                if address:
+                    shard.move(address)
 
 
 class PSClient:
@@ -355,8 +387,13 @@ class PSClient:
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
                        for info in plan]
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
+        self._stop = threading.Event()
+        if locate is not None:  # a replicated job: follow primaries that move
+            threading.Thread(target=locate.watch, args=(self.shards, self._stop), name="shardps-plan-watch",
+                             daemon=True).start()
 
     def close(self) -> None:
+        self._stop.set()
         for shard in self.shards:  # closing a channel cancels its calls still in flight
             shard.close()
         self._pool.shutdown(wait=True)
@@ -365,6 +402,7 @@ class PSClient:
         """Give up on every call in flight: no more retries, and the calls are cancelled (the
         channels close; this client is unusable afterwards)."""
         self.retry.abort(reason)
+        self._stop.set()
         for shard in self.shards:
             shard.close()
 

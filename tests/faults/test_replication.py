@@ -124,3 +124,34 @@ def test_a_retry_storm_across_a_failover_applies_every_push_once(spawn_workers):
         assert r["rollbacks"] == 0 and r["versions"] == [steps, steps]
         for key, value in ref_params.items():  # a push applied twice, or lost, would change the result
             assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+
+
+@pytest.mark.slow
+def test_a_paused_primary_is_replaced_and_when_it_wakes_it_cannot_close_a_step(spawn_workers):
+    """SIGSTOP shard 0's primary (it keeps its sockets, so calls to it hang rather than fail): its lease
+    runs out, the backup is promoted, the workers' hanging calls move there; SIGCONT it: it answers
+    nothing as a primary any more (no split brain), rejoins as a backup and catches up."""
+    steps, sizes, kwargs = 40, [24, 40], {"lr": 0.01}
+    with LocalCluster(servers=2, durable=False) as cluster, CoordinatorClient(cluster.address) as coord:
+        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
+                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.05)
+        wait_until(lambda: primary_version(cluster, coord, 0) >= 10, what="step 10")
+        paused = cluster.server_address(0)
+        cluster.pause("server-0")
+        wait_until(lambda: plan(coord)[0].address != paused, timeout=60, what="shard 0 to fail over")
+        at = primary_version(cluster, coord, 0)
+        wait_until(lambda: primary_version(cluster, coord, 0) >= at + 3, timeout=60,
+                   what="steps closed by the promoted backup while the old primary sleeps")
+        cluster.resume("server-0")
+        results = workers.wait(timeout=300)
+        wait_until(lambda: plan(coord)[0].address == paused and replicas_agree(cluster, coord, 0), timeout=60,
+                   what="server-0 to catch up and take its shard back")
+        copies = [replicas_agree(cluster, coord, k) for k in (0, 1)]
+        failovers = coord.status().failovers
+    assert all(c[0].version == steps and c[0].rollbacks == 0 for c in copies)
+    assert [(f.shard_id, f.reason) for f in failovers][:1] == [(0, "dead")]
+    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
+    for r in results:
+        assert r["rollbacks"] == 0
+        for key, value in ref_params.items():
+            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
