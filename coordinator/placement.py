@@ -39,12 +39,14 @@ class Placement:
 
     def to_dict(self) -> dict:
         return {"replicas": {str(k): v for k, v in self.replicas.items()}, "epoch": self.epoch,
+                "in_sync": {str(k): sorted(v) for k, v in self.in_sync.items()},
                 "failovers": [[f.shard_id, f.from_server, f.to_server, f.epoch, f.unix_time, f.reason]
                               for f in self.failovers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Placement":
         return cls({int(k): [int(s) for s in v] for k, v in d["replicas"].items()}, int(d["epoch"]),
+                   in_sync={int(k): {int(s) for s in v} for k, v in d.get("in_sync", {}).items()},
                    failovers=[Failover(int(a), int(b), int(c), int(e), float(t), str(r))
                               for a, b, c, e, t, r in d.get("failovers", [])])
 

@@ -273,16 +273,24 @@ class Coordinator:
                     state = next((j for j in self.jobs.values() if j.job_id == job_id), None)
                     if state is None or state.placement is None or state.placement.primary(shard) != sid:
                         continue
-                    state.placement.in_sync[shard] = {by_address[a] for a in in_sync if a in by_address}
+                    now_in_sync = {by_address[a] for a in in_sync if a in by_address}
+                    if now_in_sync != state.placement.in_sync.get(shard, set()):
+                        # Journaled: a restarted coordinator must know which backups it may promote.
+                        state.placement.in_sync[shard] = now_in_sync
+                        changed = True
                     for address in unreachable:
                         if address in by_address and state.placement.drop(shard, by_address[address]):
                             log.warning("job %s: shard %d's primary cannot reach server %d; it is no longer a "
                                         "backup", state.name, shard, by_address[address])
                             changed = True
             for sid in sorted(self.servers):
-                seen = self.last_ok.get(sid, self._placing_since or now)
-                if sid not in self.down and now - seen > self.replica_lease_s * 1.25 + 0.5:
-                    log.warning("server %d has not answered for %.1fs: declared dead", sid, now - seen)
+                # A server that has not answered once since this coordinator started placing gets longer
+                # (its first answer may wait for torch to load); one that answered, a lease and a margin.
+                seen = self.last_ok.get(sid)
+                silent = now - (seen if seen is not None else self._placing_since or now)
+                allowed = self.replica_lease_s * 1.25 + 0.5 if seen is not None else max(10.0, 4 * self.replica_lease_s)
+                if sid not in self.down and silent > allowed:
+                    log.warning("server %d has not answered for %.1fs: declared dead", sid, silent)
                     self._lose(sid)
                     changed = True
             live = {sid for sid, answer in answers.items() if answer is not None}  # answered just now

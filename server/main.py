@@ -147,9 +147,16 @@ def checkpoint_on_exit(node: ShardNode) -> None:
             log.error("checkpoint at exit failed: %s", exc)
 
 
+def _warm_up() -> None:
+    """Build one throwaway torch optimizer: the first one in a process loads the rest of torch (seconds),
+    which would otherwise fall on the first job's first call."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 def serve(config: ServerConfig) -> None:
     if config.compute_threads:  # servers sharing a host split its cores instead of each taking all of them
         torch.set_num_threads(config.compute_threads)
+    threading.Thread(target=_warm_up, name="shardps-warm-up", daemon=True).start()
     with CoordinatorClient(config.coordinator, reconnect=config.register_wait) as coordinator:
         server, port, node = create_server(config, coordinator)
         server.start()

@@ -155,3 +155,29 @@ def test_a_paused_primary_is_replaced_and_when_it_wakes_it_cannot_close_a_step(s
         assert r["rollbacks"] == 0
         for key, value in ref_params.items():
             assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+
+
+@pytest.mark.slow
+def test_a_primary_killed_right_after_a_coordinator_restart_still_fails_over(spawn_workers, tmp_path):
+    """The placement (and which backups are in sync) is journaled: a coordinator that just restarted,
+    before any server has answered it, promotes the in-sync backup of a primary killed then."""
+    steps, sizes, kwargs = 30, [24, 40], {"lr": 0.01}
+    with LocalCluster(servers=2, log_dir=tmp_path / "logs") as cluster, \
+            CoordinatorClient(cluster.address) as coord:
+        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
+                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.05)
+        wait_until(lambda: primary_version(cluster, coord, 0) >= 8, what="step 8")
+        cluster.restart("coordinator")
+        cluster.kill("server-0")
+        wait_until(lambda: plan(coord)[0].address == cluster.server_address(1), timeout=60,
+                   what="shard 0 to fail over")
+        results = workers.wait(timeout=300)
+        survivor = [shard_status(cluster.server_address(1), shard_id=k) for k in (0, 1)]
+        status = coord.status()
+    assert not status.rollbacks and [f.reason for f in status.failovers] == ["dead"]
+    assert all(s.version == steps and s.rollbacks == 0 for s in survivor)
+    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
+    for r in results:
+        assert r["rollbacks"] == 0
+        for key, value in ref_params.items():
+            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
