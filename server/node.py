@@ -194,7 +194,7 @@ class ShardNode:
                 checkpointer = self.checkpointers[key] = Checkpointer(
                     self.store(state.job.name, state.shard.shard_id), self.checkpoint_every)
             state.on_version = checkpointer.on_version
-            if not own:  # a backup checkpoints only once it is promoted
+            if state.replica is not None:  # only a shard's primary checkpoints it (not two writers of one file)
                 state.on_version = _when_primary(state, checkpointer.on_version)
         state.send = self.send
         if not own:

@@ -173,3 +173,20 @@ def test_placement_promotes_only_in_sync_backups_heals_and_hands_shards_back():
     assert p.heal({0, 1, 2}, 3, 2)  # server 0 is in sync with its own shard: it takes it back
     assert p.replicas[0][0] == 0 and p.failovers[-1].reason == "rebalance"
     assert Placement.from_dict(p.to_dict()).replicas == p.replicas
+
+
+def test_async_pushes_each_reach_the_backup_and_the_copies_stay_identical():
+    j = JobConfig(Layout.from_shapes([("w", (N,), "float32")]), "adam", {"lr": 0.01}, UpdateMode.ASYNC, 1,
+                  replicas=2)
+    primary, backup = ShardState(ShardRange(0, 0, N), j, "job"), ShardState(ShardRange(0, 0, N), j, "job")
+    primary.send = lambda address, header, tensors: (backup.take_copy if header.full else backup.replay)(
+        header, {name: t.clone() for name, t in tensors})
+    primary.replica.assign(1, True, ["b"], 30)
+    backup.replica.assign(1, False, [], 30)
+    primary.initialize(torch.zeros(N))
+    gen = torch.Generator().manual_seed(4)
+    for t in range(3):
+        for w in (0, 1):
+            primary.push(Push(w, t, 1, t, StepOpts(1, ""), torch.randn(N, generator=gen)), frozenset({0, 1}))
+    assert primary.version == backup.version == 6
+    assert primary.digest() == backup.digest() and backup.last_step == {0: 2, 1: 2}
