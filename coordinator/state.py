@@ -158,6 +158,8 @@ class Coordinator:
             self.servers[shard_id] = address
             if restarted:  # its process is new: the copies it held are gone (replicated jobs fail over now)
                 self._lose(shard_id)
+                self.down.discard(shard_id)  # ... but it is alive: it is placed again as a backup
+                self.last_ok[shard_id] = time.monotonic()
             for state in self.jobs.values():
                 self._replan(state)
             self._persist()
@@ -228,7 +230,8 @@ class Coordinator:
 
     def _lose(self, server: int) -> None:
         """``server`` is dead (under the lock): each replicated job's shards fail over to in-sync backups."""
-        self.down.add(server)
+        if any(state.placement is not None for state in self.jobs.values()):
+            self.down.add(server)
         for state in self.jobs.values():
             if state.placement is None:
                 continue
@@ -423,12 +426,14 @@ class Coordinator:
         """
         epoch = len(state.views) + 1
         margin = 3 + state.job.staleness_bound
+        # A server declared dead (replicated jobs: its shards are served elsewhere) is left out; it learns
+        # the views from its primaries' copies when it comes back.
+        servers = sorted((sid, a) for sid, a in self.servers.items() if sid not in self.down)
         for _ in range(20):
-            versions = {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in sorted(self.servers.items())}
+            versions = {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
             start = min(versions.values()) if from_open_step else max(versions.values()) + margin
             view = View(epoch, start, members)
-            answers = [self.shards.set_membership(a, state.job_id, view, from_open_step)
-                       for _, a in sorted(self.servers.items())]
+            answers = [self.shards.set_membership(a, state.job_id, view, from_open_step) for _, a in servers]
             if all(accepted for accepted, _ in answers):
                 state.views.append(view)
                 self.cond.notify_all()

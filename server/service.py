@@ -353,14 +353,14 @@ class ShardServicer:
         if view.epoch > state.latest_epoch + MAX_EPOCH_JUMP:
             raise InvalidArgument(f"view epoch {view.epoch} is far past this shard's newest ({state.latest_epoch})")
         accepted, version = True, 0
-        for held in self.node.replicas_of(request.job_id):  # every replica here (a backup may be promoted)
+        for held in self.node.replicas_of(request.job_id):  # every replica here: a backup may be promoted
             serving = held.replica is None or not held.replica.serving()
-            if serving and not held.learn_view(view, request.from_open_step):
-                accepted = False
-            elif not serving:
-                held.learn_view(view, from_open_step=True)
-            with held.cond:
-                version = max(version, held.version) if serving else version
+            # A backup takes the view from wherever it is; only a replica that closes steps may refuse it.
+            learned = held.learn_view(view, request.from_open_step or not serving)
+            if serving:
+                accepted = accepted and learned
+                with held.cond:
+                    version = max(version, held.version)
         return pb.SetMembershipResponse(accepted=accepted, version=version)
 
     @translate_errors
