@@ -71,3 +71,19 @@ def test_the_chaos_benchmark_kills_servers_and_the_coordinator_and_the_run_ends_
     assert result["pushes_applied_twice"] == [0, 0]
     assert result["rollbacks"] >= 1  # the killed server restored its checkpoint; the job went back with it
     assert result["max_abs_param_diff"] == 0.0  # rollbacks replay exactly; the journal loses nothing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_with_replicas_the_chaos_benchmark_loses_no_step_to_a_killed_server(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import chaos as bench  # bench/chaos.py
+
+    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", "600", "--seed", "1",
+                         "--targets", "servers", "coordinator", "--replicas", "2", "--dir", str(tmp_path)])
+    assert result["steps"] == 600 and result["killed"][:2] == ["server-0", "coordinator"]
+    assert result["failures_survived"] == result["failures_injected"]
+    assert result["failovers"] >= 1  # server-0's shard moved to its copy on server-1 ...
+    assert result["rollbacks"] == 0 and result["steps_rolled_back"] == 0  # ... and nothing was undone
+    assert result["pushes_applied_twice"] == [0, 0]
+    assert result["max_abs_param_diff"] == 0.0
