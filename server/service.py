@@ -292,23 +292,7 @@ class ShardServicer:
         if first is None or first.fields is None or not first.fields.HasField("target"):
             raise InvalidArgument("LoadState's first message must carry the target")
         state = self.node.require(_target(first.fields.target), self.wait_timeout)
-        limit = max(1, state.shard.numel) * 8 + (1 << 20)  # elements of state a shard can hold: a few per element
-        tensors: dict[str, codec.Assembler] = {}
-        total = 0
-        for frame in _chain(first, frames):
-            if frame.chunk is None:
-                continue
-            name = frame.fields.name if frame.fields is not None else ""
-            if name not in tensors:
-                if len(tensors) >= 64 * max(1, len(state.optimizer.pieces)):
-                    raise InvalidArgument("too many state tensors for this shard's pieces")
-                tensors[name] = codec.Assembler(max_numel=max(1, state.shard.numel))
-            tensors[name].add(frame.chunk)
-            total += len(frame.chunk.data)
-            if total > limit * 4:
-                raise InvalidArgument(f"optimizer state larger than this shard can hold ({limit * 4} bytes)")
-        version = state.load_state({name: asm.finish() for name, asm in tensors.items()},
-                                   first.fields.hyperparams_json)
+        version = state.load_state(_named_tensors(state, _chain(first, frames)), first.fields.hyperparams_json)
         return pb.LoadStateResponse(version=version)
 
     def _job(self, job_id: str):
@@ -412,23 +396,7 @@ class ShardServicer:
         if state is None:
             raise FailedPrecondition(f"{replicas.NEEDS_COPY}: this server holds no replica of shard {h.shard_id} of "
                                      f"job {h.job_id[:64]!r} yet (the coordinator places replicas)")
-        numel = max(1, state.shard.numel)
-        limit = numel * 8 + (1 << 20)  # elements a shard's state may have: a few per parameter
-        tensors: dict[str, codec.Assembler] = {}
-        total = 0
-        for frame in _chain(first, frames):
-            if frame.chunk is None:
-                continue
-            name = frame.fields.name if frame.fields is not None else ""
-            if name not in tensors:
-                if len(tensors) >= 64 * max(1, len(state.optimizer.pieces)) + 3:
-                    raise InvalidArgument("too many tensors in one replica update")
-                tensors[name] = codec.Assembler(max_numel=numel if name != "buffers" else 1 << 30)
-            tensors[name].add(frame.chunk)
-            total += len(frame.chunk.data)
-            if total > limit * 4:
-                raise InvalidArgument(f"a replica update larger than this shard can hold ({limit * 4} bytes)")
-        done = {name: asm.finish() for name, asm in tensors.items()}
+        done = _named_tensors(state, _chain(first, frames))
         version = state.take_copy(h, done) if h.full else state.replay(h, done)
         return pb.ReplicateResponse(version=version)
 
@@ -497,6 +465,29 @@ class ShardServicer:
             return {"last_checkpoint_version": -1}
         return {"checkpoints_written": c.written, "checkpoint_failures": c.failures,
                 "last_checkpoint_version": c.last.version if c.last else -1}
+
+
+def _named_tensors(state, frames: Iterator[wire.Frame]) -> dict[str, torch.Tensor]:
+    """Tensors streamed as chunks named by their frames (optimizer state; a replica's update or copy),
+    refused once they are more, or larger, than this shard can hold."""
+    numel = max(1, state.shard.numel)
+    limit = (numel * 8 + (1 << 20)) * 4  # bytes: a few state tensors per element, and room for small ones
+    tensors: dict[str, codec.Assembler] = {}
+    total = 0
+    for frame in frames:
+        if frame.chunk is None:
+            continue
+        name = frame.fields.name if frame.fields is not None else ""
+        if name not in tensors:
+            if len(tensors) >= 64 * max(1, len(state.optimizer.pieces)) + 3:  # + param, grad, buffers
+                raise InvalidArgument("too many tensors for this shard's pieces")
+            cap = buffer_file.max_bytes(state.job.buffers) if name == BUFFERS_NAME else numel
+            tensors[name] = codec.Assembler(max_numel=max(1, cap))
+        tensors[name].add(frame.chunk)
+        total += len(frame.chunk.data)
+        if total > limit:
+            raise InvalidArgument(f"more tensor bytes than this shard can hold ({limit})")
+    return {name: asm.finish() for name, asm in tensors.items()}
 
 
 class ReplicaSender:
