@@ -20,13 +20,14 @@ from typing import Callable
 import torch
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
-from ..proto.messages import DEFAULT_JOB, JobConfig, ShardInfo, View
+from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View
 from .checkpoint import Checkpointer, CheckpointStore
 from . import replica as replicas
 from .state import ShardState
 
 log = logging.getLogger("shardps.server")
 
+MAX_ASSIGNMENTS = 4096  # replica assignments in one SetReplicas call
 MAX_EPOCH_JUMP = 1 << 20  # a rollback's epoch is at most this far past the newest view a shard knows
 FetchJob = Callable[[str], tuple[str, JobConfig, list[ShardInfo]]]  # job_id -> (job_id, job, plan)
 FetchView = Callable[[str, int], View]  # (job_id, epoch) -> view
@@ -142,47 +143,36 @@ class ShardNode:
     def assign(self, assignments, lease_s: float, generation: int) -> list:
         """The coordinator's replica placement (``SetReplicas``): create the replicas this server
         is to hold (empty until their primary sends a copy), and tell each its role and backups.
-        Returns [(assignment, state)]."""
+        Everything is checked before anything changes. Returns [(assignment, state)]."""
         self.check_generation(generation)
+        if len(assignments) > MAX_ASSIGNMENTS:
+            raise InvalidArgument(f"at most {MAX_ASSIGNMENTS} replica assignments per call")
+        ranges = {}
+        for a in assignments:
+            if len(a.backups) >= MAX_REPLICAS or any(not b or len(b) > 256 for b in a.backups):
+                raise InvalidArgument(f"a replica has at most {MAX_REPLICAS - 1} backups, each host:port")
+            state = self.find(a.job_id, a.shard_id)
+            if state is not None:
+                if state.replica is None:
+                    raise InvalidArgument(f"job {a.job_id[:64]!r} keeps no replicas of its shards")
+                continue
+            job_id, job, plan = self._fetch_job(a.job_id)  # network call, outside the lock
+            mine = [p for p in plan if p.range.shard_id == a.shard_id]
+            if job_id != a.job_id or not mine or job.replicas < 2:
+                raise InvalidArgument(f"job {a.job_id[:64]!r} has no replicated shard {a.shard_id}")
+            ranges[(a.job_id, a.shard_id)] = (mine[0].range, job)
         out = []
         for a in assignments:
+            with self._cond:
+                if self.find(a.job_id, a.shard_id) is None:  # (the lock is reentrant)
+                    shard, job = ranges[(a.job_id, a.shard_id)]
+                    self._install(ShardState(shard, job, a.job_id, self.step_timeout))
             state = self.find(a.job_id, a.shard_id)
-            if state is None:
-                job_id, job, plan = self._fetch_job(a.job_id)  # network call, outside the lock
-                mine = [p for p in plan if p.range.shard_id == a.shard_id]
-                if job_id != a.job_id or not mine or job.replicas < 2:
-                    raise InvalidArgument(f"job {a.job_id[:64]!r} has no replicated shard {a.shard_id}")
-                with self._cond:
-                    if self.find(a.job_id, a.shard_id) is None:  # (the lock is reentrant)
-                        self._install(ShardState(mine[0].range, job, job_id, self.step_timeout))
-                state = self.find(a.job_id, a.shard_id)
-            if state.replica is None:
-                raise InvalidArgument(f"job {a.job_id[:64]!r} keeps no replicas of its shards")
             if state.replica.assign(a.placement_epoch, a.primary, list(a.backups), lease_s):
                 with state.cond:  # a primary made a backup (the shard handed back): its open steps are void
                     replicas.void_open_steps(state)
             out.append((a, state))
         return out
-
-    def state_for_init(self, target: Target) -> ShardState:
-        """The shard's state for ``target``'s job, created on first use from the coordinator's
-        job and plan; raises WrongJob if ``target`` does not match them."""
-        with self._cond:
-            state = self.states.get(target.job_id)
-        if state is not None:
-            self.check(state, target)
-            return state
-        self._refuse_lost(target.job_id)
-        job_id, job, plan = self._fetch_job(target.job_id)  # network call, outside the lock
-        mine = [s for s in plan if s.range.shard_id == self.shard_id]
-        if job_id != target.job_id or not mine:
-            raise WrongJob(f"job {target.job_id[:64]!r} is not one of the coordinator's jobs")
-        with self._cond:
-            if target.job_id not in self.states:
-                self._install(ShardState(mine[0].range, job, job_id, self.step_timeout))
-            state = self.states[target.job_id]
-        self.check(state, target)
-        return state
 
     def _install(self, state: ShardState) -> None:
         """Make ``state`` one of this node's jobs (under ``_cond``), checkpointing it if a directory is set."""
