@@ -90,6 +90,19 @@ class CoordinatorClient:
             first = view
         return first
 
+    def join_step(self, job_id: str, worker_id: int, latest: View) -> int:
+        """The step a worker that has not pushed yet starts at: the lowest start step of the views
+        from the first one that contains it up to ``latest`` (all of which contain it). Usually its
+        join view's; a later view starts lower when the job rolled back below the join step, or when
+        a dead worker's removal took effect from the open step: each makes it a member from there."""
+        step = latest.start_step
+        for epoch in range(latest.epoch - 1, 0, -1):
+            view = self.view(job_id, epoch)
+            if worker_id not in view.worker_ids:
+                break
+            step = min(step, view.start_step)
+        return step
+
     def wait_for_view(self, job_id: str, worker_id: int, timeout: float) -> View:
         """Block until a view containing ``worker_id`` exists; raise Unavailable after ``timeout`` s."""
         deadline, epoch = time.monotonic() + timeout, 0

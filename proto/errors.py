@@ -95,5 +95,27 @@ class RolledBack(FailedPrecondition):
         return cls(f"the job rolled back to step {step} in epoch {epoch}{detail}; pull and continue from there")
 
 
+class MembershipChanged(FailedPrecondition):
+    """A joining worker's pull waited for the parameters of its join step, and the shard learned a
+    newer membership view meanwhile: a dead worker's removal from the open step may make the joiner
+    a member from an earlier step, which the shards then wait for instead. The worker fetches the
+    views up to ``epoch`` and pulls again from the step they say."""
+
+    reason = "membership_changed"
+    PATTERN = re.compile(r"membership changed \(epoch (\d+)\)")
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        found = self.PATTERN.search(message)
+        self.epoch = int(found.group(1)) if found else 0
+
+    @classmethod
+    def at(cls, epoch: int, version: int) -> "MembershipChanged":
+        return cls(f"the membership changed (epoch {epoch}) while this pull waited for version {version}; pull "
+                   "again from the new view's start step")
+
+
+RECOGNISED = (RolledBack, MembershipChanged)  # FAILED_PRECONDITION errors a client tells apart by their message
+
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout,
                                      Unauthenticated)}

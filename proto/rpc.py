@@ -108,8 +108,8 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.ShardpsError:
     code = exc.code()
     name = code.name if code is not None else "UNKNOWN"
     cls = errors.BY_CODE.get(name, errors.ShardpsError)
-    if name == "FAILED_PRECONDITION" and errors.RolledBack.PATTERN.search(exc.details() or ""):
-        cls = errors.RolledBack
+    if name == "FAILED_PRECONDITION":
+        cls = next((c for c in errors.RECOGNISED if c.PATTERN.search(exc.details() or "")), cls)
     err = cls(f"{what}: {name}: {exc.details()}")
     err.code = name
     return err

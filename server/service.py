@@ -17,7 +17,7 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument, WaitTimeout
+from ..proto.errors import FailedPrecondition, InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import error_from_rpc, open_channel, translate_errors
@@ -257,13 +257,11 @@ class ShardServicer:
         state = self.node.require(_target(request.target), self.wait_timeout)
         with state.cond:
             state.check_serving()  # a backup replica (or a primary without its lease) hands out nothing
-            state.check_epoch(None)  # a restored shard hands out nothing until the job is aligned
+            state.check_epoch(request.epoch or None)  # a restored shard hands out nothing until the job is aligned
             ready = state.version >= request.min_version
         if not ready:
-            with self.pull_waits.slot(), state.cond:
-                if not state.cond.wait_for(lambda: state.version >= request.min_version, timeout=self.wait_timeout):
-                    raise WaitTimeout(f"shard {self.node.shard_id} did not reach version {request.min_version} "
-                                      f"within {self.wait_timeout:.0f}s (it is at {state.version})")
+            with self.pull_waits.slot():
+                state.wait_for_version(request.min_version, request.epoch, self.wait_timeout)
         if not request.include_optimizer_state:
             # A copy taken at one version, serialized chunk by chunk as it streams: a pull (a join, a
             # rollback) is rare, and an encoded copy of the whole slice would stay in the heap after it.

@@ -29,7 +29,8 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, optim
-from ..proto.errors import FailedPrecondition, InvalidArgument, RolledBack, ShardpsError, Unavailable
+from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, RolledBack, ShardpsError,
+                            Unavailable, WaitTimeout)
 from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from ..proto.shm import Segment, ShmUnavailable, sweep
@@ -593,6 +594,27 @@ class ShardState:
             self.stats.rejections[reason] += 1
 
     # ------------------------------------------------------------------ pull
+
+    def wait_for_version(self, version: int, epoch: int, timeout: float) -> None:
+        """Block until this shard has reached ``version`` (a joining worker waits for the parameters
+        of its join step), or raise once that may never happen: the job rolled back (``RolledBack``)
+        or this shard learned a view newer than ``epoch`` (``MembershipChanged``; ``epoch`` 0: newer
+        than the views known now). Either can make the waiting worker a member from an earlier
+        step, which the shards wait for while it waits for this one. WaitTimeout after ``timeout`` s."""
+        with self.cond:
+            self.check_epoch(epoch or None)
+            generation, known = self.generation, epoch or self.latest_epoch
+            self.cond.wait_for(lambda: self.version >= version or self.generation != generation
+                               or self.latest_epoch > known, timeout=timeout)
+            if self.version >= version:
+                return
+            if self.generation != generation:
+                self.check_serving()  # a replica that stopped being the primary: the caller goes elsewhere
+                raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" while this pull waited for version {version}")
+            if self.latest_epoch > known:
+                raise MembershipChanged.at(self.latest_epoch, version)
+            raise WaitTimeout(f"shard {self.shard.shard_id} did not reach version {version} within {timeout:.0f}s "
+                              f"(it is at {self.version})")
 
     def snapshot(self, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
         """(version, encode(slice)), cached per version.

@@ -46,7 +46,7 @@ from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
-from ..proto.errors import FailedPrecondition, RolledBack, UnknownWorker
+from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.layout import BufferEntry
 from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
@@ -245,20 +245,37 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob())
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)
         self._adopt(view)
-        # A worker joining a running sync job starts at the first step of the first view it is
-        # in, with the parameters after the step before it.
-        start = self.coordinator.first_view_with(self.job_id, self.worker_id, view).start_step
-        self._pull(start if self.job.mode is not UpdateMode.ASYNC else 0)
-        self.steps_taken = start  # the step this worker pushes next
+        if self.job.mode is UpdateMode.ASYNC:  # nobody waits for an async worker: it takes what is there
+            self._pull()
+            self.steps_taken = self.coordinator.first_view_with(self.job_id, self.worker_id, view).start_step
+        else:
+            self.steps_taken = self._join(view, timeout)  # the step this worker pushes next
         if overlap:
             self._overlap = OverlapPusher(self.flat, self.ps, self.step_timeout)
             self._overlap.arm(self._header(), self.versions)
 
+    def _join(self, view, timeout: float) -> int:
+        """Pull the parameters of the step this worker starts at in a sync job (the parameters after
+        the step before it) and return that step. A worker joining a running job starts a few steps
+        ahead of the shards, so the pull waits; meanwhile a rollback below that step, or a dead
+        worker's removal from the open step, can make it a member from an earlier step, which the
+        shards then wait for. They end the pull (RolledBack, MembershipChanged) and it takes the
+        newest view and pulls again. Each change brings a newer epoch; waiting for one is bounded
+        by ``timeout`` (the connect timeout)."""
+        while True:
+            start = self.coordinator.join_step(self.job_id, self.worker_id, view)
+            try:
+                self._pull(start, epoch=view.epoch)
+                return start
+            except (RolledBack, MembershipChanged) as exc:
+                view = self.coordinator.wait_for_epoch(self.job_id, max(exc.epoch, view.epoch + 1), timeout)
+                self._adopt(view)
+
     # ------------------------------------------------------------------ parameters and buffers
 
-    def _pull(self, min_version: int = 0) -> list[int]:
+    def _pull(self, min_version: int = 0, epoch: int = 0) -> list[int]:
         self.flat.quiesce()  # no device copy still reads the host values the pull overwrites
-        self.versions, blob = self.ps.pull(self.flat.values, min_version, buffers=bool(self._buffers))
+        self.versions, blob = self.ps.pull(self.flat.values, min_version, buffers=bool(self._buffers), epoch=epoch)
         self.flat.scatter_params()
         if blob is not None and self.job.broadcast_buffers:
             torch_compat.load_buffers(self._buffers, buffer_file.decode(blob))

@@ -273,10 +273,11 @@ class ShardChannel:
                          result.applied_lr, result.epoch, result.skipped, blob)
 
     def pull(self, out: torch.Tensor, timeout: float, min_version: int = 0,
-             buffers: bool = False) -> tuple[int, bytes | None]:
+             buffers: bool = False, epoch: int = 0) -> tuple[int, bytes | None]:
         """Write the current slice (once the shard reached ``min_version``) into ``out``; return its
-        version and (with ``buffers``, shard 0) the job's buffers file."""
-        request = pb.PullRequest(target=self.target, min_version=min_version, include_buffers=buffers)
+        version and (with ``buffers``, shard 0) the job's buffers file. With ``epoch`` (the view the
+        caller knows), a rollback or a newer view ends the wait with RolledBack / MembershipChanged."""
+        request = pb.PullRequest(target=self.target, min_version=min_version, include_buffers=buffers, epoch=epoch)
 
         def attempt():
             asm, version, blob = codec.Assembler(out=out), 0, None
@@ -467,11 +468,12 @@ class PSClient:
 
         return self._pool.submit(push_and_land)
 
-    def pull(self, values: torch.Tensor, min_version: int = 0, buffers: bool = False) -> tuple[list[int], bytes | None]:
+    def pull(self, values: torch.Tensor, min_version: int = 0, buffers: bool = False,
+             epoch: int = 0) -> tuple[list[int], bytes | None]:
         """Every shard's current slice into ``values``; returns the versions and (with ``buffers``)
-        the job's buffers file from shard 0."""
+        the job's buffers file from shard 0. ``epoch``: as ``ShardChannel.pull``'s."""
         replies = self._fan_out(lambda s: s.pull(self._slice(values, s), self.timeout, min_version,
-                                                 buffers and s.info.range.shard_id == 0))
+                                                 buffers and s.info.range.shard_id == 0, epoch))
         return [v for v, _ in replies], next((b for _, b in replies if b is not None), None)
 
     def pull_state(self) -> list[tuple[int, dict[str, torch.Tensor], str]]:

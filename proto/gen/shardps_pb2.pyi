@@ -797,16 +797,18 @@ class PushResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[PushResult, _Mapping]] = ..., params: _Optional[_Union[TensorChunk, _Mapping]] = ..., clip_partial: _Optional[_Union[ClipPartial, _Mapping]] = ..., buffers: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("target", "include_optimizer_state", "min_version", "include_buffers")
+    __slots__ = ("target", "include_optimizer_state", "min_version", "include_buffers", "epoch")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     include_optimizer_state: bool
     min_version: int
     include_buffers: bool
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ..., min_version: _Optional[int] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
+    epoch: int
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., include_optimizer_state: _Optional[bool] = ..., min_version: _Optional[int] = ..., include_buffers: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("version", "chunk", "name", "hyperparams_json")
