@@ -18,6 +18,8 @@ $PY bench/scaling.py --out bench/results/scaling.json --plot bench/results/scali
 $PY bench/raw_grpc.py bench/results/raw_grpc.json
 $PY bench/heterogeneous.py --target 3.7 --out bench/results/heterogeneous.json --plot bench/results/heterogeneous.png
 $PY bench/chaos.py --out bench/results/chaos.json
+$PY bench/chaos.py --replicas 2 --targets servers workers coordinator --out bench/results/chaos_replicas.json
+$PY bench/failover.py --out bench/results/failover.json
 # Needs a CUDA GPU (skipped here otherwise): the GPU worker against the one-process offload peer.
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   $PY bench/offload.py --out bench/results/offload.json

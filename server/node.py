@@ -174,6 +174,26 @@ class ShardNode:
             out.append((a, state))
         return out
 
+    def state_for_init(self, target: Target) -> ShardState:
+        """The shard's state for ``target``'s job, created on first use from the coordinator's
+        job and plan; raises WrongJob if ``target`` does not match them."""
+        with self._cond:
+            state = self.states.get(target.job_id)
+        if state is not None:
+            self.check(state, target)
+            return state
+        self._refuse_lost(target.job_id)
+        job_id, job, plan = self._fetch_job(target.job_id)  # network call, outside the lock
+        mine = [s for s in plan if s.range.shard_id == self.shard_id]
+        if job_id != target.job_id or not mine:
+            raise WrongJob(f"job {target.job_id[:64]!r} is not one of the coordinator's jobs")
+        with self._cond:
+            if target.job_id not in self.states:
+                self._install(ShardState(mine[0].range, job, job_id, self.step_timeout))
+            state = self.states[target.job_id]
+        self.check(state, target)
+        return state
+
     def _install(self, state: ShardState) -> None:
         """Make ``state`` one of this node's jobs (under ``_cond``), checkpointing it if a directory is set."""
         own = state.shard.shard_id == self.shard_id
