@@ -73,7 +73,9 @@ class Placement:
                 new = candidates[0]
                 self.replicas[k] = [new] + [b for b in reps if b not in (server, new)]
                 out.append(Failover(k, server, new, self.epoch + 1, time.time()))
-                self.in_sync[k] = set()
+                # The other in-sync backups acknowledged every update the lost primary answered: they stay
+                # promotable (one may lack an update the new primary has; it gets a copy, never answers less).
+                self.in_sync[k] = self.in_sync.get(k, set()) - {new, server}
             else:
                 self.replicas[k] = [b for b in reps if b != server]
                 self.in_sync.get(k, set()).discard(server)
@@ -82,6 +84,16 @@ class Placement:
             self.epoch += 1
             self.failovers.extend(out)
         return out
+
+    def learn_in_sync(self, shard_id: int, reported: set[int]) -> bool:
+        """The primary reports the backups it knows hold its version. A backup joins the set once
+        reported; it leaves only by being dropped or lost: a new primary reports none until it has
+        shipped to them, but they acknowledged every update that was ever answered."""
+        merged = (self.in_sync.get(shard_id, set()) | reported) & set(self.replicas[shard_id][1:])
+        if merged == self.in_sync.get(shard_id, set()):
+            return False
+        self.in_sync[shard_id] = merged
+        return True
 
     def drop(self, shard_id: int, server: int) -> bool:
         """Shard ``shard_id``'s primary cannot reach backup ``server``: it stops being one."""
@@ -109,7 +121,7 @@ class Placement:
                 old = reps[0]
                 self.replicas[k] = [k] + [b for b in reps if b != k]
                 self.failovers.append(Failover(k, old, k, self.epoch + 1, time.time(), "rebalance"))
-                self.in_sync[k] = set()
+                self.in_sync[k] = (self.in_sync[k] - {k}) | {old}  # the old primary holds every answered version
                 changed = True
         if changed:
             self.epoch += 1

@@ -276,10 +276,8 @@ class Coordinator:
                     state = next((j for j in self.jobs.values() if j.job_id == job_id), None)
                     if state is None or state.placement is None or state.placement.primary(shard) != sid:
                         continue
-                    now_in_sync = {by_address[a] for a in in_sync if a in by_address}
-                    if now_in_sync != state.placement.in_sync.get(shard, set()):
-                        # Journaled: a restarted coordinator must know which backups it may promote.
-                        state.placement.in_sync[shard] = now_in_sync
+                    # Journaled: a restarted coordinator must know which backups it may promote.
+                    if state.placement.learn_in_sync(shard, {by_address[a] for a in in_sync if a in by_address}):
                         changed = True
                     for address in unreachable:
                         if address in by_address and state.placement.drop(shard, by_address[address]):

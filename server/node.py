@@ -261,8 +261,12 @@ class ShardNode:
         state = ShardState.from_snapshot(snap, self.step_timeout)
         state.awaiting_rollback = True
         with self._cond:
-            if job_id in self.states:  # the coordinator's rollback got here first and restored it
+            held = self.states.get(job_id)
+            if held is not None and held.initialized:  # the coordinator's rollback got here first and restored it
                 return None
+            if held is not None and held.replica is not None:  # the empty replica the placement made: restore it
+                role = held.replica
+                state.replica.assign(role.placement_epoch, role.primary, list(role.backups), 0.0)
             self._install(state)
         log.warning("shard %d restored job %s's checkpoint at version %d", self.shard_id, job_name, snap.version)
         return snap.version

@@ -190,3 +190,19 @@ def test_async_pushes_each_reach_the_backup_and_the_copies_stay_identical():
             primary.push(Push(w, t, 1, t, StepOpts(1, ""), torch.randn(N, generator=gen)), frozenset({0, 1}))
     assert primary.version == backup.version == 6
     assert primary.digest() == backup.digest() and backup.last_step == {0: 2, 1: 2}
+
+
+def test_in_sync_backups_stay_promotable_across_failovers_and_hand_backs():
+    p = Placement.initial(3, 3)  # shard 0 on servers 0, 1, 2
+    p.in_sync = {0: {1, 2}}
+    p.lose(0)
+    assert p.replicas[0] == [1, 2] and p.in_sync[0] == {2}  # server 2 acknowledged all server 0 answered
+    assert not p.learn_in_sync(0, set())  # the new primary has not shipped to it yet: it stays promotable
+    p.lose(1)
+    assert p.replicas[0] == [2]  # ... and is promoted when the new primary is lost too
+    assert p.heal({0, 1, 2}, 3, 3) and p.replicas[0] == [2, 0, 1]
+    assert p.learn_in_sync(0, {0})
+    assert p.heal({0, 1, 2}, 3, 3)  # server 0 is in sync with its own shard: handed back
+    assert p.replicas[0][0] == 0 and p.in_sync[0] == {2}  # the old primary is a backup holding every version
+    p.drop(0, 2)
+    assert p.in_sync[0] == set() and p.replicas[0] == [0, 1]
