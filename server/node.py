@@ -179,6 +179,8 @@ class ShardNode:
         job and plan; raises WrongJob if ``target`` does not match them."""
         with self._cond:
             state = self.states.get(target.job_id)
+        if target.shard_id != self.shard_id:  # a replica of another shard (promoted while the job started)
+            state = self.find(target.job_id, target.shard_id) or state
         if state is not None:
             self.check(state, target)
             return state
