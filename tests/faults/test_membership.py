@@ -74,9 +74,12 @@ def test_a_killed_worker_is_removed_when_its_lease_runs_out_and_a_replacement_jo
 @pytest.mark.slow
 def test_a_worker_left_alone_by_workers_that_finished_is_told_at_once_instead_of_timing_out(spawn_workers):
     opts = dict(optimizer="sgd", kwargs=json.dumps({"lr": 0.1}), sizes="8,8,8", min_workers=2)
-    with LocalCluster(servers=2, lease_seconds=3.0) as cluster:
-        short = spawn_workers(cluster, 2, steps=10, **opts)  # these two finish after 10 steps and leave
+    with LocalCluster(servers=2, lease_seconds=3.0) as cluster, CoordinatorClient(cluster.address) as coord:
         long = spawn_workers(cluster, 1, steps=400, step_timeout=300, **opts)  # this one wants 400
+        # It registers first, so it is in the job whenever the others finish (were it still starting up by
+        # then, it would find nobody to train with and only wait for min_workers).
+        wait_until(lambda: len(coord.status().pending) == 1, timeout=120, what="the long worker to register")
+        short = spawn_workers(cluster, 2, steps=10, **opts)  # these two finish after 10 steps and leave
         short.wait(timeout=120)
         proc, log = long.procs[0]
         code = proc.wait(timeout=120)  # far less than its step timeout and retries (minutes)
