@@ -60,8 +60,7 @@ class Update:
     lr_scale: float
     buffers: bytes | None
     last_step: dict[int, int]  # the dedup table after it
-    applied_lr: float = 0.0
-    clip_partial: float | None = None
+    clip_partial: float | None = None  # a clipped step: this shard's share of its norm
 
 
 Send = Callable[[str, object, list], int]  # (backup address, pb.ReplicaHeader, [(name, tensor)]) -> its version
@@ -196,8 +195,7 @@ def update_header(state, role: ReplicaRole, u: Update):
 
     return pb.ReplicaHeader(job_id=state.job_id, shard_id=state.shard.shard_id, placement_epoch=role.placement_epoch,
                             version=u.version, skipped=u.grad is None, present=u.present or [],
-                            hyperparams_json=u.hyper_json, lr_scale=u.lr_scale, applied_lr=u.applied_lr,
-                            has_clip_partial=u.clip_partial is not None, clip_partial=u.clip_partial or 0.0,
+                            hyperparams_json=u.hyper_json, lr_scale=u.lr_scale, clip_partial=u.clip_partial,
                             last_step=u.last_step)
 
 

@@ -354,10 +354,9 @@ class ShardServicer:
                                          request.coordinator_generation):
             if a.primary:
                 self._copy_to_new_backups(state)
-            # Read without the shard's lock: a primary holds it while it waits for the coordinator to drop
-            # a backup it cannot reach, and this answer is how the coordinator learns of that.
-            reports.append(pb.ReplicaReport(job_id=a.job_id, shard_id=a.shard_id, version=state.version,
-                                            has_copy=state.initialized, unreachable=state.replica.report(),
+            # Without the shard's lock: a primary holds it while it waits for the coordinator to drop a
+            # backup it cannot reach, and this answer is how the coordinator learns of that.
+            reports.append(pb.ReplicaReport(job_id=a.job_id, shard_id=a.shard_id, unreachable=state.replica.report(),
                                             in_sync=state.replica.in_sync()))
         return pb.SetReplicasResponse(reports=reports)
 
@@ -394,9 +393,16 @@ class ShardServicer:
         if state is None:
             raise FailedPrecondition(f"{replicas.NEEDS_COPY}: this server holds no replica of shard {h.shard_id} of "
                                      f"job {h.job_id[:64]!r} yet (the coordinator places replicas)")
-        done = _named_tensors(state, _chain(first, frames))
-        version = state.take_copy(h, done) if h.full else state.replay(h, done)
-        return pb.ReplicateResponse(version=version)
+        if h.full:  # rare (a new or restarted backup): fresh tensors, kept as the replica's state
+            return pb.ReplicateResponse(version=state.take_copy(h, _named_tensors(state, _chain(first, frames))))
+        # One update per step: its gradient lands in a pooled buffer, as a push's does.
+        pool = self.node.buffers
+        grad = pool.take(torch.float32, state.shard.numel)
+        try:
+            update = _named_tensors(state, _chain(first, frames), into={"grad": grad})
+            return pb.ReplicateResponse(version=state.replay(h, update))
+        finally:
+            pool.give(grad)
 
     @translate_errors
     def Rollback(self, request, context):
@@ -465,9 +471,12 @@ class ShardServicer:
                 "last_checkpoint_version": c.last.version if c.last else -1}
 
 
-def _named_tensors(state, frames: Iterator[wire.Frame]) -> dict[str, torch.Tensor]:
+def _named_tensors(state, frames: Iterator[wire.Frame], into: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Tensors streamed as chunks named by their frames (optimizer state; a replica's update or copy),
-    refused once they are more, or larger, than this shard can hold."""
+    refused once they are more, or larger, than this shard can hold. ``into``: preallocated tensors to
+    decode some of them into (their dtype and size must match)."""
+    into = into or {}
     numel = max(1, state.shard.numel)
     limit = (numel * 8 + (1 << 20)) * 4  # bytes: a few state tensors per element, and room for small ones
     tensors: dict[str, codec.Assembler] = {}
@@ -480,7 +489,7 @@ def _named_tensors(state, frames: Iterator[wire.Frame]) -> dict[str, torch.Tenso
             if len(tensors) >= 64 * max(1, len(state.optimizer.pieces)) + 3:  # + param, grad, buffers
                 raise InvalidArgument("too many tensors for this shard's pieces")
             cap = buffer_file.max_bytes(state.job.buffers) if name == BUFFERS_NAME else numel
-            tensors[name] = codec.Assembler(max_numel=max(1, cap))
+            tensors[name] = codec.Assembler(out=into[name]) if name in into else codec.Assembler(max_numel=max(1, cap))
         tensors[name].add(frame.chunk)
         total += len(frame.chunk.data)
         if total > limit:

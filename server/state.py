@@ -138,10 +138,7 @@ class ShardState:
                 self.buffers = bytes(buffers)
             self._snapshot = None
             first, self.initialized = not self.initialized, True
-            if self.replica is not None:  # the backups take the starting point before anyone is told
-                with self.replica.cond:
-                    self.replica.synced.clear()
-                replicas.ship(self.replica, self, None, self.send, self.ship_timeout)
+            self._recopy()  # a replicated shard's backups take the starting point before anyone is told
             self.cond.notify_all()
             if first and self.on_version is not None:
                 self.on_version(self)  # version 0: the starting point a rollback can always reach
@@ -291,9 +288,7 @@ class ShardState:
         apply it first (``server/replica.py``)."""
         start = time.perf_counter()
         if self.replica is not None:
-            hyper_json = json.dumps(optim.hyper_of(hyper if hyper is not None else self.optimizer.hyper,
-                                                   self.job.schedulable()), separators=(",", ":"))
-            self._ship(replicas.Update(self.version + 1, grad, present, hyper_json, lr_scale, buffers,
+            self._ship(replicas.Update(self.version + 1, grad, present, self.hyper_json(hyper), lr_scale, buffers,
                                        self._table(step), clip_partial=partial))
         if hyper is not None:
             self.optimizer.set_hyper(hyper)
@@ -380,10 +375,7 @@ class ShardState:
         if present is not None and len(present) != len(self.optimizer.pieces):
             raise InvalidArgument(f"an update names {len(present)} pieces; shard {self.shard.shard_id} has "
                                   f"{len(self.optimizer.pieces)}")
-        buffers = tensors.get("buffers")
-        blob = buffers.numpy().tobytes() if buffers is not None else None
-        self.check_buffers(blob)
-        hyper = self.parse_hyper(header.hyperparams_json)
+        blob, hyper = self._replica_parts(header, tensors)
         with self.cond:
             self._check_sender(header)
             if self.initialized and self.version == header.version:
@@ -402,10 +394,9 @@ class ShardState:
                 if self.shard.numel:
                     self.optimizer.step(grad, present, header.lr_scale)
                 closed = Closed(self.optimizer.lr() * header.lr_scale,
-                                partial=header.clip_partial if header.has_clip_partial else None)
+                                partial=header.clip_partial if header.HasField("clip_partial") else None)
             self.policy.remember(step, closed)
-            self.last_step = {int(w): int(s) for w, s in header.last_step.items()}
-            self.applied_table = dict(self.last_step)
+            self._take_table(header)
             self._snapshot = None
             self._next_version(blob)
             return self.version
@@ -416,10 +407,7 @@ class ShardState:
         param = tensors.get("param")
         if param is None or param.numel() != self.shard.numel or param.dtype != torch.float32:
             raise InvalidArgument(f"a copy of shard {self.shard.shard_id} carries {self.shard.numel} fp32 parameters")
-        buffers = tensors.get("buffers")
-        blob = buffers.numpy().tobytes() if buffers is not None else None
-        self.check_buffers(blob)
-        hyper = self.parse_hyper(header.hyperparams_json)
+        blob, hyper = self._replica_parts(header, tensors)
         try:
             views = {int(e): (int(v[0]), frozenset(int(w) for w in v[1]))
                      for e, v in json.loads(header.views_json or "{}").items()}
@@ -439,14 +427,25 @@ class ShardState:
                 self.optimizer.set_hyper(hyper)
             self.buffers = blob
             self.version = header.version
-            self.last_step = {int(w): int(s) for w, s in header.last_step.items()}
-            self.applied_table = dict(self.last_step)
+            self._take_table(header)
             self.views.update(views)
             self.min_epoch, self.rolled_back_to = header.min_epoch, header.rolled_back_to
             self.initialized, self._snapshot, self.awaiting_rollback = True, None, False
             self.generation += 1
             self.cond.notify_all()
             return self.version
+
+    def _replica_parts(self, header, tensors: dict[str, torch.Tensor]) -> tuple[bytes | None, list | None]:
+        """An update's or copy's buffers file and hyper-parameters, checked (before the lock)."""
+        buffers = tensors.get("buffers")
+        blob = buffers.numpy().tobytes() if buffers is not None else None
+        self.check_buffers(blob)
+        return blob, self.parse_hyper(header.hyperparams_json)
+
+    def _take_table(self, header) -> None:
+        """Under the lock: the primary's dedup table, as of the version this replica is now at."""
+        self.last_step = {int(w): int(s) for w, s in header.last_step.items()}
+        self.applied_table = dict(self.last_step)
 
     def _check_sender(self, header) -> None:
         """Under the lock: updates come only from the primary of this replica's placement or a newer one."""
@@ -555,9 +554,11 @@ class ShardState:
                         self.shard.stop, self.version, dict(self.last_step), self.param.detach().clone(),
                         self.optimizer.state_tensors(), self.hyper_json(), self.buffers)
 
-    def hyper_json(self) -> str:
-        """The groups' current schedulable hyper-parameters (as a push carries them)."""
-        return json.dumps(optim.hyper_of(self.optimizer.hyper, self.job.schedulable()), separators=(",", ":"))
+    def hyper_json(self, groups: list | None = None) -> str:
+        """The groups' schedulable hyper-parameters (as a push carries them): the current ones, or those of
+        ``groups`` (the groups' kwargs a step is about to apply)."""
+        return json.dumps(optim.hyper_of(groups if groups is not None else self.optimizer.hyper,
+                                         self.job.schedulable()), separators=(",", ":"))
 
     def restore(self, snap: Snapshot, epoch: int = 0) -> int:
         """Go back (or forward) to ``snap``; pushes waiting in a step are told the job rolled back.

@@ -492,20 +492,16 @@ class SetReplicasResponse(_message.Message):
     def __init__(self, reports: _Optional[_Iterable[_Union[ReplicaReport, _Mapping]]] = ...) -> None: ...
 
 class ReplicaReport(_message.Message):
-    __slots__ = ("job_id", "shard_id", "version", "has_copy", "unreachable", "in_sync")
+    __slots__ = ("job_id", "shard_id", "unreachable", "in_sync")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    HAS_COPY_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_id: int
-    version: int
-    has_copy: bool
     unreachable: _containers.RepeatedScalarFieldContainer[str]
     in_sync: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., version: _Optional[int] = ..., has_copy: _Optional[bool] = ..., unreachable: _Optional[_Iterable[str]] = ..., in_sync: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., unreachable: _Optional[_Iterable[str]] = ..., in_sync: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
     __slots__ = ("header", "chunk", "name")
@@ -518,7 +514,7 @@ class ReplicateRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ReplicaHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ReplicaHeader(_message.Message):
-    __slots__ = ("job_id", "shard_id", "placement_epoch", "full", "version", "skipped", "present", "hyperparams_json", "lr_scale", "applied_lr", "has_clip_partial", "clip_partial", "last_step", "views_json", "min_epoch", "rolled_back_to")
+    __slots__ = ("job_id", "shard_id", "placement_epoch", "full", "version", "skipped", "present", "hyperparams_json", "lr_scale", "clip_partial", "last_step", "views_json", "min_epoch", "rolled_back_to")
     class LastStepEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -535,8 +531,6 @@ class ReplicaHeader(_message.Message):
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     LR_SCALE_FIELD_NUMBER: _ClassVar[int]
-    APPLIED_LR_FIELD_NUMBER: _ClassVar[int]
-    HAS_CLIP_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     VIEWS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -551,14 +545,12 @@ class ReplicaHeader(_message.Message):
     present: _containers.RepeatedScalarFieldContainer[bool]
     hyperparams_json: str
     lr_scale: float
-    applied_lr: float
-    has_clip_partial: bool
     clip_partial: float
     last_step: _containers.ScalarMap[int, int]
     views_json: str
     min_epoch: int
     rolled_back_to: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., full: _Optional[bool] = ..., version: _Optional[int] = ..., skipped: _Optional[bool] = ..., present: _Optional[_Iterable[bool]] = ..., hyperparams_json: _Optional[str] = ..., lr_scale: _Optional[float] = ..., applied_lr: _Optional[float] = ..., has_clip_partial: _Optional[bool] = ..., clip_partial: _Optional[float] = ..., last_step: _Optional[_Mapping[int, int]] = ..., views_json: _Optional[str] = ..., min_epoch: _Optional[int] = ..., rolled_back_to: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., full: _Optional[bool] = ..., version: _Optional[int] = ..., skipped: _Optional[bool] = ..., present: _Optional[_Iterable[bool]] = ..., hyperparams_json: _Optional[str] = ..., lr_scale: _Optional[float] = ..., clip_partial: _Optional[float] = ..., last_step: _Optional[_Mapping[int, int]] = ..., views_json: _Optional[str] = ..., min_epoch: _Optional[int] = ..., rolled_back_to: _Optional[int] = ...) -> None: ...
 
 class ReplicateResponse(_message.Message):
     __slots__ = ("version",)
