@@ -79,29 +79,26 @@ class CoordinatorClient:
         reply = self._call("WatchMembership", lambda: self._stub.WatchMembership(req, timeout=timeout + self.timeout))
         return view_from_pb(reply.view)
 
-    def first_view_with(self, job_id: str, worker_id: int, latest: View) -> View:
-        """The earliest view of the run of views up to ``latest`` that all contain ``worker_id``:
-        its start_step is the step this worker joined at (later views may have added others)."""
-        first = latest
+    def views_with(self, job_id: str, worker_id: int, latest: View) -> list[View]:
+        """The run of views up to ``latest`` that all contain ``worker_id``, newest first."""
+        run = [latest]
         for epoch in range(latest.epoch - 1, 0, -1):
             view = self.view(job_id, epoch)
             if worker_id not in view.worker_ids:
                 break
-            first = view
-        return first
+            run.append(view)
+        return run
+
+    def first_view_with(self, job_id: str, worker_id: int, latest: View) -> View:
+        """The earliest of ``views_with``: its start_step is the step this worker joined at (later
+        views may have added others)."""
+        return self.views_with(job_id, worker_id, latest)[-1]
 
     def join_step(self, job_id: str, worker_id: int, latest: View) -> int:
-        """The step a worker that has not pushed yet starts at: the lowest start step of the views
-        from the first one that contains it up to ``latest`` (all of which contain it). Usually its
-        join view's; a later view starts lower when the job rolled back below the join step, or when
-        a dead worker's removal took effect from the open step: each makes it a member from there."""
-        step = latest.start_step
-        for epoch in range(latest.epoch - 1, 0, -1):
-            view = self.view(job_id, epoch)
-            if worker_id not in view.worker_ids:
-                break
-            step = min(step, view.start_step)
-        return step
+        """The step a worker that has not pushed yet starts at: the lowest start step of ``views_with``.
+        Usually its join view's; a later view starts lower when the job rolled back below the join step, or
+        when a dead worker's removal took effect from the open step: each makes it a member from there."""
+        return min(v.start_step for v in self.views_with(job_id, worker_id, latest))
 
     def wait_for_view(self, job_id: str, worker_id: int, timeout: float) -> View:
         """Block until a view containing ``worker_id`` exists; raise Unavailable after ``timeout`` s."""

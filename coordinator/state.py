@@ -156,9 +156,8 @@ class Coordinator:
                 raise InvalidArgument(f"shard id {shard_id} is outside 0..{self.num_servers - 1}")
             restarted = shard_id in self.servers
             self.servers[shard_id] = address
-            if restarted:  # its process is new: the copies it held are gone (replicated jobs fail over now)
-                self._lose(shard_id)
-                self.down.discard(shard_id)  # ... but it is alive: it is placed again as a backup
+            if restarted:  # its process is new: the copies it held are gone (replicated jobs fail over now),
+                self._lose(shard_id)  # but it is alive: it is placed again as a backup
                 self.last_ok[shard_id] = time.monotonic()
             for state in self.jobs.values():
                 self._replan(state)
@@ -229,17 +228,14 @@ class Coordinator:
     # ------------------------------------------------------------------ replicated shards
 
     def _lose(self, server: int) -> None:
-        """``server`` is dead (under the lock): each replicated job's shards fail over to in-sync backups."""
-        if any(state.placement is not None for state in self.jobs.values()):
-            self.down.add(server)
+        """The copies ``server`` held are gone (under the lock): each replicated job's shards fail over to
+        in-sync backups. The caller replans and persists."""
         for state in self.jobs.values():
             if state.placement is None:
                 continue
             for f in state.placement.lose(server):
                 log.warning("job %s: shard %d fails over from server %d to server %d (placement epoch %d)",
                             state.name, f.shard_id, f.from_server, f.to_server, f.epoch)
-            self._replan(state)
-        self.cond.notify_all()
 
     def replica_calls(self) -> dict[int, tuple[str, list]]:
         """server -> (address, [(job_id, shard, placement epoch, primary, backup addresses)]): what every
@@ -273,8 +269,12 @@ class Coordinator:
                 self.last_ok[sid] = acked
                 self.down.discard(sid)
                 for job_id, shard, in_sync, unreachable in reports:
-                    state = next((j for j in self.jobs.values() if j.job_id == job_id), None)
-                    if state is None or state.placement is None or state.placement.primary(shard) != sid:
+                    try:
+                        state = self.job(job_id)
+                    except WrongJob:  # answered for a job this coordinator does not run: nothing to learn
+                        continue
+                    if (state.placement is None or shard not in state.placement.replicas
+                            or state.placement.primary(shard) != sid):
                         continue
                     # Journaled: a restarted coordinator must know which backups it may promote.
                     if state.placement.learn_in_sync(shard, {by_address[a] for a in in_sync if a in by_address}):
@@ -292,6 +292,7 @@ class Coordinator:
                 allowed = self.replica_lease_s * 1.25 + 0.5 if seen is not None else max(10.0, 4 * self.replica_lease_s)
                 if sid not in self.down and silent > allowed:
                     log.warning("server %d has not answered for %.1fs: declared dead", sid, silent)
+                    self.down.add(sid)
                     self._lose(sid)
                     changed = True
             live = {sid for sid, answer in answers.items() if answer is not None}  # answered just now
