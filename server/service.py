@@ -57,9 +57,7 @@ class ShardServicer:
 
     @translate_errors
     def InitShard(self, frames: Iterator[wire.Frame], context):
-        first = next(frames, None)
-        if first is None or first.fields is None or not first.fields.HasField("target"):
-            raise InvalidArgument("InitShard's first message must carry the target")
+        first = _first(frames, "InitShard", "target")
         state = self.node.state_for_init(_target(first.fields.target))
         buf = torch.empty(state.shard.numel)  # once per job (or a deliberate edit): not kept in the pool
         try:
@@ -87,9 +85,7 @@ class ShardServicer:
 
     @translate_errors
     def Push(self, frames: Iterator[wire.Frame], context):
-        first = next(frames, None)
-        if first is None or first.fields is None or not first.fields.HasField("header"):
-            raise InvalidArgument("Push's first message must carry the header")
+        first = _first(frames, "Push", "header")
         h = first.fields.header
         state = self.node.require(_target(h.target), self.wait_timeout)
         if h.epoch < 1 or h.step < 0 or h.base_version < 0 or h.worker_id < 0:
@@ -286,9 +282,7 @@ class ShardServicer:
 
     @translate_errors
     def LoadState(self, frames: Iterator[wire.Frame], context):
-        first = next(frames, None)
-        if first is None or first.fields is None or not first.fields.HasField("target"):
-            raise InvalidArgument("LoadState's first message must carry the target")
+        first = _first(frames, "LoadState", "target")
         state = self.node.require(_target(first.fields.target), self.wait_timeout)
         version = state.load_state(_named_tensors(state, _chain(first, frames)), first.fields.hyperparams_json)
         return pb.LoadStateResponse(version=version)
@@ -385,9 +379,7 @@ class ShardServicer:
 
     @translate_errors
     def Replicate(self, frames: Iterator[wire.Frame], context):
-        first = next(frames, None)
-        if first is None or first.fields is None or not first.fields.HasField("header"):
-            raise InvalidArgument("Replicate's first message must carry the header")
+        first = _first(frames, "Replicate", "header")
         h = first.fields.header
         state = self.node.find(h.job_id, h.shard_id)
         if state is None:
@@ -590,6 +582,14 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
 def _passthrough(serialize):
     """Pre-serialized replies (cached slices) go out as they are; everything else is serialized."""
     return lambda msg: msg if isinstance(msg, bytes) else serialize(msg)
+
+
+def _first(frames: Iterator[wire.Frame], rpc: str, field: str) -> wire.Frame:
+    """A client stream's first message, which must carry ``field`` (InvalidArgument otherwise)."""
+    first = next(frames, None)
+    if first is None or first.fields is None or not first.fields.HasField(field):
+        raise InvalidArgument(f"{rpc}'s first message must carry the {field}")
+    return first
 
 
 def _chain(first, rest):
