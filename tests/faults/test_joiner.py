@@ -4,8 +4,10 @@ below the join step, or a dead worker's removal view starts at the open step. Th
 follow the newest view and push the step the shards now wait for, so the job finishes instead of
 stopping until its timeouts run out (real processes, SIGSTOP/SIGKILL, a server restart)."""
 import json
+import sys
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,25 +16,13 @@ from shardps.client.sdk import shard_status
 from shardps.coordinator.client import CoordinatorClient
 from shardps.proto.errors import ShardpsError
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from waiting import wait_until  # noqa: E402
+
 STEPS = 40
 OPTS = dict(optimizer="adam", kwargs=json.dumps({"lr": 0.01}), sizes="16,16,16", steps=STEPS, min_workers=2,
             sleep=0.02, retry_timeout=120)
 FINISH_S = 90  # the whole remaining run takes seconds; a joiner stuck on its old join step waits for minutes
-
-
-def wait_until(predicate, timeout=120, what="condition"):
-    """The predicate's first true value; a status call that fails meanwhile (a machine busy with
-    other tests) counts as not yet."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except ShardpsError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def view_with(coord, n):

@@ -1,7 +1,8 @@
 """Workers die and join while a sync job trains: leases expire, views change at step boundaries
 that every shard agrees on, and a replacement is used (real processes, SIGKILL)."""
 import json
-import time
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,17 +10,10 @@ from shardps import LocalCluster
 from shardps.client.sdk import shard_status
 from shardps.coordinator.client import CoordinatorClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from waiting import wait_until  # noqa: E402
+
 STEPS = 300
-
-
-def wait_until(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def view_with(coord, n):

@@ -2,7 +2,6 @@
 rolls back, and a sync run ends bit-identical to the fault-free run (real processes, no checkpoints)."""
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,11 @@ from shardps.coordinator.client import CoordinatorClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import reference  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 STEPS = 60
 OPTS = dict(optimizer="adam", kwargs=json.dumps({"lr": 0.01}), sizes="16,16", steps=STEPS, replicas=2, sleep=0.02,
             init_seed=7)  # both runs start from the same parameters (the initializer's)
-
-
-def wait_until(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:  # noqa: BLE001 - a server that is down or restarting
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def plan(coord):
