@@ -9,7 +9,7 @@ import torch
 
 from shardps import LocalCluster, chaos
 from shardps.chaos.faults import FaultRule
-from shardps.client.sdk import shard_status
+from shardps.client.sdk import cluster_status, shard_status
 from shardps.coordinator.client import CoordinatorClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
@@ -26,7 +26,9 @@ def plan(coord):
 
 
 def primary_version(cluster, coord, shard):
-    return shard_status(plan(coord)[shard].address, shard_id=shard).version
+    """The version of ``shard`` on its primary (-1 while the job is not defined yet)."""
+    info = plan(coord).get(shard)
+    return shard_status(info.address, shard_id=shard).version if info else -1
 
 
 def finals(workers):
@@ -102,7 +104,11 @@ def test_a_retry_storm_across_a_failover_applies_every_push_once(spawn_workers):
         results = workers.wait(timeout=300)
         lost += injected(cluster, "server-1")
         survivor = [shard_status(cluster.server_address(1), shard_id=k) for k in (0, 1)]
+        shown = cluster_status(cluster.address)["shards"]
     assert lost >= 5  # the storm happened
+    assert [(s["replica_role"], s["server_holds_shards"], s["address"]) for s in shown] == \
+        [("primary", [1, 0], cluster.server_address(1))] * 2  # status: both shards served by server-1
+    assert shown[0]["copies_sent"] == 0 and shown[1]["updates_replicated"] >= 10  # nothing to copy to after the kill
     assert all(s.version == steps and s.replica_role == "primary" for s in survivor)  # one update per step
     assert sum(s.pushes_duplicate for s in survivor) >= 1  # retried pushes were answered, not applied again
     assert all(s.rollbacks == 0 for s in survivor)
