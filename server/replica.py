@@ -163,6 +163,8 @@ def ship(role: ReplicaRole, state, update: Update | None, send: Send, timeout: f
                                     exc)
                     role.unreachable.add(address)
                     role.synced.discard(address)
+        if done.issuperset(todo):
+            continue  # every backup took it: the check above returns, unless the placement added one
         if time.monotonic() > deadline:
             demote(role, state, f"its backups {sorted(set(todo) - done)} could not be reached within {timeout:.0f}s")
         with role.cond:
