@@ -1,6 +1,6 @@
 """Replicated shards: recovery time after a SIGKILLed primary, and what replication costs.
 
-    python bench/failover.py [--sizes-mb 10 100 1000] [--steps 8]
+    python bench/failover.py [--sizes-mb 10 100 1000] [--steps 8] [--transport grpc]
 
 For each slice size: 2 shard servers, one worker training one flat parameter of
 2 x size (one slice per server), plain SGD (no optimizer state, so the slice is the
@@ -16,7 +16,10 @@ whole shard). Three runs per size:
   the run's final parameters equal the fault-free replicas=2 run's.
 
 Reported as ratios replicas=2 / replicas=1 (step time, server peak RSS above the
-idle process) and seconds (recovery), from one run each.
+idle process) and seconds (recovery), from one run each. On one host the worker's
+pushes and pulls go through shared memory by default, so the copy to the backup (a
+gRPC call, as between hosts) is compared with a nearly free push; ``--transport grpc``
+sends the worker's bytes over gRPC too, as a worker on another host would.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from common import emit  # noqa: E402
 from memory import rss  # noqa: E402
 
 
-def run(numel_per_shard: int, steps: int, replicas: int, kill_at: int | None) -> dict:
+def run(numel_per_shard: int, steps: int, replicas: int, kill_at: int | None, transport: str) -> dict:
     from shardps import LocalCluster, ShardedOptimizer
     from shardps.client.sdk import shard_status
 
@@ -47,7 +50,7 @@ def run(numel_per_shard: int, steps: int, replicas: int, kill_at: int | None) ->
         param = torch.nn.Parameter(torch.zeros(2 * numel_per_shard))
         param.grad = torch.zeros_like(param)  # bound into the optimizer's buffers, filled in place each step
         opt = ShardedOptimizer([param], cluster=cluster.address, optimizer="sgd", lr=1e-3, replicas=replicas,
-                               connect_timeout=600, step_timeout=600)
+                               transport=transport, connect_timeout=600, step_timeout=600)
         times, killed_at, recovery = [], None, None
         for step in range(steps):
             if kill_at is not None and step == kill_at:
@@ -77,15 +80,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1000], help="slice size per shard, MB")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--transport", choices=("auto", "grpc"), default="auto",
+                    help="the worker's pushes and pulls: auto (shared memory on one host) or grpc (as across hosts)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
     for mb in a.sizes_mb:
         numel = int(mb * 1e6 / 4)
         kill_at = a.steps // 2
-        plain = run(numel, a.steps, 1, None)
-        copied = run(numel, a.steps, 2, None)
-        failed = run(numel, a.steps, 2, kill_at)
+        plain = run(numel, a.steps, 1, None, a.transport)
+        copied = run(numel, a.steps, 2, None, a.transport)
+        failed = run(numel, a.steps, 2, kill_at, a.transport)
         row = {
             "slice_mb": mb,
             "step_s_replicas_1": round(plain["step_s"], 4),
@@ -100,7 +105,7 @@ def main():
         }
         rows.append(row)
         print(row, flush=True)
-    emit("failover", {"workers": 1, "servers": 2, "optimizer": "sgd", "steps": a.steps, "rows": rows}, a.out)
+    emit("failover", {"workers": 1, "servers": 2, "optimizer": "sgd", "steps": a.steps, "transport": a.transport, "rows": rows}, a.out)
 
 
 if __name__ == "__main__":

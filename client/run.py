@@ -409,15 +409,19 @@ def _fault_counts(cluster: LocalCluster, workers: WorkerSet) -> dict:
 
 
 def _shard_versions(cluster: LocalCluster, last: list[int]) -> list[int]:
-    """Each shard's version; a shard too busy to answer in time keeps its last value."""
+    """Each shard's version, as its home server's copy has it; a shard whose server is too busy to
+    answer in time, or holds no copy yet (it just restarted: it answers version 0), keeps its last value."""
     from .sdk import shard_status
 
     out = []
     for shard_id in range(cluster.num_servers):
+        before = last[shard_id] if shard_id < len(last) else 0
         try:
-            out.append(shard_status(cluster.server_address(shard_id), timeout=2).version)
+            s = shard_status(cluster.server_address(shard_id), timeout=2)
         except ShardpsError:
-            out.append(last[shard_id] if shard_id < len(last) else 0)
+            out.append(before)
+        else:
+            out.append(s.version if s.initialized else before)
     return out
 
 
