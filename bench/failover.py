@@ -1,6 +1,6 @@
 """Replicated shards: recovery time after a SIGKILLed primary, and what replication costs.
 
-    python bench/failover.py [--sizes-mb 10 100 1000] [--steps 8] [--transport grpc]
+    python bench/failover.py [--sizes-mb 10 100 1000] [--steps 8] [--transport grpc] [--lease 1.5]
 
 For each slice size: 2 shard servers, one worker training one flat parameter of
 2 x size (one slice per server), plain SGD (no optimizer state, so the slice is the
@@ -40,12 +40,14 @@ from common import emit  # noqa: E402
 from memory import rss  # noqa: E402
 
 
-def run(numel_per_shard: int, steps: int, replicas: int, kill_at: int | None, transport: str) -> dict:
+def run(numel_per_shard: int, steps: int, replicas: int, kill_at: int | None, transport: str,
+        lease: float) -> dict:
     from shardps import LocalCluster, ShardedOptimizer
     from shardps.client.sdk import shard_status
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as logs, LocalCluster(servers=2, durable=False, log_dir=logs) as cluster:
+    with tempfile.TemporaryDirectory() as logs, LocalCluster(servers=2, durable=False, log_dir=logs,
+                                                                     replica_lease_seconds=lease) as cluster:
         idle = {name: rss(cluster.pid(name), "VmRSS") for name in ("server-0", "server-1")}
         param = torch.nn.Parameter(torch.zeros(2 * numel_per_shard))
         param.grad = torch.zeros_like(param)  # bound into the optimizer's buffers, filled in place each step
@@ -82,15 +84,17 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--transport", choices=("auto", "grpc"), default="auto",
                     help="the worker's pushes and pulls: auto (shared memory on one host) or grpc (as across hosts)")
+    ap.add_argument("--lease", type=float, default=1.5,
+                    help="primary lease, s (--replica-lease-seconds): detection takes ~1.25x this + 0.5 s")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
     for mb in a.sizes_mb:
         numel = int(mb * 1e6 / 4)
         kill_at = a.steps // 2
-        plain = run(numel, a.steps, 1, None, a.transport)
-        copied = run(numel, a.steps, 2, None, a.transport)
-        failed = run(numel, a.steps, 2, kill_at, a.transport)
+        plain = run(numel, a.steps, 1, None, a.transport, a.lease)
+        copied = run(numel, a.steps, 2, None, a.transport, a.lease)
+        failed = run(numel, a.steps, 2, kill_at, a.transport, a.lease)
         row = {
             "slice_mb": mb,
             "step_s_replicas_1": round(plain["step_s"], 4),
@@ -105,7 +109,7 @@ def main():
         }
         rows.append(row)
         print(row, flush=True)
-    emit("failover", {"workers": 1, "servers": 2, "optimizer": "sgd", "steps": a.steps, "transport": a.transport, "rows": rows}, a.out)
+    emit("failover", {"workers": 1, "servers": 2, "optimizer": "sgd", "steps": a.steps, "transport": a.transport, "lease_s": a.lease, "rows": rows}, a.out)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class LocalCluster:
         checkpoint_dir: str | os.PathLike | None = None,
         durable: bool = True,
         lease_seconds: float = 10.0,
+        replica_lease_seconds: float | None = None,
         hosts: bool = False,
         worker_hosts: int = 0,
         resume_job: str | os.PathLike | None = None,
@@ -74,7 +75,9 @@ class LocalCluster:
         ``checkpoint_every`` versions (0: only then, on request and on SIGTERM) to ``checkpoint_dir``
         (default: a folder in the log directory), so a restarted server restores its shard and the
         job rolls back to the newest common checkpoint instead of failing. ``durable=False`` keeps
-        everything in memory: a killed process then loses its part of the job."""
+        everything in memory: a killed process then loses its part of the job. ``replica_lease_seconds``:
+        for replicated jobs, how long a shard's primary answers after its last renewal (a dead one is
+        detected about 1.25 x this later; default 1.5)."""
         if servers < 1:
             raise ValueError(f"a cluster needs at least one server, got servers={servers}")
         self.num_servers, self.host = servers, host
@@ -89,6 +92,7 @@ class LocalCluster:
         self._ports: dict[str, int] = {}
         self.faults: Counter = Counter()  # "kill/server-1" -> times done
         self.checkpoint_every, self.lease_seconds = checkpoint_every, lease_seconds
+        self.replica_lease_seconds = replica_lease_seconds  # None: the coordinator's default (or its env var)
         self.resume_job = resume_job
         self.metrics = metrics  # every role serves Prometheus metrics on a free port: metrics_address(name)
         # Who may talk to the cluster. Workers: anyone, unless auth_token is set. Internal and admin
@@ -141,6 +145,8 @@ class LocalCluster:
                 self.network.start()
             port = self._spawn("coordinator", ["coordinator", "--num-servers", str(self.num_servers),
                                                "--lease-seconds", str(self.lease_seconds),
+                                               *(["--replica-lease-seconds", str(self.replica_lease_seconds)]
+                                                 if self.replica_lease_seconds is not None else []),
                                                *(["--state-dir", str(self.state_dir)] if self.state_dir else []),
                                                *(["--resume-job", str(self.resume_job)] if self.resume_job else [])])
             self.address = f"{self._host_of('coordinator')}:{port}"

@@ -174,3 +174,11 @@ def test_a_primary_killed_right_after_a_coordinator_restart_still_fails_over(spa
         assert r["rollbacks"] == 0
         for key, value in ref_params.items():
             assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+
+
+def test_the_embedded_clusters_primary_lease_reaches_its_coordinator_and_a_bad_one_is_refused_by_name():
+    from shardps.client.local import ClusterError
+
+    with pytest.raises(ClusterError, match="replica_lease_seconds must be in 0.2..600, got 0.1"):
+        with LocalCluster(servers=1, durable=False, replica_lease_seconds=0.1):
+            pass
