@@ -118,7 +118,9 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
         return time.monotonic(), reports  # the lease a server holds runs from before this moment
 
     silent: set[int] = set()
-    while not stop.wait(every):
+    quick = False  # a new placement (a promotion) goes out at once; never twice in a row
+    while not stop.wait(0 if quick else every):
+        changed = False
         try:
             calls = coordinator.replica_calls()
             futures = {sid: pool.submit(call, address, rows) for sid, (address, rows) in calls.items()}
@@ -134,8 +136,10 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
                 else:
                     silent.discard(sid)
             if answers:
-                coordinator.replicas_renewed(answers)
+                changed = coordinator.replicas_renewed(answers)
+            quick = changed and not quick
         except Exception as exc:  # noqa: BLE001 - never let the loop die
+            quick = False
             log.warning("replica placement round failed: %s", exc)
 
 

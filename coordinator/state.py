@@ -256,9 +256,10 @@ class Coordinator:
                 out[sid] = (address, rows)
             return out
 
-    def replicas_renewed(self, answers: dict[int, tuple[float, list] | None]) -> None:
+    def replicas_renewed(self, answers: dict[int, tuple[float, list] | None]) -> bool:
         """The servers' answers to one round of placement calls (None: no answer): record who is
-        alive and in sync, drop unreachable backups, fail over dead primaries, heal and rebalance."""
+        alive and in sync, drop unreachable backups, fail over dead primaries, heal and rebalance.
+        Returns whether the placement changed (the servers should hear of it now)."""
         with self.cond:
             now, changed = time.monotonic(), False
             by_address = {a: sid for sid, a in self.servers.items()}
@@ -304,6 +305,7 @@ class Coordinator:
                     self._replan(state)
                 self._persist()
                 self.cond.notify_all()
+            return changed
 
     def _admit(self, state: JobState, member: MemberInfo) -> None:
         if state.views and state.job.mode is not UpdateMode.ASYNC:

@@ -78,7 +78,8 @@ class Retrier:
         """Stop every retry loop now (the caller gave up on what they were for)."""
         self.aborted = reason
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+        """``sleep(seconds)`` waits between attempts (a caller may cut it short: its target moved)."""
         start = time.monotonic()
         deadline, delay, attempt = start + self.budget, self.initial, 1
         while True:
@@ -96,5 +97,5 @@ class Retrier:
                     raise
                 self.stats.record(code)
                 log.warning("%s failed (%s, attempt %d); retrying in %.2fs", what, code, attempt, pause)
-                time.sleep(pause)
+                sleep(pause)
                 delay, attempt = min(delay * 2, self.maximum), attempt + 1

@@ -116,6 +116,8 @@ class ShardChannel:
         self.security, self.locate = security, locate
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
         self._move_lock = threading.Lock()
+        self._moved = threading.Condition()  # wakes retries waiting out a backoff when the shard moves
+        self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
@@ -142,20 +144,30 @@ class ShardChannel:
     def _call(self, rpc: str, attempt: Callable[[], T]) -> T:
         """``attempt`` under the retry policy; after an UNAVAILABLE attempt the shard's address is
         looked up again (a replicated shard's backup may have been promoted on another server)."""
+        seen = [self._moves]  # moves when the last attempt started
+
         def rerouting():
-            moves = self._moves
+            seen[0] = moves = self._moves
             try:
-                return attempt()
+                reply = attempt()
             except Unavailable:
+                self.failing = True
                 if not self._follow():
                     raise
-                return attempt()  # moved: the new server at once, not after a backoff
+                reply = attempt()  # moved: the new server at once, not after a backoff
             except ShardpsError as exc:
                 if self._moves == moves:
                     raise
                 # The shard moved while this call waited (its old channel was closed under it): again, there.
                 raise Unavailable(f"{exc} (the shard moved to {self.info.address}; retrying there)") from None
-        return self.retry.call(self._what(rpc), rerouting)
+            self.failing = False
+            return reply
+
+        def backoff(seconds: float) -> None:  # ends early when the shard moves (the plan watcher saw it)
+            with self._moved:
+                self._moved.wait_for(lambda: self._moves != seen[0], timeout=seconds)
+
+        return self.retry.call(self._what(rpc), rerouting, backoff)
 
     def _follow(self) -> bool:
         """Whether the shard moved (the channel now leads to its new server)."""
@@ -175,6 +187,8 @@ class ShardChannel:
             self.info = ShardInfo(self.info.range, address, self.info.backups)
             self._dial(address)
             self._moves += 1
+        with self._moved:
+            self._moved.notify_all()
         old.close()  # a call still waiting on a paused or partitioned old primary gives up now
         return True
 
@@ -341,7 +355,7 @@ class Locator:
     """Where each shard is served now, asked of the coordinator at most every ``every`` seconds
     (every shard's channel asks after a failed attempt; one answer serves them all)."""
 
-    def __init__(self, fetch_plan: Callable[[], list[ShardInfo]], every: float = 0.5):
+    def __init__(self, fetch_plan: Callable[[], list[ShardInfo]], every: float = 0.25):
         self._fetch, self.every = fetch_plan, every
         self._plan: dict[int, str] = {}
         self._at = -math.inf
@@ -361,11 +375,14 @@ class Locator:
                     log.info("could not ask the coordinator where the shards are: %s", exc)
             return dict(self._plan)
 
-    def watch(self, shards: list["ShardChannel"], stop: threading.Event, every: float = 1.0) -> None:
-        """Until ``stop``: move each shard's channel when its primary moves. A call blocked on a primary
-        that stopped answering without closing its connection (paused, partitioned) would otherwise
-        wait for its deadline or for keepalive to notice."""
-        while not stop.wait(every):
+    def watch(self, shards: list["ShardChannel"], stop: threading.Event, every: float = 1.0,
+              failing_every: float = 0.25) -> None:
+        """Until ``stop``: move each shard's channel when its primary moves (every ``every`` s, or
+        ``failing_every`` while a shard's server is unavailable: a failover is under way, and its
+        calls wait out their backoff only until the move). A call blocked on a primary that stopped
+        answering without closing its connection (paused, partitioned) would otherwise wait for its
+        deadline or for keepalive to notice."""
+        while not stop.wait(failing_every if any(s.failing for s in shards) else every):
             plan = self.plan()
             for shard in shards:
                 address = plan.get(shard.info.range.shard_id, "")

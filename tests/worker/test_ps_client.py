@@ -1,0 +1,59 @@
+"""The worker's channel to one shard: following a replicated shard that moves to another server."""
+import threading
+
+from shardps.proto.errors import Unavailable
+from shardps.proto.messages import ShardInfo
+from shardps.proto.plan import ShardRange
+from shardps.proto.retry import Retrier
+from shardps.worker.ps_client import Locator, ShardChannel
+
+
+def channel(retry: Retrier) -> ShardChannel:
+    # Nothing listens on these addresses: the calls below never dial; they only run ``attempt``.
+    return ShardChannel(ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:9"), "job", "fp", 1 << 16, retry)
+
+
+def test_a_retry_waiting_out_its_backoff_goes_to_the_new_primary_as_soon_as_the_shard_moves():
+    # A failover takes a few seconds, by which time a call's backoff has grown to seconds too: the
+    # promoted backup would wait for it. The move (the plan watcher's) ends the wait.
+    ch = channel(Retrier(budget=600, initial=100, maximum=200))  # the first pause is 50..150 s
+    failed, addresses, done = threading.Event(), [], []
+
+    def attempt():
+        addresses.append(ch.info.address)
+        if len(addresses) == 1:
+            failed.set()
+            raise Unavailable("connection refused")
+        return "applied"
+
+    caller = threading.Thread(target=lambda: done.append(ch._call("Push", attempt)), daemon=True)
+    caller.start()
+    assert failed.wait(30)
+    assert ch.failing  # the watcher looks at the plan more often while a shard is failing
+    assert ch.move("127.0.0.1:10")
+    caller.join(30)
+    assert done == ["applied"] and addresses == ["127.0.0.1:9", "127.0.0.1:10"]
+    assert not ch.failing
+    ch.close()
+
+
+def test_the_plan_watcher_moves_a_failing_shard_without_waiting_for_its_slow_period():
+    plans = [{0: "127.0.0.1:9"}]
+    locator = Locator(lambda: [ShardInfo(ShardRange(k, 0, 8), a) for k, a in plans[-1].items()], every=0)
+    ch = channel(Retrier(budget=0))
+    ch.failing = True
+    stop = threading.Event()
+    watcher = threading.Thread(target=locator.watch, args=([ch], stop), kwargs={"every": 600, "failing_every": 0.01},
+                               daemon=True)
+    watcher.start()
+    plans.append({0: "127.0.0.1:10"})  # the coordinator promoted the backup on another server
+    try:
+        for _ in range(3000):
+            if ch.info.address == "127.0.0.1:10":
+                break
+            stop.wait(0.01)
+        assert ch.info.address == "127.0.0.1:10"
+    finally:
+        stop.set()
+        watcher.join(10)
+        ch.close()
