@@ -19,7 +19,10 @@ $PY bench/raw_grpc.py bench/results/raw_grpc.json
 $PY bench/heterogeneous.py --target 3.7 --out bench/results/heterogeneous.json --plot bench/results/heterogeneous.png
 $PY bench/chaos.py --out bench/results/chaos.json
 $PY bench/chaos.py --replicas 2 --targets servers workers coordinator --out bench/results/chaos_replicas.json
-$PY bench/failover.py --out bench/results/failover.json
+$PY bench/failover.py --sizes-mb 10 100 --out bench/results/failover.json
+$PY bench/failover.py --sizes-mb 10 100 --transport grpc --out bench/results/failover_grpc.json
+$PY bench/failover.py --sizes-mb 10 --lease 0.5 --out bench/results/failover_lease05.json
+$PY bench/failover.py --sizes-mb 1000 --steps 4 --out bench/results/failover_1gb.json  # ~16 GB of memory
 # Needs a CUDA GPU (skipped here otherwise): the GPU worker against the one-process offload peer.
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   $PY bench/offload.py --out bench/results/offload.json
