@@ -381,11 +381,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._check_progress()
 
     def _check_progress(self) -> None:
-        if self._heartbeat.abandoned and self._heartbeat.waiting_for:
+        if self._heartbeat.abandoned and self._heartbeat.waiting_for and not self._step_closed():
             reason = f"step {self.steps_taken} of job {self.job.name!r} cannot close: {self._heartbeat.waiting_for}"
             self.ps.abort(reason)  # nothing in flight keeps retrying (nor keeps the process from exiting)
             raise FailedPrecondition(reason)
         self._check_alive()
+
+    def _step_closed(self) -> bool:
+        """Whether the step this worker is waiting on may have closed on every shard: none says its
+        version is still the one this worker's last reply had. In a sync job no step closes without this
+        worker's push, so a shard past that version applied it and only the reply is missing (lost, and
+        being retried): the workers that left finished this step before leaving, and the retry will be
+        answered. A shard that cannot say (moving to its backup) is asked again at the next check."""
+        if self.job.mode is UpdateMode.ASYNC or len(self.versions) != len(self.ps.shards):
+            return False
+        for shard, before in zip(self.ps.shards, self.versions):
+            now = shard.version(timeout=5.0)
+            if now is not None and now <= before:
+                return False
+        return True
 
     def _local_norm(self, norm_type: float) -> float:
         grads = [p.grad for p in self.flat.params if p.grad is not None]

@@ -134,6 +134,9 @@ class ShardChannel:
                                      response_deserializer=wire.deserializer(pb.PullResponse))
         self._load = ch.stream_unary(method + "LoadState", request_serializer=wire.serializer(pb.LoadStateRequest),
                                      response_deserializer=pb.LoadStateResponse.FromString)
+        self._status = ch.unary_unary(method + "GetShardStatus",
+                                      request_serializer=pb.GetShardStatusRequest.SerializeToString,
+                                      response_deserializer=pb.GetShardStatusResponse.FromString)
 
     def close(self) -> None:
         self._channel.close()
@@ -191,6 +194,16 @@ class ShardChannel:
             self._moved.notify_all()
         old.close()  # a call still waiting on a paused or partitioned old primary gives up now
         return True
+
+    def version(self, timeout: float) -> int | None:
+        """The shard's version now, as the server this channel leads to holds it (one attempt; None when
+        it cannot say: unreachable, or no copy of the shard there)."""
+        request = pb.GetShardStatusRequest(job_id=self.target.job_id, shard_id=self.info.range.shard_id)
+        try:
+            reply = self._status(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError:
+            return None
+        return reply.version if reply.initialized and reply.job_id == self.target.job_id else None
 
     def init(self, params: torch.Tensor, worker_id: int, timeout: float, buffers: bytes | None = None,
              replace: bool = False) -> tuple[int, bool]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shardps import LocalCluster
+from shardps import LocalCluster, chaos
+from shardps.chaos.faults import FaultRule
 from shardps.client.sdk import shard_status
 from shardps.coordinator.client import CoordinatorClient
 
@@ -80,6 +81,32 @@ def test_a_worker_left_alone_by_workers_that_finished_is_told_at_once_instead_of
         log.close()
         text = long.logs[0].read_text()
     assert code != 0 and "cannot close" in text and "left" in text and "min_workers 2" in text
+
+
+@pytest.mark.slow
+def test_a_worker_whose_last_reply_is_lost_after_the_others_finished_gets_it_and_is_stopped_only_at_the_next_step(
+        spawn_workers):
+    # The short worker trains one step and leaves; the long one's push of that step is applied but its
+    # replies are lost for several retries. The job is then "abandoned" (1 of min_workers 2), yet that
+    # step closed: the long worker must get its reply (a duplicate answer) and stop only at step 1,
+    # which nobody else will push. It used to stop at step 0, saying a closed step could not close.
+    opts = dict(optimizer="sgd", kwargs=json.dumps({"lr": 0.1}), sizes="8,8", min_workers=2, step_timeout=300)
+    with LocalCluster(servers=2, lease_seconds=3.0) as cluster, CoordinatorClient(cluster.address) as coord:
+        long = spawn_workers(cluster, 1, steps=5, **opts)
+        pending = wait_until(lambda: coord.status().pending, timeout=120, what="the long worker to register")
+        chaos.set_rpc_faults(cluster, "servers", [FaultRule(kind="abort", method="Push", status="UNAVAILABLE",
+                                                            worker_id=pending[0].worker_id, after=True,
+                                                            max_count=9)])  # ~4 s of retries per shard
+        short = spawn_workers(cluster, 1, steps=1, **opts)
+        short.wait(timeout=120)
+        proc, log = long.procs[0]
+        code = proc.wait(timeout=120)
+        log.close()
+        text = long.logs[0].read_text()
+        closed = versions(cluster)
+    assert closed == [1, 1]  # step 0 closed (the long worker's push was applied, once)
+    assert code != 0 and "step 1 of job 'default' cannot close" in text, text[-3000:]
+    assert "step 0 of job" not in text
 
 
 @pytest.mark.slow
