@@ -266,7 +266,7 @@ class SyncPolicy:
                                        or state.generation != generation or push.evicted, timeout=self.timeout)
         state.stats.wait_seconds += time.monotonic() - start
         if state.generation != generation:  # rolled back (or demoted) while this push waited: it is void
-            state.check_serving()
+            state.check_voided(generation)
             raise RolledBack.at(state.rolled_back_to, state.min_epoch, f" while step {push.step} was open")
         if push.evicted:
             raise UnknownWorker(f"worker {push.worker_id} was removed from the membership (its lease ran out) while "

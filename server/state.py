@@ -87,7 +87,8 @@ class ShardState:
         self.stats = ShardStats()
         self.cond = threading.Condition(threading.Lock())
         self._snapshot: tuple[int, list] | None = None  # (version, encoded slice) for replies
-        self.generation = 0  # bumped by every restore: pushes waiting across one are told to start over
+        self.generation = 0  # bumped by every restore, copy or void: pushes waiting across one start over
+        self.rolled_back_generation = 0  # the generation the last restore made (later bumps are not rollbacks)
         self.min_epoch = 0  # pushes naming an earlier membership epoch were rolled back
         self.rolled_back_to = 0  # the version of the last rollback
         self.awaiting_rollback = False  # restored at start-up; the coordinator has not aligned the others yet
@@ -316,6 +317,17 @@ class ShardState:
         replicas.ship(self.replica, self, update, self.send, self.ship_timeout)
         self.applied_table = update.last_step
 
+    def check_voided(self, generation: int) -> None:
+        """Under the lock, for a call that waited while the generation moved on from ``generation``:
+        Unavailable (the caller retries, where the plan says) unless a restore - a rollback - did it.
+        A replica that stepped down, demoted itself or took a copy voided the call's step, and may
+        already serve again (placed primary anew): that is no rollback, and the worker must not
+        replay from an earlier step for it."""
+        self.check_serving()
+        if self.rolled_back_generation <= generation:
+            raise Unavailable(replicas.moved(self.shard.shard_id, "the step this call waited in was voided (the "
+                                             "replica stepped down or took a copy)"))
+
     def check_serving(self) -> None:
         """Under the lock: refuse work on a replica that is not the shard's primary now (a worker
         with an old plan, or a primary whose lease ran out): Unavailable, which workers retry after
@@ -453,11 +465,17 @@ class ShardState:
         if role is None:
             raise FailedPrecondition(f"job {self.job.name!r} keeps no replicas of its shards")
         with role.cond:
-            if header.placement_epoch < role.placement_epoch or (role.primary and not role.demoted):
+            acting = role.primary and not role.demoted
+            if header.placement_epoch < role.placement_epoch or (acting and header.placement_epoch == role.placement_epoch):
                 raise replicas.ReplicaRefused(
                     f"{replicas.SUPERSEDED} {role.placement_epoch}: shard {self.shard.shard_id}'s replica here "
                     f"{'is the primary' if role.primary else 'follows a newer placement'} (the update named "
                     f"{header.placement_epoch})")
+            if acting:  # the sender is primary in a newer placement than this stale one (it slept): step down
+                role.primary, role.demoted = False, f"superseded by placement epoch {header.placement_epoch}"
+                role.synced.clear()
+        if acting:
+            replicas.void_open_steps(self)
 
     # ------------------------------------------------------------------ same-host byte path
 
@@ -578,6 +596,7 @@ class ShardState:
             self.version, self.last_step = snap.version, dict(snap.last_step)
             self.initialized, self._snapshot = True, None
             self.generation += 1
+            self.rolled_back_generation = self.generation
             if epoch:
                 self.min_epoch, self.rolled_back_to = epoch, snap.version
                 self.awaiting_rollback = False
@@ -610,7 +629,7 @@ class ShardState:
             if self.version >= version:
                 return
             if self.generation != generation:
-                self.check_serving()  # a replica that stopped being the primary: the caller goes elsewhere
+                self.check_voided(generation)  # a replica that stopped being the primary: the caller goes elsewhere
                 raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" while this pull waited for version {version}")
             if self.latest_epoch > known:
                 raise MembershipChanged.at(self.latest_epoch, version)

@@ -215,3 +215,40 @@ def test_in_sync_backups_stay_promotable_across_failovers_and_hand_backs():
     assert p.replicas[0][0] == 0 and p.in_sync[0] == {2}  # the old primary is a backup holding every version
     p.drop(0, 2)
     assert p.in_sync[0] == set() and p.replicas[0] == [0, 1]
+
+
+def test_a_stale_primary_that_slept_steps_down_for_a_newer_placements_copy_instead_of_demoting_the_new_primary():
+    # server-0 was paused while primary (placement 1); its backup was promoted (placement 2) and, when the
+    # sleeper answers again, is told to copy to it. The sleeper must step down and take the copy; refusing
+    # ("is the primary") made the legitimate primary demote itself.
+    primary, backups, _ = group()
+    sleeper = backups["b0"]
+    sleeper.replica.assign(1, True, [], 30)  # what it last heard before it slept
+    primary.replica.assign(2, True, ["b0"], 30)
+    step(primary, 0, {0: torch.ones(N), 1: torch.ones(N)})
+    assert primary.version == sleeper.version == 1 and primary.digest() == sleeper.digest()
+    assert primary.replica.serving() == "" and sleeper.replica.serving() != ""
+
+
+def test_a_push_voided_by_a_step_down_is_retried_not_rolled_back_even_if_the_replica_serves_again():
+    primary, _, _ = group()
+    outcome = []
+
+    def push():
+        try:
+            primary.push(Push(0, 0, 1, 0, StepOpts(1, ""), torch.ones(N)), frozenset({0, 1}))
+        except Exception as exc:  # noqa: BLE001 - the test looks at which
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=push)
+    waiting.start()
+    for _ in range(1000):
+        if primary.last_step.get(0) == 0:
+            break
+        time.sleep(0.01)
+    with primary.cond:  # stepped down (its open step void), then placed primary again before the push looks
+        primary.replica.assign(2, False, [], 30)
+        replicas.void_open_steps(primary)
+        primary.replica.assign(3, True, ["b0"], 30)
+    waiting.join(10)
+    assert len(outcome) == 1 and type(outcome[0]) is Unavailable, outcome  # RolledBack would make it replay
