@@ -115,8 +115,7 @@ class ShardChannel:
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self.security, self.locate = security, locate
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
-        self._move_lock = threading.Lock()
-        self._moved = threading.Condition()  # wakes retries waiting out a backoff when the shard moves
+        self._moved = threading.Condition()  # guards a move; wakes retries waiting out a backoff
         self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
@@ -182,7 +181,7 @@ class ShardChannel:
     def move(self, address: str) -> bool:
         """Lead this shard's calls to ``address`` (its new primary); calls in flight on the old
         channel are cancelled and retried there. Returns whether it moved."""
-        with self._move_lock:
+        with self._moved:
             if address == self.info.address:
                 return False
             log.warning("shard %d moved from %s to %s", self.info.range.shard_id, self.info.address, address)
@@ -190,7 +189,6 @@ class ShardChannel:
             self.info = ShardInfo(self.info.range, address, self.info.backups)
             self._dial(address)
             self._moves += 1
-        with self._moved:
             self._moved.notify_all()
         old.close()  # a call still waiting on a paused or partitioned old primary gives up now
         return True
