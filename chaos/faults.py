@@ -34,7 +34,7 @@ import grpc
 from ..proto.errors import InvalidArgument
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.rpc import MAX_MESSAGE_BYTES, WORKER_METADATA, create_server as new_grpc_server, translate_errors
+from ..proto.rpc import MAX_MESSAGE_BYTES, WORKER_METADATA, abort, create_server as new_grpc_server, translate_errors
 
 log = logging.getLogger("shardps.faults")
 
@@ -170,14 +170,14 @@ def _before(rule: FaultRule, context) -> None:
     if rule.kind == "delay":
         time.sleep(rule.delay_s)
     elif rule.kind == "abort":
-        context.abort(grpc.StatusCode[rule.status], f"fault injected by rule {rule.id}: abort {rule.status}")
+        abort(context, grpc.StatusCode[rule.status], f"fault injected by rule {rule.id}: abort {rule.status}")
     else:
         _hold(rule, context)
 
 
 def _after(rule: FaultRule, context) -> None:
     if rule.kind == "abort":
-        context.abort(grpc.StatusCode[rule.status],
+        abort(context, grpc.StatusCode[rule.status],
                       f"fault injected by rule {rule.id}: reply lost ({rule.status}) after the call ran")
     elif rule.kind == "drop":
         _hold(rule, context)
@@ -187,7 +187,7 @@ def _hold(rule: FaultRule, context) -> None:
     """Never answer: wait out the caller's deadline (bounded), then end the call."""
     remaining = context.time_remaining()
     time.sleep(min(MAX_HOLD_S, remaining if remaining is not None else MAX_HOLD_S) + 0.05)
-    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"fault injected by rule {rule.id}: call dropped")
+    abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"fault injected by rule {rule.id}: call dropped")
 
 
 def _apply(fired: list[FaultRule], context, after: bool) -> None:

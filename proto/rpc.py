@@ -98,9 +98,31 @@ def check_health(address: str, timeout: float = 2.0, service: str = "", security
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+# Trailing metadata of a status that the server's own code set once nothing of the call ran any
+# more (a handler's error, a refusal, an injected fault). A status without it may come from the
+# transport or the caller's deadline while the handler still runs: a push through shared memory
+# may then write its reply into the worker's memory later (``proto/shm.py``).
+HANDLER_ENDED = ("x-shardps-handler", "ended")
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str):
+    """End the call with ``code``, saying that its handler ran to its end (or never ran)."""
+    context.set_trailing_metadata((HANDLER_ENDED,))
+    context.abort(code, details)
+
+
+def handler_ended(exc: grpc.RpcError) -> bool:
+    """Whether a failed call's server said that nothing of the call runs there any more."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error raised before the call started has none
+        return False
+    return any((key, value) == HANDLER_ENDED for key, value in metadata)
+
+
 def abort_with(context: grpc.ServicerContext, exc: errors.ShardpsError):
     """Translate a domain error into its gRPC status (the one mapping, used by every servicer)."""
-    context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+    abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
 
 
 def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.ShardpsError:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import grpc
 
+from . import rpc
+
 AUTH_METADATA = "authorization"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes need no credentials
 # Calls only cluster members and operators may make: they change membership, roll shards back,
@@ -168,10 +170,10 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
         return None
 
     def refuse(request, context):
-        context.abort(code, message)
+        rpc.abort(context, code, message)
 
     def refuse_stream(request, context):
-        context.abort(code, message)
+        rpc.abort(context, code, message)
         yield  # pragma: no cover - abort raises
 
     kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")

@@ -9,6 +9,12 @@ still carries every push's header, its step options, the exactly-once identity
 ``(job, worker, step)`` and the reply, so validation, deduplication, rollbacks and
 fault injection are unchanged; only the bulk bytes move through memory.
 
+A server's reply lands in the worker's memory from its handler thread, which can run
+after the worker gave the call up (a deadline, a shard that moved, a paused primary
+that woke). A worker whose push ended without the server saying its handler ended
+(``rpc.HANDLER_ENDED``) marks the segment ``exposed`` and moves to a new one before
+the step returns (``FlatParams.renew_segment``), so no late write reaches the model.
+
 Negotiation is by trying: a push names the segment (``PushHeader.shm``); a server
 that cannot open it (another host, a container without the worker's ``/dev/shm``)
 refuses that push with FAILED_PRECONDITION "no shared memory", and the worker sends
@@ -59,6 +65,9 @@ def segment_bytes(numel: int) -> int:
 class Segment:
     def __init__(self, name: str, nonce: bytes, numel: int, fd: int, owner: bool):
         self.name, self.nonce, self.numel, self.owner = name, nonce, numel, owner
+        # (worker) a push through it was given up before its server answered: that server may still
+        # write its reply in later, whenever it runs again; the worker moves to a new segment
+        self.exposed = False
         self.path = os.path.join(SHM_DIR, name)
         size = segment_bytes(numel)
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -89,22 +89,10 @@ class FlatParams:
             raise ValueError(f"cannot hold these parameters in a {self.kind!r} bucket")
         self.device = self.params[0].device if self.params else torch.device("cpu")
         numel = self.layout.numel
-        self.segment = None
-        if shared:
-            try:
-                self.segment = Segment.create(numel)
-            except ShmUnavailable as exc:
-                log.info("pushes go over gRPC only: %s", exc)
-        host_device = self.device if self.kind == "device" else torch.device("cpu")  # pin for device copies
-        if self.segment is not None:  # zeroed by the kernel; the same memory the servers map
-            self.grads, self.values = self.segment.grads, self.segment.values
-            self._registered = Registered([self.grads, self.values], host_device)
-        else:
-            self.grads = empty_host(numel, torch.float32, host_device)  # flat gradients, host
-            self.values = empty_host(numel, torch.float32, host_device)  # flat parameters, host
-            self._registered = Registered([], host_device)
+        self._host_device = self.device if self.kind == "device" else torch.device("cpu")  # pin for device copies
+        self._host_vectors(shared)
         # The push's wire buffer: the fp32 grads themselves, or a bf16/fp16 copy of them.
-        self.wire = self.grads if wire_dtype == torch.float32 else empty_host(numel, wire_dtype, host_device)
+        self.wire = self.grads if wire_dtype == torch.float32 else empty_host(numel, wire_dtype, self._host_device)
         self.bound = self.kind != "copy"  # parameters and gradients are views into the buckets
         if self.kind == "device":
             dtype = self.params[0].dtype
@@ -122,6 +110,51 @@ class FlatParams:
             self._bind()
         self._stride = max(1, numel // CHECK_SAMPLES)
         self._check = None
+
+    def _host_vectors(self, shared: bool) -> None:
+        """Allocate ``grads`` and ``values`` (fp32, host): in a new shared-memory segment with
+        ``shared`` (zeroed by the kernel; the memory the servers map), else in plain memory."""
+        numel = self.layout.numel
+        self.segment = None
+        if shared:
+            try:
+                self.segment = Segment.create(numel)
+            except ShmUnavailable as exc:
+                log.info("pushes go over gRPC only: %s", exc)
+        if self.segment is not None:
+            self.grads, self.values = self.segment.grads, self.segment.values
+            self._registered = Registered([self.grads, self.values], self._host_device)
+        else:
+            self.grads = empty_host(numel, torch.float32, self._host_device)  # flat gradients, host
+            self.values = empty_host(numel, torch.float32, self._host_device)  # flat parameters, host
+            self._registered = Registered([], self._host_device)
+
+    @torch.no_grad()
+    def renew_segment(self) -> None:
+        """Move the host vectors into a new shared-memory segment (plain memory if none can be
+        made) and unlink the old one. A server whose push call this worker gave up on (a paused or
+        partitioned primary, a call cut by a move) may still write its reply into the old segment
+        at any later time; after this, nothing it writes reaches the model. The gradients move
+        along; the values are copied too, but may hold such a write: pull next."""
+        self.quiesce()
+        old, old_grads, old_values = self.segment, self.grads, self.values
+        grad_views = [p.grad is not None and self._is_view(p.grad, e) for p, e in zip(self.params, self.layout.params)]
+        self._registered.close()
+        self._host_vectors(shared=True)
+        self.grads.copy_(old_grads)
+        self.values.copy_(old_values)
+        if self.wire is old_grads:
+            self.wire = self.grads
+        if self.kind != "device":
+            self.bucket_grads, self.bucket_values = self.grads, self.values
+        if self.kind == "host":  # the parameters and their gradients are views into the new vectors
+            for p, e, grad_view in zip(self.params, self.layout.params, grad_views):
+                p.data = self.values[e.offset:e.stop].view(p.shape)
+                if grad_view:
+                    p.grad = self.grads[e.offset:e.stop].view(p.shape)
+        if old is not None:
+            old.unlink()
+            old.close()
 
     def _toucher(self, index: int):
         def touched(param):

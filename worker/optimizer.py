@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -58,6 +59,8 @@ from .flat import FlatParams
 from .heartbeat import Heartbeat
 from .overlap import OverlapPusher
 from .ps_client import ClipExchange, Locator, PSClient, PushReply, results
+
+log = logging.getLogger("shardps.worker")
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 RECONNECT_S = 60.0  # how long coordinator calls ride out a restarting coordinator
@@ -274,12 +277,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ parameters and buffers
 
     def _pull(self, min_version: int = 0, epoch: int = 0) -> list[int]:
+        self._leave_exposed_segment()
         self.flat.quiesce()  # no device copy still reads the host values the pull overwrites
         self.versions, blob = self.ps.pull(self.flat.values, min_version, buffers=bool(self._buffers), epoch=epoch)
         self.flat.scatter_params()
         if blob is not None and self.job.broadcast_buffers:
             torch_compat.load_buffers(self._buffers, buffer_file.decode(blob))
         return self.versions
+
+    def _leave_exposed_segment(self) -> bool:
+        """Move to a new shared-memory segment if a push through this one was given up before its
+        server answered (a paused or partitioned primary, a call cut when its shard moved): that
+        server may write its reply in whenever it runs again, over parameters that moved on since.
+        Returns whether it moved; the caller pulls the parameters then."""
+        segment = self.flat.segment
+        if segment is None or not segment.exposed:
+            return False
+        log.warning("a push through shared memory %s was given up before its server answered: the model moves "
+                    "to a new segment (that server may still write into the old one) and pulls its parameters",
+                    segment.name)
+        self.flat.renew_segment()
+        self.ps.use_segment(self.flat.segment)
+        return True
 
     def pull(self) -> list[int]:
         """Load the shards' current parameters (and the job's buffers) into the model; return each
@@ -449,6 +468,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _finish(self, replies: list[PushReply], overflow: bool, under_scaler: bool) -> None:
         self.flat.scatter_params(ranges_done=True)  # each reply went to the device as it landed
         self.versions = [r.version for r in replies]
+        if self._leave_exposed_segment():
+            self._pull(min(self.versions))  # the values copied to the new segment may hold a late write
         self.last_replies = replies
         blob = next((r.buffers for r in replies if r.buffers is not None), None)
         if blob is not None and self.rank != 0:

@@ -26,7 +26,7 @@ from ..proto.errors import FailedPrecondition, ShardpsError, Unavailable, WaitTi
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
-from ..proto.rpc import WORKER_METADATA, error_from_rpc, open_channel
+from ..proto.rpc import WORKER_METADATA, error_from_rpc, handler_ended, open_channel
 from ..proto.shm import Segment
 from .flat import Staged
 
@@ -282,10 +282,16 @@ class ShardChannel:
                         else:
                             asm.add(frame.chunk)
             except grpc.RpcError as exc:
+                if shm is not None and result is None and not handler_ended(exc):
+                    shm.exposed = True  # the server may still write this reply into the segment, later
                 error = error_from_rpc(exc, self._what("Push"))
                 if shm is not None and isinstance(error, FailedPrecondition) and "no shared memory" in str(error):
                     raise ShmRefused(str(error)) from None
                 raise error from None
+            except BaseException:
+                if shm is not None and result is None:
+                    shm.exposed = True
+                raise
             finally:
                 if clip is not None:
                     clip.ended(ended)  # a request stream waiting for the total gives up
@@ -420,6 +426,14 @@ class PSClient:
         if locate is not None:  # a replicated job: follow primaries that move
             threading.Thread(target=locate.watch, args=(self.shards, self._stop), name="shardps-plan-watch",
                              daemon=True).start()
+
+    def use_segment(self, segment: Segment | None) -> None:
+        """Push through ``segment`` from now on (the worker moved to a new one; None: plain memory,
+        every push over gRPC). Between steps only: no push may be in flight."""
+        if self.segment is not None:
+            self.segment = segment
+            if segment is None:
+                self.shm_ok = [False] * len(self.shm_ok)
 
     def close(self) -> None:
         self._stop.set()

@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
 from shardps.proto.messages import StepOpts
+from shardps.proto.shm import Segment
 from shardps.worker.flat import FlatParams, bucket_kind
 
 
@@ -110,3 +113,35 @@ def test_edits_behind_the_optimizers_back_are_noticed():
     with torch.no_grad():
         model.weight.clamp_(-0.01, 0.01)  # WGAN-style clipping, in place
     assert flat.changed_since_scatter()
+
+
+@pytest.mark.parametrize("bucket", ["host", "device", "copy"])
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float32])
+def test_a_renewed_segment_carries_the_model_and_the_old_one_no_longer_reaches_it(bucket, wire):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    if bucket == "device":
+        model = model.to(torch.bfloat16)
+    flat = flat_of(model, wire, bucket=bucket, shared=True)
+    if flat.segment is None:
+        pytest.skip("no /dev/shm here")
+    model(torch.ones(1, 3, dtype=next(model.parameters()).dtype)).sum().backward()
+    model[1].bias.grad = None  # a gradient torch sees as None stays None
+    old = flat.segment
+    late = Segment.attach(old.name, old.nonce, old.numel)  # a server's mapping of it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = flat.gather_grads().clone()
+    flat.values.copy_(flat.gather_params())
+    flat.renew_segment()
+    assert flat.segment is not old and flat.segment.name != old.name and not os.path.exists(old.path)
+    assert torch.equal(flat.gather_grads(), grads)  # the step's gradients came along (None ones as zeros)
+    assert model[1].bias.grad is None and not flat.has_grad(3) and flat.has_grad(0)
+    late.values.fill_(float("nan"))  # what a server that still maps the old segment may write
+    late.grads.fill_(float("nan"))
+    flat.scatter_params()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    if bucket == "host":  # still views into the (new) buckets: a reply lands in the model with no copy
+        assert model[0].weight.data_ptr() == flat.values.data_ptr()
+        assert model[0].weight.grad.data_ptr() == flat.grads.data_ptr()
+    flat.close()
+    assert not os.path.exists(flat.segment.path)

@@ -71,6 +71,58 @@ def test_same_host_workers_push_through_shared_memory_and_train_exactly_as_over_
 
 
 @pytest.mark.slow
+def test_a_push_given_up_before_its_server_answered_leaves_the_segment_that_server_may_still_write_into():
+    """A server answers a push through shared memory by writing straight into the worker's memory,
+    and it may do so long after the worker gave the call up (its deadline passed, its shard moved,
+    its primary was paused and woke): then it writes parameters the model has moved on from. So a
+    worker that gave a push up moves its model to a new segment before the step returns; whatever
+    is written into the old one later (done here by the test, mapping it as a server does) no longer
+    reaches the model. A push the server answered with an error (its handler ended) moves nothing."""
+    from shardps import chaos
+    from shardps.chaos.faults import FaultRule
+
+    def train_step(opt, model, step):
+        x, y = global_batch(step, 24)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+
+    with LocalCluster(servers=2, durable=False) as cluster:
+        model = make_model(0)
+        opt = ShardedOptimizer(model, cluster=cluster.address, optimizer="adam", lr=0.01, min_workers=1,
+                               step_timeout=1.0)
+        try:
+            train_step(opt, model, 0)
+            first = opt.flat.segment
+            late_writer = Segment.attach(first.name, first.nonce, first.numel)  # what a server maps
+
+            chaos.set_rpc_faults(cluster, "servers", [FaultRule(kind="abort", method="Push", worker_id=opt.worker_id,
+                                                                max_count=1)])
+            train_step(opt, model, 1)  # refused once, by the server itself: nothing of that call runs on
+            assert opt.retry.stats.as_dict()["retries"] >= 1 and opt.flat.segment is first
+
+            chaos.set_rpc_faults(cluster, "servers", [FaultRule(kind="delay", method="Push", worker_id=opt.worker_id,
+                                                                delay_s=3.0, max_count=1)], clear=True)
+            train_step(opt, model, 2)  # one push is held past its 1 s deadline and given up; the retry is applied
+            assert opt.retry.stats.as_dict()["timeouts"] >= 1
+            late_writer.values.fill_(float("nan"))  # the held server wakes and writes its reply
+            late_writer.grads.fill_(float("nan"))
+            pulled = opt.model_state_dict()
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, pulled[key]), key  # the shards' parameters, untouched by the late write
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+            assert opt.flat.segment is not first and not os.path.exists(first.path)  # its name is gone too
+
+            train_step(opt, model, 3)  # training goes on through the new segment
+            for address in cluster.server_addresses.values():
+                assert dict(shard_status(address).worker_transport)[opt.worker_id] == "shm"
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+        finally:
+            opt.close()
+        assert not ours()
+
+
+@pytest.mark.slow
 def test_a_server_that_cannot_open_the_segment_takes_the_same_push_over_grpc():
     with LocalCluster(servers=2, durable=False) as cluster:
         results, transports = train_pair(cluster, "auto", sabotage=True)
