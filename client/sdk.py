@@ -93,7 +93,7 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
                 if s.replica_role:  # a replicated job: the primary's replication counters
                     entry.update(replica_role=s.replica_role, placement_epoch=s.placement_epoch,
                                  updates_replicated=s.updates_replicated, copies_sent=s.copies_sent,
-                                 server_holds_shards=list(s.replica_shards))
+                                 lease_remaining_ms=s.lease_remaining_ms, server_holds_shards=list(s.replica_shards))
                 for w, t in s.worker_last_push_unix.items():
                     last_seen[w] = max(t, last_seen.get(w, 0.0))
         shards.append(entry)

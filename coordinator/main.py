@@ -112,10 +112,14 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
     renews the primaries' leases and finds dead servers), until ``stop``."""
     pool = ThreadPoolExecutor(max_workers=max(2, coordinator.num_servers), thread_name_prefix="shardps-placement")
     lease = coordinator.replica_lease_s
+    every = min(every, lease / 4)  # a lease runs from the answer before: it must outlast a round or two
+
+    clocks: dict[str, object] = {}  # each server's clock in its last answer: where the next lease runs from
 
     def call(address, rows):
-        reports = coordinator.shards.set_replicas(address, rows, lease, timeout=max(0.2, lease / 2))
-        return time.monotonic(), reports  # the lease a server holds runs from before this moment
+        reports, clocks[address] = coordinator.shards.set_replicas(address, rows, lease, timeout=max(0.2, lease / 2),
+                                                                   lease_from=clocks.get(address))
+        return time.monotonic(), reports  # the lease a server holds runs from before this moment (its clock then)
 
     silent: set[int] = set()
     quick = False  # a new placement (a promotion) goes out at once; never twice in a row

@@ -51,12 +51,14 @@ class ShardAdmin:
         req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch, coordinator_generation=self.generation)
         return self._call(address, "Rollback", lambda s: s.Rollback(req, timeout=60.0)).from_version
 
-    def set_replicas(self, address: str, rows: list, lease_s: float, timeout: float) -> list:
-        """Tell the server at ``address`` which replicas it holds and renew its primary lease; returns
-        [(job_id, shard, in-sync backup addresses, unreachable backup addresses)] for its primaries."""
+    def set_replicas(self, address: str, rows: list, lease_s: float, timeout: float,
+                     lease_from: pb.LeaseClock | None = None) -> tuple[list, pb.LeaseClock]:
+        """Tell the server at ``address`` which replicas it holds and renew its primary lease from
+        ``lease_from`` (its clock in an earlier answer; None: no renewal); returns [(job_id, shard,
+        in-sync backup addresses, unreachable backup addresses)] for its primaries, and its clock now."""
         req = pb.SetReplicasRequest(coordinator_generation=self.generation, lease_ms=int(lease_s * 1000), assignments=[
             pb.ReplicaAssignment(job_id=j, shard_id=k, placement_epoch=e, primary=p, backups=b)
-            for j, k, e, p, b in rows])
+            for j, k, e, p, b in rows], lease_from=lease_from)
         with self._lock:
             channel = self._kept.get(address)
             if channel is None:
@@ -65,4 +67,4 @@ class ShardAdmin:
             reply = pb_grpc.ShardServiceStub(channel).SetReplicas(req, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"SetReplicas at shard server {address}") from None
-        return [(r.job_id, r.shard_id, list(r.in_sync), list(r.unreachable)) for r in reply.reports]
+        return [(r.job_id, r.shard_id, list(r.in_sync), list(r.unreachable)) for r in reply.reports], reply.clock

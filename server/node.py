@@ -140,10 +140,11 @@ class ShardNode:
             own = [self.states[job_id]] if job_id in self.states else []
             return own + [s for (j, _), s in sorted(self.others.items()) if j == job_id]
 
-    def assign(self, assignments, lease_s: float, generation: int) -> list:
+    def assign(self, assignments, lease_s: float | None, generation: int, since: float | None = None) -> list:
         """The coordinator's replica placement (``SetReplicas``): create the replicas this server
-        is to hold (empty until their primary sends a copy), and tell each its role and backups.
-        Everything is checked before anything changes. Returns [(assignment, state)]."""
+        is to hold (empty until their primary sends a copy), and tell each its role and backups; a
+        primary's lease runs ``lease_s`` from ``since`` (None: no renewal). Everything is checked
+        before anything changes. Returns [(assignment, state)]."""
         self.check_generation(generation)
         if len(assignments) > MAX_ASSIGNMENTS:
             raise InvalidArgument(f"at most {MAX_ASSIGNMENTS} replica assignments per call")
@@ -168,7 +169,7 @@ class ShardNode:
                     shard, job = ranges[(a.job_id, a.shard_id)]
                     self._install(ShardState(shard, job, a.job_id, self.step_timeout))
             state = self.find(a.job_id, a.shard_id)
-            if state.replica.assign(a.placement_epoch, a.primary, list(a.backups), lease_s):
+            if state.replica.assign(a.placement_epoch, a.primary, list(a.backups), lease_s, since):
                 with state.cond:  # a primary made a backup (the shard handed back): its open steps are void
                     replicas.void_open_steps(state)
             out.append((a, state))
@@ -268,7 +269,7 @@ class ShardNode:
                 return None
             if held is not None and held.replica is not None:  # the empty replica the placement made: restore it
                 role = held.replica
-                state.replica.assign(role.placement_epoch, role.primary, list(role.backups), 0.0)
+                state.replica.assign(role.placement_epoch, role.primary, list(role.backups), None)
             self._install(state)
         log.warning("shard %d restored job %s's checkpoint at version %d", self.shard_id, job_name, snap.version)
         return snap.version

@@ -17,7 +17,9 @@ So a worker never sees a version that a backup lacks, and the dedup table a
 backup holds is the primary's: when the coordinator promotes a backup (a new
 placement epoch), workers' retried pushes are answered exactly once by it and no
 step is rolled back. Split brain is ruled out by the lease: the coordinator
-declares a primary dead only after the lease it last granted has run out, and a
+declares a primary dead only after the lease it last granted has run out (the
+lease runs from the server's own clock in its previous answer, echoed by the
+call, so a call read late, by a primary that was paused, grants nothing), and a
 primary whose lease ran out ships nothing and answers nothing (it is *demoted*);
 a backup refuses updates from an older placement epoch. A backup that cannot be
 reached holds the step until the coordinator drops it from the placement
@@ -83,8 +85,10 @@ class ReplicaRole:
     copying: bool = False  # a whole copy to a new backup is under way
     cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def assign(self, epoch: int, primary: bool, backups: list[str], lease_s: float) -> bool:
-        """Take the coordinator's placement (ignored when older than the one held); renews the lease.
+    def assign(self, epoch: int, primary: bool, backups: list[str], lease_s: float | None,
+               since: float | None = None) -> bool:
+        """Take the coordinator's placement (ignored when older than the one held). A primary's
+        lease then runs ``lease_s`` from ``since`` (monotonic seconds; default now); None renews nothing.
         Returns whether this replica stopped being the primary (its open steps are void)."""
         with self.cond:
             if epoch < self.placement_epoch:
@@ -96,8 +100,8 @@ class ReplicaRole:
             self.synced &= set(backups)
             self.unreachable &= set(backups)
             self.backups = list(backups)
-            if primary:
-                self.lease_until = time.monotonic() + lease_s
+            if primary and lease_s is not None:  # (a late call's lease may end sooner than the one held: so be it)
+                self.lease_until = (time.monotonic() if since is None else since) + lease_s
             self.cond.notify_all()
             return stepped_down
 

@@ -9,7 +9,9 @@ and once on the way in.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
 from typing import Iterator
 
 import grpc
@@ -54,6 +56,7 @@ class ShardServicer:
         self.checkpoint_waits = WaitSlots(max(2, threads // 8), "checkpoint requests")
         self.sender = ReplicaSender(chunk_bytes)
         node.send = self.sender.send
+        self.incarnation = secrets.token_bytes(16)  # names this process's clock in placement calls
 
     @translate_errors
     def InitShard(self, frames: Iterator[wire.Frame], context):
@@ -343,16 +346,26 @@ class ShardServicer:
     def SetReplicas(self, request, context):
         if not 0 < request.lease_ms <= 600_000:
             raise InvalidArgument("lease_ms must be in 1..600000")
-        reports = []
-        for a, state in self.node.assign(request.assignments, request.lease_ms / 1000.0,
-                                         request.coordinator_generation):
+        reports, since = [], self._lease_since(request.lease_from)
+        for a, state in self.node.assign(request.assignments, request.lease_ms / 1000.0 if since else None,
+                                         request.coordinator_generation, since):
             if a.primary:
                 self._copy_to_new_backups(state)
             # Without the shard's lock: a primary holds it while it waits for the coordinator to drop a
             # backup it cannot reach, and this answer is how the coordinator learns of that.
             reports.append(pb.ReplicaReport(job_id=a.job_id, shard_id=a.shard_id, unreachable=state.replica.report(),
                                             in_sync=state.replica.in_sync()))
-        return pb.SetReplicasResponse(reports=reports)
+        return pb.SetReplicasResponse(reports=reports, clock=pb.LeaseClock(incarnation=self.incarnation,
+                                                                          monotonic_ns=time.monotonic_ns()))
+
+    def _lease_since(self, clock) -> float | None:
+        """Where a placement call's lease runs from (monotonic seconds): the reading of this process's
+        clock that the coordinator echoes from an earlier answer, which came before the coordinator
+        started counting the lease. None (no renewal) for a reading of another process (a restarted
+        server), none at all (a coordinator's first call), or one from the future."""
+        if clock.incarnation != self.incarnation or not 0 < clock.monotonic_ns <= time.monotonic_ns():
+            return None
+        return clock.monotonic_ns / 1e9
 
     def _copy_to_new_backups(self, state) -> None:
         """A primary with a backup that holds no copy yet (new, or restarted) sends it one now, in
@@ -453,7 +466,8 @@ class ShardServicer:
         with role.cond:
             return {"replica_role": "primary" if role.primary else "backup", "placement_epoch": role.placement_epoch,
                     "replica_shards": [s.shard.shard_id for s in self.node.replicas_of(state.job_id)],
-                    "updates_replicated": role.updates_replicated, "copies_sent": role.copies_sent}
+                    "updates_replicated": role.updates_replicated, "copies_sent": role.copies_sent,
+                    "lease_remaining_ms": max(0, int((role.lease_until - time.monotonic()) * 1000)) if role.primary else 0}
 
     def _checkpoint_status(self, state) -> dict:
         c = self.node.checkpointer_for(state)

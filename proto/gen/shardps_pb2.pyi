@@ -462,14 +462,24 @@ class WorkerCounters(_message.Message):
     def __init__(self, step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SetReplicasRequest(_message.Message):
-    __slots__ = ("coordinator_generation", "assignments", "lease_ms")
+    __slots__ = ("coordinator_generation", "assignments", "lease_ms", "lease_from")
     COORDINATOR_GENERATION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FROM_FIELD_NUMBER: _ClassVar[int]
     coordinator_generation: int
     assignments: _containers.RepeatedCompositeFieldContainer[ReplicaAssignment]
     lease_ms: int
-    def __init__(self, coordinator_generation: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ReplicaAssignment, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    lease_from: LeaseClock
+    def __init__(self, coordinator_generation: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ReplicaAssignment, _Mapping]]] = ..., lease_ms: _Optional[int] = ..., lease_from: _Optional[_Union[LeaseClock, _Mapping]] = ...) -> None: ...
+
+class LeaseClock(_message.Message):
+    __slots__ = ("incarnation", "monotonic_ns")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MONOTONIC_NS_FIELD_NUMBER: _ClassVar[int]
+    incarnation: bytes
+    monotonic_ns: int
+    def __init__(self, incarnation: _Optional[bytes] = ..., monotonic_ns: _Optional[int] = ...) -> None: ...
 
 class ReplicaAssignment(_message.Message):
     __slots__ = ("job_id", "shard_id", "placement_epoch", "primary", "backups")
@@ -486,10 +496,12 @@ class ReplicaAssignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., primary: _Optional[bool] = ..., backups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetReplicasResponse(_message.Message):
-    __slots__ = ("reports",)
+    __slots__ = ("reports", "clock")
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
     reports: _containers.RepeatedCompositeFieldContainer[ReplicaReport]
-    def __init__(self, reports: _Optional[_Iterable[_Union[ReplicaReport, _Mapping]]] = ...) -> None: ...
+    clock: LeaseClock
+    def __init__(self, reports: _Optional[_Iterable[_Union[ReplicaReport, _Mapping]]] = ..., clock: _Optional[_Union[LeaseClock, _Mapping]] = ...) -> None: ...
 
 class ReplicaReport(_message.Message):
     __slots__ = ("job_id", "shard_id", "unreachable", "in_sync")
@@ -843,7 +855,7 @@ class GetShardStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ..., job_id: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport", "shm_bytes_in", "shm_bytes_out", "replica_role", "placement_epoch", "replica_shards", "updates_replicated", "copies_sent")
+    __slots__ = ("shard_id", "job_id", "mode", "start", "stop", "initialized", "version", "pushes_received", "pushes_rejected", "pushes_duplicate", "bytes_in", "bytes_out", "workers_seen", "staleness_counts", "apply_seconds", "state_digest", "rejections", "worker_last_push_unix", "worker_last_step", "pushes_dropped", "wait_seconds", "checkpoints_written", "last_checkpoint_version", "checkpoint_failures", "rollbacks", "steps_rolled_back", "restored_from_version", "restored", "pushes_skipped", "job_ids", "worker_transport", "shm_bytes_in", "shm_bytes_out", "replica_role", "placement_epoch", "replica_shards", "updates_replicated", "copies_sent", "lease_remaining_ms")
     class StalenessCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -917,6 +929,7 @@ class GetShardStatusResponse(_message.Message):
     REPLICA_SHARDS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_REPLICATED_FIELD_NUMBER: _ClassVar[int]
     COPIES_SENT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_MS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     job_id: str
     mode: UpdateMode
@@ -955,7 +968,8 @@ class GetShardStatusResponse(_message.Message):
     replica_shards: _containers.RepeatedScalarFieldContainer[int]
     updates_replicated: int
     copies_sent: int
-    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ..., shm_bytes_in: _Optional[int] = ..., shm_bytes_out: _Optional[int] = ..., replica_role: _Optional[str] = ..., placement_epoch: _Optional[int] = ..., replica_shards: _Optional[_Iterable[int]] = ..., updates_replicated: _Optional[int] = ..., copies_sent: _Optional[int] = ...) -> None: ...
+    lease_remaining_ms: int
+    def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., workers_seen: _Optional[_Iterable[int]] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., apply_seconds: _Optional[float] = ..., state_digest: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., worker_last_push_unix: _Optional[_Mapping[int, float]] = ..., worker_last_step: _Optional[_Mapping[int, int]] = ..., pushes_dropped: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., last_checkpoint_version: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., restored_from_version: _Optional[int] = ..., restored: _Optional[bool] = ..., pushes_skipped: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., worker_transport: _Optional[_Mapping[int, str]] = ..., shm_bytes_in: _Optional[int] = ..., shm_bytes_out: _Optional[int] = ..., replica_role: _Optional[str] = ..., placement_epoch: _Optional[int] = ..., replica_shards: _Optional[_Iterable[int]] = ..., updates_replicated: _Optional[int] = ..., copies_sent: _Optional[int] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
 
 class FaultRule(_message.Message):
     __slots__ = ("id", "kind", "method", "worker_id", "probability", "delay_s", "status", "after", "max_active", "max_count", "duration_s", "injected")

@@ -2,6 +2,7 @@
 rolls back, and a sync run ends bit-identical to the fault-free run (real processes, no checkpoints)."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,42 @@ def test_a_paused_primary_is_replaced_and_when_it_wakes_it_cannot_close_a_step(s
         failovers = coord.status().failovers
     assert all(c[0].version == steps and c[0].rollbacks == 0 for c in copies)
     assert [(f.shard_id, f.reason) for f in failovers][:1] == [(0, "dead")]
+    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
+    for r in results:
+        assert r["rollbacks"] == 0
+        for key, value in ref_params.items():
+            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+
+
+@pytest.mark.slow
+def test_a_placement_call_a_paused_primary_takes_late_grants_it_no_lease(spawn_workers):
+    """The coordinator counts a primary's lease from its last answer. A call the primary takes only
+    when it wakes (it sat in the paused process's socket) must grant nothing past that: the lease runs
+    from the primary's own clock in its answer before, echoed by the call, not from when it was read.
+    Pause shard 0's primary, let the coordinator send it a placement call, pause the coordinator
+    too (it can neither promote nor send more), wait out the lease and wake the primary alone."""
+    steps, sizes, kwargs = 30, [24, 40], {"lr": 0.01}
+    with LocalCluster(servers=2, durable=False) as cluster, CoordinatorClient(cluster.address) as coord:
+        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
+                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.05)
+        wait_until(lambda: primary_version(cluster, coord, 0) >= 5, what="step 5")
+        address = cluster.server_address(0)
+        assert shard_status(address, shard_id=0).lease_remaining_ms > 0  # a live primary holds a lease
+        cluster.pause("server-0")
+        try:
+            time.sleep(0.6)  # the coordinator sends placement calls every 0.25 s: some wait in the socket
+            cluster.pause("coordinator")
+            time.sleep(3.0)  # past the lease (1.5 s) the coordinator counts from server-0's last answer
+            cluster.resume("server-0")  # it takes the waiting calls now
+            time.sleep(0.5)
+            status = shard_status(address, shard_id=0)
+        finally:
+            cluster.resume("server-0")
+            cluster.resume("coordinator")
+        assert status.replica_role == "primary"  # what it last heard: nobody told it otherwise
+        assert status.lease_remaining_ms == 0  # but it serves nothing: no split brain
+        results = workers.wait(timeout=300)
+        assert not coord.status().rollbacks
     ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
     for r in results:
         assert r["rollbacks"] == 0
