@@ -49,6 +49,25 @@ def replicas_agree(cluster, coord, shard):
     return copies
 
 
+PAIR_SIZES, PAIR_KWARGS = [24, 40], {"lr": 0.01}
+
+
+def spawn_pair(spawn_workers, cluster, steps, sleep=0.05):
+    """Two workers (batches of 24 and 40) of a sync Adam job with two copies of each shard."""
+    return spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(PAIR_KWARGS),
+                         sizes=",".join(map(str, PAIR_SIZES)), steps=steps, replicas=2, sleep=sleep)
+
+
+def assert_as_in_one_process(results, steps):
+    """Nothing rolled back, and every worker ends with what plain torch.optim.Adam on the union batch
+    gives (a push applied twice, or lost, would change it)."""
+    ref_params, _ = reference(results[0]["initial"], "adam", PAIR_KWARGS, PAIR_SIZES, False, steps)
+    for r in results:
+        assert r["rollbacks"] == 0
+        for key, value in ref_params.items():
+            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+
+
 def kill_primary_and_rejoin(cluster, coord, shard, at):
     """Once shard ``shard``'s primary reached step ``at``, SIGKILL it: its in-sync backup takes the
     shard over; restart it: it rejoins as a backup and catches up from the live copy."""
@@ -93,12 +112,11 @@ def test_a_retry_storm_across_a_failover_applies_every_push_once(spawn_workers):
     """40 % of push replies are lost after the shard applied the push, and shard 0's primary is
     SIGKILLed mid-run: the retries land on the promoted backup, which answers the pushes its
     primary applied as duplicates (its dedup table is the primary's) and applies the others."""
-    steps, sizes, kwargs = 30, [24, 40], {"lr": 0.01}
+    steps = 30
     with LocalCluster(servers=2, durable=False) as cluster, CoordinatorClient(cluster.address) as coord:
         chaos.set_rpc_faults(cluster, "servers", [
             FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.4, after=True)])
-        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
-                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.02)
+        workers = spawn_pair(spawn_workers, cluster, steps, sleep=0.02)
         wait_until(lambda: primary_version(cluster, coord, 0) >= 10, what="step 10")
         lost = injected(cluster, "server-0")
         cluster.kill("server-0")
@@ -113,11 +131,8 @@ def test_a_retry_storm_across_a_failover_applies_every_push_once(spawn_workers):
     assert all(s.version == steps and s.replica_role == "primary" for s in survivor)  # one update per step
     assert sum(s.pushes_duplicate for s in survivor) >= 1  # retried pushes were answered, not applied again
     assert all(s.rollbacks == 0 for s in survivor)
-    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
-    for r in results:
-        assert r["rollbacks"] == 0 and r["versions"] == [steps, steps]
-        for key, value in ref_params.items():  # a push applied twice, or lost, would change the result
-            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+    assert all(r["versions"] == [steps, steps] for r in results)
+    assert_as_in_one_process(results, steps)
 
 
 @pytest.mark.slow
@@ -125,10 +140,9 @@ def test_a_paused_primary_is_replaced_and_when_it_wakes_it_cannot_close_a_step(s
     """SIGSTOP shard 0's primary (it keeps its sockets, so calls to it hang rather than fail): its lease
     runs out, the backup is promoted, the workers' hanging calls move there; SIGCONT it: it answers
     nothing as a primary any more (no split brain), rejoins as a backup and catches up."""
-    steps, sizes, kwargs = 40, [24, 40], {"lr": 0.01}
+    steps = 40
     with LocalCluster(servers=2, durable=False) as cluster, CoordinatorClient(cluster.address) as coord:
-        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
-                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.05)
+        workers = spawn_pair(spawn_workers, cluster, steps)
         wait_until(lambda: primary_version(cluster, coord, 0) >= 10, what="step 10")
         paused = cluster.server_address(0)
         cluster.pause("server-0")
@@ -144,11 +158,7 @@ def test_a_paused_primary_is_replaced_and_when_it_wakes_it_cannot_close_a_step(s
         failovers = coord.status().failovers
     assert all(c[0].version == steps and c[0].rollbacks == 0 for c in copies)
     assert [(f.shard_id, f.reason) for f in failovers][:1] == [(0, "dead")]
-    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
-    for r in results:
-        assert r["rollbacks"] == 0
-        for key, value in ref_params.items():
-            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+    assert_as_in_one_process(results, steps)
 
 
 @pytest.mark.slow
@@ -158,10 +168,9 @@ def test_a_placement_call_a_paused_primary_takes_late_grants_it_no_lease(spawn_w
     from the primary's own clock in its answer before, echoed by the call, not from when it was read.
     Pause shard 0's primary, let the coordinator send it a placement call, pause the coordinator
     too (it can neither promote nor send more), wait out the lease and wake the primary alone."""
-    steps, sizes, kwargs = 30, [24, 40], {"lr": 0.01}
+    steps = 30
     with LocalCluster(servers=2, durable=False) as cluster, CoordinatorClient(cluster.address) as coord:
-        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
-                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.05)
+        workers = spawn_pair(spawn_workers, cluster, steps)
         wait_until(lambda: primary_version(cluster, coord, 0) >= 5, what="step 5")
         address = cluster.server_address(0)
         assert shard_status(address, shard_id=0).lease_remaining_ms > 0  # a live primary holds a lease
@@ -180,22 +189,17 @@ def test_a_placement_call_a_paused_primary_takes_late_grants_it_no_lease(spawn_w
         assert status.lease_remaining_ms == 0  # but it serves nothing: no split brain
         results = workers.wait(timeout=300)
         assert not coord.status().rollbacks
-    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
-    for r in results:
-        assert r["rollbacks"] == 0
-        for key, value in ref_params.items():
-            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+    assert_as_in_one_process(results, steps)
 
 
 @pytest.mark.slow
 def test_a_primary_killed_right_after_a_coordinator_restart_still_fails_over(spawn_workers, tmp_path):
     """The placement (and which backups are in sync) is journaled: a coordinator that just restarted,
     before any server has answered it, promotes the in-sync backup of a primary killed then."""
-    steps, sizes, kwargs = 30, [24, 40], {"lr": 0.01}
+    steps = 30
     with LocalCluster(servers=2, log_dir=tmp_path / "logs") as cluster, \
             CoordinatorClient(cluster.address) as coord:
-        workers = spawn_workers(cluster, 2, optimizer="adam", kwargs=json.dumps(kwargs),
-                                sizes=",".join(map(str, sizes)), steps=steps, replicas=2, sleep=0.05)
+        workers = spawn_pair(spawn_workers, cluster, steps)
         wait_until(lambda: primary_version(cluster, coord, 0) >= 8, what="step 8")
         cluster.restart("coordinator")
         cluster.kill("server-0")
@@ -206,11 +210,7 @@ def test_a_primary_killed_right_after_a_coordinator_restart_still_fails_over(spa
         status = coord.status()
     assert not status.rollbacks and [f.reason for f in status.failovers] == ["dead"]
     assert all(s.version == steps and s.rollbacks == 0 for s in survivor)
-    ref_params, _ = reference(results[0]["initial"], "adam", kwargs, sizes, False, steps)
-    for r in results:
-        assert r["rollbacks"] == 0
-        for key, value in ref_params.items():
-            assert (r["final"][key] - value).abs().max().item() <= 1e-5, key
+    assert_as_in_one_process(results, steps)
 
 
 def test_the_embedded_clusters_primary_lease_reaches_its_coordinator_and_a_bad_one_is_refused_by_name():
