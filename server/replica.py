@@ -212,7 +212,7 @@ def update_tensors(u: Update) -> list:
     return out
 
 
-def demote(role: ReplicaRole, state, why: str) -> None:
+def step_down(role: ReplicaRole, state, why: str) -> None:
     """Stop acting as primary (under the state's lock): pushes waiting in a step are told to go
     elsewhere, and nothing is answered until the coordinator places this replica again."""
     with role.cond:
@@ -220,6 +220,11 @@ def demote(role: ReplicaRole, state, why: str) -> None:
         role.synced.clear()
     void_open_steps(state)
     log.error("shard %d: no longer primary: %s", state.shard.shard_id, why)
+
+
+def demote(role: ReplicaRole, state, why: str) -> None:
+    """``step_down``, and refuse the call that found out (Unavailable: its worker goes elsewhere)."""
+    step_down(role, state, why)
     raise Unavailable(moved(state.shard.shard_id, why))
 
 

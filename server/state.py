@@ -471,11 +471,8 @@ class ShardState:
                     f"{replicas.SUPERSEDED} {role.placement_epoch}: shard {self.shard.shard_id}'s replica here "
                     f"{'is the primary' if role.primary else 'follows a newer placement'} (the update named "
                     f"{header.placement_epoch})")
-            if acting:  # the sender is primary in a newer placement than this stale one (it slept): step down
-                role.primary, role.demoted = False, f"superseded by placement epoch {header.placement_epoch}"
-                role.synced.clear()
-        if acting:
-            replicas.void_open_steps(self)
+        if acting:  # the sender is primary in a newer placement than this stale one (it slept): step down
+            replicas.step_down(role, self, f"{replicas.SUPERSEDED} {header.placement_epoch}")
 
     # ------------------------------------------------------------------ same-host byte path
 
