@@ -114,7 +114,7 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
     lease = coordinator.replica_lease_s
     every = min(every, lease / 4)  # a lease runs from the answer before: it must outlast a round or two
 
-    clocks: dict[str, object] = {}  # each server's clock in its last answer: where the next lease runs from
+    clocks: dict[str, pb.LeaseClock] = {}  # each server's clock in its last answer: where the next lease runs from
 
     def call(address, rows):
         reports, clocks[address] = coordinator.shards.set_replicas(address, rows, lease, timeout=max(0.2, lease / 2),

@@ -154,7 +154,13 @@ class FlatParams:
                     p.grad = self.grads[e.offset:e.stop].view(p.shape)
         if old is not None:
             old.unlink()
+            del old_grads, old_values  # (the mapping goes once no view of it is left)
             old.close()
+
+    @property
+    def exposed(self) -> bool:
+        """Whether a server may still write into the segment after its caller gave up (``Segment.exposed``)."""
+        return self.segment is not None and self.segment.exposed
 
     def _toucher(self, index: int):
         def touched(param):

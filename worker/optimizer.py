@@ -285,20 +285,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             torch_compat.load_buffers(self._buffers, buffer_file.decode(blob))
         return self.versions
 
-    def _leave_exposed_segment(self) -> bool:
+    def _leave_exposed_segment(self) -> None:
         """Move to a new shared-memory segment if a push through this one was given up before its
         server answered (a paused or partitioned primary, a call cut when its shard moved): that
         server may write its reply in whenever it runs again, over parameters that moved on since.
-        Returns whether it moved; the caller pulls the parameters then."""
-        segment = self.flat.segment
-        if segment is None or not segment.exposed:
-            return False
+        Only ``_pull`` calls it: the values copied to the new segment may hold such a write."""
+        if not self.flat.exposed:
+            return
         log.warning("a push through shared memory %s was given up before its server answered: the model moves "
                     "to a new segment (that server may still write into the old one) and pulls its parameters",
-                    segment.name)
+                    self.flat.segment.name)
         self.flat.renew_segment()
         self.ps.use_segment(self.flat.segment)
-        return True
 
     def pull(self) -> list[int]:
         """Load the shards' current parameters (and the job's buffers) into the model; return each
@@ -468,8 +466,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _finish(self, replies: list[PushReply], overflow: bool, under_scaler: bool) -> None:
         self.flat.scatter_params(ranges_done=True)  # each reply went to the device as it landed
         self.versions = [r.version for r in replies]
-        if self._leave_exposed_segment():
-            self._pull(min(self.versions))  # the values copied to the new segment may hold a late write
+        if self.flat.exposed:  # before the step returns: the pull moves the model to a new segment first
+            self._pull(min(self.versions))
         self.last_replies = replies
         blob = next((r.buffers for r in replies if r.buffers is not None), None)
         if blob is not None and self.rank != 0:

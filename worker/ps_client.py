@@ -266,6 +266,7 @@ class ShardChannel:
 
         def attempt():  # the whole push again: the shard applies it at most once
             asm, result, blob, ended = codec.Assembler(out=out), None, None, threading.Event()
+            server_done = False  # the stream ended, or the server's own status said its handler did
             try:
                 for frame in self._push(requests(ended), timeout=timeout, metadata=self._metadata):
                     fields = frame.fields
@@ -281,18 +282,16 @@ class ShardChannel:
                             blob.add(frame.chunk)
                         else:
                             asm.add(frame.chunk)
+                server_done = True
             except grpc.RpcError as exc:
-                if shm is not None and result is None and not handler_ended(exc):
-                    shm.exposed = True  # the server may still write this reply into the segment, later
+                server_done = handler_ended(exc)
                 error = error_from_rpc(exc, self._what("Push"))
                 if shm is not None and isinstance(error, FailedPrecondition) and "no shared memory" in str(error):
                     raise ShmRefused(str(error)) from None
                 raise error from None
-            except BaseException:
-                if shm is not None and result is None:
-                    shm.exposed = True
-                raise
             finally:
+                if shm is not None and result is None and not server_done:
+                    shm.exposed = True  # given up before the reply: the server may still write it in, later
                 if clip is not None:
                     clip.ended(ended)  # a request stream waiting for the total gives up
             if shm is None:
