@@ -21,6 +21,10 @@ MAX_GROUPS = 1024  # param groups per job
 MAX_WORKERS = 1 << 16  # min_workers / backup_workers bound
 MAX_BATCH = 1 << 40  # samples behind one push
 MAX_REPLICAS = 8  # copies of a shard (each on its own server)
+# A loss scale is a normal float32 (torch's GradScaler keeps it in one): its reciprocal, which the server
+# multiplies the gradient by, is then finite in float32 too. Outside this range the unscale overflows.
+MIN_GRAD_SCALE = 2.0 ** -126  # the smallest normal float32
+MAX_GRAD_SCALE = 3.4028234663852886e38  # the largest float32
 DEFAULT_JOB = "default"
 JOB_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # job names name checkpoint folders too
 
@@ -376,6 +380,9 @@ class StepOpts:
                              f"(or empty), got {len(self.grad_mask)}")
         if not (math.isfinite(self.grad_scale) and self.grad_scale >= 0):
             raise ValueError(f"grad_scale must be a finite number >= 0, got {self.grad_scale}")
+        if self.grad_scale and not MIN_GRAD_SCALE <= self.grad_scale <= MAX_GRAD_SCALE:
+            raise ValueError(f"grad_scale must be 0 (not scaled) or a normal float32 in [{MIN_GRAD_SCALE:.3g}, "
+                             f"{MAX_GRAD_SCALE:.3g}] (its reciprocal unscales the gradient), got {self.grad_scale}")
         if not (math.isfinite(self.clip_max_norm) and self.clip_max_norm >= 0):
             raise ValueError(f"clip_max_norm must be a finite number >= 0, got {self.clip_max_norm}")
         if not self.clip_norm_type > 0:  # NaN fails too; +inf is the max norm

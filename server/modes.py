@@ -13,7 +13,6 @@ gets an ``Outcome`` carrying ``clip_partial``, its shard's share of that norm.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -138,8 +137,11 @@ def clip_coefficient(max_norm: float, total_norm: float) -> torch.Tensor:
 
 
 def check_total(total_norm: float) -> None:
-    if not (math.isfinite(total_norm) and total_norm >= 0):
-        raise InvalidArgument(f"clip total_norm must be a finite number >= 0, got {total_norm}")
+    """A clip total is a norm: >= 0, or +inf when the partial norms overflowed, which clips the
+    gradient to zero as ``torch.nn.utils.clip_grad_norm_`` does (refusing it would leave a step that
+    every worker's total is refused for, and so never closes)."""
+    if not total_norm >= 0:  # NaN fails too
+        raise InvalidArgument(f"clip total_norm must be a number >= 0 (or inf), got {total_norm}")
 
 
 @dataclass

@@ -136,12 +136,51 @@ class SliceOptimizer:
                                  f"(it keeps {sorted(elementwise | scalars)})")
             if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} must be finite floating-point values")
+            _check_state_range(name, key, value)
             per_piece.setdefault(self.position[index], {})[key] = value.reshape(-1) if key in elementwise \
                 else value.reshape(())
+        for values in per_piece.values():
+            _check_centered(values)
         ids = {id(t): n for n, t in enumerate(t for g in self.optimizer.param_groups for t in g["params"])}
         state = {ids[id(self.tensors[i])]: values for i, values in per_piece.items()}
         groups = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# What torch's optimizers keep that only some values can be: a running mean of squares (whose square
+# root divides the step), a step count (Adam's bias correction divides by 1 - beta ** step), a product
+# of momentum factors, a step size. Loaded outside these ranges, the next step writes NaN or Inf.
+NON_NEGATIVE = {
+    "step": "a count of the steps taken",
+    "exp_avg_sq": "a running mean of squared gradients", "max_exp_avg_sq": "the largest running mean of squares",
+    "square_avg": "a running mean of squared gradients", "sum": "a sum of squared gradients",
+    "acc_delta": "a running mean of squared updates", "exp_inf": "a running maximum of |gradient|",
+    "step_size": "a step size", "eta": "a learning rate", "mu_product": "a product of momentum factors",
+}
+AT_MOST_ONE = {"mu_product": "a product of momentum factors", "mu": "an averaging factor 1 / steps"}
+POSITIVE = {"mu": "an averaging factor 1 / steps"}
+
+
+def _check_state_range(name: str, key: str, value: torch.Tensor) -> None:
+    """ValueError naming ``name`` when it holds a value torch's optimizer could never have produced."""
+    low, high = (float(v) for v in torch.aminmax(value.reshape(-1).double())) if value.numel() else (0.0, 0.0)
+    if key in NON_NEGATIVE and low < 0:
+        raise ValueError(f"{name} is {NON_NEGATIVE[key]} and must be >= 0, got a smallest value of {low:g}")
+    if key in AT_MOST_ONE and high > 1:
+        raise ValueError(f"{name} is {AT_MOST_ONE[key]} and must be <= 1, got a largest value of {high:g}")
+    if key in POSITIVE and low <= 0:
+        raise ValueError(f"{name} is {POSITIVE[key]} and must be > 0, got a smallest value of {low:g}")
+
+
+def _check_centered(values: dict[str, torch.Tensor]) -> None:
+    """Centered RMSprop takes sqrt(square_avg - grad_avg ** 2): a mean of squares is never below the
+    square of the mean, and loaded so, the next step's root is NaN."""
+    if "grad_avg" in values and "square_avg" in values:
+        square = values["square_avg"].double()
+        gap = square - values["grad_avg"].double() ** 2 + 1e-5 * square.abs()  # float32 rounding of real state
+        if bool((gap < 0).any()):
+            raise ValueError("square_avg must be >= grad_avg ** 2 elementwise (a mean of squares is never below "
+                             f"the square of the mean); {int((gap < 0).sum())} elements are not")
 
 
 @functools.lru_cache(maxsize=64)

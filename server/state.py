@@ -31,7 +31,7 @@ from ..proto import buffers as buffer_file
 from ..proto import codec, optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, RolledBack, ShardpsError,
                             Unavailable, WaitTimeout)
-from ..proto.messages import JobConfig, job_from_pb, job_to_pb
+from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from ..proto.shm import Segment, ShmUnavailable, sweep
 from .checkpoint import Snapshot
@@ -199,19 +199,33 @@ class ShardState:
         if push.grad is None:
             self.reject("bad_size")
             raise InvalidArgument("push carried no gradient chunks (only an fp16 overflow vote may)")
-        self.validate_grad(push.grad)
+        self.validate_grad(push.grad, push.options.grad_scale)
 
-    def validate_grad(self, grad: torch.Tensor) -> None:
-        """Reject a gradient of the wrong size or with NaN/Inf values (counted, state unchanged)."""
+    def validate_grad(self, grad: torch.Tensor, grad_scale: float = 0.0) -> None:
+        """Reject a gradient of the wrong size, with NaN/Inf values, or one that its loss scale's
+        reciprocal would overflow to Inf when the step unscales it (counted, state unchanged)."""
         if grad.numel() != self.shard.numel:
             self.reject("bad_size")
             raise InvalidArgument(
                 f"gradient has {grad.numel()} elements, shard {self.shard.shard_id} owns "
                 f"[{self.shard.start}, {self.shard.stop}) = {self.shard.numel}"
             )
-        if not _all_finite(grad):
+        if not grad_scale or grad_scale == 1.0:
+            if not _all_finite(grad):
+                self.reject("nonfinite")
+                raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
+            return
+        largest = _largest_magnitude(grad)  # NaN when any element is
+        if not math.isfinite(largest):
             self.reject("nonfinite")
             raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
+        if largest / grad_scale > MAX_GRAD_SCALE / 2:  # the unscaled gradient (float32) would hold Inf; /2: the
+            # weighted mean of such terms stays finite after rounding
+            self.reject("nonfinite")
+            raise InvalidArgument(
+                f"grad_scale {grad_scale:.3g} unscales this gradient (largest |value| {largest:.3g}) past float32's "
+                f"range: the unscaled gradient would be Inf; the push was rejected and nothing was applied (send "
+                f"the loss scale the gradient was multiplied by, or unscale on the worker)")
 
     def still_finite(self, grad: torch.Tensor) -> bool:
         """Under the lock: check a gradient that was read from a worker's shared memory once more, right before it is
@@ -670,6 +684,15 @@ class ShardState:
             h.update(key.encode())
             h.update(codec.as_bytes(tensors[key].contiguous()).tobytes())
         return h.hexdigest()
+
+
+def _largest_magnitude(t: torch.Tensor) -> float:
+    """max |t| (NaN when an element is NaN), without an elementwise copy."""
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t)
+    low, high = float(low), float(high)
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
