@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
 from ..proto.errors import (FailedPrecondition, FutureStep, InvalidArgument, RolledBack, StaleStep, UnknownWorker,
                             WaitTimeout)
 from ..proto.messages import StepOpts, UpdateMode
+
+if TYPE_CHECKING:  # the state imports this module; the policies only call it back
+    from .state import ShardState
 
 
 @dataclass
@@ -471,7 +474,41 @@ class AsyncPolicy:
                        applied_lr=state.optimizer.lr() * pending.lr_scale)
 
 
-def make_policy(job, step_timeout: float):
+class UpdatePolicy(Protocol):
+    """When a shard applies pushes. ``ShardState`` calls these under its lock (``state.cond``); a
+    method that waits (``submit`` in sync mode, ``finish_clip``) releases it while it waits and
+    raises ``WaitTimeout`` after its ``timeout``, never blocking for ever."""
+
+    @property
+    def params_still_while_replying(self) -> bool:
+        """True when the slice cannot change while a reply streams it (the reply may stream the
+        live tensor instead of a copy)."""
+
+    def check(self, state: ShardState, push: Push, members: frozenset[int]) -> bool:
+        """Raise a domain error for a push that may not be submitted (nothing changes); True when it
+        is a retry of one already submitted (it is answered, never applied twice)."""
+
+    def submit(self, state: ShardState, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
+        """Take the push (apply it now, or keep it for its step) and return its answer once it may be
+        answered. Sets ``push.kept`` when the policy keeps ``push.grad`` past the call."""
+
+    def finish_clip(self, state: ShardState, push: Push, total_norm: float, duplicate: bool) -> Outcome:
+        """The total norm over all shards for a clipped push's step: clip, apply, answer."""
+
+    def reconsider(self, state: ShardState) -> None:
+        """The membership changed: steps waiting on members who left are made up of the new view."""
+
+    def reset(self) -> None:
+        """Forget everything open or pending (a rollback); kept buffers go back to their pool."""
+
+    def remember(self, step: int, closed: Closed) -> None:
+        """Record what a step did (a backup replica replays its primary's steps)."""
+
+    def waiting_pushes(self) -> int:
+        """Pushes held by the policy now (status)."""
+
+
+def make_policy(job, step_timeout: float) -> UpdatePolicy:
     """The policy object for the job's mode: the one place a mode is looked at."""
     if job.mode is UpdateMode.ASYNC:
         return AsyncPolicy(job.staleness_lr, step_timeout)
