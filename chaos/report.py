@@ -89,6 +89,7 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "network": faults.get("network", {}),
         "rpc_injected": faults.get("rpc_injected", {}),
         "result": {"steps": summary["steps"], "held_out": summary["held_out"], "wall_s": summary["wall_s"]},
+        "history": summary.get("history"),  # shardps check's verdict over the run's recorded history
         "series": series,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -113,6 +114,12 @@ def _markdown(r: dict) -> str:
         lines.append(f"- shard {f['shard_id']}: primary moved from server {f['from_server']} to server {f['to_server']} "
                      f"({'its primary was lost' if f['reason'] == 'dead' else 'handed back'}, placement epoch "
                      f"{f['placement_epoch']}); nothing rolled back")
+    verdict = r.get("history")
+    if verdict is not None:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(verdict["counts"].items()))
+        lines += ["", "## Verdict (shardps check)", "",
+                  f"- {'every promise held' if verdict['ok'] else 'VIOLATED'} over the recorded history: {counts}"]
+        lines += [f"- {v}" for v in verdict["violations"]] + [f"- incomplete: {i}" for i in verdict["incomplete"]]
     res = r["result"]
     lines += ["", "## Result", "", f"- steps: {res['steps']}, wall: {res['wall_s']:.1f} s",
               f"- held-out: {json.dumps(res['held_out'])}", ""]

@@ -145,6 +145,8 @@ def server(
                                          help="Also checkpoint every N versions (needs --checkpoint-dir)."),
     checkpoint_keep: int = typer.Option(3, envvar="SHARDPS_CHECKPOINT_KEEP", help="Newest checkpoints kept per shard."),
     metrics_port: int = _METRICS_PORT,
+    history_dir: str = typer.Option("", envvar="SHARDPS_HISTORY_DIR",
+                                    help="Append what this server does to the run's history in DIR (shardps check)."),
     log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
@@ -156,7 +158,7 @@ def server(
                               threads=threads, compute_threads=compute_threads, step_timeout=step_timeout,
                               port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                              checkpoint_keep=checkpoint_keep, metrics_port=metrics_port)
+                              checkpoint_keep=checkpoint_keep, metrics_port=metrics_port, history_dir=history_dir)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)
@@ -349,6 +351,33 @@ def status(
         from .display import print_status
 
         print_status(st)
+
+
+@app.command()
+def check(
+    run_dir: str = typer.Argument(..., help="A run folder (shardps run --out), a LocalCluster log folder, or its "
+                                            "history/ folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Prove the promises over a run's recorded history: applied once, nothing acknowledged lost, one
+    primary at a time, backups equal to their primary. Exits 1 naming the events behind a violation."""
+    from ..chaos.checker import check_run
+
+    try:
+        verdict = check_run(run_dir)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(verdict.as_dict(), indent=2))
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(verdict.counts.items()))
+        typer.echo(f"{'OK' if verdict.ok else 'VIOLATED'}: {counts}")
+        for line in verdict.incomplete:
+            typer.echo(f"incomplete: {line}")
+        for v in verdict.violations:
+            typer.echo(str(v))
+    if not verdict.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

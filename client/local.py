@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..proto.history import ENV as HISTORY_ENV
 from ..proto.rpc import check_health
 
 # glibc malloc settings: keep large gradient buffers out of repeated mmap/munmap
@@ -69,6 +70,7 @@ class LocalCluster:
         tls_dir: str | os.PathLike | None = None,
         mutual_tls: bool = False,
         metrics: bool = False,
+        history: bool = True,
     ):
         """Durable by default: the coordinator keeps its state in the log directory (a restarted
         coordinator resumes its jobs), and servers checkpoint their shards at version 0, every
@@ -77,7 +79,9 @@ class LocalCluster:
         job rolls back to the newest common checkpoint instead of failing. ``durable=False`` keeps
         everything in memory: a killed process then loses its part of the job. ``replica_lease_seconds``:
         for replicated jobs, how long a shard's primary answers after its last renewal (a dead one is
-        detected about 1.25 x this later; default 1.5)."""
+        detected about 1.25 x this later; default 1.5). ``history``: every role appends what it does to
+        ``history_dir`` (``<log dir>/history``), which ``shardps check`` proves the promises over;
+        workers record there when given ``history_dir=cluster.history_dir`` (``shardps run``'s do)."""
         if servers < 1:
             raise ValueError(f"a cluster needs at least one server, got servers={servers}")
         self.num_servers, self.host = servers, host
@@ -95,6 +99,7 @@ class LocalCluster:
         self.replica_lease_seconds = replica_lease_seconds  # None: the coordinator's default (or its env var)
         self.resume_job = resume_job
         self.metrics = metrics  # every role serves Prometheus metrics on a free port: metrics_address(name)
+        self.history_dir = str(self.log_dir / "history") if history else ""  # the run's history (shardps check)
         # Who may talk to the cluster. Workers: anyone, unless auth_token is set. Internal and admin
         # calls: only holders of the cluster's credential, made up here unless given (proto/security.py).
         # tls_dir holds what scripts/dev-certs.sh makes (ca.pem, server.pem/-key.pem, client.pem/-key.pem).
@@ -181,6 +186,9 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SHARDPS_AUTH_TOKEN", "SHARDPS_CLUSTER_TOKEN", "SHARDPS_TLS_"))}
         env.update({"GLIBC_TUNABLES": GLIBC_TUNABLES, **self.role_security.env()})
+        env.pop(HISTORY_ENV, None)
+        if self.history_dir:
+            env[HISTORY_ENV] = self.history_dir
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = self._popen(name, cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..proto.errors import ShardpsError
+from ..proto.history import ENV as HISTORY_ENV
 from .local import GLIBC_TUNABLES, LocalCluster
 from .extras import available, install_hint
 from .plots import faults_plot, maybe, training_plot
@@ -182,6 +183,10 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
     wall = time.time() - started
     summary = _summarize(config, tail.records, status, exported, wall)
     notes = summary["notes"] = []  # optional pieces left out, each with the command that adds it
+    if cluster.history_dir:  # the promises, proved over what every role recorded (shardps check)
+        from ..chaos.checker import check_run
+
+        summary["history"] = check_run(cluster.history_dir).as_dict()
     if faults is not None:
         from ..chaos.report import write_report
 
@@ -240,6 +245,8 @@ class WorkerSet:
         # Flags carry the whole config; SHARDPS_* variables would only fight them.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDPS_")}
         self.env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+        if cluster.history_dir:  # each worker appends its replies to the run's history (shardps check)
+            self.env[HISTORY_ENV] = cluster.history_dir
 
     def start(self, i: int) -> None:
         name = f"worker-{i}"

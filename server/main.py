@@ -16,6 +16,7 @@ import torch
 
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
+from ..proto.history import History
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..chaos.faults import create_server as new_grpc_server
 from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
@@ -43,6 +44,7 @@ class ServerConfig:
     checkpoint_keep: int = 3  # newest checkpoints kept per shard
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
     compute_threads: int = 0  # torch threads for the optimizer step (0: torch's default, every core)
+    history_dir: str = ""  # append what this server does to the run's history here (shardps check); "" records none
 
     def __post_init__(self):
         if ":" not in self.coordinator:
@@ -65,7 +67,8 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
 
     node = ShardNode(config.shard_id, lambda job_id: coordinator.job(job_id=job_id), coordinator.view,
                      config.step_timeout,
-                     config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
+                     config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep,
+                     history=History.open(config.history_dir, "server"))
     # A request stream may legitimately pause as long as a sync step takes (a clipped push waits for
     # the other shards' partial norms), not longer.
     server, injector = new_grpc_server(config.threads, config.max_message_bytes, idle_s=config.step_timeout + 30)

@@ -97,6 +97,7 @@ class _Pending:
     partial: float
     buffers: bytes | None = None
     release: Callable[[], None] | None = None  # gives the mean's buffer back once applied
+    pushed: dict[int, int] | None = None  # worker -> step of the pushes it is made of (the run's history)
 
 
 CLOSED_KEPT = 1024  # closed steps a policy remembers (a late SSP reply or retry looks them up)
@@ -117,6 +118,10 @@ def _let_go(pushes) -> None:
     for p in pushes:
         if p.release is not None:
             p.release()
+
+
+def _pushed(pushes) -> dict[int, int]:
+    return {p.worker_id: p.step for p in pushes}
 
 
 def _scale_of(push: Push) -> float:
@@ -321,7 +326,7 @@ class SyncPolicy:
         buffers = next((p.buffers for p in pushes if p.buffers is not None), None)
         in_shared_memory = any(not p.owned for p in pushes)
         if any(p.options.overflow for p in pushes):
-            state.skip(buffers, step=step)
+            state.skip(buffers, step=step, pushed=_pushed(pushes))
             self._remember(state, step, Closed(0.0, skipped=True))
         else:
             # sum_i (b_i / B) g_i / s_i (s_i: loss scale), in the first push's buffer (copied first if it is
@@ -342,7 +347,7 @@ class SyncPolicy:
                 samples = sum(p.batch_size for p in pushes)
                 lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
             if in_shared_memory and not state.still_finite(mean):
-                state.skip(buffers, step=step)
+                state.skip(buffers, step=step, pushed=_pushed(pushes))
                 self._remember(state, step, Closed(0.0, skipped=True))
                 _let_go(pushes)
                 state.cond.notify_all()
@@ -350,7 +355,7 @@ class SyncPolicy:
             present = _merge_present(pushes)
             pushes[0].release, first_release = None, pushes[0].release  # the mean's buffer, given back after apply
             pending = _Pending(mean, present, pushes[0].hyper, lr_scale, clipped or pushes[0].options, 0.0,
-                               buffers)
+                               buffers, pushed=_pushed(pushes))
             if clipped is not None:
                 pending.partial = state.optimizer.partial_norm(mean, present, clipped.clip_norm_type)
                 pending.release = first_release  # the mean lives in the first push's buffer until applied
@@ -367,7 +372,7 @@ class SyncPolicy:
     def _apply(self, state, step: int, grad: torch.Tensor, pending: _Pending) -> None:
         partial = pending.partial if pending.options.clipped else None
         state.apply(grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers, step=step,
-                    partial=partial)
+                    partial=partial, pushed=pending.pushed)
         self._remember(state, step, Closed(state.optimizer.lr() * pending.lr_scale, partial=partial))
 
     def _remember(self, state, step: int, closed: Closed) -> None:
@@ -444,9 +449,10 @@ class AsyncPolicy:
         state.stats.staleness[staleness] += 1
         lr_scale = 1.0 / max(1, staleness) if self.staleness_lr else 1.0
         if not push.owned and not state.still_finite(push.grad):  # rewritten in shared memory since it was checked
-            state.skip(push.buffers)
+            state.skip(push.buffers, pushed={push.worker_id: push.step})
             return Outcome(state.version, 0, False, next_step=push.step + 1, skipped=True)
-        pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, push.buffers)
+        pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, push.buffers,
+                           pushed={push.worker_id: push.step})
         if push.options.clipped:
             push.kept = True
             pending.grad = push.own()  # scaled in place by the clip coefficient later
@@ -469,7 +475,8 @@ class AsyncPolicy:
                 pending.release()
 
     def _apply(self, state, push: Push, pending: _Pending, staleness: int) -> Outcome:
-        state.apply(pending.grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers)
+        state.apply(pending.grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers,
+                    pushed=pending.pushed)
         return Outcome(state.version, staleness, False, next_step=push.step + 1,
                        applied_lr=state.optimizer.lr() * pending.lr_scale)
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
+from ..proto.history import NO_HISTORY, History
 from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View
 from .checkpoint import Checkpointer, CheckpointStore
 from . import replica as replicas
@@ -89,8 +90,10 @@ class ShardNode:
     """The jobs one shard server holds (a cluster may run several), by job id."""
 
     def __init__(self, shard_id: int, fetch_job: FetchJob, fetch_view: FetchView, step_timeout: float = 300.0,
-                 checkpoint_dir: str = "", checkpoint_every: int = 0, checkpoint_keep: int = 3):
+                 checkpoint_dir: str = "", checkpoint_every: int = 0, checkpoint_keep: int = 3,
+                 history: History = NO_HISTORY):
         self.shard_id = shard_id
+        self.history = history  # the run's history (proto/history.py): every state here records into it
         self.step_timeout = step_timeout
         self.checkpoint_dir, self.checkpoint_every, self.checkpoint_keep = checkpoint_dir, checkpoint_every, checkpoint_keep
         self.checkpointers: dict[str, Checkpointer] = {}  # job_id -> its checkpointer
@@ -210,6 +213,11 @@ class ShardNode:
             if state.replica is not None:  # only a shard's primary checkpoints it (not two writers of one file)
                 state.on_version = _when_primary(state, checkpointer.on_version)
         state.send = self.send
+        state.history = self.history
+        job = state.job
+        self.history.record("job", job=state.job_id, name=job.name, shard=state.shard.shard_id, own=own,
+                            mode=job.mode.value, backup_workers=job.backup_workers, replicas=job.replicas,
+                            staleness=job.staleness_bound)
         if not own:
             self.others[(state.job_id, state.shard.shard_id)] = state
             self._cond.notify_all()

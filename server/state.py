@@ -32,6 +32,7 @@ from ..proto import codec, optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, RolledBack, ShardpsError,
                             Unavailable, WaitTimeout)
 from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
+from ..proto.history import NO_HISTORY, History
 from ..proto.plan import ShardRange
 from ..proto.shm import Segment, ShmUnavailable, sweep
 from .checkpoint import Snapshot
@@ -94,6 +95,7 @@ class ShardState:
         self.awaiting_rollback = False  # restored at start-up; the coordinator has not aligned the others yet
         self.restored_from: int | None = None  # version restored at start-up
         self.on_version: Callable[["ShardState"], None] | None = None  # called under the lock at each new version
+        self.history: History = NO_HISTORY  # the run's history (proto/history.py), set by the node
         # Membership views this shard knows: epoch -> (first step it governs here, member ids). A
         # step is made up of the members of the newest view that governs it.
         self.views: dict[int, tuple[int, frozenset[int]]] = {}
@@ -141,6 +143,8 @@ class ShardState:
             first, self.initialized = not self.initialized, True
             self._recopy()  # a replicated shard's backups take the starting point before anyone is told
             self.cond.notify_all()
+            self.history.record("restored", job=self.job_id, shard=self.shard.shard_id, version=self.version,
+                                why="initialized" if first else "replaced", placement=self._placement())
             if first and self.on_version is not None:
                 self.on_version(self)  # version 0: the starting point a rollback can always reach
             return True
@@ -296,11 +300,13 @@ class ShardState:
                 push.release()
 
     def apply(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float = 1.0,
-              buffers: bytes | None = None, step: int | None = None, partial: float | None = None) -> None:
+              buffers: bytes | None = None, step: int | None = None, partial: float | None = None,
+              pushed: dict[int, int] | None = None) -> None:
         """One optimizer step with ``grad`` (called by the policy, under the lock): pieces not
         ``present`` are skipped, ``hyper`` (the groups' kwargs, None: unchanged) applies from now on.
-        ``step``: the sync step it closes (None: async, one push). A replicated shard's backups
-        apply it first (``server/replica.py``)."""
+        ``step``: the sync step it closes (None: async, one push); ``pushed``: worker -> step of the
+        pushes behind it (the run's history). A replicated shard's backups apply it first
+        (``server/replica.py``)."""
         start = time.perf_counter()
         if self.replica is not None:
             self._ship(replicas.Update(self.version + 1, grad, present, self.hyper_json(hyper), lr_scale, buffers,
@@ -310,15 +316,31 @@ class ShardState:
         if self.shard.numel:
             self.optimizer.step(grad, present, lr_scale)
         self._next_version(buffers)
+        self._record_update("applied", step, pushed)
         self.stats.apply_seconds += time.perf_counter() - start
 
-    def skip(self, buffers: bytes | None = None, step: int | None = None) -> None:
+    def skip(self, buffers: bytes | None = None, step: int | None = None,
+             pushed: dict[int, int] | None = None) -> None:
         """Close a step without applying it (an fp16 overflow on some worker), under the lock."""
         if self.replica is not None:
             self._ship(replicas.Update(self.version + 1, None, None, self.hyper_json(), 1.0, buffers,
                                        self._table(step)))
         self.stats.pushes_skipped += 1
         self._next_version(buffers)
+        self._record_update("skipped", step, pushed)
+
+    def _record_update(self, kind: str, step: int | None, pushed: dict[int, int] | None) -> None:
+        """The run's history: the version just made, the pushes it is made of, who made it."""
+        if self.history is NO_HISTORY:
+            return
+        members = self.members_for(step) if step is not None else None
+        self.history.record(kind, job=self.job_id, shard=self.shard.shard_id, version=self.version, step=step,
+                            pushed={str(w): s for w, s in (pushed or {}).items()},
+                            members=sorted(members) if members is not None else None,
+                            table={str(w): s for w, s in self._table(step).items()}, placement=self._placement())
+
+    def _placement(self) -> int:
+        return self.replica.placement_epoch if self.replica is not None else 0
 
     def _table(self, step: int | None) -> dict[int, int]:
         """The dedup table once ``step`` is applied: a worker that pushed later steps already (SSP) has
@@ -425,6 +447,9 @@ class ShardState:
             self._take_table(header)
             self._snapshot = None
             self._next_version(blob)
+            self.history.record("replayed", job=self.job_id, shard=self.shard.shard_id, version=self.version,
+                                skipped=header.skipped, table={str(w): s for w, s in self.last_step.items()},
+                                placement=self._placement())
             return self.version
 
     def take_copy(self, header, tensors: dict[str, torch.Tensor]) -> int:
@@ -458,6 +483,9 @@ class ShardState:
             self.min_epoch, self.rolled_back_to = header.min_epoch, header.rolled_back_to
             self.initialized, self._snapshot, self.awaiting_rollback = True, None, False
             self.generation += 1
+            self.history.record("restored", job=self.job_id, shard=self.shard.shard_id, version=self.version,
+                                why="copy", table={str(w): s for w, s in self.last_step.items()},
+                                placement=self._placement())
             self.cond.notify_all()
             return self.version
 
@@ -614,6 +642,8 @@ class ShardState:
                 self.stats.rollbacks += 1
                 self.stats.steps_rolled_back += max(0, before - snap.version)
             self.applied_table = dict(self.last_step)
+            self.history.record("restored", job=self.job_id, shard=self.shard.shard_id, version=self.version,
+                                why="rollback" if epoch else "checkpoint", placement=self._placement())
             if self.replica is not None:  # a backup at the same version number may hold other values now
                 with self.replica.cond:
                     self.replica.synced.clear()

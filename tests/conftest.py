@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,9 @@ def spawn_workers(tmp_path):
                 args += [flag] if value is True else [flag, str(value)]
             logs.append(tmp_path / f"worker{i}.log")
             log = open(logs[-1], "wb")
-            procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), log))
+            # each worker appends its replies to the cluster's history, which shardps check reads
+            env = dict(os.environ, SHARDPS_HISTORY_DIR=getattr(cluster, "history_dir", "") or "")
+            procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log))
             outs.append(out)
         started.append(Workers(tmp_path, procs, outs, logs))
         return started[-1]

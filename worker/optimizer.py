@@ -49,6 +49,8 @@ from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optim
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
+from ..proto.history import ENV as HISTORY_ENV
+from ..proto.history import History
 from ..proto.layout import BufferEntry
 from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
 from ..proto.retry import Retrier
@@ -105,6 +107,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         retry_timeout: float = 600.0,
         auth_token: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        history_dir: str | None = None,
         **optimizer_kwargs: Any,
     ):
         """
@@ -158,6 +161,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             auth_token: the cluster's shared token (default: SHARDPS_AUTH_TOKEN); TLS settings come
                 from SHARDPS_TLS_CA (and SHARDPS_TLS_CERT/KEY for mutual TLS).
             chunk_bytes: bytes per streamed chunk.
+            history_dir: append every reply this worker takes to the run's history here (``shardps
+                check``; default ``SHARDPS_HISTORY_DIR``, which ``shardps run`` sets; "" records none).
             **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...);
                 ``fused``/``foreach``/``capturable`` are accepted and left to the servers.
         """
@@ -168,6 +173,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if min_workers is None:
             min_workers = int(os.environ.get("SHARDPS_MIN_WORKERS", "1"))
         name = name or os.environ.get("SHARDPS_WORKER_NAME", "")
+        self.history = History.open(os.environ.get(HISTORY_ENV, "") if history_dir is None else history_dir, "worker")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         transport = transport or os.environ.get("SHARDPS_TRANSPORT", "auto")
@@ -466,6 +472,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _finish(self, replies: list[PushReply], overflow: bool, under_scaler: bool) -> None:
         self.flat.scatter_params(ranges_done=True)  # each reply went to the device as it landed
         self.versions = [r.version for r in replies]
+        for shard, r in zip(self.ps.shards, replies):
+            self.history.record("acked", job=self.job_id, shard=shard.info.range.shard_id, worker=self.worker_id,
+                                step=self.steps_taken, version=r.version, duplicate=r.duplicate, dropped=r.dropped)
         if self.flat.exposed:  # before the step returns: the pull moves the model to a new segment first
             self._pull(min(self.versions))
         self.last_replies = replies

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shardps import LocalCluster
+from shardps.chaos.checker import check_run
 from shardps.client.sdk import cluster_status
 from shardps.coordinator.client import CoordinatorClient
 
@@ -42,6 +43,13 @@ def test_sigkill_a_server_mid_run_restart_it_and_the_job_rolls_back_and_finishes
     assert shards[0]["steps_rolled_back"] == rb.from_version - rb.to_version
     assert applied_pushes(shards[0]) == 2 * (STEPS + shards[0]["steps_rolled_back"])
     assert_equals_fault_free_run(results)
+    # The recorded history says the same, event by event: every push applied once per timeline, every
+    # acknowledged version kept or undone by the recorded rollback, one primary at a time.
+    verdict = check_run(cluster.history_dir)
+    assert verdict.ok, verdict.violations
+    assert verdict.counts["rollbacks"] >= 2  # the restart's checkpoint, the coordinator's rollback of both shards
+    assert verdict.counts["updates"] >= 2 * STEPS + shards[0]["steps_rolled_back"]  # replays are updates too
+    assert verdict.counts["acks"] >= 2 * 2 * STEPS  # two workers, two shards, every step (replays too)
 
 
 @pytest.mark.slow
