@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..proto.history import NO_HISTORY, History
+
 PROCESS_ACTIONS = ("kill", "pause", "resume", "restart")
 NETWORK_ACTIONS = ("partition", "heal", "link")
 ACTIONS = (*PROCESS_ACTIONS, *NETWORK_ACTIONS, "rpc", "checkpoint")
@@ -240,8 +242,10 @@ class ScenarioRunner:
     the first tick that sees the job at or past its step, and the timeline records that step).
     """
 
-    def __init__(self, scenario: Scenario, actions: dict[str, Callable[[str, dict], str]]):
+    def __init__(self, scenario: Scenario, actions: dict[str, Callable[[str, dict], str]],
+                 history: History = NO_HISTORY):
         self.scenario, self.actions = scenario, actions
+        self.history = history  # each fault is also an event of the run's history (shardps check)
         self.timeline: list[Event] = []
         self.started: float | None = None
 
@@ -296,6 +300,7 @@ class ScenarioRunner:
         except Exception as exc:  # an action that fails is part of the experiment's record
             event.ok, event.error = False, str(exc).splitlines()[0]
         self.timeline.append(event)
+        self.history.record("fault", action=action, target=fault.target, step=step, ok=event.ok, error=event.error)
 
 
 _UNDO = {"pause": "resume", "partition": "heal", "link": "unlink", "rpc": "unrpc"}

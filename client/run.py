@@ -29,6 +29,7 @@ from typing import Callable
 
 from ..proto.errors import ShardpsError
 from ..proto.history import ENV as HISTORY_ENV
+from ..proto.history import History
 from .local import GLIBC_TUNABLES, LocalCluster
 from .extras import available, install_hint
 from .plots import faults_plot, maybe, training_plot
@@ -167,7 +168,8 @@ def run(config: RunConfig, on_progress: Callable[[Progress], None] | None = None
         from ..chaos.scenario import Scenario, ScenarioRunner
 
         # Scheduled faults, and ad-hoc ones that `shardps chaos ACTION TARGET --run DIR` asks for.
-        runner = ScenarioRunner(scenario or Scenario("ad hoc", []), _actions(cluster, workers))
+        runner = ScenarioRunner(scenario or Scenario("ad hoc", []), _actions(cluster, workers),
+                                History.open(cluster.history_dir, "lab"))
         control = Control(out / "control", runner)
         try:
             workers.start_all()
