@@ -4,6 +4,8 @@ run of `shardps run`; the same run without faults beside it.
     python bench/chaos.py                                        # 6 failures, one every 6 s: servers, coordinator
     python bench/chaos.py --targets servers workers coordinator  # any role
     python bench/chaos.py --failures 3 --every 4 --steps 300     # short (what CI runs)
+    python bench/chaos.py --failures 200 --every 1.5 --down 0.5 --steps 6000 --replicas 2 \
+        --targets servers workers coordinator --kinds kill pause      # at scale: 200 failures over every role
 
 The failures come from a ``[chaos]`` scenario (``chaos/scenario.py``), so ``shardps run --scenario``
 does the same. Reported, per run: failures injected and survived (the role came back and the
@@ -26,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 
-def scenario_text(failures: int, every: float, down: float, start: float, seed: int, targets: list[str]) -> str:
+def scenario_text(failures: int, every: float, down: float, start: float, seed: int, targets: list[str],
+                  kinds: tuple[str, ...] = ("kill",)) -> str:
     quoted = ", ".join(f'"{t}"' for t in targets)
     return (f'name = "chaos: {failures} failures, one every {every:g} s, seed {seed}"\n[chaos]\n'
             f"every_s = {every}\nfailures = {failures}\ndown_s = {down}\nstart_s = {start}\nseed = {seed}\n"
-            f"targets = [{quoted}]\n")
+            f"targets = [{quoted}]\nkinds = [{', '.join(repr(k).replace(chr(39), chr(34)) for k in kinds)}]\n")
 
 
 def chaos_run(args, out: Path) -> dict:
@@ -43,7 +46,8 @@ def chaos_run(args, out: Path) -> dict:
                   replicas=args.replicas)
     clean = run(RunConfig(out=str(out / "clean"), **common))
     scenario = out / "chaos.toml"
-    scenario.write_text(scenario_text(args.failures, args.every, args.down, args.start, args.seed, args.targets))
+    scenario.write_text(scenario_text(args.failures, args.every, args.down, args.start, args.seed, args.targets,
+                                      tuple(args.kinds)))
     faulty = run(RunConfig(out=str(out / "chaos"), scenario=str(scenario), **common))
 
     a, b = load_model_file(clean["model_file"]), load_model_file(faulty["model_file"])
@@ -65,6 +69,12 @@ def chaos_run(args, out: Path) -> dict:
         "history": faulty["history"],  # the checker's verdict over every role's recorded events
         "wall_s": {"clean": clean["wall_s"], "chaos": faulty["wall_s"]},
         "wall_ratio": faulty["wall_s"] / clean["wall_s"],
+        # step efficiency (torchft's model: ~ 1 - time lost per failure / MTBF): steps per second under
+        # chaos over steps per second without, beside the model's figure if a failure cost one step
+        "step_efficiency": clean["wall_s"] / faulty["wall_s"],
+        "mtbf_s": args.every,
+        "lost_s_per_failure": (faulty["wall_s"] - clean["wall_s"]) / max(1, len(kills)),
+        "efficiency_if_one_step_lost": 1 - clean["wall_s"] / args.steps / args.every,
         "held_out": {"clean": clean["held_out"], "chaos": faulty["held_out"]},
         "max_abs_param_diff": diff,
         "report": faulty["report"]["path"],
@@ -85,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--start", type=float, default=3.0, help="seconds into training of the first failure")
     ap.add_argument("--targets", nargs="+", default=["servers", "coordinator"],
                     help="servers, workers, coordinator or role names (workers: see the note in bench/RESULTS.md)")
+    ap.add_argument("--kinds", nargs="+", default=["kill"], choices=["kill", "pause"],
+                    help="what a failure is: kill + restart, pause (SIGSTOP) + resume; drawn per failure")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workload", default="digits")
     ap.add_argument("--steps", type=int, default=1500)

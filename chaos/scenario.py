@@ -28,6 +28,7 @@
 
     [chaos]                        # an MTBF loop: every 8 s SIGKILL a role drawn at random (seeded),
     every_s = 8                    # restart it down_s later; `failures` times, from start_s on
+    kinds = ["kill", "pause"]      # optional: each failure a kill + restart or a pause + resume (SIGSTOP/SIGCONT)
     failures = 5
     down_s = 1.0
     start_s = 5
@@ -47,8 +48,9 @@ Actions and what undoes them at the end of a window:
 | rpc | coordinator, server-k, servers, all | kind, method, status, probability, after, worker, delay_s | rules cleared |
 | checkpoint | cluster | | |
 
-A ``[chaos]`` table expands into ``kill`` + ``restart`` pairs at those times (the same seed
-gives the same failures); it may stand alone or beside ``[[fault]]`` entries.
+A ``[chaos]`` table expands into ``kill`` + ``restart`` pairs (or ``pause`` + ``resume`` pairs, with
+``kinds``) at those times (the same seed gives the same failures); it may stand alone or beside
+``[[fault]]`` entries.
 
 Everything the runner does is recorded in its timeline (time, step, action, target, outcome),
 which ``shardps run --scenario`` writes into the run's report.
@@ -176,7 +178,8 @@ def _fault(entry: dict, index: int, path: Path, processes: list[str]) -> Fault:
                  duration_s=float(duration) if duration is not None else None)
 
 
-_CHAOS_KEYS = ("every_s", "failures", "down_s", "start_s", "seed", "targets")
+_CHAOS_KEYS = ("every_s", "failures", "down_s", "start_s", "seed", "targets", "kinds")
+CHAOS_KINDS = {"kill": "restart", "pause": "resume"}  # a failure's action, and what ends it down_s later
 
 
 def _chaos(entry, path: Path, processes: list[str]) -> list[Fault]:
@@ -214,10 +217,14 @@ def _chaos(entry, path: Path, processes: list[str]) -> list[Fault]:
             raise ScenarioError(f"{where}: target {name!r} is not one of servers, workers, coordinator, "
                                 f"{', '.join(processes)}")
         pool += [p for p in groups.get(name, [name]) if p not in pool]
+    kinds = entry.get("kinds", ["kill"])
+    if not isinstance(kinds, list) or not kinds or any(k not in CHAOS_KINDS for k in kinds):
+        raise ScenarioError(f"{where}: kinds must be a non-empty list of {', '.join(CHAOS_KINDS)}, got {kinds!r}")
     rng, faults = random.Random(seed), []
     for i in range(failures):
         at, target = float(start + i * every), rng.choice(pool)
-        faults += [Fault("kill", target, at, None, False), Fault("restart", target, at + down, None, False)]
+        kind = kinds[0] if len(kinds) == 1 else rng.choice(kinds)  # one kind draws as before: same seed, same run
+        faults += [Fault(kind, target, at, None, False), Fault(CHAOS_KINDS[kind], target, at + down, None, False)]
     return faults
 
 

@@ -30,6 +30,15 @@ def test_a_chaos_table_is_seeded_kill_and_restart_pairs_over_the_named_roles(tmp
     assert [f.target for f in chaos(tmp_path, body.format(4))] != [f.target for f in faults]
 
 
+def test_a_chaos_table_with_kinds_draws_kills_and_pauses_each_ended_down_s_later(tmp_path):
+    body = "every_s = 2\nfailures = 60\ndown_s = 0.5\nseed = 5\nkinds = [\"kill\", \"pause\"]\n"
+    faults = chaos(tmp_path, body)
+    pairs = list(zip(faults[0::2], faults[1::2]))
+    assert {(a.action, b.action) for a, b in pairs} == {("kill", "restart"), ("pause", "resume")}
+    assert all(a.target == b.target and b.start - a.start == 0.5 for a, b in pairs)
+    assert [f.action for f in chaos(tmp_path, body)] == [f.action for f in faults]  # seeded
+
+
 def test_a_chaos_table_beside_faults_and_the_shipped_example(tmp_path):
     path = tmp_path / "both.toml"
     path.write_text('[[fault]]\nat_step = 3\naction = "checkpoint"\n[chaos]\nevery_s = 4\nfailures = 2\n')
@@ -50,6 +59,7 @@ def test_a_chaos_table_beside_faults_and_the_shipped_example(tmp_path):
     ("every_s = 2\nfailures = 2\ntargets = []\n", "non-empty list"),
     ("every_s = 2\nfailures = 2\nmtbf = 3\n", "unknown keys"),
     ("every_s = 2\nfailures = 2\nseed = true\n", "seed must be a whole number"),
+    ("every_s = 2\nfailures = 2\nkinds = [\"explode\"]\n", "kinds must be a non-empty list of kill, pause"),
 ])
 def test_bad_chaos_tables_are_refused_with_a_message_naming_the_fix(tmp_path, body, words):
     with pytest.raises(ScenarioError, match=words):
