@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..proto import defaults as D
 from ..proto.rpc import check_health
 
 # glibc malloc settings: keep large gradient buffers out of repeated mmap/munmap
@@ -52,14 +53,14 @@ class LocalCluster:
         servers: int = 2,
         *,
         host: str = "127.0.0.1",
-        step_timeout: float = 300.0,
+        step_timeout: float = D.STEP_TIMEOUT_S,
         startup_timeout: float = 60.0,
         log_dir: str | os.PathLike | None = None,
         log_level: str = "info",
-        checkpoint_every: int = 100,
+        checkpoint_every: int = D.RUN_CHECKPOINT_EVERY,
         checkpoint_dir: str | os.PathLike | None = None,
         durable: bool = True,
-        lease_seconds: float = 10.0,
+        lease_seconds: float = D.LEASE_S,
         replica_lease_seconds: float | None = None,
         hosts: bool = False,
         worker_hosts: int = 0,
@@ -77,7 +78,7 @@ class LocalCluster:
         job rolls back to the newest common checkpoint instead of failing. ``durable=False`` keeps
         everything in memory: a killed process then loses its part of the job. ``replica_lease_seconds``:
         for replicated jobs, how long a shard's primary answers after its last renewal (a dead one is
-        detected about 1.25 x this later; default 1.5)."""
+        detected 1.25 x this + 0.5 s later; None: the coordinator's default, proto/defaults.REPLICA_LEASE_S)."""
         if servers < 1:
             raise ValueError(f"a cluster needs at least one server, got servers={servers}")
         self.num_servers, self.host = servers, host
