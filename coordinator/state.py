@@ -10,7 +10,7 @@ new view. Sync and SSP jobs change membership at a step boundary that every shar
 agrees on (``reconfigure``): workers hold leases renewed by heartbeats; a worker
 whose lease runs out is removed from the step its shards have open, and a new worker
 is added from a step a few steps ahead that no shard has closed yet (every shard
-must accept that step before the view is published; see docs/architecture.md).
+must accept that step before the view is published; see docs/architecture/membership.md).
 
 Everything but leases is durable: with a ``journal`` every change is written to
 disk before the call returns, and a restarted coordinator resumes the same jobs
