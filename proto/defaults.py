@@ -172,19 +172,24 @@ SETTINGS: tuple[Setting, ...] = (
             "Read SHARDPS_AUTH_TOKEN from this file (a Docker/Swarm secret) when it is unset.",
             "every role and client"),
     Setting("cluster_token", "SHARDPS_CLUSTER_TOKEN", "",
-            "The cluster's own credential: internal and admin calls must carry it (PERMISSION_DENIED otherwise); "
-            "never give it to workers.", "coordinator, servers, operators (chaos, checkpoint)",
+            "The cluster's own credential: internal and admin calls must carry it (PERMISSION_DENIED otherwise; "
+            "it is valid for worker calls too); never give it to workers.",
+            "coordinator, servers, operators (chaos, checkpoint)",
             shown="off (a role without it logs that internal calls are open; LocalCluster/run make one up)"),
     Setting("cluster_token_file", "SHARDPS_CLUSTER_TOKEN_FILE", "",
             "Read SHARDPS_CLUSTER_TOKEN from this file (a secret) when it is unset.",
             "coordinator, servers, operators"),
-    Setting("tls_cert", "SHARDPS_TLS_CERT", "", "This process's certificate (PEM); with SHARDPS_TLS_KEY.",
+    Setting("tls_cert", "SHARDPS_TLS_CERT", "",
+            "This process's certificate (PEM): a server's, or a client's for mutual TLS; with SHARDPS_TLS_KEY.",
             "every role (clients: for mutual TLS)", shown="off"),
     Setting("tls_key", "SHARDPS_TLS_KEY", "", "This process's private key (PEM).",
             "every role (clients: for mutual TLS)", shown="off"),
-    Setting("tls_ca", "SHARDPS_TLS_CA", "", "CA of the peer's certificate; clients use TLS when it is set.",
+    Setting("tls_ca", "SHARDPS_TLS_CA", "",
+            "CA that signed the peer's certificate (clients: the servers'; servers with mutual TLS: the clients'); "
+            "clients use TLS when it is set.",
             "every role and client", shown="off"),
-    Setting("tls_client_auth", "SHARDPS_TLS_CLIENT_AUTH", "", "1: require client certificates (mutual TLS).",
+    Setting("tls_client_auth", "SHARDPS_TLS_CLIENT_AUTH", "",
+            "1: servers require a client certificate signed by the CA (mutual TLS).",
             _ROLE, shown="off"),
     # What `shardps launch` sets for the scripts it starts (read by the scripts, not by shardps).
     Setting("script.local_rank", "SHARDPS_LOCAL_RANK", "", "Set by launch: the process's index on this machine (also "
@@ -205,7 +210,8 @@ DEPLOY_SETTINGS: tuple[Setting, ...] = (
             "docker-compose.yml"),
     Setting("prometheus_image", "SHARDPS_PROMETHEUS_IMAGE", "shardps-prometheus:latest", "The Prometheus image of the "
             "metrics profile (built by deploy/prometheus.Dockerfile).", "docker-compose.yml"),
-    Setting("base", "SHARDPS_BASE", "debian:bookworm-slim", "Base image of deploy/prometheus.Dockerfile.", "docker-compose.yml"),
+    Setting("base", "SHARDPS_BASE", "debian:bookworm-slim", "Base image of deploy/prometheus.Dockerfile.",
+            "docker-compose.yml"),
     Setting("certs_dir", "SHARDPS_CERTS_DIR", "./deploy/no-certs",
             "Folder of scripts/dev-certs.sh certificates, mounted at /certs for TLS.",
             "docker-compose.yml"),

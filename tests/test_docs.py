@@ -25,7 +25,8 @@ def test_every_relative_link_in_the_docs_names_a_file_of_the_repository():
 
 
 def test_no_page_points_outside_the_repository():
-    outside = [f"{p.relative_to(ROOT)}: {m}" for p in PAGES for m in re.findall(r"\.\./shared\S*|DESIGN\.md", p.read_text())]
+    outside = [f"{p.relative_to(ROOT)}: {m}"
+               for p in PAGES for m in re.findall(r"\.\./shared\S*|DESIGN\.md", p.read_text())]
     assert not outside, f"say what the design says instead (docs/architecture/design.md): {outside}"
 
 
