@@ -1,4 +1,4 @@
-"""Peak memory of shard servers and workers vs the formula in DESIGN.md.
+"""Peak memory of shard servers and workers vs the formula in docs/architecture/design.md.
 
     python bench/memory.py --params 25000000 --servers 2 --workers 2 [--transport grpc]
 

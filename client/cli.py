@@ -21,42 +21,31 @@ from pathlib import Path
 
 import typer
 
+from ..proto import defaults
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="shardps: a parameter server for PyTorch.")
-CLUSTER_HELP = "Coordinator address, host:port."
+CLUSTER_HELP = defaults.setting("cluster").help
+
+
+def _opt(key: str, *flags: str, env: bool = True, **overrides):
+    """A typer option whose default, help and environment variable come from ``proto/defaults.py``
+    (one source, also for docs/configuration.md). ``env=False``: no variable (launch's options)."""
+    s = defaults.setting(key)
+    default = overrides.pop("default", ... if s.default is None else s.default)
+    return typer.Option(default, *flags, envvar=s.env if env else None, help=overrides.pop("help", s.help),
+                        **overrides)
+
 
 # Training options shared by `run` and `worker`, defined once.
-_TRAIN = {
-    "workload": typer.Option("digits", envvar="SHARDPS_WORKLOAD", help="Built-in workload: digits or charlm."),
-    "mode": typer.Option("sync", envvar="SHARDPS_MODE", help="sync, ssp or async."),
-    "optimizer": typer.Option("", envvar="SHARDPS_OPTIMIZER", help="sgd, adam or adamw (default: the workload's)."),
-    "lr": typer.Option(0.0, envvar="SHARDPS_LR", help="Learning rate (0: the workload's default)."),
-    "batch_size": typer.Option(0, envvar="SHARDPS_BATCH_SIZE", help="Samples per worker per step (0: default)."),
-    "steps": typer.Option(0, envvar="SHARDPS_STEPS", help="Steps to train (0: from --epochs)."),
-    "epochs": typer.Option(0.0, envvar="SHARDPS_EPOCHS", help="Passes over the data (0: the workload's default)."),
-    "device": typer.Option("cpu", envvar="SHARDPS_DEVICE", help="Worker device: cpu, cuda, cuda:N, mps or auto."),
-    "seed": typer.Option(0, envvar="SHARDPS_SEED", help="Model init and data order."),
-    "wire_dtype": typer.Option("float32", envvar="SHARDPS_WIRE_DTYPE", help="float32, bfloat16 or float16."),
-    "transport": typer.Option("auto", envvar="SHARDPS_TRANSPORT",
-                              help="auto: shared memory with shards on the same host, gRPC otherwise; grpc: always gRPC."),
-    "backup_workers": typer.Option(0, envvar="SHARDPS_BACKUP_WORKERS",
-                             help="Sync/ssp: close each step after the first (workers - B) pushes."),
-    "staleness": typer.Option(0, envvar="SHARDPS_STALENESS", help="ssp: steps a worker may run ahead of the last closed step."),
-    "staleness_lr": typer.Option(False, "--staleness-lr", envvar="SHARDPS_STALENESS_LR", help="Async/ssp: apply lr / max(1, staleness)."),
-    "topk_ratio": typer.Option(0.0, envvar="SHARDPS_TOPK_RATIO",
-                         help="Send only this fraction of each shard's gradient (top-k, error feedback)."),
-    "balance_every": typer.Option(0, envvar="SHARDPS_BALANCE_EVERY",
-                            help="Sync/ssp: every N steps re-split each global batch by worker throughput (0: equal)."),
-    "replicas": typer.Option(1, envvar="SHARDPS_REPLICAS",
-                             help="Copies of each shard on different servers (2+: a killed server fails over to a "
-                                  "copy, nothing rolls back; 1: it costs a rollback to the last checkpoint)."),
-    "amp": typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),
-    "eval_every": typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation (rank 0) every N steps."),
-}
+_TRAIN = {key: _opt(key) for key in (
+    "workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed", "wire_dtype",
+    "transport", "backup_workers", "staleness", "topk_ratio", "balance_every", "replicas", "amp", "eval_every")}
+_TRAIN["staleness_lr"] = _opt("staleness_lr", "--staleness-lr")
 
 # Every role (coordinator, server, worker) serves Prometheus metrics the same way.
-_METRICS_PORT = typer.Option(-1, envvar="SHARDPS_METRICS_PORT",
-                             help="Serve Prometheus metrics on this port (0: any free one; -1: off).")
+_METRICS_PORT = _opt("metrics_port")
+_LOG_LEVEL = _opt("log_level")
 
 
 def _setup_logging(level: str) -> None:
@@ -93,23 +82,17 @@ def _user_errors(cluster: str = ""):
 
 @app.command()
 def coordinator(
-    host: str = typer.Option("127.0.0.1", envvar="SHARDPS_HOST", help="Interface to bind; 0.0.0.0 in containers."),
-    port: int = typer.Option(7070, envvar="SHARDPS_PORT", help="Port to serve on; 0 picks a free one."),
-    num_servers: int = typer.Option(2, envvar="SHARDPS_NUM_SERVERS", help="Shard servers the parameters are cut across."),
-    threads: int = typer.Option(32, envvar="SHARDPS_THREADS", help="gRPC handler threads."),
-    port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
-    lease_seconds: float = typer.Option(10.0, envvar="SHARDPS_LEASE_SECONDS",
-                                        help="A worker silent this long is removed from the job's membership."),
-    replica_lease_seconds: float = typer.Option(
-        1.5, envvar="SHARDPS_REPLICA_LEASE_SECONDS",
-        help="Replicated jobs: a shard's primary may answer this long after the coordinator last renewed it; a "
-             "silent server is declared dead (and its shards fail over) about 1.25 x this later."),
-    resume_job: str = typer.Option("", envvar="SHARDPS_RESUME_JOB",
-                                   help="job.json from a prepared checkpoint: run that job from its step."),
-    state_dir: str = typer.Option("", envvar="SHARDPS_STATE_DIR",
-                                  help="Keep the coordinator's state here: a restart resumes its jobs."),
+    host: str = _opt("host"),
+    port: int = _opt("coordinator.port"),
+    num_servers: int = _opt("num_servers"),
+    threads: int = _opt("coordinator.threads"),
+    port_file: str = _opt("port_file"),
+    lease_seconds: float = _opt("lease_seconds"),
+    replica_lease_seconds: float = _opt("replica_lease_seconds"),
+    resume_job: str = _opt("resume_job"),
+    state_dir: str = _opt("state_dir"),
     metrics_port: int = _METRICS_PORT,
-    log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
+    log_level: str = _LOG_LEVEL,
 ):
     """Run the coordinator (job spec, shard plan, membership)."""
     from ..coordinator.journal import JournalError
@@ -128,26 +111,21 @@ def coordinator(
 
 @app.command()
 def server(
-    coordinator: str = typer.Option(..., envvar="SHARDPS_COORDINATOR", help="Coordinator address, host:port."),
-    host: str = typer.Option("127.0.0.1", envvar="SHARDPS_HOST", help="Interface to bind; 0.0.0.0 in containers."),
-    port: int = typer.Option(7071, envvar="SHARDPS_PORT", help="Port to serve on; 0 picks a free one."),
-    advertise: str = typer.Option("", envvar="SHARDPS_ADVERTISE", help="host:port workers dial (default host:port)."),
-    shard_id: int = typer.Option(-1, envvar="SHARDPS_SHARD_ID", help="Shard id; -1 lets the coordinator assign one."),
-    threads: int = typer.Option(64, envvar="SHARDPS_THREADS", help="gRPC handler threads (>= workers + 8)."),
-    compute_threads: int = typer.Option(0, envvar="SHARDPS_COMPUTE_THREADS",
-                                        help="torch threads for the optimizer (0: every core; servers sharing a "
-                                             "host should split its cores)."),
-    step_timeout: float = typer.Option(300.0, envvar="SHARDPS_STEP_TIMEOUT", help="Sync: seconds a push waits for its step."),
-    port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
-    checkpoint_dir: str = typer.Option("", envvar="SHARDPS_CHECKPOINT_DIR",
-                                       help="Checkpoint the shard to DIR/shard-<id>/ (and restore from it on restart)."),
-    checkpoint_every: int = typer.Option(0, envvar="SHARDPS_CHECKPOINT_EVERY",
-                                         help="Also checkpoint every N versions (needs --checkpoint-dir)."),
-    checkpoint_keep: int = typer.Option(3, envvar="SHARDPS_CHECKPOINT_KEEP", help="Newest checkpoints kept per shard."),
+    coordinator: str = _opt("coordinator"),
+    host: str = _opt("host"),
+    port: int = _opt("server.port"),
+    advertise: str = _opt("advertise"),
+    shard_id: int = _opt("shard_id"),
+    threads: int = _opt("server.threads"),
+    compute_threads: int = _opt("compute_threads"),
+    step_timeout: float = _opt("step_timeout"),
+    port_file: str = _opt("port_file"),
+    checkpoint_dir: str = _opt("checkpoint_dir"),
+    checkpoint_every: int = _opt("server.checkpoint_every"),
+    checkpoint_keep: int = _opt("checkpoint_keep"),
     metrics_port: int = _METRICS_PORT,
-    history_dir: str = typer.Option("", envvar="SHARDPS_HISTORY_DIR",
-                                    help="Append what this server does to the run's history in DIR (shardps check)."),
-    log_level: str = typer.Option("info", envvar="SHARDPS_LOG_LEVEL"),
+    history_dir: str = _opt("history_dir"),
+    log_level: str = _LOG_LEVEL,
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
     from ..server.main import ServerConfig, serve
@@ -166,7 +144,7 @@ def server(
 
 @app.command()
 def worker(
-    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    cluster: str = _opt("cluster"),
     workload: str = _TRAIN["workload"],
     mode: str = _TRAIN["mode"],
     optimizer: str = _TRAIN["optimizer"],
@@ -176,7 +154,7 @@ def worker(
     epochs: float = _TRAIN["epochs"],
     device: str = _TRAIN["device"],
     seed: int = _TRAIN["seed"],
-    min_workers: int = typer.Option(1, envvar="SHARDPS_MIN_WORKERS", help="Training starts with this many workers."),
+    min_workers: int = _opt("min_workers"),
     wire_dtype: str = _TRAIN["wire_dtype"],
     transport: str = _TRAIN["transport"],
     backup_workers: int = _TRAIN["backup_workers"],
@@ -186,16 +164,14 @@ def worker(
     balance_every: int = _TRAIN["balance_every"],
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
-    slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
-                                   help="Simulate a slower machine: stretch each step's compute by this factor."),
-    metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
-    tensorboard: str = typer.Option("", envvar="SHARDPS_TENSORBOARD",
-                                    help="Also write TensorBoard events into this directory (needs shardps[tb])."),
+    slowdown: float = _opt("slowdown"),
+    metrics: str = _opt("metrics"),
+    tensorboard: str = _opt("tensorboard"),
     metrics_port: int = _METRICS_PORT,
     eval_every: int = _TRAIN["eval_every"],
-    threads: int = typer.Option(1, envvar="SHARDPS_THREADS", help="torch intra-op threads."),
-    name: str = typer.Option("", envvar="SHARDPS_WORKER_NAME", help="Name in status (default host:pid)."),
-    connect_timeout: float = typer.Option(120.0, envvar="SHARDPS_CONNECT_TIMEOUT", help="Seconds to wait for the cluster."),
+    threads: int = _opt("worker.threads"),
+    name: str = _opt("name"),
+    connect_timeout: float = _opt("connect_timeout"),
 ):
     """Train a built-in workload as one worker of the cluster (rank from the coordinator)."""
     from ..worker.train import TrainConfig, train
@@ -215,8 +191,8 @@ def worker(
 
 @app.command()
 def run(
-    servers: int = typer.Option(2, envvar="SHARDPS_SERVERS", help="Shard servers to start."),
-    workers: int = typer.Option(2, envvar="SHARDPS_WORKERS", help="Worker processes to start."),
+    servers: int = _opt("servers"),
+    workers: int = _opt("workers"),
     workload: str = _TRAIN["workload"],
     mode: str = _TRAIN["mode"],
     optimizer: str = _TRAIN["optimizer"],
@@ -239,17 +215,12 @@ def run(
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = _TRAIN["eval_every"],
     hosts: bool = typer.Option(False, "--hosts", help="Run every role in its own network namespace (root)."),
-    scenario: str = typer.Option("", "--scenario", envvar="SHARDPS_SCENARIO",
-                                 help="TOML file of faults to inject; writes report.md into the run directory."),
-    checkpoint_every: int = typer.Option(100, envvar="SHARDPS_CHECKPOINT_EVERY",
-                                         help="Servers checkpoint every N steps (with --scenario: 10 by default; "
-                                              "0: only at the start and the end)."),
-    durable: bool = typer.Option(True, "--durable/--no-durable", envvar="SHARDPS_DURABLE",
-                                 help="Keep coordinator state and shard checkpoints on disk, so a killed process "
-                                      "is survived (--no-durable: in memory only)."),
+    scenario: str = _opt("scenario", "--scenario"),
+    checkpoint_every: int = _opt("run.checkpoint_every"),
+    durable: bool = _opt("durable", "--durable/--no-durable"),
     resume: str = typer.Option("", "--resume", help="Go on from the checkpoints of this run directory "
                                "(any --servers; --steps counts from step 0)."),
-    out: str = typer.Option("", "--out", envvar="SHARDPS_OUT", help="Run directory (default runs/<workload>-<time>)."),
+    out: str = _opt("out", "--out"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ):
     """Train on an embedded local cluster (coordinator + servers + workers), then report."""
@@ -315,8 +286,8 @@ def launch(
                                     help="Workers the job starts with (0: --nproc; across machines: the total)."),
     restart_on_failure: int = typer.Option(0, "--restart-on-failure",
                                            help="Start a failed worker again up to K times; it rejoins the job."),
-    lease_seconds: float = typer.Option(10.0, "--lease-seconds",
-                                        help="Embedded cluster: a dead worker leaves the job after this long."),
+    lease_seconds: float = _opt("lease_seconds", "--lease-seconds", env=False,
+                                help="Embedded cluster: a dead worker leaves the job after this long."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Embedded cluster: checkpoint every N steps."),
     log_dir: str = typer.Option("", "--log-dir", help="Logs and launch.json (default runs/launch-<time>)."),
     module: bool = typer.Option(False, "-m", "--module", help="SCRIPT is a module: run python -m SCRIPT."),
@@ -336,7 +307,7 @@ def launch(
 
 @app.command()
 def status(
-    cluster: str = typer.Option(..., envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    cluster: str = _opt("cluster"),
     job: str = typer.Option("", "--job", help="The job's name (default: the job named default)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -382,7 +353,7 @@ def check(
 
 @app.command()
 def export(
-    cluster: str = typer.Option("", envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP),
+    cluster: str = _opt("cluster", default=""),
     from_checkpoint: str = typer.Option("", "--from-checkpoint",
                                         help="Read the shards' checkpoints in this run or checkpoint folder instead."),
     out: str = typer.Option(..., "--out", help="Output file: .safetensors, or .pt for torch.save."),
@@ -421,7 +392,7 @@ def probe(
 
 @app.command()
 def checkpoint(
-    cluster: str = typer.Option("", envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP + " (or --run)"),
+    cluster: str = _opt("cluster", default="", help=CLUSTER_HELP + " (or --run)"),
     run: str = typer.Option("", "--run", help="A `shardps run` directory: its cluster and credential."),
     job: str = typer.Option("", "--job", help="The job's name (default: the job named default)."),
     timeout: float = typer.Option(120.0, help="Seconds to wait for every shard to reach the version and write."),
@@ -462,7 +433,7 @@ app.add_typer(chaos_app, name="chaos")
 
 @chaos_app.command("rpc")
 def chaos_rpc(
-    cluster: str = typer.Option("", envvar="SHARDPS_CLUSTER", help=CLUSTER_HELP + " (or --run)"),
+    cluster: str = _opt("cluster", default="", help=CLUSTER_HELP + " (or --run)"),
     run: str = typer.Option("", "--run", help="A `shardps run` directory: its cluster and credential."),
     target: str = typer.Option("servers", help="coordinator, server-<k>, servers or all."),
     kind: str = typer.Option("", help="delay, abort or drop (leave out with --clear or --list)."),

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..proto import defaults as D
 from .local import LocalCluster
 
 POLL_S = 0.1  # how often the launcher looks at its workers
@@ -54,7 +55,7 @@ class LaunchConfig:
     cluster: str = ""  # join this coordinator (host:port) instead of starting a cluster
     min_workers: int = 0  # SHARDPS_MIN_WORKERS for the scripts; 0: nproc (with --cluster across hosts: the total)
     restart_on_failure: int = 0  # start each failed worker again up to this many times
-    lease_seconds: float = 10.0  # embedded cluster: a dead worker leaves the membership after this long
+    lease_seconds: float = D.LEASE_S  # embedded cluster: a dead worker leaves the membership after this long
     checkpoint_every: int = 0  # embedded cluster: servers checkpoint every N steps (0: off)
     log_dir: str = ""  # worker and cluster logs, launch.json; default runs/launch-<time>
     module: bool = False  # run ``python -m script`` instead of a file

@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..proto.history import ENV as HISTORY_ENV
+from ..proto import defaults as D
 from ..proto.rpc import check_health
 
 # glibc malloc settings: keep large gradient buffers out of repeated mmap/munmap
@@ -53,14 +54,14 @@ class LocalCluster:
         servers: int = 2,
         *,
         host: str = "127.0.0.1",
-        step_timeout: float = 300.0,
+        step_timeout: float = D.STEP_TIMEOUT_S,
         startup_timeout: float = 60.0,
         log_dir: str | os.PathLike | None = None,
         log_level: str = "info",
-        checkpoint_every: int = 100,
+        checkpoint_every: int = D.RUN_CHECKPOINT_EVERY,
         checkpoint_dir: str | os.PathLike | None = None,
         durable: bool = True,
-        lease_seconds: float = 10.0,
+        lease_seconds: float = D.LEASE_S,
         replica_lease_seconds: float | None = None,
         hosts: bool = False,
         worker_hosts: int = 0,
@@ -79,7 +80,7 @@ class LocalCluster:
         job rolls back to the newest common checkpoint instead of failing. ``durable=False`` keeps
         everything in memory: a killed process then loses its part of the job. ``replica_lease_seconds``:
         for replicated jobs, how long a shard's primary answers after its last renewal (a dead one is
-        detected about 1.25 x this later; default 1.5). ``history``: every role appends what it does to
+        detected 1.25 x this + 0.5 s later; None: the coordinator's default, proto/defaults.REPLICA_LEASE_S). ``history``: every role appends what it does to
         ``history_dir`` (``<log dir>/history``), which ``shardps check`` proves the promises over;
         workers record there when given ``history_dir=cluster.history_dir`` (``shardps run``'s do)."""
         if servers < 1:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from ..proto import defaults as D
 from ..proto.errors import ShardpsError
 from ..proto.history import ENV as HISTORY_ENV
 from ..proto.history import History
@@ -42,7 +43,7 @@ class RunConfig:
     workers: int = 2  # worker processes
     workload: str = "digits"  # digits | charlm
     mode: str = "sync"  # sync | ssp | async
-    optimizer: str = ""  # sgd | adam | adamw ("" = workload default)
+    optimizer: str = ""  # an elementwise torch.optim by name ("" = workload default)
     lr: float = 0.0  # 0 = workload default
     batch_size: int = 0  # per worker; 0 = workload default
     steps: int = 0  # 0 = derive from epochs
@@ -59,15 +60,15 @@ class RunConfig:
     balance_every: int = 0  # sync/ssp: re-split global batches by measured throughput every N steps (0: equal)
     replicas: int = 1  # copies of each shard on different servers (>= 2: a killed server fails over, no rollback)
     amp: str = ""  # mixed precision on the workers: "", "bfloat16" or "float16"
-    eval_every: int = 50  # rank 0 evaluates every N steps
+    eval_every: int = D.EVAL_EVERY  # rank 0 evaluates every N steps
     out: str = ""  # run directory; default runs/<workload>-<time>
     worker_threads: int = 1  # torch threads per worker
     hosts: bool = False  # every role in its own network namespace (root only)
     scenario: str = ""  # TOML file of faults to inject (see chaos/scenario.py)
-    checkpoint_every: int = 100  # servers also checkpoint every N steps (always: at the start and at the end)
+    checkpoint_every: int = D.RUN_CHECKPOINT_EVERY  # servers also checkpoint every N steps (always: at the start and at the end)
     durable: bool = True  # coordinator state and shard checkpoints on disk, so a killed process is survived
     resume: str = ""  # a run directory (or checkpoint folder) to go on from; --steps counts from step 0
-    lease_seconds: float = 10.0  # a worker silent this long leaves the membership
+    lease_seconds: float = D.LEASE_S  # a worker silent this long leaves the membership
 
     def __post_init__(self):
         if self.servers < 1 or self.workers < 1:

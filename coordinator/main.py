@@ -17,6 +17,7 @@ import grpc
 
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
+from ..proto import defaults as D
 from ..proto.messages import JobConfig, job_from_pb
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..chaos.faults import create_server as new_grpc_server
@@ -32,11 +33,11 @@ log = logging.getLogger("shardps.coordinator")
 @dataclass(frozen=True)
 class CoordinatorConfig:
     host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" in containers
-    port: int = 7070  # 0 picks a free port (see port_file)
+    port: int = D.COORDINATOR_PORT  # 0 picks a free port (see port_file)
     num_servers: int = 2  # shard servers the flat parameter vector is cut across
-    threads: int = 32  # gRPC handler threads (membership watches hold one each)
-    lease_seconds: float = 10.0  # a worker silent this long is removed from the membership
-    replica_lease_seconds: float = 1.5  # replicated jobs: how long a primary answers after its last renewal
+    threads: int = D.COORDINATOR_THREADS  # gRPC handler threads (membership watches hold one each)
+    lease_seconds: float = D.LEASE_S  # a worker silent this long is removed from the membership
+    replica_lease_seconds: float = D.REPLICA_LEASE_S  # replicated jobs: how long a primary answers after its last renewal
     resume_job: str = ""  # job.json written by prepare_resume: run that job from its checkpoint step
     state_dir: str = ""  # keep the coordinator's state here, so a restart resumes its jobs ("": in memory only)
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)

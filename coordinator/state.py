@@ -10,7 +10,7 @@ new view. Sync and SSP jobs change membership at a step boundary that every shar
 agrees on (``reconfigure``): workers hold leases renewed by heartbeats; a worker
 whose lease runs out is removed from the step its shards have open, and a new worker
 is added from a step a few steps ahead that no shard has closed yet (every shard
-must accept that step before the view is published; see docs/architecture.md).
+must accept that step before the view is published; see docs/architecture/membership.md).
 
 Everything but leases is durable: with a ``journal`` every change is written to
 disk before the call returns, and a restarted coordinator resumes the same jobs
@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
+from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
 from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
 from .placement import Placement
@@ -41,7 +42,6 @@ MAX_JOBS = 64  # named jobs per cluster
 MAX_WORKERS_SEEN = 1 << 16  # worker registrations per job over its life (ids are never reused)
 MAX_COUNTERS = 32  # fault counters a heartbeat may report
 MAX_ADDRESS = 256  # characters of a server address
-REPLICA_LEASE_S = 1.5  # a primary answers pushes this long after the coordinator's last placement call
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class JobState:
 
 
 class Coordinator:
-    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None, lease_s: float = 10.0,
+    def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None, lease_s: float = LEASE_S,
                  journal=None):
         """``shards``: how to reach shard servers (``coordinator.shards.ShardAdmin``); needed for
         membership changes and rollbacks. ``journal``: where the state is kept (None: memory only)."""

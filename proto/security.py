@@ -11,14 +11,11 @@
 
 Every role and every client reads the same settings, from arguments or from the
 environment (so one ``.env`` or Kubernetes Secret configures a whole cluster):
-
-| variable | meaning |
-|---|---|
-| ``SHARDPS_AUTH_TOKEN`` | the workers' token; worker calls must carry ``authorization: Bearer <token>`` |
-| ``SHARDPS_CLUSTER_TOKEN`` | the cluster's credential: internal and admin calls must carry it (it is valid for worker calls too) |
-| ``SHARDPS_TLS_CERT`` / ``SHARDPS_TLS_KEY`` | this process's certificate and key (PEM): a server's, or a client's for mutual TLS |
-| ``SHARDPS_TLS_CA`` | the CA that signed the peer's certificate (clients: the servers'; servers with mutual TLS: the clients') |
-| ``SHARDPS_TLS_CLIENT_AUTH`` | ``1``: servers require a client certificate signed by the CA (mutual TLS) |
+``SHARDPS_AUTH_TOKEN``, ``SHARDPS_CLUSTER_TOKEN`` (also valid for worker calls),
+``SHARDPS_TLS_CERT``/``SHARDPS_TLS_KEY``, ``SHARDPS_TLS_CA`` (clients: the servers' CA;
+servers with mutual TLS: the clients') and ``SHARDPS_TLS_CLIENT_AUTH``; what each means is
+written once, in ``proto/defaults.py`` (docs/configuration.md shows the table). Calls carry
+the token as ``authorization: Bearer <token>``.
 
 Servers check credentials in an interceptor (``AuthInterceptor``), before any
 other logic: a call without a valid credential gets UNAUTHENTICATED, a worker's

@@ -17,6 +17,7 @@ import torch
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
 from ..proto.history import History
+from ..proto import defaults as D
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..chaos.faults import create_server as new_grpc_server
 from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
@@ -30,18 +31,18 @@ log = logging.getLogger("shardps.server")
 class ServerConfig:
     coordinator: str  # coordinator address, host:port
     host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" in containers
-    port: int = 7071  # 0 picks a free port
+    port: int = D.SERVER_PORT  # 0 picks a free port
     advertise: str = ""  # host:port workers dial; default host:bound-port
     shard_id: int = -1  # -1 lets the coordinator assign the lowest free id
-    threads: int = 64  # gRPC handler threads: >= workers blocked in a sync step + control calls
-    step_timeout: float = 300.0  # sync: seconds a push waits for its step to close
+    threads: int = D.SERVER_THREADS  # gRPC handler threads: >= workers blocked in a sync step + control calls
+    step_timeout: float = D.STEP_TIMEOUT_S  # sync: seconds a push waits for its step to close
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes per streamed reply chunk
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger messages are refused (RESOURCE_EXHAUSTED)
     register_wait: float = 60.0  # seconds to keep trying to reach the coordinator at start
     port_file: str = ""  # if set, the bound port is written here
     checkpoint_dir: str = ""  # checkpoints go to <dir>/shard-<id>/; "" keeps none (a restart loses the shard)
     checkpoint_every: int = 0  # also checkpoint every N versions (0: only at version 0, on request and on SIGTERM)
-    checkpoint_keep: int = 3  # newest checkpoints kept per shard
+    checkpoint_keep: int = D.CHECKPOINT_KEEP  # newest checkpoints kept per shard
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
     compute_threads: int = 0  # torch threads for the optimizer step (0: torch's default, every core)
     history_dir: str = ""  # append what this server does to the run's history here (shardps check); "" records none

@@ -21,6 +21,7 @@ import torch
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
 from ..proto.history import NO_HISTORY, History
+from ..proto.defaults import STEP_TIMEOUT_S
 from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View
 from .checkpoint import Checkpointer, CheckpointStore
 from . import replica as replicas
@@ -89,7 +90,7 @@ class MembershipCache:
 class ShardNode:
     """The jobs one shard server holds (a cluster may run several), by job id."""
 
-    def __init__(self, shard_id: int, fetch_job: FetchJob, fetch_view: FetchView, step_timeout: float = 300.0,
+    def __init__(self, shard_id: int, fetch_job: FetchJob, fetch_view: FetchView, step_timeout: float = STEP_TIMEOUT_S,
                  checkpoint_dir: str = "", checkpoint_every: int = 0, checkpoint_keep: int = 3,
                  history: History = NO_HISTORY):
         self.shard_id = shard_id

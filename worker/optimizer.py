@@ -47,6 +47,7 @@ from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
+from ..proto.defaults import PUSH_TIMEOUT_S
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.history import ENV as HISTORY_ENV
@@ -103,7 +104,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         transport: str = "",
         name: str = "",
         connect_timeout: float = 120.0,
-        step_timeout: float = 330.0,
+        step_timeout: float = PUSH_TIMEOUT_S,
         retry_timeout: float = 600.0,
         auth_token: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,

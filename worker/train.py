@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from ..proto import defaults as D
 from .balance import BatchSplit
 from .optimizer import ShardedOptimizer
 from .workloads import get_workload
@@ -25,7 +26,7 @@ class TrainConfig:
     cluster: str  # coordinator address, host:port
     workload: str = "digits"  # built-in workload: digits | charlm
     mode: str = "sync"  # sync | ssp | async
-    optimizer: str = ""  # sgd | adam | adamw; "" takes the workload's default
+    optimizer: str = ""  # an elementwise torch.optim by name (proto/defaults.OPTIMIZER_NAMES); "": the workload's
     lr: float = 0.0  # learning rate; 0 takes the workload's default
     batch_size: int = 0  # samples per worker per step; 0 takes the workload's default
     steps: int = 0  # steps to train; 0 derives them from epochs
@@ -45,10 +46,10 @@ class TrainConfig:
     amp: str = ""  # mixed precision on this worker: "" (off), "bfloat16" or "float16" (with loss scaling)
     metrics: str = ""  # append one JSON line per step here ("" = none)
     tensorboard: str = ""  # also write these lines as TensorBoard events into this directory ("" = none; [tb] extra)
-    eval_every: int = 50  # rank 0 evaluates every N steps (0: only at the end)
-    threads: int = 1  # torch intra-op threads (keep low when processes share cores)
+    eval_every: int = D.EVAL_EVERY  # rank 0 evaluates every N steps (0: only at the end)
+    threads: int = D.WORKER_THREADS  # torch intra-op threads (keep low when processes share cores)
     name: str = ""  # worker name in status; default host:pid
-    connect_timeout: float = 120.0  # seconds to wait for the cluster and min_workers
+    connect_timeout: float = D.CONNECT_TIMEOUT_S  # seconds to wait for the cluster and min_workers
     metrics_port: int = -1  # serve Prometheus metrics on this port while training (0: any free, -1: off)
 
     def __post_init__(self):

@@ -1,5 +1,5 @@
 """The Kubernetes manifests against Kubernetes' own OpenAPI schemas (kubernetes-validate, strict: an
-unknown field is an error), for the Kubernetes version docs/deploy.md names."""
+unknown field is an error), for the Kubernetes version docs/deployment.md names."""
 import copy
 import re
 from pathlib import Path
@@ -14,10 +14,10 @@ MANIFESTS = ROOT / "deploy" / "k8s" / "shardps.yaml"
 
 
 def documented_version() -> str:
-    """The version in docs/deploy.md's "validated against ... Kubernetes X.Y" sentence."""
-    text = (ROOT / "docs" / "deploy.md").read_text()
+    """The version in docs/deployment.md's "validated against ... Kubernetes X.Y" sentence."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
     found = re.search(r"validated in CI against the schemas of Kubernetes (\d+\.\d+)", text)
-    assert found, "docs/deploy.md must name the Kubernetes version the manifests are validated for"
+    assert found, "docs/deployment.md must name the Kubernetes version the manifests are validated for"
     return found.group(1) + ".0"
 
 

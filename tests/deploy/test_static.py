@@ -15,8 +15,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def env_vars_the_cli_reads() -> set[str]:
+    """Every command's option variables (typer's envvar, from proto/defaults.py), plus what the
+    CLI and proto/security.py read themselves (the token files, the TLS settings)."""
+    import typer.main
+
+    from shardps.client.cli import app
+
+    def options(command):
+        for sub in getattr(command, "commands", {}).values():
+            yield from options(sub)
+        yield from (p for p in getattr(command, "params", []) if p.param_type_name == "option")
+
+    names = {o.envvar for o in options(typer.main.get_command(app)) if isinstance(o.envvar, str)}
     text = (ROOT / "client" / "cli.py").read_text() + (ROOT / "proto" / "security.py").read_text()
-    return set(re.findall(r"SHARDPS_[A-Z_]+", text))
+    return names | set(re.findall(r"SHARDPS_[A-Z_]+", text))
 
 
 def test_the_dockerfile_builds_from_a_base_argument_sets_the_malloc_tunables_and_probes_health():
