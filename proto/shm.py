@@ -17,7 +17,7 @@ the step returns (``FlatParams.renew_segment``), so no late write reaches the mo
 
 Negotiation is by trying: a push names the segment (``PushHeader.shm``); a server
 that cannot open it (another host, a container without the worker's ``/dev/shm``)
-refuses that push with FAILED_PRECONDITION "no shared memory", and the worker sends
+refuses that push (``errors.NoSharedMemory``, a typed reason), and the worker sends
 the same push again over gRPC and keeps that shard on gRPC.
 
 Layout (little-endian): a 4096-byte header (magic, version, nonce, numel, the

@@ -34,20 +34,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load, save_file as st_save_file
 
-from ..proto.errors import FailedPrecondition, ShardpsError
+from ..proto.errors import CheckpointError, FailedPrecondition
 from ..proto.process import release_free_memory
 
 log = logging.getLogger("shardps.checkpoint")
 
 FORMAT = "shardps-shard-checkpoint/2"
 _NAME = re.compile(r"^ckpt-(\d{12})\.safetensors$")
-
-
-class CheckpointError(ShardpsError):
-    """A checkpoint could not be written (disk full, I/O error) or read; the previous ones stand."""
-
-    code = "RESOURCE_EXHAUSTED"
-    reason = "checkpoint_failed"
 
 
 @dataclass

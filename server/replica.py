@@ -38,17 +38,14 @@ from typing import Callable
 
 import torch
 
-from ..proto.errors import FailedPrecondition, ShardpsError, Unavailable
+# A backup's refusals (ReplicaRefused) are told apart by their class, which travels as a typed reason
+# (proto/errors.py): NeedsCopy (an update it cannot apply in order: a whole copy first), Superseded
+# (the sender is a primary of an older placement: it steps down).
+from ..proto.errors import NeedsCopy, NotPrimary, ReplicaRefused, ShardpsError, Superseded, Unavailable  # noqa: F401 - ReplicaRefused for callers
 
 log = logging.getLogger("shardps.server")
 
-NEEDS_COPY = "needs a whole copy"  # a backup's answer to an update it cannot apply in order
-SUPERSEDED = "superseded by placement epoch"  # ... to a primary of an older placement
 RETRY_PAUSE_S = 0.2  # between attempts to reach a backup that failed
-
-
-class ReplicaRefused(FailedPrecondition):
-    """A backup cannot take an update: it needs a whole copy first, or the sender is no longer primary."""
 
 
 @dataclass
@@ -154,9 +151,9 @@ def ship(role: ReplicaRole, state, update: Update | None, send: Send, timeout: f
                 with role.cond:
                     role.updates_replicated += update is not None
                     role.unreachable.discard(address)
-            except ReplicaRefused as exc:
-                if SUPERSEDED in str(exc):
-                    demote(role, state, f"backup {address} follows a newer placement ({exc})")
+            except Superseded as exc:
+                demote(role, state, f"backup {address} follows placement epoch {exc.placement_epoch} ({exc})")
+            except NeedsCopy:
                 with role.cond:
                     role.synced.discard(address)  # next attempt sends a whole copy first
             except ShardpsError as exc:
@@ -225,7 +222,7 @@ def step_down(role: ReplicaRole, state, why: str) -> None:
 def demote(role: ReplicaRole, state, why: str) -> None:
     """``step_down``, and refuse the call that found out (Unavailable: its worker goes elsewhere)."""
     step_down(role, state, why)
-    raise Unavailable(moved(state.shard.shard_id, why))
+    raise NotPrimary(moved(state.shard.shard_id, why))
 
 
 def void_open_steps(state) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument
+from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import error_from_rpc, open_channel, translate_errors
@@ -396,8 +396,8 @@ class ShardServicer:
         h = first.fields.header
         state = self.node.find(h.job_id, h.shard_id)
         if state is None:
-            raise FailedPrecondition(f"{replicas.NEEDS_COPY}: this server holds no replica of shard {h.shard_id} of "
-                                     f"job {h.job_id[:64]!r} yet (the coordinator places replicas)")
+            raise NeedsCopy(f"needs a whole copy: this server holds no replica of shard {h.shard_id} of "
+                            f"job {h.job_id[:64]!r} yet (the coordinator places replicas)")
         if h.full:  # rare (a new or restarted backup): fresh tensors, kept as the replica's state
             return pb.ReplicateResponse(version=state.take_copy(h, _named_tensors(state, _chain(first, frames))))
         # One update per step: its gradient lands in a pooled buffer, as a push's does.
@@ -532,12 +532,8 @@ class ReplicaSender:
 
         try:
             return self._stub(address)(requests(), timeout=10.0 + nbytes / 50e6).version
-        except grpc.RpcError as exc:
-            error = error_from_rpc(exc, f"Replicate to {address}")
-            if isinstance(error, FailedPrecondition) and (replicas.NEEDS_COPY in str(error)
-                                                          or replicas.SUPERSEDED in str(error)):
-                raise replicas.ReplicaRefused(str(error)) from None
-            raise error from None
+        except grpc.RpcError as exc:  # a backup's refusal comes back as its class (NeedsCopy, Superseded)
+            raise error_from_rpc(exc, f"Replicate to {address}") from None
 
 
 class _BlobReader:

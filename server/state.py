@@ -29,10 +29,10 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, optim
-from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, RolledBack, ShardpsError,
-                            Unavailable, WaitTimeout)
-from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
+from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NoSharedMemory,
+                            NotPrimary, RolledBack, ShardpsError, Superseded, Unavailable, WaitTimeout)
 from ..proto.history import NO_HISTORY, History
+from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from ..proto.shm import Segment, ShmUnavailable, sweep
 from .checkpoint import Snapshot
@@ -361,8 +361,8 @@ class ShardState:
         replay from an earlier step for it."""
         self.check_serving()
         if self.rolled_back_generation <= generation:
-            raise Unavailable(replicas.moved(self.shard.shard_id, "the step this call waited in was voided (the "
-                                             "replica stepped down or took a copy)"))
+            raise NotPrimary(replicas.moved(self.shard.shard_id, "the step this call waited in was voided (the "
+                                            "replica stepped down or took a copy)"))
 
     def check_serving(self) -> None:
         """Under the lock: refuse work on a replica that is not the shard's primary now (a worker
@@ -373,7 +373,7 @@ class ShardState:
         why = self.replica.serving()
         if why:
             self.stats.rejections["not_primary"] += 1
-            raise Unavailable(replicas.moved(self.shard.shard_id, why))
+            raise NotPrimary(replicas.moved(self.shard.shard_id, why))
 
     def _next_version(self, buffers: bytes | None) -> None:
         if buffers is not None:
@@ -429,9 +429,8 @@ class ShardState:
             if self.initialized and self.version == header.version:
                 return self.version  # a repeat: the primary's first attempt landed
             if not self.initialized or self.version != header.version - 1:
-                raise replicas.ReplicaRefused(f"{replicas.NEEDS_COPY}: the backup of shard {self.shard.shard_id} is "
-                                              f"at version {self.version if self.initialized else 'none'}, the update "
-                                              f"makes {header.version}")
+                raise NeedsCopy(f"needs a whole copy: the backup of shard {self.shard.shard_id} is at version "
+                                f"{self.version if self.initialized else 'none'}, the update makes {header.version}")
             if hyper is not None:
                 self.optimizer.set_hyper(hyper)
             step = header.version - 1
@@ -509,12 +508,12 @@ class ShardState:
         with role.cond:
             acting = role.primary and not role.demoted
             if header.placement_epoch < role.placement_epoch or (acting and header.placement_epoch == role.placement_epoch):
-                raise replicas.ReplicaRefused(
-                    f"{replicas.SUPERSEDED} {role.placement_epoch}: shard {self.shard.shard_id}'s replica here "
-                    f"{'is the primary' if role.primary else 'follows a newer placement'} (the update named "
-                    f"{header.placement_epoch})")
+                raise Superseded(
+                    f"superseded by placement epoch {role.placement_epoch}: shard {self.shard.shard_id}'s replica "
+                    f"here {'is the primary' if role.primary else 'follows a newer placement'} (the update named "
+                    f"{header.placement_epoch})", placement_epoch=role.placement_epoch)
         if acting:  # the sender is primary in a newer placement than this stale one (it slept): step down
-            replicas.step_down(role, self, f"{replicas.SUPERSEDED} {header.placement_epoch}")
+            replicas.step_down(role, self, f"superseded by placement epoch {header.placement_epoch}")
 
     # ------------------------------------------------------------------ same-host byte path
 
@@ -530,7 +529,7 @@ class ShardState:
         except ShmUnavailable as exc:
             with self.cond:
                 self.transport[worker_id] = "grpc"
-            raise FailedPrecondition(f"no shared memory: {exc}") from None
+            raise NoSharedMemory(f"no shared memory: {exc}") from None
         with self.cond:
             old, self.segments[worker_id] = self.segments.get(worker_id), seg
             self.transport[worker_id] = "shm"

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, ShardpsError, Unavailable, WaitTimeout
+from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
@@ -47,10 +47,6 @@ class PushReply:
     epoch: int = 0  # the newest membership epoch the shard knows
     skipped: bool = False  # the step was skipped everywhere (an fp16 overflow on some worker)
     buffers: bytes | None = None  # shard 0, broadcast buffers: rank 0's buffers of the step
-
-
-class ShmRefused(FailedPrecondition):
-    """The shard server cannot open this worker's shared memory: use gRPC for that shard."""
 
 
 class ClipExchange:
@@ -232,7 +228,7 @@ class ShardChannel:
         after the gradient (it may block until the caller knows them). A clipped push
         reports the shard's ClipPartial to ``clip`` and sends back its total. ``buffers``
         (shard 0, rank 0) goes first. With ``shm`` the gradient is read from, and the reply
-        written into, the worker's shared segment: only the header travels (ShmRefused when
+        written into, the worker's shared segment: only the header travels (NoSharedMemory when
         the server cannot open it).
         """
         header.target.CopyFrom(self.target)
@@ -285,10 +281,7 @@ class ShardChannel:
                 server_done = True
             except grpc.RpcError as exc:
                 server_done = handler_ended(exc)
-                error = error_from_rpc(exc, self._what("Push"))
-                if shm is not None and isinstance(error, FailedPrecondition) and "no shared memory" in str(error):
-                    raise ShmRefused(str(error)) from None
-                raise error from None
+                raise error_from_rpc(exc, self._what("Push")) from None
             finally:
                 if shm is not None and result is None and not server_done:
                     shm.exposed = True  # given up before the reply: the server may still write it in, later
@@ -489,7 +482,7 @@ class PSClient:
             if self.shm_ok[k]:
                 try:
                     return shard.push(h, None, out, self.timeout, commit, None, clip, blob, shm=self.segment)
-                except ShmRefused as exc:  # another host (or /dev/shm): this shard takes the bytes over gRPC
+                except NoSharedMemory as exc:  # another host (or /dev/shm): this shard takes the bytes over gRPC
                     self.shm_ok[k] = False
                     log.info("shard %d: %s; pushing over gRPC", r.shard_id, exc)
                     h.ClearField("shm")

@@ -109,3 +109,18 @@ def test_a_pull_naming_its_epoch_is_told_at_once_about_changes_it_has_not_seen(s
         channel.pull(torch.empty(N), 60.0, 5, epoch=2)
     version, _ = channel.pull(torch.empty(N), 60.0, 1, epoch=3)  # the newest view, a version it has: served
     assert version == 1
+
+
+def test_the_worker_tells_a_rollback_from_a_newer_view_by_reason_and_fields_not_by_their_words(shard, monkeypatch):
+    monkeypatch.setattr(errors.ShardpsError, "__str__", lambda self: "reworded")  # server and worker alike
+    state, channel = shard
+    with state.cond:
+        snap = state.checkpoint_snapshot()
+    state.learn_view(view(2, 4, 0, 1))
+    with pytest.raises(errors.MembershipChanged) as changed:
+        channel.pull(torch.empty(N), 60.0, 5, epoch=1)
+    assert changed.value.epoch == 2  # the views to fetch before pulling again
+    state.restore(snap, epoch=3)
+    with pytest.raises(errors.RolledBack) as rolled:
+        channel.pull(torch.empty(N), 60.0, 5, epoch=2)
+    assert (rolled.value.step, rolled.value.epoch) == (1, 3)  # where the worker carries on

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shardps.coordinator.placement import Placement
-from shardps.proto.errors import InvalidArgument, Unavailable
+from shardps.proto.errors import InvalidArgument, NeedsCopy, NotPrimary, Superseded, Unavailable
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, StepOpts, UpdateMode
@@ -93,12 +93,13 @@ def test_a_backup_refuses_updates_out_of_order_or_from_an_older_placement_and_ch
     before = b.digest()
     grad = [("grad", torch.zeros(N))]
     skip_ahead = pb.ReplicaHeader(job_id="job", shard_id=0, placement_epoch=1, version=5, hyperparams_json="")
-    with pytest.raises(replicas.ReplicaRefused, match=replicas.NEEDS_COPY):
+    with pytest.raises(NeedsCopy, match="needs a whole copy"):
         b.replay(skip_ahead, dict(grad))
     b.replica.assign(3, False, [], 30)
     stale = pb.ReplicaHeader(job_id="job", shard_id=0, placement_epoch=2, version=1, hyperparams_json="")
-    with pytest.raises(replicas.ReplicaRefused, match=replicas.SUPERSEDED):
+    with pytest.raises(Superseded, match="superseded by placement epoch 3") as refused:
         b.replay(stale, dict(grad))
+    assert refused.value.placement_epoch == 3  # the sender steps down for it (a typed field, not the message)
     wrong_size = pb.ReplicaHeader(job_id="job", shard_id=0, placement_epoch=3, version=1, hyperparams_json="")
     with pytest.raises(InvalidArgument):
         b.replay(wrong_size, {"grad": torch.zeros(N + 1)})
@@ -251,4 +252,4 @@ def test_a_push_voided_by_a_step_down_is_retried_not_rolled_back_even_if_the_rep
         replicas.void_open_steps(primary)
         primary.replica.assign(3, True, ["b0"], 30)
     waiting.join(10)
-    assert len(outcome) == 1 and type(outcome[0]) is Unavailable, outcome  # RolledBack would make it replay
+    assert len(outcome) == 1 and type(outcome[0]) is NotPrimary, outcome  # RolledBack would make it replay
