@@ -87,7 +87,7 @@ def soak(args) -> dict:
             procs[f"worker-{i} ({JOBS[job]})"] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         roles = {name: cluster.pid(name) for name in cluster.procs} | {n: p.pid for n, p in procs.items()}
         start, last_versions = time.monotonic(), {}
-        while any(p.poll() is None for p in procs.values()):
+        while all(p.poll() is None for p in procs.values()):  # sampled while every worker trains
             time.sleep(args.every)
             now = time.monotonic() - start
             for name, pid in roles.items():
@@ -104,6 +104,8 @@ def soak(args) -> dict:
                     t0, v0 = last_versions[job]
                     series.setdefault(f"{job} steps/s", []).append((now, {"steps_per_s": (version - v0) / (now - t0)}))
                 last_versions[job] = (now, version)
+        for p in procs.values():  # they stop by themselves at --minutes
+            p.wait(timeout=args.every + 120)
         errors = {n: p.returncode for n, p in procs.items() if p.returncode}
         rejected = {job: sum(s.get("rejected", 0) for s in cluster_status(cluster.address, job)["shards"])
                     for job in JOBS}
