@@ -1,0 +1,86 @@
+"""One worker process of the DiLoCo tests: trains the fixed task through DiLoCo.
+
+    python tests/helpers/diloco_worker.py --cluster ADDR --inner adamw --inner-kwargs '{"lr":0.01}'
+        --sync-every 4 --outer-kwargs '{"outer_lr":0.7}' --sizes 24,40 --steps 16 --out result.pt
+
+Rank r trains on rows [sum(sizes[:r]), sum(sizes[:r+1])) of each global batch, as train_worker.py.
+``--steps`` inner steps; a last round shorter than ``--sync-every`` is synced at the end.
+Writes {"initial", "final", "rounds": [{"delta": raw outer gradient (flat), "samples", "versions"}],
+"ranges": each shard's [start, stop) of the flat vector, "rank"}.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from task import global_batch, loss_fn, make_model  # noqa: E402
+
+from shardps.worker.diloco import DiLoCo  # noqa: E402
+
+INNER = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--inner", default="sgd")
+    ap.add_argument("--inner-kwargs", default='{"lr": 0.1}')
+    ap.add_argument("--sync-every", type=int, default=4)
+    ap.add_argument("--outer-kwargs", default="{}", help="DiLoCo's outer_* arguments as JSON")
+    ap.add_argument("--mode", default="sync")
+    ap.add_argument("--wire-dtype", default="float32")
+    ap.add_argument("--sizes", default="32,32")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--init-seed", type=int, default=0)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep every inner step (a slower worker)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    torch.set_num_threads(1)
+    model = make_model(a.init_seed)
+    inner = INNER[a.inner](model.parameters(), **json.loads(a.inner_kwargs))
+    opt = DiLoCo(model, inner, a.cluster, sync_every=a.sync_every, mode=a.mode, min_workers=len(sizes),
+                 wire_dtype=a.wire_dtype, connect_timeout=120, **json.loads(a.outer_kwargs))
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rounds = []
+
+    def record(batch: int) -> None:
+        """Note the round's raw outer gradient just before DiLoCo pushes it."""
+        rounds.append({"delta": flat(opt.anchor) - flat(opt.params), "samples": opt.samples + batch})
+
+    while opt.steps_taken < a.steps:
+        step = opt.steps_taken
+        lo = sum(sizes[:opt.rank])
+        hi = lo + sizes[opt.rank]
+        x, y = global_batch(step, sum(sizes))
+        opt.zero_grad()
+        loss_fn(model, x[lo:hi], y[lo:hi]).backward()
+        time.sleep(a.sleep)
+        if opt.since_sync + 1 == opt.sync_every:
+            hook = inner.register_step_post_hook(lambda *_, n=hi - lo: record(n))
+            opt.step(batch_size=hi - lo)
+            hook.remove()
+            rounds[-1]["versions"] = list(opt.versions)
+        else:
+            opt.step(batch_size=hi - lo)
+    if opt.since_sync:  # the last, shorter round
+        record(0)
+        opt.sync()
+        rounds[-1]["versions"] = list(opt.versions)
+    opt.outer.pull()
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"rank": opt.rank, "initial": initial, "final": final, "rounds": rounds,
+                "ranges": [(s.info.range.start, s.info.range.stop) for s in opt.outer.ps.shards]}, a.out)
+    opt.close()
+
+
+if __name__ == "__main__":
+    main()
