@@ -28,7 +28,10 @@ CLUSTER_HELP = "Coordinator address, host:port."
 # Training options shared by `run` and `worker`, defined once.
 _TRAIN = {
     "workload": typer.Option("digits", envvar="SHARDPS_WORKLOAD", help="Built-in workload: digits or charlm."),
-    "mode": typer.Option("sync", envvar="SHARDPS_MODE", help="sync, ssp or async."),
+    "mode": typer.Option("sync", envvar="SHARDPS_MODE",
+                         help="sync, ssp or async; diloco or diloco-async: local SGD (DiLoCo), --optimizer takes "
+                              "--sync-every steps on each worker, then the shards take one Nesterov SGD outer step "
+                              "(sync or async)."),
     "optimizer": typer.Option("", envvar="SHARDPS_OPTIMIZER", help="sgd, adam or adamw (default: the workload's)."),
     "lr": typer.Option(0.0, envvar="SHARDPS_LR", help="Learning rate (0: the workload's default)."),
     "batch_size": typer.Option(0, envvar="SHARDPS_BATCH_SIZE", help="Samples per worker per step (0: default)."),
@@ -52,6 +55,11 @@ _TRAIN = {
                                   "copy, nothing rolls back; 1: it costs a rollback to the last checkpoint)."),
     "amp": typer.Option("", envvar="SHARDPS_AMP", help="Mixed precision on workers: bfloat16 or float16."),
     "eval_every": typer.Option(50, envvar="SHARDPS_EVAL_EVERY", help="Held-out evaluation (rank 0) every N steps."),
+    "sync_every": typer.Option(0, envvar="SHARDPS_SYNC_EVERY",
+                               help="diloco modes: inner steps between two outer steps (H)."),
+    "outer_lr": typer.Option(0.7, envvar="SHARDPS_OUTER_LR", help="diloco modes: the outer Nesterov SGD's lr."),
+    "outer_momentum": typer.Option(0.9, envvar="SHARDPS_OUTER_MOMENTUM",
+                                   help="diloco modes: the outer SGD's momentum (0: plain SGD, no Nesterov)."),
 }
 
 # Every role (coordinator, server, worker) serves Prometheus metrics the same way.
@@ -184,6 +192,9 @@ def worker(
     balance_every: int = _TRAIN["balance_every"],
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
+    sync_every: int = _TRAIN["sync_every"],
+    outer_lr: float = _TRAIN["outer_lr"],
+    outer_momentum: float = _TRAIN["outer_momentum"],
     slowdown: float = typer.Option(1.0, envvar="SHARDPS_SLOWDOWN",
                                    help="Simulate a slower machine: stretch each step's compute by this factor."),
     metrics: str = typer.Option("", envvar="SHARDPS_METRICS", help="Append one JSON line per step to this file."),
@@ -204,6 +215,7 @@ def worker(
                              min_workers=min_workers, wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, replicas=replicas, amp=amp,
+                             sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
                              metrics=metrics,
                              tensorboard=tensorboard, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout, metrics_port=metrics_port)
@@ -233,6 +245,9 @@ def run(
     balance_every: int = _TRAIN["balance_every"],
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
+    sync_every: int = _TRAIN["sync_every"],
+    outer_lr: float = _TRAIN["outer_lr"],
+    outer_momentum: float = _TRAIN["outer_momentum"],
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = _TRAIN["eval_every"],
@@ -259,7 +274,8 @@ def run(
                            wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                            staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every,
-                           replicas=replicas, amp=amp,
+                           replicas=replicas, amp=amp, sync_every=sync_every, outer_lr=outer_lr,
+                           outer_momentum=outer_momentum,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
                            scenario=scenario, checkpoint_every=checkpoint_every, durable=durable, resume=resume)
         if as_json or not sys.stdout.isatty():

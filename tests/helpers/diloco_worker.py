@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from task import global_batch, loss_fn, make_model  # noqa: E402
 
-from shardps.worker.diloco import DiLoCo  # noqa: E402
+from shardps import DiLoCo  # noqa: E402
 
 INNER = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
