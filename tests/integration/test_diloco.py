@@ -91,3 +91,47 @@ def test_two_workers_diloco_with_adamw_and_nesterov_equals_one_process_diloco(ru
     for r in results:
         assert [round_["versions"] for round_ in r["rounds"]] == [[v, v] for v in range(1, 6)]
         assert max_diff(r["final"], expected) <= 1e-5
+
+
+def replay_async(initial, pushes, ranges, outer_kwargs):
+    """Each shard's outer SGD over its slice, one push at a time in the order of the versions its replies
+    carried (an async shard applies every push on arrival, so version v is its v-th push)."""
+    theta = torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone()
+    for k, (start, stop) in enumerate(ranges):
+        piece = torch.nn.Parameter(theta[start:stop].clone())
+        outer = torch.optim.SGD([piece], **outer_kwargs)
+        ordered = sorted(pushes, key=lambda push: push["versions"][k])
+        assert [push["versions"][k] for push in ordered] == list(range(1, len(pushes) + 1))  # each applied once
+        for push in ordered:
+            piece.grad = push["delta"][start:stop] * push["weight"]
+            outer.step()
+        theta[start:stop] = piece.detach()
+    final = _model(initial)
+    _load_flat(final, theta)
+    return final.state_dict()
+
+
+@pytest.mark.slow
+def test_async_diloco_applies_each_outer_step_on_arrival_so_a_slow_worker_stalls_nobody(spawn_workers, tmp_path):
+    from shardps.client.sdk import export_model, load_model_file
+
+    steps, sync_every, size = 22, 4, 32  # 5 rounds of 4 and a last one of 2 inner steps (weighed 1/2)
+    opts = dict(script="diloco_worker.py", mode="async", inner="adamw", inner_kwargs=json.dumps({"lr": 0.01}),
+                sync_every=sync_every, sizes=f"{size},{size}", steps=steps)
+    with LocalCluster(servers=2) as cluster:
+        fast = spawn_workers(cluster, 1, **opts)
+        slow = spawn_workers(cluster, 1, sleep=1.0, **opts)
+        results = fast.wait() + slow.wait()
+        shards = load_model_file(export_model(cluster.address, tmp_path / "final.safetensors")["model"])
+    fast_rounds, slow_rounds = results[0]["rounds"], results[1]["rounds"]
+    assert len(fast_rounds) == len(slow_rounds) == 6
+    # The fast worker took all its outer steps while the slow one (>= 4 s a round) took at most two:
+    # under sync steps they would alternate.
+    assert fast_rounds[-1]["versions"][0] <= len(fast_rounds) + 2, [r["versions"] for r in fast_rounds]
+    assert max(fast_rounds[-1]["versions"]) < max(slow_rounds[-1]["versions"]) == 12
+    pushes = [dict(r, weight=r["samples"] / (sync_every * size)) for r in fast_rounds + slow_rounds]
+    assert sorted(p["weight"] for p in pushes) == [0.5, 0.5] + [1.0] * 10
+    expected = replay_async(results[0]["initial"], pushes, results[0]["ranges"],
+                            {"lr": 0.7, "momentum": 0.9, "nesterov": True})
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    assert max_diff(shards, expected) <= 1e-5
