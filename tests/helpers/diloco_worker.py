@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--outer-kwargs", default="{}", help="DiLoCo's outer_* arguments as JSON")
     ap.add_argument("--mode", default="sync")
     ap.add_argument("--wire-dtype", default="float32")
+    ap.add_argument("--transport", default="auto", help="auto (shared memory on this host) or grpc")
     ap.add_argument("--sizes", default="32,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--init-seed", type=int, default=0)
@@ -48,7 +49,7 @@ def main():
     model = make_model(a.init_seed)
     inner = INNER[a.inner](model.parameters(), **json.loads(a.inner_kwargs))
     opt = DiLoCo(model, inner, a.cluster, sync_every=a.sync_every, mode=a.mode, min_workers=len(sizes),
-                 wire_dtype=a.wire_dtype, connect_timeout=120, **json.loads(a.outer_kwargs))
+                 wire_dtype=a.wire_dtype, transport=a.transport, connect_timeout=120, **json.loads(a.outer_kwargs))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rounds = []
 

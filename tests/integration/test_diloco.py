@@ -15,9 +15,10 @@ from task import global_batch, loss_fn, make_model  # noqa: E402
 PLAIN_OUTER = {"outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}
 
 
-def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs):
+def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs, wire_dtype=torch.float32):
     """DiLoCo in one process: each worker's inner AdamW loop on its rows, from the same theta each round;
-    the sample-weighted mean outer gradient; torch's SGD on the flat parameter vector."""
+    the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it); torch's SGD on the
+    flat parameter vector."""
     theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
     outer = torch.optim.SGD([theta], **outer_kwargs)
     workers = [_model(initial) for _ in sizes]
@@ -32,7 +33,8 @@ def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwar
                 inner.zero_grad()
                 loss_fn(model, x[lo:hi], y[lo:hi]).backward()
                 inner.step()
-            deltas.append(theta.detach() - torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+            delta = theta.detach() - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+            deltas.append(delta.to(wire_dtype).float())
             samples.append((min(start + sync_every, steps) - start) * (hi - lo))
         theta.grad = sum(d * (n / sum(samples)) for d, n in zip(deltas, samples))
         outer.step()
@@ -78,19 +80,25 @@ def test_diloco_with_one_inner_sgd_step_and_plain_outer_sgd_is_sync_sgd(run_work
 
 
 @pytest.mark.slow
-def test_two_workers_diloco_with_adamw_and_nesterov_equals_one_process_diloco(run_workers):
+@pytest.mark.parametrize("wire_dtype, transport", [("float32", "auto"), ("bfloat16", "grpc")])
+def test_two_workers_diloco_with_adamw_and_nesterov_equals_one_process_diloco(run_workers, wire_dtype, transport):
     sizes, steps, sync_every = [24, 40], 18, 4  # 4 rounds of 4 and a last one of 2 inner steps
     inner_kwargs, outer_kwargs = {"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.7, "momentum": 0.9, "nesterov": True}
     with LocalCluster(servers=2) as cluster:
         results = run_workers(cluster, 2, script="diloco_worker.py", inner="adamw",
                               inner_kwargs=json.dumps(inner_kwargs), sync_every=sync_every,
-                              sizes=",".join(map(str, sizes)), steps=steps)
+                              sizes=",".join(map(str, sizes)), steps=steps, wire_dtype=wire_dtype,
+                              transport=transport)
     assert max_diff(results[0]["initial"], results[1]["initial"]) == 0.0
-    expected = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+    expected = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs,
+                                getattr(torch, wire_dtype))
     assert max_diff(expected, results[0]["initial"]) > 1e-2
     for r in results:
         assert [round_["versions"] for round_ in r["rounds"]] == [[v, v] for v in range(1, 6)]
         assert max_diff(r["final"], expected) <= 1e-5
+    if wire_dtype != "float32":  # the outer gradients did travel rounded: fp32 ones would end elsewhere
+        exact = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+        assert max_diff(results[0]["final"], exact) > 1e-5
 
 
 def replay_async(initial, pushes, ranges, outer_kwargs):
