@@ -19,6 +19,7 @@ outer_momentum=0`` this is sync data-parallel ``SGD(lr=eta)`` (to fp32 rounding)
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ DILOCO_OUTER = {"lr": 0.7, "momentum": 0.9, "nesterov": True}  # Douillard et al
 
 class DiLoCo:
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, cluster: str | None = None,
-                 *, sync_every: int = 100, outer: str | type = "sgd", outer_lr: float = DILOCO_OUTER["lr"],
+                 *, sync_every: int | str = 100, sync_seconds: float | None = None, outer: str | type = "sgd", outer_lr: float = DILOCO_OUTER["lr"],
                  outer_momentum: float | None = None, nesterov: bool | None = None,
                  outer_kwargs: dict[str, Any] | None = None, batch_size: int | None = None, **sharded: Any):
         """
@@ -41,7 +42,12 @@ class DiLoCo:
             inner_optimizer: a torch optimizer over (some of) ``model``'s parameters; ``step()``
                 runs it. Its state and LR scheduler stay on this worker.
             cluster: the coordinator's ``host:port`` (default ``SHARDPS_CLUSTER``).
-            sync_every: H, inner steps between two outer steps.
+            sync_every: H, inner steps between two outer steps; or "auto": each worker ends its round
+                once it has spent ``sync_seconds`` in it (H from its own throughput, so in sync mode a slow
+                worker takes fewer inner steps instead of keeping the others waiting; its outer gradient
+                weighs less by its fewer samples). Not with ``mode="async"``, where nobody waits anyway.
+            sync_seconds: with ``sync_every="auto"``: the target seconds of inner steps per round (the time
+                between two ``step()`` calls counts, not the time the outer step takes).
             outer: the shards' optimizer, a name or torch class as ``ShardedOptimizer`` takes.
             outer_lr: its learning rate.
             outer_momentum, nesterov: SGD's (default 0.9 and True, DiLoCo's); only with ``outer="sgd"``.
@@ -57,8 +63,16 @@ class DiLoCo:
         Construction blocks as ``ShardedOptimizer``'s does (registration, ``min_workers``) and
         loads the job's initial parameters into ``model``.
         """
-        if int(sync_every) != sync_every or sync_every < 1:
-            raise ValueError(f"sync_every is a number of inner steps >= 1, got {sync_every!r}")
+        if sync_every == "auto":
+            if sync_seconds is None or not sync_seconds > 0:
+                raise ValueError(f"sync_every='auto' needs sync_seconds > 0 (seconds per round), got {sync_seconds!r}")
+            if sharded.get("mode") == "async":
+                raise ValueError("sync_every='auto' evens out waiting at sync outer steps; async outer steps "
+                                 "wait for nobody: give async a number of inner steps")
+        elif isinstance(sync_every, str) or int(sync_every) != sync_every or sync_every < 1:
+            raise ValueError(f"sync_every is a number of inner steps >= 1 or 'auto', got {sync_every!r}")
+        elif sync_seconds is not None:
+            raise ValueError("sync_seconds goes with sync_every='auto'")
         for refused in ("overlap", "balance_every"):
             if sharded.get(refused):
                 raise ValueError(f"{refused} works per inner step, which DiLoCo keeps on the worker; leave it off")
@@ -76,10 +90,12 @@ class DiLoCo:
         if any(id(p) not in owned for p in self.params):
             raise ValueError("the inner optimizer trains a parameter that is not model's: build it over "
                              "model.parameters()")
-        self.inner, self.sync_every = inner_optimizer, int(sync_every)
+        self.inner, self.sync_every, self.sync_seconds = inner_optimizer, sync_every, sync_seconds
         self.outer = ShardedOptimizer(model, cluster, outer, **sharded, **kwargs)
         self.outer._moves_between_steps = True  # the inner steps move the model; that is no edit to warn about
         self._nominal = batch_size
+        # "auto": inner steps before each outer step this worker took (by outer step), as a rollback needs them.
+        self._base, self._history, self._rollbacks = 0, {self.outer.steps_taken: 0}, self.outer.rollbacks
         self._begin_round()
 
     @torch.no_grad()
@@ -87,18 +103,22 @@ class DiLoCo:
         """The model holds the shards' parameters: they are theta_at_last_sync."""
         self.anchor = [p.detach().clone() for p in self.params]
         self.since_sync, self.samples = 0, 0
+        self._round_start = time.monotonic()
 
     @property
     def steps_taken(self) -> int:
         """Inner steps this worker took in the job (after a rollback, from the step it went back to):
         pick data by it, as with ``ShardedOptimizer.steps_taken``."""
+        if self.sync_every == "auto":
+            return self._base + self.since_sync
         return self.outer.steps_taken * self.sync_every + self.since_sync
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
 
     def step(self, closure=None, *, batch_size: int | None = None):
-        """One inner step (``inner_optimizer.step``); every ``sync_every``-th also runs ``sync()``.
+        """One inner step (``inner_optimizer.step``); every ``sync_every``-th (or, "auto", the first after
+        ``sync_seconds`` in the round) also runs ``sync()``.
         ``batch_size``: the samples behind this step, summed over the round to weigh its outer
         gradient (default 1 per step). Blocks, raises and recovers as ``sync()`` when it syncs."""
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
@@ -106,7 +126,10 @@ class DiLoCo:
             self._nominal = int(batch_size)
         self.since_sync += 1
         self.samples += 1 if batch_size is None else int(batch_size)
-        if self.since_sync >= self.sync_every:
+        if self.sync_every == "auto":
+            if time.monotonic() - self._round_start >= self.sync_seconds:
+                self.sync()
+        elif self.since_sync >= self.sync_every:
             self.sync()
         return loss
 
@@ -129,6 +152,12 @@ class DiLoCo:
             p.grad = delta  # the outer step pushes .grad, as any ShardedOptimizer step does
         self.outer.step(batch_size=self.samples)
         self.outer.zero_grad(set_to_none=True)  # the outer gradient is no gradient of the model
+        if self.outer.rollbacks != self._rollbacks:  # the round was void: go on from the step the job went back to
+            self._rollbacks = self.outer.rollbacks
+            self._base = max((b for s, b in self._history.items() if s <= self.outer.steps_taken), default=0)
+        else:
+            self._base += self.since_sync
+        self._history[self.outer.steps_taken] = self._base
         self._begin_round()
 
     # ------------------------------------------------------------------ the outer optimizer's view of the job

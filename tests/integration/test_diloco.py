@@ -143,3 +143,42 @@ def test_async_diloco_applies_each_outer_step_on_arrival_so_a_slow_worker_stalls
                             {"lr": 0.7, "momentum": 0.9, "nesterov": True})
     assert max_diff(expected, results[0]["initial"]) > 1e-2
     assert max_diff(shards, expected) <= 1e-5
+
+
+def replay_sync(initial, pushes, outer_kwargs):
+    """Sync outer steps in one process: step v is the sample-weighted mean of the pushes answered with v."""
+    theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
+    outer = torch.optim.SGD([theta], **outer_kwargs)
+    versions = sorted({push["versions"][0] for push in pushes})
+    assert versions == list(range(1, len(versions) + 1))
+    for v in versions:
+        step = [push for push in pushes if push["versions"] == [v, v]]
+        total = sum(push["samples"] for push in step)
+        theta.grad = sum(push["delta"] * (push["samples"] / total) for push in step)
+        outer.step()
+    final = _model(initial)
+    _load_flat(final, theta.detach())
+    return final.state_dict()
+
+
+@pytest.mark.slow
+def test_auto_sync_every_gives_a_slow_worker_fewer_inner_steps_per_round_weighed_by_its_samples(spawn_workers,
+                                                                                                 tmp_path):
+    from shardps.client.sdk import export_model, load_model_file
+
+    opts = dict(script="diloco_worker.py", inner="adamw", inner_kwargs=json.dumps({"lr": 0.01}), sync_every="auto",
+                sync_seconds=0.6, sizes="32,32", rounds=5)
+    with LocalCluster(servers=2) as cluster:
+        fast = spawn_workers(cluster, 1, sleep=0.05, **opts)
+        slow = spawn_workers(cluster, 1, sleep=0.2, **opts)
+        results = fast.wait() + slow.wait()
+        shards = load_model_file(export_model(cluster.address, tmp_path / "final.safetensors")["model"])
+    fast_rounds, slow_rounds = results[0]["rounds"], results[1]["rounds"]
+    # Both ran rounds of about 0.6 s: the worker 4x slower per step took fewer steps in every round.
+    assert len(fast_rounds) == len(slow_rounds) == 5
+    assert max(r["steps"] for r in slow_rounds) < min(r["steps"] for r in fast_rounds), \
+        ([r["steps"] for r in slow_rounds], [r["steps"] for r in fast_rounds])
+    expected = replay_sync(results[0]["initial"], fast_rounds + slow_rounds,
+                           {"lr": 0.7, "momentum": 0.9, "nesterov": True})
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    assert max_diff(shards, expected) <= 1e-5
