@@ -81,7 +81,8 @@ def main():
     opt.outer.pull()
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"rank": opt.rank, "initial": initial, "final": final, "rounds": rounds,
-                "ranges": [(s.info.range.start, s.info.range.stop) for s in opt.outer.ps.shards]}, a.out)
+                "ranges": [(s.info.range.start, s.info.range.stop) for s in opt.outer.ps.shards],
+                "rollbacks": opt.outer.rollbacks}, a.out)
     opt.close()
 
 

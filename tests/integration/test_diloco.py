@@ -10,19 +10,22 @@ import torch
 from shardps import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 from task import global_batch, loss_fn, make_model  # noqa: E402
+from test_rpc_and_process_faults import wait_for_version  # noqa: E402
 
 PLAIN_OUTER = {"outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}
 
 
-def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs, wire_dtype=torch.float32):
-    """DiLoCo in one process: each worker's inner AdamW loop on its rows, from the same theta each round;
+def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs, wire_dtype=torch.float32,
+                     inner_cls=torch.optim.AdamW):
+    """DiLoCo in one process: each worker's inner loop (AdamW by default) on its rows, from the same theta each round;
     the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it); torch's SGD on the
     flat parameter vector."""
     theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
     outer = torch.optim.SGD([theta], **outer_kwargs)
     workers = [_model(initial) for _ in sizes]
-    inners = [torch.optim.AdamW(m.parameters(), **inner_kwargs) for m in workers]
+    inners = [inner_cls(m.parameters(), **inner_kwargs) for m in workers]
     for start in range(0, steps, sync_every):
         deltas, samples = [], []
         for rank, (model, inner) in enumerate(zip(workers, inners)):
@@ -182,3 +185,31 @@ def test_auto_sync_every_gives_a_slow_worker_fewer_inner_steps_per_round_weighed
                            {"lr": 0.7, "momentum": 0.9, "nesterov": True})
     assert max_diff(expected, results[0]["initial"]) > 1e-2
     assert max_diff(shards, expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_diloco_run_rolls_the_outer_steps_back_and_the_inner_steps_are_replayed(spawn_workers,
+                                                                                                     tmp_path):
+    import time
+
+    from shardps.coordinator.client import CoordinatorClient
+
+    # Inner SGD keeps no state, so replaying the undone rounds gives exactly the fault-free run.
+    sizes, steps, sync_every, inner_kwargs = [24, 40], 40, 2, {"lr": 0.05}
+    with LocalCluster(servers=2, checkpoint_every=4, checkpoint_dir=tmp_path / "ckpt") as cluster:
+        workers = spawn_workers(cluster, 2, script="diloco_worker.py", inner="sgd", inner_kwargs=json.dumps(inner_kwargs),
+                                sync_every=sync_every, sizes=",".join(map(str, sizes)), steps=steps, sleep=0.05)
+        wait_for_version(cluster, 9)
+        cluster.kill("server-1")
+        time.sleep(1.0)  # workers keep retrying against the dead address
+        cluster.restart("server-1")
+        results = workers.wait()
+        with CoordinatorClient(cluster.address) as coord:
+            rollbacks = list(coord.status().rollbacks)
+    assert len(rollbacks) == 1 and rollbacks[0].from_version > rollbacks[0].to_version
+    assert all(r["rollbacks"] == 1 for r in results)
+    assert all(r["rounds"][-1]["versions"] == [steps // sync_every] * 2 for r in results)
+    expected = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs,
+                                {"lr": 0.7, "momentum": 0.9, "nesterov": True}, inner_cls=torch.optim.SGD)
+    for r in results:
+        assert max_diff(r["final"], expected) <= 1e-5
