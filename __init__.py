@@ -1,6 +1,6 @@
 """shardps: a parameter server for PyTorch over gRPC.
 
-    from shardps import LocalCluster, ShardedOptimizer
+    from shardps import DiLoCo, LocalCluster, ShardedOptimizer
 
 The repository root is this package; its role folders import as ``shardps.proto``,
 ``shardps.server``, ``shardps.coordinator``, ``shardps.worker`` and ``shardps.client``.
@@ -10,7 +10,7 @@ CLI's status command) start without importing torch.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LocalCluster", "ShardedOptimizer", "__version__"]
+__all__ = ["DiLoCo", "LocalCluster", "ShardedOptimizer", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from .worker.optimizer import ShardedOptimizer
 
         return ShardedOptimizer
+    if name == "DiLoCo":
+        from .worker.diloco import DiLoCo
+
+        return DiLoCo
     if name == "LocalCluster":
         from .client.local import LocalCluster
 

@@ -40,7 +40,8 @@ def _opt(key: str, *flags: str, env: bool = True, **overrides):
 # Training options shared by `run` and `worker`, defined once.
 _TRAIN = {key: _opt(key) for key in (
     "workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed", "wire_dtype",
-    "transport", "backup_workers", "staleness", "topk_ratio", "balance_every", "replicas", "amp", "eval_every")}
+    "transport", "backup_workers", "staleness", "topk_ratio", "balance_every", "replicas", "amp", "eval_every",
+    "sync_every", "outer_lr", "outer_momentum")}
 _TRAIN["staleness_lr"] = _opt("staleness_lr", "--staleness-lr")
 
 # Every role (coordinator, server, worker) serves Prometheus metrics the same way.
@@ -164,6 +165,9 @@ def worker(
     balance_every: int = _TRAIN["balance_every"],
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
+    sync_every: int = _TRAIN["sync_every"],
+    outer_lr: float = _TRAIN["outer_lr"],
+    outer_momentum: float = _TRAIN["outer_momentum"],
     slowdown: float = _opt("slowdown"),
     metrics: str = _opt("metrics"),
     tensorboard: str = _opt("tensorboard"),
@@ -182,6 +186,7 @@ def worker(
                              min_workers=min_workers, wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, replicas=replicas, amp=amp,
+                             sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
                              metrics=metrics,
                              tensorboard=tensorboard, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout, metrics_port=metrics_port)
@@ -211,6 +216,9 @@ def run(
     balance_every: int = _TRAIN["balance_every"],
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
+    sync_every: int = _TRAIN["sync_every"],
+    outer_lr: float = _TRAIN["outer_lr"],
+    outer_momentum: float = _TRAIN["outer_momentum"],
     slow_worker: list[str] = typer.Option([], "--slow-worker",
                                           help="INDEX:FACTOR simulates worker-INDEX running FACTOR times slower."),
     eval_every: int = _TRAIN["eval_every"],
@@ -232,7 +240,8 @@ def run(
                            wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
                            staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every,
-                           replicas=replicas, amp=amp,
+                           replicas=replicas, amp=amp, sync_every=sync_every, outer_lr=outer_lr,
+                           outer_momentum=outer_momentum,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
                            scenario=scenario, checkpoint_every=checkpoint_every, durable=durable, resume=resume)
         if as_json or not sys.stdout.isatty():

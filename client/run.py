@@ -42,7 +42,7 @@ class RunConfig:
     servers: int = 2  # shard servers
     workers: int = 2  # worker processes
     workload: str = "digits"  # digits | charlm
-    mode: str = "sync"  # sync | ssp | async
+    mode: str = "sync"  # sync | ssp | async | diloco | diloco-async
     optimizer: str = ""  # an elementwise torch.optim by name ("" = workload default)
     lr: float = 0.0  # 0 = workload default
     batch_size: int = 0  # per worker; 0 = workload default
@@ -69,6 +69,9 @@ class RunConfig:
     durable: bool = True  # coordinator state and shard checkpoints on disk, so a killed process is survived
     resume: str = ""  # a run directory (or checkpoint folder) to go on from; --steps counts from step 0
     lease_seconds: float = D.LEASE_S  # a worker silent this long leaves the membership
+    sync_every: int = 0  # diloco modes: inner steps between two outer steps
+    outer_lr: float = D.OUTER_LR  # diloco modes: the shards' Nesterov SGD learning rate (TrainConfig checks both)
+    outer_momentum: float = D.OUTER_MOMENTUM  # diloco modes: its momentum (0: plain SGD)
 
     def __post_init__(self):
         if self.servers < 1 or self.workers < 1:
@@ -111,7 +114,7 @@ class RunConfig:
 _TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
                     "wire_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every",
                     "replicas", "amp",
-                    "eval_every")
+                    "eval_every", "sync_every", "outer_lr", "outer_momentum")
 
 
 class RunError(RuntimeError):

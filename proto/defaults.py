@@ -30,6 +30,7 @@ CHECKPOINT_KEEP = 3  # newest checkpoints kept per shard
 COORDINATOR_PORT, SERVER_PORT = 7070, 7071
 COORDINATOR_THREADS, SERVER_THREADS, WORKER_THREADS = 32, 64, 1
 EVAL_EVERY = 50  # rank 0 evaluates on held-out data every N steps
+OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # DiLoCo's outer Nesterov SGD (Douillard et al. 2023)
 
 # The optimizers a shard can run: every elementwise torch.optim class, by its lower-case name
 # (proto/optim.py maps them to the classes; a test keeps the two lists equal).
@@ -115,7 +116,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "SHARDPS_CLUSTER", None, "Coordinator address, host:port.",
             "worker, status, export, checkpoint, chaos, ShardedOptimizer"),
     Setting("workload", "SHARDPS_WORKLOAD", "digits", "Built-in workload: digits or charlm.", _TRAIN),
-    Setting("mode", "SHARDPS_MODE", "sync", "sync, ssp or async.", _TRAIN),
+    Setting("mode", "SHARDPS_MODE", "sync",
+            "sync, ssp or async; diloco or diloco-async: local SGD (DiLoCo), --optimizer takes --sync-every steps on "
+            "each worker, then the shards take one Nesterov SGD outer step (sync or async).", _TRAIN),
+    Setting("sync_every", "SHARDPS_SYNC_EVERY", 0, "diloco modes: inner steps between two outer steps (H).", _TRAIN),
+    Setting("outer_lr", "SHARDPS_OUTER_LR", OUTER_LR, "diloco modes: the outer Nesterov SGD's lr.", _TRAIN),
+    Setting("outer_momentum", "SHARDPS_OUTER_MOMENTUM", OUTER_MOMENTUM,
+            "diloco modes: the outer SGD's momentum (0: plain SGD, no Nesterov).", _TRAIN),
     Setting("optimizer", "SHARDPS_OPTIMIZER", "",
             f"Any elementwise torch.optim, by name: {', '.join(OPTIMIZER_NAMES)} (default: the workload's).",
             _TRAIN, shown="workload's"),

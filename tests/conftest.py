@@ -36,15 +36,16 @@ class Workers:
 
 @pytest.fixture
 def spawn_workers(tmp_path):
-    """Start ``n`` train_worker.py processes (options as keyword arguments); returns ``Workers``."""
+    """Start ``n`` train_worker.py processes (``script``: another helper, e.g. diloco_worker.py; options as
+    keyword arguments); returns ``Workers``."""
     started = []
 
-    def spawn(cluster, n, **opts):
+    def spawn(cluster, n, script="train_worker.py", **opts):
         procs, outs, logs = [], [], []
         first = sum(len(w.procs) for w in started)  # files of later spawns never clobber earlier ones'
         for i in range(first, first + n):
             out = tmp_path / f"worker{i}.pt"
-            args = [sys.executable, str(HELPERS / "train_worker.py"), "--cluster", cluster.address,
+            args = [sys.executable, str(HELPERS / script), "--cluster", cluster.address,
                     "--out", str(out), "--init-seed", str(100 + i)]
             for key, value in opts.items():
                 if value is False:

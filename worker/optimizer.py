@@ -81,6 +81,7 @@ class _Step:
 
 class ShardedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler calls step() with found_inf/grad_scale set (see torch_compat)
+    _moves_between_steps = False  # DiLoCo (worker/diloco.py): inner steps move the model between two steps
 
     def __init__(
         self,
@@ -432,7 +433,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _begin(self, batch_size: int | None, clip: tuple[float, float] | None = None, overflow: bool = False,
                grad_scale: float = 0.0) -> _Step:
         """Start this step's pushes on every shard (or, with overlap, commit the ones backward started)."""
-        if self.flat.changed_since_scatter() and not self._warned_edit:
+        if not self._moves_between_steps and self.flat.changed_since_scatter() and not self._warned_edit:
             self._warned_edit = True
             warnings.warn("the model's parameters changed since the last step outside the optimizer (an in-place "
                           "edit or model.load_state_dict); this step's reply overwrites them with the shards' "

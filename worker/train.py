@@ -16,16 +16,21 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..proto import defaults as D
+from ..proto import optim
 from .balance import BatchSplit
+from .diloco import DILOCO_OUTER, DiLoCo
 from .optimizer import ShardedOptimizer
 from .workloads import get_workload
+
+
+MODES = ("sync", "ssp", "async", "diloco", "diloco-async")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     cluster: str  # coordinator address, host:port
     workload: str = "digits"  # built-in workload: digits | charlm
-    mode: str = "sync"  # sync | ssp | async
+    mode: str = "sync"  # sync | ssp | async | diloco | diloco-async (local SGD: outer steps sync or async)
     optimizer: str = ""  # an elementwise torch.optim by name (proto/defaults.OPTIMIZER_NAMES); "": the workload's
     lr: float = 0.0  # learning rate; 0 takes the workload's default
     batch_size: int = 0  # samples per worker per step; 0 takes the workload's default
@@ -51,14 +56,19 @@ class TrainConfig:
     name: str = ""  # worker name in status; default host:pid
     connect_timeout: float = D.CONNECT_TIMEOUT_S  # seconds to wait for the cluster and min_workers
     metrics_port: int = -1  # serve Prometheus metrics on this port while training (0: any free, -1: off)
+    sync_every: int = 0  # diloco modes: inner steps (of --optimizer) between two outer steps on the shards
+    outer_lr: float = DILOCO_OUTER["lr"]  # diloco modes: the shards' (outer) Nesterov SGD learning rate
+    outer_momentum: float = DILOCO_OUTER["momentum"]  # diloco modes: its momentum (0: plain SGD)
 
     def __post_init__(self):
         from .workloads import WORKLOADS
 
         if self.workload not in WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}; choose one of: {', '.join(sorted(WORKLOADS))}")
-        if self.mode not in ("sync", "ssp", "async"):
-            raise ValueError(f"unknown mode {self.mode!r}; choose sync, ssp or async")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose sync, ssp or async (or diloco / diloco-async: "
+                             "local SGD with --sync-every H inner steps per outer step)")
+        self._check_diloco()
         if self.steps and self.epochs:
             raise ValueError("give --steps or --epochs, not both")
         for field in ("lr", "batch_size", "steps", "epochs", "eval_every", "min_workers", "threads", "balance_every"):
@@ -66,26 +76,48 @@ class TrainConfig:
                 raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
         if self.min_workers < 1 or self.threads < 1:
             raise ValueError("min_workers and threads must be >= 1")
-        if self.backup_workers and self.mode == "async":
+        if self.backup_workers and self.outer_mode == "async":
             raise ValueError("--backup-workers needs --mode sync or ssp")
         if self.staleness and self.mode != "ssp":
             raise ValueError("--staleness needs --mode ssp")
         if self.staleness < 0:
             raise ValueError("--staleness must be >= 0")
-        if self.staleness_lr and self.mode == "sync":
+        if self.staleness_lr and self.outer_mode == "sync":
             raise ValueError("--staleness-lr needs --mode async or ssp")
         if self.transport not in ("", "auto", "grpc"):
             raise ValueError(f"--transport must be auto or grpc, got {self.transport!r}")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
-        if self.balance_every and self.mode == "async":
-            raise ValueError("--balance-every needs --mode sync or ssp (async workers run at their own pace)")
+        if self.balance_every and self.mode not in ("sync", "ssp"):
+            raise ValueError("--balance-every needs --mode sync or ssp (async and diloco workers run their own "
+                             "steps)")
         if self.amp not in ("", "bfloat16", "float16"):
             raise ValueError(f"--amp takes bfloat16 or float16, got {self.amp!r}")
         if self.slowdown < 1:
             raise ValueError(f"slowdown is a factor >= 1, got {self.slowdown}")
         if not 1 <= self.replicas <= 8:
             raise ValueError(f"--replicas must be in 1..8 (and at most the number of servers), got {self.replicas}")
+
+    @property
+    def diloco(self) -> bool:
+        return self.mode.startswith("diloco")
+
+    @property
+    def outer_mode(self) -> str:
+        """The mode the shards run: a diloco mode's outer steps are sync or async steps."""
+        return {"diloco": "sync", "diloco-async": "async"}.get(self.mode, self.mode)
+
+    def _check_diloco(self) -> None:
+        if not self.diloco:
+            if self.sync_every or (self.outer_lr, self.outer_momentum) != (DILOCO_OUTER["lr"], DILOCO_OUTER["momentum"]):
+                raise ValueError("--sync-every, --outer-lr and --outer-momentum need --mode diloco or diloco-async")
+            return
+        if self.sync_every < 1:
+            raise ValueError(f"--mode {self.mode} needs --sync-every H >= 1 (inner steps between two outer steps, "
+                             "e.g. 10)")
+        if not self.outer_lr > 0 or not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"--outer-lr must be > 0 and --outer-momentum in [0, 1), got {self.outer_lr}, "
+                             f"{self.outer_momentum}")
 
     def to_args(self) -> list[str]:
         """The ``shardps worker`` flags that recreate exactly this config: every field, so
@@ -174,6 +206,23 @@ class MetricsLog:
             self._tb = None
 
 
+def _optimizer(config: TrainConfig, model: torch.nn.Module, d, batch_size: int) -> ShardedOptimizer | DiLoCo:
+    """The workload's optimizer as the job's (sync/ssp/async), or as DiLoCo's inner one (diloco modes;
+    the shards' optimizer is then Nesterov SGD with --outer-lr and --outer-momentum)."""
+    name, lr = config.optimizer or d.optimizer, config.lr or d.lr
+    common = dict(cluster=config.cluster, min_workers=config.min_workers, wire_dtype=config.wire_dtype,
+                  transport=config.transport, name=config.name, connect_timeout=config.connect_timeout,
+                  backup_workers=config.backup_workers, staleness_lr=config.staleness_lr, replicas=config.replicas,
+                  topk_ratio=config.topk_ratio)
+    if config.diloco:
+        inner = optim.check_name(optim.name_of(name))(model.parameters(), lr=lr)
+        return DiLoCo(model, inner, sync_every=config.sync_every, outer_lr=config.outer_lr,
+                      outer_momentum=config.outer_momentum, nesterov=config.outer_momentum > 0,
+                      mode=config.outer_mode, batch_size=batch_size, **common)
+    return ShardedOptimizer(model, optimizer=name, lr=lr, mode=config.mode, staleness=config.staleness,
+                            balance_every=config.balance_every, **common)
+
+
 def train(config: TrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     workload = get_workload(config.workload, config.seed)
@@ -181,25 +230,21 @@ def train(config: TrainConfig) -> dict:
     batch_size = config.batch_size or d.batch_size
     device = resolve_device(config.device)
     model = workload.model().to(device)
-    opt = ShardedOptimizer(model, cluster=config.cluster, optimizer=config.optimizer or d.optimizer,
-                           lr=config.lr or d.lr, mode=config.mode, min_workers=config.min_workers,
-                           wire_dtype=config.wire_dtype, transport=config.transport, name=config.name, connect_timeout=config.connect_timeout,
-                           backup_workers=config.backup_workers, staleness_lr=config.staleness_lr,
-                           staleness=config.staleness, topk_ratio=config.topk_ratio,
-                           balance_every=config.balance_every, replicas=config.replicas)
-    split = BatchSplit(opt, batch_size)
+    opt = _optimizer(config, model, d, batch_size)
+    sharded = opt.outer if config.diloco else opt  # the job's side: rank, versions, replies, counters
+    split = BatchSplit(sharded, batch_size)
     steps = config.steps or workload.steps_for(config.epochs or d.epochs, split.global_batch)
-    precision = MixedPrecision(config.amp, device, opt)
+    precision = MixedPrecision(config.amp, device, opt.inner if config.diloco else opt)
     log = MetricsLog(config.metrics, config.tensorboard)
     prometheus = None
     if config.metrics_port >= 0:
         from ..proto.metrics import WorkerMetrics
 
         prometheus = WorkerMetrics(config.metrics_port)
-    if opt.rank == 0:
+    if sharded.rank == 0:
         log.write({"kind": "start", "config": asdict(config), "world_size": opt.world_size, "steps": steps,
                    "start_step": opt.steps_taken,
-                   "batch_size": batch_size, "numel": opt.job.layout.numel, "time": time.time()})
+                   "batch_size": batch_size, "numel": sharded.job.layout.numel, "time": time.time()})
     evaluation = {}
     next_eval = config.eval_every or steps  # evaluate whenever the step count crosses a multiple
     try:
@@ -222,16 +267,19 @@ def train(config: TrainConfig) -> dict:
             precision.update()
             t2 = time.perf_counter()
             if prometheus is not None:
-                prometheus.step(len(x), t1 - t0, t2 - t1, opt.counters())
-            rank = opt.rank  # may change between steps when the membership does
-            log.write({"kind": "step", "step": step, "rank": rank, "worker_id": opt.worker_id, "loss": loss.item(),
-                       "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
-                       "samples_per_s": len(x) / (t2 - t0), "versions": opt.versions,
-                       "staleness": [r.staleness for r in opt.last_replies],
-                       "dropped": [r.dropped for r in opt.last_replies],
-                       "applied_lr": [r.applied_lr for r in opt.last_replies], "overflow": overflow,
-                       "epoch": opt.epoch, **opt.counters(), "time": time.time()})
+                prometheus.step(len(x), t1 - t0, t2 - t1, sharded.counters())
             last = opt.steps_taken >= steps
+            if last and config.diloco:
+                opt.sync()  # the last round, shorter than --sync-every when steps is no multiple of it
+            rank = sharded.rank  # may change between steps when the membership does
+            log.write({"kind": "step", "step": step, "rank": rank, "worker_id": sharded.worker_id, "loss": loss.item(),
+                       "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
+                       "samples_per_s": len(x) / (t2 - t0), "versions": sharded.versions,
+                       "staleness": [r.staleness for r in sharded.last_replies],
+                       "dropped": [r.dropped for r in sharded.last_replies],
+                       "applied_lr": [r.applied_lr for r in sharded.last_replies], "overflow": overflow,
+                       "epoch": sharded.epoch, **sharded.counters(), "time": time.time(),
+                       **({"outer_step": opt.since_sync == 0} if config.diloco else {})})
             if rank == 0 and (last or opt.steps_taken >= next_eval):
                 while next_eval <= opt.steps_taken:
                     next_eval += config.eval_every or steps
@@ -244,4 +292,4 @@ def train(config: TrainConfig) -> dict:
     finally:
         log.close()
         opt.close()
-    return {"rank": opt.rank, "steps": steps, "final_loss": loss.item() if steps else None, **evaluation}
+    return {"rank": sharded.rank, "steps": steps, "final_loss": loss.item() if steps else None, **evaluation}

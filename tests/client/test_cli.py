@@ -45,6 +45,31 @@ def test_shardps_run_writes_a_complete_run_directory(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["diloco", "diloco-async"])
+def test_shardps_run_mode_diloco_takes_one_outer_step_every_sync_every_inner_steps(tmp_path, mode):
+    out = tmp_path / "run"
+    res = shardps("run", "--mode", mode, "--sync-every", 5, "--outer-lr", 0.7, "--outer-momentum", 0.9,
+                  "--steps", 22, "--eval-every", 0, "--out", out, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    # 4 rounds of 5 inner steps and a last one of 2: 5 outer steps (async: 5 per worker) on every shard.
+    updates = 5 if mode == "diloco" else 10
+    assert summary["steps"] == 22 and summary["updates_per_shard"] == [updates, updates]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in lines if r["kind"] == "start")
+    assert start["config"]["mode"] == mode and start["config"]["sync_every"] == 5
+    steps = [r for r in lines if r["kind"] == "step"]
+    for rank in range(2):
+        mine = sorted((r for r in steps if r["rank"] == rank), key=lambda r: r["step"])
+        assert [r["step"] for r in mine] == list(range(22))
+        assert [r["step"] for r in mine if r["outer_step"]] == [4, 9, 14, 19, 21]
+        if mode == "diloco":  # sync outer steps: every worker's reply is the step's
+            assert [r["versions"] for r in mine if r["outer_step"]] == [[v, v] for v in range(1, 6)]
+    first = sum(r["loss"] for r in steps if r["step"] == 0) / 2
+    assert summary["final_train_loss"] < 0.8 * first
+
+
+@pytest.mark.slow
 def test_digits_sync_accuracy_matches_the_single_process_run(tmp_path):
     from shardps.client.run import RunConfig, run
     from shardps.client.sdk import train_single_process
@@ -108,6 +133,8 @@ def test_status_and_export_against_a_live_cluster(tmp_path):
     (["run", "--workers", "0"], "at least 1"),
     (["run", "--steps", "5", "--epochs", "2"], "not both"),
     (["run", "--mode", "fast"], "sync, ssp or async"),
+    (["run", "--mode", "diloco"], "--sync-every H"),
+    (["run", "--sync-every", "4"], "need --mode diloco"),
     (["run", "--workers", "two"], "--help"),
     (["status", "--cluster", "127.0.0.1:9"], "--cluster HOST:PORT"),
     (["export", "--cluster", "127.0.0.1:9", "--out", "x.safetensors"], "--cluster HOST:PORT"),

@@ -1,0 +1,215 @@
+"""DiLoCo on 2 shard servers x 2 worker processes: H = 1 with inner SGD(eta) and outer SGD(1) is today's
+sync SGD(eta); H = 4 with inner AdamW and outer Nesterov SGD equals DiLoCo written out in one process."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardps import LocalCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+from task import global_batch, loss_fn, make_model  # noqa: E402
+from test_rpc_and_process_faults import wait_for_version  # noqa: E402
+
+PLAIN_OUTER = {"outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}
+
+
+def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs, wire_dtype=torch.float32,
+                     inner_cls=torch.optim.AdamW):
+    """DiLoCo in one process: each worker's inner loop (AdamW by default) on its rows, from the same theta each round;
+    the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it); torch's SGD on the
+    flat parameter vector."""
+    theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
+    outer = torch.optim.SGD([theta], **outer_kwargs)
+    workers = [_model(initial) for _ in sizes]
+    inners = [inner_cls(m.parameters(), **inner_kwargs) for m in workers]
+    for start in range(0, steps, sync_every):
+        deltas, samples = [], []
+        for rank, (model, inner) in enumerate(zip(workers, inners)):
+            _load_flat(model, theta.detach())
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            for step in range(start, min(start + sync_every, steps)):
+                x, y = global_batch(step, sum(sizes))
+                inner.zero_grad()
+                loss_fn(model, x[lo:hi], y[lo:hi]).backward()
+                inner.step()
+            delta = theta.detach() - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+            deltas.append(delta.to(wire_dtype).float())
+            samples.append((min(start + sync_every, steps) - start) * (hi - lo))
+        theta.grad = sum(d * (n / sum(samples)) for d, n in zip(deltas, samples))
+        outer.step()
+    final = _model(initial)
+    _load_flat(final, theta.detach())
+    return final.state_dict()
+
+
+@torch.no_grad()
+def _load_flat(model, vector):
+    """Copy ``vector`` into the parameters (torch's vector_to_parameters would make them views of it)."""
+    offset = 0
+    for p in model.parameters():
+        p.copy_(vector[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _model(state):
+    model = make_model(0)
+    model.load_state_dict(state)
+    return model
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in b)
+
+
+@pytest.mark.slow
+def test_diloco_with_one_inner_sgd_step_and_plain_outer_sgd_is_sync_sgd(run_workers):
+    sizes, steps, eta = "24,40", 12, 0.1
+    with LocalCluster(servers=2) as cluster:
+        diloco = run_workers(cluster, 2, script="diloco_worker.py", inner="sgd", inner_kwargs=json.dumps({"lr": eta}),
+                             sync_every=1, outer_kwargs=json.dumps(PLAIN_OUTER), sizes=sizes, steps=steps, init_seed=7)
+    with LocalCluster(servers=2) as cluster:
+        plain = run_workers(cluster, 2, optimizer="sgd", kwargs=json.dumps({"lr": eta}), sizes=sizes, steps=steps,
+                            init_seed=7)
+    assert max_diff(diloco[0]["initial"], plain[0]["initial"]) == 0.0
+    moved = max_diff(plain[0]["final"], plain[0]["initial"])
+    assert moved > 1e-2  # the runs trained: equal finals say something
+    for d, p in zip(diloco, plain):
+        assert len(d["rounds"]) == steps
+        assert max_diff(d["final"], p["final"]) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wire_dtype, transport", [("float32", "auto"), ("bfloat16", "grpc")])
+def test_two_workers_diloco_with_adamw_and_nesterov_equals_one_process_diloco(run_workers, wire_dtype, transport):
+    sizes, steps, sync_every = [24, 40], 18, 4  # 4 rounds of 4 and a last one of 2 inner steps
+    inner_kwargs, outer_kwargs = {"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+    with LocalCluster(servers=2) as cluster:
+        results = run_workers(cluster, 2, script="diloco_worker.py", inner="adamw",
+                              inner_kwargs=json.dumps(inner_kwargs), sync_every=sync_every,
+                              sizes=",".join(map(str, sizes)), steps=steps, wire_dtype=wire_dtype,
+                              transport=transport)
+    assert max_diff(results[0]["initial"], results[1]["initial"]) == 0.0
+    expected = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs,
+                                getattr(torch, wire_dtype))
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    for r in results:
+        assert [round_["versions"] for round_ in r["rounds"]] == [[v, v] for v in range(1, 6)]
+        assert max_diff(r["final"], expected) <= 1e-5
+    if wire_dtype != "float32":  # the outer gradients did travel rounded: fp32 ones would end elsewhere
+        exact = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+        assert max_diff(results[0]["final"], exact) > 1e-5
+
+
+def replay_async(initial, pushes, ranges, outer_kwargs):
+    """Each shard's outer SGD over its slice, one push at a time in the order of the versions its replies
+    carried (an async shard applies every push on arrival, so version v is its v-th push)."""
+    theta = torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone()
+    for k, (start, stop) in enumerate(ranges):
+        piece = torch.nn.Parameter(theta[start:stop].clone())
+        outer = torch.optim.SGD([piece], **outer_kwargs)
+        ordered = sorted(pushes, key=lambda push: push["versions"][k])
+        assert [push["versions"][k] for push in ordered] == list(range(1, len(pushes) + 1))  # each applied once
+        for push in ordered:
+            piece.grad = push["delta"][start:stop] * push["weight"]
+            outer.step()
+        theta[start:stop] = piece.detach()
+    final = _model(initial)
+    _load_flat(final, theta)
+    return final.state_dict()
+
+
+@pytest.mark.slow
+def test_async_diloco_applies_each_outer_step_on_arrival_so_a_slow_worker_stalls_nobody(spawn_workers, tmp_path):
+    from shardps.client.sdk import export_model, load_model_file
+
+    steps, sync_every, size = 22, 4, 32  # 5 rounds of 4 and a last one of 2 inner steps (weighed 1/2)
+    opts = dict(script="diloco_worker.py", mode="async", inner="adamw", inner_kwargs=json.dumps({"lr": 0.01}),
+                sync_every=sync_every, sizes=f"{size},{size}", steps=steps)
+    with LocalCluster(servers=2) as cluster:
+        fast = spawn_workers(cluster, 1, **opts)
+        slow = spawn_workers(cluster, 1, sleep=1.0, **opts)
+        results = fast.wait() + slow.wait()
+        shards = load_model_file(export_model(cluster.address, tmp_path / "final.safetensors")["model"])
+    fast_rounds, slow_rounds = results[0]["rounds"], results[1]["rounds"]
+    assert len(fast_rounds) == len(slow_rounds) == 6
+    # The fast worker took all its outer steps while the slow one (>= 4 s a round) took at most two:
+    # under sync steps they would alternate.
+    assert fast_rounds[-1]["versions"][0] <= len(fast_rounds) + 2, [r["versions"] for r in fast_rounds]
+    assert max(fast_rounds[-1]["versions"]) < max(slow_rounds[-1]["versions"]) == 12
+    pushes = [dict(r, weight=r["samples"] / (sync_every * size)) for r in fast_rounds + slow_rounds]
+    assert sorted(p["weight"] for p in pushes) == [0.5, 0.5] + [1.0] * 10
+    expected = replay_async(results[0]["initial"], pushes, results[0]["ranges"],
+                            {"lr": 0.7, "momentum": 0.9, "nesterov": True})
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    assert max_diff(shards, expected) <= 1e-5
+
+
+def replay_sync(initial, pushes, outer_kwargs):
+    """Sync outer steps in one process: step v is the sample-weighted mean of the pushes answered with v."""
+    theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
+    outer = torch.optim.SGD([theta], **outer_kwargs)
+    versions = sorted({push["versions"][0] for push in pushes})
+    assert versions == list(range(1, len(versions) + 1))
+    for v in versions:
+        step = [push for push in pushes if push["versions"] == [v, v]]
+        total = sum(push["samples"] for push in step)
+        theta.grad = sum(push["delta"] * (push["samples"] / total) for push in step)
+        outer.step()
+    final = _model(initial)
+    _load_flat(final, theta.detach())
+    return final.state_dict()
+
+
+@pytest.mark.slow
+def test_auto_sync_every_gives_a_slow_worker_fewer_inner_steps_per_round_weighed_by_its_samples(spawn_workers,
+                                                                                                 tmp_path):
+    from shardps.client.sdk import export_model, load_model_file
+
+    opts = dict(script="diloco_worker.py", inner="adamw", inner_kwargs=json.dumps({"lr": 0.01}), sync_every="auto",
+                sync_seconds=0.6, sizes="32,32", rounds=5)
+    with LocalCluster(servers=2) as cluster:
+        fast = spawn_workers(cluster, 1, sleep=0.05, **opts)
+        slow = spawn_workers(cluster, 1, sleep=0.2, **opts)
+        results = fast.wait() + slow.wait()
+        shards = load_model_file(export_model(cluster.address, tmp_path / "final.safetensors")["model"])
+    fast_rounds, slow_rounds = results[0]["rounds"], results[1]["rounds"]
+    # Both ran rounds of about 0.6 s: the worker 4x slower per step took fewer steps in every round.
+    assert len(fast_rounds) == len(slow_rounds) == 5
+    assert max(r["steps"] for r in slow_rounds) < min(r["steps"] for r in fast_rounds), \
+        ([r["steps"] for r in slow_rounds], [r["steps"] for r in fast_rounds])
+    expected = replay_sync(results[0]["initial"], fast_rounds + slow_rounds,
+                           {"lr": 0.7, "momentum": 0.9, "nesterov": True})
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    assert max_diff(shards, expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_diloco_run_rolls_the_outer_steps_back_and_the_inner_steps_are_replayed(spawn_workers,
+                                                                                                     tmp_path):
+    import time
+
+    from shardps.coordinator.client import CoordinatorClient
+
+    # Inner SGD keeps no state, so replaying the undone rounds gives exactly the fault-free run.
+    sizes, steps, sync_every, inner_kwargs = [24, 40], 40, 2, {"lr": 0.05}
+    with LocalCluster(servers=2, checkpoint_every=4, checkpoint_dir=tmp_path / "ckpt") as cluster:
+        workers = spawn_workers(cluster, 2, script="diloco_worker.py", inner="sgd", inner_kwargs=json.dumps(inner_kwargs),
+                                sync_every=sync_every, sizes=",".join(map(str, sizes)), steps=steps, sleep=0.05)
+        wait_for_version(cluster, 9)
+        cluster.kill("server-1")
+        time.sleep(1.0)  # workers keep retrying against the dead address
+        cluster.restart("server-1")
+        results = workers.wait()
+        with CoordinatorClient(cluster.address) as coord:
+            rollbacks = list(coord.status().rollbacks)
+    assert len(rollbacks) == 1 and rollbacks[0].from_version > rollbacks[0].to_version
+    assert all(r["rollbacks"] == 1 for r in results)
+    assert all(r["rounds"][-1]["versions"] == [steps // sync_every] * 2 for r in results)
+    expected = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs,
+                                {"lr": 0.7, "momentum": 0.9, "nesterov": True}, inner_cls=torch.optim.SGD)
+    for r in results:
+        assert max_diff(r["final"], expected) <= 1e-5
