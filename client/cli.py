@@ -138,6 +138,10 @@ def server(
                                         help="torch threads for the optimizer (0: every core; servers sharing a "
                                              "host should split its cores)."),
     step_timeout: float = typer.Option(300.0, envvar="SHARDPS_STEP_TIMEOUT", help="Sync: seconds a push waits for its step."),
+    first_message_timeout: float = typer.Option(5.0, envvar="SHARDPS_FIRST_MESSAGE_TIMEOUT",
+                                                help="Cancel a request stream that sends nothing for this many seconds."),
+    streams_per_host: int = typer.Option(0, envvar="SHARDPS_STREAMS_PER_HOST",
+                                         help="Request streams one host may hold open (0: threads - 8)."),
     port_file: str = typer.Option("", envvar="SHARDPS_PORT_FILE", help="Write the bound port to this file."),
     checkpoint_dir: str = typer.Option("", envvar="SHARDPS_CHECKPOINT_DIR",
                                        help="Checkpoint the shard to DIR/shard-<id>/ (and restore from it on restart)."),
@@ -154,6 +158,7 @@ def server(
     try:
         config = ServerConfig(coordinator=coordinator, host=host, port=port, advertise=advertise, shard_id=shard_id,
                               threads=threads, compute_threads=compute_threads, step_timeout=step_timeout,
+                              first_message_timeout=first_message_timeout, streams_per_host=streams_per_host,
                               port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               checkpoint_keep=checkpoint_keep, metrics_port=metrics_port)
