@@ -275,3 +275,97 @@ def test_the_caller_is_the_peers_host():
     assert peer_host("ipv4:10.0.0.5:41234") == "10.0.0.5"
     assert peer_host("ipv6:[::1]:5000") == "::1"
     assert peer_host("unix:/tmp/s") == "unix:/tmp/s"
+
+
+@pytest.mark.slow
+def test_a_sync_job_whose_pushes_fill_every_long_call_slot_still_trains(monkeypatch):
+    # 12 handler threads keep 6 for quick calls and admit 6 long ones: six workers' pushes park at the
+    # barrier together, so admission must take all of them, every step.
+    monkeypatch.setenv("SHARDPS_THREADS", "12")
+    workers, steps = 6, 3
+    with LocalCluster(servers=1) as cluster:
+        errors, versions = [], []
+
+        def worker(rank):
+            try:
+                torch.manual_seed(0)
+                model = torch.nn.Linear(64, 10)
+                opt = ShardedOptimizer(model, cluster=cluster.address, lr=0.1, min_workers=workers)
+                for step in range(steps):
+                    digits_step(opt, model, 100 * rank + step)
+                versions.append(opt.versions)
+                opt.close()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(rank,), daemon=True) for rank in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=400)
+    assert not errors, errors
+    assert versions == [[steps]] * workers  # one update per step, each from all six pushes
+
+
+def serve_health(**limits):
+    from shardps.proto.health import HealthService
+
+    health = HealthService(**limits)
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, health, f"127.0.0.1:{port}"
+
+
+def test_health_watch_sends_the_status_then_every_change_and_shutdown_is_final():
+    server, health, address = serve_health()
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Check(health_pb2.HealthCheckRequest(service="svc"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service="svc"), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            health.set("svc", SERVING)
+            assert next(watch).status == SERVING
+            health.enter_graceful_shutdown()
+            assert next(watch).status == NOT_SERVING
+            health.set("svc", SERVING)  # ignored from now on
+            assert stub.Check(health_pb2.HealthCheckRequest(service="svc"), timeout=5).status == NOT_SERVING
+            assert stub.List(health_pb2.HealthListRequest(), timeout=5).statuses["svc"].status == NOT_SERVING
+            watch.cancel()
+    finally:
+        server.stop(0)
+
+
+def test_health_watches_over_the_per_caller_cap_are_refused_at_once_and_their_slots_come_back():
+    server, health, address = serve_health(max_watches=4, watches_per_caller=2)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            open_ = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
+            assert [next(w).status for w in open_] == [health_pb2.HealthCheckResponse.SERVING] * 2
+            with pytest.raises(grpc.RpcError) as err:
+                next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per caller" in err.value.details()
+            for w in open_:
+                w.cancel()
+            # a cancelled watch gives its slot back once its handler sees the caller gone (one poll)
+            again = threading.Event()
+
+            def reopen():
+                for _ in range(200):
+                    try:
+                        next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=5))
+                        again.set()
+                        return
+                    except grpc.RpcError:
+                        time.sleep(0.05)
+
+            threading.Thread(target=reopen, daemon=True).start()
+            assert again.wait(30)
+    finally:
+        server.stop(0)
