@@ -29,21 +29,6 @@ import grpc
 from .errors import Unavailable
 
 
-class WaitSlots:
-    def __init__(self, limit: int, what: str):
-        self.limit, self.what = limit, what
-        self._free = threading.BoundedSemaphore(limit)
-
-    @contextlib.contextmanager
-    def slot(self):
-        if not self._free.acquire(blocking=False):
-            raise Unavailable(f"{self.limit} {self.what} are pending on this server already (its limit); retry shortly")
-        try:
-            yield
-        finally:
-            self._free.release()
-
-
 def peer_host(peer: str) -> str:
     """The calling machine from ``context.peer()`` ("ipv4:10.0.0.5:41234" -> "10.0.0.5",
     "ipv6:[::1]:5000" -> "::1"); a unix socket's peer is the socket path."""
@@ -59,8 +44,8 @@ class CallerSlots:
     """At most ``limit`` holders at once and at most ``per_caller`` from one caller; ``acquire``
     never blocks (it returns why it refused, for the caller's status message)."""
 
-    def __init__(self, limit: int, per_caller: int, what: str):
-        self.limit, self.per_caller, self.what = limit, per_caller, what
+    def __init__(self, limit: int, per_caller: int, what: str, state: str = "open"):
+        self.limit, self.per_caller, self.what, self.state = limit, per_caller, what, state
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
         self.total = 0
@@ -71,9 +56,9 @@ class CallerSlots:
         with self._lock:
             mine = self._held.get(caller, 0)
             if self.total >= self.limit:
-                reason = f"{self.limit} {self.what} are open on this server already (its limit)"
+                reason = f"{self.limit} {self.what} are {self.state} on this server already (its limit)"
             elif mine >= self.per_caller:
-                reason = f"{self.per_caller} {self.what} from {caller} are open already (the limit per caller)"
+                reason = f"{self.per_caller} {self.what} from {caller} are {self.state} already (the limit per caller)"
             else:
                 self._held[caller] = mine + 1
                 self.total += 1
@@ -89,6 +74,24 @@ class CallerSlots:
                 self._held[caller] = left
             else:
                 del self._held[caller]
+
+
+class WaitSlots:
+    """``CallerSlots`` for one kind of wait, whoever calls: one too many raises Unavailable."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what = limit, what
+        self._slots = CallerSlots(limit, limit, what, state="pending")
+
+    @contextlib.contextmanager
+    def slot(self):
+        refusal = self._slots.acquire("")
+        if refusal:
+            raise Unavailable(refusal)
+        try:
+            yield
+        finally:
+            self._slots.release("")
 
 
 class Watchdog:
