@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from ..proto.errors import InvalidArgument
+from ..proto.limits import FIRST_MESSAGE_S
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.rpc import MAX_MESSAGE_BYTES, WORKER_METADATA, abort, create_server as new_grpc_server, translate_errors
@@ -264,14 +265,19 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                                     injected=dict(self.injector.injected))
 
 
-def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                  security=None, idle_s: float = 300.0) -> tuple[grpc.Server, FaultInjector]:
+def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES, security=None,
+                  idle_s: float = 300.0, first_message_s: float = FIRST_MESSAGE_S,
+                  streams_per_host: int = 0) -> tuple[grpc.Server, FaultInjector]:
     """A role's gRPC server with fault injection installed: the interceptor, and AdminService
     to set its rules at runtime (no rules are active until someone adds one). Credentials are
-    checked first (``proto.security.AuthInterceptor``, settings from ``security`` or the environment),
-    and a request stream idle for ``idle_s`` is cancelled (``proto.limits``)."""
+    checked first (``proto.security.AuthInterceptor``, settings from ``security`` or the environment);
+    long calls leave handler threads for health, status and control calls, and a host opens at
+    most ``streams_per_host`` request streams (0: no limit below that; ``proto.admission``); a
+    request stream that sends no first message within ``first_message_s``, or nothing for
+    ``idle_s``, is cancelled (``proto.limits``)."""
     import logging
 
+    from ..proto.admission import AdmissionInterceptor
     from ..proto.limits import IdleStreamInterceptor, Watchdog
     from ..proto.security import AuthInterceptor, Security
 
@@ -283,7 +289,8 @@ def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES,
             "one up)")
     injector = FaultInjector()
     interceptors = [AuthInterceptor(security.token, security.cluster_token),
-                    IdleStreamInterceptor(Watchdog(), idle_s), FaultInterceptor(injector)]
+                    AdmissionInterceptor(max_threads, streams_per_host),
+                    IdleStreamInterceptor(Watchdog(), idle_s, first_message_s), FaultInterceptor(injector)]
     server = new_grpc_server(max_threads, max_message_bytes, interceptors=interceptors)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(injector), server)
     return server, injector

@@ -120,6 +120,8 @@ def server(
     threads: int = _opt("server.threads"),
     compute_threads: int = _opt("compute_threads"),
     step_timeout: float = _opt("step_timeout"),
+    first_message_timeout: float = _opt("first_message_timeout"),
+    streams_per_host: int = _opt("streams_per_host"),
     port_file: str = _opt("port_file"),
     checkpoint_dir: str = _opt("checkpoint_dir"),
     checkpoint_every: int = _opt("server.checkpoint_every"),
@@ -135,6 +137,7 @@ def server(
     try:
         config = ServerConfig(coordinator=coordinator, host=host, port=port, advertise=advertise, shard_id=shard_id,
                               threads=threads, compute_threads=compute_threads, step_timeout=step_timeout,
+                              first_message_timeout=first_message_timeout, streams_per_host=streams_per_host,
                               port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               checkpoint_keep=checkpoint_keep, metrics_port=metrics_port, history_dir=history_dir)

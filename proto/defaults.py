@@ -27,6 +27,7 @@ PUSH_TIMEOUT_S = STEP_TIMEOUT_S + 30.0
 CONNECT_TIMEOUT_S = 120.0  # a worker waits this long for the cluster and min_workers
 RUN_CHECKPOINT_EVERY = 100  # `shardps run` and LocalCluster: servers checkpoint every N versions
 CHECKPOINT_KEEP = 3  # newest checkpoints kept per shard
+FIRST_MESSAGE_S = 5.0  # a request stream that sends nothing this long is cancelled (every shardps client sends at once)
 COORDINATOR_PORT, SERVER_PORT = 7070, 7071
 COORDINATOR_THREADS, SERVER_THREADS, WORKER_THREADS = 32, 64, 1
 EVAL_EVERY = 50  # rank 0 evaluates on held-out data every N steps
@@ -107,6 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("run.checkpoint_every", "SHARDPS_CHECKPOINT_EVERY", RUN_CHECKPOINT_EVERY,
             "Servers checkpoint every N steps (with --scenario: 10 by default; 0: only at the start and the end).",
             "run"),
+    Setting("first_message_timeout", "SHARDPS_FIRST_MESSAGE_TIMEOUT", FIRST_MESSAGE_S,
+            "Cancel a request stream that sends nothing for this many seconds.", "server"),
+    Setting("streams_per_host", "SHARDPS_STREAMS_PER_HOST", 0,
+            "Request streams one host may hold open (0: threads - 8, the whole long-call capacity).", "server"),
     Setting("checkpoint_keep", "SHARDPS_CHECKPOINT_KEEP", CHECKPOINT_KEEP, "Newest checkpoints kept per shard.",
             "server"),
     Setting("history_dir", "SHARDPS_HISTORY_DIR", "",

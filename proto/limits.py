@@ -7,8 +7,11 @@ every thread and health checks stop answering. So:
 
 - ``WaitSlots``: at most ``limit`` calls of a kind wait at once; one more is answered
   at once with UNAVAILABLE (clients back off and retry), never queued behind the others.
-- ``Watchdog`` + ``IdleStreamInterceptor``: a request stream that sends nothing for
-  ``idle_s`` is cancelled, which frees its handler thread.
+- ``CallerSlots``: the same, plus at most ``per_caller`` of them from one caller (the
+  peer's host), so one machine cannot take what the others need.
+- ``Watchdog`` + ``IdleStreamInterceptor``: a request stream that sends no first message
+  within ``first_s`` (a few seconds), or nothing more for ``idle_s``, is cancelled, which
+  frees its handler thread.
 
     slots = WaitSlots(8, "pulls waiting for a version")
     with slots.slot():
@@ -23,22 +26,73 @@ import time
 
 import grpc
 
+from .defaults import FIRST_MESSAGE_S  # every shardps client sends a stream's first message at once
 from .errors import Unavailable
 
 
+def peer_host(peer: str) -> str:
+    """The calling machine from ``context.peer()`` ("ipv4:10.0.0.5:41234" -> "10.0.0.5",
+    "ipv6:[::1]:5000" -> "::1"); a unix socket's peer is the socket path."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
+
+
+class CallerSlots:
+    """At most ``limit`` holders at once and at most ``per_caller`` from one caller; ``acquire``
+    never blocks (it returns why it refused, for the caller's status message)."""
+
+    def __init__(self, limit: int, per_caller: int, what: str, state: str = "open"):
+        self.limit, self.per_caller, self.what, self.state = limit, per_caller, what, state
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+        self.total = 0
+        self.refused = 0
+
+    def acquire(self, caller: str) -> str:
+        """"" when a slot was taken (``release`` it), else the reason it was refused."""
+        with self._lock:
+            mine = self._held.get(caller, 0)
+            if self.total >= self.limit:
+                reason = f"{self.limit} {self.what} are {self.state} on this server already (its limit)"
+            elif mine >= self.per_caller:
+                reason = f"{self.per_caller} {self.what} from {caller} are {self.state} already (the limit per caller)"
+            else:
+                self._held[caller] = mine + 1
+                self.total += 1
+                return ""
+            self.refused += 1
+            return reason + "; retry shortly"
+
+    def release(self, caller: str) -> None:
+        with self._lock:
+            self.total -= 1
+            left = self._held[caller] - 1
+            if left:
+                self._held[caller] = left
+            else:
+                del self._held[caller]
+
+
 class WaitSlots:
+    """``CallerSlots`` for one kind of wait, whoever calls: one too many raises Unavailable."""
+
     def __init__(self, limit: int, what: str):
         self.limit, self.what = limit, what
-        self._free = threading.BoundedSemaphore(limit)
+        self._slots = CallerSlots(limit, limit, what, state="pending")
 
     @contextlib.contextmanager
     def slot(self):
-        if not self._free.acquire(blocking=False):
-            raise Unavailable(f"{self.limit} {self.what} are pending on this server already (its limit); retry shortly")
+        refusal = self._slots.acquire("")
+        if refusal:
+            raise Unavailable(refusal)
         try:
             yield
         finally:
-            self._free.release()
+            self._slots.release("")
 
 
 class Watchdog:
@@ -75,10 +129,11 @@ class Watchdog:
 
 
 class IdleStreamInterceptor(grpc.ServerInterceptor):
-    """Cancels a request stream that sends nothing for ``idle_s`` seconds."""
+    """Cancels a request stream that sends no first message within ``first_s`` seconds of its
+    handler starting, or nothing more for ``idle_s`` seconds after a message."""
 
-    def __init__(self, watchdog: Watchdog, idle_s: float):
-        self.watchdog, self.idle_s = watchdog, idle_s
+    def __init__(self, watchdog: Watchdog, idle_s: float, first_s: float = FIRST_MESSAGE_S):
+        self.watchdog, self.idle_s, self.first_s = watchdog, idle_s, first_s
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -93,13 +148,14 @@ class IdleStreamInterceptor(grpc.ServerInterceptor):
         return handler._replace(**{kind: guarded})
 
     def _guard(self, requests, context):
-        it = iter(requests)
+        it, wait = iter(requests), self.first_s
         while True:
-            token = self.watchdog.arm(context, self.idle_s)
+            token = self.watchdog.arm(context, wait)
             try:
                 item = next(it)
             except StopIteration:
                 return
             finally:
                 self.watchdog.disarm(token)
+            wait = self.idle_s
             yield item

@@ -13,10 +13,11 @@ from concurrent import futures
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from . import errors
+from .health import HealthService
 
 MAX_MESSAGE_BYTES = 8 << 20  # a 1 MiB chunk plus headroom; larger messages get RESOURCE_EXHAUSTED
 KEEPALIVE_MS = 10_000  # client pings an idle connection this often
@@ -80,9 +81,10 @@ def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES, 
     )
 
 
-def add_health(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
-    """Standard grpc.health.v1 service; every named service and "" report SERVING."""
-    servicer = health.HealthServicer()
+def add_health(server: grpc.Server, service_names: list[str]):
+    """Standard grpc.health.v1 service (``proto.health.HealthService``: no caller can freeze it);
+    every named service and "" report SERVING. Returns it (``set``, ``enter_graceful_shutdown``)."""
+    servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *service_names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -18,6 +18,7 @@ from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
 from ..proto.history import History
 from ..proto import defaults as D
+from ..proto.limits import FIRST_MESSAGE_S
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..chaos.faults import create_server as new_grpc_server
 from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
@@ -36,6 +37,8 @@ class ServerConfig:
     shard_id: int = -1  # -1 lets the coordinator assign the lowest free id
     threads: int = D.SERVER_THREADS  # gRPC handler threads: >= workers blocked in a sync step + control calls
     step_timeout: float = D.STEP_TIMEOUT_S  # sync: seconds a push waits for its step to close
+    first_message_timeout: float = FIRST_MESSAGE_S  # a request stream that sends nothing this long is cancelled
+    streams_per_host: int = 0  # request streams one host may hold open (0: threads - 8, see proto/admission.py)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes per streamed reply chunk
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger messages are refused (RESOURCE_EXHAUSTED)
     register_wait: float = 60.0  # seconds to keep trying to reach the coordinator at start
@@ -52,6 +55,11 @@ class ServerConfig:
             raise ValueError(f"coordinator must be host:port, got {self.coordinator!r}")
         if self.threads < 4:
             raise ValueError(f"threads must be >= 4, got {self.threads}")
+        if not 0.1 <= self.first_message_timeout <= 600:
+            raise ValueError(f"first_message_timeout must be in 0.1..600 seconds, got {self.first_message_timeout}")
+        if self.streams_per_host < 0:
+            raise ValueError(f"streams_per_host must be >= 0 (0: no limit below the server's), got "
+                             f"{self.streams_per_host}")
         if self.compute_threads < 0:
             raise ValueError(f"compute_threads must be >= 0 (0: every core), got {self.compute_threads}")
         if self.chunk_bytes < 1 or self.chunk_bytes > self.max_message_bytes - 4096:
@@ -72,7 +80,9 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
                      history=History.open(config.history_dir, "server"))
     # A request stream may legitimately pause as long as a sync step takes (a clipped push waits for
     # the other shards' partial norms), not longer.
-    server, injector = new_grpc_server(config.threads, config.max_message_bytes, idle_s=config.step_timeout + 30)
+    server, injector = new_grpc_server(config.threads, config.max_message_bytes, idle_s=config.step_timeout + 30,
+                                       first_message_s=config.first_message_timeout,
+                                       streams_per_host=config.streams_per_host)
     if config.metrics_port >= 0:
         from ..proto import metrics
 

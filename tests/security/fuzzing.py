@@ -4,7 +4,8 @@
 chosen to hurt: boundary and huge integers, NaN and infinities, empty, enormous and
 odd strings, random bytes, nested messages, repeated fields of hostile sizes. Known
 ids (the live job's id, its fingerprint) are mixed in so that calls get past the
-first checks and reach deeper code.
+first checks and reach deeper code. ``health_call`` and ``stalled_stream`` make the callers
+who flood the health service or open request streams and send nothing.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import random
 
 from google.protobuf.descriptor import FieldDescriptor as F
+from grpc_health.v1 import health_pb2
 
 from shardps.proto.gen import shardps_pb2 as pb
 
@@ -106,3 +108,17 @@ class Fuzzer:
 
     def raw(self) -> bytes:
         return bytes(self.rng.getrandbits(8) for _ in range(self.rng.choice([0, 1, 3, 10, 100, 700])))
+
+    # ---------------------------------------------------------------- callers who flood or stall
+
+    def health_call(self) -> tuple[str, object, float]:
+        """A grpc.health.v1 call: (method, request, deadline in seconds), mostly short-deadline Watches."""
+        r = self.rng
+        method = r.choices(["Watch", "Check", "List"], weights=[6, 3, 1])[0]
+        request = (health_pb2.HealthListRequest() if method == "List"
+                   else health_pb2.HealthCheckRequest(service=r.choice(["", "", *self.strings])))
+        return method, request, r.choice([0.001, 0.01, 0.05, 0.05, 0.2, 1.0])
+
+    def stalled_stream(self, method) -> list:
+        """The messages a request stream sends before it stalls: mostly none (the caller never starts)."""
+        return [] if self.rng.random() < 0.7 else [self.request(method)]

@@ -5,12 +5,14 @@ change the training state, and afterwards every role is healthy and training goe
 Seeded, so a failure reproduces; SHARDPS_FUZZ_CALLS scales the campaign (default 2,500 calls).
 """
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2_grpc
 
 from shardps import LocalCluster, ShardedOptimizer
 from shardps.proto.gen import shardps_pb2 as pb
@@ -132,4 +134,66 @@ def test_internal_calls_with_the_clusters_own_credential_and_hostile_values_cras
         opt.zero_grad()
         model(torch.randn(4, 40)).sum().backward()
         opt.step()
+        opt.close()
+
+
+@pytest.mark.slow
+def test_hostile_health_floods_and_stalled_streams_freeze_no_role_and_training_goes_on():
+    """Seeded: hundreds of health calls (mostly Watches with deadlines of 1 ms..1 s, hostile service names)
+    from several threads, while request streams to every streaming RPC stall after zero or one message."""
+    with LocalCluster(servers=2) as cluster:
+        model = torch.nn.Linear(40, 8)
+        opt = ShardedOptimizer(model, cluster=cluster.address, optimizer="adam", lr=0.01)
+        roles = [cluster.address, *cluster.server_addresses.values()]
+        fuzz = Fuzzer(seed=4242)
+        health_calls = [(fuzz.rng.choice(roles), *fuzz.health_call()) for _ in range(min(CALLS // 5, 500))]
+        streaming = [m for m in SERVICES["shardps.v1.ShardService"].methods if m.client_streaming]
+        stalls = [(fuzz.rng.choice(list(cluster.server_addresses.values())), method, fuzz.stalled_stream(method))
+                  for method in (fuzz.rng.choice(streaming) for _ in range(24))]
+        release, stalled = threading.Event(), []
+
+        def stall(address, method, sent):
+            def requests():
+                yield from sent
+                release.wait(120)
+
+            with open_channel(address, cluster.security) as channel:
+                fn = (channel.stream_stream if method.server_streaming else channel.stream_unary)(
+                    f"/shardps.v1.ShardService/{method.name}", request_serializer=lambda m: m.SerializeToString())
+                try:
+                    reply = fn(requests(), timeout=120)
+                    if method.server_streaming:
+                        list(reply)
+                    stalled.append("OK")
+                except grpc.RpcError as exc:
+                    stalled.append(exc.code().name)
+
+        def health(address, method, request, deadline):
+            with grpc.insecure_channel(address) as channel:  # health needs no credential
+                stub = health_pb2_grpc.HealthStub(channel)
+                try:
+                    reply = getattr(stub, method)(request, timeout=deadline)
+                    if method == "Watch":
+                        list(reply)
+                    return "OK"
+                except grpc.RpcError as exc:
+                    return exc.code().name
+
+        stallers = [threading.Thread(target=stall, args=s, daemon=True) for s in stalls]
+        for t in stallers:
+            t.start()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                codes = Counter(pool.map(lambda c: health(*c), health_calls))
+            assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "NOT_FOUND"}, codes
+            assert all(check_health(a, timeout=5) for a in roles)  # while the streams may still stall
+            opt.zero_grad()
+            model(torch.randn(4, 40)).sum().backward()
+            opt.step()
+            assert opt.versions == [1, 1]
+        finally:
+            release.set()
+            for t in stallers:
+                t.join(timeout=150)
+        assert len(stalled) == len(stalls) and "UNKNOWN" not in stalled, Counter(stalled)
         opt.close()
