@@ -54,6 +54,7 @@ from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
 from ..proto.retry import Retrier
 from ..proto.security import Security
 from . import torch_compat
+from .collectives import Collectives
 from .compress import TopK
 from .flat import FlatParams
 from .heartbeat import Heartbeat
@@ -508,6 +509,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The membership changed: take this worker's new rank and the new world size."""
         self._heartbeat.view_changed.clear()
         self._adopt(self.coordinator.view(self.job_id, 0))
+
+    @property
+    def collectives(self) -> Collectives:
+        """All-reduce, barrier and broadcast of small values among this job's workers
+        (``worker.collectives``): losses and metrics to log, "rank 0 saved"."""
+        if getattr(self, "_collectives", None) is None:
+            self._collectives = Collectives(self.coordinator, self.job_id, self.worker_id, self.step_timeout)
+        return self._collectives
 
     def counters(self) -> dict[str, int]:
         """This worker's fault counters (also reported to the coordinator with every heartbeat)."""
