@@ -1,0 +1,88 @@
+"""Lightning and the HF Trainer on shardps as their users run them: ``shardps launch --nproc 2``
+(an embedded cluster of 2 shard servers, 2 worker processes) against the same trainer in one
+process on the union batch (``trainers.py``), with clipping, a per-step schedule and sample data
+from scikit-learn's digits."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_patterns import close
+
+pytest.importorskip("lightning")
+SCRIPT = Path(__file__).resolve().parent / "trainers.py"
+TOL = 1e-5
+
+
+def launch(out: Path, *args: str, logs: str = "logs", timeout: float = 400) -> None:
+    cmd = [sys.executable, "-m", "shardps", "launch", "--nproc", "2", "--log-dir", str(out / logs), str(SCRIPT),
+           *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"shardps launch exited {run.returncode}:\n{(run.stdout + run.stderr)[-6000:]}"
+
+
+def reference(out: Path, *args: str, timeout: float = 300) -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), *args, "--reference"], capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, f"reference exited {run.returncode}:\n{(run.stdout + run.stderr)[-6000:]}"
+
+
+def load(out: Path, name: str):
+    return torch.load(out / f"{name}.pt", weights_only=False)
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def lightning_fit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning")
+    launch(out, "lightning", str(out))
+    reference(out, "lightning", str(out))
+    return out, [load(out, f"lightning-rank{r}") for r in (0, 1)], load(out, "lightning-ref")
+
+
+@pytest.mark.slow
+def test_lightning_with_clipping_and_a_per_step_schedule_equals_one_process_on_the_union_batch(lightning_fit):
+    _, workers, want = lightning_fit
+    assert max(want["norms"]) > 1.0  # gradient_clip_val=1.0 did clip
+    for w in workers:
+        assert w["world_size"] == 2
+        close(w["model"], want["model"], TOL, f"rank {w['rank']}: ")
+        # self.log(sync_dist=True): every rank logs the mean over both workers, as one process does
+        for key in ("train_loss", "val_loss"):
+            assert w["metrics"][key] == pytest.approx(want["metrics"][key], abs=TOL)
+
+
+@pytest.mark.slow
+def test_lightning_workers_see_every_sample_once_per_epoch_between_them(lightning_fit):
+    _, (a, b), _ = lightning_fit
+    per_epoch = len(a["seen"]) // 2
+    for epoch in range(2):
+        mine = [set(w["seen"][epoch * per_epoch:(epoch + 1) * per_epoch]) for w in (a, b)]
+        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(256)), f"epoch {epoch}"
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_lightning_logs_and_checkpoints(lightning_fit):
+    _, workers, _ = lightning_fit
+    by_rank = {w["rank"]: Path(w["root"]) for w in workers}
+    written = [p.name for p in files_under(by_rank[0])]
+    assert "metrics.csv" in written and any(n.endswith(".ckpt") for n in written)
+    assert files_under(by_rank[1]) == []
+
+
+@pytest.mark.slow
+def test_lightning_resumed_from_a_checkpoint_goes_on_as_the_uninterrupted_run(lightning_fit):
+    out, workers, _ = lightning_fit
+    root = Path(next(w["root"] for w in workers if w["rank"] == 0))
+    ckpt = next(p for p in files_under(root) if p.suffix == ".ckpt")  # after epoch 2 of 3
+    launch(out, "lightning", str(out), "--epochs", "3", "--resume", str(ckpt), "--tag", "resumed",
+           logs="logs-resumed")
+    reference(out, "lightning", str(out), "--epochs", "3", "--tag", "whole")
+    want = load(out, "lightning-whole-ref")
+    for r in (0, 1):
+        close(load(out, f"lightning-resumed-rank{r}")["model"], want["model"], TOL, f"rank {r}: ")
