@@ -86,3 +86,60 @@ def test_lightning_resumed_from_a_checkpoint_goes_on_as_the_uninterrupted_run(li
     want = load(out, "lightning-whole-ref")
     for r in (0, 1):
         close(load(out, f"lightning-resumed-rank{r}")["model"], want["model"], TOL, f"rank {r}: ")
+
+
+@pytest.fixture(scope="module")
+def hf_fit(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    out = tmp_path_factory.mktemp("hf")
+    launch(out, "hf", str(out))
+    reference(out, "hf", str(out))
+    return out, [load(out, f"hf-rank{r}") for r in (0, 1)], load(out, "hf-ref")
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_default_clipping_accumulation_and_a_warmup_schedule_equals_one_process(hf_fit):
+    _, workers, want = hf_fit
+    norms = [norm for _, _, norm, _ in want["losses"]]
+    assert max(norms) > 1.0  # max_grad_norm=1.0 did clip
+    assert want["losses"][0][3] == 0.0 and max(lr for *_, lr in want["losses"]) > 0  # warmup from lr 0
+    for w in workers:
+        assert w["world_size"] == 2
+        close(w["model"], want["model"], TOL, f"rank {w['rank']}: ")
+        # logged per step: the loss (mean over the workers), the clipped gradient's norm, the lr
+        assert len(w["losses"]) == len(want["losses"])
+        for got, ref in zip(w["losses"], want["losses"]):
+            assert got[0] == ref[0] and got[1:] == pytest.approx(ref[1:], abs=1e-5), f"step {ref[0]}"
+
+
+@pytest.mark.slow
+def test_hf_workers_see_every_sample_once_per_epoch_between_them(hf_fit):
+    _, (a, b), _ = hf_fit
+    per_epoch = len(a["seen"]) // 2
+    for epoch in range(2):
+        mine = [set(w["seen"][epoch * per_epoch:(epoch + 1) * per_epoch]) for w in (a, b)]
+        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(64)), f"epoch {epoch}"
+
+
+@pytest.mark.slow
+def test_only_rank_zero_calls_save_pretrained_and_writes_hf_checkpoints(hf_fit):
+    _, workers, want = hf_fit
+    by_rank = {w["rank"]: w for w in workers}
+    zero, other = by_rank[0], by_rank[1]
+    assert [Path(p).name for p in zero["saves"]] == [Path(p).name for p in want["saves"]] == \
+        ["checkpoint-4", "checkpoint-8", "final"]
+    assert other["saves"] == []
+    written = {p.name for p in files_under(Path(zero["root"]))}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= written
+    # rank 1 writes nothing but its RNG state into each checkpoint (HF's per-process file, as under DDP)
+    assert {p.name for p in files_under(Path(other["root"]))} == {"rng_state_1.pth"}
+
+
+@pytest.mark.slow
+def test_hf_resumed_from_a_mid_run_checkpoint_ends_where_the_uninterrupted_run_does(hf_fit):
+    out, workers, want = hf_fit
+    zero = next(w for w in workers if w["rank"] == 0)
+    launch(out, "hf", str(out), "--resume", str(Path(zero["root"]) / "checkpoint-4"), "--tag", "resumed",
+           logs="logs-resumed")
+    for r in (0, 1):
+        close(load(out, f"hf-resumed-rank{r}")["model"], want["model"], TOL, f"rank {r}: ")

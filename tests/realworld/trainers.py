@@ -109,13 +109,75 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
                out / f"lightning{tag}-{'ref' if reference else f'rank{rank}'}.pt")
 
 
+# ------------------------------------------------------------------ Hugging Face Trainer
+
+HF_WINDOWS, HF_BATCH, HF_ACCUMULATE = 64, 4, 2  # text windows; rows per worker micro-batch; micro-batches a step
+
+
+class Windows(torch.utils.data.Dataset):
+    """Fixed windows of the project's text (the Python standard library's sources, as charlm trains on)."""
+
+    def __len__(self):
+        return HF_WINDOWS
+
+    def __getitem__(self, i):
+        x = M._text()[i * M.CONTEXT:(i + 1) * M.CONTEXT]
+        return {"input_ids": x, "labels": x, "idx": i}
+
+
+def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> None:
+    if not reference:
+        from shardps.worker.hf import ShardpsTrainer  # first: the TrainingArguments below see one process
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from scenarios import hf_config
+
+    index = "ref" if reference else os.environ["SHARDPS_LOCAL_RANK"]
+    root = out / f"hf{tag}-root-{index}"
+    seen: list[int] = []
+    saves: list[str] = []
+
+    def collate(rows):
+        seen.extend(r["idx"] for r in rows)
+        return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
+
+    torch.manual_seed(9)
+    model = GPT2LMHeadModel(hf_config())
+    plain_save = model.save_pretrained
+    model.save_pretrained = lambda path, *a, **k: (saves.append(str(path)), plain_save(path, *a, **k))[1]
+    args = TrainingArguments(
+        output_dir=str(root), num_train_epochs=epochs, learning_rate=5e-3, weight_decay=0.01, adam_epsilon=1e-6,
+        lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0,  # the defaults' clipping, at 1.0
+        per_device_train_batch_size=HF_BATCH * (WORKERS if reference else 1),
+        gradient_accumulation_steps=HF_ACCUMULATE, logging_steps=1, save_strategy="steps", save_steps=4,
+        report_to="none", use_cpu=True, remove_unused_columns=False, seed=5, disable_tqdm=True, dataloader_num_workers=0)
+    if reference:
+        class OneProcess(Trainer):
+            def _get_train_sampler(self, train_dataset=None):  # the permutation the workers' samplers split
+                return torch.utils.data.DistributedSampler(self.train_dataset, num_replicas=1, rank=0, shuffle=True,
+                                                           seed=self.args.seed)
+
+        trainer = OneProcess(model=model, args=args, train_dataset=Windows(), data_collator=collate)
+    else:
+        trainer = ShardpsTrainer(model=model, args=args, train_dataset=Windows(), data_collator=collate,
+                                 job=f"hf{tag}", sharded_kwargs={"step_timeout": 120})
+    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(str(root / "final"))
+    rank = trainer.args.process_index
+    losses = [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in trainer.state.log_history
+              if "loss" in e]
+    torch.save({"rank": rank, "world_size": trainer.args.world_size, "model": M_sd(model), "seen": seen,
+                "saves": saves, "losses": losses, "root": str(root), "index": index},
+               out / f"hf{tag}-{'ref' if reference else f'rank{rank}'}.pt")
+
+
 def M_sd(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("trainer", choices=["lightning"])
+    ap.add_argument("trainer", choices=["lightning", "hf"])
     ap.add_argument("out")
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--epochs", type=int, default=2)
@@ -123,7 +185,7 @@ def main():
     ap.add_argument("--tag", default="", help="names this run's files and job")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    {"lightning": lightning_run}[a.trainer](Path(a.out), a.reference, a.epochs, a.resume, a.tag and f"-{a.tag}")
+    {"lightning": lightning_run, "hf": hf_run}[a.trainer](Path(a.out), a.reference, a.epochs, a.resume, a.tag and f"-{a.tag}")
 
 
 if __name__ == "__main__":
