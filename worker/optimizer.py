@@ -553,7 +553,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_constructing", False):
             raise RuntimeError("a ShardedOptimizer's parameters are fixed when its job is defined (the shards hold "
-                               "them): pass every param group to the constructor")
+                               "them): pass every param group to the constructor (a layer to unfreeze later can be "
+                               "in it from the start with requires_grad=False; it trains once unfrozen)")
         super().add_param_group(param_group)
 
     def no_sync(self):
