@@ -143,3 +143,54 @@ def test_hf_resumed_from_a_mid_run_checkpoint_ends_where_the_uninterrupted_run_d
            logs="logs-resumed")
     for r in (0, 1):
         close(load(out, f"hf-resumed-rank{r}")["model"], want["model"], TOL, f"rank {r}: ")
+
+
+def _tiny_module(build_in_configure_model: bool = False):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = None if build_in_configure_model else torch.nn.Linear(64, 10)
+
+        def configure_model(self):
+            if self.net is None:
+                self.net = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    if not build_in_configure_model:
+        del Tiny.configure_model
+    return Tiny()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, words", [
+    ("value_clipping", "gradient_clip_algorithm='norm'"),
+    ("configure_model", "build the model's layers in __init__"),
+])
+def test_lightning_refuses_what_it_cannot_do_exactly_and_says_what_to_do_instead(case, words, tmp_path):
+    import lightning as L
+
+    from shardps import LocalCluster
+    from shardps.worker.lightning import ShardpsStrategy
+
+    from models import _digits
+
+    x, y = _digits()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:64], y[:64]), batch_size=16)
+    with LocalCluster(servers=2) as cluster:
+        strategy = ShardpsStrategy(cluster=cluster.address, job=case, min_workers=1)
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                            gradient_clip_val=0.5, gradient_clip_algorithm="value" if case == "value_clipping" else "norm")
+        try:
+            with pytest.raises((ValueError, RuntimeError), match=words):
+                trainer.fit(_tiny_module(case == "configure_model"), loader)
+        finally:
+            strategy.close()
