@@ -1,10 +1,10 @@
 """CoordinatorService gRPC adapter: decode, call ``Coordinator``, encode."""
 from __future__ import annotations
 
+import contextlib
 import time
 
-
-from ..proto.errors import InvalidArgument
+from ..proto.errors import InvalidArgument, Unavailable
 from ..proto.limits import WaitSlots
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
@@ -47,9 +47,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @translate_errors
     def Collective(self, request, context):
-        with self.watches.slot():
+        wait = request.timeout_ms / 1000.0
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.watches.slot())
+            except Unavailable:
+                # Every waiting slot is taken (a job with more workers than slots): contribute without
+                # waiting, or the round could never close; the worker asks again shortly.
+                wait = 0.0
             payloads, epoch = self.c.collective(request.job_id, request.worker_id, request.name, request.round,
-                                                request.payload, request.timeout_ms / 1000.0)
+                                                request.payload, wait)
         return pb.CollectiveResponse(done=payloads is not None, payloads=payloads or (), epoch=epoch)
 
     @translate_errors

@@ -69,14 +69,18 @@ class Collectives:
     def _exchange(self, name: str, payload: bytes, timeout: float | None) -> list[bytes]:
         round_ = self._rounds[name]
         wait = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        deadline, delay = time.monotonic() + wait, 0.02
         while True:
-            left = deadline - time.monotonic()
-            payloads, epoch = self.coordinator.collective(self.job_id, self.worker_id, name, round_, payload,
-                                                          max(0.0, min(left, POLL_S)))
+            started = time.monotonic()
+            poll = max(0.0, min(deadline - started, POLL_S))
+            payloads, epoch = self.coordinator.collective(self.job_id, self.worker_id, name, round_, payload, poll)
             if payloads is not None:
                 self._rounds[name] = round_ + 1
                 return payloads
+            now = time.monotonic()
+            if now - started < poll / 2:  # answered without waiting (the coordinator's wait slots were full)
+                time.sleep(min(delay, max(0.0, deadline - now)))
+                delay = min(delay * 2, 1.0)
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"collective {name!r} (round {round_}) did not close within {wait:.0f}s: some "
                                   f"member of membership epoch {epoch} did not make the same call (every worker "

@@ -1,5 +1,6 @@
 """Collectives among a job's workers: the coordinator core in-process, then over gRPC from worker processes."""
 import threading
+import time
 
 import pytest
 import torch
@@ -53,6 +54,32 @@ def test_a_round_that_closed_and_was_forgotten_is_refused_not_reopened():
     rounds.done.clear()  # as if many later rounds had pushed it out
     with pytest.raises(FailedPrecondition, match="same order"):
         c.collective(a.job_id, a.worker_id, "n", 1, b"", timeout=0)
+
+
+def test_a_round_closes_when_its_workers_outnumber_the_coordinators_wait_slots():
+    """More workers than handler threads may park: the ones without a slot contribute without waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardps.coordinator.service import CoordinatorServicer
+    from shardps.proto.gen import shardps_pb2 as pb
+
+    c = ready()
+    regs = [c.register_worker(job(min_workers=3), n) for n in "abc"]
+    servicer = CoordinatorServicer(c, threads=2)  # 2 wait slots for 3 workers
+    assert servicer.watches.limit == 2
+
+    def call(reg, timeout_ms):
+        req = pb.CollectiveRequest(job_id=reg.job_id, worker_id=reg.worker_id, name="n", round=0,
+                                   payload=reg.worker_id.to_bytes(1, "big"), timeout_ms=timeout_ms)
+        return servicer.Collective(req, None)
+
+    with ThreadPoolExecutor(2) as pool:
+        parked = [pool.submit(call, r, 10_000) for r in regs[:2]]
+        while servicer.watches._free._value:  # both slots taken by waiting calls
+            time.sleep(0.01)
+        third = call(regs[2], 10_000)  # no slot: contributes and answers at once, closing the round
+        answers = [f.result(timeout=10) for f in parked] + [third]
+    assert all(a.done and list(a.payloads) == [b"\x00", b"\x01", b"\x02"] for a in answers)
 
 
 @pytest.mark.parametrize("value", [3.5, 7, {"path": "ckpt/epoch=1.ckpt", "ok": True}, None,
