@@ -126,6 +126,16 @@ class CoordinatorClient:
                 raise Unavailable(f"membership epoch {epoch} did not appear within {timeout:.0f}s "
                                   f"(latest is {view.epoch})")
 
+    def collective(self, job_id: str, worker_id: int, name: str, round_: int, payload: bytes,
+                   timeout: float) -> tuple[list[bytes] | None, int]:
+        """One long poll of a collective round (``Coordinator.collective``): (payloads by rank, epoch), or
+        (None, epoch) while the round is open after ``timeout`` s; calling again with the same arguments
+        is safe (a retried contribution replaces itself)."""
+        req = pb.CollectiveRequest(job_id=job_id, worker_id=worker_id, name=name, round=round_, payload=payload,
+                                   timeout_ms=int(timeout * 1000))
+        reply = self._call("Collective", lambda: self._stub.Collective(req, timeout=timeout + self.timeout))
+        return (list(reply.payloads) if reply.done else None), reply.epoch
+
     def view(self, job_id: str, epoch: int) -> View:
         req = pb.GetMembershipRequest(job_id=job_id, epoch=epoch)
         return view_from_pb(self._call("GetMembership", lambda: self._stub.GetMembership(req, timeout=self.timeout)).view)

@@ -1,10 +1,10 @@
 """CoordinatorService gRPC adapter: decode, call ``Coordinator``, encode."""
 from __future__ import annotations
 
+import contextlib
 import time
 
-
-from ..proto.errors import InvalidArgument
+from ..proto.errors import InvalidArgument, Unavailable
 from ..proto.limits import WaitSlots
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
@@ -16,7 +16,7 @@ from .state import Coordinator
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def __init__(self, coordinator: Coordinator, threads: int = 32):
         self.c = coordinator
-        # Membership long-polls park a handler thread each: capped so health checks always find one.
+        # Membership and collective long-polls park a handler thread each: capped so health checks always find one.
         self.watches = WaitSlots(max(2, threads // 2), "membership watches")
 
     def _plan(self, state):
@@ -44,6 +44,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         with self.watches.slot():
             view = self.c.watch(request.job_id, request.after_epoch, request.timeout_ms / 1000.0)
         return pb.WatchMembershipResponse(view=view_to_pb(view))
+
+    @translate_errors
+    def Collective(self, request, context):
+        wait = request.timeout_ms / 1000.0
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.watches.slot())
+            except Unavailable:
+                # Every waiting slot is taken (a job with more workers than slots): contribute without
+                # waiting, or the round could never close; the worker asks again shortly.
+                wait = 0.0
+            payloads, epoch = self.c.collective(request.job_id, request.worker_id, request.name, request.round,
+                                                request.payload, wait)
+        return pb.CollectiveResponse(done=payloads is not None, payloads=payloads or (), epoch=epoch)
 
     @translate_errors
     def GetMembership(self, request, context):

@@ -33,6 +33,7 @@ from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, Unk
 from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
 from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
+from .collectives import Rounds
 from .placement import Placement
 
 log = logging.getLogger("shardps.coordinator")
@@ -87,6 +88,7 @@ class JobState:
     abandoned: bool = False  # ... because the other workers left it (nobody is coming back)
     balancer: "BatchSplitter" = field(default_factory=lambda: BatchSplitter())
     placement: Placement | None = None  # replicated jobs: where each shard's copies are
+    rounds: Rounds = field(default_factory=Rounds)  # collectives among the workers (not durable)
 
     def latest(self) -> View:
         return self.views[-1] if self.views else View(0, 0, ())
@@ -461,6 +463,24 @@ class Coordinator:
             if not 1 <= epoch <= len(state.views):
                 raise FailedPrecondition(f"membership epoch {epoch} does not exist (latest is {len(state.views)})")
             return state.views[epoch - 1]
+
+    def collective(self, job_id: str, worker_id: int, name: str, round_: int, payload: bytes,
+                   timeout: float) -> tuple[tuple[bytes, ...] | None, int]:
+        """Contribute to round ``round_`` of collective ``name`` (``coordinator.collectives``) and wait
+        up to ``timeout`` s (capped) for every member of the latest view. Returns (payloads by rank,
+        epoch), or (None, epoch) if the round is still open: the caller asks again with the same
+        payload. A membership change wakes the wait (a member that left no longer counts)."""
+        with self.cond:
+            state = self.job(job_id)
+            self._check_worker(state, worker_id)
+            key = (name, round_)
+            r = state.rounds.contribute(state.latest(), worker_id, name, round_, payload)
+            if r.result is not None:
+                self.cond.notify_all()  # this contribution closed it: wake the others
+            else:
+                self.cond.wait_for(lambda: state.rounds.close_if_complete(state.latest(), key),
+                                   timeout=max(0.0, min(timeout, MAX_WATCH_S)))
+            return r.result, (r.epoch if r.result is not None else state.latest().epoch)
 
     # ------------------------------------------------------------------ recovery
 

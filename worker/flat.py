@@ -104,8 +104,9 @@ class FlatParams:
         self._fence = None  # the caller's stream at the start of the step's pushes (CUDA)
         self._lock = threading.Lock()
         self.touched = [False] * len(self.params)  # backward wrote a gradient since zero_grad(set_to_none=True)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._toucher(i))
-                       for i, p in enumerate(self.params) if p.requires_grad]
+        # A frozen parameter (requires_grad=False) gets its hook when it is unfrozen (``_settle``).
+        self._hooks = {i: p.register_post_accumulate_grad_hook(self._toucher(i))
+                       for i, p in enumerate(self.params) if p.requires_grad}
         if self.bound:
             self._bind()
         self._stride = max(1, numel // CHECK_SAMPLES)
@@ -182,7 +183,7 @@ class FlatParams:
                 p.grad = self.bucket_grads[e.offset:e.stop].view(p.shape)
 
     def close(self) -> None:
-        for h in self._hooks:
+        for h in self._hooks.values():
             h.remove()
         if self._copier is not None:
             self._copier.drain()
@@ -242,6 +243,9 @@ class FlatParams:
                 if self.bound and p.requires_grad:  # re-attach: the next backward accumulates into the bucket
                     p.grad = view.view(p.shape)
                     self.touched[i] = True
+                    if i not in self._hooks:  # frozen when the optimizer was built, unfrozen since: the
+                        # hook notes the next backwards (without it they would count as "no gradient")
+                        self._hooks[i] = p.register_post_accumulate_grad_hook(self._toucher(i))
             elif not self.touched[i]:
                 view.zero_()  # a bound gradient backward never wrote counts as None: push zeros
 

@@ -57,6 +57,7 @@ from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
 from ..proto.retry import Retrier
 from ..proto.security import Security
 from . import torch_compat
+from .collectives import Collectives
 from .compress import TopK
 from .flat import FlatParams
 from .heartbeat import Heartbeat
@@ -520,6 +521,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._heartbeat.view_changed.clear()
         self._adopt(self.coordinator.view(self.job_id, 0))
 
+    @property
+    def collectives(self) -> Collectives:
+        """All-reduce, barrier and broadcast of small values among this job's workers
+        (``worker.collectives``): losses and metrics to log, "rank 0 saved"."""
+        if getattr(self, "_collectives", None) is None:
+            self._collectives = Collectives(self.coordinator, self.job_id, self.worker_id, self.step_timeout)
+        return self._collectives
+
     def counters(self) -> dict[str, int]:
         """This worker's fault counters (also reported to the coordinator with every heartbeat)."""
         stats = self.retry.stats.as_dict()
@@ -555,7 +564,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_constructing", False):
             raise RuntimeError("a ShardedOptimizer's parameters are fixed when its job is defined (the shards hold "
-                               "them): pass every param group to the constructor")
+                               "them): pass every param group to the constructor (a layer to unfreeze later can be "
+                               "in it from the start with requires_grad=False; it trains once unfrozen)")
         super().add_param_group(param_group)
 
     def no_sync(self):

@@ -183,6 +183,32 @@ class MembershipView(_message.Message):
     members: _containers.RepeatedCompositeFieldContainer[Member]
     def __init__(self, epoch: _Optional[int] = ..., start_step: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
+class CollectiveRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "name", "round", "payload", "timeout_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: int
+    name: str
+    round: int
+    payload: bytes
+    timeout_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., name: _Optional[str] = ..., round: _Optional[int] = ..., payload: _Optional[bytes] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class CollectiveResponse(_message.Message):
+    __slots__ = ("done", "payloads", "epoch")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    done: bool
+    payloads: _containers.RepeatedScalarFieldContainer[bytes]
+    epoch: int
+    def __init__(self, done: _Optional[bool] = ..., payloads: _Optional[_Iterable[bytes]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
 class RegisterServerRequest(_message.Message):
     __slots__ = ("address", "shard_id")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

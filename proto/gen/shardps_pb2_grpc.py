@@ -86,6 +86,11 @@ class CoordinatorServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreResponse.FromString,
                 _registered_method=True)
+        self.Collective = channel.unary_unary(
+                '/shardps.v1.CoordinatorService/Collective',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.CollectiveRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.CollectiveResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -168,6 +173,16 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Collective(self, request, context):
+        """Long poll: a worker contributes its payload to round `round` of the
+        collective `name`; answers once every member of the job's current view
+        contributed (with every payload, by rank) or when timeout_ms passes
+        (done = false: call again with the same round and payload).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +235,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReportRestore,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.ReportRestoreResponse.SerializeToString,
+            ),
+            'Collective': grpc.unary_unary_rpc_method_handler(
+                    servicer.Collective,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.CollectiveRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.CollectiveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +514,33 @@ class CoordinatorService:
             '/shardps.v1.CoordinatorService/ReportRestore',
             shardps_dot_v1_dot_shardps__pb2.ReportRestoreRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.ReportRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Collective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.CoordinatorService/Collective',
+            shardps_dot_v1_dot_shardps__pb2.CollectiveRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.CollectiveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -322,6 +322,17 @@ def _train(env: Env, model, opt, steps: range) -> None:
         env.step(opt)
 
 
+def unfreeze(env: Env) -> dict:
+    """Fine-tuning that unfreezes a layer part way: the layer is in the optimizer from the start with
+    requires_grad=False (torch's step skips it), and trains from the step it is unfrozen on."""
+    model = _frozen_mlp()
+    opt = env.optimizer(_groups(model), "adamw", model=model, job="unfreeze", lr=0.01)
+    _train(env, model, opt, range(3))
+    model[2].requires_grad_(True)
+    _train(env, model, opt, range(3, env.steps))
+    return {"model": _sd(model)}
+
+
 def resume_both_ways(env: Env) -> dict:
     """A checkpoint round trip each way with frozen parameters and two groups: shardps's state_dict
     after 4 steps (the test goes on with stock AdamW), and a torch checkpoint after 4 plain steps
@@ -380,4 +391,4 @@ def hf_gpt2(env: Env) -> dict:
 
 
 SCENARIOS = {f.__name__: f for f in (nanogpt, clip_inf_norm, unused_parameters, schedulers, optimizers, batchnorm,
-                                      gradscaler, gan, weight_clipping, hf_gpt2, resume_both_ways)}
+                                      gradscaler, gan, weight_clipping, hf_gpt2, resume_both_ways, unfreeze)}

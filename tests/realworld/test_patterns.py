@@ -161,3 +161,12 @@ def test_state_dicts_go_both_ways_and_training_continues_identically(sharded):
     for w in workers:
         close(w["from_torch"]["model"], S._sd(straight))
     close_state(workers[0]["from_torch"]["optim"], opt.state_dict())
+
+
+@pytest.mark.slow
+def test_a_layer_frozen_when_the_optimizer_was_built_trains_every_step_once_unfrozen_as_in_torch(sharded):
+    workers, want = sharded("unfreeze"), reference("unfreeze")
+    frozen = S._frozen_mlp()
+    assert (want["model"]["2.weight"] - frozen.state_dict()["2.weight"]).abs().max() > 1e-3  # it did train
+    for w in workers:
+        close(w["model"], want["model"])

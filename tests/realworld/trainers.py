@@ -1,0 +1,192 @@
+"""Lightning and HF Trainer runs as their users write them, for ``test_trainers.py``.
+
+    shardps launch --nproc 2 trainers.py lightning OUT     # each worker: OUT/lightning-rank<r>.pt
+    python trainers.py lightning OUT --reference           # one process on the union batch: OUT/lightning-ref.pt
+
+A worker trains on its DistributedSampler's part of every epoch with ``BATCH`` rows a step;
+the reference trains on ``2 * BATCH`` rows a step in one process, in the order the two
+samplers' union takes, so each of its steps sees the union of the workers' steps. Each run records its weights, the sample ids its
+training steps saw, what it logged, and where it wrote files (``root-<launch index>``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models as M  # noqa: E402
+
+TRAIN, VAL = 256, 64  # digits rows: the first TRAIN train, the next VAL validate
+BATCH = 16  # rows per worker step (the reference takes WORKERS * BATCH)
+WORKERS = 2
+
+
+class Digits(torch.utils.data.Dataset):
+    def __init__(self, start: int, stop: int):
+        x, y = M._digits()
+        self.x, self.y, self.start = x[start:stop], y[start:stop], start
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], self.start + i
+
+
+def mlp():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 10))
+
+
+def decay_groups(model, weight_decay: float):
+    """HF's and nanoGPT's split: weight matrices decay, biases and norms do not."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    plain = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------ Lightning
+
+
+def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> None:
+    import lightning as L
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+            self.seen: list[int] = []
+            self.norms: list[float] = []  # of the gradient before clipping (this process's own)
+
+        def training_step(self, batch, _):
+            x, y, ids = batch
+            self.seen += ids.tolist()
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+            return loss
+
+        def on_before_optimizer_step(self, optimizer):
+            self.norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()])))
+
+        def validation_step(self, batch, _):
+            x, y, _ = batch
+            self.log("val_loss", F.cross_entropy(self.net(x), y), sync_dist=True)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(decay_groups(self.net, 0.05), lr=0.02)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.2 * s))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    index = "ref" if reference else os.environ["SHARDPS_LOCAL_RANK"]
+    root = out / f"root{tag}-{index}"
+    batch = BATCH * WORKERS if reference else BATCH
+    train = Digits(0, TRAIN)
+    # Lightning gives each worker a shuffling DistributedSampler (seed 0, reseeded every epoch); with the
+    # whole permutation in one process, each reference step takes the union of the workers' steps.
+    sampler = torch.utils.data.DistributedSampler(train, num_replicas=1, rank=0, shuffle=True) if reference else None
+    loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler)
+    val = torch.utils.data.DataLoader(Digits(TRAIN, TRAIN + VAL), batch_size=batch)
+    kwargs = dict(max_epochs=epochs, gradient_clip_val=1.0, logger=L.pytorch.loggers.CSVLogger(root),
+                  default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                  accelerator="cpu", devices=1)
+    if not reference:
+        from shardps.worker.lightning import ShardpsStrategy
+
+        kwargs["strategy"] = ShardpsStrategy(job=f"lightning{tag}", step_timeout=120)
+    trainer = L.Trainer(**kwargs)
+    model = Classifier()
+    trainer.fit(model, loader, val, ckpt_path=resume or None)
+    rank = trainer.global_rank
+    torch.save({"rank": rank, "world_size": trainer.world_size, "model": M_sd(model.net), "seen": model.seen,
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "norms": model.norms,
+                "root": str(root), "index": index},
+               out / f"lightning{tag}-{'ref' if reference else f'rank{rank}'}.pt")
+
+
+# ------------------------------------------------------------------ Hugging Face Trainer
+
+HF_WINDOWS, HF_BATCH, HF_ACCUMULATE = 64, 4, 2  # text windows; rows per worker micro-batch; micro-batches a step
+
+
+class Windows(torch.utils.data.Dataset):
+    """Fixed windows of the project's text (the Python standard library's sources, as charlm trains on)."""
+
+    def __len__(self):
+        return HF_WINDOWS
+
+    def __getitem__(self, i):
+        x = M._text()[i * M.CONTEXT:(i + 1) * M.CONTEXT]
+        return {"input_ids": x, "labels": x, "idx": i}
+
+
+def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> None:
+    if not reference:
+        from shardps.worker.hf import ShardpsTrainer  # first: the TrainingArguments below see one process
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from scenarios import hf_config
+
+    index = "ref" if reference else os.environ["SHARDPS_LOCAL_RANK"]
+    root = out / f"hf{tag}-root-{index}"
+    seen: list[int] = []
+    saves: list[str] = []
+
+    def collate(rows):
+        seen.extend(r["idx"] for r in rows)
+        return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
+
+    torch.manual_seed(9)
+    model = GPT2LMHeadModel(hf_config())
+    plain_save = model.save_pretrained
+    model.save_pretrained = lambda path, *a, **k: (saves.append(str(path)), plain_save(path, *a, **k))[1]
+    args = TrainingArguments(
+        output_dir=str(root), num_train_epochs=epochs, learning_rate=5e-3, weight_decay=0.01, adam_epsilon=1e-6,
+        lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0,  # the defaults' clipping, at 1.0
+        per_device_train_batch_size=HF_BATCH * (WORKERS if reference else 1),
+        gradient_accumulation_steps=HF_ACCUMULATE, logging_steps=1, save_strategy="steps", save_steps=4,
+        report_to="none", use_cpu=True, remove_unused_columns=False, seed=5, disable_tqdm=True, dataloader_num_workers=0)
+    if reference:
+        class OneProcess(Trainer):
+            def _get_train_sampler(self, train_dataset=None):  # the permutation the workers' samplers split
+                return torch.utils.data.DistributedSampler(self.train_dataset, num_replicas=1, rank=0, shuffle=True,
+                                                           seed=self.args.seed)
+
+        trainer = OneProcess(model=model, args=args, train_dataset=Windows(), data_collator=collate)
+    else:
+        trainer = ShardpsTrainer(model=model, args=args, train_dataset=Windows(), data_collator=collate,
+                                 job=f"hf{tag}", sharded_kwargs={"step_timeout": 120})
+    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(str(root / "final"))
+    rank = trainer.args.process_index
+    losses = [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in trainer.state.log_history
+              if "loss" in e]
+    torch.save({"rank": rank, "world_size": trainer.args.world_size, "model": M_sd(model), "seen": seen,
+                "saves": saves, "losses": losses, "root": str(root), "index": index},
+               out / f"hf{tag}-{'ref' if reference else f'rank{rank}'}.pt")
+
+
+def M_sd(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trainer", choices=["lightning", "hf"])
+    ap.add_argument("out")
+    ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--resume", default="", help="a checkpoint to resume from")
+    ap.add_argument("--tag", default="", help="names this run's files and job")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    {"lightning": lightning_run, "hf": hf_run}[a.trainer](Path(a.out), a.reference, a.epochs, a.resume, a.tag and f"-{a.tag}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The Hugging Face Trainer on shardps: ``ShardpsTrainer`` where you had ``Trainer``.
+
+    trainer = ShardpsTrainer(model=model, args=TrainingArguments(...), train_dataset=train)
+    trainer.train()                           # shardps launch --nproc 4 train.py
+
+It is the stock Trainer with these changes, made when ``train()`` starts (joining the job,
+which waits for ``min_workers``):
+
+* the optimizer the Trainer builds (its decay / no-decay AdamW groups, or the one passed in
+  ``optimizers=(opt, scheduler)``) becomes a ShardedOptimizer with the same groups, and the
+  scheduler sets its lr;
+* the job's rank and world size are the Trainer's (``args.process_index``, ``args.world_size``):
+  each worker trains on its DistributedSampler's part of every epoch, and only rank 0 logs,
+  saves checkpoints and calls ``save_pretrained``;
+* ``max_grad_norm`` clips the job's averaged gradient on the shards, as one process on the union
+  batch would (not each worker's own);
+* a checkpoint resumed from loads on every worker and its weights are uploaded to the shards;
+* the logged training loss is the mean over the workers (through the job's collectives).
+
+Import this module before building the TrainingArguments (it makes accelerate see one process).
+Gradient accumulation works as the Trainer does it (the step pushes the accumulated gradient).
+Workers average their gradients with equal weights (as DDP does): give them equal batches.
+Evaluation is not split: every worker evaluates the whole eval set (the same model gives the
+same result).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+
+def _not_torchrun() -> None:
+    """``shardps launch`` sets LOCAL_RANK (to pick a GPU), and accelerate (whose state TrainingArguments
+    builds) reads LOCAL_RANK as "torchrun started me" and opens a torch.distributed group nobody else
+    joins. A shardps worker is one process of its own: drop it and pin this process's GPU instead."""
+    local = os.environ.get("SHARDPS_LOCAL_RANK")
+    if local is None or os.environ.get("LOCAL_RANK") != local or "MASTER_ADDR" in os.environ:
+        return
+    del os.environ["LOCAL_RANK"]
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(local) % torch.cuda.device_count())
+
+
+_not_torchrun()  # before the script builds its TrainingArguments (they read the environment once)
+
+from .convert import from_torch, rebind_scheduler
+from .optimizer import ShardedOptimizer
+
+
+class ShardpsTrainer(Trainer):
+    def __init__(self, *args, cluster: str | None = None, job: str = "default",
+                 sharded_kwargs: dict[str, Any] | None = None, **kwargs):
+        """``cluster``: the coordinator (default ``SHARDPS_CLUSTER``, which ``shardps launch`` sets);
+        ``sharded_kwargs``: ShardedOptimizer's options (mode, min_workers, wire_dtype, step_timeout, ...).
+        Everything else is the Trainer's."""
+        super().__init__(*args, **kwargs)
+        self.shardps_options = dict(cluster=cluster, job=job, **(sharded_kwargs or {}))
+        self.sharded: ShardedOptimizer | None = None
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.sharded is None:
+            torch_opt = super().create_optimizer(model)
+            self.sharded = from_torch(torch_opt, model=self.model, **self.shardps_options)
+            self.optimizer = self.sharded
+            if self.lr_scheduler is not None:  # passed in optimizers=(opt, scheduler), built on the stock one
+                rebind_scheduler(self.lr_scheduler, self.sharded)
+            state = self.args.distributed_state
+            self.args.distributed_state = JobState(state.inner if isinstance(state, JobState) else state, self.sharded)
+            atexit.register(self.close)
+        return self.optimizer
+
+    def train(self, *args, **kwargs):
+        self.create_optimizer()  # the rank picks the data, before the Trainer builds its DataLoader
+        return super().train(*args, **kwargs)
+
+    def _clip_grad_norm(self, model):
+        self.accelerator.unscale_gradients()  # under fp16 the shards must see the true gradient
+        return self.sharded.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.sharded is None or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        # The Trainer shuffles (RandomSampler); this worker takes its part of each epoch's permutation.
+        return torch.utils.data.DistributedSampler(dataset, num_replicas=self.args.world_size,
+                                                   rank=self.args.process_index, shuffle=True, seed=self.args.seed)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # The Trainer logs its own process's training loss where DDP's all-gather would give the mean
+        # over processes; every worker logs at the same steps, so the job's mean is one all-reduce.
+        if self.sharded is not None:
+            for key in ("loss", "train_loss"):
+                if isinstance(logs.get(key), (int, float)):
+                    logs[key] = float(self.sharded.collectives.all_reduce(float(logs[key]), name=f"hf.{key}"))
+        super().log(logs, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.sharded is not None:  # every worker loaded the same weights: they become the job's
+            self.sharded.upload_params()
+
+    def close(self) -> None:
+        """Leave the job (also at exit)."""
+        if self.sharded is not None:
+            self.sharded.close()
+
+
+class JobState:
+    """``args.distributed_state`` for a shardps worker: the job's rank and size, and a barrier through
+    the job's collectives; everything else is accelerate's own (one process, no torch.distributed)."""
+
+    def __init__(self, inner, opt: ShardedOptimizer):
+        self.inner, self.opt = inner, opt
+
+    @property
+    def num_processes(self) -> int:
+        return self.opt.world_size
+
+    @property
+    def process_index(self) -> int:
+        return self.opt.rank
+
+    @property
+    def local_process_index(self) -> int:
+        return int(os.environ.get("SHARDPS_LOCAL_RANK", "0"))
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.opt.rank == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.local_process_index == 0
+
+    def wait_for_everyone(self) -> None:
+        self.opt.collectives.barrier(name="hf.wait_for_everyone")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __reduce__(self):  # TrainingArguments are saved with checkpoints: save accelerate's state, not the job
+        return _unwrap, (self.inner,)
+
+
+def _unwrap(inner):
+    return inner

@@ -1,0 +1,198 @@
+"""Lightning on shardps: ``Trainer(strategy=ShardpsStrategy())`` under ``shardps launch``.
+
+    trainer = L.Trainer(strategy=ShardpsStrategy(), max_epochs=3, gradient_clip_val=1.0)
+    trainer.fit(model, train_loader)          # shardps launch --nproc 4 train.py
+
+What ``configure_optimizers`` returns (a torch optimizer with its param groups, and its
+schedulers) becomes ShardedOptimizers, one job per optimizer (``job``, ``job-1``, ...), and
+the schedulers set their lr. The job's rank and world size are Lightning's, so its
+DistributedSampler gives every worker its own part of each epoch. ``gradient_clip_val``
+clips the job's averaged gradient by its norm on the shards (``ShardedOptimizer.clip_grad_norm_``),
+as one process on the union batch would; ``self.log(..., sync_dist=True)``, barriers and
+broadcasts go through the job's collectives (``worker.collectives``); only rank 0 writes
+checkpoints and logs. A loaded checkpoint's weights are uploaded to the shards.
+
+The optimizers are built (and the job joined, which waits for ``min_workers``) when the
+Trainer sets up its environment, before the ``setup`` hooks: Lightning needs the rank that
+early (who logs, the checkpoint directory rank 0 broadcasts). So the model's layers must
+exist by then: build them in ``__init__``, not in ``configure_model``. Training data must
+come in a DataLoader Lightning can give a DistributedSampler (``use_distributed_sampler``).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer, _init_optimizers_and_lr_schedulers
+from lightning.pytorch.strategies import ParallelStrategy, Strategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from .collectives import Collectives
+from .convert import from_torch, rebind_scheduler
+from .optimizer import ShardedOptimizer
+
+REDUCE_OPS = {"sum": "sum", "mean": "mean", "avg": "mean", "max": "max", "min": "min"}
+
+
+class ShardpsStrategy(ParallelStrategy):
+    strategy_name = "shardps"
+
+    def __init__(self, cluster: str | None = None, *, job: str = "default", accelerator=None, checkpoint_io=None,
+                 precision_plugin=None, **sharded_kwargs: Any):
+        """``cluster``: the coordinator (default ``SHARDPS_CLUSTER``, which ``shardps launch`` sets);
+        ``job``: the first optimizer's job name; ``sharded_kwargs``: ShardedOptimizer's options (mode,
+        min_workers, wire_dtype, step_timeout, ...) for every optimizer."""
+        super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
+        self.cluster, self.job, self.sharded_kwargs = cluster, job, sharded_kwargs
+        self.sharded: list[ShardedOptimizer] = []
+
+    # ------------------------------------------------------------------ who is who
+
+    @property
+    def is_distributed(self) -> bool:  # Lightning gives DataLoaders a DistributedSampler
+        return True
+
+    @property
+    def root_device(self) -> torch.device:
+        devices = self.parallel_devices or [torch.device("cpu")]
+        return devices[self.local_rank % len(devices)]
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("SHARDPS_LOCAL_RANK", "0"))  # the process index on this host (shardps launch)
+
+    @property
+    def node_rank(self) -> int:
+        return 0
+
+    @property
+    def global_rank(self) -> int:
+        return self.sharded[0].rank if self.sharded else 0
+
+    @property
+    def world_size(self) -> int:
+        if self.sharded:
+            return self.sharded[0].world_size
+        return int(self.sharded_kwargs.get("min_workers") or os.environ.get("SHARDPS_MIN_WORKERS", "1"))
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    @property
+    def collectives(self) -> Collectives:
+        if not self.sharded:
+            raise RuntimeError("the shardps job is joined when the Trainer sets up (fit, validate, test, predict); "
+                               "collectives exist from then on")
+        return self.sharded[0].collectives
+
+    # ------------------------------------------------------------------ optimizers
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if not self.sharded:
+            self._join()
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # who logs and prints
+
+    def _join(self) -> None:
+        module = self.lightning_module
+        if is_overridden("configure_model", module):
+            raise RuntimeError("ShardpsStrategy joins the job (and needs every parameter) before configure_model "
+                               "runs: build the model's layers in __init__")
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+        if not optimizers:
+            raise RuntimeError("configure_optimizers returned no optimizer: a shardps job trains with one")
+        cluster = self.cluster or os.environ.get("SHARDPS_CLUSTER")
+        sharded = []
+        try:
+            for i, opt in enumerate(optimizers):
+                job = self.job if i == 0 else f"{self.job}-{i}"
+                sharded.append(from_torch(opt, model=module, cluster=cluster, job=job, **self.sharded_kwargs))
+        except BaseException:
+            for opt in sharded:
+                opt.close()
+            raise
+        for config in schedulers:
+            rebind_scheduler(config.scheduler, sharded[optimizers.index(config.scheduler.optimizer)])
+        self.sharded, self.optimizers, self.lr_scheduler_configs = sharded, sharded, schedulers
+        atexit.register(self.close)
+        trainer = module._trainer
+        if trainer is not None and getattr(trainer.fit_loop, "_combined_loader", None) is not None:
+            trainer.fit_loop._combined_loader = None  # set up by configure_optimizers before the rank was known
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def setup_optimizers(self, trainer) -> None:
+        """Built when the environment was set up (``_join``): they hold the job's shards."""
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        plugin = self.precision_plugin
+        plugin.clip_grad_by_norm = _clip_by_norm  # the job's averaged gradient, on the shards
+        plugin.clip_grad_by_value = _refuse_value_clipping
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        for opt in self.sharded:  # every worker loads the same checkpoint: the job takes its weights
+            opt.upload_params()
+
+    def close(self) -> None:
+        """Leave the job (at exit, or when you are done with the Trainer)."""
+        for opt in self.sharded:
+            opt.close()
+
+    def teardown(self) -> None:
+        # The job stays joined: trainer.validate/test after fit go on with it (close() leaves it).
+        Strategy.teardown(self)
+
+    # ------------------------------------------------------------------ collectives
+
+    def reduce(self, tensor, group: Any | None = None, reduce_op: Any = "mean"):
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        op = REDUCE_OPS.get(str(getattr(reduce_op, "name", reduce_op) or "mean").lower().removeprefix("reduceop."))
+        if op is None:
+            raise ValueError(f"reduce_op {reduce_op!r} is not one of {sorted(REDUCE_OPS)}")
+        return self.collectives.all_reduce(tensor, op=op, name="lightning.reduce")
+
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if sync_grads:
+            raise ValueError("all_gather(sync_grads=True) needs autograd across workers; shardps gathers values")
+        parts = self.collectives.all_gather(tensor, name="lightning.all_gather")
+        return torch.stack(parts).to(tensor.device)
+
+    def barrier(self, name: str | None = None) -> None:
+        if self.sharded:  # before the job is joined, joining it is the barrier (it waits for min_workers)
+            self.collectives.barrier(name="lightning.barrier")
+
+    def broadcast(self, obj, src: int = 0):
+        if not self.sharded:
+            return obj
+        if isinstance(obj, Path):
+            return type(obj)(self.collectives.broadcast(str(obj), src, name="lightning.broadcast"))
+        return self.collectives.broadcast(obj, src, name="lightning.broadcast")
+
+
+def _unwrap(optimizer):
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def _clip_by_norm(optimizer, clip_val) -> None:
+    opt = _unwrap(optimizer)
+    if not isinstance(opt, ShardedOptimizer):
+        raise TypeError(f"ShardpsStrategy clips ShardedOptimizers; got {type(opt).__name__}")
+    opt.clip_grad_norm_(float(clip_val))
+
+
+def _refuse_value_clipping(optimizer, clip_val) -> None:
+    raise ValueError("gradient_clip_algorithm='value' would clamp each worker's own gradient, not the job's "
+                     "averaged one (which is what the shards step with): use gradient_clip_algorithm='norm'")
