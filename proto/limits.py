@@ -84,6 +84,11 @@ class WaitSlots:
         self.limit, self.what = limit, what
         self._slots = CallerSlots(limit, limit, what, state="pending")
 
+    @property
+    def in_use(self) -> int:
+        """Slots held now."""
+        return self._slots.total
+
     @contextlib.contextmanager
     def slot(self):
         refusal = self._slots.acquire("")

@@ -75,7 +75,7 @@ def test_a_round_closes_when_its_workers_outnumber_the_coordinators_wait_slots()
 
     with ThreadPoolExecutor(2) as pool:
         parked = [pool.submit(call, r, 10_000) for r in regs[:2]]
-        while servicer.watches._free._value:  # both slots taken by waiting calls
+        while servicer.watches.in_use < 2:  # both slots taken by waiting calls
             time.sleep(0.01)
         third = call(regs[2], 10_000)  # no slot: contributes and answers at once, closing the round
         answers = [f.result(timeout=10) for f in parked] + [third]
