@@ -273,12 +273,14 @@ class ShardServicer:
             del copy
             release_free_memory()
         else:
-            version, tensors, hyper = state.export()
-            yield pb.PullResponse(version=version, hyperparams_json=hyper)
-            for name, tensor in tensors.items():
-                for chunk in codec.views(tensor, self.chunk_bytes):
+            # One version of the slice and its optimizer state, copied to a temporary file (not to
+            # memory: a copy would double the server's) and streamed from there at the client's pace.
+            version, spill, hyper = state.export(self.node.checkpoint_dir or None)
+            with spill:
+                yield pb.PullResponse(version=version, hyperparams_json=hyper)
+                for name, chunk in spill.chunks(self.chunk_bytes):
                     yield wire.Frame(pb.PullResponse(name="" if name == "param" else name), chunk)
-                state.add_bytes(sent=tensor.numel() * tensor.element_size())
+                    state.add_bytes(sent=len(chunk.data))
         if request.include_buffers:
             for frame in self._buffer_frames(state, pb.PullResponse, 2):
                 yield wire.Frame(pb.PullResponse(name=BUFFERS_NAME), frame.chunk)
