@@ -125,6 +125,50 @@ def wait_checkpoint(address: str, version: int, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
+def lock_holds(numel: int, repeats: int = 3) -> dict:
+    """Median seconds a shard of ``numel`` parameters with Adam's state holds its lock to save it, in
+    this process: a copy of the state (what a checkpoint, a digest and an export held it for until
+    issue 23), a checkpoint's write from the live tensors (then its fsync, without the lock), an
+    export's spill to a temporary file, and a digest's hashing. Pushes to the shard wait that long."""
+    from shardps.proto.layout import Layout
+    from shardps.proto.messages import JobConfig, StepOpts, UpdateMode
+    from shardps.proto.plan import ShardRange
+    from shardps.server.checkpoint import CheckpointStore
+    from shardps.server.modes import Push
+    from shardps.server.state import ShardState
+
+    job = JobConfig(Layout.from_shapes([("w", (numel,), "float32")]), "adam", {"lr": 1e-3}, UpdateMode.SYNC, 1)
+    state = ShardState(ShardRange(0, 0, numel), job, "bench")
+    state.initialize(torch.randn(numel))
+    state.push(Push(0, 0, 1, 0, StepOpts(1), torch.randn(numel)), frozenset({0}))
+    out: dict[str, list[float]] = {"copy_before": [], "checkpoint_write": [], "checkpoint_fsync_unlocked": [],
+                                   "export_spill": [], "digest_hash": []}
+    with tempfile.TemporaryDirectory(prefix="shardps-lock-") as tmp:
+        store = CheckpointStore(tmp)
+        for _ in range(repeats):
+            for key, action in (("copy_before", state.checkpoint_snapshot),
+                                ("checkpoint_write", lambda: store.begin(state.checkpoint_snapshot(live=True))),
+                                ("export_spill", lambda: state.export(tmp)[1].close())):
+                start = time.perf_counter()
+                if key == "export_spill":
+                    action()  # export takes the lock itself
+                    out[key].append(time.perf_counter() - start)
+                    continue
+                with state.cond:
+                    made = action()
+                out[key].append(time.perf_counter() - start)
+                if key == "checkpoint_write":
+                    start = time.perf_counter()
+                    store.finish(made)
+                    out["checkpoint_fsync_unlocked"].append(time.perf_counter() - start)
+                del made
+            start = time.perf_counter()
+            state.digest()
+            out["digest_hash"].append(time.perf_counter() - start)
+    return {"numel": numel, "state_bytes": 12 * numel,
+            "median_seconds": {k: statistics.median(v) for k, v in out.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, default=25_000_000)
@@ -210,6 +254,7 @@ def main():
     per_phase["checkpoint"]["step_seconds"] = [t for ts in ckpt_times for t in ts]
     per_phase["digest"]["call_seconds"] = digest_seconds
     worker_used = [peak - base for base, peak in workers]
+    holds = lock_holds(numel // args.servers)
     emit("memory", {
         "config": vars(args), "numel": numel, "checkpoint_every": every, "checkpoints_of_shard_0": written,
         "checkpoint_lock_seconds": lock_seconds,
@@ -218,6 +263,7 @@ def main():
                    "phases": per_phase,
                    "worst_ratio_private_over_4_4k": max(r for v in per_phase.values()
                                                         for r in v["ratio_private_over_4_4k"])},
+        "lock_holds": holds,
         "worker": {"formula_bytes": formula_worker, "peak_rss_bytes": [p for _, p in workers],
                    "used_bytes": worker_used, "ratio_used_over_formula": [u / formula_worker for u in worker_used]},
     }, args.out)
