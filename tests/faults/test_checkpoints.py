@@ -187,3 +187,18 @@ def test_checkpoints_taken_while_pushes_keep_arriving_each_hold_exactly_one_vers
         for key, value in optim_state.items():
             assert torch.equal(snap.optimizer_state[key], value), f"checkpoint {v}: {key} of another version"
         assert snap.last_step == table
+
+
+def test_an_export_to_a_full_disk_is_resource_exhausted_naming_the_directory_and_leaves_nothing(tiny_fs):
+    from shardps.server.tensorfile import SpillError
+
+    state = trained_state(numel=100_000)  # 1.2 MB of parameters and Adam's moments: not in 256 kB
+    before = state.digest()
+    with pytest.raises(SpillError, match=f"could not be written to {tiny_fs}.*No space left on device"):
+        state.export(str(tiny_fs))
+    assert SpillError.code == "RESOURCE_EXHAUSTED" and os.listdir(tiny_fs) == []
+    assert state.digest() == before
+    version, spill, _ = trained_state(numel=1000).export(str(tiny_fs))  # a small one fits, and reads back
+    with spill:
+        chunks = list(spill.chunks(1000))
+    assert version == 3 and [n for n, _ in chunks][:4] == ["param"] * 4 and os.listdir(tiny_fs) == []
