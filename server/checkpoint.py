@@ -7,45 +7,54 @@ buffers file, the version, the dedup table (each worker's last applied step) and
 the job spec. The tensors are safetensors; the rest is the file's string metadata. Files are
 named ``ckpt-<version>.safetensors`` inside the shard's own directory.
 
-Writing: serialize to ``.ckpt-<version>.tmp-<pid>`` in the same directory,
-flush and fsync it, rename it over the final name, fsync the directory. A crash
+Writing: the tensors' bytes go from the shard's own tensors (no copy: server/tensorfile.py)
+to ``.ckpt-<version>.tmp-<pid>-<n>`` in the same directory while the caller holds the
+shard's lock (``begin``: one version, exactly); then, on the writer thread and without the
+lock, fsync it, rename it over the final name, fsync the directory (``finish``). A crash
 or a full disk at any point leaves either the old set of checkpoints or the old
 set plus a complete new one, never a torn file under a final name; leftover
 temporary files are removed at the next write. Reading checks the format tag
 and the shard before trusting a file.
 
     store = CheckpointStore(Path("ckpt/shard-1"), keep=3)
-    info = store.write(snapshot)            # a ShardState.snapshot_for_checkpoint()
+    info = store.write(snapshot)            # a ShardState.checkpoint_snapshot()
+    with state.cond:                        # or, without a copy of the state:
+        pending = store.begin(state.checkpoint_snapshot(live=True))
+    info = store.finish(pending)
     snap = store.load(store.versions()[-1])
 """
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import os
 import queue
 import re
 import threading
+import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load, save_file as st_save_file
+from safetensors.torch import load as st_load
 
 from ..proto.errors import CheckpointError, FailedPrecondition
-from ..proto.process import release_free_memory
+from .tensorfile import safetensors_header, write_all, write_tensors
 
 log = logging.getLogger("shardps.checkpoint")
 
 FORMAT = "shardps-shard-checkpoint/2"
 _NAME = re.compile(r"^ckpt-(\d{12})\.safetensors$")
+_serial = itertools.count()  # temporary names: two writes of one version never share a file
 
 
 @dataclass
 class Snapshot:
-    """A shard's training state at one version (copies, safe to write from another thread)."""
+    """A shard's training state at one version: copies, safe to use from another thread, or (``live``)
+    the shard's own tensors, to be used only while its lock is held."""
 
     job_id: str
     job_spec: bytes  # serialized JobSpec
@@ -67,6 +76,16 @@ class Written:
     bytes: int
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A checkpoint whose bytes are in its temporary file, not yet synced nor under its final name."""
+
+    version: int
+    shard_id: int
+    tmp: Path
+    seconds: float = 0.0  # how long writing the bytes took (under the shard's lock, for a live snapshot)
+
+
 class CheckpointStore:
     """The checkpoints of one shard, in one directory."""
 
@@ -74,6 +93,8 @@ class CheckpointStore:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.dir, self.keep = Path(directory), keep
+        self._pending: set[str] = set()  # temporary files begun, not yet finished
+        self._lock = threading.Lock()
 
     def path(self, version: int) -> Path:
         return self.dir / f"ckpt-{version:012d}.safetensors"
@@ -86,8 +107,14 @@ class CheckpointStore:
 
     def write(self, snap: Snapshot) -> Written:
         """Write ``snap`` atomically; raises CheckpointError (previous checkpoints intact) on failure."""
+        return self.finish(self.begin(snap))
+
+    def begin(self, snap: Snapshot) -> Pending:
+        """Write ``snap``'s bytes to a new temporary file, straight from its tensors (no copy: with a
+        live snapshot, hold the shard's lock until this returns). Blocks for the write into the page
+        cache, not for the disk. Raises CheckpointError (nothing left behind) on failure."""
         tensors = {"param": snap.param.contiguous()}
-        tensors.update({k: v.contiguous() for k, v in snap.optimizer_state.items()})
+        tensors.update({k: v.contiguous() for k, v in sorted(snap.optimizer_state.items())})
         if snap.buffers is not None:
             tensors["buffers"] = torch.frombuffer(bytearray(snap.buffers), dtype=torch.uint8)
         metadata = {
@@ -96,27 +123,49 @@ class CheckpointStore:
             "version": str(snap.version), "last_step": json.dumps({str(k): v for k, v in snap.last_step.items()}),
             "hyperparams": snap.hyper_json,
         }
-        final = self.path(snap.version)
-        tmp = self.dir / f".ckpt-{snap.version:012d}.tmp-{os.getpid()}"
+        tmp = self.dir / f".ckpt-{snap.version:012d}.tmp-{os.getpid()}-{next(_serial)}"
+        start = time.perf_counter()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
-            # Streamed from the tensors to the file: no second in-memory copy of the whole slice.
-            st_save_file(tensors, str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as f:
+            with self._lock:
+                self._pending.add(tmp.name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                write_all(fd, safetensors_header(tensors, metadata))
+                write_tensors(fd, tensors)
+            finally:
+                os.close(fd)
+        except Exception as exc:  # OSError: a full disk, an I/O error
+            raise self._failed(snap.shard_id, snap.version, tmp, exc) from None
+        return Pending(snap.version, snap.shard_id, tmp, time.perf_counter() - start)
+
+    def finish(self, pending: Pending) -> Written:
+        """fsync ``pending``'s file, rename it to its final name, fsync the directory, prune old ones.
+        Blocks for the disk; needs no lock. Raises CheckpointError (previous checkpoints intact)."""
+        final = self.path(pending.version)
+        try:
+            with open(pending.tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            size = os.path.getsize(tmp)
-            os.replace(tmp, final)
+            size = os.path.getsize(pending.tmp)
+            os.replace(pending.tmp, final)
             _fsync_dir(self.dir)
-        except Exception as exc:  # OSError, or safetensors' own error around one (a full disk)
-            tmp.unlink(missing_ok=True)
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise CheckpointError(
-                f"checkpoint of shard {snap.shard_id} at version {snap.version} failed in {self.dir}: "
-                f"{reason}; the previous checkpoints are intact (free space or pick another --checkpoint-dir)"
-            ) from None
+        except Exception as exc:
+            raise self._failed(pending.shard_id, pending.version, pending.tmp, exc) from None
+        finally:
+            with self._lock:
+                self._pending.discard(pending.tmp.name)
         self._prune()
-        return Written(snap.version, final, size)
+        return Written(pending.version, final, size)
+
+    def _failed(self, shard_id: int, version: int, tmp: Path, exc: Exception) -> CheckpointError:
+        tmp.unlink(missing_ok=True)
+        with self._lock:
+            self._pending.discard(tmp.name)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return CheckpointError(
+            f"checkpoint of shard {shard_id} at version {version} failed in {self.dir}: "
+            f"{reason}; the previous checkpoints are intact (free space or pick another --checkpoint-dir)")
 
     def load(self, version: int, shard_id: int | None = None) -> Snapshot:
         path = self.path(version)
@@ -155,8 +204,11 @@ class CheckpointStore:
             self.path(version).unlink(missing_ok=True)
 
     def _remove_leftovers(self) -> None:
+        """Temporary files of earlier writers that died (not the ones this store is still finishing)."""
+        with self._lock:
+            pending = set(self._pending)
         for name in os.listdir(self.dir):
-            if name.startswith(".ckpt-") and ".tmp-" in name:
+            if name.startswith(".ckpt-") and ".tmp-" in name and name not in pending:
                 (self.dir / name).unlink(missing_ok=True)
 
 
@@ -180,9 +232,11 @@ class Checkpointer:
     """When a shard writes checkpoints: at version 0, every ``every`` versions, on request, at exit.
 
     ``on_version`` runs under the shard's lock at each new version; when a checkpoint
-    is due it copies the state there (so every shard of a sync job checkpoints the
-    same step) and hands the copy to one writer thread. At most one copy waits for
-    the writer, so a slow disk slows training down rather than filling memory.
+    is due it writes the state's bytes to a temporary file there, from the shard's own
+    tensors (so every shard of a sync job checkpoints the same step, and the server's
+    memory does not grow by a copy of its state), and hands the file to one writer
+    thread, which syncs and renames it. At most one file waits for the writer, so a
+    slow disk slows training down rather than piling up unsynced checkpoints.
     """
 
     def __init__(self, store: CheckpointStore, every: int = 0):
@@ -203,7 +257,7 @@ class Checkpointer:
         with self._lock:
             waiting = self._requests.pop(version, [])
         if waiting or version == 0 or (self.every and version % self.every == 0):
-            self._queue.put((state.checkpoint_snapshot(), waiting))
+            self._begin(state, waiting)
 
     def request(self, state, at_version: int, timeout: float) -> Written:
         """Checkpoint once the shard reaches ``at_version`` (now if it is there or past it); block
@@ -211,7 +265,7 @@ class Checkpointer:
         done: Future = Future()
         with state.cond:
             if at_version <= state.version:
-                self._queue.put((state.checkpoint_snapshot(), [done]))
+                self._begin(state, [done])
             else:
                 with self._lock:
                     self._requests.setdefault(at_version, []).append(done)
@@ -232,27 +286,42 @@ class Checkpointer:
         self._queue.put((None, [done]))
         done.result(timeout=timeout)
 
+    def _begin(self, state, waiting: list[Future]) -> None:
+        """Under the shard's lock: its bytes to a temporary file, then to the writer thread. A failure
+        is the waiting callers' error (and a logged one), never the push's that reached the version."""
+        try:
+            pending = self.store.begin(state.checkpoint_snapshot(live=True))
+        except CheckpointError as exc:
+            self._failed(exc, waiting)
+            return
+        self._queue.put((pending, waiting))
+
+    def _failed(self, exc: CheckpointError, waiting: list[Future]) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_error = str(exc)
+        log.error("%s", exc)
+        for f in waiting:
+            f.set_exception(exc)
+
     def _run(self) -> None:
         while True:
-            snap, waiting = self._queue.get()
-            if snap is None:
+            pending, waiting = self._queue.get()
+            if pending is None:
                 for f in waiting:
                     f.set_result(None)
                 continue
+            start = time.perf_counter()
             try:
-                written = self.store.write(snap)
+                written = self.store.finish(pending)
             except CheckpointError as exc:
-                self.failures += 1
-                self.last_error = str(exc)
-                log.error("%s", exc)
-                for f in waiting:
-                    f.set_exception(exc)
+                self._failed(exc, waiting)
                 continue
-            self.written += 1
-            self.last = written
-            del snap
-            release_free_memory()
-            log.info("checkpoint of version %d written to %s (%d bytes)", written.version, written.path,
-                     written.bytes)
+            with self._lock:
+                self.written += 1
+                self.last = written
+            log.info("checkpoint of version %d written to %s (%d bytes; %.3f s writing under the shard's lock, "
+                     "%.3f s syncing after)", written.version, written.path, written.bytes, pending.seconds,
+                     time.perf_counter() - start)
             for f in waiting:
                 f.set_result(written)

@@ -183,7 +183,7 @@ def send_copy(role: ReplicaRole, state, address: str, send: Send) -> None:
                               hyperparams_json=state.hyper_json(), last_step=dict(state.applied_table),
                               views_json=json.dumps({str(e): [s, sorted(ids)] for e, (s, ids) in state.views.items()}),
                               min_epoch=state.min_epoch, rolled_back_to=state.rolled_back_to)
-    tensors = [("param", state.param), *state.optimizer.state_tensors().items()]
+    tensors = [("param", state.param), *state.optimizer.state_tensors(copy=False).items()]  # sent under the lock
     if state.buffers is not None:
         tensors.append(("buffers", torch.frombuffer(bytearray(state.buffers), dtype=torch.uint8)))
     send(address, header, tensors)

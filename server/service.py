@@ -261,24 +261,16 @@ class ShardServicer:
         if not ready:
             with self.pull_waits.slot():
                 state.wait_for_version(request.min_version, request.epoch, self.wait_timeout)
-        if not request.include_optimizer_state:
-            # A copy taken at one version, serialized chunk by chunk as it streams: a pull (a join, a
-            # rollback) is rare, and an encoded copy of the whole slice would stay in the heap after it.
-            with state.cond:
-                version, copy = state.version, state.param.clone()
-            yield pb.PullResponse(version=version)
-            for chunk in codec.views(copy, self.chunk_bytes):
-                yield wire.Frame(None, chunk)
-            state.add_bytes(sent=state.shard.numel * 4)
-            del copy
-            release_free_memory()
-        else:
-            version, tensors, hyper = state.export()
-            yield pb.PullResponse(version=version, hyperparams_json=hyper)
-            for name, tensor in tensors.items():
-                for chunk in codec.views(tensor, self.chunk_bytes):
-                    yield wire.Frame(pb.PullResponse(name="" if name == "param" else name), chunk)
-                state.add_bytes(sent=tensor.numel() * tensor.element_size())
+        # One version (of the slice, and with include_optimizer_state of its optimizer state too), copied
+        # to a temporary file, not to memory (a copy per pulling worker, as after a rollback, would
+        # multiply the server's memory), and streamed from there at the client's pace.
+        full = request.include_optimizer_state
+        version, spill, hyper = state.export(self.node.checkpoint_dir or None, optimizer_state=full)
+        with spill:
+            yield pb.PullResponse(version=version, hyperparams_json=hyper if full else "")
+            for name, chunk in spill.chunks(self.chunk_bytes):
+                yield wire.Frame(pb.PullResponse(name="" if name == "param" else name) if full else None, chunk)
+                state.add_bytes(sent=len(chunk.data))
         if request.include_buffers:
             for frame in self._buffer_frames(state, pb.PullResponse, 2):
                 yield wire.Frame(pb.PullResponse(name=BUFFERS_NAME), frame.chunk)

@@ -103,15 +103,20 @@ class SliceOptimizer:
 
     # ------------------------------------------------------------------ state by name
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Copies of the optimizer state, by ``optim/<i>/<key>`` (pieces that never stepped have none)."""
+    def state_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The optimizer state, by ``optim/<i>/<key>`` (pieces that never stepped have none): copies,
+        or with ``copy=False`` the optimizer's own tensors, which the caller reads under the shard's
+        lock and lets go of before releasing it (the next step changes them in place)."""
         out = {}
         for piece, tensor in zip(self.pieces, self.tensors):
             for key, value in self.optimizer.state.get(tensor, {}).items():
                 if value is None:
                     continue
-                out[state_name(piece.index, key)] = (value.detach().clone() if torch.is_tensor(value)
-                                                     else torch.tensor(value))
+                if not torch.is_tensor(value):
+                    value = torch.tensor(value)
+                elif copy:
+                    value = value.detach().clone()
+                out[state_name(piece.index, key)] = value.detach()
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

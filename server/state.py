@@ -28,13 +28,14 @@ from typing import Callable
 import torch
 
 from ..proto import buffers as buffer_file
-from ..proto import codec, optim
+from ..proto import optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NoSharedMemory,
                             NotPrimary, RolledBack, ShardpsError, Superseded, Unavailable, WaitTimeout)
 from ..proto.history import NO_HISTORY, History
 from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from ..proto.shm import Segment, ShmUnavailable, sweep
+from . import tensorfile
 from .checkpoint import Snapshot
 from .modes import Closed, Outcome, Push, make_policy
 from . import replica as replicas
@@ -604,11 +605,14 @@ class ShardState:
             self.stats.rejections[RolledBack.reason] += 1
             raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" (this call named epoch {epoch})")
 
-    def checkpoint_snapshot(self) -> Snapshot:
-        """Copies of everything a checkpoint holds, at the current version (call under the lock)."""
+    def checkpoint_snapshot(self, live: bool = False) -> Snapshot:
+        """Everything a checkpoint holds, at the current version (call under the lock): copies, or
+        with ``live`` the shard's own tensors (no memory taken; valid only until the lock is released,
+        for ``CheckpointStore.begin``)."""
+        param = self.param.detach() if live else self.param.detach().clone()
         return Snapshot(self.job_id, job_to_pb(self.job).SerializeToString(), self.shard.shard_id, self.shard.start,
-                        self.shard.stop, self.version, dict(self.last_step), self.param.detach().clone(),
-                        self.optimizer.state_tensors(), self.hyper_json(), self.buffers)
+                        self.shard.stop, self.version, dict(self.last_step), param,
+                        self.optimizer.state_tensors(copy=not live), self.hyper_json(), self.buffers)
 
     def hyper_json(self, groups: list | None = None) -> str:
         """The groups' schedulable hyper-parameters (as a push carries them): the current ones, or those of
@@ -689,12 +693,17 @@ class ShardState:
                 self._snapshot = (self.version, encode(self.param))
             return self._snapshot
 
-    def export(self) -> tuple[int, dict[str, torch.Tensor], str]:
-        """(version, copies of the slice and its optimizer state, the groups' hyper-parameters)
-        taken at one instant. Keys: "param", then ``optim/<i>/<key>`` per piece."""
+    def export(self, directory: str | None = None, optimizer_state: bool = True) -> tuple[int, tensorfile.Spill, str]:
+        """(version, the slice and (``optimizer_state``) its optimizer state, the groups' hyper-parameters)
+        at one instant. The tensors (keys "param", then ``optim/<i>/<key>`` per piece) are a Spill: an
+        unlinked file in ``directory`` (default: the system's temporary directory, TMPDIR), written under
+        the lock from the live tensors, so the copy costs page cache rather than this process's memory;
+        pushes wait for that write. The caller closes the Spill. Raises SpillError (RESOURCE_EXHAUSTED)
+        when the directory is full."""
         with self.cond:
-            return self.version, {"param": self.param.detach().clone(), **self.optimizer.state_tensors()}, \
-                self.hyper_json()
+            tensors = {"param": self.param, **(self.optimizer.state_tensors(copy=False) if optimizer_state else {})}
+            spill = tensorfile.Spill(tensors, directory)
+            return self.version, spill, self.hyper_json()
 
     def add_bytes(self, received: int = 0, sent: int = 0, shm_received: int = 0) -> None:
         with self.cond:
@@ -703,16 +712,17 @@ class ShardState:
             self.stats.shm_bytes_in += shm_received  # (shm bytes out are counted by write_params)
 
     def digest(self) -> str:
-        """SHA-256 over version, dedup table, parameters and optimizer state."""
-        version, tensors, hyper = self.export()
+        """SHA-256 over version, dedup table, hyper-parameters, buffers, parameters and optimizer state,
+        all of one version: hashed from the tensors' own memory under the lock (no copy; pushes wait
+        for the hashing, about 2 s per GB on a 2-core machine)."""
         with self.cond:
-            table, buffers = sorted(self.last_step.items()), self.buffers or b""
-        h = hashlib.sha256(repr((version, table, hyper)).encode())
-        h.update(buffers)
-        for key in sorted(tensors):
-            h.update(key.encode())
-            h.update(codec.as_bytes(tensors[key].contiguous()).tobytes())
-        return h.hexdigest()
+            h = hashlib.sha256(repr((self.version, sorted(self.last_step.items()), self.hyper_json())).encode())
+            h.update(self.buffers or b"")
+            tensors = {"param": self.param, **self.optimizer.state_tensors(copy=False)}
+            for key in sorted(tensors):
+                h.update(key.encode())
+                h.update(tensorfile.raw(tensors[key]))
+            return h.hexdigest()
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:

@@ -144,3 +144,61 @@ def test_shardps_checkpoint_and_chaos_commands_against_a_live_cluster_with_a_dis
     assert "RESOURCE_EXHAUSTED" in res.stderr and "previous checkpoints are intact" in res.stderr
     assert sorted(os.listdir(shard_dir)) == before  # nothing torn, nothing lost
     assert CheckpointStore(shard_dir).latest(shard_id=0).version == 10
+
+
+def test_checkpoints_taken_while_pushes_keep_arriving_each_hold_exactly_one_version(tmp_path):
+    """The checkpoint's bytes come from the shard's live tensors, not a copy: every file must still be
+    the parameters, Adam's moments and dedup table of the one version it is named after."""
+    import threading
+
+    from shardps.server.checkpoint import Checkpointer
+
+    numel = 300_000
+    state = trained_state(numel, steps=1)
+    store = CheckpointStore(tmp_path, keep=1000)
+    checkpointer = Checkpointer(store)
+    seen = {}
+
+    def record(st):  # under the lock, at each new version: what a checkpoint of it must hold
+        seen[st.version] = (st.param.clone(), st.optimizer.state_tensors(), dict(st.last_step))
+
+    with state.cond:
+        record(state)
+        state.on_version = record
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(numel, generator=gen) for _ in range(4)]
+
+    def pushes():
+        for step in range(1, 80):
+            state.push(Push(0, step, 1, step, StepOpts(1), grads[step % 4].clone()), frozenset({0}))
+
+    pusher = threading.Thread(target=pushes)
+    pusher.start()
+    versions = set()
+    while pusher.is_alive() or not versions:
+        versions.add(checkpointer.request(state, 0, timeout=60).version)
+    pusher.join(60)
+    assert len(versions) >= 2 and state.version == 80  # checkpoints were taken between pushes
+    for v in sorted(versions):
+        snap = store.load(v, shard_id=0)
+        param, optim_state, table = seen[v]
+        assert torch.equal(snap.param, param), f"checkpoint {v}: parameters of another version"
+        assert snap.optimizer_state.keys() == optim_state.keys()
+        for key, value in optim_state.items():
+            assert torch.equal(snap.optimizer_state[key], value), f"checkpoint {v}: {key} of another version"
+        assert snap.last_step == table
+
+
+def test_an_export_to_a_full_disk_is_resource_exhausted_naming_the_directory_and_leaves_nothing(tiny_fs):
+    from shardps.server.tensorfile import SpillError
+
+    state = trained_state(numel=100_000)  # 1.2 MB of parameters and Adam's moments: not in 256 kB
+    before = state.digest()
+    with pytest.raises(SpillError, match=f"could not be written to {tiny_fs}.*No space left on device"):
+        state.export(str(tiny_fs))
+    assert SpillError.code == "RESOURCE_EXHAUSTED" and os.listdir(tiny_fs) == []
+    assert state.digest() == before
+    version, spill, _ = trained_state(numel=1000).export(str(tiny_fs))  # a small one fits, and reads back
+    with spill:
+        chunks = list(spill.chunks(1000))
+    assert version == 3 and [n for n, _ in chunks][:4] == ["param"] * 4 and os.listdir(tiny_fs) == []
