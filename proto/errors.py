@@ -41,6 +41,7 @@ class Reason:
     UNAUTHENTICATED = "unauthenticated"
     TIMEOUT = "timeout"
     CHECKPOINT_FAILED = "checkpoint_failed"
+    SPILL_FAILED = "spill_failed"
 
     @staticmethod
     def wire(reason: str) -> str:
@@ -179,6 +180,14 @@ class CheckpointError(ShardpsError):
 
     code = "RESOURCE_EXHAUSTED"
     reason = Reason.CHECKPOINT_FAILED
+
+
+class SpillError(ShardpsError):
+    """A spill file (a checkpoint's or a pull's one version of the state, server/tensorfile.py) could not
+    be written: a full temporary directory; nothing changed."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = Reason.SPILL_FAILED
 
 
 class RolledBack(FailedPrecondition):

@@ -23,20 +23,13 @@ from typing import Iterator
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import ShardpsError
+from ..proto.errors import SpillError
 
 WRITE_BYTES = 64 << 20  # one os.write at a time (Linux writes at most ~2 GiB per call anyway)
 
 # safetensors' dtype names for what a shard keeps (fp32 state, a uint8 buffers file, scalar steps)
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-class SpillError(ShardpsError):
-    """A spill file could not be written (a full temporary directory); nothing changed."""
-
-    code = "RESOURCE_EXHAUSTED"
-    reason = "spill_failed"
 
 
 def raw(tensor: torch.Tensor) -> memoryview:

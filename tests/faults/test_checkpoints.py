@@ -190,7 +190,7 @@ def test_checkpoints_taken_while_pushes_keep_arriving_each_hold_exactly_one_vers
 
 
 def test_an_export_to_a_full_disk_is_resource_exhausted_naming_the_directory_and_leaves_nothing(tiny_fs):
-    from shardps.server.tensorfile import SpillError
+    from shardps.proto.errors import SpillError
 
     state = trained_state(numel=100_000)  # 1.2 MB of parameters and Adam's moments: not in 256 kB
     before = state.digest()

@@ -32,6 +32,7 @@ def test_sigkill_a_server_mid_run_restart_it_and_the_job_rolls_back_and_finishes
         with CoordinatorClient(cluster.address) as coord:
             rollbacks = list(coord.status().rollbacks)
         shards = cluster_status(cluster.address)["shards"]
+        verdict = check_run(cluster.history_dir)  # the cluster's own log folder goes with it
     assert len(rollbacks) == 1
     rb = rollbacks[0]
     assert rb.shard_id == 1 and rb.to_version % 5 == 0 and rb.to_version >= 10
@@ -45,7 +46,6 @@ def test_sigkill_a_server_mid_run_restart_it_and_the_job_rolls_back_and_finishes
     assert_equals_fault_free_run(results)
     # The recorded history says the same, event by event: every push applied once per timeline, every
     # acknowledged version kept or undone by the recorded rollback, one primary at a time.
-    verdict = check_run(cluster.history_dir)
     assert verdict.ok, verdict.violations
     assert verdict.counts["rollbacks"] >= 2  # the restart's checkpoint, the coordinator's rollback of both shards
     assert verdict.counts["updates"] >= 2 * STEPS + shards[0]["steps_rolled_back"]  # replays are updates too
