@@ -65,9 +65,11 @@ def run_attacked(reference, attack):
         def hook(opts, step):
             victims_push_arrived(cluster, step)
             seen.append(attack(cluster, opts))
-        results, transports = train_pair(cluster, "auto", hook=hook, hook_step=HOOK_STEP)
-        alive = [cluster.alive(f"server-{k}") for k in range(2)]
-    assert alive == [True, True]
+        try:
+            results, transports = train_pair(cluster, "auto", hook=hook, hook_step=HOOK_STEP)
+        finally:  # a dead server is the first thing to say (-11: SIGSEGV, -7: SIGBUS)
+            exits = [cluster.procs[f"server-{k}"].poll() for k in range(2)]
+            assert exits == [None, None], f"server exit statuses {exits}"
     assert sorted(results) == [0, 1] and all(flags == [True, True] for _, flags in results.values())
     assert all(set(t.values()) == {"shm"} for t in transports)  # the honest workers never left shared memory
     for key, value in reference.items():
