@@ -3,8 +3,11 @@
 When a worker and a shard server share a host (and ``/dev/shm``), bytes need not cross
 a socket: the worker's flat fp32 gradient and parameter vectors live in one file in
 ``/dev/shm``, backward writes the gradients straight into it (for an fp32 CPU model
-they *are* the parameters' ``.grad``), each server maps it and reads the gradients of
-its range, and writes its updated slice back into the worker's parameters. gRPC
+they *are* the parameters' ``.grad``), each server reads the gradients of its range
+through a file descriptor (``SegmentFile``: ``preadv`` into a buffer of its own; a
+server never maps a worker's memory, so no worker can fault it by truncating or
+replacing the file), and writes its updated slice back into the worker's parameters
+(``pwritev``). gRPC
 still carries every push's header, its step options, the exactly-once identity
 ``(job, worker, step)`` and the reply, so validation, deduplication, rollbacks and
 fault injection are unchanged; only the bulk bytes move through memory.
@@ -31,7 +34,8 @@ creator's own pid namespace.
 
     seg = Segment.create(numel)                        # worker
     seg.grads, seg.values                              # fp32 tensors over the shared memory
-    seg = Segment.attach(name, nonce, numel)           # server (ShmUnavailable if it cannot)
+    seg = SegmentFile.open(name, nonce, numel)         # server (ShmUnavailable if it cannot)
+    seg.read_grads(start, buf); seg.write_values(start, param); seg.retire()
 """
 from __future__ import annotations
 
@@ -39,9 +43,13 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import struct
+import threading
 
 import torch
+
+from . import codec
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"SHARDPS\x01"
@@ -98,34 +106,9 @@ class Segment:
             raise ShmUnavailable(f"cannot reserve {size} bytes in {SHM_DIR}: {exc.strerror}") from None
         return cls(name, nonce, numel, fd, owner=True)
 
-    @classmethod
-    def attach(cls, name: str, nonce: bytes, numel: int) -> "Segment":
-        """Map a worker's segment; ShmUnavailable unless it is there, whole, and the one named."""
-        if not NAME.fullmatch(name):
-            raise ShmUnavailable(f"{name[:80]!r} is not a shardps segment name")
-        path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise ShmUnavailable(f"no shared memory {name} on this host ({exc.strerror}): another host, or "
-                                 f"another {SHM_DIR}") from None
-        try:
-            size = os.fstat(fd).st_size
-            magic, version, found, count, _, _ = _FIELDS.unpack(os.pread(fd, _FIELDS.size, 0))
-        except (OSError, struct.error) as exc:
-            os.close(fd)
-            raise ShmUnavailable(f"cannot read shared memory {name}: {exc}") from None
-        if (magic, version, found, count, size) != (MAGIC, 1, bytes(nonce), numel, segment_bytes(numel)):
-            os.close(fd)
-            raise ShmUnavailable(f"shared memory {name} is not the worker's segment of {numel} elements")
-        return cls(name, bytes(nonce), numel, fd, owner=False)
-
     def unlink(self) -> None:
         """Remove the name (the memory goes once nobody maps it)."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _unlink(self.path)
 
     def close(self) -> None:
         self.grads = self.values = None
@@ -133,6 +116,110 @@ class Segment:
             self._map.close()
         except BufferError:  # a tensor view still exists; the mapping goes with it
             pass
+
+
+class SegmentFile:
+    """A server's handle on a worker's segment: an open file descriptor, never a mapping.
+
+    Bytes move with ``preadv``/``pwritev``, so nothing the worker does to its file can fault the
+    server: a file truncated under it gives a short read (``ShmUnavailable``), never SIGBUS, and
+    no memory of the worker's is mapped that could be unmapped under a reader. The descriptor is
+    closed once the holder let it go (``retire``) and every use in flight ended (``acquire`` /
+    ``release`` pair around each use), so it is never closed, or its number reused, mid-call.
+
+    ``key`` is the file's identity (device, inode): a segment is the same file whatever its name.
+    """
+
+    def __init__(self, name: str, nonce: bytes, numel: int, fd: int, key: tuple[int, int]):
+        self.name, self.nonce, self.numel, self.key = name, nonce, numel, key
+        self.path = os.path.join(SHM_DIR, name)
+        self.values_offset = HEADER + _aligned(4 * numel)
+        self._fd, self._uses, self._lock = fd, 1, threading.Lock()  # the holder's own use
+
+    @classmethod
+    def open(cls, name: str, nonce: bytes, numel: int) -> "SegmentFile":
+        """Open a worker's segment; ShmUnavailable unless it is a regular file of this user's (no
+        symlink, FIFO or device), whole, and the one named. Never blocks."""
+        if not NAME.fullmatch(name):
+            raise ShmUnavailable(f"{name[:80]!r} is not a shardps segment name")
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ShmUnavailable(f"no shared memory {name} on this host ({exc.strerror}): another host, or "
+                                 f"another {SHM_DIR}, or not a plain file") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise ShmUnavailable(f"shared memory {name} is not a regular file of this user's")
+            magic, version, found, count, _, _ = _FIELDS.unpack(os.pread(fd, _FIELDS.size, 0))
+            if (magic, version, found, count, st.st_size) != (MAGIC, 1, bytes(nonce), numel, segment_bytes(numel)):
+                raise ShmUnavailable(f"shared memory {name} is not the worker's segment of {numel} elements")
+        except (OSError, struct.error) as exc:
+            os.close(fd)
+            raise ShmUnavailable(f"cannot read shared memory {name}: {exc}") from None
+        except ShmUnavailable:
+            os.close(fd)
+            raise
+        return cls(name, bytes(nonce), numel, fd, (st.st_dev, st.st_ino))
+
+    def acquire(self) -> bool:
+        """Start a use; False once the holder retired it and the descriptor is (being) closed."""
+        with self._lock:
+            if self._uses == 0:
+                return False
+            self._uses += 1
+            return True
+
+    def release(self) -> None:
+        """End a use (or, once, the holder's own hold: ``retire``); the last one closes the file."""
+        with self._lock:
+            self._uses -= 1
+            fd = self._fd if self._uses == 0 else None
+        if fd is not None:
+            os.close(fd)
+
+    retire = release
+
+    def unlink(self) -> None:
+        """Remove the name (the memory goes once the worker unmaps it and every descriptor is closed)."""
+        _unlink(self.path)
+
+    def read_grads(self, start: int, out: torch.Tensor) -> None:
+        """Copy gradient elements [start, start + out.numel()) into ``out`` (contiguous fp32).
+        ShmUnavailable if the file ends before them (the worker truncated it): ``out`` is then
+        partly written, the caller discards it."""
+        _transfer(os.preadv, self._fd, _bytes(out), HEADER + 4 * start, self.name)
+
+    def write_values(self, start: int, src: torch.Tensor) -> None:
+        """Write ``src`` (contiguous fp32) over parameter elements [start, ...) of the worker's
+        values. A truncated file grows back (a write into a file never faults)."""
+        _transfer(os.pwritev, self._fd, _bytes(src), self.values_offset + 4 * start, self.name)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(codec.as_bytes(t)) if t.numel() else memoryview(b"")
+
+
+def _transfer(call, fd: int, view: memoryview, offset: int, name: str) -> None:
+    """preadv/pwritev the whole of ``view`` at ``offset`` (a regular file may move less per call)."""
+    done, total = 0, len(view)
+    while done < total:
+        try:
+            n = call(fd, [view[done:done + (1 << 30)]], offset + done)
+        except OSError as exc:
+            raise ShmUnavailable(f"cannot move bytes through shared memory {name}: {exc.strerror}") from None
+        if n <= 0:
+            raise ShmUnavailable(f"shared memory {name} ends at byte {offset + done}, before the "
+                                 f"{total}-byte range at {offset} (it was truncated)")
+        done += n
 
 
 def _pid_namespace() -> int:
@@ -154,11 +241,18 @@ def _alive(pid: int) -> bool:
 
 def creator(path: str) -> tuple[int, int]:
     """The pid that created the segment at ``path`` and its pid namespace; (0, 0) if it is not one."""
+    try:  # never follows a link, never blocks on a FIFO someone named like a segment
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0, 0
     try:
-        with open(path, "rb") as f:
-            magic, version, _, _, pid, ns = _FIELDS.unpack(f.read(_FIELDS.size))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0, 0
+        magic, version, _, _, pid, ns = _FIELDS.unpack(os.pread(fd, _FIELDS.size, 0))
     except (OSError, struct.error):
         return 0, 0
+    finally:
+        os.close(fd)
     return (pid, ns) if (magic, version) == (MAGIC, 1) else (0, 0)
 
 

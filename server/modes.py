@@ -45,23 +45,10 @@ class Push:
     buffers: bytes | None = None  # the model's buffers (shard 0, rank 0), checked
     kept: bool = False  # set by a policy that holds on to grad past submit()
     evicted: bool = False  # its worker left the step's membership while the push waited
-    # False: ``grad`` is the worker's own memory (a shared-memory segment): read it, never write it,
-    # and ``own()`` (a copy into ``take()``, given back by ``release``) before keeping it past the reply.
-    owned: bool = True
-    take: Callable[[], torch.Tensor] | None = None
-    give: Callable[[torch.Tensor], None] | None = None
 
     @property
     def batch_size(self) -> int:
         return self.options.batch_size
-
-    def own(self) -> torch.Tensor:
-        """The gradient in a buffer of the shard's own (copied once if it was the worker's)."""
-        if not self.owned:
-            buf = self.take().copy_(self.grad)
-            self.grad, self.owned = buf, True
-            self.release = lambda: self.give(buf)
-        return self.grad
 
 
 @dataclass(frozen=True)
@@ -131,10 +118,10 @@ def _scale_of(push: Push) -> float:
 
 
 def _unscale(push: Push) -> torch.Tensor:
-    """The push's gradient divided by its loss scale, in a buffer of the shard's own when it changes."""
+    """The push's gradient divided by its loss scale (in place: the buffer is the shard's own)."""
     factor = _scale_of(push)
     if factor != 1.0:
-        push.own().mul_(factor)
+        push.grad.mul_(factor)
     return push.grad
 
 
@@ -257,8 +244,6 @@ class SyncPolicy:
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
         if not duplicate:
             push.kept = True
-            if self.staleness:  # an SSP worker moves on before its step closes: keep a copy, not its memory
-                push.own()
             self._open.setdefault(push.step, _OpenStep(members, {})).pushes[w] = push
             state.last_step[w] = push.step
             state.stats.staleness[push.step - push.base_version] += 1
@@ -324,34 +309,24 @@ class SyncPolicy:
     def _close(self, state, step: int, open_: _OpenStep) -> None:
         pushes = [open_.pushes[w] for w in sorted(open_.pushes)]
         buffers = next((p.buffers for p in pushes if p.buffers is not None), None)
-        in_shared_memory = any(not p.owned for p in pushes)
         if any(p.options.overflow for p in pushes):
             state.skip(buffers, step=step, pushed=_pushed(pushes))
             self._remember(state, step, Closed(0.0, skipped=True))
         else:
-            # sum_i (b_i / B) g_i / s_i (s_i: loss scale), in the first push's buffer (copied first if it is
-            # a worker's shared memory). A weighted mean of finite values never overflows; b_i g_i summed could.
+            # sum_i (b_i / B) g_i / s_i (s_i: loss scale), in the first push's buffer. A weighted mean of
+            # finite values never overflows; b_i g_i summed could.
             total = sum(p.batch_size for p in pushes)
             weight = pushes[0].batch_size / total * _scale_of(pushes[0])
             clipped = next((p.options for p in pushes if p.options.clipped), None)
-            if len(pushes) == 1 and weight == 1.0 and clipped is None:
-                mean = pushes[0].grad  # one push, used as it is: torch's optimizers only read a gradient
-            else:
-                mean = pushes[0].own()
-                if weight != 1.0:
-                    mean.mul_(weight)
-                for p in pushes[1:]:
-                    mean.add_(p.grad, alpha=p.batch_size / total * _scale_of(p))
+            mean = pushes[0].grad
+            if weight != 1.0:
+                mean.mul_(weight)
+            for p in pushes[1:]:
+                mean.add_(p.grad, alpha=p.batch_size / total * _scale_of(p))
             lr_scale = 1.0
             if self.staleness_lr:
                 samples = sum(p.batch_size for p in pushes)
                 lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
-            if in_shared_memory and not state.still_finite(mean):
-                state.skip(buffers, step=step, pushed=_pushed(pushes))
-                self._remember(state, step, Closed(0.0, skipped=True))
-                _let_go(pushes)
-                state.cond.notify_all()
-                return
             present = _merge_present(pushes)
             pushes[0].release, first_release = None, pushes[0].release  # the mean's buffer, given back after apply
             pending = _Pending(mean, present, pushes[0].hyper, lr_scale, clipped or pushes[0].options, 0.0,
@@ -448,14 +423,11 @@ class AsyncPolicy:
         staleness = state.version - push.base_version
         state.stats.staleness[staleness] += 1
         lr_scale = 1.0 / max(1, staleness) if self.staleness_lr else 1.0
-        if not push.owned and not state.still_finite(push.grad):  # rewritten in shared memory since it was checked
-            state.skip(push.buffers, pushed={push.worker_id: push.step})
-            return Outcome(state.version, 0, False, next_step=push.step + 1, skipped=True)
         pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, push.buffers,
                            pushed={push.worker_id: push.step})
         if push.options.clipped:
             push.kept = True
-            pending.grad = push.own()  # scaled in place by the clip coefficient later
+            pending.grad = push.grad  # scaled in place by the clip coefficient later
             pending.release, push.release = push.release, None
             pending.partial = state.optimizer.partial_norm(push.grad, push.present, push.options.clip_norm_type)
             self._pending[key] = pending

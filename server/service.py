@@ -96,28 +96,41 @@ class ShardServicer:
             raise InvalidArgument(f"push header out of range: epoch {h.epoch} (>= 1), step {h.step}, base_version "
                                   f"{h.base_version} and worker_id {h.worker_id} (>= 0)")
         members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
+        # A same-host worker's segment, held open (never mapped) until this call is done with it.
         shm = state.segment(h.worker_id, h.shm.name, h.shm.nonce) if h.HasField("shm") else None
+        try:
+            yield from self._push(state, first, frames, members, shm)
+        finally:
+            if shm is not None:
+                shm.release()
+
+    def _push(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int], shm):
+        h = first.fields.header
         frames = _chain(first, frames)
         grad, options, blob = self._receive(state, frames, h.options if h.HasField("options") else None,
                                             expect_grad=shm is None)
         pool, shard = self.node.buffers, state.shard
-        push = Push(h.worker_id, h.step, h.epoch, h.base_version, StepOpts.from_pb(options), grad, buffers=blob,
-                    release=(lambda: pool.give(grad)) if grad is not None else None,
-                    take=lambda: pool.take(torch.float32, shard.numel), give=pool.give)
         if shm is not None:
             if grad is not None:  # chunks as well as shared memory: the chunks are ignored
                 pool.give(grad)
-            push.grad, push.owned, push.release = shm.grads[shard.start:shard.stop], False, None
+            grad = pool.take(torch.float32, shard.numel)  # the worker's bytes, copied: it can change none of them later
+            try:
+                state.read_grads(h.worker_id, shm, grad)
+            except BaseException:
+                pool.give(grad)
+                raise
             state.add_bytes(shm_received=shard.numel * 4)
         elif state.transport.get(h.worker_id) != "grpc":
             with state.cond:
                 state.transport[h.worker_id] = "grpc"
+        push = Push(h.worker_id, h.step, h.epoch, h.base_version, StepOpts.from_pb(options), grad, buffers=blob,
+                    release=(lambda: pool.give(grad)) if grad is not None else None)
         outcome = state.push(push, members)  # releases the buffer when done with it
         if outcome.clip_partial is not None:
             yield pb.PushResponse(clip_partial=pb.ClipPartial(step=h.step, partial=outcome.clip_partial))
             outcome = state.finish_clip(push, self._clip_total(state, frames, h.step), outcome.duplicate)
         if shm is not None:  # the reply's parameters go straight into the worker's memory
-            version, pieces = state.write_params(shm.values[shard.start:shard.stop]), ()
+            version, pieces = state.write_params(shm), ()
         elif state.policy.params_still_while_replying:  # stream the slice itself: no encoded copy held
             with state.cond:
                 version = state.version

@@ -30,11 +30,11 @@ import torch
 from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NoSharedMemory,
-                            NotPrimary, RolledBack, ShardpsError, Superseded, Unavailable, WaitTimeout)
+                            NotPrimary, RolledBack, ShardpsError, Superseded, UnknownWorker, Unavailable, WaitTimeout)
 from ..proto.history import NO_HISTORY, History
 from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
-from ..proto.shm import Segment, ShmUnavailable, sweep
+from ..proto.shm import SegmentFile, ShmUnavailable, sweep
 from . import tensorfile
 from .checkpoint import Snapshot
 from .modes import Closed, Outcome, Push, make_policy
@@ -80,7 +80,7 @@ class ShardState:
         # Shard 0 keeps the job's persistent buffers (the initializer's, then rank 0's after each step).
         self.buffers: bytes | None = None
         # Same-host workers' shared-memory segments (proto/shm.py), and the byte path each worker takes.
-        self.segments: dict[int, Segment] = {}
+        self.segments: dict[int, SegmentFile] = {}
         self.transport: dict[int, str] = {}
         self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
         self.version = 0  # updates applied
@@ -231,17 +231,6 @@ class ShardState:
                 f"grad_scale {grad_scale:.3g} unscales this gradient (largest |value| {largest:.3g}) past float32's "
                 f"range: the unscaled gradient would be Inf; the push was rejected and nothing was applied (send "
                 f"the loss scale the gradient was multiplied by, or unscale on the worker)")
-
-    def still_finite(self, grad: torch.Tensor) -> bool:
-        """Under the lock: check a gradient that was read from a worker's shared memory once more, right before it is
-        applied: a worker that rewrote it after it was validated (a bug) gets the step skipped and a
-        "nonfinite" rejection counted, not NaN parameters."""
-        if _all_finite(grad):
-            return True
-        self.stats.rejections["nonfinite"] += 1  # the caller holds the lock
-        log.warning("shard %d: a gradient in a worker's shared memory turned non-finite after it was checked; "
-                    "the step is skipped", self.shard.shard_id)
-        return False
 
     def push(self, push: Push, members: frozenset[int]) -> Outcome:
         """Submit one push to the policy. Raises a domain error (state unchanged) for bad pushes.
@@ -518,35 +507,82 @@ class ShardState:
 
     # ------------------------------------------------------------------ same-host byte path
 
-    def segment(self, worker_id: int, name: str, nonce: bytes) -> Segment:
-        """Worker ``worker_id``'s shared-memory segment, mapped on first use; FailedPrecondition
-        "no shared memory" when this server cannot open it (the worker then uses gRPC)."""
+    def segment(self, worker_id: int, name: str, nonce: bytes) -> SegmentFile:
+        """Worker ``worker_id``'s shared-memory segment, opened on first use, with a use started:
+        the caller calls ``release()`` on it when done (it stays open until then, whatever happens
+        to the worker's membership or segment meanwhile).
+
+        Opened only for a member of the newest view (UnknownWorker otherwise: nothing a stranger
+        names is opened). A segment is bound to the worker holding it here: another worker id
+        naming it is refused; a worker may move to a new segment of its own. FailedPrecondition
+        "no shared memory" when this server cannot, or may not, use it (the worker then pushes the
+        same push over gRPC). Nothing changes on a refusal."""
         with self.cond:
+            self._check_member(worker_id)
             seg = self.segments.get(worker_id)
-            if seg is not None and seg.name == name and seg.nonce == bytes(nonce):
+            if seg is not None and seg.name == name and seg.nonce == bytes(nonce) and seg.acquire():
                 return seg
         try:
-            seg = Segment.attach(name, nonce, self.job.layout.numel)
-        except ShmUnavailable as exc:
-            with self.cond:
-                self.transport[worker_id] = "grpc"
+            seg = SegmentFile.open(name, nonce, self.job.layout.numel)
+        except ShmUnavailable as exc:  # (the worker's path shows as gRPC once it pushes that way)
             raise NoSharedMemory(f"no shared memory: {exc}") from None
         with self.cond:
+            try:
+                self._check_member(worker_id)  # (it may have left while the file was opened)
+                holder = next((w for w, held in self.segments.items() if held.key == seg.key and w != worker_id), None)
+                if holder is not None:
+                    self.stats.rejections["shm_not_yours"] += 1
+                    raise NoSharedMemory(f"no shared memory: segment {name} is worker {holder}'s on shard "
+                                         f"{self.shard.shard_id}; worker {worker_id} must push through a "
+                                         f"segment of its own (or over gRPC)")
+            except ShardpsError:
+                seg.retire()
+                raise
             old, self.segments[worker_id] = self.segments.get(worker_id), seg
             self.transport[worker_id] = "shm"
+            seg.acquire()
         if old is not None:
-            old.close()
+            old.retire()  # closed once the calls still using it are done with it
         return seg
 
-    def write_params(self, out: torch.Tensor) -> int:
-        """Copy the slice into ``out`` (a worker's shared memory) at one version; returns it."""
+    def _check_member(self, worker_id: int) -> None:
+        """UnknownWorker unless ``worker_id`` is in the newest view (the workers whose segments are kept)."""
+        members = self.views[self.latest_epoch][1] if self.views else frozenset()
+        if worker_id not in members:
+            self.stats.rejections[UnknownWorker.reason] += 1
+            raise UnknownWorker(f"worker {worker_id} is not a member of the newest view (epoch {self.latest_epoch}, "
+                                f"members {sorted(members)}): its shared memory is not opened; register with the "
+                                f"coordinator")
+
+    def read_grads(self, worker_id: int, seg: SegmentFile, out: torch.Tensor) -> None:
+        """Copy this shard's range of ``seg``'s gradients into ``out`` (a buffer of the server's: the
+        worker can change nothing in it afterwards). A file that no longer holds them (truncated by its
+        worker) fails this push only, changing nothing: NoSharedMemory (the
+        worker then pushes over gRPC), and the segment is let go."""
+        try:
+            seg.read_grads(self.shard.start, out)
+        except ShmUnavailable as exc:
+            with self.cond:
+                if self.segments.get(worker_id) is seg:
+                    del self.segments[worker_id]
+                    seg.retire()
+                self.stats.rejections["shm_unreadable"] += 1
+            raise NoSharedMemory(f"no shared memory: {exc}") from None
+
+    def write_params(self, seg: SegmentFile) -> int:
+        """Write the slice into the worker's values in ``seg`` at one version; returns it. A write the
+        file refuses (a full /dev/shm) raises NoSharedMemory: the worker sends
+        the push again over gRPC, which answers it as the duplicate it is."""
         with self.cond:
-            out.copy_(self.param)
+            try:
+                seg.write_values(self.shard.start, self.param)
+            except ShmUnavailable as exc:
+                raise NoSharedMemory(f"no shared memory: {exc}") from None
             self.stats.shm_bytes_out += self.param.numel() * 4
             return self.version
 
     def _forget_segments(self) -> None:
-        """Unmap, and unlink, the segments of workers no longer in the newest view (a worker that left
+        """Close, and unlink, the segments of workers no longer in the newest view (a worker that left
         or whose lease ran out: a killed worker leaks no shared memory). Under the lock."""
         if not self.views:
             return
@@ -554,7 +590,7 @@ class ShardState:
         for w in [w for w in self.segments if w not in members]:
             seg = self.segments.pop(w)
             seg.unlink()
-            seg.close()
+            seg.retire()
         sweep()  # also a worker killed before it ever pushed here
 
     # ------------------------------------------------------------------ membership

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shardps.proto.messages import StepOpts
-from shardps.proto.shm import Segment
+from shardps.proto.shm import SegmentFile
 from shardps.worker.flat import FlatParams, bucket_kind
 
 
@@ -127,7 +127,7 @@ def test_a_renewed_segment_carries_the_model_and_the_old_one_no_longer_reaches_i
     model(torch.ones(1, 3, dtype=next(model.parameters()).dtype)).sum().backward()
     model[1].bias.grad = None  # a gradient torch sees as None stays None
     old = flat.segment
-    late = Segment.attach(old.name, old.nonce, old.numel)  # a server's mapping of it
+    late = SegmentFile.open(old.name, old.nonce, old.numel)  # a server's descriptor of it
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = flat.gather_grads().clone()
     flat.values.copy_(flat.gather_params())
@@ -135,8 +135,8 @@ def test_a_renewed_segment_carries_the_model_and_the_old_one_no_longer_reaches_i
     assert flat.segment is not old and flat.segment.name != old.name and not os.path.exists(old.path)
     assert torch.equal(flat.gather_grads(), grads)  # the step's gradients came along (None ones as zeros)
     assert model[1].bias.grad is None and not flat.has_grad(3) and flat.has_grad(0)
-    late.values.fill_(float("nan"))  # what a server that still maps the old segment may write
-    late.grads.fill_(float("nan"))
+    late.write_values(0, torch.full((old.numel,), float("nan")))  # what a server still holding the old one may write
+    late.retire()
     flat.scatter_params()
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key

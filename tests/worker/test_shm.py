@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,44 +16,11 @@ import torch
 from shardps import LocalCluster, ShardedOptimizer
 from shardps.client.sdk import shard_status
 from shardps.proto import shm
-from shardps.proto.shm import Segment, ShmUnavailable
+from shardps.proto.shm import Segment, SegmentFile, ShmUnavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from shm_pair import train_pair  # noqa: E402
 from task import global_batch, loss_fn, make_model  # noqa: E402
-
-SIZES = [24, 40]
-
-
-def train_pair(cluster, transport, steps=6, sabotage=False):
-    """Two workers (threads) of a sync job; returns rank 0's final parameters and each worker's
-    per-shard shared-memory flags. ``sabotage``: unlink each segment's name before the first push."""
-    results = {}
-    models = [make_model(0) for _ in SIZES]  # here: the global RNG is not for threads to race on
-
-    def worker(model):
-        opt = ShardedOptimizer(model, cluster=cluster.address, optimizer="adam", lr=0.01, min_workers=2,
-                               transport=transport)
-        if sabotage:
-            opt.flat.segment.unlink()  # as if the servers ran on another host: they cannot open it
-        for step in range(steps):
-            lo = sum(SIZES[:opt.rank])
-            x, y = global_batch(step, sum(SIZES))
-            opt.zero_grad()
-            loss_fn(model, x[lo:lo + SIZES[opt.rank]], y[lo:lo + SIZES[opt.rank]]).backward()
-            if step % 2:
-                opt.clip_grad_norm_(0.5, batch_size=SIZES[opt.rank])
-            opt.step(batch_size=SIZES[opt.rank])
-        results[opt.rank] = ({k: v.clone() for k, v in model.state_dict().items()}, list(opt.ps.shm_ok))
-        opt.close()
-
-    threads = [threading.Thread(target=worker, args=(m,)) for m in models]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    transports = [dict(shard_status(a).worker_transport) for a in cluster.server_addresses.values()]
-    return results, transports
-
 
 @pytest.mark.slow
 def test_same_host_workers_push_through_shared_memory_and_train_exactly_as_over_grpc():
@@ -94,7 +60,7 @@ def test_a_push_given_up_before_its_server_answered_leaves_the_segment_that_serv
         try:
             train_step(opt, model, 0)
             first = opt.flat.segment
-            late_writer = Segment.attach(first.name, first.nonce, first.numel)  # what a server maps
+            late_writer = SegmentFile.open(first.name, first.nonce, first.numel)  # what a server holds
 
             chaos.set_rpc_faults(cluster, "servers", [FaultRule(kind="abort", method="Push", worker_id=opt.worker_id,
                                                                 max_count=1)])
@@ -105,8 +71,8 @@ def test_a_push_given_up_before_its_server_answered_leaves_the_segment_that_serv
                                                                 delay_s=3.0, max_count=1)], clear=True)
             train_step(opt, model, 2)  # one push is held past its 1 s deadline and given up; the retry is applied
             assert opt.retry.stats.as_dict()["timeouts"] >= 1
-            late_writer.values.fill_(float("nan"))  # the held server wakes and writes its reply
-            late_writer.grads.fill_(float("nan"))
+            late_writer.write_values(0, torch.full((first.numel,), float("nan")))  # the held server wakes, replies
+            late_writer.retire()
             pulled = opt.model_state_dict()
             for key, value in model.state_dict().items():
                 assert torch.equal(value, pulled[key]), key  # the shards' parameters, untouched by the late write
@@ -187,21 +153,41 @@ def test_a_segment_is_found_only_by_its_name_and_nonce_and_never_outside_dev_shm
     seg = Segment.create(100)
     try:
         seg.grads.fill_(3.0)
-        other = Segment.attach(seg.name, seg.nonce, 100)
-        assert torch.equal(other.grads, seg.grads)  # the same memory
-        other.values[:5] = 7.0
-        assert seg.values[:5].eq(7.0).all()
+        other = SegmentFile.open(seg.name, seg.nonce, 100)  # what a server holds: a descriptor, no mapping
+        got = torch.empty(60)
+        other.read_grads(40, got)
+        assert torch.equal(got, seg.grads[40:])
+        other.write_values(5, torch.full((5,), 7.0))
+        assert seg.values[5:10].eq(7.0).all() and seg.values[:5].eq(0.0).all()
+        other.retire()
         with pytest.raises(ShmUnavailable, match="not the worker's segment"):
-            Segment.attach(seg.name, b"\0" * 16, 100)
+            SegmentFile.open(seg.name, b"\0" * 16, 100)
         with pytest.raises(ShmUnavailable, match="not the worker's segment"):
-            Segment.attach(seg.name, seg.nonce, 99)
+            SegmentFile.open(seg.name, seg.nonce, 99)
         for name in ("../etc/passwd", "shardps-xyz", "/dev/shm/" + seg.name):
             with pytest.raises(ShmUnavailable, match="not a shardps segment name"):
-                Segment.attach(name, seg.nonce, 100)
+                SegmentFile.open(name, seg.nonce, 100)
     finally:
         seg.unlink()
     with pytest.raises(ShmUnavailable, match="no shared memory"):
-        Segment.attach(seg.name, seg.nonce, 100)
+        SegmentFile.open(seg.name, seg.nonce, 100)
+
+
+def test_a_symlink_or_a_fifo_named_as_a_segment_is_never_opened_and_never_blocks():
+    seg = Segment.create(100)
+    fake = [f"{shm.SHM_DIR}/shardps-{os.urandom(16).hex()}" for _ in range(2)]
+    try:
+        os.symlink(seg.path, fake[0])  # a valid segment, reached through a link
+        os.mkfifo(fake[1])
+        assert shm.creator(fake[1]) == (0, 0) and fake[1] not in shm.sweep()  # looked at without blocking
+        with pytest.raises(ShmUnavailable, match="not a plain file"):
+            SegmentFile.open(os.path.basename(fake[0]), seg.nonce, 100)
+        with pytest.raises(ShmUnavailable, match="not a regular file"):
+            SegmentFile.open(os.path.basename(fake[1]), seg.nonce, 100)
+    finally:
+        seg.unlink()
+        for path in fake:
+            os.unlink(path)
 
 
 def test_a_full_dev_shm_is_refused_up_front_instead_of_a_sigbus_later(tiny_fs, monkeypatch):
