@@ -84,7 +84,7 @@ def load(directory: str | Path) -> tuple[list[dict], list[str]]:
 class _Shard:
     """What the checker knows of one (job, shard) while it walks the events."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.applied: dict[int, dict] = {}  # version -> the event that made it, since the last lineage restore
         self.pushes: dict[tuple[int, int], dict] = {}  # (worker, step) -> the event that applied it, likewise
         self.version: int | None = None  # the shard's newest version (made or restored)
@@ -93,7 +93,7 @@ class _Shard:
         self.placement = 0  # the newest placement epoch a primary applied in
         self.restored_since_handover = False
         self.rollbacks: list[dict] = []  # lineage restores, in order
-        self.primary_tables: dict[tuple[int, int], dict] = {}  # (version, placement) -> table applied with
+        self.primary_tables: dict[tuple[int, int], dict | None] = {}  # (version, placement) -> table applied with
         self.replayed: list[dict] = []
 
 
@@ -107,7 +107,7 @@ def check_events(events: list[dict]) -> Verdict:
     jobs: dict[str, dict] = {}
     acks: list[dict] = []
     bad = verdict.violations.append
-    counts = defaultdict(int)
+    counts: defaultdict[str, int] = defaultdict(int)
     for e in events:
         kind = e.get("kind")
         counts["events"] += 1

@@ -147,8 +147,8 @@ def _fault(entry: dict, index: int, path: Path, processes: list[str]) -> Fault:
     if extra:
         raise ScenarioError(f"{where}: {action} does not take {sorted(extra)}; it takes {sorted(allowed)}")
     valid_targets = {
-        **{a: processes for a in PROCESS_ACTIONS},
-        **{a: processes for a in NETWORK_ACTIONS},
+        **dict.fromkeys(PROCESS_ACTIONS, processes),
+        **dict.fromkeys(NETWORK_ACTIONS, processes),
         "rpc": ["coordinator", "servers", "all", *(p for p in processes if p.startswith("server-"))],
         "checkpoint": ["cluster"],
     }[action]

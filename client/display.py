@@ -58,8 +58,8 @@ def print_summary(s: dict) -> None:
         ("samples/s (training)", f"{s['samples_per_s']:,.0f}"),
         ("updates per shard", " ".join(str(v) for v in s["updates_per_shard"])),
         ("bytes over gRPC", f"{_bytes(s['bytes_in'])} pushed, {_bytes(s['bytes_out'])} pulled"),
-        ("bytes through shared memory", f"{_bytes(s.get('shm_bytes_in', 0))} pushed, "
-                                        f"{_bytes(s.get('shm_bytes_out', 0))} pulled"),
+        ("bytes through shared memory", (f"{_bytes(s.get('shm_bytes_in', 0))} pushed, "
+                                         f"{_bytes(s.get('shm_bytes_out', 0))} pulled")),
         ("run directory", s["out"]),
     ]
     for k, v in rows:

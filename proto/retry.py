@@ -92,8 +92,8 @@ class Retrier:
                 pause = delay * random.uniform(0.5, 1.5)  # jitter: retries from many workers spread out
                 if time.monotonic() + pause > deadline:
                     self.stats.give_up()
-                    exc.args = (f"{exc} (gave up after {attempt} attempts over "
-                                f"{time.monotonic() - start:.1f}s)",)
+                    exc.args = ((f"{exc} (gave up after {attempt} attempts over "
+                                 f"{time.monotonic() - start:.1f}s)"),)
                     raise
                 self.stats.record(code)
                 log.warning("%s failed (%s, attempt %d); retrying in %.2fs", what, code, attempt, pause)

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/python -m ruff check .
+scripts/typecheck.sh  # mypy over the package (pyproject.toml's [tool.mypy])
 # The Docker end-to-end tests (docker-compose, then Swarm; marker `compose`) run last, on their own:
 # they start (and stop) a Docker engine, which rewrites the root namespace's firewall.
 .venv/bin/python -m pytest -p no:cacheprovider -m "not compose" "$@"

@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .convert import from_torch, rebind_scheduler
+from .optimizer import ShardedOptimizer
+
 
 def _not_torchrun() -> None:
     """``shardps launch`` sets LOCAL_RANK (to pick a GPU), and accelerate (whose state TrainingArguments
@@ -46,9 +49,6 @@ def _not_torchrun() -> None:
 
 
 _not_torchrun()  # before the script builds its TrainingArguments (they read the environment once)
-
-from .convert import from_torch, rebind_scheduler
-from .optimizer import ShardedOptimizer
 
 
 class ShardpsTrainer(Trainer):

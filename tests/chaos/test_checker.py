@@ -39,7 +39,7 @@ class Run:
                              table={str(w): s for w, s in pushed.items()}, placement=placement)
 
     def step(self, proc, version, workers=(0, 1), **kw):
-        self.applied(proc, version, {w: version - 1 for w in workers}, **kw)
+        self.applied(proc, version, dict.fromkeys(workers, version - 1), **kw)
 
     def acked(self, worker, version, shard=0):
         self.of(f"worker-{worker}").record("acked", job=JOB, shard=shard, worker=worker, step=version - 1,

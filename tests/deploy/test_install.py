@@ -17,8 +17,8 @@ NOT_IN_A_CHECKOUT = shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.
 
 def run(*cmd, timeout, cwd=None, env=None) -> subprocess.CompletedProcess:
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
-    assert res.returncode == 0, f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-3000:]}\n" \
-                                f"{res.stderr[-3000:]}"
+    assert res.returncode == 0, (f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-3000:]}\n"
+                                 f"{res.stderr[-3000:]}")
     return res
 
 

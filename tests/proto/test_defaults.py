@@ -116,7 +116,7 @@ def test_config_dataclass_defaults_equal_the_defaults_module():
                     continue
             if s.default is None or (role == "launch" and field.name in ("checkpoint_every", "min_workers")):
                 continue  # required ones; launch's own meanings: checkpoints only when asked, 0 workers = --nproc
-            assert field.default == s.default, f"{cls.__name__}.{field.name} = {field.default!r}, " \
-                                               f"proto/defaults.py says {s.default!r}"
+            assert field.default == s.default, (f"{cls.__name__}.{field.name} = {field.default!r}, "
+                                                f"proto/defaults.py says {s.default!r}")
             compared += 1
     assert compared > 40

@@ -36,7 +36,9 @@ def state_of(cluster, opt):
 
 
 def one_call(channel, path, method, payload, raw):
-    identity = (lambda b: b)
+    def identity(b):
+        return b
+
     serialize = identity if raw else (lambda m: m.SerializeToString())
     kinds = (method.client_streaming, method.server_streaming)
     make = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
