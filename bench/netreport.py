@@ -76,7 +76,7 @@ def plot(result: dict, path: Path) -> None:
             if row and row["step_s"]:
                 xs.append(i + k * width)
                 ys.append(row["step_s"])
-        bars.bar(xs, ys, width, label=name)
+        bars.bar(xs, ys, width, label=name, color=f"C{k}")
     bars.set_xticks([i + 0.4 - width / 2 for i in range(len(profiles))], [p["profile"] for p in profiles])
     bars.set(ylabel="step time (s), rank 0 median", title="step time per profile")
     bars.legend(fontsize=8)
@@ -84,7 +84,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, p in zip(axes[0][1:], profiles):
         for r in p["rows"]:
             if r["curve"]:
-                ax.plot([t for t, _ in r["curve"]], [v for _, v in r["curve"]], "o-", ms=3, label=r["contender"])
+                ax.plot([t for t, _ in r["curve"]], [v for _, v in r["curve"]], "o-", ms=3, label=r["contender"],
+                        color=f"C{names.index(r['contender'])}")
         ax.axhline(target, color="grey", linestyle=":", label=f"target {target:g}")
         ax.set(xlabel="training time of rank 0 (s)", ylabel="held-out loss", title=p["profile"])
         ax.legend(fontsize=8)

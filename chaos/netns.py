@@ -6,6 +6,8 @@
         net.loss("server-0", 5)        # 5 % of packets in and out of server-0 dropped
         net.partition("worker-0")      # worker-0 cut off ...
         net.heal("worker-0")           # ... and back
+        net.link_bytes("server-0")     # {"rx": ..., "tx": ...}: bytes through its eth0 so far
+        net.tcp_rtt_ms("worker-0", "server-0")  # a measured TCP round trip between two hosts
 
 Design
 ------
@@ -647,7 +649,10 @@ times = []
 for _ in range(int(sys.argv[3])):
     t = time.perf_counter(); c.sendall(b"p" * 16); n = 0
     while n < 16:
-        n += len(c.recv(64))
+        data = c.recv(64)
+        if not data:
+            sys.exit("the echo connection closed")
+        n += len(data)
     times.append((time.perf_counter() - t) * 1000)
 print(statistics.median(times))
 """

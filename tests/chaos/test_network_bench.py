@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shardps.chaos.netns import available
+from shardps.chaos.netns import Network, NetworkError, available
 
 ok, reason = available()
 if not ok:
@@ -27,6 +27,52 @@ CONTENDERS = ["shardps", "shardps-bf16", "shardps-backup1", "ddp", "ddp-bf16", "
 def namespaces() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+# Sends argv[2] bytes to argv[1]:argv[3] once the peer listens there.
+SEND = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[3])), timeout=30)
+c.sendall(b"x" * int(sys.argv[2])); c.close()
+"""
+# Reads one connection on a free port to EOF; prints the port first, the byte count last.
+SINK = r"""
+import socket
+s = socket.socket(); s.bind(("0.0.0.0", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); total = 0
+while data := c.recv(1 << 20):
+    total += len(data)
+print(total, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_link_bytes_count_a_transfer_on_both_ends_and_rtt_probe_sees_the_delay():
+    size = 3_000_000
+    with Network(["a", "b"]) as net:
+        base = net.tcp_rtt_ms("b", "a")
+        before = {h: net.link_bytes(h) for h in ("a", "b")}
+        sink = net.popen("a", [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+        port = sink.stdout.readline().strip()
+        sender = net.popen("b", [sys.executable, "-c", SEND, net.address("a"), str(size), port])
+        assert sender.wait(timeout=30) == 0
+        assert int(sink.stdout.readline()) == size
+        sink.wait(timeout=10)
+        after = {h: net.link_bytes(h) for h in ("a", "b")}
+        # Payload plus TCP/IP headers one way; the acks the other way are far fewer bytes.
+        assert size <= after["b"]["tx"] - before["b"]["tx"] < size * 1.1
+        assert size <= after["a"]["rx"] - before["a"]["rx"] < size * 1.1
+        assert after["a"]["tx"] - before["a"]["tx"] < size / 10
+
+        net.delay("a", 15)
+        net.delay("b", 15)
+        assert net.tcp_rtt_ms("b", "a") >= 30 > base, "each host's 15 ms shows in a new connection's round trip"
+        with pytest.raises(KeyError, match="no host 'c'"):
+            net.link_bytes("c")
+        net.partition("a")
+        with pytest.raises(NetworkError, match="RTT probe b -> a"):
+            net.tcp_rtt_ms("b", "a", timeout=5)
 
 
 @pytest.mark.slow
