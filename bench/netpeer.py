@@ -44,8 +44,13 @@ def _ddp(model, cfg, rank):
     os.environ["GLOO_SOCKET_IFNAME"] = "eth0"  # the host's link, not loopback
     dist.init_process_group("gloo", init_method=f"tcp://{cfg['master']}", rank=rank, world_size=cfg["world"],
                             timeout=timedelta(seconds=cfg["connect_timeout_s"]))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
     hook = cfg.get("hook", "")
+    # PowerSGD on gloo needs one bucket: with DDP's default two or more, the all-reduces its hook
+    # chains from future callbacks are issued in a different order on each rank, and gloo fails
+    # ("Received data size doesn't match expected size", reproduced on loopback with charlm). One
+    # bucket keeps them in order, at the cost of DDP's overlap of communication with backward.
+    buckets = {"bucket_cap_mb": 4096} if hook.startswith("powersgd") else {}
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **buckets)
     if hook == "bf16":
         ddp.register_comm_hook(None, _bf16_hook)
     elif hook.startswith("powersgd"):

@@ -9,7 +9,10 @@ bridge. Every contender of the profile runs on those same hosts and links, one a
 shardps jobs (one job name each) on the profile's coordinator and servers, with every byte over
 gRPC (``transport="grpc"``: the hosts differ); DDP over gloo among the worker hosts (rank 0's
 address is the rendezvous, ``GLOO_SOCKET_IFNAME=eth0``). The worker processes are
-``bench/netpeer.py``.
+``bench/netpeer.py``. DDP hooks on gloo/CPU: ``bf16_compress_hook`` runs, registered under
+another name (DDP refuses that name without CUDA+NCCL, though gloo all-reduces bfloat16 on CPU);
+PowerSGD (rank 2, compressing from step 2) runs with a single DDP bucket, since with several its
+chained all-reduces reach gloo in a different order on each rank and the job aborts.
 
 Links. Rate: ``Network.rate`` puts a ``tc tbf`` qdisc on both ends of each host's veth (what the
 host sends and what it receives, each direction at the rate). Latency: this kernel has no netem,
