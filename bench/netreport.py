@@ -28,7 +28,7 @@ def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [f"`{result['command']}`", "",
              f"{cfg['workload']}, {cfg['workers']} workers x {cfg['servers']} servers, batch {cfg['batch']}/worker, "
-             f"{cfg['optimizer']} lr {cfg['lr']}, up to {cfg['steps']} steps per contender; step time = rank 0's median "
+             f"{cfg['optimizer']} lr {cfg['lr']}, up to {cfg['steps']} steps per contender; step time = the fastest worker's median "
              f"after {cfg['warmup']} warmup steps; MB/step = the link's rx/tx (kernel counters) over the contender's "
              f"steps; util = busier direction's bytes/s over the link's rate; to-target = rank 0's training time to "
              f"held-out loss <= {cfg['target']}.", ""]
@@ -78,7 +78,7 @@ def plot(result: dict, path: Path) -> None:
                 ys.append(row["step_s"])
         bars.bar(xs, ys, width, label=name, color=f"C{k}")
     bars.set_xticks([i + 0.4 - width / 2 for i in range(len(profiles))], [p["profile"] for p in profiles])
-    bars.set(ylabel="step time (s), rank 0 median", title="step time per profile")
+    bars.set(ylabel="step time (s), fastest worker's median", title="step time per profile")
     bars.legend(fontsize=8)
     target = result["config"]["target"]
     for ax, p in zip(axes[0][1:], profiles):

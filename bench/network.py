@@ -23,8 +23,9 @@ host to host). The run measures it: a TCP echo round trip worker-0 -> server-0 (
 per profile, in the report as ``rtt_ms`` beside the ``expected_rtt_ms``. Only TCP is delayed (all
 the traffic here is TCP). The proxy is user-space Python: at 1 Gbit/s and above it costs CPU.
 
-Measures, per profile and contender: rank 0's median step time (steps after --warmup; its own
-evaluations left out), bytes per step on each host's link (the kernel's eth0 rx/tx counters read
+Measures, per profile and contender: the step time (each worker process's median over the steps
+after --warmup, its own evaluations left out; the fastest of them, the pace the job steps at),
+bytes per step on each host's link (the kernel's eth0 rx/tx counters read
 before and after the contender, divided by its steps: includes its start, i.e. the first pull or
 DDP's initial broadcast), link utilisation (busier direction's bytes/s over the link's rate) and the
 training time rank 0 took to a held-out loss <= --target (evaluated every --eval-every steps).
@@ -87,6 +88,7 @@ class Row:
     status: str = "ok"
     steps: int = 0
     step_s: float | None = None
+    process_step_s: list = field(default_factory=list)  # per worker process (host order), median
     links: dict = field(default_factory=dict)  # host -> {rx_per_step, tx_per_step, rate_mbit, utilisation}
     time_to_target_s: float | None = None
     final_loss: float | None = None
@@ -181,10 +183,14 @@ def fill(row: Row, logs: list[list[dict]], before: dict, after: dict, rates: dic
     """Step time, time to target and bytes per step from the workers' lines and the link counters."""
     steps = [[r for r in lines if "step_s" in r] for lines in logs]
     row.steps = min((len(s) for s in steps), default=0)
+    # Each process's median step after warmup; the job steps at its fastest process's pace (all the
+    # same in sync and DDP; with a backup worker the slow one falls behind and its pushes are dropped).
+    medians = [stats([r["step_s"] for r in s[args.warmup:]] or [r["step_s"] for r in s])["median"]
+               for s in steps if s]
+    row.process_step_s = medians
+    row.step_s = min(medians) if medians else None
     rank0 = next((i for i, lines in enumerate(logs) if any("eval" in r for r in lines)), None)
     if rank0 is not None:
-        timed = [r["step_s"] for r in steps[rank0][args.warmup:]] or [r["step_s"] for r in steps[rank0]]
-        row.step_s = stats(timed)["median"] if timed else None
         row.curve = [(r["train_s"], r["eval"]) for r in logs[rank0] if "eval" in r]
         row.final_loss = row.curve[-1][1] if row.curve else None
         row.time_to_target_s = next((t for t, loss in row.curve if loss <= args.target), None)
@@ -270,7 +276,7 @@ def main(argv=None) -> dict:
               "config": {k: v for k, v in vars(args).items() if k != "out"}, "profiles": []}
     for name in args.profiles:
         result["profiles"].append(run_profile(name, args, deadline))
-    write_report(result, Path(args.out))
+        write_report(result, Path(args.out))  # after each profile: a later failure keeps what was measured
     return result
 
 
