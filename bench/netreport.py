@@ -33,8 +33,9 @@ def markdown(result: dict) -> str:
              f"steps; util = busier direction's bytes/s over the link's rate; to-target = rank 0's training time to "
              f"held-out loss <= {cfg['target']}.", ""]
     for p in result["profiles"]:
-        rates = sorted(set(p["link_mbit"].values()))
-        lines += [f"**{p['profile']}**: links {'/'.join(f'{r:g}' for r in rates)} Mbit/s, delay {p['delay_ms']:g} ms one way; "
+        slow = p["slow_last_worker_mbit"]
+        rates = f"{p['rate_mbit']:g} Mbit/s" + (f" (the last worker's {slow:g})" if slow else "")
+        lines += [f"**{p['profile']}**: links {rates}, delay {p['delay_ms']:g} ms one way; "
                   f"measured TCP RTT worker-0 -> server-0 {_f(p['rtt_ms'])} ms (expected {p['expected_rtt_ms']:g} ms "
                   f"+ the base)", "",
                   "| contender | steps | step s | worker-0 MB/step rx/tx | server-0 MB/step rx/tx | busiest link (util) "

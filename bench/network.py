@@ -275,6 +275,12 @@ def main(argv=None) -> dict:
               "machine": {**machine(), "load_avg_at_start": os.getloadavg()},
               "config": {k: v for k, v in vars(args).items() if k != "out"}, "profiles": []}
     for name in args.profiles:
+        if time.monotonic() + args.max_seconds > deadline:
+            result["profiles"].append({"profile": name, **asdict(PROFILES[name]), "link_mbit": {}, "rtt_ms": None,
+                                       "expected_rtt_ms": 2 * PROFILES[name].delay_ms, "rows": [
+                                           asdict(Row(name, c, status="skipped: --total-seconds reached"))
+                                           for c in contenders_for(name, args.contenders)]})
+            continue
         result["profiles"].append(run_profile(name, args, deadline))
         write_report(result, Path(args.out))  # after each profile: a later failure keeps what was measured
     return result
