@@ -83,10 +83,14 @@ def main(config_json: str, rank: int, log_path: str) -> None:
     wl = get_workload(cfg["workload"])
     model = wl.model()
     module, opt, rank, close = (_ddp if cfg["kind"] == "ddp" else _shardps)(model, cfg, rank)
-    b, world = cfg["batch"], cfg["world"]
-    train_s = 0.0
+    b, world, every = cfg["batch"], cfg["world"], cfg["eval_every"]
+    done = 0  # steps this process took part in
+    # The shards number shardps' steps: a worker whose late push was dropped (a backup worker's
+    # job) jumps to the open step, skipping the batches it missed, as worker/train.py does.
+    taken = (lambda: done) if cfg["kind"] == "ddp" else (lambda: opt.steps_taken)
+    train_s, next_eval = 0.0, every
     with open(log_path, "a", buffering=1) as log:
-        for step in range(cfg["steps"]):
+        while (step := taken()) < cfg["steps"]:
             x, y = wl.rows(step, b * world, rank * b, (rank + 1) * b)
             t = time.perf_counter()
             loss = wl.loss(module, x, y)
@@ -97,9 +101,11 @@ def main(config_json: str, rank: int, log_path: str) -> None:
             else:
                 opt.step(batch_size=b)
             dt = time.perf_counter() - t
-            train_s += dt
+            train_s, done = train_s + dt, done + 1
             log.write(json.dumps({"step": step, "step_s": dt, "loss": loss.item()}) + "\n")
-            if rank == 0 and ((step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]):
+            if rank == 0 and (taken() >= next_eval or taken() >= cfg["steps"]):
+                while next_eval <= taken():
+                    next_eval += every
                 log.write(json.dumps({"eval": wl.evaluate(model)["loss"], "step": step, "train_s": train_s}) + "\n")
     close()
 

@@ -182,7 +182,8 @@ def run_contender(cluster, profile: str, contender: str, rates: dict, args, logs
 def fill(row: Row, logs: list[list[dict]], before: dict, after: dict, rates: dict, args) -> None:
     """Step time, time to target and bytes per step from the workers' lines and the link counters."""
     steps = [[r for r in lines if "step_s" in r] for lines in logs]
-    row.steps = min((len(s) for s in steps), default=0)
+    # The job's steps: the furthest any process got (a backup worker's slow process skips some).
+    done = row.steps = max((s[-1]["step"] + 1 for s in steps if s), default=0)
     # Each process's median step after warmup; the job steps at its fastest process's pace (all the
     # same in sync and DDP; with a backup worker the slow one falls behind and its pushes are dropped).
     medians = [stats([r["step_s"] for r in s[args.warmup:]] or [r["step_s"] for r in s])["median"]
@@ -194,7 +195,6 @@ def fill(row: Row, logs: list[list[dict]], before: dict, after: dict, rates: dic
         row.curve = [(r["train_s"], r["eval"]) for r in logs[rank0] if "eval" in r]
         row.final_loss = row.curve[-1][1] if row.curve else None
         row.time_to_target_s = next((t for t, loss in row.curve if loss <= args.target), None)
-    done = max((len(s) for s in steps), default=0)
     for host in before:
         rx, tx = (after[host][d] - before[host][d] for d in ("rx", "tx"))
         link = {"rx_bytes": rx, "tx_bytes": tx, "rate_mbit": rates[host],
