@@ -7,7 +7,8 @@ world size, batch, steps and eval cadence. The process trains ``steps`` steps on
 each global batch (``Workload.rows``: the same data every contender sees) and appends one JSON
 line per step to LOG_JSONL: ``{"step", "step_s", "loss"}``; rank 0 also evaluates the held-out
 loss every ``eval_every`` steps and appends ``{"eval": loss, "step", "train_s"}``, where
-``train_s`` is the training time so far with its own evaluations left out. A line is flushed as
+``train_s`` is the training time so far with its own evaluations left out. At the end it waits
+for every process to end its loop (a ``.done`` file each) before leaving. A line is flushed as
 soon as it is written, so whoever kills this process at a time limit still reads every finished step.
 
 Blocks while peers are missing (DDP's rendezvous, shardps' ``min_workers``) up to the
@@ -107,7 +108,22 @@ def main(config_json: str, rank: int, log_path: str) -> None:
                 while next_eval <= taken():
                     next_eval += every
                 log.write(json.dumps({"eval": wl.evaluate(model)["loss"], "step": step, "train_s": train_s}) + "\n")
+    _finish_together(log_path, cfg)
     close()
+
+
+def _finish_together(log_path: str, cfg: dict) -> None:
+    """Stay in the job until every process ended its loop (a ``.done`` file beside each log; they share a
+    file system): a fast worker leaving early would leave a backup worker's slow one unable to close its
+    last step (the job falls below min_workers). Waits at most ``connect_timeout_s``."""
+    from pathlib import Path
+
+    mine = Path(log_path)
+    mine.with_suffix(".done").touch()
+    others = [Path(p).with_suffix(".done") for p in cfg["logs"]]
+    deadline = time.monotonic() + cfg["connect_timeout_s"]
+    while not all(p.exists() for p in others) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,13 @@ def run_contender(cluster, profile: str, contender: str, rates: dict, args, logs
            "steps": args.steps, "eval_every": args.eval_every, "optimizer": args.optimizer, "lr": args.lr,
            "cluster": cluster.address, "job": f"{profile}-{contender}", "master": f"{net.address('worker-0')}:{port}",
            "connect_timeout_s": min(120.0, args.max_seconds), "threads": args.threads}
-    before = {h: net.link_bytes(h) for h in net.hosts}
     paths = [logs / f"{contender}.worker-{i}.jsonl" for i in range(args.workers)]
+    cfg["logs"] = [str(p) for p in paths]
+    before = {h: net.link_bytes(h) for h in net.hosts}
     procs = []
     for i, path in enumerate(paths):
         path.unlink(missing_ok=True)
+        path.with_suffix(".done").unlink(missing_ok=True)
         err = open(logs / f"{contender}.worker-{i}.err", "wb")
         procs.append(cluster.worker_popen(i, [sys.executable, str(NETPEER), json.dumps(cfg), str(i), str(path)],
                                           stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL))
