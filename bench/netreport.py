@@ -65,7 +65,11 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    profiles = result["profiles"]
+    # Only what ran to the end: failed and skipped contenders are in the table, with their status.
+    profiles = [{**p, "rows": [r for r in p["rows"] if r["status"] == "ok"]} for p in result["profiles"]]
+    profiles = [p for p in profiles if p["rows"]]
+    if not profiles:
+        return
     fig, axes = plt.subplots(1, 1 + len(profiles), figsize=(5 * (1 + len(profiles)), 4.5), squeeze=False)
     bars = axes[0][0]
     names = list(dict.fromkeys(r["contender"] for p in profiles for r in p["rows"]))

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -271,6 +272,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # SIGTERM (a `timeout`, a CI runner) unwinds like Ctrl-C: the finally blocks remove the namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.total_seconds
     result = {"benchmark": "network", "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
