@@ -6,6 +6,8 @@
         net.loss("server-0", 5)        # 5 % of packets in and out of server-0 dropped
         net.partition("worker-0")      # worker-0 cut off ...
         net.heal("worker-0")           # ... and back
+        net.link_bytes("server-0")     # {"rx": ..., "tx": ...}: bytes through its eth0 so far
+        net.tcp_rtt_ms("worker-0", "server-0")  # a measured TCP round trip between two hosts
 
 Design
 ------
@@ -56,6 +58,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import select
 import shutil
@@ -523,6 +526,41 @@ class Network:
                 report[name] = entry
             return report
 
+    # -- measuring links ---------------------------------------------------------------------------
+
+    def link_bytes(self, host: str) -> dict[str, int]:
+        """Bytes the host's eth0 has received and sent so far: ``{"rx": ..., "tx": ...}`` (the kernel's
+        counters, as in /sys/class/net/eth0/statistics; the delay proxy's loopback hops are not in them)."""
+        ns = self._host(host).namespace
+        stats = json.loads(_ip("-n", ns, "-s", "-j", "link", "show", HOST_IF).stdout)[0]["stats64"]
+        return {"rx": int(stats["rx"]["bytes"]), "tx": int(stats["tx"]["bytes"])}
+
+    def tcp_rtt_ms(self, src: str, dst: str, *, samples: int = 20, timeout: float = 60.0) -> float:
+        """Median round trip, in ms, of a 16-byte message echoed over one TCP connection that ``src``
+        opens to ``dst`` (so it goes through both hosts' delay, as a new connection of theirs would).
+        Blocks up to ``timeout`` s; raises NetworkError if the probe fails (the hosts cannot reach each
+        other: a partition, or a delay proxy that did not come up)."""
+        with self._lock:
+            self._host(src), self._host(dst)
+        server = self.popen(dst, [sys.executable, "-c", _RTT_ECHO], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=0)
+        try:
+            port = _read_line(server, timeout)
+            if not port.isdigit():
+                raise NetworkError(f"the RTT echo server on {dst} did not start (got {port!r})")
+            client = self.popen(src, [sys.executable, "-c", _RTT_CLIENT, self.address(dst), port, str(samples)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                out, err = client.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _stop(client)
+                raise NetworkError(f"the RTT probe {src} -> {dst} did not finish within {timeout:g} s") from None
+            if client.returncode != 0:
+                raise NetworkError(f"the RTT probe {src} -> {dst} failed: {err.strip()[-500:]}")
+            return float(out)
+        finally:
+            _stop(server)
+
     # -- qdiscs ----------------------------------------------------------------------------------
 
     def _use_netem(self, h: _Host) -> bool:
@@ -590,6 +628,34 @@ class Network:
         if h.proxy_log is not None:
             h.proxy_log.close()
             h.proxy_log = None
+
+
+# tcp_rtt_ms's helpers, run with ``python -c`` inside the hosts: an echo server on a free port that
+# prints the port, serving one connection; a client that prints the median round trip in ms.
+_RTT_ECHO = r"""
+import socket
+s = socket.socket(); s.bind(("0.0.0.0", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+s.settimeout(60); c, _ = s.accept(); c.settimeout(60)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := c.recv(4096):
+    c.sendall(data)
+"""
+_RTT_CLIENT = r"""
+import socket, statistics, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+times = []
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter(); c.sendall(b"p" * 16); n = 0
+    while n < 16:
+        data = c.recv(64)
+        if not data:
+            sys.exit("the echo connection closed")
+        n += len(data)
+    times.append((time.perf_counter() - t) * 1000)
+print(statistics.median(times))
+"""
 
 
 def _loss_rules(percent: float) -> list[list[str]]:

@@ -3,6 +3,8 @@
 - ``digits``: an MLP on scikit-learn's bundled 8x8 digits (1,797 images), held-out accuracy.
 - ``charlm``: a ~3M-parameter character-level transformer trained on the Python
   standard library's own source files, held-out bits per character.
+- ``charlm25m``: the same data and model family, 512 wide and 8 layers deep (25.5M
+  parameters), the size of the issue's reference MLP, for benchmarks across links.
 
 Each workload cuts every *global* batch (the union of all workers' batches) the same
 way on every process and hands rank r its own rows, so sync training over W workers
@@ -160,6 +162,14 @@ class CharLM(Workload):
         return {"loss": loss, "bits_per_char": loss / math.log(2)}
 
 
+class CharLM25M(CharLM):
+    """``charlm`` at 25.5M parameters: wider and deeper, same data, context and held-out metric."""
+
+    name = "charlm25m"
+    defaults = Defaults(optimizer="adamw", lr=5e-4, batch_size=8, epochs=0.05)
+    WIDTH, LAYERS, HEADS = 512, 8, 8
+
+
 class TinyGPT(torch.nn.Module):
     def __init__(self, vocab: int, context: int, width: int, layers: int, heads: int):
         super().__init__()
@@ -193,7 +203,7 @@ def _stdlib_text(max_bytes: int) -> bytes:
     return b"".join(out)[:max_bytes]
 
 
-WORKLOADS: dict[str, type[Workload]] = {"digits": Digits, "charlm": CharLM}
+WORKLOADS: dict[str, type[Workload]] = {"digits": Digits, "charlm": CharLM, "charlm25m": CharLM25M}
 
 
 def get_workload(name: str, seed: int = 0) -> Workload:
