@@ -27,19 +27,19 @@ def _busiest(links: dict) -> tuple[str, dict]:
 def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [f"`{result['command']}`", "",
-             f"{cfg['workload']}, {cfg['workers']} workers x {cfg['servers']} servers, batch {cfg['batch']}/worker, "
+             (f"{cfg['workload']}, {cfg['workers']} workers x {cfg['servers']} servers, batch {cfg['batch']}/worker, "
              f"{cfg['optimizer']} lr {cfg['lr']}, up to {cfg['steps']} steps per contender; step time = the fastest worker's median "
              f"after {cfg['warmup']} warmup steps; MB/step = the link's rx/tx (kernel counters) over the contender's "
              f"steps; util = busier direction's bytes/s over the link's rate; to-target = rank 0's training time to "
-             f"held-out loss <= {cfg['target']}.", ""]
+             f"held-out loss <= {cfg['target']}."), ""]
     for p in result["profiles"]:
         slow = p["slow_last_worker_mbit"]
         rates = f"{p['rate_mbit']:g} Mbit/s" + (f" (the last worker's {slow:g})" if slow else "")
-        lines += [f"**{p['profile']}**: links {rates}, delay {p['delay_ms']:g} ms one way; "
+        lines += [(f"**{p['profile']}**: links {rates}, delay {p['delay_ms']:g} ms one way; "
                   f"measured TCP RTT worker-0 -> server-0 {_f(p['rtt_ms'])} ms (expected {p['expected_rtt_ms']:g} ms "
-                  f"+ the base)", "",
-                  "| contender | steps | step s | worker-0 MB/step rx/tx | server-0 MB/step rx/tx | busiest link (util) "
-                  "| to target s | final loss | status |",
+                  f"+ the base)"), "",
+                  ("| contender | steps | step s | worker-0 MB/step rx/tx | server-0 MB/step rx/tx | busiest link (util) "
+                  "| to target s | final loss | status |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in p["rows"]:
             w, s = r["links"].get("worker-0", {}), r["links"].get("server-0", {})

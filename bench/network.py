@@ -104,7 +104,7 @@ def contenders_for(profile: str, names: list[str] | None) -> list[str]:
 
 
 def link_rates(profile: Profile, hosts: list[str], workers: int) -> dict[str, float]:
-    rates = {h: profile.rate_mbit for h in hosts}
+    rates = dict.fromkeys(hosts, profile.rate_mbit)
     if profile.slow_last_worker_mbit:
         rates[f"worker-{workers - 1}"] = profile.slow_last_worker_mbit
     return rates
