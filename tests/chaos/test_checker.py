@@ -63,6 +63,14 @@ def clean_run(run: Run, steps=5):
     return run
 
 
+def replicated_run(run: Run):
+    """server-0 the primary of placement 1, server-1 its backup (a copy at version 0)."""
+    run.job()
+    run.restored("server-0", 0, placement=1)
+    run.restored("server-1", 0, why="copy", placement=1)
+    return run
+
+
 def promises(verdict):
     return sorted({v.promise for v in verdict.violations})
 
@@ -132,10 +140,7 @@ def test_two_primaries_in_one_placement_are_named(tmp_path):
 
 
 def test_a_failover_to_a_newer_placement_is_one_primary_at_a_time(tmp_path):
-    run = Run(tmp_path)
-    run.job()
-    run.restored("server-0", 0, placement=1)
-    run.restored("server-1", 0, why="copy", placement=1)
+    run = replicated_run(Run(tmp_path))
     for v in (1, 2):
         run.replayed("server-1", v, {0: v - 1, 1: v - 1})
         run.step("server-0", v, placement=1)
@@ -147,10 +152,7 @@ def test_a_failover_to_a_newer_placement_is_one_primary_at_a_time(tmp_path):
 
 
 def test_a_backup_that_replays_another_sequence_than_its_primary_is_named(tmp_path):
-    run = Run(tmp_path)
-    run.job()
-    run.restored("server-0", 0, placement=1)
-    run.restored("server-1", 0, why="copy", placement=1)
+    run = replicated_run(Run(tmp_path))
     run.replayed("server-1", 1, {0: 0, 1: 7})
     run.step("server-0", 1, placement=1)
     run.replayed("server-1", 3, {0: 2, 1: 2})  # skipped version 2
