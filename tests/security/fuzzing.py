@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2
 from shardps.proto.gen import shardps_pb2 as pb
 
 INTS = [0, 1, -1, 2, 7, 63, 64, 1000, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2 ** 62, -(2 ** 63), 2 ** 63 - 1]
-FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, 1e-45, 3e38, 1e308, math.inf, -math.inf, math.nan]
+# 1e-39 / 1e-30 / 1e39: loss scales whose unscale overflows float32 (they passed a finite >= 0 check)
+FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, 1e-45, 1e-39, 1e-30, 3e38, 1e39, 1e308, math.inf, -math.inf, math.nan]
 STRINGS = ["", "x", "default", "*", "Push", "\x00", "ünï", "a" * 5000, '{"lr": 1}', "[{}]", "[" * 3000,
            '{"lr": "x"}', "h:1", "127.0.0.1:1"]
 
