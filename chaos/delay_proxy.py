@@ -165,7 +165,9 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, proxy: Proxy, stop: asyncio.Ev
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    while os.getppid() == parent:
+    # A parent of 1 (init) means ours died before we looked (a start slower than a short-lived shell):
+    # watching init would keep the proxy for ever.
+    while os.getppid() == parent != 1:
         await asyncio.sleep(PARENT_POLL_S)
     stop.set()
 

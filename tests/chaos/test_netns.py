@@ -249,6 +249,16 @@ def test_delay_proxy_command_line_and_bounded_life():
             time.sleep(0.05)
         assert process_gone(orphan), "the proxy outlived its parent"
 
+        # Its parent is gone before the proxy even starts (a busy machine): it exits all the same.
+        shell = net.popen("a", ["sh", "-c", " ".join(argv) + " >/dev/null & echo $!"], stdout=subprocess.PIPE,
+                          text=True)
+        early = int(shell.stdout.readline())
+        shell.wait(timeout=10)
+        deadline = time.monotonic() + 60  # python and its imports must start first
+        while not process_gone(early) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_gone(early), "the proxy whose parent died before it started lives on"
+
 
 def test_partition_and_heal():
     with Network(["a", "b"]) as net:
