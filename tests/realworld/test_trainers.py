@@ -57,13 +57,18 @@ def test_lightning_with_clipping_and_a_per_step_schedule_equals_one_process_on_t
             assert w["metrics"][key] == pytest.approx(want["metrics"][key], abs=TOL)
 
 
+def assert_each_sample_once_per_epoch(a: dict, b: dict, samples: int, epochs: int = 2) -> None:
+    """Two workers' sample indices, epoch by epoch: disjoint, and together every sample once."""
+    per_epoch = len(a["seen"]) // epochs
+    for epoch in range(epochs):
+        mine = [set(w["seen"][epoch * per_epoch:(epoch + 1) * per_epoch]) for w in (a, b)]
+        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(samples)), f"epoch {epoch}"
+
+
 @pytest.mark.slow
 def test_lightning_workers_see_every_sample_once_per_epoch_between_them(lightning_fit):
     _, (a, b), _ = lightning_fit
-    per_epoch = len(a["seen"]) // 2
-    for epoch in range(2):
-        mine = [set(w["seen"][epoch * per_epoch:(epoch + 1) * per_epoch]) for w in (a, b)]
-        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(256)), f"epoch {epoch}"
+    assert_each_sample_once_per_epoch(a, b, 256)
 
 
 @pytest.mark.slow
@@ -115,10 +120,7 @@ def test_hf_trainer_with_default_clipping_accumulation_and_a_warmup_schedule_equ
 @pytest.mark.slow
 def test_hf_workers_see_every_sample_once_per_epoch_between_them(hf_fit):
     _, (a, b), _ = hf_fit
-    per_epoch = len(a["seen"]) // 2
-    for epoch in range(2):
-        mine = [set(w["seen"][epoch * per_epoch:(epoch + 1) * per_epoch]) for w in (a, b)]
-        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(64)), f"epoch {epoch}"
+    assert_each_sample_once_per_epoch(a, b, 64)
 
 
 @pytest.mark.slow
