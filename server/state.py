@@ -144,8 +144,7 @@ class ShardState:
             first, self.initialized = not self.initialized, True
             self._recopy()  # a replicated shard's backups take the starting point before anyone is told
             self.cond.notify_all()
-            self.history.record("restored", job=self.job_id, shard=self.shard.shard_id, version=self.version,
-                                why="initialized" if first else "replaced", placement=self._placement())
+            self._record("restored", why="initialized" if first else "replaced")
             if first and self.on_version is not None:
                 self.on_version(self)  # version 0: the starting point a rollback can always reach
             return True
@@ -324,13 +323,14 @@ class ShardState:
         if self.history is NO_HISTORY:
             return
         members = self.members_for(step) if step is not None else None
-        self.history.record(kind, job=self.job_id, shard=self.shard.shard_id, version=self.version, step=step,
-                            pushed={str(w): s for w, s in (pushed or {}).items()},
-                            members=sorted(members) if members is not None else None,
-                            table={str(w): s for w, s in self._table(step).items()}, placement=self._placement())
+        self._record(kind, step=step, pushed=_by_name(pushed or {}),
+                     members=sorted(members) if members is not None else None, table=_by_name(self._table(step)))
 
-    def _placement(self) -> int:
-        return self.replica.placement_epoch if self.replica is not None else 0
+    def _record(self, kind: str, **fields) -> None:
+        """One event of the run's history about this shard at its current version (under the lock)."""
+        placement = self.replica.placement_epoch if self.replica is not None else 0
+        self.history.record(kind, job=self.job_id, shard=self.shard.shard_id, version=self.version,
+                            placement=placement, **fields)
 
     def _table(self, step: int | None) -> dict[int, int]:
         """The dedup table once ``step`` is applied: a worker that pushed later steps already (SSP) has
@@ -436,9 +436,7 @@ class ShardState:
             self._take_table(header)
             self._snapshot = None
             self._next_version(blob)
-            self.history.record("replayed", job=self.job_id, shard=self.shard.shard_id, version=self.version,
-                                skipped=header.skipped, table={str(w): s for w, s in self.last_step.items()},
-                                placement=self._placement())
+            self._record("replayed", skipped=header.skipped, table=_by_name(self.last_step))
             return self.version
 
     def take_copy(self, header, tensors: dict[str, torch.Tensor]) -> int:
@@ -472,9 +470,7 @@ class ShardState:
             self.min_epoch, self.rolled_back_to = header.min_epoch, header.rolled_back_to
             self.initialized, self._snapshot, self.awaiting_rollback = True, None, False
             self.generation += 1
-            self.history.record("restored", job=self.job_id, shard=self.shard.shard_id, version=self.version,
-                                why="copy", table={str(w): s for w, s in self.last_step.items()},
-                                placement=self._placement())
+            self._record("restored", why="copy", table=_by_name(self.last_step))
             self.cond.notify_all()
             return self.version
 
@@ -681,8 +677,7 @@ class ShardState:
                 self.stats.rollbacks += 1
                 self.stats.steps_rolled_back += max(0, before - snap.version)
             self.applied_table = dict(self.last_step)
-            self.history.record("restored", job=self.job_id, shard=self.shard.shard_id, version=self.version,
-                                why="rollback" if epoch else "checkpoint", placement=self._placement())
+            self._record("restored", why="rollback" if epoch else "checkpoint")
             if self.replica is not None:  # a backup at the same version number may hold other values now
                 with self.replica.cond:
                     self.replica.synced.clear()
@@ -759,6 +754,11 @@ class ShardState:
                 h.update(key.encode())
                 h.update(tensorfile.raw(tensors[key]))
             return h.hexdigest()
+
+
+def _by_name(table: dict[int, int]) -> dict[str, int]:
+    """A worker -> step table with JSON's string keys (the history's form)."""
+    return {str(w): s for w, s in table.items()}
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:
