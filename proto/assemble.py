@@ -51,10 +51,20 @@ def param_states(layout: Layout, shards: Sequence[dict[str, torch.Tensor]]) -> d
             parts.setdefault(int(index), {}).setdefault(key, []).append(value)
     out = {}
     for index, keys in sorted(parts.items()):
-        shape = layout.params[index].shape
-        out[index] = {key: (pieces[0].clone() if pieces[0].dim() == 0
-                            else torch.cat([p.reshape(-1) for p in pieces]).reshape(shape))
-                      for key, pieces in keys.items()}
+        e = layout.params[index]
+        state = {}
+        for key, pieces in keys.items():
+            if pieces[0].dim() == 0:
+                state[key] = pieces[0].clone()
+                continue
+            have = sum(p.numel() for p in pieces)
+            if have != e.numel:
+                raise ValueError(f"optimizer state {key!r} of parameter {index} ({e.name}) is on the shards for "
+                                 f"{have} of its {e.numel} elements: the shards hold parts of two states (is "
+                                 f"another worker loading a state dict right now? load it on every worker "
+                                 f"between the same two steps, and read it outside that window)")
+            state[key] = torch.cat([p.reshape(-1) for p in pieces]).reshape(e.shape)
+        out[index] = state
     return out
 
 

@@ -61,6 +61,21 @@ class ShardpsTrainer(Trainer):
         self.shardps_options = dict(cluster=cluster, job=job, **(sharded_kwargs or {}))
         self.sharded: ShardedOptimizer | None = None
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        stock = self.accelerator.prepare_optimizer
+
+        def prepare_optimizer(optimizer, device_placement=None):
+            # accelerate "places" an optimizer by reading its state_dict and loading it back. A
+            # ShardedOptimizer's state is on the shards, where no device move applies, and the
+            # round trip races the other workers: one that reads while another loads a resumed
+            # checkpoint sees half of it, and one that writes back later undoes the load.
+            if isinstance(optimizer, ShardedOptimizer):
+                device_placement = False
+            return stock(optimizer, device_placement=device_placement)
+
+        self.accelerator.prepare_optimizer = prepare_optimizer
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.sharded is None:
             torch_opt = super().create_optimizer(model)

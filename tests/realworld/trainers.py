@@ -136,6 +136,7 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> No
     root = out / f"hf{tag}-root-{index}"
     seen: list[int] = []
     saves: list[str] = []
+    loads: list[int] = []  # ShardedOptimizer.load_state_dict calls: the state entries each one loaded
 
     def collate(rows):
         seen.extend(r["idx"] for r in rows)
@@ -159,6 +160,15 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> No
 
         trainer = OneProcess(model=model, args=args, train_dataset=Windows(), data_collator=collate)
     else:
+        from shardps.worker.optimizer import ShardedOptimizer
+
+        stock_load = ShardedOptimizer.load_state_dict
+
+        def load_state_dict(self, state_dict):  # counted: the shards' state is written only by a resume
+            loads.append(len(state_dict.get("state", {})))
+            return stock_load(self, state_dict)
+
+        ShardedOptimizer.load_state_dict = load_state_dict
         trainer = ShardpsTrainer(model=model, args=args, train_dataset=Windows(), data_collator=collate,
                                  job=f"hf{tag}", sharded_kwargs={"step_timeout": 120})
     trainer.train(resume_from_checkpoint=resume or None)
@@ -167,7 +177,7 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> No
     losses = [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in trainer.state.log_history
               if "loss" in e]
     torch.save({"rank": rank, "world_size": trainer.args.world_size, "model": M_sd(model), "seen": seen,
-                "saves": saves, "losses": losses, "root": str(root), "index": index},
+                "saves": saves, "loads": loads, "losses": losses, "root": str(root), "index": index},
                out / f"hf{tag}-{'ref' if reference else f'rank{rank}'}.pt")
 
 
