@@ -1,6 +1,7 @@
 """Push-pull throughput: shardps (1 worker -> S shard servers) vs raw loopback TCP between two processes.
 
     python bench/wire_vs_tcp.py --mb 100                    # gRPC bytes (what crosses hosts)
+    python bench/wire_vs_tcp.py --mb 100 --transport tcp    # the byte link (raw TCP beside gRPC)
     python bench/wire_vs_tcp.py --mb 100 --transport auto   # same host: the shared-memory path
 
 Raw TCP: a client sends N MB, the server echoes N MB back (sendall / recv_into with
@@ -83,8 +84,10 @@ def run_shardps(nbytes: int, rounds: int, wire_dtype: str, transport: str, serve
             opt.step()
             times.append(time.perf_counter() - t)
         shm = list(opt.ps.shm_ok)  # which shards took the bytes through shared memory
+        linked = [s.on_link for s in opt.ps.shards]  # which took them on a byte link
         opt.close()
     assert all(shm) if transport == "auto" else not any(shm), (transport, shm)
+    assert all(linked) if transport == "tcp" else not any(linked), (transport, linked)
     return times
 
 
@@ -94,8 +97,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--wire-dtype", default="float32")
-    ap.add_argument("--transport", choices=("grpc", "auto"), default="grpc",
-                    help="grpc: every byte over gRPC; auto: shared memory when on one host")
+    ap.add_argument("--transport", choices=("grpc", "tcp", "auto"), default="grpc",
+                    help="grpc: every byte inside gRPC; tcp: on the byte link; auto: shared memory when on one host")
     ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args()

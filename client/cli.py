@@ -128,6 +128,7 @@ def server(
     checkpoint_keep: int = _opt("checkpoint_keep"),
     metrics_port: int = _METRICS_PORT,
     history_dir: str = _opt("history_dir"),
+    data_port: int = _opt("data_port"),
     log_level: str = _LOG_LEVEL,
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
@@ -140,7 +141,8 @@ def server(
                               first_message_timeout=first_message_timeout, streams_per_host=streams_per_host,
                               port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                              checkpoint_keep=checkpoint_keep, metrics_port=metrics_port, history_dir=history_dir)
+                              checkpoint_keep=checkpoint_keep, metrics_port=metrics_port, history_dir=history_dir,
+                              data_port=data_port)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)

@@ -73,6 +73,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("coordinator.port", "SHARDPS_PORT", COORDINATOR_PORT, "Port to serve on; 0 picks a free one.",
             "coordinator"),
     Setting("server.port", "SHARDPS_PORT", SERVER_PORT, "Port to serve on; 0 picks a free one.", "server"),
+    Setting("data_port", "SHARDPS_DATA_PORT", 0,
+            "Byte-link port beside gRPC: workers on other hosts send gradients and take parameters on it as raw "
+            "TCP (0: any free port, told to workers over gRPC; -1: none, every byte over gRPC). Not offered under "
+            "TLS.", "server"),
     Setting("port_file", "SHARDPS_PORT_FILE", "", "Write the bound port to this file.", _ROLE),
     Setting("num_servers", "SHARDPS_NUM_SERVERS", 2, "Shard servers the parameters are cut across.", "coordinator"),
     Setting("coordinator.threads", "SHARDPS_THREADS", COORDINATOR_THREADS,
@@ -144,8 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wire_dtype", "SHARDPS_WIRE_DTYPE", "float32", "Gradient dtype on the wire: float32, bfloat16 or float16.",
             _TRAIN),
     Setting("transport", "SHARDPS_TRANSPORT", "auto",
-            "auto: gradients and parameters through shared memory with shards on the same host, gRPC with the "
-            "others; grpc: always gRPC.", _TRAIN + ", ShardedOptimizer"),
+            "auto: gradients and parameters through shared memory with shards on the same host, on each server's "
+            "byte link (raw TCP beside gRPC) with the others, inside gRPC where neither works; tcp: the byte link "
+            "even on one host; grpc: always inside gRPC.", _TRAIN + ", ShardedOptimizer"),
     Setting("backup_workers", "SHARDPS_BACKUP_WORKERS", 0,
             "Sync/ssp: close each step after the first (workers - B) pushes.", _TRAIN),
     Setting("staleness", "SHARDPS_STALENESS", 0, "ssp: steps a worker may run ahead of the last closed step.", _TRAIN),

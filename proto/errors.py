@@ -34,6 +34,7 @@ class Reason:
     NEEDS_COPY = "needs_copy"
     SUPERSEDED = "superseded"
     NO_SHARED_MEMORY = "no_shared_memory"
+    NO_LINK = "no_link"
     UNKNOWN_WORKER = "unknown_worker"
     STALE_STEP = "stale_step"
     UNAVAILABLE = "unavailable"
@@ -242,6 +243,13 @@ class NoSharedMemory(FailedPrecondition):
     the worker sends that shard's bytes over gRPC."""
 
     reason = Reason.NO_SHARED_MEMORY
+
+
+class NoLink(FailedPrecondition):
+    """The shard server has no byte link for this worker (never opened, broken, replaced, or the
+    server offers none): the worker opens a new link, or sends that shard's bytes over gRPC."""
+
+    reason = Reason.NO_LINK
 
 
 # Statuses without a reason (the transport's, a deadline, an interceptor's, an injected fault) by code.

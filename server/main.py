@@ -22,6 +22,8 @@ from ..proto.limits import FIRST_MESSAGE_S
 from ..proto.process import wait_for_stop_signal, write_port_file
 from ..chaos.faults import create_server as new_grpc_server
 from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
+from ..proto.security import Security
+from .links import LinkHub
 from .node import ShardNode
 from .service import ShardServicer, add_to_server
 
@@ -49,6 +51,7 @@ class ServerConfig:
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
     compute_threads: int = 0  # torch threads for the optimizer step (0: torch's default, every core)
     history_dir: str = ""  # append what this server does to the run's history here (shardps check); "" records none
+    data_port: int = D.setting("data_port").default  # byte links (server/links.py); 0: any free port, -1: none
 
     def __post_init__(self):
         if ":" not in self.coordinator:
@@ -66,6 +69,8 @@ class ServerConfig:
             raise ValueError("chunk_bytes must be positive and fit in max_message_bytes with room for headers")
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
             raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
+        if not -1 <= self.data_port <= 65535:
+            raise ValueError(f"data_port must be a port, 0 (any free one) or -1 (none), got {self.data_port}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every needs --checkpoint-dir")
 
@@ -90,7 +95,14 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
                               metrics.registry_with(metrics.ShardCollector(node, injector)))
         write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
         log.info("metrics on http://%s:%d/metrics", config.host, mport)
-    servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait, threads=config.threads)
+    links, off = None, "it was started with --data-port -1"
+    if Security.from_env().tls:
+        off = "TLS is on: the bytes stay inside gRPC's TLS"
+    elif config.data_port >= 0:
+        links = LinkHub(config.host, config.data_port, idle_timeout=config.first_message_timeout)
+        log.info("byte links on %s:%d", config.host, links.port)
+    servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait, threads=config.threads,
+                             links=links, links_off=off)
     add_to_server(servicer, server)
     add_health(server, ["shardps.v1.ShardService"])
     port = bind(server, f"{config.host}:{config.port}")

@@ -19,13 +19,15 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy
+from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, Unavailable, UnknownWorker
+from ..proto.link import LinkError, LinkSocket
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..proto.rpc import error_from_rpc, open_channel, translate_errors
 from .modes import Push
 from ..proto.limits import WaitSlots
 from ..proto.process import release_free_memory
+from .links import LinkHub
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 from . import replica as replicas
 
@@ -46,8 +48,11 @@ def _target(msg: pb.ShardTarget) -> Target:
 
 
 class ShardServicer:
-    def __init__(self, node: ShardNode, chunk_bytes: int, wait_timeout: float, threads: int = 64):
+    def __init__(self, node: ShardNode, chunk_bytes: int, wait_timeout: float, threads: int = 64,
+                 links: LinkHub | None = None, links_off: str = "it was started with --data-port -1"):
+        """``links``: the byte links workers may push through (None: none offered; ``links_off`` says why)."""
         self.node = node
+        self.links, self.links_off = links, links_off
         self.chunk_bytes = chunk_bytes
         self.wait_timeout = wait_timeout  # how long calls wait for the shard to be initialised
         self._push_frames = wire.serializer(pb.PushResponse)
@@ -98,19 +103,39 @@ class ShardServicer:
         members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
         # A same-host worker's segment, held open (never mapped) until this call is done with it.
         shm = state.segment(h.worker_id, h.shm.name, h.shm.nonce) if h.HasField("shm") else None
+        link = key = None
+        if h.HasField("link"):  # the bytes come on the worker's byte link, claimed for this push
+            if self.links is None:
+                raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")
+            key = (h.target.job_id, state.shard.shard_id, h.worker_id)
+            link = self.links.take(key)
         try:
-            yield from self._push(state, first, frames, members, shm)
+            yield from self._push(state, first, frames, members, shm, link, _deadline(context))
+        except BaseException:
+            if link is not None:
+                link.close()  # (a worker still sending on it stops at once)
+            raise
         finally:
             if shm is not None:
                 shm.release()
+            if link is not None:
+                self.links.give(key, link)
 
-    def _push(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int], shm):
+    def _push(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int], shm,
+              link: LinkSocket | None = None, deadline: float = 0.0):
         h = first.fields.header
         frames = _chain(first, frames)
         grad, options, blob = self._receive(state, frames, h.options if h.HasField("options") else None,
-                                            expect_grad=shm is None)
+                                            expect_grad=shm is None and link is None)
         pool, shard = self.node.buffers, state.shard
-        if shm is not None:
+        if link is not None:
+            if grad is not None:  # chunks as well as the link: the chunks are ignored
+                pool.give(grad)
+            grad = self._receive_link(state, link, h.link.nonce, deadline)
+            if state.transport.get(h.worker_id) != "tcp":
+                with state.cond:
+                    state.transport[h.worker_id] = "tcp"
+        elif shm is not None:
             if grad is not None:  # chunks as well as shared memory: the chunks are ignored
                 pool.give(grad)
             grad = pool.take(torch.float32, shard.numel)  # the worker's bytes, copied: it can change none of them later
@@ -129,8 +154,12 @@ class ShardServicer:
         if outcome.clip_partial is not None:
             yield pb.PushResponse(clip_partial=pb.ClipPartial(step=h.step, partial=outcome.clip_partial))
             outcome = state.finish_clip(push, self._clip_total(state, frames, h.step), outcome.duplicate)
+        reply = None
         if shm is not None:  # the reply's parameters go straight into the worker's memory
             version, pieces = state.write_params(shm), ()
+        elif link is not None:  # the reply's parameters follow the result on the link
+            version, reply = state.reply_tensor()
+            pieces = ()
         elif state.policy.params_still_while_replying:  # stream the slice itself: no encoded copy held
             with state.cond:
                 version = state.version
@@ -143,6 +172,12 @@ class ShardServicer:
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
             next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch,
             skipped=outcome.skipped))
+        if reply is not None:
+            try:
+                link.send(h.link.nonce, reply, deadline)
+            except LinkError as exc:
+                raise Unavailable(f"the byte link broke while sending the reply: {exc}; push again") from None
+            state.add_bytes(sent=reply.numel() * 4)
         yield from pieces
         if state.job.broadcast_buffers:
             yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
@@ -251,6 +286,47 @@ class ShardServicer:
         pool.give(buf)
         return grad, options, blob
 
+    def _receive_link(self, state, link: LinkSocket, nonce: int, deadline: float) -> torch.Tensor:
+        """The push's gradient from its byte link frame, as fp32 in a pooled buffer the caller gives
+        back. A frame of the wrong size or dtype is refused (InvalidArgument, the link is closed); a
+        link that breaks fails the push (Unavailable: the worker sends it again). Nothing is kept."""
+        pool, numel = self.node.buffers, state.shard.numel
+        try:
+            dtype, nbytes = link.receive_header(nonce, deadline)
+        except LinkError as exc:
+            raise Unavailable(f"the byte link broke before the gradient arrived: {exc}; push again") from None
+        if dtype not in GRAD_DTYPES or nbytes != numel * dtype.itemsize:
+            link.close()
+            state.reject("bad_size")
+            raise InvalidArgument(f"the link's gradient frame holds {nbytes} bytes of {dtype}; this shard takes "
+                                  f"{numel} values of float32, bfloat16 or float16")
+        buf = pool.take(dtype, numel)
+        try:
+            link.receive_into(buf, deadline)
+        except LinkError as exc:
+            pool.give(buf)
+            raise Unavailable(f"the byte link broke while the gradient arrived: {exc}; push again") from None
+        state.add_bytes(received=nbytes)
+        if dtype is torch.float32:
+            return buf
+        grad = pool.take(torch.float32, numel).copy_(buf)
+        pool.give(buf)
+        return grad
+
+    @translate_errors
+    def OpenLink(self, request: pb.OpenLinkRequest, context):
+        if self.links is None:
+            raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")
+        state = self.node.require(_target(request.target), self.wait_timeout)
+        if request.epoch < 1 or request.epoch > state.latest_epoch + MAX_EPOCH_JUMP:
+            raise InvalidArgument(f"OpenLink names membership epoch {request.epoch}; this shard knows up to "
+                                  f"{state.latest_epoch}")
+        if request.worker_id not in self._learn_views(state, request.target.job_id, request.epoch).worker_ids:
+            raise UnknownWorker(f"worker {request.worker_id} is not a member of view {request.epoch}: no byte link "
+                                f"for it (register with the coordinator)")
+        key = (request.target.job_id, state.shard.shard_id, request.worker_id)
+        return pb.OpenLinkResponse(port=self.links.port, ticket=self.links.ticket(key))
+
     def _scatter(self, state, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """A dense fp32 gradient from a sparse push: zeros except ``values`` at ``positions``."""
         numel = state.shard.numel
@@ -345,6 +421,9 @@ class ShardServicer:
                 accepted = accepted and learned
                 with held.cond:
                     version = max(version, held.version)
+        if self.links is not None and view.epoch >= state.latest_epoch:
+            members = view.worker_ids  # a worker that left (or whose lease ran out) keeps no link open here
+            self.links.drop_where(lambda key: key[0] != request.job_id or key[2] in members)
         return pb.SetMembershipResponse(accepted=accepted, version=version)
 
     @translate_errors
@@ -585,7 +664,7 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
             getattr(servicer, name), request_deserializer=getattr(pb, name + "Request").FromString,
             response_serializer=getattr(pb, name + "Response").SerializeToString)
            for name in ("GetShardStatus", "Checkpoint", "ListCheckpoints", "Rollback", "SetMembership",
-                        "SetReplicas")},
+                        "SetReplicas", "OpenLink")},
         "Replicate": grpc.stream_unary_rpc_method_handler(
             servicer.Replicate, request_deserializer=wire.deserializer(pb.ReplicateRequest),
             response_serializer=pb.ReplicateResponse.SerializeToString),
@@ -597,6 +676,12 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
 def _passthrough(serialize):
     """Pre-serialized replies (cached slices) go out as they are; everything else is serialized."""
     return lambda msg: msg if isinstance(msg, bytes) else serialize(msg)
+
+
+def _deadline(context) -> float:
+    """The call's deadline on time.monotonic()'s clock (a call without one gets an hour)."""
+    left = context.time_remaining() if context is not None else None
+    return time.monotonic() + (left if left is not None else 3600.0)
 
 
 def _first(frames: Iterator[wire.Frame], rpc: str, field: str) -> wire.Frame:

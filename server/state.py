@@ -89,6 +89,7 @@ class ShardState:
         self.stats = ShardStats()
         self.cond = threading.Condition(threading.Lock())
         self._snapshot: tuple[int, list] | None = None  # (version, encoded slice) for replies
+        self._reply_copy: tuple[int, torch.Tensor] | None = None  # (version, a copy of the slice) for link replies
         self.generation = 0  # bumped by every restore, copy or void: pushes waiting across one start over
         self.rolled_back_generation = 0  # the generation the last restore made (later bumps are not rollbacks)
         self.min_epoch = 0  # pushes naming an earlier membership epoch were rolled back
@@ -140,7 +141,7 @@ class ShardState:
             self.param.copy_(params)
             if buffers is not None:
                 self.buffers = bytes(buffers)
-            self._snapshot = None
+            self._snapshot = self._reply_copy = None
             first, self.initialized = not self.initialized, True
             self._recopy()  # a replicated shard's backups take the starting point before anyone is told
             self.cond.notify_all()
@@ -269,7 +270,7 @@ class ShardState:
                 # A new version is coming: drop the cached reply frames now (replies still
                 # streaming hold their own reference), so they never coexist with the next
                 # step's receive buffers.
-                self._snapshot = None
+                self._snapshot = self._reply_copy = None
             self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
@@ -434,7 +435,7 @@ class ShardState:
                                 partial=header.clip_partial if header.HasField("clip_partial") else None)
             self.policy.remember(step, closed)
             self._take_table(header)
-            self._snapshot = None
+            self._snapshot = self._reply_copy = None
             self._next_version(blob)
             self._record("replayed", skipped=header.skipped, table=_by_name(self.last_step))
             return self.version
@@ -710,6 +711,18 @@ class ShardState:
                 raise MembershipChanged.at(self.latest_epoch, version)
             raise WaitTimeout(f"shard {self.shard.shard_id} did not reach version {version} within {timeout:.0f}s "
                               f"(it is at {self.version})")
+
+    def reply_tensor(self) -> tuple[int, torch.Tensor]:
+        """(version, the slice) for a reply sent from tensor memory: the live slice where the policy
+        keeps it still while replies go out, else a copy of that version (shared by the replies of
+        one version, like ``snapshot``'s encoding)."""
+        with self.cond:
+            if self.policy.params_still_while_replying:
+                return self.version, self.param
+            if self._reply_copy is None or self._reply_copy[0] != self.version:
+                self._reply_copy = None
+                self._reply_copy = (self.version, self.param.clone())
+            return self._reply_copy
 
     def snapshot(self, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
         """(version, encode(slice)), cached per version.

@@ -67,6 +67,7 @@ from .ps_client import ClipExchange, Locator, PSClient, PushReply, results
 log = logging.getLogger("shardps.worker")
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+TRANSPORTS = ("auto", "tcp", "grpc")  # see ``transport`` in ShardedOptimizer's docstring
 RECONNECT_S = 60.0  # how long coordinator calls ride out a restarting coordinator
 
 
@@ -154,8 +155,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             broadcast_buffers: as DDP's: every worker takes rank 0's buffers after each step
                 (False: each keeps its own; the job still keeps rank 0's for exports).
             transport: how gradients and parameters travel to each shard: "auto" (default, or
-                ``SHARDPS_TRANSPORT``): through shared memory with servers on this host, over gRPC
-                with the others (tried per shard, so it falls back by itself); "grpc": always gRPC.
+                ``SHARDPS_TRANSPORT``): through shared memory with servers on this host, on the
+                server's byte link (raw TCP beside gRPC) with the others, over gRPC where neither
+                works (tried per shard, so it falls back by itself); "tcp": the byte link even on
+                this host; "grpc": always inside gRPC.
             name: how this worker appears in status (default ``SHARDPS_WORKER_NAME``, else host:pid).
             connect_timeout: seconds to wait for the cluster and for min_workers.
             step_timeout: deadline of one push-pull attempt, seconds (sync waits for the slowest worker).
@@ -180,8 +183,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         transport = transport or os.environ.get("SHARDPS_TRANSPORT", "auto")
-        if transport not in ("auto", "grpc"):
-            raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.transport = transport
         module = params if isinstance(params, torch.nn.Module) else model
         if isinstance(params, torch.nn.Module):
             params = params.parameters()
@@ -252,7 +256,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                            if self.job.sparse_push else None)
         locate = Locator(lambda: self.coordinator.job(job_id=self.job_id)[2]) if self.job.replicas > 1 else None
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
-                           self.compressor, self.retry, self.worker_id, self.security, self.flat.segment, locate)
+                           self.compressor, self.retry, self.worker_id, self.security, self.flat.segment, locate,
+                           links=self.transport in ("auto", "tcp"))
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob())
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -22,7 +24,8 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
+from ..proto.errors import NoLink, NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
+from ..proto.link import ACK, HELLO, MAGIC, LinkError, LinkSocket, split_address
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
@@ -34,6 +37,9 @@ log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
 
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
+LINK_CONNECT_S = 3.0  # longest the worker waits to open a byte link before pushing over gRPC instead
+LINK_IDLE_S = 60.0  # a byte link that moves nothing this long within a push is given up
+LINK_FAILURES = 3  # byte links that failed in a row before a shard's pushes stay on gRPC
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,10 @@ class ShardChannel:
                  worker_id: int = -1, security=None, locate: "Locator | None" = None):
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self.security, self.locate = security, locate
+        self.worker_id = worker_id
+        self.use_links = False  # push through a byte link (proto/link.py) when the shard offers one
+        self._link: LinkSocket | None = None
+        self._link_failures = 0  # in a row; at LINK_FAILURES this shard's pushes stay on gRPC
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
         self._moved = threading.Condition()  # guards a move; wakes retries waiting out a backoff
         self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
@@ -129,12 +139,71 @@ class ShardChannel:
                                      response_deserializer=wire.deserializer(pb.PullResponse))
         self._load = ch.stream_unary(method + "LoadState", request_serializer=wire.serializer(pb.LoadStateRequest),
                                      response_deserializer=pb.LoadStateResponse.FromString)
+        self._open_link = ch.unary_unary(method + "OpenLink", request_serializer=pb.OpenLinkRequest.SerializeToString,
+                                         response_deserializer=pb.OpenLinkResponse.FromString)
         self._status = ch.unary_unary(method + "GetShardStatus",
                                       request_serializer=pb.GetShardStatusRequest.SerializeToString,
                                       response_deserializer=pb.GetShardStatusResponse.FromString)
 
     def close(self) -> None:
+        self._drop_link()
         self._channel.close()
+
+    # ------------------------------------------------------------------ byte link
+
+    @property
+    def on_link(self) -> bool:
+        """Whether this shard's pushes go on an open byte link now."""
+        return self._link is not None and not self._link.closed
+
+    def link(self, timeout: float, epoch: int) -> LinkSocket | None:
+        """This shard's byte link, opened on first use; None where the shard offers none, it cannot be
+        reached, or links failed LINK_FAILURES times in a row here (the push then goes over gRPC)."""
+        if not self.use_links or self._link_failures >= LINK_FAILURES:
+            return None
+        if self._link is not None and not self._link.closed:
+            return self._link
+        try:
+            self._link = self._connect_link(min(timeout, LINK_CONNECT_S), epoch)
+        except NoLink as exc:  # the server offers none: never ask it again
+            self._link_failures = LINK_FAILURES
+            log.info("shard %d: %s", self.info.range.shard_id, exc)
+        except (ShardpsError, OSError, LinkError) as exc:
+            self._link_failed(f"could not open a byte link to {self.info.address}: {exc}")
+        return self._link
+
+    def _connect_link(self, timeout: float, epoch: int) -> LinkSocket:
+        request = pb.OpenLinkRequest(target=self.target, worker_id=self.worker_id, epoch=epoch)
+        try:
+            reply = self._open_link(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._what("OpenLink")) from None
+        host = split_address(self.info.address)
+        if not host:
+            raise NoLink(f"{self.info.address} is not a TCP address")
+        sock = socket.create_connection((host, reply.port), timeout=timeout)
+        try:
+            sock.sendall(HELLO.pack(MAGIC, reply.ticket))
+            if sock.recv(1) != ACK:
+                raise LinkError("the server closed the link at its hello (ticket refused)")
+        except BaseException:
+            sock.close()
+            raise
+        return LinkSocket(sock, LINK_IDLE_S)
+
+    def _link_failed(self, why: str) -> None:
+        self._drop_link()
+        self._link_failures += 1
+        if self._link_failures >= LINK_FAILURES:
+            log.warning("shard %d: %s; its pushes go over gRPC from now on (%d byte links failed in a row)",
+                        self.info.range.shard_id, why, LINK_FAILURES)
+        else:
+            log.info("shard %d: %s", self.info.range.shard_id, why)
+
+    def _drop_link(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
@@ -183,6 +252,8 @@ class ShardChannel:
             log.warning("shard %d moved from %s to %s", self.info.range.shard_id, self.info.address, address)
             old = self._channel
             self.info = ShardInfo(self.info.range, address, self.info.backups)
+            self._drop_link()  # (a push using it fails and is retried on the new server)
+            self._link_failures = 0
             self._dial(address)
             self._moves += 1
             self._moved.notify_all()
@@ -229,28 +300,34 @@ class ShardChannel:
         reports the shard's ClipPartial to ``clip`` and sends back its total. ``buffers``
         (shard 0, rank 0) goes first. With ``shm`` the gradient is read from, and the reply
         written into, the worker's shared segment: only the header travels (NoSharedMemory when
-        the server cannot open it).
+        the server cannot open it). Otherwise a dense CPU gradient goes on the shard's byte link
+        when ``use_links`` and the shard offers one (``proto/link.py``), and the reply's slice comes
+        back on it; a link that fails is closed and the push is sent again (exactly once).
         """
         header.target.CopyFrom(self.target)
         shard_id = self.info.range.shard_id
         if shm is not None:
             header.shm.CopyFrom(pb.ShmSegment(name=shm.name, nonce=shm.nonce))
             grad = None
-            if buffers is not None and commit is None and header.HasField("options"):
-                # The stream has no gradient to end the buffers, and the server stops reading at the
-                # step options: the buffers go before them, so the options follow in a PushCommit.
-                header, options = _without_options(header)
-                commit = lambda: options  # noqa: E731
+        # A dense CPU gradient may travel on the shard's byte link instead of the stream.
+        linkable = shm is None and grad is not None and positions is None and grad.device.type == "cpu"
 
-        def requests(ended: threading.Event):
-            yield pb.PushRequest(header=header)
+        def requests(ended: threading.Event, h: pb.PushHeader, link: LinkSocket | None, deadline: float,
+                     broke: list, commit):
+            yield pb.PushRequest(header=h)
             if buffers is not None:
                 for chunk in codec.views(torch.frombuffer(bytearray(buffers), dtype=torch.uint8), self.chunk_bytes):
                     yield wire.Frame(None, chunk, field=BUFFERS_PUSH_FIELD)
             if positions is not None:
                 for chunk in codec.views(positions, self.chunk_bytes):
                     yield wire.Frame(None, chunk, field=4)  # PushRequest.indices
-            if grad is not None:
+            if link is not None and grad is not None:
+                try:
+                    link.send(h.link.nonce, grad, deadline)
+                except LinkError as exc:  # the server refused the push, or the link broke: the stream says which
+                    broke.append(exc)
+                    return
+            elif grad is not None:
                 for chunk in codec.views(grad, self.chunk_bytes):
                     yield wire.Frame(None, chunk)
             if commit is not None:
@@ -258,13 +335,27 @@ class ShardChannel:
             if clip is not None:
                 total = clip.wait_total(ended)
                 if total is not None and not ended.is_set():
-                    yield pb.PushRequest(clip_total=pb.ClipTotal(step=header.step, total_norm=total))
+                    yield pb.PushRequest(clip_total=pb.ClipTotal(step=h.step, total_norm=total))
 
         def attempt():  # the whole push again: the shard applies it at most once
+            link = self.link(timeout, header.epoch) if linkable else None
+            h, pushed_commit = header, commit
+            if link is not None:
+                h = pb.PushHeader()
+                h.CopyFrom(header)
+                h.link.nonce = secrets.randbits(64)
+            if (shm is not None or link is not None) and buffers is not None and commit is None \
+                    and h.HasField("options"):
+                # The stream has no gradient to end the buffers, and the server stops reading at the step
+                # options: the buffers go before them, so the options follow in a PushCommit.
+                h, options = _without_options(h)
+                pushed_commit = lambda: options  # noqa: E731
             asm, result, blob, ended = codec.Assembler(out=out), None, None, threading.Event()
+            deadline, broke = time.monotonic() + timeout, []
             server_done = False  # the stream ended, or the server's own status said its handler did
             try:
-                for frame in self._push(requests(ended), timeout=timeout, metadata=self._metadata):
+                for frame in self._push(requests(ended, h, link, deadline, broke, pushed_commit), timeout=timeout,
+                                        metadata=self._metadata):
                     fields = frame.fields
                     if fields is not None and fields.HasField("clip_partial") and clip is not None:
                         clip.report(shard_id, fields.clip_partial.partial)
@@ -272,6 +363,8 @@ class ShardChannel:
                         result = fields.result
                         if clip is not None:
                             clip.answered_without_partial()  # no-op once the total is known
+                        if link is not None:  # the slice follows the result on the link
+                            link.receive(h.link.nonce, out, deadline)
                     if frame.chunk is not None:
                         if frame.field == BUFFERS_REPLY_FIELD:
                             blob = blob or codec.Assembler(expect_dtype=torch.uint8)
@@ -281,13 +374,29 @@ class ShardChannel:
                 server_done = True
             except grpc.RpcError as exc:
                 server_done = handler_ended(exc)
-                raise error_from_rpc(exc, self._what("Push")) from None
+                error = error_from_rpc(exc, self._what("Push"))
+                if link is not None:  # the server closes the link whenever a push on it fails
+                    if isinstance(error, (NoLink, Unavailable)):
+                        self._link_failed(f"push on the byte link failed: {error}")
+                    else:  # a refusal on its merits (rolled back, membership changed, ...): not the link's fault
+                        self._drop_link()
+                    if isinstance(error, NoLink):  # the server lost the link (restarted, replaced it): again
+                        raise Unavailable(f"{error} (retrying)") from None
+                raise error from None
+            except LinkError as exc:
+                self._link_failed(f"the byte link to {self.info.address} broke: {exc}")
+                raise Unavailable(f"{self._what('Push')}: the byte link broke ({exc}); retrying") from None
             finally:
                 if shm is not None and result is None and not server_done:
                     shm.exposed = True  # given up before the reply: the server may still write it in, later
                 if clip is not None:
                     clip.ended(ended)  # a request stream waiting for the total gives up
-            if shm is None:
+            if broke:  # the server answered although the gradient did not all go out: trust neither
+                self._link_failed(f"the byte link to {self.info.address} broke: {broke[0]}")
+                raise Unavailable(f"{self._what('Push')}: the byte link broke ({broke[0]}); retrying")
+            if link is not None:
+                self._link_failures = 0
+            elif shm is None:
                 asm.finish()
             return result, blob.finish().numpy().tobytes() if blob is not None else None
 
@@ -404,15 +513,17 @@ class PSClient:
 
     def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
                  compressor=None, retry: Retrier | None = None, worker_id: int = -1, security=None,
-                 segment: Segment | None = None, locate: Locator | None = None):
+                 segment: Segment | None = None, locate: Locator | None = None, links: bool = False):
         """``segment``: this worker's shared memory; pushes to a shard go through it until that
-        shard refuses it (another host), then over gRPC."""
+        shard refuses it (another host), then on the shard's byte link (with ``links``) or over gRPC."""
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
         self.segment = segment if compressor is None else None  # top-k pushes are sparse: gRPC
         self.shm_ok = [self.segment is not None] * len(plan)
         self.retry = retry if retry is not None else Retrier(budget=timeout)
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
                        for info in plan]
+        for shard in self.shards:
+            shard.use_links = links
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
         self._stop = threading.Event()
         if locate is not None:  # a replicated job: follow primaries that move

@@ -84,8 +84,8 @@ class TrainConfig:
             raise ValueError("--staleness must be >= 0")
         if self.staleness_lr and self.outer_mode == "sync":
             raise ValueError("--staleness-lr needs --mode async or ssp")
-        if self.transport not in ("", "auto", "grpc"):
-            raise ValueError(f"--transport must be auto or grpc, got {self.transport!r}")
+        if self.transport not in ("", "auto", "tcp", "grpc"):
+            raise ValueError(f"--transport must be auto, tcp or grpc, got {self.transport!r}")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.balance_every and self.mode not in ("sync", "ssp"):

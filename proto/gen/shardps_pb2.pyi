@@ -713,7 +713,7 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., already_initialized: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options", "shm")
+    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options", "shm", "link")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -721,6 +721,7 @@ class PushHeader(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     worker_id: int
     step: int
@@ -728,7 +729,32 @@ class PushHeader(_message.Message):
     base_version: int
     options: StepOptions
     shm: ShmSegment
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ..., shm: _Optional[_Union[ShmSegment, _Mapping]] = ...) -> None: ...
+    link: LinkTransfer
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ..., shm: _Optional[_Union[ShmSegment, _Mapping]] = ..., link: _Optional[_Union[LinkTransfer, _Mapping]] = ...) -> None: ...
+
+class LinkTransfer(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class OpenLinkRequest(_message.Message):
+    __slots__ = ("target", "worker_id", "epoch")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    target: ShardTarget
+    worker_id: int
+    epoch: int
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class OpenLinkResponse(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("name", "nonce")

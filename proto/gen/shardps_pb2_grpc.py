@@ -583,6 +583,11 @@ class ShardServiceStub:
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.LoadStateRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_shardps__pb2.LoadStateResponse.FromString,
                 _registered_method=True)
+        self.OpenLink = channel.unary_unary(
+                '/shardps.v1.ShardService/OpenLink',
+                request_serializer=shardps_dot_v1_dot_shardps__pb2.OpenLinkRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_shardps__pb2.OpenLinkResponse.FromString,
+                _registered_method=True)
         self.GetShardStatus = channel.unary_unary(
                 '/shardps.v1.ShardService/GetShardStatus',
                 request_serializer=shardps_dot_v1_dot_shardps__pb2.GetShardStatusRequest.SerializeToString,
@@ -651,6 +656,18 @@ class ShardServiceServicer:
     def LoadState(self, request_iterator, context):
         """Replace the optimizer state of this shard's pieces (a torch checkpoint
         resumed on shardps); applied at once, between two steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenLink(self, request, context):
+        """Open a byte link for one worker's pushes to this shard: a plain TCP
+        connection beside gRPC that carries the push's gradient and the reply's
+        slice as raw bytes (server/links.py). The answer is the link port and a
+        one-time ticket, the first bytes the worker sends on the connection.
+        FAILED_PRECONDITION (reason NO_LINK) where the server offers none
+        (turned off, or TLS: then the bytes stay inside gRPC's TLS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -737,6 +754,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.LoadState,
                     request_deserializer=shardps_dot_v1_dot_shardps__pb2.LoadStateRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_shardps__pb2.LoadStateResponse.SerializeToString,
+            ),
+            'OpenLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLink,
+                    request_deserializer=shardps_dot_v1_dot_shardps__pb2.OpenLinkRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_shardps__pb2.OpenLinkResponse.SerializeToString,
             ),
             'GetShardStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardStatus,
@@ -884,6 +906,33 @@ class ShardService:
             '/shardps.v1.ShardService/LoadState',
             shardps_dot_v1_dot_shardps__pb2.LoadStateRequest.SerializeToString,
             shardps_dot_v1_dot_shardps__pb2.LoadStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ShardService/OpenLink',
+            shardps_dot_v1_dot_shardps__pb2.OpenLinkRequest.SerializeToString,
+            shardps_dot_v1_dot_shardps__pb2.OpenLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,
