@@ -71,7 +71,7 @@ def _shardps(model, cfg, rank):
 
     opt = ShardedOptimizer(model, cluster=cfg["cluster"], optimizer=cfg["optimizer"], lr=cfg["lr"],
                            job=cfg["job"], min_workers=cfg["world"], wire_dtype=cfg.get("wire_dtype", "float32"),
-                           backup_workers=cfg.get("backup_workers", 0), transport="grpc",
+                           backup_workers=cfg.get("backup_workers", 0), transport=cfg.get("transport", "tcp"),
                            connect_timeout=cfg["connect_timeout_s"], name=f"worker-{rank}")
     return model, opt, opt.rank, opt.close
 

@@ -6,8 +6,9 @@
 Hosts. One ``chaos.netns.Network`` per profile (built by the profile's ``LocalCluster(hosts=True)``):
 ``coordinator``, ``server-<k>`` and ``worker-<i>``, each in its own namespace with one veth into a
 bridge. Every contender of the profile runs on those same hosts and links, one after another:
-shardps jobs (one job name each) on the profile's coordinator and servers, with every byte over
-gRPC (``transport="grpc"``: the hosts differ); DDP over gloo among the worker hosts (rank 0's
+shardps jobs (one job name each) on the profile's coordinator and servers, their bytes on the
+servers' byte links (``transport="tcp"``, what "auto" picks across machines: these hosts share one
+/dev/shm, where "auto" would take shared memory; ``shardps-grpc``: every byte inside gRPC); DDP over gloo among the worker hosts (rank 0's
 address is the rendezvous, ``GLOO_SOCKET_IFNAME=eth0``). The worker processes are
 ``bench/netpeer.py``. DDP hooks on gloo/CPU: ``bf16_compress_hook`` runs, registered under
 another name (DDP refuses that name without CUDA+NCCL, though gloo all-reduces bfloat16 on CPU);
@@ -71,9 +72,12 @@ PROFILES = {
 }
 
 CONTENDERS = {
-    "shardps": dict(kind="shardps"),
-    "shardps-bf16": dict(kind="shardps", wire_dtype="bfloat16"),
-    "shardps-backup1": dict(kind="shardps", backup_workers=1),  # one-slow-link only
+    # The hosts are network namespaces of one machine: they share /dev/shm, so transport "auto" would
+    # move the bytes through shared memory and never cross the shaped link. "tcp": the byte link.
+    "shardps": dict(kind="shardps", transport="tcp"),
+    "shardps-grpc": dict(kind="shardps", transport="grpc"),  # every byte inside gRPC
+    "shardps-bf16": dict(kind="shardps", wire_dtype="bfloat16", transport="tcp"),
+    "shardps-backup1": dict(kind="shardps", backup_workers=1, transport="tcp"),  # one-slow-link only
     "ddp": dict(kind="ddp"),
     "ddp-bf16": dict(kind="ddp", hook="bf16"),
     "ddp-powersgd2": dict(kind="ddp", hook="powersgd2"),

@@ -4,7 +4,8 @@
     python bench/step_vs_ddp.py --model charlm        # the charlm transformer
     python bench/step_vs_ddp.py --wire-dtype bfloat16 # bf16 pushes
     python bench/step_vs_ddp.py --overlap             # push each shard as backward finishes it
-    python bench/step_vs_ddp.py --transport grpc      # every byte over gRPC (as across hosts)
+    python bench/step_vs_ddp.py --transport tcp       # the byte link (raw TCP beside gRPC: as across hosts)
+    python bench/step_vs_ddp.py --transport grpc      # every byte inside gRPC
 
 Same model, same per-rank batch, same optimizer (DDP uses torch's fused Adam; the
 shard servers use it on their slices). DDP and shardps alternate, --reps times
@@ -141,8 +142,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--wire-dtype", default="float32")
     ap.add_argument("--overlap", action="store_true", help="push shards while backward runs")
-    ap.add_argument("--transport", choices=("auto", "grpc"), default="auto",
-                    help="auto: shared memory with same-host servers (the default); grpc: every byte over gRPC")
+    ap.add_argument("--transport", choices=("auto", "tcp", "grpc"), default="auto",
+                    help="auto: shared memory with same-host servers (the default); tcp: the byte link, as across "
+                         "hosts; grpc: every byte inside gRPC")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args()
     ddp, ps, comm = [], [], []

@@ -51,7 +51,7 @@ class RunConfig:
     device: str = "cpu"  # worker device: cpu, cuda, mps, auto
     seed: int = 0
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16
-    transport: str = ""  # auto (shared memory with same-host shards) | grpc ("" = SHARDPS_TRANSPORT or auto)
+    transport: str = ""  # auto (shared memory with same-host shards, else byte links) | tcp | grpc ("" = SHARDPS_TRANSPORT or auto)
     backup_workers: int = 0  # sync/ssp: close each step after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
     staleness_lr: bool = False  # async/ssp: apply lr / max(1, staleness)
@@ -485,6 +485,8 @@ def _summarize(config: RunConfig, records: list[dict], status: dict, exported: d
         "bytes_out": sum(s.get("bytes_out", 0) for s in status["shards"]),
         "shm_bytes_in": sum(s.get("shm_bytes_in", 0) for s in status["shards"]),
         "shm_bytes_out": sum(s.get("shm_bytes_out", 0) for s in status["shards"]),
+        # how each worker's last push reached each shard: shm, tcp (the byte link) or grpc
+        "transports": sorted({t for s in status["shards"] for t in (s.get("transport") or {}).values()}),
         "staleness": [s.get("staleness") for s in status["shards"]],
         "model_file": exported["model"],
     }

@@ -39,7 +39,8 @@ T = TypeVar("T")
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
 LINK_CONNECT_S = 3.0  # longest the worker waits to open a byte link before pushing over gRPC instead
 LINK_IDLE_S = 60.0  # a byte link that moves nothing this long within a push is given up
-LINK_FAILURES = 3  # byte links that failed in a row before a shard's pushes stay on gRPC
+LINK_FAILURES = 3  # byte links that failed in a row before a shard's pushes go over gRPC for a while
+LINK_BACKOFF_S = (10.0, 120.0)  # that while: the first, doubling up to the second, then links are tried again
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,9 @@ class ShardChannel:
         self.worker_id = worker_id
         self.use_links = False  # push through a byte link (proto/link.py) when the shard offers one
         self._link: LinkSocket | None = None
-        self._link_failures = 0  # in a row; at LINK_FAILURES this shard's pushes stay on gRPC
+        self._link_failures = 0  # in a row; at LINK_FAILURES this shard's pushes go over gRPC until _link_again
+        self._link_again = 0.0  # time.monotonic() from which links are tried again (math.inf: never)
+        self._link_backoff = LINK_BACKOFF_S[0]
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
         self._moved = threading.Condition()  # guards a move; wakes retries waiting out a backoff
         self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
@@ -157,16 +160,17 @@ class ShardChannel:
         return self._link is not None and not self._link.closed
 
     def link(self, timeout: float, epoch: int) -> LinkSocket | None:
-        """This shard's byte link, opened on first use; None where the shard offers none, it cannot be
-        reached, or links failed LINK_FAILURES times in a row here (the push then goes over gRPC)."""
-        if not self.use_links or self._link_failures >= LINK_FAILURES:
+        """This shard's byte link, opened on first use; None where the shard offers none, or while links
+        are backed off after LINK_FAILURES failed in a row (a partition, a firewall): the push then goes
+        over gRPC, and links are tried again after LINK_BACKOFF_S."""
+        if not self.use_links or time.monotonic() < self._link_again:
             return None
         if self._link is not None and not self._link.closed:
             return self._link
         try:
             self._link = self._connect_link(min(timeout, LINK_CONNECT_S), epoch)
-        except NoLink as exc:  # the server offers none: never ask it again
-            self._link_failures = LINK_FAILURES
+        except NoLink as exc:  # the server offers none: never ask it again (until the shard moves)
+            self._link_again = math.inf
             log.info("shard %d: %s", self.info.range.shard_id, exc)
         except (ShardpsError, OSError, LinkError) as exc:
             self._link_failed(f"could not open a byte link to {self.info.address}: {exc}")
@@ -195,10 +199,16 @@ class ShardChannel:
         self._drop_link()
         self._link_failures += 1
         if self._link_failures >= LINK_FAILURES:
-            log.warning("shard %d: %s; its pushes go over gRPC from now on (%d byte links failed in a row)",
-                        self.info.range.shard_id, why, LINK_FAILURES)
+            log.warning("shard %d: %s; its pushes go over gRPC for %.0f s (%d byte links failed in a row)",
+                        self.info.range.shard_id, why, self._link_backoff, LINK_FAILURES)
+            self._link_again = time.monotonic() + self._link_backoff
+            self._link_backoff = min(LINK_BACKOFF_S[1], 2 * self._link_backoff)
+            self._link_failures = 0
         else:
             log.info("shard %d: %s", self.info.range.shard_id, why)
+
+    def _link_worked(self) -> None:
+        self._link_failures, self._link_backoff = 0, LINK_BACKOFF_S[0]
 
     def _drop_link(self) -> None:
         link, self._link = self._link, None
@@ -253,7 +263,7 @@ class ShardChannel:
             old = self._channel
             self.info = ShardInfo(self.info.range, address, self.info.backups)
             self._drop_link()  # (a push using it fails and is retried on the new server)
-            self._link_failures = 0
+            self._link_failures, self._link_again = 0, 0.0
             self._dial(address)
             self._moves += 1
             self._moved.notify_all()
@@ -395,7 +405,7 @@ class ShardChannel:
                 self._link_failed(f"the byte link to {self.info.address} broke: {broke[0]}")
                 raise Unavailable(f"{self._what('Push')}: the byte link broke ({broke[0]}); retrying")
             if link is not None:
-                self._link_failures = 0
+                self._link_worked()
             elif shm is None:
                 asm.finish()
             return result, blob.finish().numpy().tobytes() if blob is not None else None
