@@ -33,6 +33,7 @@ from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, Unk
 from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
 from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
+from ..runtime.gauges import JobGauges
 from .collectives import Rounds
 from .placement import Placement
 
@@ -542,6 +543,16 @@ class Coordinator:
             if not known:
                 self._persist()  # a decided split must survive a restart: every worker must see the same
             return sizes
+
+    def gauges(self) -> list[JobGauges]:
+        """Every job, copied under the coordinator's lock: what a metrics scrape reads
+        (``runtime.metrics.CoordinatorCollector``)."""
+        with self.cond:
+            return [JobGauges(job=name, epoch=state.latest().epoch, members=len(state.latest().members),
+                              pending=len(state.pending), lease_expiries=len(state.expired),
+                              rollbacks=len(state.rollbacks), steps_rolled_back=sum(r.steps for r in state.rollbacks),
+                              worker_faults={worker: dict(counters) for worker, (_, counters) in state.reports.items()})
+                    for name, state in self.jobs.items()]
 
 
 def _ranked(members) -> tuple[MemberInfo, ...]:

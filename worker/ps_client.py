@@ -5,7 +5,7 @@ in ~1 MiB chunks; the reply streams the updated slice straight into the caller's
 flat buffer. Chunk messages go through the byte-compatible fast codec in
 ``proto/wire.py`` (one copy out of the tensor, zero-copy views in). Every call has
 a deadline, and a call that fails transiently (server restarting or paused, reply
-lost) is sent again whole by ``proto.retry.Retrier``: the shard applies a push at
+lost) is sent again whole by ``runtime.retry.Retrier``: the shard applies a push at
 most once and answers a repeat like the first try, so retrying is exactly-once.
 """
 from __future__ import annotations
@@ -25,9 +25,10 @@ from ..proto import codec, wire
 from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
-from ..proto.retry import Retrier
-from ..proto.rpc import WORKER_METADATA, error_from_rpc, handler_ended, open_channel
-from ..proto.shm import Segment
+from ..runtime.retry import Retrier
+from ..runtime.rpc import WORKER_METADATA, open_channel
+from ..runtime.status import error_from_rpc, handler_ended
+from ..runtime.shm import Segment
 from .flat import Staged
 
 log = logging.getLogger("shardps.worker")
