@@ -15,6 +15,9 @@ SKIPPED = ("tests", "bench", "examples", "scripts", "deploy", "docs", "build")
 ROLES = {"server", "worker", "coordinator", "client", "chaos"}
 # room -> the rooms it must never import
 FORBIDDEN = {"proto": ROLES | {"runtime"}, "runtime": ROLES}
+# What the contract never needs: it opens no socket, starts no thread or process, serves nothing.
+RUNTIME_LIBRARIES = {"socket", "threading", "subprocess", "multiprocessing", "mmap", "signal", "concurrent",
+                     "asyncio", "grpc", "grpc_health", "grpc_status", "prometheus_client", "http", "urllib"}
 
 
 def modules() -> dict[str, Path]:
@@ -74,6 +77,20 @@ def test_the_contract_and_the_runtime_import_nothing_above_them():
                   for target, line in imports(name, path) if room(target) in banned]
     assert {"proto.errors", "runtime.rpc", "runtime.server", "server.main"} <= set(known)  # the scan sees the rooms
     assert not found, "a lower room imports a higher one: " + "; ".join(found)
+
+
+def test_the_contract_opens_no_socket_thread_or_process():
+    """Such a module is runtime: it goes to runtime/, where the roles share it."""
+    found = []
+    for name, path in modules().items():
+        if room(name) != "proto":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.relative_to(PACKAGE)}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[0] in RUNTIME_LIBRARIES]
+    assert not found, "runtime code in the contract (move it to runtime/): " + "; ".join(found)
 
 
 def test_no_role_imports_the_fault_lab():
