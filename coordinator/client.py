@@ -20,7 +20,7 @@ from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import JobConfig, View, job_from_pb, job_to_pb, plan_from_pb, view_from_pb
 from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
 from ..runtime.status import error_from_rpc
-from .state import Registration
+from .jobs import Registration
 
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

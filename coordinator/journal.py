@@ -105,7 +105,7 @@ class Journal:
             return
         from .placement import Placement
         from .splitter import BatchSplitter
-        from .state import JobState, RollbackRecord
+        from .jobs import JobState, RollbackRecord
 
         try:
             data = json.loads(self.path.read_text())

@@ -27,15 +27,13 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
 from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
 from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
 from ..runtime.gauges import JobGauges
-from .collectives import Rounds
-from .splitter import BatchSplitter
+from .jobs import JobState, Registration, RollbackRecord
 from .placement import Placement
 
 log = logging.getLogger("shardps.coordinator")
@@ -45,58 +43,6 @@ MAX_JOBS = 64  # named jobs per cluster
 MAX_WORKERS_SEEN = 1 << 16  # worker registrations per job over its life (ids are never reused)
 MAX_COUNTERS = 32  # fault counters a heartbeat may report
 MAX_ADDRESS = 256  # characters of a server address
-
-
-@dataclass(frozen=True)
-class Registration:
-    job_id: str
-    worker_id: int
-    job: JobConfig
-    plan: list[ShardInfo]
-    initializer: bool
-
-
-@dataclass(frozen=True)
-class RollbackRecord:
-    shard_id: int  # the restarted shard that caused it
-    from_version: int  # the highest version any shard had
-    to_version: int  # the version every shard has now
-    epoch: int  # the membership epoch that starts at to_version
-    unix_time: float
-
-    @property
-    def steps(self) -> int:
-        return self.from_version - self.to_version
-
-
-@dataclass
-class JobState:
-    """One named job: its spec and plan, its membership over time, and what happened to it."""
-
-    name: str
-    job_id: str
-    job: JobConfig
-    plan: list[ShardInfo]
-    start_step: int = 0  # the first view's start step (a resumed job starts where its checkpoint is)
-    views: list[View] = field(default_factory=list)  # views[e - 1] is epoch e
-    pending: list[MemberInfo] = field(default_factory=list)  # registered, waiting to join a view
-    left: list[int] = field(default_factory=list)
-    expired: list[int] = field(default_factory=list)  # removed because their lease ran out
-    rollbacks: list[RollbackRecord] = field(default_factory=list)
-    registered_ids: list[int] = field(default_factory=list)  # every worker that ever registered, in order
-    last_seen: dict[int, float] = field(default_factory=dict)  # worker_id -> monotonic time (not durable)
-    reports: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)  # worker -> (step, counters)
-    waiting_for: str = ""  # why the job cannot go on, when it cannot
-    abandoned: bool = False  # ... because the other workers left it (nobody is coming back)
-    balancer: BatchSplitter = field(default_factory=BatchSplitter)
-    placement: Placement | None = None  # replicated jobs: where each shard's copies are
-    rounds: Rounds = field(default_factory=Rounds)  # collectives among the workers (not durable)
-
-    def latest(self) -> View:
-        return self.views[-1] if self.views else View(0, 0, ())
-
-    def registered(self, worker_id: int) -> bool:
-        return worker_id in self.last_seen or worker_id in self.registered_ids
 
 
 class Coordinator:
