@@ -24,6 +24,7 @@ COPY deploy/wheelhouse/ /wheelhouse/
 COPY pyproject.toml README.md /src/shardps/
 COPY __init__.py __main__.py /src/shardps/
 COPY proto/ /src/shardps/proto/
+COPY runtime/ /src/shardps/runtime/
 COPY server/ /src/shardps/server/
 COPY coordinator/ /src/shardps/coordinator/
 COPY worker/ /src/shardps/worker/

@@ -1,6 +1,6 @@
 """``shardps check RUN``: prove or refute shardps' promises over a run's recorded history.
 
-Every role appends what it did to the run's history folder (``proto/history.py``); this merges
+Every role appends what it did to the run's history folder (``runtime/history.py``); this merges
 the files and checks, shard by shard, naming the events behind any violation:
 
 - **applied once**: each (job, worker, step) is applied at most once per shard, and each version

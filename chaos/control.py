@@ -16,10 +16,11 @@ against any running cluster. Process faults (kill, pause, restart) are
 """
 from __future__ import annotations
 
-from .faults import FaultRule, rule_from_pb, rule_to_pb
+from ..runtime.faults import FaultRule, rule_from_pb, rule_to_pb
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
+from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
+from ..runtime.status import error_from_rpc
 
 
 def endpoint(cluster, security=None):

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..proto.history import NO_HISTORY, History
+from ..runtime.history import NO_HISTORY, History
 
 PROCESS_ACTIONS = ("kill", "pause", "resume", "restart")
 NETWORK_ACTIONS = ("partition", "heal", "link")

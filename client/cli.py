@@ -398,7 +398,7 @@ def probe(
     timeout: float = typer.Option(3.0, help="Seconds to wait for the answer."),
 ):
     """Exit 0 when the role at ADDRESS answers SERVING on the gRPC health service (a container healthcheck)."""
-    from ..proto.rpc import check_health
+    from ..runtime.rpc import check_health
 
     if not check_health(address, timeout=timeout):
         _fail(f"{address} is not serving (gRPC health check)", 1)
@@ -424,7 +424,7 @@ def checkpoint(
 def _operator(cluster: str, run: str):
     """(coordinator address, credentials) for an operator's call: ``--run DIR`` gives both (the run's
     coordinator and the credential it made up); else the address and SHARDPS_CLUSTER_TOKEN."""
-    from ..proto.security import Security
+    from ..runtime.security import Security
 
     if not run:
         if not cluster:
@@ -465,7 +465,7 @@ def chaos_rpc(
 ):
     """Delay, abort or drop RPCs on coordinator or servers, by method, worker and probability. An
     operator's call: it needs the cluster's credential (SHARDPS_CLUSTER_TOKEN, or --run)."""
-    from ..chaos.faults import FaultRule
+    from ..runtime.faults import FaultRule
     from .. import chaos
 
     cluster, security = _operator(cluster, run)

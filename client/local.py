@@ -31,9 +31,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..proto.history import ENV as HISTORY_ENV
+from ..runtime.history import ENV as HISTORY_ENV
 from ..proto import defaults as D
-from ..proto.rpc import check_health
+from ..runtime.rpc import check_health
 
 # glibc malloc settings: keep large gradient buffers out of repeated mmap/munmap
 # (a 2x2 push-pull step went from ~222 ms to ~169 ms), and use one arena, so the
@@ -102,11 +102,11 @@ class LocalCluster:
         self.metrics = metrics  # every role serves Prometheus metrics on a free port: metrics_address(name)
         self.history_dir = str(self.log_dir / "history") if history else ""  # the run's history (shardps check)
         # Who may talk to the cluster. Workers: anyone, unless auth_token is set. Internal and admin
-        # calls: only holders of the cluster's credential, made up here unless given (proto/security.py).
+        # calls: only holders of the cluster's credential, made up here unless given (runtime/security.py).
         # tls_dir holds what scripts/dev-certs.sh makes (ca.pem, server.pem/-key.pem, client.pem/-key.pem).
         import secrets
 
-        from ..proto.security import Security
+        from ..runtime.security import Security
 
         tls = Path(tls_dir) if tls_dir is not None else None
         cluster_token = cluster_token or secrets.token_hex(24)

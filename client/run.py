@@ -29,8 +29,8 @@ from typing import Callable
 
 from ..proto import defaults as D
 from ..proto.errors import ShardpsError
-from ..proto.history import ENV as HISTORY_ENV
-from ..proto.history import History
+from ..runtime.history import ENV as HISTORY_ENV
+from ..runtime.history import History
 from .local import GLIBC_TUNABLES, LocalCluster
 from .extras import available, install_hint
 from .plots import faults_plot, maybe, training_plot
@@ -354,7 +354,7 @@ def runner_down(cluster: LocalCluster) -> set[str]:
 def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
     """What each scenario action does in this run."""
     from .. import chaos
-    from ..chaos.faults import FaultRule
+    from ..runtime.faults import FaultRule
 
     def process(action):
         def do(target, params):

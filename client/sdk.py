@@ -21,7 +21,8 @@ from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
+from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
+from ..runtime.status import error_from_rpc
 
 
 def shard_status(address: str, timeout: float = CONTROL_TIMEOUT_S, job_id: str = "",

@@ -18,8 +18,9 @@ from ..proto.errors import Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import JobConfig, View, job_from_pb, job_to_pb, plan_from_pb, view_from_pb
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
-from .state import Registration
+from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
+from ..runtime.status import error_from_rpc
+from .jobs import Registration
 
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -27,7 +28,7 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 class CoordinatorClient:
     def __init__(self, address: str, timeout: float = CONTROL_TIMEOUT_S, security=None, reconnect: float = 0.0):
-        """``security``: a ``proto.security.Security`` (None: from the SHARDPS_* environment).
+        """``security``: a ``runtime.security.Security`` (None: from the SHARDPS_* environment).
         ``reconnect``: seconds every call keeps retrying while the coordinator is unreachable (a
         restarting coordinator comes back with its state; workers and servers ride that out)."""
         self.address, self.timeout, self.reconnect = address, timeout, reconnect

@@ -104,7 +104,8 @@ class Journal:
         if not self.path.exists():
             return
         from .placement import Placement
-        from .state import BatchSplitter, JobState, RollbackRecord
+        from .splitter import BatchSplitter
+        from .jobs import JobState, RollbackRecord
 
         try:
             data = json.loads(self.path.read_text())

@@ -19,9 +19,8 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto import defaults as D
 from ..proto.messages import JobConfig, job_from_pb
-from ..proto.process import wait_for_stop_signal, write_port_file
-from ..chaos.faults import create_server as new_grpc_server
-from ..proto.rpc import add_health, bind
+from ..runtime.process import wait_for_stop_signal, write_port_file
+from ..runtime.server import add_health, bind, role_server
 from .service import CoordinatorServicer
 from .journal import Journal
 from .shards import ShardAdmin
@@ -66,7 +65,7 @@ def read_resume_file(path: str) -> tuple[str, JobConfig, int]:
         raise ValueError(f"cannot read the resume file {path}: {exc}") from None
 
 
-def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
+def build_coordinator_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordinator]:
     """Build (not start) the coordinator's gRPC server; returns (server, bound port, core)."""
     shards = ShardAdmin()
     journal = Journal(config.state_dir) if config.state_dir else None
@@ -82,12 +81,12 @@ def create_server(config: CoordinatorConfig) -> tuple[grpc.Server, int, Coordina
         elif known.job_id != job_id:
             raise ValueError(f"the state in {config.state_dir} runs another job named {job.name!r}; use a new "
                              "--state-dir to resume from {config.resume_job}")
-    server, injector = new_grpc_server(config.threads)
+    server, injector = role_server(config.threads)
     if config.metrics_port >= 0:
-        from ..proto import metrics
+        from ..runtime import metrics
 
         mport = metrics.serve(config.metrics_port, config.host,
-                              metrics.registry_with(metrics.CoordinatorCollector(coordinator, injector)))
+                              metrics.registry_with(metrics.CoordinatorCollector(coordinator.gauges, injector)))
         write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
     pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator, config.threads), server)
     add_health(server, ["shardps.v1.CoordinatorService"])
@@ -149,7 +148,7 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
 
 
 def serve(config: CoordinatorConfig) -> None:
-    server, port, coordinator = create_server(config)
+    server, port, coordinator = build_coordinator_server(config)
     server.start()
     stop = threading.Event()
     threading.Thread(target=reconfigure_forever, args=(coordinator, stop), name="shardps-leases", daemon=True).start()

@@ -5,11 +5,11 @@ import contextlib
 import time
 
 from ..proto.errors import InvalidArgument, Unavailable
-from ..proto.limits import WaitSlots
+from ..runtime.limits import WaitSlots
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, job_to_pb, member_to_pb, plan_to_pb, view_to_pb
-from ..proto.rpc import translate_errors
+from ..runtime.status import translate_errors
 from .state import Coordinator
 
 

@@ -8,7 +8,8 @@ import grpc
 
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
+from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
+from ..runtime.status import error_from_rpc
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
 from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
 from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
-from .collectives import Rounds
+from ..runtime.gauges import JobGauges
+from .jobs import JobState, Registration, RollbackRecord
 from .placement import Placement
 
 log = logging.getLogger("shardps.coordinator")
@@ -43,58 +43,6 @@ MAX_JOBS = 64  # named jobs per cluster
 MAX_WORKERS_SEEN = 1 << 16  # worker registrations per job over its life (ids are never reused)
 MAX_COUNTERS = 32  # fault counters a heartbeat may report
 MAX_ADDRESS = 256  # characters of a server address
-
-
-@dataclass(frozen=True)
-class Registration:
-    job_id: str
-    worker_id: int
-    job: JobConfig
-    plan: list[ShardInfo]
-    initializer: bool
-
-
-@dataclass(frozen=True)
-class RollbackRecord:
-    shard_id: int  # the restarted shard that caused it
-    from_version: int  # the highest version any shard had
-    to_version: int  # the version every shard has now
-    epoch: int  # the membership epoch that starts at to_version
-    unix_time: float
-
-    @property
-    def steps(self) -> int:
-        return self.from_version - self.to_version
-
-
-@dataclass
-class JobState:
-    """One named job: its spec and plan, its membership over time, and what happened to it."""
-
-    name: str
-    job_id: str
-    job: JobConfig
-    plan: list[ShardInfo]
-    start_step: int = 0  # the first view's start step (a resumed job starts where its checkpoint is)
-    views: list[View] = field(default_factory=list)  # views[e - 1] is epoch e
-    pending: list[MemberInfo] = field(default_factory=list)  # registered, waiting to join a view
-    left: list[int] = field(default_factory=list)
-    expired: list[int] = field(default_factory=list)  # removed because their lease ran out
-    rollbacks: list[RollbackRecord] = field(default_factory=list)
-    registered_ids: list[int] = field(default_factory=list)  # every worker that ever registered, in order
-    last_seen: dict[int, float] = field(default_factory=dict)  # worker_id -> monotonic time (not durable)
-    reports: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)  # worker -> (step, counters)
-    waiting_for: str = ""  # why the job cannot go on, when it cannot
-    abandoned: bool = False  # ... because the other workers left it (nobody is coming back)
-    balancer: "BatchSplitter" = field(default_factory=lambda: BatchSplitter())
-    placement: Placement | None = None  # replicated jobs: where each shard's copies are
-    rounds: Rounds = field(default_factory=Rounds)  # collectives among the workers (not durable)
-
-    def latest(self) -> View:
-        return self.views[-1] if self.views else View(0, 0, ())
-
-    def registered(self, worker_id: int) -> bool:
-        return worker_id in self.last_seen or worker_id in self.registered_ids
 
 
 class Coordinator:
@@ -543,75 +491,17 @@ class Coordinator:
                 self._persist()  # a decided split must survive a restart: every worker must see the same
             return sizes
 
+    def gauges(self) -> list[JobGauges]:
+        """Every job, copied under the coordinator's lock: what a metrics scrape reads
+        (``runtime.metrics.CoordinatorCollector``)."""
+        with self.cond:
+            return [JobGauges(job=name, epoch=state.latest().epoch, members=len(state.latest().members),
+                              pending=len(state.pending), lease_expiries=len(state.expired),
+                              rollbacks=len(state.rollbacks), steps_rolled_back=sum(r.steps for r in state.rollbacks),
+                              worker_faults={worker: dict(counters) for worker, (_, counters) in state.reports.items()})
+                    for name, state in self.jobs.items()]
+
 
 def _ranked(members) -> tuple[MemberInfo, ...]:
     """``members`` renumbered 0..n-1 in order."""
     return tuple(MemberInfo(m.worker_id, r, m.name, m.device) for r, m in enumerate(members))
-
-
-class BatchSplitter:
-    """Splits each global batch between ranks in proportion to their measured throughput.
-
-    Windows are ``balance_every`` steps long. At the start of window n a worker
-    reports the samples/s it measured over window n - 1 and asks for window n's
-    split. Window n's split is decided by the first worker that asks (then kept, so
-    every worker uses the same one) from the rates measured over window n - 2:
-    those were reported at the start of window n - 1, before any worker could have
-    finished it, so in sync mode they are all in. If some are missing (a backup
-    worker skipped the window) the split stays as it was. Splitting the global
-    batch, never resizing it, keeps sync training the same as one process on the
-    union batch: only who computes which rows changes.
-    """
-
-    def __init__(self):
-        self.global_batch = 0
-        self.splits: dict[int, tuple[int, ...]] = {}  # window -> batch size by rank
-        self.rates: dict[int, dict[int, float]] = {}  # window -> worker_id -> samples/s measured over it
-
-    def to_dict(self) -> dict:
-        return {"global_batch": self.global_batch, "splits": {str(w): list(s) for w, s in self.splits.items()},
-                "rates": {str(w): {str(k): v for k, v in r.items()} for w, r in self.rates.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BatchSplitter":
-        out = cls()
-        out.global_batch = int(d.get("global_batch", 0))
-        out.splits = {int(w): tuple(s) for w, s in d.get("splits", {}).items()}
-        out.rates = {int(w): {int(k): float(v) for k, v in r.items()} for w, r in d.get("rates", {}).items()}
-        return out
-
-    def report(self, members, worker_id: int, window: int, rate: float, global_batch: int) -> tuple[int, ...]:
-        if global_batch < len(members):
-            raise InvalidArgument(f"a global batch of {global_batch} cannot be split between {len(members)} workers")
-        if self.global_batch and global_batch != self.global_batch:
-            raise InvalidArgument(f"global batch {global_batch} differs from the job's {self.global_batch}; "
-                                  "every worker must use the same --batch-size")
-        self.global_batch = global_batch
-        if window > 0 and rate > 0:
-            self.rates.setdefault(window - 1, {})[worker_id] = rate
-        if window not in self.splits:
-            self.splits[window] = self._decide(members, window)
-            for old in [w for w in self.rates if w < window - 2]:
-                del self.rates[old]
-            for old in sorted(self.splits)[:-8]:  # a late worker asks for at most a few windows back
-                del self.splits[old]
-        return self.splits[window]
-
-    def _decide(self, members, window: int) -> tuple[int, ...]:
-        rates = self.rates.get(window - 2, {})
-        if all(m.worker_id in rates for m in members):
-            return proportional_split(self.global_batch, [rates[m.worker_id] for m in members])
-        earlier = [w for w in self.splits if w < window]
-        return self.splits[max(earlier)] if earlier else proportional_split(self.global_batch, [1.0] * len(members))
-
-
-def proportional_split(total: int, weights: list[float]) -> tuple[int, ...]:
-    """``total`` cut into len(weights) parts >= 1 in proportion to ``weights`` (largest remainders)."""
-    n = len(weights)
-    spare, whole = total - n, sum(weights)
-    shares = [spare * w / whole for w in weights]
-    sizes = [1 + int(s) for s in shares]
-    by_remainder = sorted(range(n), key=lambda i: (-(shares[i] - int(shares[i])), i))
-    for i in by_remainder[:total - sum(sizes)]:
-        sizes[i] += 1
-    return tuple(sizes)

@@ -184,7 +184,7 @@ SETTINGS: tuple[Setting, ...] = (
             "process is survived (--no-durable: in memory only).", "run"),
     Setting("out", "SHARDPS_OUT", "", "Run directory (default runs/<workload>-<time>).", "run",
             shown="runs/<workload>-<time>"),
-    # Who may talk to the cluster (proto/security.py reads these; every role and client).
+    # Who may talk to the cluster (runtime/security.py reads these; every role and client).
     Setting("auth_token", "SHARDPS_AUTH_TOKEN", "",
             "The workers' shared token: worker calls must carry it (UNAUTHENTICATED otherwise).",
             "every role and client", shown="off"),

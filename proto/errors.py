@@ -1,8 +1,8 @@
 """Domain errors shared by every role, each with a typed failure reason.
 
 Cores raise these; each gRPC adapter maps them to a status in one function
-(``shardps.proto.rpc.abort_with``), and the receiver maps the status back to the
-same class (``rpc.error_from_rpc``), so a user sees the server's own message.
+(``shardps.runtime.status.abort_with``), and the receiver maps the status back to the
+same class (``status.error_from_rpc``), so a user sees the server's own message.
 
 Recovery never reads that message: a status carries the error's ``reason`` and its
 structured ``fields`` (the step a job rolled back to, a membership or placement

@@ -2,5 +2,5 @@
 
 Reading order: ``state.py`` (the slice and its optimizer) -> ``modes.py`` (sync/async
 policies) -> ``node.py`` (the process's shard before/after its job) -> ``service.py``
-(the gRPC adapter) -> ``main.py`` (config, create_server, serve).
+(the gRPC adapter) -> ``main.py`` (config, build_shard_server, serve).
 """

@@ -1,4 +1,4 @@
-"""A shard server's byte links (``proto/link.py``): the listener, the tickets and the bound links.
+"""A shard server's byte links (``runtime/link.py``): the listener, the tickets and the bound links.
 
 ``OpenLink`` (authenticated like every worker call) asks ``ticket`` for a one-time ticket bound to
 (job, shard, worker). The worker connects to ``port`` and sends it; the handshake binds the
@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import Hashable
 
 from ..proto.errors import NoLink
-from ..proto.link import ACK, HELLO, MAGIC, LinkSocket
+from ..runtime.link import ACK, HELLO, MAGIC, LinkSocket
 
 log = logging.getLogger("shardps.server")
 

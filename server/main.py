@@ -16,13 +16,13 @@ import torch
 
 from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
-from ..proto.history import History
 from ..proto import defaults as D
-from ..proto.limits import FIRST_MESSAGE_S
-from ..proto.process import wait_for_stop_signal, write_port_file
-from ..chaos.faults import create_server as new_grpc_server
-from ..proto.rpc import MAX_MESSAGE_BYTES, add_health, bind
-from ..proto.security import Security
+from ..proto.defaults import FIRST_MESSAGE_S
+from ..runtime.history import History
+from ..runtime.process import wait_for_stop_signal, write_port_file
+from ..runtime.rpc import MAX_MESSAGE_BYTES
+from ..runtime.server import add_health, bind, role_server
+from ..runtime.security import Security
 from .links import LinkHub
 from .node import ShardNode
 from .service import ShardServicer, add_to_server
@@ -40,7 +40,7 @@ class ServerConfig:
     threads: int = D.SERVER_THREADS  # gRPC handler threads: >= workers blocked in a sync step + control calls
     step_timeout: float = D.STEP_TIMEOUT_S  # sync: seconds a push waits for its step to close
     first_message_timeout: float = FIRST_MESSAGE_S  # a request stream that sends nothing this long is cancelled
-    streams_per_host: int = 0  # request streams one host may hold open (0: threads - 8, see proto/admission.py)
+    streams_per_host: int = 0  # request streams one host may hold open (0: threads - 8, see runtime/admission.py)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes per streamed reply chunk
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger messages are refused (RESOURCE_EXHAUSTED)
     register_wait: float = 60.0  # seconds to keep trying to reach the coordinator at start
@@ -75,7 +75,7 @@ class ServerConfig:
             raise ValueError("--checkpoint-every needs --checkpoint-dir")
 
 
-def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple[grpc.Server, int, ShardNode]:
+def build_shard_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple[grpc.Server, int, ShardNode]:
     """Build (not start) a shard server; returns (server, bound port, node). The node's shard
     id is config.shard_id until ``register`` sets the coordinator's answer."""
 
@@ -85,14 +85,14 @@ def create_server(config: ServerConfig, coordinator: CoordinatorClient) -> tuple
                      history=History.open(config.history_dir, "server"))
     # A request stream may legitimately pause as long as a sync step takes (a clipped push waits for
     # the other shards' partial norms), not longer.
-    server, injector = new_grpc_server(config.threads, config.max_message_bytes, idle_s=config.step_timeout + 30,
-                                       first_message_s=config.first_message_timeout,
-                                       streams_per_host=config.streams_per_host)
+    server, injector = role_server(config.threads, config.max_message_bytes, idle_s=config.step_timeout + 30,
+                                   first_message_s=config.first_message_timeout,
+                                   streams_per_host=config.streams_per_host)
     if config.metrics_port >= 0:
-        from ..proto import metrics
+        from ..runtime import metrics
 
         mport = metrics.serve(config.metrics_port, config.host,
-                              metrics.registry_with(metrics.ShardCollector(node, injector)))
+                              metrics.registry_with(metrics.ShardCollector(node.gauges, injector)))
         write_port_file(config.port_file + ".metrics" if config.port_file else "", mport)
         log.info("metrics on http://%s:%d/metrics", config.host, mport)
     links, off = None, "it was started with --data-port -1"
@@ -149,8 +149,8 @@ def _recover_logged(coordinator: CoordinatorClient, node: ShardNode) -> None:
 
 
 def _sweep_forever(every: float = 30.0) -> None:
-    """Unlink shared memory left by workers killed on this host (``proto.shm.sweep``), now and then."""
-    from ..proto.shm import sweep
+    """Unlink shared memory left by workers killed on this host (``runtime.shm.sweep``), now and then."""
+    from ..runtime.shm import sweep
 
     while True:
         try:
@@ -184,7 +184,7 @@ def serve(config: ServerConfig) -> None:
         torch.set_num_threads(config.compute_threads)
     threading.Thread(target=_warm_up, name="shardps-warm-up", daemon=True).start()
     with CoordinatorClient(config.coordinator, reconnect=config.register_wait) as coordinator:
-        server, port, node = create_server(config, coordinator)
+        server, port, node = build_shard_server(config, coordinator)
         server.start()
         register(config, coordinator, node, port)
         write_port_file(config.port_file, port)

@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
-from ..proto.history import NO_HISTORY, History
 from ..proto.defaults import STEP_TIMEOUT_S
 from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View
+from ..runtime.history import NO_HISTORY, History
+from ..runtime.gauges import ShardGauges
 from .checkpoint import Checkpointer, CheckpointStore
 from . import replica as replicas
 from .state import ShardState
@@ -94,7 +95,7 @@ class ShardNode:
                  checkpoint_dir: str = "", checkpoint_every: int = 0, checkpoint_keep: int = 3,
                  history: History = NO_HISTORY):
         self.shard_id = shard_id
-        self.history = history  # the run's history (proto/history.py): every state here records into it
+        self.history = history  # the run's history (runtime/history.py): every state here records into it
         self.step_timeout = step_timeout
         self.checkpoint_dir, self.checkpoint_every, self.checkpoint_keep = checkpoint_dir, checkpoint_every, checkpoint_keep
         self.checkpointers: dict[str, Checkpointer] = {}  # job_id -> its checkpointer
@@ -124,6 +125,25 @@ class ShardNode:
             if named or len(self.states) == 1:
                 return (named or list(self.states.values()))[0]
             return None
+
+    def gauges(self) -> list[ShardGauges]:
+        """Every job's shard this server owns, each copied under its own lock: what a metrics
+        scrape reads (``runtime.metrics.ShardCollector``). Blocks while a shard applies an update."""
+        out = []
+        for state in list(self.states.values()):
+            checkpointer = self.checkpointer_for(state)
+            with state.cond:  # one consistent copy of each shard
+                s = state.stats
+                out.append(ShardGauges(
+                    shard=self.shard_id, job=state.job.name, version=state.version, epoch=state.latest_epoch,
+                    pushes={"received": s.pushes_received, "duplicate": s.pushes_duplicate, "dropped": s.pushes_dropped,
+                            "skipped": s.pushes_skipped, "rejected": s.pushes_rejected},
+                    bytes_in=s.bytes_in, bytes_out=s.bytes_out, shm_bytes_in=s.shm_bytes_in,
+                    shm_bytes_out=s.shm_bytes_out, apply_seconds=s.apply_seconds, wait_seconds=s.wait_seconds,
+                    rollbacks=s.rollbacks, steps_rolled_back=s.steps_rolled_back,
+                    checkpoints=checkpointer.written if checkpointer else 0,
+                    checkpoint_failures=checkpointer.failures if checkpointer else 0, staleness=dict(s.staleness)))
+        return out
 
     def checkpointer_for(self, state: ShardState) -> Checkpointer | None:
         return self.checkpointers.get(self._checkpoint_key(state))

@@ -20,13 +20,14 @@ import torch
 from ..proto import buffers as buffer_file
 from ..proto import codec, wire
 from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, Unavailable, UnknownWorker
-from ..proto.link import LinkError, LinkSocket
+from ..runtime.link import LinkError, LinkSocket
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
-from ..proto.rpc import error_from_rpc, open_channel, translate_errors
+from ..runtime.rpc import open_channel
+from ..runtime.status import error_from_rpc, translate_errors
 from .modes import Push
-from ..proto.limits import WaitSlots
-from ..proto.process import release_free_memory
+from ..runtime.limits import WaitSlots
+from ..runtime.process import release_free_memory
 from .links import LinkHub
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 from . import replica as replicas

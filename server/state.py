@@ -31,10 +31,10 @@ from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NoSharedMemory,
                             NotPrimary, RolledBack, ShardpsError, Superseded, UnknownWorker, Unavailable, WaitTimeout)
-from ..proto.history import NO_HISTORY, History
+from ..runtime.history import NO_HISTORY, History
 from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
-from ..proto.shm import SegmentFile, ShmUnavailable, sweep
+from ..runtime.shm import SegmentFile, ShmUnavailable, sweep
 from . import tensorfile
 from .checkpoint import Snapshot
 from .modes import Closed, Outcome, Push, make_policy
@@ -79,7 +79,7 @@ class ShardState:
         self.policy = make_policy(job, step_timeout)
         # Shard 0 keeps the job's persistent buffers (the initializer's, then rank 0's after each step).
         self.buffers: bytes | None = None
-        # Same-host workers' shared-memory segments (proto/shm.py), and the byte path each worker takes.
+        # Same-host workers' shared-memory segments (runtime/shm.py), and the byte path each worker takes.
         self.segments: dict[int, SegmentFile] = {}
         self.transport: dict[int, str] = {}
         self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
@@ -97,7 +97,7 @@ class ShardState:
         self.awaiting_rollback = False  # restored at start-up; the coordinator has not aligned the others yet
         self.restored_from: int | None = None  # version restored at start-up
         self.on_version: Callable[["ShardState"], None] | None = None  # called under the lock at each new version
-        self.history: History = NO_HISTORY  # the run's history (proto/history.py), set by the node
+        self.history: History = NO_HISTORY  # the run's history (runtime/history.py), set by the node
         # Membership views this shard knows: epoch -> (first step it governs here, member ids). A
         # step is made up of the members of the newest view that governs it.
         self.views: dict[int, tuple[int, frozenset[int]]] = {}

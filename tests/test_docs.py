@@ -34,3 +34,13 @@ def test_every_architecture_page_is_listed_in_the_index():
     index = (ROOT / "docs" / "architecture.md").read_text()
     pages = sorted(p.name for p in (ROOT / "docs" / "architecture").glob("*.md"))
     assert pages and all(f"(architecture/{name})" in index for name in pages), pages
+
+
+def test_every_file_the_docs_name_is_in_the_repository():
+    """A path in backticks (`runtime/rpc.py`) names a file that is there, so a page cannot go on
+    pointing at a module after it moved (a module that moved is named by its old dotted name)."""
+    rooms = sorted(d.name for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith("."))
+    path = re.compile(r"`((?:%s)/[\w./-]*\.(?:py|sh|proto|md|yml|yaml|toml|json))[`:.]" % "|".join(rooms))
+    named = [(page, name) for page in PAGES for name in path.findall(page.read_text())]
+    missing = [f"{page.relative_to(ROOT)}: {name}" for page, name in named if not (ROOT / name).is_file()]
+    assert len(named) > 40 and not missing, f"pages name files that are not there: {missing}"

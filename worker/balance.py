@@ -8,7 +8,7 @@
 
 With the job's ``balance_every`` = N > 0, the worker reports its compute throughput
 to the coordinator at the start of every window of N steps and gets the window's
-split back (see ``coordinator.state.BatchSplitter``); a worker twice as fast then
+split back (see ``coordinator.splitter.BatchSplitter``); a worker twice as fast then
 takes about twice the rows, so all workers finish a step at about the same time.
 The global batch never changes, so neither does sync training's math; it is
 ``per_worker`` times the job's ``min_workers`` (not the current world size), so a
@@ -34,7 +34,7 @@ class BatchSplit:
                     self.opt.job_id, self.opt.worker_id, window, rate, self.global_batch)
                 self._window, self._samples, self._seconds = window, 0, 0.0
         if len(self.sizes) != self.opt.world_size:  # the membership changed: the same rows, split anew
-            from ..coordinator.state import proportional_split
+            from ..coordinator.splitter import proportional_split
 
             self.sizes = proportional_split(self.global_batch, [1.0] * self.opt.world_size)
         lo = sum(self.sizes[:self.opt.rank])

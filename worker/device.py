@@ -6,7 +6,7 @@ device-specific parts, so that ``flat.py`` reads the same for every device:
 
 * ``pin``: host buffers the GPU copies into are page-locked, so copies run at full
   DMA speed and asynchronously. A fresh buffer is allocated pinned; memory that
-  already exists (the same-host shared-memory segment, ``proto/shm.py``) is
+  already exists (the same-host shared-memory segment, ``runtime/shm.py``) is
   registered in place with ``cudaHostRegister``, so a gradient goes from the GPU
   straight into the memory the shard servers read. Pinning is an optimisation:
   where it fails (no CUDA, a locked-memory limit) the copy is synchronous.

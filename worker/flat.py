@@ -32,7 +32,7 @@ import torch
 
 from ..proto.layout import Layout
 from ..proto.messages import mask_of
-from ..proto.shm import Segment, ShmUnavailable
+from ..runtime.shm import Segment, ShmUnavailable
 from .device import Copier, Pending, Registered, empty_host
 
 log = logging.getLogger("shardps.worker")
@@ -76,7 +76,7 @@ class FlatParams:
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], groups: Sequence[int],
                  aliases: Sequence[tuple[str, ...]], num_groups: int, wire_dtype=torch.float32,
                  shared: bool = False, bucket: str | None = None):
-        """``shared``: put the host vectors in a shared-memory segment (``proto/shm.py``) that shard
+        """``shared``: put the host vectors in a shared-memory segment (``runtime/shm.py``) that shard
         servers on this host read and write directly; where /dev/shm cannot hold it, plain memory.
         ``bucket``: "host", "device" or "copy" (default: what the parameters allow, ``bucket_kind``)."""
         self.params = list(params)

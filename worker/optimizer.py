@@ -50,12 +50,12 @@ from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.defaults import PUSH_TIMEOUT_S
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
-from ..proto.history import ENV as HISTORY_ENV
-from ..proto.history import History
+from ..runtime.history import ENV as HISTORY_ENV
+from ..runtime.history import History
 from ..proto.layout import BufferEntry
 from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
-from ..proto.retry import Retrier
-from ..proto.security import Security
+from ..runtime.retry import Retrier
+from ..runtime.security import Security
 from . import torch_compat
 from .collectives import Collectives
 from .compress import TopK

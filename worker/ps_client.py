@@ -5,7 +5,7 @@ in ~1 MiB chunks; the reply streams the updated slice straight into the caller's
 flat buffer. Chunk messages go through the byte-compatible fast codec in
 ``proto/wire.py`` (one copy out of the tensor, zero-copy views in). Every call has
 a deadline, and a call that fails transiently (server restarting or paused, reply
-lost) is sent again whole by ``proto.retry.Retrier``: the shard applies a push at
+lost) is sent again whole by ``runtime.retry.Retrier``: the shard applies a push at
 most once and answers a repeat like the first try, so retrying is exactly-once.
 """
 from __future__ import annotations
@@ -25,12 +25,13 @@ import torch
 
 from ..proto import codec, wire
 from ..proto.errors import NoLink, NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
-from ..proto.link import ACK, HELLO, MAGIC, LinkError, LinkSocket, split_address
+from ..runtime.link import ACK, HELLO, MAGIC, LinkError, LinkSocket, split_address
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
-from ..proto.retry import Retrier
-from ..proto.rpc import WORKER_METADATA, error_from_rpc, handler_ended, open_channel
-from ..proto.shm import Segment
+from ..runtime.retry import Retrier
+from ..runtime.rpc import WORKER_METADATA, open_channel
+from ..runtime.status import error_from_rpc, handler_ended
+from ..runtime.shm import Segment
 from .flat import Staged
 
 log = logging.getLogger("shardps.worker")
@@ -118,7 +119,7 @@ class ShardChannel:
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self.security, self.locate = security, locate
         self.worker_id = worker_id
-        self.use_links = False  # push through a byte link (proto/link.py) when the shard offers one
+        self.use_links = False  # push through a byte link (runtime/link.py) when the shard offers one
         self._link: LinkSocket | None = None
         self._link_failures = 0  # in a row; at LINK_FAILURES this shard's pushes go over gRPC until _link_again
         self._link_again = 0.0  # time.monotonic() from which links are tried again (math.inf: never)
@@ -311,7 +312,7 @@ class ShardChannel:
         (shard 0, rank 0) goes first. With ``shm`` the gradient is read from, and the reply
         written into, the worker's shared segment: only the header travels (NoSharedMemory when
         the server cannot open it). Otherwise a dense CPU gradient goes on the shard's byte link
-        when ``use_links`` and the shard offers one (``proto/link.py``), and the reply's slice comes
+        when ``use_links`` and the shard offers one (``runtime/link.py``), and the reply's slice comes
         back on it; a link that fails is closed and the push is sent again (exactly once).
         """
         header.target.CopyFrom(self.target)

@@ -238,7 +238,7 @@ def train(config: TrainConfig) -> dict:
     log = MetricsLog(config.metrics, config.tensorboard)
     prometheus = None
     if config.metrics_port >= 0:
-        from ..proto.metrics import WorkerMetrics
+        from ..runtime.metrics import WorkerMetrics
 
         prometheus = WorkerMetrics(config.metrics_port)
     if sharded.rank == 0:

@@ -1,6 +1,6 @@
 """shardps check: a clean history passes; each planted violation is named with the events behind it.
 
-The histories are written by the real recorder (proto/history.py), as the roles write them; the
+The histories are written by the real recorder (runtime/history.py), as the roles write them; the
 last test records one from a real cluster and plants a violation in it."""
 import json
 
@@ -9,7 +9,7 @@ import torch
 
 from shardps import LocalCluster, ShardedOptimizer
 from shardps.chaos.checker import check_events, check_run, load
-from shardps.proto.history import History
+from shardps.runtime.history import History
 
 JOB = "job-1"
 

@@ -129,7 +129,7 @@ def test_server_ids_are_assigned_and_reclaimed_by_restarted_servers():
 def test_proportional_split_keeps_the_total_and_gives_everyone_a_row():
     from hypothesis import given, strategies as st
 
-    from shardps.coordinator.state import proportional_split
+    from shardps.coordinator.splitter import proportional_split
 
     assert proportional_split(64, [3.0, 1.0]) == (48, 16)
     assert proportional_split(10, [1.0, 1.0, 1.0]) == (4, 3, 3)

@@ -1,5 +1,5 @@
 """The Grafana dashboard (deploy/grafana/shardps.json) asks only for series that shardps serves: every
-metric name in its queries is one that proto/metrics.py exposes, with the suffix its type gets."""
+metric name in its queries is one that runtime/metrics.py exposes, with the suffix its type gets."""
 import json
 import re
 from pathlib import Path
@@ -10,8 +10,8 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), 
 
 
 def metric_families() -> dict[str, str]:
-    """Family name -> type, read from the calls that create them in proto/metrics.py."""
-    text = (ROOT / "proto" / "metrics.py").read_text()
+    """Family name -> type, read from the calls that create them in runtime/metrics.py."""
+    text = (ROOT / "runtime" / "metrics.py").read_text()
     families = {}
     for call, name in re.findall(r'(\w+)\(\s*"(shardps_[a-z0-9_]+)"', text):
         families[name] = ("histogram" if "Histogram" in call else "counter" if "counter" in call.lower()
@@ -30,20 +30,20 @@ def queries() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
 
 
-def test_the_metric_list_is_read_from_proto_metrics():
+def test_the_metric_list_is_read_from_runtime_metrics():
     families = metric_families()
     assert families["shardps_shard_pushes"] == "counter" and families["shardps_shard_staleness"] == "histogram"
     assert families["shardps_worker_step_seconds"] == "histogram" and families["shardps_shard_version"] == "gauge"
     assert len(families) >= 20
 
 
-def test_every_metric_the_dashboard_queries_exists_in_proto_metrics():
+def test_every_metric_the_dashboard_queries_exists_in_runtime_metrics():
     exposed = exposed_series()
     for title, expr in queries():
         names = re.findall(r"\bshardps_[a-z0-9_]+", expr)
         assert names, f"{title}: {expr} asks for no shardps metric"
         missing = [n for n in names if n not in exposed]
-        assert not missing, f"panel {title!r} queries {missing}, which proto/metrics.py does not serve"
+        assert not missing, f"panel {title!r} queries {missing}, which runtime/metrics.py does not serve"
 
 
 def test_the_dashboard_shows_what_an_operator_looks_for():

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def env_vars_the_cli_reads() -> set[str]:
     """Every command's option variables (typer's envvar, from proto/defaults.py), plus what the
-    CLI and proto/security.py read themselves (the token files, the TLS settings)."""
+    CLI and runtime/security.py read themselves (the token files, the TLS settings)."""
     import typer.main
 
     from shardps.client.cli import app
@@ -27,7 +27,7 @@ def env_vars_the_cli_reads() -> set[str]:
         yield from (p for p in getattr(command, "params", []) if p.param_type_name == "option")
 
     names = {o.envvar for o in options(typer.main.get_command(app)) if isinstance(o.envvar, str)}
-    text = (ROOT / "client" / "cli.py").read_text() + (ROOT / "proto" / "security.py").read_text()
+    text = (ROOT / "client" / "cli.py").read_text() + (ROOT / "runtime" / "security.py").read_text()
     return names | set(re.findall(r"SHARDPS_[A-Z_]+", text))
 
 
@@ -38,7 +38,7 @@ def test_the_dockerfile_builds_from_a_base_argument_sets_the_malloc_tunables_and
     assert 'CMD shardps probe "127.0.0.1:${SHARDPS_PORT:-7070}"' in text
     for folder in re.findall(r"^COPY (\w+)/ /src/shardps/", text, re.M):
         assert (ROOT / folder / "__init__.py").exists()
-    for folder in ("proto", "server", "coordinator", "worker", "client"):
+    for folder in ("proto", "runtime", "server", "coordinator", "worker", "client"):
         assert f"COPY {folder}/ /src/shardps/{folder}/" in text  # every part of the package goes in
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shardps import LocalCluster, chaos
-from shardps.chaos.faults import FaultRule
+from shardps.runtime.faults import FaultRule
 from shardps.client.sdk import shard_status
 from shardps.coordinator.client import CoordinatorClient
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shardps import LocalCluster, chaos
-from shardps.chaos.faults import FaultRule
+from shardps.runtime.faults import FaultRule
 from shardps.client.sdk import cluster_status, shard_status
 from shardps.coordinator.client import CoordinatorClient
 

@@ -13,10 +13,10 @@ from shardps import chaos
 from shardps.client.sdk import cluster_status
 from shardps.coordinator.client import CoordinatorClient
 from shardps.proto.errors import InvalidArgument, ShardpsError
-from shardps.chaos.faults import FaultRule
+from shardps.runtime.faults import FaultRule
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import open_channel
+from shardps.runtime.rpc import open_channel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import reference  # noqa: E402

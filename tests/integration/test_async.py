@@ -9,7 +9,7 @@ import torch
 from shardps import LocalCluster
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import open_channel
+from shardps.runtime.rpc import open_channel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from task import global_batch, loss_fn, make_model  # noqa: E402

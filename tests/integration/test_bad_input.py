@@ -14,7 +14,7 @@ from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, UpdateMode
-from shardps.proto.rpc import open_channel
+from shardps.runtime.rpc import open_channel
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def test_every_shardps_variable_the_package_reads_is_in_the_defaults_module():
     # The package's own folders (not tests, benchmarks, build outputs or a .venv in the checkout).
     rooms = [d for d in ROOT.iterdir() if (d / "__init__.py").is_file() and d.name not in ("tests", "bench")]
     sources = [*ROOT.glob("*.py"), *(p for d in rooms for p in d.rglob("*.py") if "gen" not in p.parts)]
-    assert ROOT / "proto" / "security.py" in sources
+    assert ROOT / "runtime" / "security.py" in sources
     missing = {name: where for name, where in _names_in(sources).items() if name not in defaults.env_names()}
     assert not missing, f"add these to proto/defaults.py (then run scripts/gen_docs.py): {missing}"
 

@@ -11,13 +11,15 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import errors, rpc
+from shardps.proto import errors
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from shardps.proto.plan import ShardRange
-from shardps.proto.retry import Retrier
-from shardps.proto.shm import Segment
+from shardps.runtime import status
+from shardps.runtime.server import bind, thread_pool_server
+from shardps.runtime.retry import Retrier
+from shardps.runtime.shm import Segment
 from shardps.server import replica as replicas
 from shardps.server.node import ShardNode
 from shardps.server.service import ReplicaSender, ShardServicer, add_to_server
@@ -45,30 +47,30 @@ def sample(cls: type[errors.ShardpsError]) -> errors.ShardpsError:
 class Failing:
     """A real gRPC service whose two methods raise the sample error of the reason the request names."""
 
-    @rpc.translate_errors
+    @status.translate_errors
     def unary(self, request: bytes, context):
         raise sample(errors.BY_REASON[request.decode()])
 
-    @rpc.translate_errors
+    @status.translate_errors
     def stream(self, request: bytes, context):
         yield b"first"
         raise sample(errors.BY_REASON[request.decode()])
 
     @staticmethod
     def bare(request: bytes, context):  # a status without a reason, as a fault or interceptor sends
-        rpc.abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the job rolled back to step 3 in epoch 2")
+        status.abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the job rolled back to step 3 in epoch 2")
 
 
 @pytest.fixture(scope="module")
 def failing():
     service = Failing()
-    server = rpc.create_server(4)
+    server = thread_pool_server(4)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Failing", {
         "Unary": grpc.unary_unary_rpc_method_handler(service.unary),
         "Stream": grpc.unary_stream_rpc_method_handler(service.stream),
         "Bare": grpc.unary_unary_rpc_method_handler(Failing.bare),
     })])
-    port = rpc.bind(server, "127.0.0.1:0")
+    port = bind(server, "127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield channel
@@ -92,26 +94,26 @@ def call(channel, method: str, reason: str = "") -> grpc.RpcError:
 def test_each_reason_arrives_as_its_class_with_its_fields_and_the_servers_message(failing, reason, method):
     cls, sent = errors.BY_REASON[reason], sample(errors.BY_REASON[reason])
     exc = call(failing, method, reason)
-    got = rpc.error_from_rpc(exc, "Fail")
+    got = status.error_from_rpc(exc, "Fail")
     assert type(got) is cls and got.reason == reason
     assert got.values() == sent.values()
     assert got.code == cls.code == exc.code().name
     assert str(got) == f"Fail: {cls.code}: {sent}"  # the message for people, whole
-    assert rpc.handler_ended(exc)  # the marker still travels beside the reason
+    assert status.handler_ended(exc)  # the marker still travels beside the reason
 
 
 def test_a_reworded_message_changes_nothing_a_receiver_acts_on(failing, reworded):
     for reason, cls in errors.BY_REASON.items():
-        got = rpc.error_from_rpc(call(failing, "Unary", reason), "Fail")
+        got = status.error_from_rpc(call(failing, "Unary", reason), "Fail")
         assert type(got) is cls and got.values() == sample(cls).values(), reason
         assert call(failing, "Unary", reason).details() == "reworded"
 
 
 def test_a_status_without_a_reason_is_its_code_whatever_its_message_says(failing):
     exc = call(failing, "Bare")
-    got = rpc.error_from_rpc(exc, "Bare")
+    got = status.error_from_rpc(exc, "Bare")
     assert type(got) is errors.FailedPrecondition  # not RolledBack: its words are not read
-    assert "rolled back to step 3" in str(got) and rpc.handler_ended(exc)
+    assert "rolled back to step 3" in str(got) and status.handler_ended(exc)
 
 
 def test_every_reason_has_exactly_one_class_and_they_all_live_in_proto_errors():
@@ -128,7 +130,7 @@ def test_no_code_in_the_package_decides_by_reading_an_error_message():
     no regex over one, and no status text read (``.details()``) except where the message is kept."""
     found = []
     roles = [d for d in PACKAGE.iterdir() if (d / "__init__.py").exists() and d.name != "tests"]
-    assert {"proto", "server", "worker", "coordinator", "client"} <= {d.name for d in roles}
+    assert {"proto", "runtime", "server", "worker", "coordinator", "client"} <= {d.name for d in roles}
     for path in sorted(PACKAGE.glob("*.py")) + sorted(p for d in roles for p in d.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
         if rel.startswith("proto/gen/"):
@@ -139,7 +141,7 @@ def test_no_code_in_the_package_decides_by_reading_an_error_message():
             if isinstance(node, ast.Call) and _name(node.func) in {"re.search", "re.match", "re.fullmatch",
                                                                    "re.findall"} | _pattern_methods(node):
                 found += [f"{rel}:{node.lineno}" for arg in node.args if _is_text_of(arg)]
-            if isinstance(node, ast.Call) and _name(node.func).endswith(".details") and rel != "proto/rpc.py":
+            if isinstance(node, ast.Call) and _name(node.func).endswith(".details") and rel != "runtime/status.py":
                 found.append(f"{rel}:{node.lineno}")
     assert not found, f"decides on an error's words (use its reason and fields, proto/errors.py): {found}"
 
@@ -178,9 +180,9 @@ def serve(state: ShardState):
     job = state.job
     node = ShardNode(0, lambda job_id: (job_id, job, []), lambda job_id, epoch: View(epoch, 0, (MemberInfo(0, 0),)))
     node.states[state.job_id] = state
-    server = rpc.create_server(8)
+    server = thread_pool_server(8)
     add_to_server(ShardServicer(node, 1 << 16, wait_timeout=10, threads=8), server)
-    port = rpc.bind(server, "127.0.0.1:0")
+    port = bind(server, "127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
 

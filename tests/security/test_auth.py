@@ -14,9 +14,9 @@ from shardps.coordinator.client import CoordinatorClient
 from shardps.proto.errors import Unauthenticated, Unavailable
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import check_health, open_channel
-from shardps.proto import shm
-from shardps.proto.security import Security, SecurityError
+from shardps.runtime.rpc import check_health, open_channel
+from shardps.runtime import shm
+from shardps.runtime.security import Security, SecurityError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from shardps import LocalCluster, ShardedOptimizer
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import check_health, open_channel
+from shardps.runtime.rpc import check_health, open_channel
 
 from fuzzing import SERVICES, Fuzzer
 

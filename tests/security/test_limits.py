@@ -11,12 +11,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardps import LocalCluster, ShardedOptimizer
-from shardps.chaos.faults import create_server
+from shardps.runtime.server import role_server
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.limits import IdleStreamInterceptor, WaitSlots, Watchdog, peer_host
-from shardps.proto.rpc import check_health, open_channel
-from shardps.proto.security import Security
+from shardps.runtime.limits import IdleStreamInterceptor, WaitSlots, Watchdog, peer_host
+from shardps.runtime.rpc import check_health, open_channel
+from shardps.runtime.security import Security
 
 
 @pytest.mark.slow
@@ -247,7 +247,7 @@ def test_one_host_gets_at_most_its_stream_cap_and_the_extra_stream_is_refused_at
             release.wait(30)
         return b"done"
 
-    server, _ = create_server(16, security=Security(), streams_per_host=2)
+    server, _ = role_server(16, security=Security(), streams_per_host=2)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
         "Up": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=bytes, response_serializer=bytes)}),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -266,7 +266,7 @@ def test_one_host_gets_at_most_its_stream_cap_and_the_extra_stream_is_refused_at
     finally:
         release.set()
         server.stop(0)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # retried by workers (proto.retry)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # retried by workers (runtime.retry)
     assert "from 127.0.0.1" in err.value.details() and "SHARDPS_STREAMS_PER_HOST" in err.value.details()
     assert outcomes == [b"done", b"done"]
 
@@ -308,7 +308,7 @@ def test_a_sync_job_whose_pushes_fill_every_long_call_slot_still_trains(monkeypa
 
 
 def serve_health(**limits):
-    from shardps.proto.health import HealthService
+    from shardps.runtime.health import HealthService
 
     health = HealthService(**limits)
     server = grpc.server(futures.ThreadPoolExecutor(8))

@@ -10,8 +10,8 @@ import torch
 from shardps import LocalCluster, ShardedOptimizer
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.gen import shardps_pb2_grpc as pb_grpc
-from shardps.proto.rpc import open_channel
-from shardps.proto.security import Security
+from shardps.runtime.rpc import open_channel
+from shardps.runtime.security import Security
 
 
 @pytest.fixture(scope="module")

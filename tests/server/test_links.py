@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardps.proto.errors import NoLink
-from shardps.proto.link import ACK, FRAME, HELLO, MAGIC, LinkError, LinkSocket
+from shardps.runtime.link import ACK, FRAME, HELLO, MAGIC, LinkError, LinkSocket
 from shardps.server.links import LinkHub
 
 KEY = ("job", 0, 7)

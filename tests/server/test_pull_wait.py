@@ -11,8 +11,8 @@ from shardps.proto import errors
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, MemberInfo, ShardInfo, StepOpts, UpdateMode, View
 from shardps.proto.plan import ShardRange
-from shardps.proto.retry import RETRYABLE, Retrier
-from shardps.proto.rpc import bind, create_server
+from shardps.runtime.retry import RETRYABLE, Retrier
+from shardps.runtime.server import bind, thread_pool_server
 from shardps.server.modes import Push
 from shardps.server.node import ShardNode
 from shardps.server.service import ShardServicer, add_to_server
@@ -37,7 +37,7 @@ def shard():
     state.learn_view(view(1, 0, 0, 1), from_open_step=True)
     node = ShardNode(0, lambda job_id: (job_id, job, []), lambda job_id, epoch: view(epoch, 0, 0, 1))
     node.states[state.job_id] = state
-    server = create_server(8)
+    server = thread_pool_server(8)
     add_to_server(ShardServicer(node, 1 << 16, wait_timeout=WAIT_S, threads=8), server)
     port = bind(server, "127.0.0.1:0")
     server.start()

@@ -11,7 +11,7 @@ from shardps.proto.errors import FailedPrecondition, UnknownWorker
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, MemberInfo, StepOpts, UpdateMode, View
 from shardps.proto.plan import ShardRange
-from shardps.proto.shm import Segment, ShmUnavailable
+from shardps.runtime.shm import Segment, ShmUnavailable
 from shardps.server.modes import Push
 from shardps.server.state import ShardState
 

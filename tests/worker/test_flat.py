@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shardps.proto.messages import StepOpts
-from shardps.proto.shm import SegmentFile
+from shardps.runtime.shm import SegmentFile
 from shardps.worker.flat import FlatParams, bucket_kind
 
 

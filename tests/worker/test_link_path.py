@@ -1,4 +1,4 @@
-"""The byte link: a push's gradient and its reply's slice on raw TCP beside gRPC (proto/link.py).
+"""The byte link: a push's gradient and its reply's slice on raw TCP beside gRPC (runtime/link.py).
 
 Same training as over gRPC; falls back to gRPC by itself where a server offers no link; a link
 that breaks at any point costs a retry, never a second apply; a client that lies on its link or
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from shardps import LocalCluster
-from shardps.proto import errors, rpc
+from shardps.proto import errors
+from shardps.runtime.server import bind, thread_pool_server
 from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from shardps.proto.plan import ShardRange
-from shardps.proto.retry import Retrier
+from shardps.runtime.retry import Retrier
 from shardps.server.links import LinkHub
 from shardps.server.node import ShardNode
 from shardps.server.service import ShardServicer, add_to_server
@@ -49,9 +50,9 @@ def shard(request):
     node = ShardNode(0, lambda job_id: (job_id, cfg, []), lambda job_id, epoch: view)
     node.states[state.job_id] = state
     hub = LinkHub("127.0.0.1", 0, handshake_timeout=0.5) if links else None
-    server = rpc.create_server(16)
+    server = thread_pool_server(16)
     add_to_server(ShardServicer(node, 1 << 16, wait_timeout=10, threads=16, links=hub), server)
-    port = rpc.bind(server, "127.0.0.1:0")
+    port = bind(server, "127.0.0.1:0")
     server.start()
     yield state, f"127.0.0.1:{port}", hub
     server.stop(0)

@@ -4,7 +4,7 @@ import threading
 from shardps.proto.errors import Unavailable
 from shardps.proto.messages import ShardInfo
 from shardps.proto.plan import ShardRange
-from shardps.proto.retry import Retrier
+from shardps.runtime.retry import Retrier
 from shardps.worker.ps_client import Locator, ShardChannel
 
 

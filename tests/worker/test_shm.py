@@ -15,8 +15,8 @@ import torch
 
 from shardps import LocalCluster, ShardedOptimizer
 from shardps.client.sdk import shard_status
-from shardps.proto import shm
-from shardps.proto.shm import Segment, SegmentFile, ShmUnavailable
+from shardps.runtime import shm
+from shardps.runtime.shm import Segment, SegmentFile, ShmUnavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from shm_pair import train_pair  # noqa: E402
@@ -45,7 +45,7 @@ def test_a_push_given_up_before_its_server_answered_leaves_the_segment_that_serv
     is written into the old one later (done here by the test, mapping it as a server does) no longer
     reaches the model. A push the server answered with an error (its handler ended) moves nothing."""
     from shardps import chaos
-    from shardps.chaos.faults import FaultRule
+    from shardps.runtime.faults import FaultRule
 
     def train_step(opt, model, step):
         x, y = global_batch(step, 24)
@@ -198,7 +198,7 @@ def test_a_full_dev_shm_is_refused_up_front_instead_of_a_sigbus_later(tiny_fs, m
 
 
 def test_sweep_unlinks_the_segments_of_dead_creators_only():
-    code = ("import sys, time; from shardps.proto.shm import Segment; s = Segment.create(10); "
+    code = ("import sys, time; from shardps.runtime.shm import Segment; s = Segment.create(10); "
             "print(s.name, flush=True); time.sleep(60)")
     dead, alive = (subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2))
     try:

@@ -13,9 +13,9 @@ import torch
 
 from shardps import LocalCluster
 from shardps.client.sdk import shard_status
-from shardps.proto import shm
+from shardps.runtime import shm
 from shardps.proto.gen import shardps_pb2 as pb
-from shardps.proto.shm import Segment
+from shardps.runtime.shm import Segment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from shm_pair import train_pair  # noqa: E402

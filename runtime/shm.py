@@ -49,7 +49,7 @@ import threading
 
 import torch
 
-from . import codec
+from ..proto import codec
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"SHARDPS\x01"

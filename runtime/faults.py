@@ -1,4 +1,9 @@
-"""RPC fault injection, a feature: rules that delay, abort or drop calls, set at runtime.
+"""RPC fault injection, the hook every role's server carries: rules that delay, abort or drop calls.
+
+It is runtime, not the fault lab: the interceptor runs inside every coordinator and shard
+server (``runtime.server.role_server`` installs it), in the path of every call. The lab
+(``chaos/``: control, scenarios, network faults, reports) sets its rules from outside,
+through the AdminService served here.
 
 The shape follows gRPC's fault-injection design (gRFC A33): a rule matches calls
 by method and (optionally) calling worker, fires with a probability, and a cap
@@ -18,7 +23,7 @@ Kinds:
 
     injector = FaultInjector()
     injector.add(FaultRule(kind="abort", method="Push", status="UNAVAILABLE", probability=0.5, after=True))
-    server = grpc.server(pool, interceptors=[FaultInterceptor(injector)])
+    server = grpc.server(pool, interceptors=[FaultInterceptor(injector)])   # role_server does this
 """
 from __future__ import annotations
 
@@ -32,10 +37,10 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from ..proto.errors import InvalidArgument
-from ..proto.limits import FIRST_MESSAGE_S
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.rpc import MAX_MESSAGE_BYTES, WORKER_METADATA, abort, create_server as new_grpc_server, translate_errors
+from .rpc import WORKER_METADATA
+from .status import abort, translate_errors
 
 log = logging.getLogger("shardps.faults")
 
@@ -130,6 +135,11 @@ class FaultInjector:
                 self.injected[f"{rule.kind}/{method}"] += 1
                 fired.append(rule)
             return fired
+
+    def counts(self) -> dict[str, int]:
+        """A copy of the injected counters ("kind/method" -> faults), for metrics."""
+        with self._lock:
+            return dict(self.injected)
 
     def release(self, fired: list[FaultRule]) -> None:
         with self._lock:
@@ -263,34 +273,3 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     def GetFaults(self, request, context):
         return pb.GetFaultsResponse(rules=[rule_to_pb(r) for r in self.injector.rules()],
                                     injected=dict(self.injector.injected))
-
-
-def create_server(max_threads: int, max_message_bytes: int = MAX_MESSAGE_BYTES, security=None,
-                  idle_s: float = 300.0, first_message_s: float = FIRST_MESSAGE_S,
-                  streams_per_host: int = 0) -> tuple[grpc.Server, FaultInjector]:
-    """A role's gRPC server with fault injection installed: the interceptor, and AdminService
-    to set its rules at runtime (no rules are active until someone adds one). Credentials are
-    checked first (``proto.security.AuthInterceptor``, settings from ``security`` or the environment);
-    long calls leave handler threads for health, status and control calls, and a host opens at
-    most ``streams_per_host`` request streams (0: no limit below that; ``proto.admission``); a
-    request stream that sends no first message within ``first_message_s``, or nothing for
-    ``idle_s``, is cancelled (``proto.limits``)."""
-    import logging
-
-    from ..proto.admission import AdmissionInterceptor
-    from ..proto.limits import IdleStreamInterceptor, Watchdog
-    from ..proto.security import AuthInterceptor, Security
-
-    security = security if security is not None else Security.from_env()
-    if not security.cluster_token:
-        logging.getLogger("shardps").warning(
-            "SHARDPS_CLUSTER_TOKEN is not set: internal and admin calls (membership, rollbacks, fault injection) "
-            "are open to anyone who reaches this port; set it on every role (LocalCluster and shardps run make "
-            "one up)")
-    injector = FaultInjector()
-    interceptors = [AuthInterceptor(security.token, security.cluster_token),
-                    AdmissionInterceptor(max_threads, streams_per_host),
-                    IdleStreamInterceptor(Watchdog(), idle_s, first_message_s), FaultInterceptor(injector)]
-    server = new_grpc_server(max_threads, max_message_bytes, interceptors=interceptors)
-    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(injector), server)
-    return server, injector

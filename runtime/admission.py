@@ -10,7 +10,7 @@ waits for happens, and a request stream until its caller sends. So calls are of 
   stay free for everything else. A legal job (at most ``threads - 8`` workers, one push per
   worker per server at a time) is therefore always admitted whole, and a sync barrier can
   never be starved by the reserve.
-- quick: health (its Watch has its own small cap, ``proto.health``), AdminService, status and
+- quick: health (its Watch has its own small cap, ``runtime.health``), AdminService, status and
   control calls (GetShardStatus, SetMembership, SetReplicas, every other coordinator call),
   and Replicate (a primary's step waits for it on its backup: refusing it there could stall a
   step whose pushes hold the long slots; only the cluster's credential may call it).
@@ -20,10 +20,10 @@ the whole long capacity: a legal job may run all its workers on one host (``Loca
 does, every worker at 127.0.0.1), and a lower default would refuse part of its barrier. A
 server reached by several worker machines can set it lower so one machine cannot take the
 others' share. Callers who send nothing cannot hold slots for long either way: a stream's
-first message must come within seconds (``proto.limits.IdleStreamInterceptor``).
+first message must come within seconds (``runtime.limits.IdleStreamInterceptor``).
 
 One call too many is answered at once with UNAVAILABLE (the server's own status, so nothing
-of it ran), which workers retry with backoff (``proto.retry``): a brief overlap, a stream still
+of it ran), which workers retry with backoff (``runtime.retry``): a brief overlap, a stream still
 closing while its worker's next one arrives, costs a retry and nothing else.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import contextlib
 import grpc
 
 from .limits import CallerSlots, peer_host
-from .rpc import abort
+from .status import abort
 
 RESERVE_THREADS = 8
 LONG_UNARY = frozenset({"/shardps.v1.ShardService/Checkpoint", "/shardps.v1.CoordinatorService/WatchMembership"})

@@ -1,8 +1,10 @@
 """Prometheus metrics for every role (prometheus-client), read from the cores at scrape time.
 
-Shards and the coordinator already count everything in their plain-Python state;
-a collector turns those counters into metric families when Prometheus scrapes, so
-the push path pays nothing for metrics. Workers time their steps with histograms.
+Shards and the coordinator already count everything in their plain-Python state; at
+scrape time a collector asks its role for one consistent copy of those counters (the
+role's ``gauges()``: ``runtime.gauges``) and turns it into
+metric families, so the push path pays nothing for metrics and this module knows no
+role's state or lock. Workers time their steps with histograms.
 
     shardps server ... --metrics-port 9101    ->  http://host:9101/metrics
 
@@ -27,8 +29,13 @@ slice), so a worker's step splits into ``compute`` and ``push_pull``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .faults import FaultInjector
+from .gauges import PUSH_OUTCOMES, JobGauges, ShardGauges
 
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
 
@@ -39,19 +46,19 @@ def serve(port: int, host: str, registry: CollectorRegistry) -> int:
     return server.server_port
 
 
-def _faults(injector) -> CounterMetricFamily:
+def _faults(injector: FaultInjector) -> CounterMetricFamily:
     family = CounterMetricFamily("shardps_faults_injected", "RPC faults this role injected", labels=["kind", "method"])
-    for key, n in dict(injector.injected).items():
+    for key, n in injector.counts().items():
         kind, _, method = key.partition("/")
         family.add_metric([kind, method], n)
     return family
 
 
 class ShardCollector:
-    """Metrics of one shard server (every job its ``ShardNode`` holds) and its fault injector."""
+    """Metrics of one shard server (``gauges``: every job it holds, each read at one instant) and its fault injector."""
 
-    def __init__(self, node, injector):
-        self.node, self.injector = node, injector
+    def __init__(self, gauges: Callable[[], Iterable[ShardGauges]], injector: FaultInjector):
+        self.gauges, self.injector = gauges, injector
 
     def collect(self):
         yield _faults(self.injector)
@@ -76,36 +83,31 @@ class ShardCollector:
             "staleness": HistogramMetricFamily("shardps_shard_staleness", "Staleness of applied pushes",
                                                labels=labels),
         }
-        for state in list(self.node.states.values()):
-            key = [str(self.node.shard_id), state.job.name]
-            with state.cond:  # one consistent copy
-                s = state.stats
-                pushes = {"received": s.pushes_received, "duplicate": s.pushes_duplicate,
-                          "dropped": s.pushes_dropped, "skipped": s.pushes_skipped, "rejected": s.pushes_rejected}
-                fam["version"].add_metric(key, state.version)
-                fam["epoch"].add_metric(key, state.latest_epoch)
-                fam["bytes"].add_metric([*key, "in"], s.bytes_in)
-                fam["bytes"].add_metric([*key, "out"], s.bytes_out)
-                fam["shm_bytes"].add_metric([*key, "in"], s.shm_bytes_in)
-                fam["shm_bytes"].add_metric([*key, "out"], s.shm_bytes_out)
-                for name, value in (("apply", s.apply_seconds), ("wait", s.wait_seconds), ("rollbacks", s.rollbacks),
-                                    ("rolled", s.steps_rolled_back)):
-                    fam[name].add_metric(key, value)
-                staleness = dict(s.staleness)
-            for outcome, n in pushes.items():
-                fam["pushes"].add_metric([*key, outcome], n)
-            checkpointer = self.node.checkpointer_for(state)
-            fam["checkpoints"].add_metric(key, checkpointer.written if checkpointer else 0)
-            fam["failures"].add_metric(key, checkpointer.failures if checkpointer else 0)
-            buckets = [(str(b), sum(n for k, n in staleness.items() if k <= b)) for b in STALENESS_BUCKETS]
-            buckets.append(("+Inf", sum(staleness.values())))
-            fam["staleness"].add_metric(key, buckets, sum_value=sum(k * n for k, n in staleness.items()))
+        for g in self.gauges():
+            key = [str(g.shard), g.job]
+            fam["version"].add_metric(key, g.version)
+            fam["epoch"].add_metric(key, g.epoch)
+            fam["bytes"].add_metric([*key, "in"], g.bytes_in)
+            fam["bytes"].add_metric([*key, "out"], g.bytes_out)
+            fam["shm_bytes"].add_metric([*key, "in"], g.shm_bytes_in)
+            fam["shm_bytes"].add_metric([*key, "out"], g.shm_bytes_out)
+            for name, value in (("apply", g.apply_seconds), ("wait", g.wait_seconds), ("rollbacks", g.rollbacks),
+                                ("rolled", g.steps_rolled_back), ("checkpoints", g.checkpoints),
+                                ("failures", g.checkpoint_failures)):
+                fam[name].add_metric(key, value)
+            for outcome in PUSH_OUTCOMES:
+                fam["pushes"].add_metric([*key, outcome], g.pushes.get(outcome, 0))
+            buckets = [(str(b), sum(n for k, n in g.staleness.items() if k <= b)) for b in STALENESS_BUCKETS]
+            buckets.append(("+Inf", sum(g.staleness.values())))
+            fam["staleness"].add_metric(key, buckets, sum_value=sum(k * n for k, n in g.staleness.items()))
         yield from fam.values()
 
 
 class CoordinatorCollector:
-    def __init__(self, coordinator, injector):
-        self.c, self.injector = coordinator, injector
+    """Metrics of the coordinator (``gauges``: every job, read at one instant) and its fault injector."""
+
+    def __init__(self, gauges: Callable[[], Iterable[JobGauges]], injector: FaultInjector):
+        self.gauges, self.injector = gauges, injector
 
     def collect(self):
         yield _faults(self.injector)
@@ -117,18 +119,16 @@ class CoordinatorCollector:
         rolled = CounterMetricFamily("shardps_steps_rolled_back", "Steps undone by rollbacks", labels=["job"])
         faults = CounterMetricFamily("shardps_worker_faults", "Worker fault counters, from heartbeats",
                                      labels=["job", "worker", "counter"])
-        with self.c.cond:
-            for name, state in self.c.jobs.items():
-                view = state.latest()
-                epoch.add_metric([name], view.epoch)
-                workers.add_metric([name, "member"], len(view.members))
-                workers.add_metric([name, "pending"], len(state.pending))
-                expiries.add_metric([name], len(state.expired))
-                rollbacks.add_metric([name], len(state.rollbacks))
-                rolled.add_metric([name], sum(r.steps for r in state.rollbacks))
-                for worker, (_, counters) in state.reports.items():
-                    for counter, n in counters.items():
-                        faults.add_metric([name, str(worker), counter], n)
+        for g in self.gauges():
+            epoch.add_metric([g.job], g.epoch)
+            workers.add_metric([g.job, "member"], g.members)
+            workers.add_metric([g.job, "pending"], g.pending)
+            expiries.add_metric([g.job], g.lease_expiries)
+            rollbacks.add_metric([g.job], g.rollbacks)
+            rolled.add_metric([g.job], g.steps_rolled_back)
+            for worker, counters in g.worker_faults.items():
+                for counter, n in counters.items():
+                    faults.add_metric([g.job, str(worker), counter], n)
         yield from (epoch, workers, expiries, rollbacks, rolled, faults)
 
 

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from typing import Callable, TypeVar
 
-from .errors import ShardpsError
+from ..proto.errors import ShardpsError
 
 T = TypeVar("T")
 log = logging.getLogger("shardps.retry")

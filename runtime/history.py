@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from .defaults import setting
+from ..proto.defaults import setting
 
 DEFAULT_MAX_BYTES = 256 << 20  # per process file: ~2 M applied steps; recording stops there, said so
 ENV = setting("history_dir").env  # SHARDPS_HISTORY_DIR

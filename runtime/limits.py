@@ -26,8 +26,8 @@ import time
 
 import grpc
 
-from .defaults import FIRST_MESSAGE_S  # every shardps client sends a stream's first message at once
-from .errors import Unavailable
+from ..proto.defaults import FIRST_MESSAGE_S  # every shardps client sends a stream's first message at once
+from ..proto.errors import Unavailable
 
 
 def peer_host(peer: str) -> str:

@@ -25,7 +25,7 @@ state. Health checks stay open so orchestrators can probe. A role started withou
 ``scripts/dev-certs.sh`` makes a development CA and certificates.
 
     security = Security(token="s3cret")             # or Security.from_env()
-    channel = open_channel("host:7070", security)   # proto.rpc
+    channel = open_channel("host:7070", security)   # runtime.rpc
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from . import rpc
+from .status import abort
 
 AUTH_METADATA = "authorization"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes need no credentials
@@ -167,10 +167,10 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
         return None
 
     def refuse(request, context):
-        rpc.abort(context, code, message)
+        abort(context, code, message)
 
     def refuse_stream(request, context):
-        rpc.abort(context, code, message)
+        abort(context, code, message)
         yield  # pragma: no cover - abort raises
 
     kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
