@@ -96,7 +96,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1000], help="slice size per shard, MB")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--transport", choices=("auto", "grpc"), default="auto",
+    ap.add_argument("--transport", choices=("auto", "tcp", "grpc"), default="auto",
                     help="the worker's pushes and pulls: auto (shared memory on one host) or grpc (as across hosts)")
     ap.add_argument("--lease", type=float, default=1.5,
                     help="primary lease, s (--replica-lease-seconds): detection takes ~1.25x this + 0.5 s")

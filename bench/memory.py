@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--transport", choices=("auto", "grpc"), default="auto")
+    ap.add_argument("--transport", choices=("auto", "tcp", "grpc"), default="auto")
     ap.add_argument("--out")
     args = ap.parse_args()
     from shardps import LocalCluster
