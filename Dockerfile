@@ -18,7 +18,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1 \
-    SHARDPS_HOST=0.0.0.0
+    SHARDPS_HOST=0.0.0.0 \
+    SHARDPS_DATA_PORT=7072
 
 COPY deploy/wheelhouse/ /wheelhouse/
 COPY pyproject.toml README.md /src/shardps/
@@ -41,7 +42,7 @@ USER shardps
 WORKDIR /run-data
 # Each role handles SIGTERM itself (servers checkpoint, then stop); compose adds an init (init: true)
 # so PID 1 also reaps children and forwards signals.
-EXPOSE 7070 7071 9100
+EXPOSE 7070 7071 7072 9100
 HEALTHCHECK --interval=5s --timeout=4s --start-period=30s --retries=5 \
   CMD shardps probe "127.0.0.1:${SHARDPS_PORT:-7070}" --timeout 3
 ENTRYPOINT ["shardps"]
