@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,8 +22,8 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import NoLink, NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
-from ..runtime.link import ACK, HELLO, MAGIC, LinkError, LinkSocket, split_address
+from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
+from ..runtime.link import split_address
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..runtime.retry import Retrier
@@ -33,15 +31,12 @@ from ..runtime.rpc import WORKER_METADATA, open_channel
 from ..runtime.status import error_from_rpc, handler_ended
 from ..runtime.shm import Segment
 from .flat import Staged
+from .transports import BytePath, InStream, LinkKeeper, OnLink, ThroughSegment
 
 log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
 
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
-LINK_CONNECT_S = 3.0  # longest the worker waits to open a byte link before pushing over gRPC instead
-LINK_IDLE_S = 60.0  # a byte link that moves nothing this long within a push is given up
-LINK_FAILURES = 3  # byte links that failed in a row before a shard's pushes go over gRPC for a while
-LINK_BACKOFF_S = (10.0, 120.0)  # that while: the first, doubling up to the second, then links are tried again
 
 
 @dataclass(frozen=True)
@@ -119,11 +114,8 @@ class ShardChannel:
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self.security, self.locate = security, locate
         self.worker_id = worker_id
-        self.use_links = False  # push through a byte link (runtime/link.py) when the shard offers one
-        self._link: LinkSocket | None = None
-        self._link_failures = 0  # in a row; at LINK_FAILURES this shard's pushes go over gRPC until _link_again
-        self._link_again = 0.0  # time.monotonic() from which links are tried again (math.inf: never)
-        self._link_backoff = LINK_BACKOFF_S[0]
+        # The shard's byte link (enabled by PSClient's ``links``): pushes go on it while it works.
+        self.links = LinkKeeper(info.range.shard_id, lambda: self.info.address, self._open_link)
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
         self._moved = threading.Condition()  # guards a move; wakes retries waiting out a backoff
         self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
@@ -143,78 +135,41 @@ class ShardChannel:
                                      response_deserializer=wire.deserializer(pb.PullResponse))
         self._load = ch.stream_unary(method + "LoadState", request_serializer=wire.serializer(pb.LoadStateRequest),
                                      response_deserializer=pb.LoadStateResponse.FromString)
-        self._open_link = ch.unary_unary(method + "OpenLink", request_serializer=pb.OpenLinkRequest.SerializeToString,
+        self._link_call = ch.unary_unary(method + "OpenLink", request_serializer=pb.OpenLinkRequest.SerializeToString,
                                          response_deserializer=pb.OpenLinkResponse.FromString)
         self._status = ch.unary_unary(method + "GetShardStatus",
                                       request_serializer=pb.GetShardStatusRequest.SerializeToString,
                                       response_deserializer=pb.GetShardStatusResponse.FromString)
 
     def close(self) -> None:
-        self._drop_link()
+        self.links.drop()
         self._channel.close()
-
-    # ------------------------------------------------------------------ byte link
 
     @property
     def on_link(self) -> bool:
         """Whether this shard's pushes go on an open byte link now."""
-        return self._link is not None and not self._link.closed
+        return self.links.on_link
 
-    def link(self, timeout: float, epoch: int) -> LinkSocket | None:
-        """This shard's byte link, opened on first use; None where the shard offers none, or while links
-        are backed off after LINK_FAILURES failed in a row (a partition, a firewall): the push then goes
-        over gRPC, and links are tried again after LINK_BACKOFF_S."""
-        if not self.use_links or time.monotonic() < self._link_again:
-            return None
-        if self._link is not None and not self._link.closed:
-            return self._link
-        try:
-            self._link = self._connect_link(min(timeout, LINK_CONNECT_S), epoch)
-        except NoLink as exc:  # the server offers none: never ask it again (until the shard moves)
-            self._link_again = math.inf
-            log.info("shard %d: %s", self.info.range.shard_id, exc)
-        except (ShardpsError, OSError, LinkError) as exc:
-            self._link_failed(f"could not open a byte link to {self.info.address}: {exc}")
-        return self._link
-
-    def _connect_link(self, timeout: float, epoch: int) -> LinkSocket:
+    def _open_link(self, timeout: float, epoch: int) -> tuple[str, int, bytes]:
+        """Ask the shard for a byte link: (host to dial, port, one-time ticket)."""
         request = pb.OpenLinkRequest(target=self.target, worker_id=self.worker_id, epoch=epoch)
         try:
-            reply = self._open_link(request, timeout=timeout, metadata=self._metadata)
+            reply = self._link_call(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("OpenLink")) from None
-        host = split_address(self.info.address)
-        if not host:
-            raise NoLink(f"{self.info.address} is not a TCP address")
-        sock = socket.create_connection((host, reply.port), timeout=timeout)
-        try:
-            sock.sendall(HELLO.pack(MAGIC, reply.ticket))
-            if sock.recv(1) != ACK:
-                raise LinkError("the server closed the link at its hello (ticket refused)")
-        except BaseException:
-            sock.close()
-            raise
-        return LinkSocket(sock, LINK_IDLE_S)
+        return split_address(self.info.address), reply.port, reply.ticket
 
-    def _link_failed(self, why: str) -> None:
-        self._drop_link()
-        self._link_failures += 1
-        if self._link_failures >= LINK_FAILURES:
-            log.warning("shard %d: %s; its pushes go over gRPC for %.0f s (%d byte links failed in a row)",
-                        self.info.range.shard_id, why, self._link_backoff, LINK_FAILURES)
-            self._link_again = time.monotonic() + self._link_backoff
-            self._link_backoff = min(LINK_BACKOFF_S[1], 2 * self._link_backoff)
-            self._link_failures = 0
-        else:
-            log.info("shard %d: %s", self.info.range.shard_id, why)
-
-    def _link_worked(self) -> None:
-        self._link_failures, self._link_backoff = 0, LINK_BACKOFF_S[0]
-
-    def _drop_link(self) -> None:
-        link, self._link = self._link, None
-        if link is not None:
-            link.close()
+    def path_for(self, grad: torch.Tensor | None, out: torch.Tensor, timeout: float, epoch: int,
+                 positions: torch.Tensor | None = None, shm: Segment | None = None) -> BytePath:
+        """Where one attempt's bytes go: the segment, else the byte link (a dense CPU gradient, while the
+        shard offers one and it works), else inside the stream."""
+        if shm is not None:
+            return ThroughSegment(shm)
+        if grad is not None and positions is None and grad.device.type == "cpu":
+            link = self.links.get(timeout, epoch)
+            if link is not None:
+                return OnLink(self.links, link, grad, out, self._what("Push"))
+        return InStream(grad, out, self.chunk_bytes, positions)
 
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
@@ -263,8 +218,7 @@ class ShardChannel:
             log.warning("shard %d moved from %s to %s", self.info.range.shard_id, self.info.address, address)
             old = self._channel
             self.info = ShardInfo(self.info.range, address, self.info.backups)
-            self._drop_link()  # (a push using it fails and is retried on the new server)
-            self._link_failures, self._link_again = 0, 0.0
+            self.links.reset()  # (a push using its link fails and is retried on the new server)
             self._dial(address)
             self._moves += 1
             self._moved.notify_all()
@@ -317,30 +271,13 @@ class ShardChannel:
         """
         header.target.CopyFrom(self.target)
         shard_id = self.info.range.shard_id
-        if shm is not None:
-            header.shm.CopyFrom(pb.ShmSegment(name=shm.name, nonce=shm.nonce))
-            grad = None
-        # A dense CPU gradient may travel on the shard's byte link instead of the stream.
-        linkable = shm is None and grad is not None and positions is None and grad.device.type == "cpu"
 
-        def requests(ended: threading.Event, h: pb.PushHeader, link: LinkSocket | None, deadline: float,
-                     broke: list, commit):
+        def requests(ended: threading.Event, h: pb.PushHeader, path: BytePath, deadline: float, commit):
             yield pb.PushRequest(header=h)
             if buffers is not None:
                 for chunk in codec.views(torch.frombuffer(bytearray(buffers), dtype=torch.uint8), self.chunk_bytes):
                     yield wire.Frame(None, chunk, field=BUFFERS_PUSH_FIELD)
-            if positions is not None:
-                for chunk in codec.views(positions, self.chunk_bytes):
-                    yield wire.Frame(None, chunk, field=4)  # PushRequest.indices
-            if link is not None and grad is not None:
-                try:
-                    link.send(h.link.nonce, grad, deadline)
-                except LinkError as exc:  # the server refused the push, or the link broke: the stream says which
-                    broke.append(exc)
-                    return
-            elif grad is not None:
-                for chunk in codec.views(grad, self.chunk_bytes):
-                    yield wire.Frame(None, chunk)
+            yield from path.gradient(h, deadline)
             if commit is not None:
                 yield pb.PushRequest(commit=pb.PushCommit(options=commit()))
             if clip is not None:
@@ -349,23 +286,18 @@ class ShardChannel:
                     yield pb.PushRequest(clip_total=pb.ClipTotal(step=h.step, total_norm=total))
 
         def attempt():  # the whole push again: the shard applies it at most once
-            link = self.link(timeout, header.epoch) if linkable else None
-            h, pushed_commit = header, commit
-            if link is not None:
-                h = pb.PushHeader()
-                h.CopyFrom(header)
-                h.link.nonce = secrets.randbits(64)
-            if (shm is not None or link is not None) and buffers is not None and commit is None \
-                    and h.HasField("options"):
+            path = self.path_for(grad, out, timeout, header.epoch, positions, shm)
+            h, pushed_commit = path.header(header), commit
+            if not path.in_band and buffers is not None and commit is None and h.HasField("options"):
                 # The stream has no gradient to end the buffers, and the server stops reading at the step
                 # options: the buffers go before them, so the options follow in a PushCommit.
                 h, options = _without_options(h)
                 pushed_commit = lambda: options  # noqa: E731
-            asm, result, blob, ended = codec.Assembler(out=out), None, None, threading.Event()
-            deadline, broke = time.monotonic() + timeout, []
+            result, blob, ended = None, None, threading.Event()
+            deadline = time.monotonic() + timeout
             server_done = False  # the stream ended, or the server's own status said its handler did
             try:
-                for frame in self._push(requests(ended, h, link, deadline, broke, pushed_commit), timeout=timeout,
+                for frame in self._push(requests(ended, h, path, deadline, pushed_commit), timeout=timeout,
                                         metadata=self._metadata):
                     fields = frame.fields
                     if fields is not None and fields.HasField("clip_partial") and clip is not None:
@@ -374,41 +306,22 @@ class ShardChannel:
                         result = fields.result
                         if clip is not None:
                             clip.answered_without_partial()  # no-op once the total is known
-                        if link is not None:  # the slice follows the result on the link
-                            link.receive(h.link.nonce, out, deadline)
+                        path.after_result(h, deadline)
                     if frame.chunk is not None:
                         if frame.field == BUFFERS_REPLY_FIELD:
                             blob = blob or codec.Assembler(expect_dtype=torch.uint8)
                             blob.add(frame.chunk)
                         else:
-                            asm.add(frame.chunk)
+                            path.reply_chunk(frame.chunk)
                 server_done = True
             except grpc.RpcError as exc:
                 server_done = handler_ended(exc)
-                error = error_from_rpc(exc, self._what("Push"))
-                if link is not None:  # the server closes the link whenever a push on it fails
-                    if isinstance(error, (NoLink, Unavailable)):
-                        self._link_failed(f"push on the byte link failed: {error}")
-                    else:  # a refusal on its merits (rolled back, membership changed, ...): not the link's fault
-                        self._drop_link()
-                    if isinstance(error, NoLink):  # the server lost the link (restarted, replaced it): again
-                        raise Unavailable(f"{error} (retrying)") from None
-                raise error from None
-            except LinkError as exc:
-                self._link_failed(f"the byte link to {self.info.address} broke: {exc}")
-                raise Unavailable(f"{self._what('Push')}: the byte link broke ({exc}); retrying") from None
+                raise path.failed(error_from_rpc(exc, self._what("Push"))) from None
             finally:
-                if shm is not None and result is None and not server_done:
-                    shm.exposed = True  # given up before the reply: the server may still write it in, later
+                path.ended(result is not None, server_done)
                 if clip is not None:
                     clip.ended(ended)  # a request stream waiting for the total gives up
-            if broke:  # the server answered although the gradient did not all go out: trust neither
-                self._link_failed(f"the byte link to {self.info.address} broke: {broke[0]}")
-                raise Unavailable(f"{self._what('Push')}: the byte link broke ({broke[0]}); retrying")
-            if link is not None:
-                self._link_worked()
-            elif shm is None:
-                asm.finish()
+            path.done()
             return result, blob.finish().numpy().tobytes() if blob is not None else None
 
         result, blob = self._call("Push", attempt)
@@ -534,7 +447,7 @@ class PSClient:
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
                        for info in plan]
         for shard in self.shards:
-            shard.use_links = links
+            shard.links.enabled = links
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
         self._stop = threading.Event()
         if locate is not None:  # a replicated job: follow primaries that move

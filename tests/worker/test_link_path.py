@@ -97,7 +97,7 @@ def test_a_server_that_offers_no_link_takes_the_same_push_inside_grpc_and_is_not
         values = torch.zeros(N)
         assert push(ps, 0, torch.full((N,), 2.0), values).version == 1
         assert torch.allclose(values, torch.full((N,), 0.8)) and state.transport[0] == "grpc"
-        assert not ps.shards[0].on_link and ps.shards[0]._link_again == float("inf")
+        assert not ps.shards[0].on_link and ps.shards[0].links.refused
     finally:
         ps.close()
 
@@ -131,7 +131,7 @@ def test_a_link_that_breaks_while_its_push_waits_for_the_step_costs_a_retry_neve
         while state.policy.waiting_pushes() < 1:  # worker 0's gradient is in; its reply waits for worker 1
             assert time.monotonic() < deadline and waiting.is_alive()
             time.sleep(0.01)
-        first.shards[0]._link.close()  # its link resets: the reply cannot come back on it
+        first.shards[0].links._link.close()  # its link resets: the reply cannot come back on it
         push(second, 1, torch.full((N,), 4.0), values1)
         waiting.join(60)
         assert replies and replies[0].duplicate  # sent again on a new link, answered as the retry it is
@@ -159,7 +159,7 @@ def test_a_flood_of_silent_or_lying_connections_on_the_link_port_stops_no_push(s
             flood.append(s)
         assert push(ps, 0, torch.full((N,), 2.0), values, step=1).version == 2  # on the link it has
         assert hub.links() == 1 and hub.refused > 0
-        ps.shards[0]._link.close()  # a new link is opened once the handshakes time out, or gRPC takes the push
+        ps.shards[0].links._link.close()  # a new link is opened once the handshakes time out, or gRPC takes the push
         assert push(ps, 0, torch.full((N,), 2.0), values, step=2).version == 3
         assert torch.equal(values, state.param)
     finally:
