@@ -58,11 +58,23 @@ def test_an_edit_behind_the_optimizers_back_is_named_and_upload_params_makes_it_
 
 
 @pytest.mark.slow
-def test_add_param_group_raises_instead_of_ignoring_the_parameters(cluster):
+def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_optimizer_as_it_was(cluster):
     model, opt = one_worker(cluster, "guard-groups")
+    extra = torch.nn.Parameter(torch.ones(2))
     try:
-        with pytest.raises(RuntimeError, match="pass every param group to the constructor"):
-            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+        with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+            opt.add_param_group({"params": [model.weight]})
+        backward(model)
+        opt.clip_grad_norm_(1.0)
+        with pytest.raises(RuntimeError, match="after step"):  # this step's pushes started without it
+            opt.add_param_group({"params": [extra]})
+        opt.step()
+        assert len(opt.param_groups) == 1 and not opt.extensions
+        opt.add_param_group({"params": [extra], "lr": 0.5})  # one worker: it agrees with itself
+        extra.grad = torch.ones(2)
+        opt.step()
+        assert torch.allclose(extra.detach(), torch.full((2,), 0.5))  # SGD at the group's own lr
+        assert opt.state_dict()["param_groups"][1]["params"] == [2]  # torch's numbering, across both
     finally:
         opt.close()
 
