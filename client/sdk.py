@@ -20,7 +20,7 @@ from ..proto.assemble import hyper_groups, model_state_dict, optimizer_state_dic
 from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
+from ..proto.messages import added_group_jobs, job_from_pb, mode_from_pb, view_from_pb
 from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
 
 
@@ -52,7 +52,7 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
     with CoordinatorClient(address, security=security) as coord:
         st = coord.status(job)
     out: dict = {"coordinator": address, "job_id": st.job_id, "num_servers": st.num_servers, "job": None,
-                 "jobs": list(st.job_names), "coordinator_generation": st.generation}
+                 "jobs": list(st.job_names), "coordinator_generation": st.generation, "added_groups": []}
     if st.job_id:
         job = job_from_pb(st.job)
         out["job"] = {"mode": job.mode.value, "optimizer": job.optimizer, "optimizer_kwargs": job.optimizer_kwargs,
@@ -60,6 +60,8 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
                       "min_workers": job.min_workers, "parameters": len(job.layout.params),
                       "backup_workers": job.backup_workers, "staleness_lr": job.staleness_lr,
                       "staleness_bound": job.staleness_bound, "replicas": job.replicas}
+        # Param groups added during training are jobs of their own (worker/param_groups.py).
+        out["added_groups"] = added_group_jobs(job.name, st.job_names)
     view = view_from_pb(st.view)
     shards = []
     addresses = {s.shard_id: s.address for s in st.servers}

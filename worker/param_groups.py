@@ -30,7 +30,7 @@ import torch
 
 from ..proto import optim
 from ..proto.errors import FailedPrecondition
-from ..proto.messages import UpdateMode
+from ..proto.messages import UpdateMode, added_group_job
 from . import torch_compat
 from .collectives import encode
 
@@ -40,11 +40,6 @@ if TYPE_CHECKING:
 PREFIX = "add_param_group#"  # the agreement collective's name: PREFIX + index [+ "@" + step]
 FIX = ("every worker must call add_param_group with the same parameters (names and shapes) and the same "
        "hyper-parameters before the same step()")
-
-
-def extension_job(job_name: str, index: int) -> str:
-    """The name of the job that holds param group ``index`` of job ``job_name``."""
-    return f"{job_name}.g{index}"
 
 
 def add(opt: "ShardedOptimizer", param_group: dict[str, Any]) -> None:
@@ -127,7 +122,7 @@ def _extend(opt: "ShardedOptimizer", index: int, group: dict[str, Any], names: l
     from .optimizer import ShardedOptimizer  # the module that imports this one
 
     return ShardedOptimizer([{"params": list(zip(names, group["params"])), **kwargs}], optimizer=opt.job.optimizer,
-               job=extension_job(opt.job.name, index), min_workers=opt.world_size, **opt._extend_args)
+               job=added_group_job(opt.job.name, index), min_workers=opt.world_size, **opt._extend_args)
 
 
 class ShiftedExchange:

@@ -366,7 +366,10 @@ def add_group(env: Env) -> dict:
     norms += _clipped(env, model, opt, range(5, env.steps))
     out = {"model": _sd(model), "optim": opt.state_dict(), "norms": norms, "checkpoint": checkpoint}
     if env.sharded:
+        from shardps.client.sdk import cluster_status
+
         out["export"] = opt.model_state_dict()
+        out["status"] = cluster_status(env.cluster, opt.job.name)  # shardps status --job NAME
     # Resume: the model and optimizer are built as at the start, the group added, the state loaded.
     model = _frozen_mlp()
     model.load_state_dict(checkpoint["model"])
