@@ -1,4 +1,5 @@
 """What a torch user's habits meet on a ShardedOptimizer: clear words where the semantics differ."""
+import copy
 import warnings
 
 import pytest
@@ -75,6 +76,32 @@ def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_op
         opt.step()
         assert torch.allclose(extra.detach(), torch.full((2,), 0.5))  # SGD at the group's own lr
         assert opt.state_dict()["param_groups"][1]["params"] == [2]  # torch's numbering, across both
+    finally:
+        opt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_added_group_is_clipped_together_with_the_rest_as_torch_clips_one_optimizer(cluster, overlap):
+    model, opt = one_worker(cluster, f"guard-clip-added-{overlap}", overlap=overlap)
+    plain, extra = copy.deepcopy(model), torch.nn.Parameter(torch.ones(3))
+    plain_extra = torch.nn.Parameter(extra.detach().clone())
+    stock = torch.optim.SGD(plain.parameters(), lr=0.1)
+    try:
+        opt.add_param_group({"params": [extra], "lr": 0.5})
+        stock.add_param_group({"params": [plain_extra], "lr": 0.5})
+        x = torch.randn(2, 4)
+        norms = []
+        for m, e, o in ((model, extra, opt), (plain, plain_extra, stock)):
+            o.zero_grad()
+            (m(x).sum() + (3 * e ** 2).sum()).backward()
+            clip = o.clip_grad_norm_ if o is opt else (lambda n: torch.nn.utils.clip_grad_norm_(
+                [*plain.parameters(), plain_extra], n))
+            norms.append(float(clip(0.5)))
+            o.step()
+        assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[1] > 0.5  # one norm over both; it clipped
+        assert torch.allclose(extra.detach(), plain_extra.detach(), atol=1e-6)
+        assert torch.allclose(model.weight.detach(), plain.weight.detach(), atol=1e-6)
     finally:
         opt.close()
 
