@@ -317,8 +317,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.ps.use_segment(self.flat.segment)
 
     def pull(self) -> list[int]:
-        """Load the shards' current parameters (and the job's buffers) into the model; return each
-        shard's version."""
+        """Load the shards' current parameters (and the job's buffers) into the model, added param
+        groups' included; return each of this job's shards' version."""
+        for ext in self.extensions:
+            ext.pull()
         return self._pull()
 
     def _buffers_blob(self) -> bytes | None:
@@ -330,6 +332,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         In sync mode every worker that makes the same edit may call it; the result is the same."""
         self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob(), replace=True)
         self.flat.scatter_params()
+        for ext in self.extensions:  # added param groups' parameters are the model's too
+            ext.upload_params()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state_dict as the shards hold it (parameters under every tied name, buffers),

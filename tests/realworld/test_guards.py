@@ -76,6 +76,13 @@ def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_op
         opt.step()
         assert torch.allclose(extra.detach(), torch.full((2,), 0.5))  # SGD at the group's own lr
         assert opt.state_dict()["param_groups"][1]["params"] == [2]  # torch's numbering, across both
+        with torch.no_grad():
+            extra.fill_(2.0)
+        opt.upload_params()  # the edit goes to the added group's shards too ...
+        with torch.no_grad():
+            extra.zero_()
+        opt.pull()  # ... and comes back from them
+        assert torch.equal(extra.detach(), torch.full((2,), 2.0))
     finally:
         opt.close()
 
