@@ -45,7 +45,7 @@ import torch
 from ..coordinator.client import CoordinatorClient
 from ..proto import buffers as buffer_file
 from ..proto import optim
-from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optimizer_state
+from ..proto.assemble import merge_state, model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.defaults import PUSH_TIMEOUT_S
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
@@ -637,7 +637,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         into the stock torch class built over the same param groups (frozen parameters included)."""
         shards = [tensors for _, tensors, _ in self.ps.pull_state()]
         own = optimizer_state_dict(self.job, shards, self.param_groups[:self._own_groups])
-        return added_groups.merge_state([own, *(ext.state_dict() for ext in self.extensions)])
+        return merge_state([own, *(ext.state_dict() for ext in self.extensions)])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take over a torch.optim state_dict (the stock class's, or this class's): the param

@@ -139,18 +139,6 @@ class ShiftedExchange:
         return getattr(self._exchange, name)
 
 
-def merge_state(parts: list[dict]) -> dict:
-    """One torch.optim state_dict from the job's and each added group's (each numbered from 0): ids
-    and groups follow one another, as torch numbers the parameters of one optimizer."""
-    state, groups, offset = {}, [], 0
-    for part in parts:
-        count = sum(len(g["params"]) for g in part["param_groups"])
-        state.update({offset + int(i): entry for i, entry in part["state"].items()})
-        groups += [{**g, "params": [offset + int(i) for i in g["params"]]} for g in part["param_groups"]]
-        offset += count
-    return {"state": state, "param_groups": groups}
-
-
 def split_state(state_dict: dict, jobs: list, own_groups: int) -> list[dict]:
     """A torch.optim state_dict cut into the job's part (its first ``own_groups`` groups) and one part
     per added group, each numbered from 0 in its groups' order (torch matches ids by position)."""

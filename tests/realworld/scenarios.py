@@ -370,6 +370,7 @@ def add_group(env: Env) -> dict:
 
         out["export"] = opt.model_state_dict()
         out["status"] = cluster_status(env.cluster, opt.job.name)  # shardps status --job NAME
+        out["exported"] = _export(env.cluster, opt.job.name)  # shardps export --job NAME --optimizer-state
     # Resume: the model and optimizer are built as at the start, the group added, the state loaded.
     model = _frozen_mlp()
     model.load_state_dict(checkpoint["model"])
@@ -380,6 +381,17 @@ def add_group(env: Env) -> dict:
     _clipped(env, model, opt, range(5, env.steps))
     out["resumed"] = {"model": _sd(model), "optim": opt.state_dict()}
     return out
+
+
+def _export(cluster: str, job: str) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from shardps.client.sdk import export_model, load_model_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_model(cluster, Path(tmp) / "model.safetensors", optimizer_state=True, job=job)
+        return {"model": load_model_file(files["model"]), "optim": torch.load(files["optimizer"], weights_only=False)}
 
 
 def _refused(env: Env, job: str, add, go_on: bool) -> dict:

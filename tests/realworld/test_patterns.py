@@ -186,6 +186,8 @@ def test_a_param_group_added_mid_run_trains_clips_checkpoints_and_resumes_as_in_
     close_state(workers[0]["resumed"]["optim"], want["resumed"]["optim"])
     close(workers[0]["export"], want["model"], tol=1e-6)  # the export holds the added group's parameters
     assert workers[0]["status"]["added_groups"] == ["add_group-add-group.g2"]  # status names the group's job
+    close(workers[0]["exported"]["model"], want["model"], tol=1e-6)  # shardps export: the group's job too
+    close_state(workers[0]["exported"]["optim"], want["optim"])
     stock = torch.optim.AdamW(S._backbone_groups(frozen), lr=0.01)
     stock.add_param_group({"params": list(frozen[2].parameters()), "lr": 0.005, "weight_decay": 0.1})
     stock.load_state_dict(workers[0]["optim"])  # the state_dict loads into torch's optimizer built the same way
