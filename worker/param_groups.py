@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..proto import optim
-from ..proto.errors import FailedPrecondition
+from ..proto.errors import FailedPrecondition, WaitTimeout
 from ..proto.messages import UpdateMode, added_group_job
 from . import torch_compat
 from .collectives import encode
@@ -74,9 +74,13 @@ def agree(opt: "ShardedOptimizer", index: int, group: dict[str, Any]) -> None:
     sync = opt.job.mode is not UpdateMode.ASYNC
     name = PREFIX + str(index) + (f"@{step}" if sync else "")
     mine = {"step": step, "group": group}  # in sync and ssp jobs the step is in the collective's name
-    parts = opt.collectives.all_gather(mine, name=name, timeout=opt.step_timeout)
     what = (f"param group {index} ({len(group['names'])} parameters: {', '.join(group['names'][:4])}"
             f"{', ...' if len(group['names']) > 4 else ''}) added before step {step} of job {opt.job.name!r}")
+    try:
+        parts = opt.collectives.all_gather(mine, name=name, timeout=opt.step_timeout)
+    except WaitTimeout:  # e.g. an ssp worker ahead added it before a later step, or one never pushes again
+        raise FailedPrecondition(f"{what}: not every worker added it within the step timeout "
+                                 f"({opt.step_timeout:.0f}s); nothing was added ({FIX})") from None
     for rank, theirs in enumerate(parts):
         if theirs.get("refused"):
             raise FailedPrecondition(f"{what}: the worker of rank {rank} pushed step {theirs['step']} without it; "
