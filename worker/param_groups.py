@@ -32,7 +32,7 @@ from ..proto import optim
 from ..proto.errors import FailedPrecondition, WaitTimeout
 from ..proto.messages import UpdateMode, added_group_job
 from . import torch_compat
-from .collectives import encode
+from .collectives import decode, encode
 
 if TYPE_CHECKING:
     from .optimizer import ShardedOptimizer
@@ -73,7 +73,8 @@ def agree(opt: "ShardedOptimizer", index: int, group: dict[str, Any]) -> None:
     step = opt.steps_taken
     sync = opt.job.mode is not UpdateMode.ASYNC
     name = PREFIX + str(index) + (f"@{step}" if sync else "")
-    mine = {"step": step, "group": group}  # in sync and ssp jobs the step is in the collective's name
+    # As the others will read it (JSON: tuples become lists). In sync and ssp jobs the step is in the name too.
+    mine = decode(encode({"step": step, "group": group}))
     what = (f"param group {index} ({len(group['names'])} parameters: {', '.join(group['names'][:4])}"
             f"{', ...' if len(group['names']) > 4 else ''}) added before step {step} of job {opt.job.name!r}")
     try:
@@ -87,7 +88,7 @@ def agree(opt: "ShardedOptimizer", index: int, group: dict[str, Any]) -> None:
                                      f"nothing was added ({FIX})")
         if theirs != mine:
             raise FailedPrecondition(f"{what}: the worker of rank {rank} added a different group "
-                                     f"({'; '.join(_differences(group, theirs['group']))}); nothing was added ({FIX})")
+                                     f"({'; '.join(_differences(mine['group'], theirs['group']))}); nothing was added ({FIX})")
 
 
 def _differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
@@ -126,7 +127,8 @@ def _extend(opt: "ShardedOptimizer", index: int, group: dict[str, Any], names: l
     from .optimizer import ShardedOptimizer  # the module that imports this one
 
     return ShardedOptimizer([{"params": list(zip(names, group["params"])), **kwargs}], optimizer=opt.job.optimizer,
-               job=added_group_job(opt.job.name, index), min_workers=opt.world_size, **opt._extend_args)
+                            job=added_group_job(opt.job.name, index), min_workers=opt.world_size,
+                            **opt._extend_args)
 
 
 class ShiftedExchange:
