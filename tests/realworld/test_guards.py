@@ -59,8 +59,9 @@ def test_an_edit_behind_the_optimizers_back_is_named_and_upload_params_makes_it_
 
 
 @pytest.mark.slow
-def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_optimizer_as_it_was(cluster):
-    model, opt = one_worker(cluster, "guard-groups")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_optimizer_as_it_was(cluster, mode):
+    model, opt = one_worker(cluster, f"guard-groups-{mode}", mode=mode)
     extra = torch.nn.Parameter(torch.ones(2))
     try:
         with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
