@@ -92,24 +92,27 @@ def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_op
 @pytest.mark.parametrize("overlap", [False, True])
 def test_an_added_group_is_clipped_together_with_the_rest_as_torch_clips_one_optimizer(cluster, overlap):
     model, opt = one_worker(cluster, f"guard-clip-added-{overlap}", overlap=overlap)
-    plain, extra = copy.deepcopy(model), torch.nn.Parameter(torch.ones(3))
-    plain_extra = torch.nn.Parameter(extra.detach().clone())
+    plain, extra = copy.deepcopy(model), [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    plain_extra = [torch.nn.Parameter(e.detach().clone()) for e in extra]
     stock = torch.optim.SGD(plain.parameters(), lr=0.1)
     try:
-        opt.add_param_group({"params": [extra], "lr": 0.5})
-        stock.add_param_group({"params": [plain_extra], "lr": 0.5})
+        for o, e in ((opt, extra), (stock, plain_extra)):  # two groups added: three jobs clip as one
+            o.add_param_group({"params": [e[0]], "lr": 0.5})
+            o.add_param_group({"params": [e[1]], "lr": 0.25})
         x = torch.randn(2, 4)
         norms = []
         for m, e, o in ((model, extra, opt), (plain, plain_extra, stock)):
             o.zero_grad()
-            (m(x).sum() + (3 * e ** 2).sum()).backward()
+            (m(x).sum() + (3 * e[0] ** 2).sum() + (e[1] ** 3).sum()).backward()
             clip = o.clip_grad_norm_ if o is opt else (lambda n: torch.nn.utils.clip_grad_norm_(
-                [*plain.parameters(), plain_extra], n))
+                [*plain.parameters(), *plain_extra], n))
             norms.append(float(clip(0.5)))
             o.step()
-        assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[1] > 0.5  # one norm over both; it clipped
-        assert torch.allclose(extra.detach(), plain_extra.detach(), atol=1e-6)
+        assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[1] > 0.5  # one norm over all; it clipped
+        for got, want in zip(extra, plain_extra):
+            assert torch.allclose(got.detach(), want.detach(), atol=1e-6)
         assert torch.allclose(model.weight.detach(), plain.weight.detach(), atol=1e-6)
+        assert [g["params"] for g in opt.state_dict()["param_groups"]] == [[0, 1], [2], [3]]
     finally:
         opt.close()
 
