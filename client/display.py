@@ -76,6 +76,9 @@ def print_status(st: dict) -> None:
     else:
         console.print(f"job {st['job_id']}: {job['mode']}, {job['optimizer']} {job['optimizer_kwargs']}, "
                       f"{job['numel']:,} parameters, min_workers {job['min_workers']}")
+    if st.get("added_groups"):
+        console.print(f"param groups added during training, each a job of its own: {', '.join(st['added_groups'])} "
+                      "(shardps status --job NAME)")
     m = st["membership"]
     workers = Table(title=f"membership (epoch {m['epoch']})", title_justify="left")
     for col in ("worker", "rank", "name", "device", "last push", "heartbeat", "step", "retries", "timeouts",

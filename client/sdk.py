@@ -16,11 +16,11 @@ import torch
 
 from ..coordinator.client import CoordinatorClient
 from ..proto import buffers as buffer_file
-from ..proto.assemble import hyper_groups, model_state_dict, optimizer_state_dict
+from ..proto.assemble import hyper_groups, merge_state, model_state_dict, optimizer_state_dict
 from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.messages import job_from_pb, mode_from_pb, view_from_pb
+from ..proto.messages import added_group_jobs, job_from_pb, mode_from_pb, view_from_pb
 from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
 from ..runtime.status import error_from_rpc
 
@@ -53,7 +53,7 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
     with CoordinatorClient(address, security=security) as coord:
         st = coord.status(job)
     out: dict = {"coordinator": address, "job_id": st.job_id, "num_servers": st.num_servers, "job": None,
-                 "jobs": list(st.job_names), "coordinator_generation": st.generation}
+                 "jobs": list(st.job_names), "coordinator_generation": st.generation, "added_groups": []}
     if st.job_id:
         job = job_from_pb(st.job)
         out["job"] = {"mode": job.mode.value, "optimizer": job.optimizer, "optimizer_kwargs": job.optimizer_kwargs,
@@ -61,6 +61,8 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
                       "min_workers": job.min_workers, "parameters": len(job.layout.params),
                       "backup_workers": job.backup_workers, "staleness_lr": job.staleness_lr,
                       "staleness_bound": job.staleness_bound, "replicas": job.replicas}
+        # Param groups added during training are jobs of their own (worker/param_groups.py).
+        out["added_groups"] = added_group_jobs(job.name, st.job_names)
     view = view_from_pb(st.view)
     shards = []
     addresses = {s.shard_id: s.address for s in st.servers}
@@ -137,43 +139,57 @@ def _faults_injected(coordinator: str, servers: dict[int, str], security=None) -
 def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = False, job: str = "",
                  security=None) -> dict:
     """Assemble the model's ``state_dict`` (names, shapes, dtypes) from the shards and write it.
+    Param groups added during training (jobs of their own, ``<job>.g<index>``) are part of it.
 
     ``.safetensors`` files are written with safetensors, anything else with ``torch.save``.
     With ``optimizer_state`` the torch.optim-shaped state goes to ``<stem>.optim.pt``.
-    Returns {"model": path, "optimizer": path or None, "versions": [...], "numel": n}.
+    Returns {"model": path, "optimizer": path or None, "versions": [...], "numel": n, "added_groups": {...}}.
     """
-    from ..worker.ps_client import PSClient
-
     with CoordinatorClient(address, security=security) as coord:
         job_id, spec, plan = coord.job(job)
-    if not job_id:
-        raise FailedPrecondition(f"the cluster at {address} has no job {job or 'default'!r}: nothing to export")
-    job = spec
+        if not job_id:
+            raise FailedPrecondition(f"the cluster at {address} has no job {job or 'default'!r}: nothing to export")
+        added = [(name, *coord.job(name)) for name in added_group_jobs(spec.name, coord.status(job).job_names)]
+    parts = [_pull_job(job_id, spec, plan, optimizer_state, security)]
+    parts += [_pull_job(i, s, p, optimizer_state, security) for _, i, s, p in added if i]
+    versions, flat, blob, shards = parts[0]
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"shardps_job_id": job_id, "versions": json.dumps(versions), "fingerprint": spec.layout.fingerprint}
+    model = model_state_dict(spec.layout, flat, buffer_file.decode(blob) if blob is not None else {})
+    jobs = [spec, *(s for _, i, s, _ in added if i)]
+    for part_job, (_, part_flat, _, _) in zip(jobs[1:], parts[1:]):
+        model.update(model_state_dict(part_job.layout, part_flat, {}))
+    if added:
+        meta["added_groups"] = json.dumps({name: part[0] for (name, *_), part in zip(added, parts[1:])})
+    _atomic_save(model, path, meta)
+    optim_path = None
+    if optimizer_state:
+        optim_path = path.with_name(path.stem + ".optim.pt")
+        whole = merge_state([optimizer_state_dict(j, [t for _, t, _ in part[3]], hyper_groups(j, part[3][0][2]))
+                             for j, part in zip(jobs, parts)])
+        _atomic_save(whole, optim_path, None)
+    return {"model": str(path), "optimizer": str(optim_path) if optim_path else None, "versions": versions,
+            "numel": sum(j.layout.numel for j in jobs), "added_groups": {name: part[0] for (name, *_), part
+                                                                       in zip(added, parts[1:])}}
+
+
+def _pull_job(job_id: str, job, plan, optimizer_state: bool, security) -> tuple:
+    """(versions, flat parameters, buffers file or None, [(version, tensors, hyper json)] or None) of one job."""
+    from ..worker.ps_client import PSClient
+
     ps = PSClient(plan, job_id, job.layout.fingerprint, chunk_bytes=1 << 20, timeout=120.0, security=security)
     try:
         if optimizer_state:
             shards = ps.pull_state()
-            versions = [v for v, _, _ in shards]
-            flat = torch.cat([t["param"] for _, t, _ in shards])
             found = next((t["buffers"] for _, t, _ in shards if "buffers" in t), None)
-            blob = found.numpy().tobytes() if found is not None else None
-        else:
-            flat = torch.empty(job.layout.numel)
-            versions, blob = ps.pull(flat, buffers=True)
+            return ([v for v, _, _ in shards], torch.cat([t["param"] for _, t, _ in shards]),
+                    found.numpy().tobytes() if found is not None else None, shards)
+        flat = torch.empty(job.layout.numel)
+        versions, blob = ps.pull(flat, buffers=True)
+        return versions, flat, blob, None
     finally:
         ps.close()
-    buffers = buffer_file.decode(blob) if blob is not None else {}
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"shardps_job_id": job_id, "versions": json.dumps(versions), "fingerprint": job.layout.fingerprint}
-    _atomic_save(model_state_dict(job.layout, flat, buffers), path, meta)
-    optim_path = None
-    if optimizer_state:
-        optim_path = path.with_name(path.stem + ".optim.pt")
-        groups = hyper_groups(job, shards[0][2])
-        _atomic_save(optimizer_state_dict(job, [t for _, t, _ in shards], groups), optim_path, None)
-    return {"model": str(path), "optimizer": str(optim_path) if optim_path else None, "versions": versions,
-            "numel": job.layout.numel}
 
 
 def _atomic_save(obj, path: Path, metadata: dict | None) -> None:

@@ -76,6 +76,11 @@ class Rounds:
         self.close_if_complete(view, key)
         return r
 
+    def awaiting(self, worker_id: int) -> list[str]:
+        """The names of the open rounds others contributed to and ``worker_id`` has not (the heartbeat
+        tells a worker blocked elsewhere, e.g. in a step, that the others wait for it here)."""
+        return sorted({name for (name, _), r in self.open.items() if r.payloads and worker_id not in r.payloads})
+
     def close_if_complete(self, view, key: tuple[str, int]) -> bool:
         """Close the round if every member of ``view`` contributed (a member that left the view no
         longer counts; its payload is dropped)."""

@@ -91,7 +91,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         with self.c.cond:
             state = self.c.job(request.job_id)
             waiting, abandoned = state.waiting_for, state.abandoned
-        return pb.HeartbeatResponse(epoch=epoch, lease_ms=int(lease * 1000), waiting_for=waiting, abandoned=abandoned)
+            collectives = state.rounds.awaiting(request.worker_id)
+        return pb.HeartbeatResponse(epoch=epoch, lease_ms=int(lease * 1000), waiting_for=waiting, abandoned=abandoned,
+                                    collectives_waiting=collectives)
 
     @translate_errors
     def ReportRestore(self, request, context):

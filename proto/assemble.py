@@ -85,6 +85,18 @@ def optimizer_state_dict(job, shards: Sequence[dict[str, torch.Tensor]],
     return {"state": param_states(job.layout, shards), "param_groups": saved}
 
 
+def merge_state(parts: list[dict]) -> dict:
+    """One torch.optim state_dict from the job's and each added group's (each numbered from 0): ids
+    and groups follow one another, as torch numbers the parameters of one optimizer."""
+    state, groups, offset = {}, [], 0
+    for part in parts:
+        count = sum(len(g["params"]) for g in part["param_groups"])
+        state.update({offset + int(i): entry for i, entry in part["state"].items()})
+        groups += [{**g, "params": [offset + int(i) for i in g["params"]]} for g in part["param_groups"]]
+        offset += count
+    return {"state": state, "param_groups": groups}
+
+
 def split_optimizer_state(job, state_dict: dict, ranges: Sequence[ShardRange]) -> list[dict[str, torch.Tensor]]:
     """A torch.optim state_dict cut into each shard's pieces (``optim/<i>/<key>``), in ``ranges``'
     order. Raises ValueError naming a tensor that does not fit its parameter."""

@@ -28,6 +28,19 @@ MAX_GRAD_SCALE = 3.4028234663852886e38  # the largest float32
 DEFAULT_JOB = "default"
 JOB_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # job names name checkpoint folders too
 
+
+def added_group_job(job_name: str, index: int) -> str:
+    """The job that holds param group ``index`` of job ``job_name``, added during training
+    (``ShardedOptimizer.add_param_group``, worker/param_groups.py)."""
+    return f"{job_name}.g{index}"
+
+
+def added_group_jobs(job_name: str, names) -> list[str]:
+    """Of the cluster's job ``names``, those holding param groups added to ``job_name``, in group order."""
+    pattern = re.compile(re.escape(job_name) + r"\.g(\d+)")
+    found = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
+    return [n for _, n in sorted(found)]
+
 _DTYPE_NAMES = {
     "float32": pb.DTYPE_FLOAT32,
     "float64": pb.DTYPE_FLOAT64,

@@ -4,7 +4,9 @@ Each beat reports the worker's step and fault counters (for status). The thread
 notes, for the training thread to act on, a newer membership epoch (``view_changed``:
 its rank may have changed), an eviction (``evicted``: the lease ran out and the worker
 must register again), and why the job cannot go on when it cannot (``waiting_for``,
-logged when it appears; ``abandoned`` when the other workers left the job).
+logged when it appears; ``abandoned`` when the other workers left the job), and the
+collectives the other members wait in for this worker (``collectives_waiting``: a param
+group they added, see ``worker.param_groups``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class Heartbeat:
         self.evicted = ""  # why this worker is no longer in the job ("" while it is)
         self.waiting_for = ""  # why the job cannot make progress ("" while it can)
         self.abandoned = False  # the other workers left: a step that needs them will never close
+        self.collectives_waiting: tuple[str, ...] = ()  # collectives the other members wait in for this worker
         self._thread = threading.Thread(target=self._run, name="shardps-heartbeat", daemon=True)
         self._thread.start()
 
@@ -45,6 +48,7 @@ class Heartbeat:
             if reply.waiting_for and reply.waiting_for != self.waiting_for:
                 log.warning("job %s cannot go on: %s", opt.job.name, reply.waiting_for)
             self.waiting_for, self.abandoned = reply.waiting_for, reply.abandoned
+            self.collectives_waiting = tuple(reply.collectives_waiting)
             if epoch > getattr(opt, "epoch", epoch):
                 self.view_changed.set()
 

@@ -17,6 +17,9 @@ Trainer sets up its environment, before the ``setup`` hooks: Lightning needs the
 early (who logs, the checkpoint directory rank 0 broadcasts). So the model's layers must
 exist by then: build them in ``__init__``, not in ``configure_model``. Training data must
 come in a DataLoader Lightning can give a DistributedSampler (``use_distributed_sampler``).
+Fine-tuning callbacks (``BackboneFinetuning``, any ``BaseFinetuning``) freeze before the
+optimizers are built, as Lightning promises, and the group they add at an epoch's start is
+added to the job on every worker (``ShardedOptimizer.add_param_group``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.core.optimizer import LightningOptimizer, _init_optimizers_and_lr_schedulers
 from lightning.pytorch.strategies import ParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -106,6 +110,13 @@ class ShardpsStrategy(ParallelStrategy):
                                "runs: build the model's layers in __init__")
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        trainer = module._trainer
+        # Lightning calls a fine-tuning callback's freeze_before_training before configure_optimizers (in its
+        # setup hook); the job is defined earlier than that here, so it is called first (freezing twice is
+        # harmless): a backbone it freezes stays out of the optimizer until the callback adds its group.
+        for callback in getattr(trainer, "callbacks", None) or ():
+            if isinstance(callback, BaseFinetuning):
+                callback.freeze_before_training(module)
         optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
         if not optimizers:
             raise RuntimeError("configure_optimizers returned no optimizer: a shardps job trains with one")
@@ -123,7 +134,6 @@ class ShardpsStrategy(ParallelStrategy):
             rebind_scheduler(config.scheduler, sharded[optimizers.index(config.scheduler.optimizer)])
         self.sharded, self.optimizers, self.lr_scheduler_configs = sharded, sharded, schedulers
         atexit.register(self.close)
-        trainer = module._trainer
         if trainer is not None and getattr(trainer.fit_loop, "_combined_loader", None) is not None:
             trainer.fit_loop._combined_loader = None  # set up by configure_optimizers before the rank was known
 

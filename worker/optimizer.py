@@ -45,7 +45,7 @@ import torch
 from ..coordinator.client import CoordinatorClient
 from ..proto import buffers as buffer_file
 from ..proto import optim
-from ..proto.assemble import model_state_dict, optimizer_state_dict, split_optimizer_state
+from ..proto.assemble import merge_state, model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
 from ..proto.defaults import PUSH_TIMEOUT_S
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
@@ -56,6 +56,7 @@ from ..proto.layout import BufferEntry
 from ..proto.messages import DEFAULT_JOB, JobConfig, UpdateMode
 from ..runtime.retry import Retrier
 from ..runtime.security import Security
+from . import param_groups as added_groups
 from . import torch_compat
 from .collectives import Collectives
 from .compress import TopK
@@ -210,6 +211,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               for n, b in self._buffers.items()),
                 broadcast_buffers=broadcast_buffers, name=job, replicas=replicas)
             self._state_keys = list(module.state_dict(keep_vars=True)) if module is not None else []
+            self._module, self._own_groups = module, len(self.param_groups)
+            self.extensions: list[ShardedOptimizer] = []  # param groups added later (worker.param_groups)
+            # What an added group's job is built with: this one's settings (its min_workers: the world size then).
+            self._extend_args = dict(
+                cluster=cluster, mode=mode, backup_workers=backup_workers, staleness=staleness,
+                staleness_lr=staleness_lr, topk_ratio=topk_ratio, replicas=replicas, wire_dtype=wire_dtype,
+                transport=transport, name=name, connect_timeout=connect_timeout, step_timeout=step_timeout,
+                retry_timeout=retry_timeout, auth_token=auth_token, chunk_bytes=chunk_bytes, history_dir=history_dir)
             self._param_ids = {id(p) for p in self.flat.params}
             self._warned_local_clip = self._warned_edit = False
             self.step_timeout = step_timeout
@@ -313,8 +322,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.ps.use_segment(self.flat.segment)
 
     def pull(self) -> list[int]:
-        """Load the shards' current parameters (and the job's buffers) into the model; return each
-        shard's version."""
+        """Load the shards' current parameters (and the job's buffers) into the model, added param
+        groups' included; return each of this job's shards' version."""
+        for ext in self.extensions:
+            ext.pull()
         return self._pull()
 
     def _buffers_blob(self) -> bytes | None:
@@ -326,6 +337,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         In sync mode every worker that makes the same edit may call it; the result is the same."""
         self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob(), replace=True)
         self.flat.scatter_params()
+        for ext in self.extensions:  # added param groups' parameters are the model's too
+            ext.upload_params()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state_dict as the shards hold it (parameters under every tied name, buffers),
@@ -333,6 +346,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         flat = torch.empty(self.job.layout.numel)
         _, blob = self.ps.pull(flat, buffers=bool(self._buffers))
         sd = model_state_dict(self.job.layout, flat, buffer_file.decode(blob) if blob else {})
+        for ext in self.extensions:  # added param groups: their parameters are the model's too
+            sd.update(ext.model_state_dict())
         order = [k for k in self._state_keys if k in sd]
         return {k: sd[k] for k in order + [k for k in sd if k not in set(order)]}
 
@@ -365,9 +380,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             replies = self._await(step.futures)
         except RolledBack as exc:
             self._rejoin(exc)
+            self._finish_extensions(overflow, found_inf is not None)
             return loss
         self._finish(replies, overflow, found_inf is not None)
+        self._finish_extensions(overflow, found_inf is not None)
         return loss
+
+    def _finish_extensions(self, overflow: bool, under_scaler: bool) -> None:
+        """Wait for the added param groups' pushes of this step (started with this job's) and take their replies."""
+        for ext in self.extensions:
+            step, ext._inflight = ext._inflight, None
+            try:
+                ext._finish(ext._await(step.futures), overflow, under_scaler)
+            except RolledBack as exc:
+                ext._rejoin(exc)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None, *, batch_size: int | None = None) -> torch.Tensor:
@@ -385,10 +411,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self._inflight is not None and self._inflight.clipped:
             raise RuntimeError("clip_grad_norm_ was already called for this step; call step() next")
         device = self.flat.params[0].device
-        if not self.flat.all_finite():
+        if not all(f.all_finite() for f in self._flats()):
             # The averaged gradient is not finite either; push nothing yet: step() sends an overflow
             # vote under a GradScaler (the step is skipped everywhere), else the shards refuse it.
-            total = torch.nn.utils.get_total_norm([p.grad for p in self.flat.params if p.grad is not None],
+            total = torch.nn.utils.get_total_norm([p.grad for p in self._params() if p.grad is not None],
                                                   norm_type, error_if_nonfinite)
             return total.to(device)
         step = self._begin(batch_size, clip=(max_norm, norm_type))
@@ -411,7 +437,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 return results(futures)
             self._check_progress()
 
+    def _flats(self) -> list[FlatParams]:
+        return [self.flat, *(ext.flat for ext in self.extensions)]
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for f in self._flats() for p in f.params]
+
     def _check_progress(self) -> None:
+        added_groups.refuse_if_waited_for(self)
         if self._heartbeat.abandoned and self._heartbeat.waiting_for and not self._step_closed():
             reason = f"step {self.steps_taken} of job {self.job.name!r} cannot close: {self._heartbeat.waiting_for}"
             self.ps.abort(reason)  # nothing in flight keeps retrying (nor keeps the process from exiting)
@@ -433,12 +466,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return True
 
     def _local_norm(self, norm_type: float) -> float:
-        grads = [p.grad for p in self.flat.params if p.grad is not None]
+        grads = [p.grad for p in self._params() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads, norm_type)) if grads else 0.0
 
     def _begin(self, batch_size: int | None, clip: tuple[float, float] | None = None, overflow: bool = False,
-               grad_scale: float = 0.0) -> _Step:
-        """Start this step's pushes on every shard (or, with overlap, commit the ones backward started)."""
+               grad_scale: float = 0.0, exchange=None) -> _Step:
+        """Start this step's pushes on every shard (or, with overlap, commit the ones backward started),
+        then the added param groups' (``exchange``: the parent's clip exchange, for an added group's)."""
+        added_groups.refuse_if_waited_for(self)
         if not self._moves_between_steps and self.flat.changed_since_scatter() and not self._warned_edit:
             self._warned_edit = True
             warnings.warn("the model's parameters changed since the last step outside the optimizer (an in-place "
@@ -446,7 +481,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                           "values. To make such an edit part of training call opt.upload_params() after it",
                           stacklevel=3)
         batch = 1 if batch_size is None else int(batch_size)
-        hyper = optim.hyper_of(self.param_groups, self.job.schedulable())
+        hyper = optim.hyper_of(self.param_groups[:self._own_groups], self.job.schedulable())
         hyper_json = _json(hyper)
         max_norm, norm_type = clip if clip is not None else (0.0, 2.0)
 
@@ -458,15 +493,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         blob = self._buffers_blob() if self._buffers and self.rank == 0 else None
         self.flat.fence()  # replies reach the device only after this step's forward and backward
+        added = sum(len(ext.ps.shards) for ext in self.extensions)  # their shards report partials too
         if self._overlap is not None:
+            self._overlap.exchange.shards = len(self.ps.shards) + added
             futures, exchange = self._overlap.commit(lambda k: options(self.ps.shards[k]), norm_type)
             self._inflight = _Step(futures, exchange, batch, clip is not None)
+            self._begin_extensions(batch_size, clip, overflow, grad_scale, exchange)
             return self._inflight
         # Every shard's gradient is queued for the host first (on a GPU: cast and copied on a stream of
         # its own), then each push waits only for its own shard's bytes.
         staged = [None if overflow else self.flat.stage_grads(s.info.range.start, s.info.range.stop, self.ps.shm_ok[k])
                   for k, s in enumerate(self.ps.shards)]
-        exchange = ClipExchange(len(self.ps.shards), self.steps_taken, norm_type, self.step_timeout) if clip else None
+        if clip and exchange is None:
+            exchange = ClipExchange(len(self.ps.shards) + added, self.steps_taken, norm_type, self.step_timeout)
         futures = []
         for k, shard in enumerate(self.ps.shards):
             header = self._header()
@@ -475,7 +514,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                self.versions[shard.info.range.shard_id], clip=exchange, buffers=blob,
                                                landed=self.flat.scatter_range))
         self._inflight = _Step(futures, exchange, batch, clip is not None)
+        self._begin_extensions(batch_size, clip, overflow, grad_scale, exchange)
         return self._inflight
+
+    def _begin_extensions(self, batch_size, clip, overflow: bool, grad_scale: float, exchange) -> None:
+        offset = len(self.ps.shards)
+        for ext in self.extensions:
+            ext._begin(batch_size, clip, overflow, grad_scale,
+                       added_groups.ShiftedExchange(exchange, offset) if exchange is not None else None)
+            offset += len(ext.ps.shards)
 
     def _finish(self, replies: list[PushReply], overflow: bool, under_scaler: bool) -> None:
         self.flat.scatter_params(ranges_done=True)  # each reply went to the device as it landed
@@ -563,15 +610,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
         gradient until backward writes one, as torch sees ``p.grad is None``."""
         if self.flat.bound:  # gradients are views into the bucket (CPU fp32, or one device and dtype)
             self.flat.zero_grads(set_to_none)
-        else:
+        elif not self.extensions:
             super().zero_grad(set_to_none)
+        else:  # torch's zero_grad, on this job's own groups (each added group zeroes its own)
+            for p in (p for g in self.param_groups[:self._own_groups] for p in g["params"] if p.grad is not None):
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().requires_grad_(False).zero_()
+        for ext in self.extensions:
+            ext.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not getattr(self, "_constructing", False):
-            raise RuntimeError("a ShardedOptimizer's parameters are fixed when its job is defined (the shards hold "
-                               "them): pass every param group to the constructor (a layer to unfreeze later can be "
-                               "in it from the start with requires_grad=False; it trains once unfrozen)")
-        super().add_param_group(param_group)
+        """torch's: the group's parameters are updated from the next ``step()`` on. Every worker of the
+        job must add the same group (names, shapes, hyper-parameters) before the same step; this call
+        blocks until they all did (at most the step timeout) and raises FailedPrecondition naming the
+        group, the step and the fix if one added another group or none (nothing is added then). The
+        group becomes a job of its own on the same servers (``worker.param_groups``)."""
+        if getattr(self, "_constructing", False):
+            super().add_param_group(param_group)
+        else:
+            added_groups.add(self, param_group)
 
     def no_sync(self):
         """Context manager for gradient-accumulation micro-batches (as DDP's): with ``overlap=True``,
@@ -582,7 +641,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The optimizer state gathered from every shard, in ``torch.optim``'s format: it loads
         into the stock torch class built over the same param groups (frozen parameters included)."""
         shards = [tensors for _, tensors, _ in self.ps.pull_state()]
-        return optimizer_state_dict(self.job, shards, self.param_groups)
+        own = optimizer_state_dict(self.job, shards, self.param_groups[:self._own_groups])
+        return merge_state([own, *(ext.state_dict() for ext in self.extensions)])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take over a torch.optim state_dict (the stock class's, or this class's): the param
@@ -597,15 +657,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if len(saved.get("params", [])) != len(mine["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
                                  "optimizer's group")
-        per_shard = split_optimizer_state(self.job, state_dict, [s.info.range for s in self.ps.shards])
+        own, *added = added_groups.split_state(state_dict, [self.job, *(ext.job for ext in self.extensions)],
+                                               self._own_groups)
+        per_shard = split_optimizer_state(self.job, own, [s.info.range for s in self.ps.shards])
         for mine, saved in zip(self.param_groups, groups):
             mine.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-        self.ps.load_state(per_shard, _json(optim.hyper_of(self.param_groups, self.job.schedulable())))
+        self.ps.load_state(per_shard, _json(optim.hyper_of(self.param_groups[:self._own_groups],
+                                                           self.job.schedulable())))
+        for ext, part in zip(self.extensions, added):
+            ext.load_state_dict(part)
 
     def close(self) -> None:
         """Leave the job and close every channel. Safe to call twice."""
         if getattr(self, "ps", None) is None:
             return
+        for ext in self.extensions:
+            ext.close()
         if self._overlap is not None:
             self._overlap.close()
         self._heartbeat.stop()

@@ -329,16 +329,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("epoch", "lease_ms", "waiting_for", "abandoned")
+    __slots__ = ("epoch", "lease_ms", "waiting_for", "abandoned", "collectives_waiting")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_WAITING_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_ms: int
     waiting_for: str
     abandoned: bool
-    def __init__(self, epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ..., waiting_for: _Optional[str] = ..., abandoned: _Optional[bool] = ...) -> None: ...
+    collectives_waiting: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ..., waiting_for: _Optional[str] = ..., abandoned: _Optional[bool] = ..., collectives_waiting: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobStatusRequest(_message.Message):
     __slots__ = ("job_name",)

@@ -32,6 +32,17 @@ def test_a_round_closes_when_every_member_contributed_and_gives_everyone_the_pay
     assert c.collective(a.job_id, a.worker_id, "loss", 1, b"a1", timeout=0)[0] is None
 
 
+def test_a_worker_learns_which_open_rounds_the_others_wait_in_for_it_until_it_contributes():
+    c, a, b = two_workers()
+    rounds = c.named("").rounds
+    assert rounds.awaiting(b.worker_id) == []
+    c.collective(a.job_id, a.worker_id, "add_param_group#2@5", 0, b"a", timeout=0)
+    assert rounds.awaiting(b.worker_id) == ["add_param_group#2@5"]  # what b's heartbeat carries
+    assert rounds.awaiting(a.worker_id) == []  # a is in it already
+    c.collective(b.job_id, b.worker_id, "add_param_group#2@5", 0, b"b", timeout=0)
+    assert rounds.awaiting(b.worker_id) == []  # closed
+
+
 def test_oversized_payloads_outsiders_and_bad_names_are_refused_without_opening_a_round():
     c, a, b = two_workers()
     rounds = c.named("").rounds

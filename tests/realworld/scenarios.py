@@ -8,6 +8,7 @@ into unequal per-worker shares (``SIZES``), so the sample weighting is tested to
 """
 from __future__ import annotations
 
+import copy
 import torch
 import torch.nn.functional as F
 
@@ -333,6 +334,105 @@ def unfreeze(env: Env) -> dict:
     return {"model": _sd(model)}
 
 
+def _backbone_groups(model):
+    """The optimizer's groups without layer 2 (frozen, to be added later with add_param_group)."""
+    return [{"params": [model[0].weight, model[4].weight], "weight_decay": 0.05},
+            {"params": [model[0].bias, model[4].bias], "weight_decay": 0.0, "lr": 0.02}]
+
+
+def _clipped(env: Env, model, opt, steps: range) -> list[float]:
+    norms = []
+    for step in steps:
+        x, y = env.rows(*M.digits_batch(step, env.union))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        norms.append(env.clip(opt, list(model.parameters()), 0.5))
+        env.step(opt)
+    return norms
+
+
+def add_group(env: Env) -> dict:
+    """Progressive unfreezing (ULMFiT): layer 2 is frozen and outside the optimizer; after 3 steps it
+    is unfrozen and added as a group of its own (its own lr and weight decay); every later step is
+    clipped by the norm over every parameter. Then a checkpoint: the optimizer's state_dict after 5
+    steps goes to a fresh model and optimizer (built as before, the group added again), which trains on."""
+    model = _frozen_mlp()
+    opt = env.optimizer(_backbone_groups(model), "adamw", model=model, job="add-group", lr=0.01)
+    _train(env, model, opt, range(3))
+    model[2].requires_grad_(True)
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.005, "weight_decay": 0.1})
+    norms = _clipped(env, model, opt, range(3, 5))
+    checkpoint = {"model": _sd(model), "optim": copy.deepcopy(opt.state_dict())}  # torch's holds live tensors
+    norms += _clipped(env, model, opt, range(5, env.steps))
+    out = {"model": _sd(model), "optim": opt.state_dict(), "norms": norms, "checkpoint": checkpoint}
+    if env.sharded:
+        from shardps.client.sdk import cluster_status
+
+        out["export"] = opt.model_state_dict()
+        out["status"] = cluster_status(env.cluster, opt.job.name)  # shardps status --job NAME
+        out["exported"] = _export(env.cluster, opt.job.name)  # shardps export --job NAME --optimizer-state
+    # Resume: the model and optimizer are built as at the start, the group added, the state loaded.
+    model = _frozen_mlp()
+    model.load_state_dict(checkpoint["model"])
+    opt = env.optimizer(_backbone_groups(model), "adamw", model=model, job="add-group-resumed", lr=0.01)
+    model[2].requires_grad_(True)
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.005, "weight_decay": 0.1})
+    opt.load_state_dict(copy.deepcopy(checkpoint["optim"]))  # torch's load keeps its "step" tensors and counts on
+    _clipped(env, model, opt, range(5, env.steps))
+    out["resumed"] = {"model": _sd(model), "optim": opt.state_dict()}
+    return out
+
+
+def _export(cluster: str, job: str) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from shardps.client.sdk import export_model, load_model_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_model(cluster, Path(tmp) / "model.safetensors", optimizer_state=True, job=job)
+        return {"model": load_model_file(files["model"]), "optim": torch.load(files["optimizer"], weights_only=False)}
+
+
+def _refused(env: Env, job: str, add, go_on: bool) -> dict:
+    """Two workers disagree about a param group 2 steps in (``add(rank, opt, model)`` adds this worker's,
+    or nothing); returns each worker's error, what the job looks like after it and (``go_on``) the
+    model after 2 more steps without the group."""
+    model = _frozen_mlp()
+    opt = env.optimizer(_backbone_groups(model), "adamw", model=model, job=job, lr=0.01)
+    _train(env, model, opt, range(2))
+    model[2].requires_grad_(True)
+    error = ""
+    try:
+        add(env.rank, opt, model)
+        _train(env, model, opt, range(2, 3))
+    except Exception as exc:  # noqa: BLE001 - the error is what the test checks
+        error = f"{type(exc).__name__}: {exc}"
+    extension, _, _ = opt.coordinator.job(name=f"{opt.job.name}.g2")
+    out = {"error": error, "groups": len(opt.param_groups), "extension_defined": bool(extension)}
+    if go_on:
+        _train(env, model, opt, range(2, 4))
+        out["model"] = _sd(model)
+    return out
+
+
+def add_group_differs(env: Env) -> dict:
+    """Rank 1 adds layer 2 with another lr: both workers are refused, and the job goes on without it."""
+    def add(rank, opt, model):
+        opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.005 if rank == 0 else 0.001})
+
+    return _refused(env, "add-differs", add, go_on=True)
+
+
+def add_group_alone(env: Env) -> dict:
+    """Only rank 0 adds layer 2: rank 0's add and rank 1's next step both fail with the reason."""
+    def add(rank, opt, model):
+        if rank == 0:
+            opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.005})
+
+    return _refused(env, "add-alone", add, go_on=False)
+
+
 def resume_both_ways(env: Env) -> dict:
     """A checkpoint round trip each way with frozen parameters and two groups: shardps's state_dict
     after 4 steps (the test goes on with stock AdamW), and a torch checkpoint after 4 plain steps
@@ -391,4 +491,5 @@ def hf_gpt2(env: Env) -> dict:
 
 
 SCENARIOS = {f.__name__: f for f in (nanogpt, clip_inf_norm, unused_parameters, schedulers, optimizers, batchnorm,
-                                      gradscaler, gan, weight_clipping, hf_gpt2, resume_both_ways, unfreeze)}
+                                      gradscaler, gan, weight_clipping, hf_gpt2, resume_both_ways, unfreeze,
+                                      add_group, add_group_differs, add_group_alone)}

@@ -1,4 +1,5 @@
 """What a torch user's habits meet on a ShardedOptimizer: clear words where the semantics differ."""
+import copy
 import warnings
 
 import pytest
@@ -58,11 +59,60 @@ def test_an_edit_behind_the_optimizers_back_is_named_and_upload_params_makes_it_
 
 
 @pytest.mark.slow
-def test_add_param_group_raises_instead_of_ignoring_the_parameters(cluster):
-    model, opt = one_worker(cluster, "guard-groups")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_add_param_group_keeps_torchs_checks_and_refuses_mid_step_leaving_the_optimizer_as_it_was(cluster, mode):
+    model, opt = one_worker(cluster, f"guard-groups-{mode}", mode=mode)
+    extra = torch.nn.Parameter(torch.ones(2))
     try:
-        with pytest.raises(RuntimeError, match="pass every param group to the constructor"):
-            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+        with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+            opt.add_param_group({"params": [model.weight]})
+        backward(model)
+        opt.clip_grad_norm_(1.0)
+        with pytest.raises(RuntimeError, match="after step"):  # this step's pushes started without it
+            opt.add_param_group({"params": [extra]})
+        opt.step()
+        assert len(opt.param_groups) == 1 and not opt.extensions
+        opt.add_param_group({"params": [extra], "lr": 0.5})  # one worker: it agrees with itself
+        extra.grad = torch.ones(2)
+        opt.step()
+        assert torch.allclose(extra.detach(), torch.full((2,), 0.5))  # SGD at the group's own lr
+        assert opt.state_dict()["param_groups"][1]["params"] == [2]  # torch's numbering, across both
+        with torch.no_grad():
+            extra.fill_(2.0)
+        opt.upload_params()  # the edit goes to the added group's shards too ...
+        with torch.no_grad():
+            extra.zero_()
+        opt.pull()  # ... and comes back from them
+        assert torch.equal(extra.detach(), torch.full((2,), 2.0))
+    finally:
+        opt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_added_group_is_clipped_together_with_the_rest_as_torch_clips_one_optimizer(cluster, overlap):
+    model, opt = one_worker(cluster, f"guard-clip-added-{overlap}", overlap=overlap)
+    plain, extra = copy.deepcopy(model), [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    plain_extra = [torch.nn.Parameter(e.detach().clone()) for e in extra]
+    stock = torch.optim.SGD(plain.parameters(), lr=0.1)
+    try:
+        for o, e in ((opt, extra), (stock, plain_extra)):  # two groups added: three jobs clip as one
+            o.add_param_group({"params": [e[0]], "lr": 0.5})
+            o.add_param_group({"params": [e[1]], "lr": 0.25})
+        x = torch.randn(2, 4)
+        norms = []
+        for m, e, o in ((model, extra, opt), (plain, plain_extra, stock)):
+            o.zero_grad()
+            (m(x).sum() + (3 * e[0] ** 2).sum() + (e[1] ** 3).sum()).backward()
+            clip = o.clip_grad_norm_ if o is opt else (lambda n: torch.nn.utils.clip_grad_norm_(
+                [*plain.parameters(), *plain_extra], n))
+            norms.append(float(clip(0.5)))
+            o.step()
+        assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[1] > 0.5  # one norm over all; it clipped
+        for got, want in zip(extra, plain_extra):
+            assert torch.allclose(got.detach(), want.detach(), atol=1e-6)
+        assert torch.allclose(model.weight.detach(), plain.weight.detach(), atol=1e-6)
+        assert [g["params"] for g in opt.state_dict()["param_groups"]] == [[0, 1], [2], [3]]
     finally:
         opt.close()
 

@@ -170,3 +170,45 @@ def test_a_layer_frozen_when_the_optimizer_was_built_trains_every_step_once_unfr
     assert (want["model"]["2.weight"] - frozen.state_dict()["2.weight"]).abs().max() > 1e-3  # it did train
     for w in workers:
         close(w["model"], want["model"])
+
+
+@pytest.mark.slow
+def test_a_param_group_added_mid_run_trains_clips_checkpoints_and_resumes_as_in_torch(sharded):
+    workers, want = sharded("add_group"), reference("add_group")
+    for w in workers:
+        close(w["model"], want["model"], tol=1e-6)
+        assert w["norms"] == pytest.approx(want["norms"], rel=1e-5)  # one norm over the job's and the group's
+        close(w["resumed"]["model"], want["resumed"]["model"], tol=1e-6)
+    frozen = S._frozen_mlp()
+    assert (want["model"]["2.weight"] - frozen.state_dict()["2.weight"]).abs().max() > 1e-3  # the group trained
+    close_state(workers[0]["optim"], want["optim"])
+    close_state(workers[0]["checkpoint"]["optim"], want["checkpoint"]["optim"])
+    close_state(workers[0]["resumed"]["optim"], want["resumed"]["optim"])
+    close(workers[0]["export"], want["model"], tol=1e-6)  # the export holds the added group's parameters
+    assert workers[0]["status"]["added_groups"] == ["add_group-add-group.g2"]  # status names the group's job
+    close(workers[0]["exported"]["model"], want["model"], tol=1e-6)  # shardps export: the group's job too
+    close_state(workers[0]["exported"]["optim"], want["optim"])
+    stock = torch.optim.AdamW(S._backbone_groups(frozen), lr=0.01)
+    stock.add_param_group({"params": list(frozen[2].parameters()), "lr": 0.005, "weight_decay": 0.1})
+    stock.load_state_dict(workers[0]["optim"])  # the state_dict loads into torch's optimizer built the same way
+
+
+@pytest.mark.slow
+def test_workers_adding_different_param_groups_are_refused_and_the_job_goes_on_unchanged(sharded):
+    workers = sharded("add_group_differs")
+    straight = S._frozen_mlp()  # what the job must hold: 4 steps without the group
+    S._train(S.Env(sharded=False), straight, torch.optim.AdamW(S._backbone_groups(straight), lr=0.01), range(4))
+    for w in workers:
+        assert "FailedPrecondition" in w["error"] and "param group 2" in w["error"], w["error"]
+        assert "before step 2" in w["error"] and "differ" in w["error"] and "same step()" in w["error"], w["error"]
+        assert w["groups"] == 2 and not w["extension_defined"]
+        close(w["model"], S._sd(straight), tol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_param_group_only_one_worker_added_fails_both_with_the_reason_and_adds_nothing(sharded):
+    workers = sharded("add_group_alone")
+    for w in workers:
+        assert "FailedPrecondition" in w["error"] and "param group 2" in w["error"], w["error"]
+        assert "without it" in w["error"] and "same step()" in w["error"], w["error"]
+        assert w["groups"] == 2 and not w["extension_defined"]

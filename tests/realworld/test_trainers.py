@@ -57,6 +57,20 @@ def test_lightning_with_clipping_and_a_per_step_schedule_equals_one_process_on_t
             assert w["metrics"][key] == pytest.approx(want["metrics"][key], abs=TOL)
 
 
+@pytest.mark.slow
+def test_lightning_backbone_finetuning_adds_the_backbone_mid_run_and_equals_one_process(tmp_path):
+    args = ("lightning", str(tmp_path), "--finetune", "--epochs", "3", "--tag", "ft")
+    launch(tmp_path, *args)
+    reference(tmp_path, *args)
+    want = load(tmp_path, "lightning-ft-ref")
+    from trainers import mlp
+
+    start = mlp().state_dict()
+    assert (want["model"]["0.weight"] - start["0.weight"]).abs().max() > 1e-3  # the backbone was added and trained
+    for r in (0, 1):
+        close(load(tmp_path, f"lightning-ft-rank{r}")["model"], want["model"], TOL, f"rank {r}: ")
+
+
 def assert_each_sample_once_per_epoch(a: dict, b: dict, samples: int, epochs: int = 2) -> None:
     """Two workers' sample indices, epoch by epoch: disjoint, and together every sample once."""
     per_epoch = len(a["seen"]) // epochs

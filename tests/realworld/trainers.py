@@ -54,13 +54,16 @@ def decay_groups(model, weight_decay: float):
 # ------------------------------------------------------------------ Lightning
 
 
-def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> None:
+def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, finetune: bool = False) -> None:
+    """``finetune``: ``BackboneFinetuning`` freezes the first layer and its norm before the optimizer is
+    built over what trains, and adds them as a param group of their own when epoch 1 starts."""
     import lightning as L
 
     class Classifier(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.net = mlp()
+            self.backbone = self.net[0:2]  # what BackboneFinetuning freezes (the same modules as net's)
             self.seen: list[int] = []
             self.norms: list[float] = []  # of the gradient before clipping (this process's own)
 
@@ -72,13 +75,17 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
             return loss
 
         def on_before_optimizer_step(self, optimizer):
-            self.norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()])))
+            self.norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()
+                                                                             if p.grad is not None])))
 
         def validation_step(self, batch, _):
             x, y, _ = batch
             self.log("val_loss", F.cross_entropy(self.net(x), y), sync_dist=True)
 
         def configure_optimizers(self):
+            if finetune:  # what BackboneFinetuning's users write: only what trains now
+                opt = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=0.02)
+                return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.8)}
             opt = torch.optim.AdamW(decay_groups(self.net, 0.05), lr=0.02)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.2 * s))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -95,6 +102,9 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
     kwargs = dict(max_epochs=epochs, gradient_clip_val=1.0, logger=L.pytorch.loggers.CSVLogger(root),
                   default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu", devices=1)
+    if finetune:
+        kwargs["callbacks"] = [L.pytorch.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1,
+                                                                      backbone_initial_ratio_lr=0.1)]
     if not reference:
         from shardps.worker.lightning import ShardpsStrategy
 
@@ -193,9 +203,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--resume", default="", help="a checkpoint to resume from")
     ap.add_argument("--tag", default="", help="names this run's files and job")
+    ap.add_argument("--finetune", action="store_true", help="lightning: BackboneFinetuning adds a group at epoch 1")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    {"lightning": lightning_run, "hf": hf_run}[a.trainer](Path(a.out), a.reference, a.epochs, a.resume, a.tag and f"-{a.tag}")
+    run = {"lightning": lightning_run, "hf": hf_run}[a.trainer]
+    extra = {"finetune": True} if a.finetune else {}
+    run(Path(a.out), a.reference, a.epochs, a.resume, a.tag and f"-{a.tag}", **extra)
 
 
 if __name__ == "__main__":
