@@ -214,7 +214,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._module, self._own_groups = module, len(self.param_groups)
             self.extensions: list[ShardedOptimizer] = []  # param groups added later (worker.param_groups)
             # What an added group's job is built with: this one's settings (its min_workers: the world size then).
-            self._extend_args = dict(
+            self._extend_args: dict[str, Any] = dict(
                 cluster=cluster, mode=mode, backup_workers=backup_workers, staleness=staleness,
                 staleness_lr=staleness_lr, topk_ratio=topk_ratio, replicas=replicas, wire_dtype=wire_dtype,
                 transport=transport, name=name, connect_timeout=connect_timeout, step_timeout=step_timeout,
