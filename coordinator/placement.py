@@ -23,7 +23,10 @@ class Failover:
     to_server: int
     epoch: int  # the placement epoch it started
     unix_time: float
-    reason: str = "dead"  # "dead" (the primary was lost) or "rebalance" (a server took its shard back)
+    # "dead" (the primary stopped answering for its lease), "refused" (its port refused the coordinator
+    # after a worker reported its connection refused or reset: the process is gone) or "rebalance"
+    # (a server took its shard back)
+    reason: str = "dead"
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Placement:
         return [(k, reps[0] == server, reps[1:] if reps[0] == server else [])
                 for k, reps in sorted(self.replicas.items()) if server in reps]
 
-    def lose(self, server: int) -> list[Failover]:
+    def lose(self, server: int, reason: str = "dead") -> list[Failover]:
         """``server`` is dead: promote an in-sync backup of each shard it was primary of, drop it as a
         backup. A shard with no in-sync backup keeps it as primary (it waits for the server to come
         back, or for its checkpoint). Returns the failovers; bumps the epoch if anything changed."""
@@ -72,7 +75,7 @@ class Placement:
                     continue
                 new = candidates[0]
                 self.replicas[k] = [new] + [b for b in reps if b not in (server, new)]
-                out.append(Failover(k, server, new, self.epoch + 1, time.time()))
+                out.append(Failover(k, server, new, self.epoch + 1, time.time(), reason))
                 # The other in-sync backups acknowledged every update the lost primary answered: they stay
                 # promotable (one may lack an update the new primary has; it gets a copy, never answers less).
                 self.in_sync[k] = self.in_sync.get(k, set()) - {new, server}

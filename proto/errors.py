@@ -247,3 +247,22 @@ class NoSharedMemory(FailedPrecondition):
 # Statuses without a reason (the transport's, a deadline, an interceptor's, an injected fault) by code.
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout,
                                      Unauthenticated)}
+
+
+# How the transport words a peer whose port is closed (refused) or whose process went away mid-call
+# (reset, closed): the evidence a worker reports so that a dead primary fails over without waiting
+# for its lease (coordinator.failover). A timeout or a typed refusal is not among them.
+REFUSED = "Connection refused"
+LOST = (REFUSED, "Connection reset", "Socket closed", "Broken pipe")
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether a failed call (an Unavailable from ``rpc.error_from_rpc``) found its server's port
+    refused or its connection reset. Evidence, not proof: the coordinator checks it itself."""
+    return isinstance(error, Unavailable) and error.reason == Reason.UNAVAILABLE and \
+        any(words in str(error) for words in LOST)
+
+
+def connection_refused(error: BaseException) -> bool:
+    """Whether a failed call's fresh connection was refused: nothing listens on the server's port."""
+    return isinstance(error, Unavailable) and error.reason == Reason.UNAVAILABLE and REFUSED in str(error)
