@@ -53,6 +53,7 @@ class SuspectChecker:
                     continue
                 self.c.declare_dead(sid, f"at {address} refuses connections (reported by a worker)", "refused")
                 self.c.replanned()
+                self.c.placement_due.set()
                 after = self.c.rounds_started
                 dead.append(sid)
         if dead:  # the promoted backups must know before the worker retries there

@@ -15,6 +15,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+# A backup dropped because its primary cannot reach it (a cut link) is not placed back on that shard for
+# this long, doubled at each drop in a row up to the maximum: placed back at once, it would cost the
+# primary a copy attempt that hangs until its deadline, round after round.
+DROP_BACKOFF_S, MAX_DROP_BACKOFF_S = 1.0, 8.0
+
 
 @dataclass(frozen=True)
 class Failover:
@@ -35,6 +40,8 @@ class Placement:
     epoch: int = 1
     in_sync: dict[int, set[int]] = field(default_factory=dict)  # shard -> backups its primary reported in sync
     failovers: list[Failover] = field(default_factory=list)
+    # (shard, server) -> (monotonic time it may be placed back, backoff): dropped as unreachable (not journaled)
+    shunned: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def initial(cls, num_servers: int, replicas: int) -> "Placement":
@@ -93,6 +100,8 @@ class Placement:
         reported; it leaves only by being dropped or lost: a new primary reports none until it has
         shipped to them, but they acknowledged every update that was ever answered."""
         merged = (self.in_sync.get(shard_id, set()) | reported) & set(self.replicas[shard_id][1:])
+        for server in merged:  # reachable again: a later drop starts from the shortest backoff
+            self.shunned.pop((shard_id, server), None)
         if merged == self.in_sync.get(shard_id, set()):
             return False
         self.in_sync[shard_id] = merged
@@ -105,19 +114,23 @@ class Placement:
             return False
         reps.remove(server)
         self.in_sync.get(shard_id, set()).discard(server)
+        _, backoff = self.shunned.get((shard_id, server), (0.0, DROP_BACKOFF_S / 2))
+        backoff = min(2 * backoff, MAX_DROP_BACKOFF_S)
+        self.shunned[(shard_id, server)] = (time.monotonic() + backoff, backoff)
         self.epoch += 1
         return True
 
-    def heal(self, live: set[int], num_servers: int, want: int) -> bool:
-        """Add live servers as backups where copies are missing (home server first); hand a shard
-        back to its home server once that one is in sync. Returns whether anything changed."""
-        changed = False
+    def heal(self, live: set[int], num_servers: int, want: int, now: float | None = None) -> bool:
+        """Add live servers as backups where copies are missing (home server first; not one its primary
+        could not reach, until its backoff ends at ``now``, monotonic seconds); hand a shard back to its
+        home server once that one is in sync. Returns whether anything changed."""
+        changed, now = False, time.monotonic() if now is None else now
         for k, reps in self.replicas.items():
             for i in range(num_servers):
                 if len(reps) >= want:
                     break
                 candidate = (k + i) % num_servers
-                if candidate in live and candidate not in reps:
+                if candidate in live and candidate not in reps and now >= self.shunned.get((k, candidate), (0.0,))[0]:
                     reps.append(candidate)
                     changed = True
             if reps[0] != k and k in reps and k in self.in_sync.get(k, set()) and reps[0] in live:

@@ -322,11 +322,11 @@ class Coordinator:
             return changed
 
     def replanned(self) -> None:
-        """The placement changed (under the lock): new plans, journaled, and a placement round at once."""
+        """The placement changed (under the lock): new plans, journaled; the placement loop sends them
+        in its next round (at once when this came from its own round; ``placement_due`` otherwise)."""
         for state in self.jobs.values():
             self._replan(state)
         self._persist()
-        self.placement_due.set()
         self.cond.notify_all()
 
     def round_sent(self, number: int) -> None:
