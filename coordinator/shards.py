@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..proto.errors import ShardpsError, connection_refused
+from ..proto.errors import ConnectionLost, ShardpsError
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.rpc import CONTROL_TIMEOUT_S, error_from_rpc, open_channel
@@ -47,7 +47,7 @@ class ShardAdmin:
         try:
             self._call(address, "GetShardStatus", lambda s: s.GetShardStatus(pb.GetShardStatusRequest(), timeout=timeout))
         except ShardpsError as exc:
-            return connection_refused(exc)
+            return isinstance(exc, ConnectionLost) and bool(exc.refused)
         return False
 
     def set_membership(self, address: str, job_id: str, view, from_open_step: bool) -> tuple[bool, int]:

@@ -37,6 +37,7 @@ class Reason:
     UNKNOWN_WORKER = "unknown_worker"
     STALE_STEP = "stale_step"
     UNAVAILABLE = "unavailable"
+    CONNECTION_LOST = "connection_lost"
     NOT_PRIMARY = "not_primary"
     UNAUTHENTICATED = "unauthenticated"
     TIMEOUT = "timeout"
@@ -154,6 +155,15 @@ class Unavailable(ShardpsError):
     reason = Reason.UNAVAILABLE
 
 
+class ConnectionLost(Unavailable):
+    """The transport found the server's port closed (``refused`` = 1) or lost the connection mid-call
+    (reset, closed): its process may be dead. A worker names such a server to the coordinator, which
+    checks for itself (``coordinator.failover``); only ``rpc.error_from_rpc`` makes these."""
+
+    reason = Reason.CONNECTION_LOST
+    fields = {"refused": int}
+
+
 class NotPrimary(Unavailable):
     """This server does not serve the shard now (a backup, a primary whose lease ran out or that was
     superseded, a step voided by a step-down): ask the coordinator where it is and retry there."""
@@ -248,21 +258,3 @@ class NoSharedMemory(FailedPrecondition):
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout,
                                      Unauthenticated)}
 
-
-# How the transport words a peer whose port is closed (refused) or whose process went away mid-call
-# (reset, closed): the evidence a worker reports so that a dead primary fails over without waiting
-# for its lease (coordinator.failover). A timeout or a typed refusal is not among them.
-REFUSED = "Connection refused"
-LOST = (REFUSED, "Connection reset", "Socket closed", "Broken pipe")
-
-
-def connection_lost(error: BaseException) -> bool:
-    """Whether a failed call (an Unavailable from ``rpc.error_from_rpc``) found its server's port
-    refused or its connection reset. Evidence, not proof: the coordinator checks it itself."""
-    return isinstance(error, Unavailable) and error.reason == Reason.UNAVAILABLE and \
-        any(words in str(error) for words in LOST)
-
-
-def connection_refused(error: BaseException) -> bool:
-    """Whether a failed call's fresh connection was refused: nothing listens on the server's port."""
-    return isinstance(error, Unavailable) and error.reason == Reason.UNAVAILABLE and REFUSED in str(error)

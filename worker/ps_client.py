@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout, connection_lost
+from ..proto.errors import ConnectionLost, NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..proto.retry import Retrier
@@ -150,7 +150,7 @@ class ShardChannel:
                 reply = attempt()
             except Unavailable as exc:
                 self.failing = True
-                if self.locate is not None and connection_lost(exc):  # its process may be dead: say so at once
+                if self.locate is not None and isinstance(exc, ConnectionLost):  # its process may be dead: say so at once
                     self.locate.suspect(self.info.address)
                 if not self._follow():
                     raise

@@ -1,7 +1,7 @@
 """The worker's channel to one shard: following a replicated shard that moves to another server."""
 import threading
 
-from shardps.proto.errors import Unavailable
+from shardps.proto.errors import ConnectionLost, Unavailable
 from shardps.proto.messages import ShardInfo
 from shardps.proto.plan import ShardRange
 from shardps.proto.retry import Retrier
@@ -77,9 +77,7 @@ def test_a_refused_connection_names_the_server_to_the_coordinator_and_the_call_m
     def attempt():
         addresses.append(ch.info.address)
         if len(addresses) == 1:
-            raise Unavailable("Push to shard 0 at 127.0.0.1:9: UNAVAILABLE: failed to connect to all addresses; "
-                              "last error: UNKNOWN: ipv4:127.0.0.1:9: Failed to connect to remote host: "
-                              "Connection refused")
+            raise ConnectionLost("Push to shard 0 at 127.0.0.1:9: UNAVAILABLE: Connection refused", refused=1)
         return "applied"
 
     try:
