@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 # primary a copy attempt that hangs until its deadline, round after round.
 DROP_BACKOFF_S, MAX_DROP_BACKOFF_S = 1.0, 8.0
 
+# Why a shard's primary moved (``Failover.reason``), for people; all but "rebalance" are failovers.
+REASONS = {"dead": "its primary was silent for its lease", "refused": "its primary's port refused connections",
+           "rebalance": "handed back"}
+
 
 @dataclass(frozen=True)
 class Failover:
