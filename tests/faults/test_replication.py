@@ -227,6 +227,10 @@ def test_a_killed_primary_fails_over_on_the_workers_report_of_its_refused_port_n
             CoordinatorClient(cluster.address) as coord:
         workers = spawn_pair(spawn_workers, cluster, steps)
         wait_until(lambda: primary_version(cluster, coord, 0) >= 10, what="step 10")
+        alive = cluster.server_address(0)
+        # A worker's word alone moves nothing: the coordinator checks, and a live server answers it.
+        assert {s.range.shard_id: s.address for s in coord.job(suspect=[alive])[2]}[0] == alive
+        assert not coord.status().failovers
         cluster.kill("server-0")
         results = workers.wait(timeout=300)
         failovers = coord.status().failovers
