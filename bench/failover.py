@@ -10,9 +10,11 @@ whole shard). Three runs per size:
 * ``replicas=2``: the same with every update shipped to the backup first;
 * ``replicas=2`` with server-0 (shard 0's primary) SIGKILLed after a few steps:
   **recovery** is the time from the SIGKILL to the end of the first step closed
-  after it (which the promoted backup closes: the coordinator declares the primary
-  dead once its lease can have run out, promotes the backup in a new placement
-  epoch, and the worker follows the plan). Also checked: no step rolled back and
+  after it (which the promoted backup closes: the worker's call to the killed
+  primary is refused, it names the server when it asks for the plan, the
+  coordinator finds the port refusing too, promotes the backup in a new placement
+  epoch and answers with the moved plan).
+  Without that report the coordinator waits out the lease's silence. Also checked: no step rolled back and
   the run's final parameters equal the fault-free replicas=2 run's.
 
 Reported as ratios replicas=2 / replicas=1 (step time, server peak RSS above the
@@ -99,7 +101,7 @@ def main():
     ap.add_argument("--transport", choices=("auto", "tcp", "grpc"), default="auto",
                     help="the worker's pushes and pulls: auto (shared memory on one host) or grpc (as across hosts)")
     ap.add_argument("--lease", type=float, default=1.5,
-                    help="primary lease, s (--replica-lease-seconds): detection takes ~1.25x this + 0.5 s")
+                    help="primary lease, s (--replica-lease-seconds): how long a silent primary takes to be replaced")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []

@@ -6,6 +6,8 @@
         net.loss("server-0", 5)        # 5 % of packets in and out of server-0 dropped
         net.partition("worker-0")      # worker-0 cut off ...
         net.heal("worker-0")           # ... and back
+        net.cut("server-0", "coordinator")  # only that link: both still reach everyone else
+        net.mend("server-0", "coordinator")
         net.link_bytes("server-0")     # {"rx": ..., "tx": ...}: bytes through its eth0 so far
         net.tcp_rtt_ms("worker-0", "server-0")  # a measured TCP round trip between two hosts
 
@@ -23,6 +25,8 @@ tracking is on in every host from the start (see ``_build_host``). Per-link faul
 host's veth pair:
 
 * ``partition``: the switch-side end ``h<i>`` is set down; ``heal`` sets it up again.
+* ``cut``: one link between two hosts: iptables DROP rules (INPUT from, OUTPUT to the other's
+  address) in the first host; ``mend`` deletes them.
 * ``loss``: iptables ``-m statistic --mode random`` DROP rules on eth0 in the host (INPUT and
   OUTPUT, so each direction loses ``percent``). TCP retransmits as over a lossy wire; a UDP
   sender whose datagram the OUTPUT rule drops gets EPERM from sendto().
@@ -235,6 +239,7 @@ class _Host:
     address: str
     peer: str  # the switch-side end of its veth pair, in the switch namespace
     partitioned: bool = False
+    cut: set[str] = field(default_factory=set)  # hosts cut from this one by rules in this one's namespace
     loss: float = 0.0
     rate: int = 0
     delay: float = 0.0
@@ -452,6 +457,29 @@ class Network:
             _ip("-n", self.switch, "link", "set", h.peer, "up")
             h.partitioned = False
 
+    def cut(self, a: str, b: str) -> None:
+        """Cut the link between hosts ``a`` and ``b`` only (both ways; each still reaches every other
+        host): DROP rules in ``a`` for ``b``'s address, so open connections hang as over a broken path
+        rather than being refused. ``mend`` undoes it."""
+        if a == b:
+            raise ValueError(f"cannot cut {a!r} from itself")
+        with self._lock:
+            ha, hb = self._host(a), self._host(b)
+            if b in ha.cut or a in hb.cut:
+                return
+            for rule in _cut_rules(hb.address):
+                _iptables(ha.namespace, "-I", *rule)
+            ha.cut.add(b)
+
+    def mend(self, a: str, b: str) -> None:
+        """Undo ``cut(a, b)`` (in either order)."""
+        with self._lock:
+            for h, other in ((self._host(a), self._host(b)), (self._host(b), self._host(a))):
+                if other.name in h.cut:
+                    for rule in _cut_rules(other.address):
+                        _iptables(h.namespace, "-D", *rule)
+                    h.cut.discard(other.name)
+
     def loss(self, host: str, percent: float) -> None:
         """Drop ``percent`` % of the packets the host sends and, independently, of those it receives
         (so a round trip is lost with probability 1 - (1 - p)^2). 0 removes the loss."""
@@ -510,13 +538,17 @@ class Network:
 
     def faults(self) -> dict[str, dict]:
         """What is applied now, per host: ``{"worker-0": {"delay_ms": 100.0}, "server-0": {}, ...}``
-        with keys ``partitioned``, ``loss_percent``, ``rate_kbit`` and ``delay_ms`` when set."""
+        with keys ``partitioned``, ``cut_from`` (the hosts ``cut`` from it), ``loss_percent``, ``rate_kbit``
+        and ``delay_ms`` when set."""
         with self._lock:
             report: dict[str, dict] = {}
             for name, h in self._hosts.items():
                 entry: dict = {}
                 if h.partitioned:
                     entry["partitioned"] = True
+                cut = sorted(h.cut | {o.name for o in self._hosts.values() if name in o.cut})
+                if cut:
+                    entry["cut_from"] = cut
                 if h.loss:
                     entry["loss_percent"] = h.loss
                 if h.rate:
@@ -656,6 +688,10 @@ for _ in range(int(sys.argv[3])):
     times.append((time.perf_counter() - t) * 1000)
 print(statistics.median(times))
 """
+
+
+def _cut_rules(address: str) -> list[list[str]]:
+    return [["INPUT", "-i", HOST_IF, "-s", address, "-j", "DROP"], ["OUTPUT", "-o", HOST_IF, "-d", address, "-j", "DROP"]]
 
 
 def _loss_rules(percent: float) -> list[list[str]]:

@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from ..coordinator.placement import REASONS
+
 
 def _series(records: list[dict]) -> dict:
     """Per-step loss (mean of workers), samples/s and cumulative worker counters, against time."""
@@ -61,7 +63,7 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "timeouts": sum(w["timeouts"] for w in workers.values()),
         "rollbacks": len(status.get("rollbacks", [])),
         "steps_rolled_back": sum(r["steps"] for r in status.get("rollbacks", [])),
-        "failovers": sum(f["reason"] == "dead" for f in status.get("failovers", [])),
+        "failovers": sum(f["reason"] != "rebalance" for f in status.get("failovers", [])),
         "shards_handed_back": sum(f["reason"] == "rebalance" for f in status.get("failovers", [])),
         "deduplicated_pushes": sum(s.get("duplicates", 0) for s in shards),
         "dropped_pushes": sum(s.get("dropped", 0) for s in shards),
@@ -112,7 +114,7 @@ def _markdown(r: dict) -> str:
                      f"{rb['from_version']} to {rb['to_version']} ({rb['steps']} steps replayed), epoch {rb['epoch']}")
     for f in r.get("failovers", []):
         lines.append(f"- shard {f['shard_id']}: primary moved from server {f['from_server']} to server {f['to_server']} "
-                     f"({'its primary was lost' if f['reason'] == 'dead' else 'handed back'}, placement epoch "
+                     f"({REASONS.get(f['reason'], f['reason'])}, placement epoch "
                      f"{f['placement_epoch']}); nothing rolled back")
     verdict = r.get("history")
     if verdict is not None:

@@ -44,6 +44,7 @@ Actions and what undoes them at the end of a window:
 | resume | same | | |
 | restart | same | | |
 | partition | a host (needs ``--hosts``) | | heal |
+| cut | a host (needs ``--hosts``) | peer: another host; only the link between the two | mend |
 | link | a host (needs ``--hosts``) | delay_ms, loss (%), rate_kbit | all three back to 0 |
 | rpc | coordinator, server-k, servers, all | kind, method, status, probability, after, worker, delay_s | rules cleared |
 | checkpoint | cluster | | |
@@ -71,11 +72,11 @@ from typing import Callable
 from ..runtime.history import NO_HISTORY, History
 
 PROCESS_ACTIONS = ("kill", "pause", "resume", "restart")
-NETWORK_ACTIONS = ("partition", "heal", "link")
+NETWORK_ACTIONS = ("partition", "heal", "link", "cut", "mend")
 ACTIONS = (*PROCESS_ACTIONS, *NETWORK_ACTIONS, "rpc", "checkpoint")
-WINDOWED = ("pause", "partition", "link", "rpc")
+WINDOWED = ("pause", "partition", "link", "rpc", "cut")
 _TIMES = ("at_step", "at_s", "from_step", "to_step", "from_s", "to_s", "for_s")
-_PARAMS = {"link": ("delay_ms", "loss", "rate_kbit"),
+_PARAMS = {"link": ("delay_ms", "loss", "rate_kbit"), "cut": ("peer",), "mend": ("peer",),
            "rpc": ("kind", "method", "status", "probability", "after", "worker", "delay_s", "max_active")}
 
 
@@ -171,6 +172,9 @@ def _fault(entry: dict, index: int, path: Path, processes: list[str]) -> Fault:
     params = {k: entry[k] for k in _PARAMS.get(action, ()) if k in entry}
     if action == "link" and not params:
         raise ScenarioError(f"{where}: link needs delay_ms, loss and/or rate_kbit")
+    if action in ("cut", "mend") and (params.get("peer") not in processes or params["peer"] == target):
+        raise ScenarioError(f"{where}: {action} needs peer = another host, one of {', '.join(processes)} "
+                            f"(got {params.get('peer')!r})")
     if action == "rpc" and "kind" not in params:
         raise ScenarioError(f"{where}: rpc needs kind = \"delay\", \"abort\" or \"drop\"")
     return Fault(action, target, float(values[0]), float(values[1]) if len(values) == 2 else None,
@@ -310,4 +314,4 @@ class ScenarioRunner:
         self.history.record("fault", action=action, target=fault.target, step=step, ok=event.ok, error=event.error)
 
 
-_UNDO = {"pause": "resume", "partition": "heal", "link": "unlink", "rpc": "unrpc"}
+_UNDO = {"pause": "resume", "partition": "heal", "link": "unlink", "rpc": "unrpc", "cut": "mend"}

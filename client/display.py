@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ..coordinator.placement import REASONS
+
 console = Console()
 
 
@@ -103,7 +105,7 @@ def print_status(st: dict) -> None:
                       f"{rb['from_version']} back to {rb['to_version']} ({rb['steps']} steps), epoch {rb['epoch']}")
     for f in st.get("failovers", []):
         console.print(f"shard {f['shard_id']}: primary moved from server {f['from_server']} to server "
-                      f"{f['to_server']} ({'failover' if f['reason'] == 'dead' else 'handed back'}), "
+                      f"{f['to_server']} ({REASONS.get(f['reason'], f['reason'])}), "
                       f"placement epoch {f['placement_epoch']}")
     shards = Table(title="shards", title_justify="left")
     columns = ("shard", "address", "range", "version", "pushes", "dedup", "dropped", "rejected", "in", "out",

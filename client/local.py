@@ -80,7 +80,8 @@ class LocalCluster:
         job rolls back to the newest common checkpoint instead of failing. ``durable=False`` keeps
         everything in memory: a killed process then loses its part of the job. ``replica_lease_seconds``:
         for replicated jobs, how long a shard's primary answers after its last renewal (a dead one is
-        detected 1.25 x this + 0.5 s later; None: the coordinator's default, proto/defaults.REPLICA_LEASE_S). ``history``: every role appends what it does to
+        detected this long (x 1.01) after its last answer, a dead one at once when a worker finds its port
+        refusing; None: the coordinator's default, proto/defaults.REPLICA_LEASE_S). ``history``: every role appends what it does to
         ``history_dir`` (``<log dir>/history``), which ``shardps check`` proves the promises over;
         workers record there when given ``history_dir=cluster.history_dir`` (``shardps run``'s do)."""
         if servers < 1:

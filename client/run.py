@@ -372,6 +372,8 @@ def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
                 net.partition(target)
             elif method == "heal":
                 net.heal(target)
+            elif method in ("cut", "mend"):
+                getattr(net, method)(target, params["peer"])
             elif method == "unlink":
                 net.loss(target, 0)
                 net.delay(target, 0)
@@ -404,7 +406,7 @@ def _actions(cluster: LocalCluster, workers: WorkerSet) -> dict:
         return f"version {written[0]['version']}"
 
     return {**{a: process(a) for a in ("kill", "pause", "resume", "restart")},
-            **{a: network(a) for a in ("partition", "heal", "link", "unlink")},
+            **{a: network(a) for a in ("partition", "heal", "link", "unlink", "cut", "mend")},
             "rpc": rpc, "unrpc": unrpc, "checkpoint": checkpoint}
 
 

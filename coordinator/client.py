@@ -141,10 +141,12 @@ class CoordinatorClient:
         req = pb.GetMembershipRequest(job_id=job_id, epoch=epoch)
         return view_from_pb(self._call("GetMembership", lambda: self._stub.GetMembership(req, timeout=self.timeout)).view)
 
-    def job(self, name: str = "", job_id: str = ""):
+    def job(self, name: str = "", job_id: str = "", suspect=()):
         """(job_id, JobConfig, plan) of the job named ``name`` (or with id ``job_id``); job_id is ""
-        while no such job is defined."""
-        req = pb.GetJobRequest(job_name=name, job_id=job_id)
+        while no such job is defined. ``suspect``: server addresses this caller found refusing or
+        resetting connections; the coordinator checks them first (``coordinator.failover``), so the
+        plan answered already has a dead primary's shards moved."""
+        req = pb.GetJobRequest(job_name=name, job_id=job_id, suspect=list(suspect))
         reply = self._call("GetJob", lambda: self._stub.GetJob(req, timeout=self.timeout))
         if not reply.job_id:
             return "", None, []

@@ -123,10 +123,16 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
 
     silent: set[int] = set()
     quick = False  # a new placement (a promotion) goes out at once; never twice in a row
-    while not stop.wait(0 if quick else every):
-        changed = False
+    while not stop.is_set():
+        # placement_due: a failover found between rounds (coordinator.failover) goes out at once too
+        coordinator.placement_due.wait(0 if quick else every)
+        coordinator.placement_due.clear()
+        if stop.is_set():
+            break
+        changed, number = False, None
         try:
             calls = coordinator.replica_calls()
+            number = coordinator.rounds_started  # only this loop starts rounds
             futures = {sid: pool.submit(call, address, rows) for sid, (address, rows) in calls.items()}
             answers = {}
             for sid, future in futures.items():
@@ -145,6 +151,8 @@ def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, ever
         except Exception as exc:  # noqa: BLE001 - never let the loop die
             quick = False
             log.warning("replica placement round failed: %s", exc)
+        if number is not None:
+            coordinator.round_sent(number)
 
 
 def serve(config: CoordinatorConfig) -> None:

@@ -15,6 +15,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+# A backup dropped because its primary cannot reach it (a cut link) is not placed back on that shard for
+# this long, doubled at each drop in a row up to the maximum: placed back at once, it would cost the
+# primary a copy attempt that hangs until its deadline, round after round.
+DROP_BACKOFF_S, MAX_DROP_BACKOFF_S = 1.0, 8.0
+
+# Why a shard's primary moved (``Failover.reason``), for people; all but "rebalance" are failovers.
+REASONS = {"dead": "its primary was silent for its lease", "refused": "its primary's port refused connections",
+           "rebalance": "handed back"}
+
 
 @dataclass(frozen=True)
 class Failover:
@@ -23,7 +32,10 @@ class Failover:
     to_server: int
     epoch: int  # the placement epoch it started
     unix_time: float
-    reason: str = "dead"  # "dead" (the primary was lost) or "rebalance" (a server took its shard back)
+    # "dead" (the primary stopped answering for its lease), "refused" (its port refused the coordinator
+    # after a worker reported its connection refused or reset: the process is gone) or "rebalance"
+    # (a server took its shard back)
+    reason: str = "dead"
 
 
 @dataclass
@@ -32,6 +44,8 @@ class Placement:
     epoch: int = 1
     in_sync: dict[int, set[int]] = field(default_factory=dict)  # shard -> backups its primary reported in sync
     failovers: list[Failover] = field(default_factory=list)
+    # (shard, server) -> (monotonic time it may be placed back, backoff): dropped as unreachable (not journaled)
+    shunned: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def initial(cls, num_servers: int, replicas: int) -> "Placement":
@@ -58,7 +72,7 @@ class Placement:
         return [(k, reps[0] == server, reps[1:] if reps[0] == server else [])
                 for k, reps in sorted(self.replicas.items()) if server in reps]
 
-    def lose(self, server: int) -> list[Failover]:
+    def lose(self, server: int, reason: str = "dead") -> list[Failover]:
         """``server`` is dead: promote an in-sync backup of each shard it was primary of, drop it as a
         backup. A shard with no in-sync backup keeps it as primary (it waits for the server to come
         back, or for its checkpoint). Returns the failovers; bumps the epoch if anything changed."""
@@ -72,7 +86,7 @@ class Placement:
                     continue
                 new = candidates[0]
                 self.replicas[k] = [new] + [b for b in reps if b not in (server, new)]
-                out.append(Failover(k, server, new, self.epoch + 1, time.time()))
+                out.append(Failover(k, server, new, self.epoch + 1, time.time(), reason))
                 # The other in-sync backups acknowledged every update the lost primary answered: they stay
                 # promotable (one may lack an update the new primary has; it gets a copy, never answers less).
                 self.in_sync[k] = self.in_sync.get(k, set()) - {new, server}
@@ -90,6 +104,8 @@ class Placement:
         reported; it leaves only by being dropped or lost: a new primary reports none until it has
         shipped to them, but they acknowledged every update that was ever answered."""
         merged = (self.in_sync.get(shard_id, set()) | reported) & set(self.replicas[shard_id][1:])
+        for server in merged:  # reachable again: a later drop starts from the shortest backoff
+            self.shunned.pop((shard_id, server), None)
         if merged == self.in_sync.get(shard_id, set()):
             return False
         self.in_sync[shard_id] = merged
@@ -102,19 +118,23 @@ class Placement:
             return False
         reps.remove(server)
         self.in_sync.get(shard_id, set()).discard(server)
+        _, backoff = self.shunned.get((shard_id, server), (0.0, DROP_BACKOFF_S / 2))
+        backoff = min(2 * backoff, MAX_DROP_BACKOFF_S)
+        self.shunned[(shard_id, server)] = (time.monotonic() + backoff, backoff)
         self.epoch += 1
         return True
 
-    def heal(self, live: set[int], num_servers: int, want: int) -> bool:
-        """Add live servers as backups where copies are missing (home server first); hand a shard
-        back to its home server once that one is in sync. Returns whether anything changed."""
-        changed = False
+    def heal(self, live: set[int], num_servers: int, want: int, now: float | None = None) -> bool:
+        """Add live servers as backups where copies are missing (home server first; not one its primary
+        could not reach, until its backoff ends at ``now``, monotonic seconds); hand a shard back to its
+        home server once that one is in sync. Returns whether anything changed."""
+        changed, now = False, time.monotonic() if now is None else now
         for k, reps in self.replicas.items():
             for i in range(num_servers):
                 if len(reps) >= want:
                     break
                 candidate = (k + i) % num_servers
-                if candidate in live and candidate not in reps:
+                if candidate in live and candidate not in reps and now >= self.shunned.get((k, candidate), (0.0,))[0]:
                     reps.append(candidate)
                     changed = True
             if reps[0] != k and k in reps and k in self.in_sync.get(k, set()) and reps[0] in live:

@@ -10,6 +10,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
 from ..proto.messages import job_from_pb, job_to_pb, member_to_pb, plan_to_pb, view_to_pb
 from ..runtime.status import translate_errors
+from .failover import SuspectChecker
 from .state import Coordinator
 
 
@@ -18,6 +19,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self.c = coordinator
         # Membership and collective long-polls park a handler thread each: capped so health checks always find one.
         self.watches = WaitSlots(max(2, threads // 2), "membership watches")
+        self.suspects = SuspectChecker(coordinator)
 
     def _plan(self, state):
         return plan_to_pb(state.plan, state.job.layout.numel, self.c.align)
@@ -65,6 +67,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @translate_errors
     def GetJob(self, request, context):
+        if request.suspect:  # a worker found these servers refusing: a dead primary fails over before the answer
+            self.suspects.check(request.suspect)
         with self.c.cond:
             if request.job_id:
                 state = next((j for j in self.c.jobs.values() if j.job_id == request.job_id), None)

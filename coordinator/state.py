@@ -43,6 +43,11 @@ MAX_JOBS = 64  # named jobs per cluster
 MAX_WORKERS_SEEN = 1 << 16  # worker registrations per job over its life (ids are never reused)
 MAX_COUNTERS = 32  # fault counters a heartbeat may report
 MAX_ADDRESS = 256  # characters of a server address
+# A primary's lease runs from its own clock's reading in an answer the coordinator had already received
+# when it took ``last_ok`` (server/replica.py), so the lease has run out once the coordinator's clock has
+# counted it from ``last_ok``, give or take the two clocks' difference in rate (NTP keeps that under
+# 500 ppm; 1 % here). A primary silent that long serves nothing any more: its backup may take over.
+LEASE_RATE_MARGIN = 0.01
 
 
 class Coordinator:
@@ -62,6 +67,8 @@ class Coordinator:
         self.last_ok: dict[int, float] = {}  # server -> when it last acknowledged its replica placement
         self.down: set[int] = set()  # servers declared dead (replicated jobs), until they answer again
         self._placing_since: float | None = None  # the first placement round (a server's silence counts from it)
+        self.placement_due = threading.Event()  # set: the placement loop sends a round now (a failover)
+        self.rounds_started = self.rounds_sent = 0  # placement rounds begun / answered (coordinator.main)
         self.cond = threading.Condition()
         self.journal = journal
         if journal is not None:
@@ -177,15 +184,22 @@ class Coordinator:
 
     # ------------------------------------------------------------------ replicated shards
 
-    def _lose(self, server: int) -> None:
+    def _lose(self, server: int, reason: str = "dead") -> None:
         """The copies ``server`` held are gone (under the lock): each replicated job's shards fail over to
         in-sync backups. The caller replans and persists."""
         for state in self.jobs.values():
             if state.placement is None:
                 continue
-            for f in state.placement.lose(server):
+            for f in state.placement.lose(server, reason):
                 log.warning("job %s: shard %d fails over from server %d to server %d (placement epoch %d)",
                             state.name, f.shard_id, f.from_server, f.to_server, f.epoch)
+
+    def declare_dead(self, sid: int, why: str, reason: str) -> None:
+        """Server ``sid`` is dead (under the lock): its shards fail over (``Placement.lose``); the caller
+        replans, persists and sends the placement."""
+        log.warning("server %d %s: declared dead", sid, why)
+        self.down.add(sid)
+        self._lose(sid, reason)
 
     def replica_calls(self) -> dict[int, tuple[str, list]]:
         """server -> (address, [(job_id, shard, placement epoch, primary, backup addresses)]): what every
@@ -194,6 +208,7 @@ class Coordinator:
             jobs = [s for s in self.jobs.values() if s.placement is not None]
             if not jobs:
                 return {}
+            self.rounds_started += 1
             if self._placing_since is None:
                 self._placing_since = time.monotonic()
             out = {}
@@ -237,25 +252,36 @@ class Coordinator:
                             changed = True
             for sid in sorted(self.servers):
                 # A server that has not answered once since this coordinator started placing gets longer
-                # (its first answer may wait for torch to load); one that answered, a lease and a margin.
+                # (its first answer may wait for torch to load; its lease's start is unknown); one that
+                # answered, its lease (LEASE_RATE_MARGIN).
                 seen = self.last_ok.get(sid)
                 silent = now - (seen if seen is not None else self._placing_since or now)
-                allowed = self.replica_lease_s * 1.25 + 0.5 if seen is not None else max(10.0, 4 * self.replica_lease_s)
+                allowed = (self.replica_lease_s * (1 + LEASE_RATE_MARGIN) if seen is not None
+                           else max(10.0, 4 * self.replica_lease_s))
                 if sid not in self.down and silent > allowed:
-                    log.warning("server %d has not answered for %.1fs: declared dead", sid, silent)
-                    self.down.add(sid)
-                    self._lose(sid)
+                    self.declare_dead(sid, f"has not answered for {silent:.2f}s", "dead")
                     changed = True
             live = {sid for sid, answer in answers.items() if answer is not None}  # answered just now
             for state in self.jobs.values():
                 if state.placement is not None and state.placement.heal(live, self.num_servers, state.job.replicas):
                     changed = True
             if changed:
-                for state in self.jobs.values():
-                    self._replan(state)
-                self._persist()
-                self.cond.notify_all()
+                self.replanned()
             return changed
+
+    def replanned(self) -> None:
+        """The placement changed (under the lock): new plans, journaled; the placement loop sends them
+        in its next round (at once when this came from its own round; ``placement_due`` otherwise)."""
+        for state in self.jobs.values():
+            self._replan(state)
+        self._persist()
+        self.cond.notify_all()
+
+    def round_sent(self, number: int) -> None:
+        """Placement round ``number`` (``rounds_started`` when it began) has been answered or given up."""
+        with self.cond:
+            self.rounds_sent = max(self.rounds_sent, number)
+            self.cond.notify_all()
 
     def _admit(self, state: JobState, member: MemberInfo) -> None:
         if state.views and state.job.mode is not UpdateMode.ASYNC:

@@ -90,8 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lease_seconds", "SHARDPS_LEASE_SECONDS", LEASE_S,
             "A worker silent this long is removed from the job's membership.", "coordinator"),
     Setting("replica_lease_seconds", "SHARDPS_REPLICA_LEASE_SECONDS", REPLICA_LEASE_S,
-            "Replicated jobs: a shard's primary answers this long after the coordinator last renewed it; a silent "
-            "server is declared dead (its shards fail over) after 1.25 x this + 0.5 s.", "coordinator"),
+            "Replicated jobs: a shard's primary answers this long after the coordinator last renewed it; a "
+            "server silent this long (x 1.01) is declared dead and its shards fail over (one whose port refuses connections, at once).", "coordinator"),
     Setting("resume_job", "SHARDPS_RESUME_JOB", "", "job.json from a prepared checkpoint: run that job from its step.",
             "coordinator"),
     Setting("state_dir", "SHARDPS_STATE_DIR", "",

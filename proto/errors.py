@@ -38,6 +38,7 @@ class Reason:
     UNKNOWN_WORKER = "unknown_worker"
     STALE_STEP = "stale_step"
     UNAVAILABLE = "unavailable"
+    CONNECTION_LOST = "connection_lost"
     NOT_PRIMARY = "not_primary"
     UNAUTHENTICATED = "unauthenticated"
     TIMEOUT = "timeout"
@@ -155,6 +156,16 @@ class Unavailable(ShardpsError):
     reason = Reason.UNAVAILABLE
 
 
+class ConnectionLost(Unavailable):
+    """The transport found the server's port closed (``refused`` = 1) or lost the connection mid-call
+    (reset, closed): its process may be dead. A worker names such a server to the coordinator, which
+    checks for itself (``coordinator.failover``); only ``runtime.status.error_from_rpc`` makes these."""
+
+    reason = Reason.CONNECTION_LOST
+    fields = {"refused": int}
+    refused: int  # (set from ``fields``)
+
+
 class NotPrimary(Unavailable):
     """This server does not serve the shard now (a backup, a primary whose lease ran out or that was
     superseded, a step voided by a step-down): ask the coordinator where it is and retry there."""
@@ -255,3 +266,4 @@ class NoLink(FailedPrecondition):
 # Statuses without a reason (the transport's, a deadline, an interceptor's, an injected fault) by code.
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, FailedPrecondition, UnknownWorker, StaleStep, Unavailable, WaitTimeout,
                                      Unauthenticated)}
+

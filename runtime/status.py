@@ -22,6 +22,10 @@ from ..proto import errors
 # transport or the caller's deadline while the handler still runs: a push through shared memory
 # may then write its reply into the worker's memory later (``runtime/shm.py``).
 HANDLER_ENDED = ("x-shardps-handler", "ended")
+# How gRPC's transport words a port that refuses connections, or a connection lost mid-call (the
+# server's process died): such a status becomes errors.ConnectionLost.
+CONNECTION_REFUSED = "Connection refused"
+CONNECTION_LOST = (CONNECTION_REFUSED, "Connection reset", "Socket closed", "Broken pipe")
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str, metadata=()):
@@ -77,9 +81,13 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.ShardpsError:
     name = code.name if code is not None else "UNKNOWN"
     info = failure_info(exc)
     cls = errors.BY_REASON.get(errors.Reason.from_wire(info.reason)) if info is not None else None
+    details = exc.details() or ""
+    values = info.metadata if info is not None else {}
+    if cls is None and name == "UNAVAILABLE" and any(words in details for words in CONNECTION_LOST):
+        cls, values = errors.ConnectionLost, {"refused": str(int(CONNECTION_REFUSED in details))}
     if cls is None:
         cls = errors.BY_CODE.get(name, errors.ShardpsError)
-    err = cls.from_wire(f"{what}: {name}: {exc.details()}", info.metadata if info is not None else {})
+    err = cls.from_wire(f"{what}: {name}: {details}", values)
     err.code = name
     return err
 

@@ -56,7 +56,11 @@ def spawn_workers(tmp_path):
             log = open(logs[-1], "wb")
             # each worker appends its replies to the cluster's history, which shardps check reads
             env = dict(os.environ, SHARDPS_HISTORY_DIR=getattr(cluster, "history_dir", "") or "")
-            procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            if getattr(cluster, "network", None) is not None:  # hosts=True: worker i runs on host worker-<i>
+                proc = cluster.worker_popen(i, args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            else:
+                proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            procs.append((proc, log))
             outs.append(out)
         started.append(Workers(tmp_path, procs, outs, logs))
         return started[-1]

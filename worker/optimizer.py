@@ -263,7 +263,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._heartbeat = Heartbeat(self)  # the lease runs from registration on
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
                            if self.job.sparse_push else None)
-        locate = Locator(lambda: self.coordinator.job(job_id=self.job_id)[2]) if self.job.replicas > 1 else None
+        locate = (Locator(lambda suspect: self.coordinator.job(job_id=self.job_id, suspect=suspect)[2])
+                  if self.job.replicas > 1 else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
                            self.compressor, self.retry, self.worker_id, self.security, self.flat.segment, locate,
                            links=self.transport in ("auto", "tcp"))

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
+from ..proto.errors import ConnectionLost, NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
 from ..runtime.link import split_address
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
@@ -183,8 +183,10 @@ class ShardChannel:
             seen[0] = moves = self._moves
             try:
                 reply = attempt()
-            except Unavailable:
+            except Unavailable as exc:
                 self.failing = True
+                if self.locate is not None and isinstance(exc, ConnectionLost):  # its process may be dead: say so at once
+                    self.locate.suspect(self.info.address)
                 if not self._follow():
                     raise
                 reply = attempt()  # moved: the new server at once, not after a backoff
@@ -395,13 +397,28 @@ class ShardChannel:
 
 class Locator:
     """Where each shard is served now, asked of the coordinator at most every ``every`` seconds
-    (every shard's channel asks after a failed attempt; one answer serves them all)."""
+    (every shard's channel asks after a failed attempt; one answer serves them all), or at once
+    after a call found its server's connection refused or reset (``suspect``)."""
 
-    def __init__(self, fetch_plan: Callable[[], list[ShardInfo]], every: float = 0.25):
+    def __init__(self, fetch_plan: Callable[[list[str]], list[ShardInfo]], every: float = 0.25):
+        """``fetch_plan(suspects)``: the job's plan from the coordinator, which first checks the
+        servers named (``CoordinatorClient.job``'s ``suspect``)."""
         self._fetch, self.every = fetch_plan, every
         self._plan: dict[int, str] = {}
         self._at = -math.inf
+        self._suspects: set[str] = set()  # to name in the next question
+        self._reported: dict[str, float] = {}  # address -> when it was last named (at most once per ``every``)
         self._lock = threading.Lock()
+
+    def suspect(self, address: str) -> None:
+        """A call to ``address`` found the connection refused or reset: the next ``plan()`` asks the
+        coordinator at once and names it (a dead primary's shards then move before the answer)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._reported.get(address, -math.inf) >= self.every:
+                self._reported[address] = now
+                self._suspects.add(address)
+                self._at = -math.inf
 
     def address(self, shard_id: int) -> str:
         return self.plan().get(shard_id, "")
@@ -411,8 +428,9 @@ class Locator:
         with self._lock:
             if time.monotonic() - self._at >= self.every:
                 self._at = time.monotonic()
+                suspects, self._suspects = sorted(self._suspects), set()
                 try:
-                    self._plan = {s.range.shard_id: s.address for s in self._fetch()}
+                    self._plan = {s.range.shard_id: s.address for s in self._fetch(suspects)}
                 except Exception as exc:  # noqa: BLE001 - the coordinator restarting: keep the old answer
                     log.info("could not ask the coordinator where the shards are: %s", exc)
             return dict(self._plan)

@@ -280,12 +280,14 @@ class GetMembershipResponse(_message.Message):
     def __init__(self, view: _Optional[_Union[MembershipView, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
-    __slots__ = ("job_name", "job_id")
+    __slots__ = ("job_name", "job_id", "suspect")
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SUSPECT_FIELD_NUMBER: _ClassVar[int]
     job_name: str
     job_id: str
-    def __init__(self, job_name: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    suspect: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_name: _Optional[str] = ..., job_id: _Optional[str] = ..., suspect: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job_id", "job", "plan")

@@ -272,6 +272,20 @@ def test_partition_and_heal():
         assert run_in(net, "b", CONNECT_ONCE, net.address("a")) == "ok"
 
 
+def test_cut_and_mend_one_link_only():
+    with Network(["a", "b", "c"]) as net:
+        start_server(net, "a", ECHO_SERVER)
+        net.cut("a", "b")
+        assert net.faults() == {"a": {"cut_from": ["b"]}, "b": {"cut_from": ["a"]}, "c": {}}
+        assert run_in(net, "b", CONNECT_ONCE, net.address("a")).startswith("fail")
+        assert run_in(net, "c", CONNECT_ONCE, net.address("a")) == "ok"  # a still reaches the rest
+        net.mend("b", "a")  # either order
+        assert net.faults() == {"a": {}, "b": {}, "c": {}}
+        assert run_in(net, "b", CONNECT_ONCE, net.address("a")) == "ok"
+        with pytest.raises(ValueError, match="from itself"):
+            net.cut("a", "a")
+
+
 def test_loss():
     sent = 200
     with Network(["a", "b"]) as net:

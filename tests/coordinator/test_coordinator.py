@@ -220,3 +220,25 @@ def test_a_sync_worker_that_leaves_is_removed_from_the_open_step_and_the_last_on
     assert c.reconfigure() == []  # 1 < min_workers 2: the view stays, and the job says why
     state = c.named("")
     assert state.abandoned and f"worker {b.worker_id} left" in state.waiting_for
+
+
+def test_a_primary_silent_for_its_lease_is_replaced_and_one_heard_from_within_it_is_not():
+    # The lease runs from the server's own clock in an answer the coordinator already had, so the
+    # coordinator waits the lease (x 1.01) from that answer, no longer 1.25 x lease + 0.5 s.
+    import dataclasses
+    import time
+
+    c = ready()
+    reg = c.register_worker(dataclasses.replace(job(min_workers=1), replicas=2))
+    c.replica_calls()  # placing starts
+    lease = c.replica_lease_s
+    in_sync = [(reg.job_id, 0, ["127.0.0.1:7101"], [])]  # server 0, shard 0's primary: server 1 holds its version
+    now = time.monotonic()
+    c.replicas_renewed({0: (now - 0.5 * lease, in_sync), 1: (now, [])})  # within its lease (in sync learned)
+    assert c.replicas_renewed({0: None, 1: (time.monotonic(), [])}) is False  # its last answer: half a lease ago
+    assert c.named("").placement.primary(0) == 0 and not c.down
+    c.last_ok[0] = time.monotonic() - 1.05 * lease  # now silent for longer than the lease it holds
+    assert c.replicas_renewed({0: None, 1: (time.monotonic(), [])})
+    placement = c.named("").placement
+    assert placement.primary(0) == 1 and [(f.shard_id, f.reason) for f in placement.failovers] == [(0, "dead")]
+    assert 0 in c.down

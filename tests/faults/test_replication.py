@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shardps import LocalCluster, chaos
+from shardps.chaos.checker import check_run
 from shardps.runtime.faults import FaultRule
 from shardps.client.sdk import cluster_status, shard_status
 from shardps.coordinator.client import CoordinatorClient
@@ -208,8 +209,37 @@ def test_a_primary_killed_right_after_a_coordinator_restart_still_fails_over(spa
         results = workers.wait(timeout=300)
         survivor = [shard_status(cluster.server_address(1), shard_id=k) for k in (0, 1)]
         status = coord.status()
-    assert not status.rollbacks and [f.reason for f in status.failovers] == ["dead"]
+    assert not status.rollbacks and [f.reason for f in status.failovers] in (["dead"], ["refused"])
     assert all(s.version == steps and s.rollbacks == 0 for s in survivor)
+    assert_as_in_one_process(results, steps)
+
+
+@pytest.mark.slow
+def test_a_killed_primary_fails_over_on_the_workers_report_of_its_refused_port_not_after_its_lease(
+        spawn_workers, tmp_path):
+    """With a 60 s primary lease, silence alone would keep shard 0 waiting for a minute. The workers'
+    calls to the SIGKILLed primary are refused; they name it when they ask where the shard is, the
+    coordinator finds its port refusing too and promotes the in-sync backup at once (the failover's
+    recorded reason is "refused", not "dead"). Nothing rolls back, the recorded history proves every
+    push applied once under one primary at a time, and the run equals one process's."""
+    steps = 30
+    with LocalCluster(servers=2, durable=False, log_dir=tmp_path / "logs", replica_lease_seconds=60) as cluster, \
+            CoordinatorClient(cluster.address) as coord:
+        workers = spawn_pair(spawn_workers, cluster, steps)
+        wait_until(lambda: primary_version(cluster, coord, 0) >= 10, what="step 10")
+        alive = cluster.server_address(0)
+        # A worker's word alone moves nothing: the coordinator checks, and a live server answers it.
+        assert {s.range.shard_id: s.address for s in coord.job(suspect=[alive])[2]}[0] == alive
+        assert not coord.status().failovers
+        cluster.kill("server-0")
+        results = workers.wait(timeout=300)
+        failovers = coord.status().failovers
+        survivor = [shard_status(cluster.server_address(1), shard_id=k) for k in (0, 1)]
+        verdict = check_run(cluster.history_dir)
+    assert [(f.shard_id, f.from_server, f.to_server, f.reason) for f in failovers] == [(0, 0, 1, "refused")]
+    assert all(s.version == steps and s.rollbacks == 0 and s.replica_role == "primary" for s in survivor)
+    assert verdict.ok, verdict.violations
+    assert verdict.counts["acks"] >= 2 * 2 * steps  # the workers' replies were recorded and checked
     assert_as_in_one_process(results, steps)
 
 

@@ -68,6 +68,9 @@ def test_the_server_crash_scenario_reports_its_rollback_and_ends_where_the_fault
     ('[[fault]]\nfrom_s = 1\nto_s = 2\naction = "kill"\ntarget = "server-0"', "happens at one moment"),
     ('[[fault]]\nat_s = 1\naction = "link"\ntarget = "worker-0"', "link needs"),
     ('[[fault]]\nat_s = 1\naction = "rpc"\ntarget = "servers"\nloss = 3', "does not take"),
+    ('[[fault]]\nat_s = 1\nfor_s = 2\naction = "cut"\ntarget = "server-0"', "cut needs peer = another host"),
+    ('[[fault]]\nat_s = 1\nfor_s = 2\naction = "cut"\ntarget = "server-0"\npeer = "server-0"', "cut needs peer"),
+    ('[[fault]]\nat_s = 1\nfor_s = 2\naction = "cut"\ntarget = "server-0"\npeer = "server-9"', "cut needs peer"),
     ('name = "x"', "has no"),
     ('[[fault]\n', "not valid TOML"),
 ])
@@ -81,8 +84,9 @@ def test_bad_scenarios_are_refused_with_a_message_naming_the_fix(tmp_path, text,
 def test_every_shipped_scenario_parses_and_network_faults_need_hosts():
     for path in EXAMPLES.glob("*.toml"):
         assert load(path, workers=3, servers=2).faults
-    with pytest.raises(ValueError, match="add --hosts"):
-        RunConfig(scenario=str(EXAMPLES / "flaky-network.toml"))
+    for name in ("flaky-network.toml", "replica-partitions.toml"):
+        with pytest.raises(ValueError, match="add --hosts"):
+            RunConfig(scenario=str(EXAMPLES / name))
 
 
 @pytest.mark.slow

@@ -116,6 +116,20 @@ def test_a_status_without_a_reason_is_its_code_whatever_its_message_says(failing
     assert "rolled back to step 3" in str(got) and status.handler_ended(exc)
 
 
+def test_a_port_that_refuses_the_connection_is_a_connection_lost_error_that_says_so():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/shardps.v1.ShardService/GetShardStatus")(b"", timeout=10)
+    got = status.error_from_rpc(caught.value, "GetShardStatus")
+    assert type(got) is errors.ConnectionLost and got.refused == 1
+    assert isinstance(got, errors.Unavailable)  # retried like any unavailable server
+
+
 def test_every_reason_has_exactly_one_class_and_they_all_live_in_proto_errors():
     assert set(errors.BY_REASON) == errors.ALL_REASONS
     assert {cls.__module__ for cls in errors.BY_REASON.values()} == {errors.__name__}

@@ -253,3 +253,20 @@ def test_a_push_voided_by_a_step_down_is_retried_not_rolled_back_even_if_the_rep
         primary.replica.assign(3, True, ["b0"], 30)
     waiting.join(10)
     assert len(outcome) == 1 and type(outcome[0]) is NotPrimary, outcome  # RolledBack would make it replay
+
+
+def test_a_backup_its_primary_cannot_reach_is_placed_back_only_after_a_growing_backoff():
+    # Placed back at once, a backup behind a cut link would cost its primary a copy attempt that hangs
+    # until its deadline, every round; once reported in sync again, the next drop starts short again.
+    p = Placement.initial(2, 2)  # shard 0 on [0, 1], shard 1 on [1, 0]
+    assert p.drop(0, 1) and p.replicas[0] == [0]
+    at = time.monotonic()
+    assert not p.heal({0, 1}, 2, 2, now=at) and p.replicas[0] == [0]  # still within the first backoff
+    assert p.heal({0, 1}, 2, 2, now=at + 1.5) and p.replicas[0] == [0, 1]
+    assert p.drop(0, 1)  # unreachable again: the backoff doubles
+    again = time.monotonic()
+    assert not p.heal({0, 1}, 2, 2, now=again + 1.5)
+    assert p.heal({0, 1}, 2, 2, now=again + 2.5) and p.replicas[0] == [0, 1]
+    assert p.learn_in_sync(0, {1})  # reachable: forgiven
+    assert p.drop(0, 1) and p.heal({0, 1}, 2, 2, now=time.monotonic() + 1.5)
+    assert p.replicas[1] == [1, 0]  # the other shard's placement was never touched

@@ -1,7 +1,7 @@
 """The worker's channel to one shard: following a replicated shard that moves to another server."""
 import threading
 
-from shardps.proto.errors import Unavailable
+from shardps.proto.errors import ConnectionLost, Unavailable
 from shardps.proto.messages import ShardInfo
 from shardps.proto.plan import ShardRange
 from shardps.runtime.retry import Retrier
@@ -39,7 +39,7 @@ def test_a_retry_waiting_out_its_backoff_goes_to_the_new_primary_as_soon_as_the_
 
 def test_the_plan_watcher_moves_a_failing_shard_without_waiting_for_its_slow_period():
     plans = [{0: "127.0.0.1:9"}]
-    locator = Locator(lambda: [ShardInfo(ShardRange(k, 0, 8), a) for k, a in plans[-1].items()], every=0)
+    locator = Locator(lambda suspect: [ShardInfo(ShardRange(k, 0, 8), a) for k, a in plans[-1].items()], every=0)
     ch = channel(Retrier(budget=0))
     ch.failing = True
     stop = threading.Event()
@@ -57,3 +57,50 @@ def test_the_plan_watcher_moves_a_failing_shard_without_waiting_for_its_slow_per
         stop.set()
         watcher.join(10)
         ch.close()
+
+
+def test_a_refused_connection_names_the_server_to_the_coordinator_and_the_call_moves_with_the_answer():
+    # The plan is asked again at once (not after ``every``), naming the server that refused: the
+    # coordinator checks it and answers with the shard already moved; the retry goes there.
+    asked = []
+
+    def fetch(suspect):
+        asked.append(list(suspect))
+        return [ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:10" if suspect else "127.0.0.1:9")]
+
+    locator = Locator(fetch, every=600)
+    locator.plan()  # the answer is fresh: without the report the next question would wait 600 s
+    ch = ShardChannel(ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:9"), "job", "fp", 1 << 16, Retrier(budget=0),
+                      locate=locator)
+    addresses = []
+
+    def attempt():
+        addresses.append(ch.info.address)
+        if len(addresses) == 1:
+            raise ConnectionLost("Push to shard 0 at 127.0.0.1:9: UNAVAILABLE: Connection refused", refused=1)
+        return "applied"
+
+    try:
+        assert ch._call("Push", attempt) == "applied"
+    finally:
+        ch.close()
+    assert asked == [[], ["127.0.0.1:9"]] and addresses == ["127.0.0.1:9", "127.0.0.1:10"]
+
+
+def test_a_timeout_is_not_reported_as_a_dead_server():
+    asked = []
+    locator = Locator(lambda suspect: asked.append(list(suspect)) or [ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:9")],
+                      every=0)
+    ch = ShardChannel(ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:9"), "job", "fp", 1 << 16, Retrier(budget=0),
+                      locate=locator)
+
+    def attempt():
+        raise Unavailable("Push to shard 0 at 127.0.0.1:9: DEADLINE_EXCEEDED: Deadline Exceeded")
+
+    try:
+        ch._call("Push", attempt)
+    except Unavailable:
+        pass
+    finally:
+        ch.close()
+    assert asked == [[]]  # asked where the shard is, naming nobody
