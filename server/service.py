@@ -19,8 +19,7 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, Unavailable, UnknownWorker
-from ..runtime.link import LinkError, LinkSocket
+from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..runtime.rpc import open_channel
@@ -28,12 +27,12 @@ from ..runtime.status import error_from_rpc, translate_errors
 from .modes import Push
 from ..runtime.limits import WaitSlots
 from ..runtime.process import release_free_memory
+from .byte_paths import GRAD_DTYPES, LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
 from .links import LinkHub
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 from . import replica as replicas
 
 log = logging.getLogger("shardps.server")
-GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
 SERVICE = "shardps.v1.ShardService"
 INDICES_FIELD = 4  # PushRequest.indices
 BUFFERS_PUSH_FIELD = 6  # PushRequest.buffers
@@ -102,84 +101,47 @@ class ShardServicer:
             raise InvalidArgument(f"push header out of range: epoch {h.epoch} (>= 1), step {h.step}, base_version "
                                   f"{h.base_version} and worker_id {h.worker_id} (>= 0)")
         members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
-        # A same-host worker's segment, held open (never mapped) until this call is done with it.
-        shm = state.segment(h.worker_id, h.shm.name, h.shm.nonce) if h.HasField("shm") else None
-        link = key = None
-        if h.HasField("link"):  # the bytes come on the worker's byte link, claimed for this push
+        path = self._path_for(state, h, context)
+        failed = True
+        try:
+            yield from self._push(state, first, frames, members, path)
+            failed = False
+        finally:
+            path.close(failed)
+
+    def _path_for(self, state, h: pb.PushHeader, context) -> ServerPath:
+        """Where this push's gradient comes from and its slice goes (``server/byte_paths.py``)."""
+        pool = self.node.buffers
+        if h.HasField("shm"):  # a same-host worker's segment, held open (never mapped) for this call
+            return SegmentPath(h.worker_id, state.segment(h.worker_id, h.shm.name, h.shm.nonce), pool)
+        if h.HasField("link"):  # the worker's byte link, claimed for this call
             if self.links is None:
                 raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")
             key = (h.target.job_id, state.shard.shard_id, h.worker_id)
-            link = self.links.take(key)
-        try:
-            yield from self._push(state, first, frames, members, shm, link, _deadline(context))
-        except BaseException:
-            if link is not None:
-                link.close()  # (a worker still sending on it stops at once)
-            raise
-        finally:
-            if shm is not None:
-                shm.release()
-            if link is not None:
-                self.links.give(key, link)
+            return LinkPath(self.links, key, self.links.take(key), h.link.nonce, deadline_of(context), pool)
+        return StreamPath(self.chunk_bytes, self._encode_push)
 
-    def _push(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int], shm,
-              link: LinkSocket | None = None, deadline: float = 0.0):
+    def _push(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int],
+              path: ServerPath):
         h = first.fields.header
         frames = _chain(first, frames)
         grad, options, blob = self._receive(state, frames, h.options if h.HasField("options") else None,
-                                            expect_grad=shm is None and link is None)
-        pool, shard = self.node.buffers, state.shard
-        if link is not None:
-            if grad is not None:  # chunks as well as the link: the chunks are ignored
-                pool.give(grad)
-            grad = self._receive_link(state, link, h.link.nonce, deadline)
-            if state.transport.get(h.worker_id) != "tcp":
-                with state.cond:
-                    state.transport[h.worker_id] = "tcp"
-        elif shm is not None:
-            if grad is not None:  # chunks as well as shared memory: the chunks are ignored
-                pool.give(grad)
-            grad = pool.take(torch.float32, shard.numel)  # the worker's bytes, copied: it can change none of them later
-            try:
-                state.read_grads(h.worker_id, shm, grad)
-            except BaseException:
-                pool.give(grad)
-                raise
-            state.add_bytes(shm_received=shard.numel * 4)
-        elif state.transport.get(h.worker_id) != "grpc":
-            with state.cond:
-                state.transport[h.worker_id] = "grpc"
+                                            expect_grad=path.in_band)
+        pool = self.node.buffers
+        grad = path.gradient(state, grad)
+        state.note_transport(h.worker_id, path.name)
         push = Push(h.worker_id, h.step, h.epoch, h.base_version, StepOpts.from_pb(options), grad, buffers=blob,
                     release=(lambda: pool.give(grad)) if grad is not None else None)
         outcome = state.push(push, members)  # releases the buffer when done with it
         if outcome.clip_partial is not None:
             yield pb.PushResponse(clip_partial=pb.ClipPartial(step=h.step, partial=outcome.clip_partial))
             outcome = state.finish_clip(push, self._clip_total(state, frames, h.step), outcome.duplicate)
-        reply = None
-        if shm is not None:  # the reply's parameters go straight into the worker's memory
-            version, pieces = state.write_params(shm), ()
-        elif link is not None:  # the reply's parameters follow the result on the link
-            version, reply = state.reply_tensor()
-            pieces = ()
-        elif state.policy.params_still_while_replying:  # stream the slice itself: no encoded copy held
-            with state.cond:
-                version = state.version
-            pieces = (wire.Frame(None, c) for c in codec.views(state.param, self.chunk_bytes))
-            state.add_bytes(sent=shard.numel * 4)
-        else:
-            version, pieces = state.snapshot(self._encode_push)
-            state.add_bytes(sent=shard.numel * 4)
+        version = path.reply(state)
         yield pb.PushResponse(result=pb.PushResult(
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
             next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch,
             skipped=outcome.skipped))
-        if reply is not None:
-            try:
-                link.send(h.link.nonce, reply, deadline)
-            except LinkError as exc:
-                raise Unavailable(f"the byte link broke while sending the reply: {exc}; push again") from None
-            state.add_bytes(sent=reply.numel() * 4)
-        yield from pieces
+        yield from path.after_result(state)
         if state.job.broadcast_buffers:
             yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
 
@@ -281,38 +243,7 @@ class ShardServicer:
             return None, options, blob
         if positions is not None:
             return self._scatter(state, positions, buf), options, blob
-        if dtype is torch.float32:
-            return buf, options, blob
-        grad = pool.take(torch.float32, numel).copy_(buf)
-        pool.give(buf)
-        return grad, options, blob
-
-    def _receive_link(self, state, link: LinkSocket, nonce: int, deadline: float) -> torch.Tensor:
-        """The push's gradient from its byte link frame, as fp32 in a pooled buffer the caller gives
-        back. A frame of the wrong size or dtype is refused (InvalidArgument, the link is closed); a
-        link that breaks fails the push (Unavailable: the worker sends it again). Nothing is kept."""
-        pool, numel = self.node.buffers, state.shard.numel
-        try:
-            dtype, nbytes = link.receive_header(nonce, deadline)
-        except LinkError as exc:
-            raise Unavailable(f"the byte link broke before the gradient arrived: {exc}; push again") from None
-        if dtype not in GRAD_DTYPES or nbytes != numel * dtype.itemsize:
-            link.close()
-            state.reject("bad_size")
-            raise InvalidArgument(f"the link's gradient frame holds {nbytes} bytes of {dtype}; this shard takes "
-                                  f"{numel} values of float32, bfloat16 or float16")
-        buf = pool.take(dtype, numel)
-        try:
-            link.receive_into(buf, deadline)
-        except LinkError as exc:
-            pool.give(buf)
-            raise Unavailable(f"the byte link broke while the gradient arrived: {exc}; push again") from None
-        state.add_bytes(received=nbytes)
-        if dtype is torch.float32:
-            return buf
-        grad = pool.take(torch.float32, numel).copy_(buf)
-        pool.give(buf)
-        return grad
+        return as_fp32(pool, buf), options, blob
 
     @translate_errors
     def OpenLink(self, request: pb.OpenLinkRequest, context):
@@ -677,12 +608,6 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
 def _passthrough(serialize):
     """Pre-serialized replies (cached slices) go out as they are; everything else is serialized."""
     return lambda msg: msg if isinstance(msg, bytes) else serialize(msg)
-
-
-def _deadline(context) -> float:
-    """The call's deadline on time.monotonic()'s clock (a call without one gets an hour)."""
-    left = context.time_remaining() if context is not None else None
-    return time.monotonic() + (left if left is not None else 3600.0)
 
 
 def _first(frames: Iterator[wire.Frame], rpc: str, field: str) -> wire.Frame:

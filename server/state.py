@@ -712,6 +712,12 @@ class ShardState:
             raise WaitTimeout(f"shard {self.shard.shard_id} did not reach version {version} within {timeout:.0f}s "
                               f"(it is at {self.version})")
 
+    def note_transport(self, worker_id: int, path: str) -> None:
+        """Which byte path ``worker_id``'s last push came by (grpc, shm or tcp), for status."""
+        if self.transport.get(worker_id) != path:
+            with self.cond:
+                self.transport[worker_id] = path
+
     def reply_tensor(self) -> tuple[int, torch.Tensor]:
         """(version, the slice) for a reply sent from tensor memory: the live slice where the policy
         keeps it still while replies go out, else a copy of that version (shared by the replies of
