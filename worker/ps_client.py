@@ -34,6 +34,7 @@ log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
 
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
+SCALES_FIELD = 7  # PushRequest.scales
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,11 @@ class ShardChannel:
 
     def push(self, header: pb.PushHeader, grad: torch.Tensor | None, out: torch.Tensor, timeout: float,
              commit: Callable[[], pb.StepOptions] | None = None, positions: torch.Tensor | None = None,
-             clip: ClipExchange | None = None, buffers: bytes | None = None, shm: Segment | None = None) -> PushReply:
+             clip: ClipExchange | None = None, buffers: bytes | None = None, shm: Segment | None = None,
+             scales: torch.Tensor | None = None) -> PushReply:
         """Push ``grad`` (this shard's slice, or with ``positions`` only the values at those
-        int32 positions; None: an overflow vote) and write the returned slice into ``out``.
+        int32 positions; None: an overflow vote; int8 values with their ``scales``, ``proto/quant.py``)
+        and write the returned slice into ``out``.
 
         The header carries the step options, or ``commit()`` supplies them in a PushCommit
         after the gradient (it may block until the caller knows them). A clipped push
@@ -250,6 +253,9 @@ class ShardChannel:
             if positions is not None:
                 for chunk in codec.views(positions, self.chunk_bytes):
                     yield wire.Frame(None, chunk, field=4)  # PushRequest.indices
+            if scales is not None:
+                for chunk in codec.views(scales, self.chunk_bytes):
+                    yield wire.Frame(None, chunk, field=SCALES_FIELD)
             if grad is not None:
                 for chunk in codec.views(grad, self.chunk_bytes):
                     yield wire.Frame(None, chunk)
@@ -408,7 +414,7 @@ class PSClient:
         """``segment``: this worker's shared memory; pushes to a shard go through it until that
         shard refuses it (another host), then over gRPC."""
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
-        self.segment = segment if compressor is None else None  # top-k pushes are sparse: gRPC
+        self.segment = segment if compressor is None else None  # compressed pushes (top-k, int8): gRPC
         self.shm_ok = [self.segment is not None] * len(plan)
         self.retry = retry if retry is not None else Retrier(budget=timeout)
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
@@ -465,7 +471,7 @@ class PSClient:
         copied off the GPU. The header carries the step options unless ``commit`` supplies them
         after the gradient; ``landed(start, stop)`` runs once the reply is in ``values``.
 
-        With a compressor (top-k), the shard's slice is compressed on the pool thread too.
+        With a compressor (top-k, int8), the shard's slice is compressed on the pool thread too.
         """
         h = pb.PushHeader()
         h.CopyFrom(header)
@@ -490,8 +496,9 @@ class PSClient:
                 return shard.push(h, None, out, self.timeout, commit, None, clip, blob)
             wire = grads.wire()
             if self.compressor is not None and r.numel:
-                positions, kept = self.compressor.compress(wire, r.start, r.stop)
-                return shard.push(h, kept, out, self.timeout, commit, positions, clip, blob)
+                sent = self.compressor.compress(wire, r.start, r.stop)
+                return shard.push(h, sent.values, out, self.timeout, commit, sent.positions, clip, blob,
+                                  scales=sent.scales)
             return shard.push(h, self._slice(wire, shard), out, self.timeout, commit, None, clip, blob)
 
         def push_and_land():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shardps import LocalCluster
+from shardps.proto import quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
@@ -18,10 +19,11 @@ PLAIN_OUTER = {"outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}
 
 
 def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs, wire_dtype=torch.float32,
-                     inner_cls=torch.optim.AdamW):
+                     inner_cls=torch.optim.AdamW, encode=None):
     """DiLoCo in one process: each worker's inner loop (AdamW by default) on its rows, from the same theta each round;
-    the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it); torch's SGD on the
-    flat parameter vector."""
+    the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it, or as ``encode(rank, delta)``
+    says the shards receive it); torch's SGD on the flat parameter vector."""
+    encode = encode or (lambda rank, delta: delta.to(wire_dtype).float())
     theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
     outer = torch.optim.SGD([theta], **outer_kwargs)
     workers = [_model(initial) for _ in sizes]
@@ -37,7 +39,7 @@ def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwar
                 loss_fn(model, x[lo:hi], y[lo:hi]).backward()
                 inner.step()
             delta = theta.detach() - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-            deltas.append(delta.to(wire_dtype).float())
+            deltas.append(encode(rank, delta))
             samples.append((min(start + sync_every, steps) - start) * (hi - lo))
         theta.grad = sum(d * (n / sum(samples)) for d, n in zip(deltas, samples))
         outer.step()
@@ -102,6 +104,49 @@ def test_two_workers_diloco_with_adamw_and_nesterov_equals_one_process_diloco(ru
     if wire_dtype != "float32":  # the outer gradients did travel rounded: fp32 ones would end elsewhere
         exact = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
         assert max_diff(results[0]["final"], exact) > 1e-5
+
+
+def int8_with_error_feedback(ranges, feedback=True):
+    """What the shards receive from a worker pushing int8 outer gradients: per shard, (delta + its residual)
+    quantised in blocks (``proto/quant.py``); the rounding error is the worker's next residual."""
+    residuals = {}
+
+    def encode(rank, delta):
+        acc = delta + residuals.get(rank, torch.zeros_like(delta))
+        sent = torch.cat([quant.dequantize(*quant.quantize(acc[start:stop])) for start, stop in ranges])
+        if feedback:
+            residuals[rank] = acc - sent
+        return sent
+    return encode
+
+
+@pytest.mark.slow
+def test_two_workers_diloco_with_int8_outer_gradients_and_error_feedback_equals_one_process_diloco(run_workers):
+    from shardps.client.sdk import shard_status
+
+    sizes, steps, sync_every = [24, 40], 18, 4  # 5 outer steps
+    inner_kwargs, outer_kwargs = {"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+    with LocalCluster(servers=2) as cluster:
+        results = run_workers(cluster, 2, script="diloco_worker.py", inner="adamw",
+                              inner_kwargs=json.dumps(inner_kwargs), sync_every=sync_every,
+                              sizes=",".join(map(str, sizes)), steps=steps, wire_dtype="int8")
+        shards = [shard_status(a) for a in cluster.server_addresses.values()]
+    ranges = results[0]["ranges"]
+    run = (results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+    expected = diloco_reference(*run, encode=int8_with_error_feedback(ranges))
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    for r in results:
+        assert max_diff(r["final"], expected) <= 1e-5
+    # Both the rounding and the error feedback show: fp32 outer gradients, or int8 ones without the
+    # residual, end elsewhere.
+    assert max_diff(results[0]["final"], diloco_reference(*run)) > 1e-4
+    assert max_diff(results[0]["final"], diloco_reference(*run, encode=int8_with_error_feedback(ranges, False))) > 1e-4
+    for s in shards:  # int8 pushes go over gRPC (no shared memory) with a quarter of fp32's bytes
+        numel = s.stop - s.start
+        assert s.pushes_received == 2 * 5 and s.shm_bytes_in == 0
+        per_push = (s.bytes_in - 4 * numel) / s.pushes_received  # less the initializer's fp32 upload
+        assert per_push == numel + 4 * quant.blocks_for(numel)  # int8 values and one fp32 scale per block
+        assert per_push / (4 * numel) < 0.26
 
 
 def replay_async(initial, pushes, ranges, outer_kwargs):
