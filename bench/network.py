@@ -7,7 +7,8 @@ Hosts. One ``chaos.netns.Network`` per profile (built by the profile's ``LocalCl
 ``coordinator``, ``server-<k>`` and ``worker-<i>``, each in its own namespace with one veth into a
 bridge. Every contender of the profile runs on those same hosts and links, one after another:
 shardps jobs (one job name each) on the profile's coordinator and servers, with every byte over
-gRPC (``transport="grpc"``: the hosts differ); DDP over gloo among the worker hosts (rank 0's
+gRPC (``transport="grpc"``: the hosts differ), the ``diloco*`` ones as DiLoCo jobs (an outer step every
+20 steps; their step time is a median inner step, so compare their time to the target); DDP over gloo among the worker hosts (rank 0's
 address is the rendezvous, ``GLOO_SOCKET_IFNAME=eth0``). The worker processes are
 ``bench/netpeer.py``. DDP hooks on gloo/CPU: ``bf16_compress_hook`` runs, registered under
 another name (DDP refuses that name without CUDA+NCCL, though gloo all-reduces bfloat16 on CPU);
@@ -77,6 +78,10 @@ CONTENDERS = {
     "ddp": dict(kind="ddp"),
     "ddp-bf16": dict(kind="ddp", hook="bf16"),
     "ddp-powersgd2": dict(kind="ddp", hook="powersgd2"),
+    # DiLoCo: the workload's optimizer as the inner one, H = 20 inner steps per outer (Nesterov) step.
+    "diloco20": dict(kind="diloco", sync_every=20),
+    "diloco20-bf16": dict(kind="diloco", sync_every=20, wire_dtype="bfloat16"),
+    "diloco20-int8": dict(kind="diloco", sync_every=20, wire_dtype="int8"),
 }
 
 TARGETS = {"digits": 0.5, "charlm": 2.8, "charlm25m": 3.0}  # held-out loss (nats) for time-to-target

@@ -149,6 +149,71 @@ def test_two_workers_diloco_with_int8_outer_gradients_and_error_feedback_equals_
         assert per_push / (4 * numel) < 0.26
 
 
+def streaming_reference(initial, sizes, steps, sync_every, fragments, inner_kwargs, outer_kwargs):
+    """Streaming DiLoCo in one process: the workers' inner AdamW steps in lockstep; fragment f (the given
+    numbers of parameters, in order) has its outer step after inner step t when (t - f*H/F) % H == 0 and
+    once more at the end if it has steps left: torch's Nesterov SGD of its own over the sample-weighted
+    mean of the workers' fragment deltas, whose result every worker loads (their other fragments go on)."""
+    workers = [_model(initial) for _ in sizes]
+    inners = [torch.optim.AdamW(m.parameters(), **inner_kwargs) for m in workers]
+    cuts = [sum(fragments[:k]) for k in range(len(fragments) + 1)]
+    parts = [[list(m.parameters())[cuts[k]:cuts[k + 1]] for m in workers] for k in range(len(fragments))]
+    thetas = [torch.nn.Parameter(torch.nn.utils.parameters_to_vector(part[0]).detach().clone()) for part in parts]
+    outers = [torch.optim.SGD([theta], **outer_kwargs) for theta in thetas]
+    last = [0] * len(fragments)
+
+    def outer_step(k, t):
+        deltas = [thetas[k].detach() - torch.nn.utils.parameters_to_vector(ps).detach() for ps in parts[k]]
+        thetas[k].grad = sum(d * (n / sum(sizes)) for d, n in zip(deltas, sizes))  # equal steps: weights by rows
+        outers[k].step()
+        with torch.no_grad():
+            for ps in parts[k]:
+                offset = 0
+                for p in ps:
+                    p.copy_(thetas[k][offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        last[k] = t
+
+    for t in range(1, steps + 1):
+        x, y = global_batch(t - 1, sum(sizes))
+        for rank, (model, inner) in enumerate(zip(workers, inners)):
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            inner.zero_grad()
+            loss_fn(model, x[lo:hi], y[lo:hi]).backward()
+            inner.step()
+        for k in range(len(fragments)):
+            if (t - k * sync_every // len(fragments)) % sync_every == 0:
+                outer_step(k, t)
+    for k in range(len(fragments)):
+        if last[k] < steps:
+            outer_step(k, steps)
+    return workers[0].state_dict()
+
+
+@pytest.mark.slow
+def test_two_workers_streaming_diloco_syncs_fragments_at_staggered_steps_as_one_process_does(run_workers):
+    sizes, steps, sync_every = [24, 40], 18, 4  # fragment 0 syncs after steps 4, 8, 12, 16 (and 18), 1 after 2, 6, ..
+    inner_kwargs, outer_kwargs = {"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+    with LocalCluster(servers=2) as cluster:
+        results = run_workers(cluster, 2, script="diloco_worker.py", inner="adamw",
+                              inner_kwargs=json.dumps(inner_kwargs), sync_every=sync_every, fragments=2,
+                              sizes=",".join(map(str, sizes)), steps=steps)
+    fragments = results[0]["fragments"]
+    assert fragments == [1, 3]  # the first layer's weight (320 elements); its bias and the second layer (164)
+    for r in results:  # one fragment at a time: every 2 steps one job's shards (2 each) move on, in turn
+        assert [round_["versions"] for round_ in r["rounds"]] == [
+            [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2], [2, 2, 2, 2], [2, 2, 3, 3], [3, 3, 3, 3], [3, 3, 4, 4],
+            [4, 4, 4, 4], [4, 4, 5, 5], [5, 5, 5, 5]]
+    expected = streaming_reference(results[0]["initial"], sizes, steps, sync_every, fragments, inner_kwargs,
+                                   outer_kwargs)
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    for r in results:
+        assert max_diff(r["final"], expected) <= 1e-5
+    # Staggered syncs are not DiLoCo's whole-model ones: those end elsewhere.
+    whole = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+    assert max_diff(results[0]["final"], whole) > 1e-4
+
+
 def replay_async(initial, pushes, ranges, outer_kwargs):
     """Each shard's outer SGD over its slice, one push at a time in the order of the versions its replies
     carried (an async shard applies every push on arrival, so version v is its v-th push)."""
