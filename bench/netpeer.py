@@ -83,7 +83,8 @@ def _diloco(model, cfg, rank):
     from shardps import DiLoCo
 
     inner = _OPTIMIZERS[cfg["optimizer"]](model.parameters(), lr=cfg["lr"])
-    opt = DiLoCo(model, inner, cfg["cluster"], sync_every=cfg["sync_every"], job=cfg["job"], min_workers=cfg["world"],
+    opt = DiLoCo(model, inner, cfg["cluster"], sync_every=cfg["sync_every"], fragments=cfg.get("fragments", 1),
+                 job=cfg["job"], min_workers=cfg["world"],
                  wire_dtype=cfg.get("wire_dtype", "float32"), transport="grpc",
                  connect_timeout=cfg["connect_timeout_s"], name=f"worker-{rank}")
     return model, opt, opt.rank, opt.close
@@ -97,9 +98,10 @@ def main(config_json: str, rank: int, log_path: str) -> None:
     wl = get_workload(cfg["workload"])
     model = wl.model()
     module, opt, rank, close = {"ddp": _ddp, "shardps": _shardps, "diloco": _diloco}[cfg["kind"]](model, cfg, rank)
-    # DiLoCo: rank 0's model is the job's only right after an outer step: evaluate there (so give it
-    # --steps a multiple of sync_every for an evaluation at the end).
-    due = ((lambda: opt.since_sync == 0) if cfg["kind"] == "diloco"
+    # DiLoCo: rank 0's model is the job's only right after an outer step: evaluate there, every sync_every
+    # steps (so give it --steps a multiple of sync_every for an evaluation at the end). With fragments no
+    # step leaves the whole model synced: that is rank 0's model with fragment 0 just synced.
+    due = ((lambda: taken() % cfg["sync_every"] == 0) if cfg["kind"] == "diloco"
            else (lambda: taken() >= next_eval or taken() >= cfg["steps"]))
     b, world, every = cfg["batch"], cfg["world"], cfg["eval_every"]
     done = 0  # steps this process took part in

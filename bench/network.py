@@ -82,6 +82,7 @@ CONTENDERS = {
     "diloco20": dict(kind="diloco", sync_every=20),
     "diloco20-bf16": dict(kind="diloco", sync_every=20, wire_dtype="bfloat16"),
     "diloco20-int8": dict(kind="diloco", sync_every=20, wire_dtype="int8"),
+    "diloco20-stream4": dict(kind="diloco", sync_every=20, fragments=4),  # a quarter of the model every 5 steps
 }
 
 TARGETS = {"digits": 0.5, "charlm": 2.8, "charlm25m": 3.0}  # held-out loss (nats) for time-to-target
