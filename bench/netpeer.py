@@ -2,12 +2,14 @@
 
     python bench/netpeer.py CONFIG_JSON RANK LOG_JSONL
 
-CONFIG_JSON carries the contender (``kind``: "shardps" or "ddp", and its options), the workload,
+CONFIG_JSON carries the contender (``kind``: "shardps", "diloco" or "ddp", and its options), the workload,
 world size, batch, steps and eval cadence. The process trains ``steps`` steps on its own rows of
 each global batch (``Workload.rows``: the same data every contender sees) and appends one JSON
 line per step to LOG_JSONL: ``{"step", "step_s", "loss"}``; rank 0 also evaluates the held-out
 loss every ``eval_every`` steps and appends ``{"eval": loss, "step", "train_s"}``, where
-``train_s`` is the training time so far with its own evaluations left out. At the end it waits
+``train_s`` is the training time so far with its own evaluations left out. A DiLoCo worker's step is
+an inner step (the outer step's push and pull count in the step that ends a round); its model is the
+job's only right after an outer step, so rank 0 evaluates then (every ``sync_every`` steps) and at the end. At the end it waits
 for every process to end its loop (a ``.done`` file each) before leaving. A line is flushed as
 soon as it is written, so whoever kills this process at a time limit still reads every finished step.
 
@@ -23,6 +25,8 @@ import time
 from datetime import timedelta
 
 import torch
+
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def _bf16_hook(process_group, bucket):
@@ -62,8 +66,7 @@ def _ddp(model, cfg, rank):
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     elif hook:
         raise ValueError(f"unknown DDP hook {hook!r}: use '', 'bf16' or 'powersgd<rank>'")
-    opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg["optimizer"]]
-    return ddp, opt_cls(ddp.parameters(), lr=cfg["lr"]), rank, dist.destroy_process_group
+    return ddp, _OPTIMIZERS[cfg["optimizer"]](ddp.parameters(), lr=cfg["lr"]), rank, dist.destroy_process_group
 
 
 def _shardps(model, cfg, rank):
@@ -76,6 +79,17 @@ def _shardps(model, cfg, rank):
     return model, opt, opt.rank, opt.close
 
 
+def _diloco(model, cfg, rank):
+    from shardps import DiLoCo
+
+    inner = _OPTIMIZERS[cfg["optimizer"]](model.parameters(), lr=cfg["lr"])
+    opt = DiLoCo(model, inner, cfg["cluster"], sync_every=cfg["sync_every"], fragments=cfg.get("fragments", 1),
+                 job=cfg["job"], min_workers=cfg["world"],
+                 wire_dtype=cfg.get("wire_dtype", "float32"), transport="grpc",
+                 connect_timeout=cfg["connect_timeout_s"], name=f"worker-{rank}")
+    return model, opt, opt.rank, opt.close
+
+
 def main(config_json: str, rank: int, log_path: str) -> None:
     from shardps.worker.workloads import get_workload
 
@@ -83,7 +97,12 @@ def main(config_json: str, rank: int, log_path: str) -> None:
     torch.set_num_threads(cfg.get("threads", 1))
     wl = get_workload(cfg["workload"])
     model = wl.model()
-    module, opt, rank, close = (_ddp if cfg["kind"] == "ddp" else _shardps)(model, cfg, rank)
+    module, opt, rank, close = {"ddp": _ddp, "shardps": _shardps, "diloco": _diloco}[cfg["kind"]](model, cfg, rank)
+    # DiLoCo: rank 0's model is the job's only right after an outer step: evaluate there, every sync_every
+    # steps (so give it --steps a multiple of sync_every for an evaluation at the end). With fragments no
+    # step leaves the whole model synced: that is rank 0's model with fragment 0 just synced.
+    due = ((lambda: taken() % cfg["sync_every"] == 0) if cfg["kind"] == "diloco"
+           else (lambda: taken() >= next_eval or taken() >= cfg["steps"]))
     b, world, every = cfg["batch"], cfg["world"], cfg["eval_every"]
     done = 0  # steps this process took part in
     # The shards number shardps' steps: a worker whose late push was dropped (a backup worker's
@@ -104,7 +123,7 @@ def main(config_json: str, rank: int, log_path: str) -> None:
             dt = time.perf_counter() - t
             train_s, done = train_s + dt, done + 1
             log.write(json.dumps({"step": step, "step_s": dt, "loss": loss.item()}) + "\n")
-            if rank == 0 and (taken() >= next_eval or taken() >= cfg["steps"]):
+            if rank == 0 and due():
                 while next_eval <= taken():
                     next_eval += every
                 log.write(json.dumps({"eval": wl.evaluate(model)["loss"], "step": step, "train_s": train_s}) + "\n")

@@ -8,7 +8,9 @@ Hosts. One ``chaos.netns.Network`` per profile (built by the profile's ``LocalCl
 bridge. Every contender of the profile runs on those same hosts and links, one after another:
 shardps jobs (one job name each) on the profile's coordinator and servers, their bytes on the
 servers' byte links (``transport="tcp"``, what "auto" picks across machines: these hosts share one
-/dev/shm, where "auto" would take shared memory; ``shardps-grpc``: every byte inside gRPC); DDP over gloo among the worker hosts (rank 0's
+/dev/shm, where "auto" would take shared memory; ``shardps-grpc``: every byte inside gRPC); the ``diloco*`` ones as DiLoCo jobs (an outer step every
+20 steps; their step time is a median inner step, so compare their time to the target; they push
+inside gRPC, as when they were measured); DDP over gloo among the worker hosts (rank 0's
 address is the rendezvous, ``GLOO_SOCKET_IFNAME=eth0``). The worker processes are
 ``bench/netpeer.py``. DDP hooks on gloo/CPU: ``bf16_compress_hook`` runs, registered under
 another name (DDP refuses that name without CUDA+NCCL, though gloo all-reduces bfloat16 on CPU);
@@ -81,6 +83,11 @@ CONTENDERS = {
     "ddp": dict(kind="ddp"),
     "ddp-bf16": dict(kind="ddp", hook="bf16"),
     "ddp-powersgd2": dict(kind="ddp", hook="powersgd2"),
+    # DiLoCo: the workload's optimizer as the inner one, H = 20 inner steps per outer (Nesterov) step.
+    "diloco20": dict(kind="diloco", sync_every=20),
+    "diloco20-bf16": dict(kind="diloco", sync_every=20, wire_dtype="bfloat16"),
+    "diloco20-int8": dict(kind="diloco", sync_every=20, wire_dtype="int8"),
+    "diloco20-stream4": dict(kind="diloco", sync_every=20, fragments=4),  # a quarter of the model every 5 steps
 }
 
 TARGETS = {"digits": 0.5, "charlm": 2.8, "charlm25m": 3.0}  # held-out loss (nats) for time-to-target

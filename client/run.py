@@ -50,7 +50,7 @@ class RunConfig:
     epochs: float = 0.0  # 0 = workload default
     device: str = "cpu"  # worker device: cpu, cuda, mps, auto
     seed: int = 0
-    wire_dtype: str = "float32"  # float32 | bfloat16 | float16
+    wire_dtype: str = "float32"  # float32 | bfloat16 | float16 | int8
     transport: str = ""  # auto (shared memory with same-host shards, else byte links) | tcp | grpc ("" = SHARDPS_TRANSPORT or auto)
     backup_workers: int = 0  # sync/ssp: close each step after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step

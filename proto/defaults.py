@@ -145,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", "SHARDPS_SEED", 0, "Model init and data order.", _TRAIN),
     Setting("min_workers", "SHARDPS_MIN_WORKERS", 1, "Training starts with this many workers.",
             "worker, ShardedOptimizer (launch sets it)"),
-    Setting("wire_dtype", "SHARDPS_WIRE_DTYPE", "float32", "Gradient dtype on the wire: float32, bfloat16 or float16.",
+    Setting("wire_dtype", "SHARDPS_WIRE_DTYPE", "float32",
+            "Gradient dtype on the wire: float32, bfloat16, float16 or int8 (error feedback).",
             _TRAIN),
     Setting("transport", "SHARDPS_TRANSPORT", "auto",
             "auto: gradients and parameters through shared memory with shards on the same host, on each server's "

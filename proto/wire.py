@@ -45,7 +45,7 @@ class Frame:
 # message class -> field numbers of its TensorChunk fields (the first is the default)
 CHUNK_FIELDS = {
     pb.InitShardRequest: (3, 5),  # params, buffers
-    pb.PushRequest: (2, 4, 6),  # grad, indices, buffers
+    pb.PushRequest: (2, 4, 6, 7),  # grad, indices, buffers, scales
     pb.PushResponse: (2, 4),  # params, buffers
     pb.PullResponse: (2,),
     pb.LoadStateRequest: (4,),

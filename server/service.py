@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from ..proto import buffers as buffer_file
-from ..proto import codec, wire
+from ..proto import codec, quant, wire
 from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
@@ -27,14 +27,16 @@ from ..runtime.status import error_from_rpc, translate_errors
 from .modes import Push
 from ..runtime.limits import WaitSlots
 from ..runtime.process import release_free_memory
-from .byte_paths import GRAD_DTYPES, LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
+from .byte_paths import LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
 from .links import LinkHub
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 from . import replica as replicas
 
 log = logging.getLogger("shardps.server")
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # wire dtypes a push may use (int8: with scales)
 SERVICE = "shardps.v1.ShardService"
 INDICES_FIELD = 4  # PushRequest.indices
+SCALES_FIELD = 7  # PushRequest.scales
 BUFFERS_PUSH_FIELD = 6  # PushRequest.buffers
 BUFFERS_INIT_FIELD = 5  # InitShardRequest.buffers
 BUFFERS_REPLY_FIELD = 4  # PushResponse.buffers
@@ -185,16 +187,16 @@ class ShardServicer:
 
     def _receive(self, state, frames: Iterator[wire.Frame], options: pb.StepOptions | None, expect_grad: bool = True):
         """Read a push: its buffers file (shard 0, rank 0), then a sparse push's int32 positions,
-        then the gradient, and the step options (in the header, or in a PushCommit after the
-        gradient). Reading stops once the gradient is complete and the options are known, so a
-        clipped push's stream stays open for its ClipTotal (without ``expect_grad``, the gradient is
+        then an int8 push's scales, then the gradient, and the step options (in the header, or in a
+        PushCommit after the gradient). Reading stops once the gradient is complete and the options
+        are known, so a clipped push's stream stays open for its ClipTotal (without ``expect_grad``, the gradient is
         in shared memory: reading stops once the options are known, so a push with buffers sends its
         options after them, in a PushCommit). Returns (the fp32 gradient in a
         pooled buffer the caller gives back, or None; the options; the buffers file).
 
         A sparse push's values are scattered into a zeroed buffer. Nothing is kept on error.
         """
-        blob = indices = asm = positions = buf = None
+        blob = indices = scales = asm = positions = buf = None
         dtype, numel, pool = None, state.shard.numel, self.node.buffers
         try:
             for frame in frames:
@@ -213,12 +215,17 @@ class ShardServicer:
                         raise codec.CodecError("index chunks must come before the gradient values")
                     indices = indices or codec.Assembler(expect_dtype=torch.int32, max_numel=numel)
                     indices.add(chunk)
+                elif chunk is not None and frame.field == SCALES_FIELD:
+                    if asm is not None:
+                        raise codec.CodecError("scale chunks must come before the gradient values")
+                    scales = scales or codec.Assembler(expect_dtype=torch.float32, max_numel=numel)
+                    scales.add(chunk)
                 elif chunk is not None:
                     if asm is None:
                         dtype = codec.torch_dtype(chunk.dtype)
-                        if dtype not in GRAD_DTYPES:
+                        if dtype not in GRAD_DTYPES or (dtype is torch.int8) != (scales is not None):
                             state.reject("bad_dtype")
-                            raise InvalidArgument(f"gradients travel as float32, bfloat16 or float16, not {dtype}")
+                            raise InvalidArgument(_bad_dtype(dtype, scales is not None))
                         positions = indices.finish() if indices is not None else None
                         buf = pool.take(dtype, numel) if positions is None else torch.empty(positions.numel(),
                                                                                            dtype=dtype)
@@ -230,6 +237,8 @@ class ShardServicer:
                 raise codec.CodecError("the push carried no step options (PushHeader.options or a PushCommit)")
             if asm is not None:
                 asm.finish()
+            if scales is not None:
+                scales.finish()
         except codec.CodecError:
             state.reject("bad_size")
             _give_back(pool, buf, positions)
@@ -237,10 +246,12 @@ class ShardServicer:
         except BaseException:  # the stream broke: nothing was applied, the buffer goes back
             _give_back(pool, buf, positions)
             raise
-        state.add_bytes(received=sum(a.received for a in (asm, indices, blob) if a is not None))
+        state.add_bytes(received=sum(a.received for a in (asm, indices, scales, blob) if a is not None))
         blob = blob.finish() if blob is not None else None
         if asm is None:
             return None, options, blob
+        if dtype is torch.int8:
+            buf, dtype = self._dequantize(state, buf, scales.finish(), pooled=positions is None), torch.float32
         if positions is not None:
             return self._scatter(state, positions, buf), options, blob
         return as_fp32(pool, buf), options, blob
@@ -258,6 +269,22 @@ class ShardServicer:
                                 f"for it (register with the coordinator)")
         key = (request.target.job_id, state.shard.shard_id, request.worker_id)
         return pb.OpenLinkResponse(port=self.links.port, ticket=self.links.ticket(key))
+
+    def _dequantize(self, state, values: torch.Tensor, scales: torch.Tensor, pooled: bool) -> torch.Tensor:
+        """The fp32 values an int8 push's ``values`` and ``scales`` stand for (``proto/quant.py``); a
+        pooled ``values`` buffer goes back to the pool (also on error), the result is pooled when it was."""
+        pool = self.node.buffers
+        out = pool.take(torch.float32, values.numel()) if pooled else None
+        try:
+            return quant.dequantize(values, scales, out)
+        except ValueError as exc:
+            if out is not None:
+                pool.give(out)
+            state.reject("bad_size")
+            raise InvalidArgument(str(exc)) from None
+        finally:
+            if pooled:
+                pool.give(values)
 
     def _scatter(self, state, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """A dense fp32 gradient from a sparse push: zeros except ``values`` at ``positions``."""
@@ -570,6 +597,14 @@ class _BlobReader:
 
     def finish(self) -> bytes:
         return self.asm.finish().numpy().tobytes()
+
+
+def _bad_dtype(dtype: torch.dtype, scaled: bool) -> str:
+    if dtype is torch.int8:
+        return "int8 gradient values need their scales first: send the PushRequest.scales chunks before the grad chunks"
+    if scaled:
+        return f"scales go with int8 gradient values only; got {dtype} values with scales"
+    return f"gradients travel as float32, bfloat16, float16 or int8 (with scales), not {dtype}"
 
 
 def _give_back(pool, buf, positions) -> None:

@@ -16,6 +16,12 @@ failover all apply to it unchanged.
 
 With ``sync_every=1``, inner ``SGD(lr=eta)`` and ``outer="sgd", outer_lr=1,
 outer_momentum=0`` this is sync data-parallel ``SGD(lr=eta)`` (to fp32 rounding).
+
+Streaming (``fragments=F``, Douillard et al. 2025, "Streaming DiLoCo"): the parameters are cut
+into F contiguous fragments of about equal size, each an outer job of its own on the shards
+(``<job>.f<k>``), and fragment f has its outer step after the inner steps t = f*H/F + kH, so one
+fragment's bytes are on the wire every H/F steps instead of the whole model's every H. A
+fragment's sync loads only its own parameters; the others go on with their round.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import torch
 
 from ..proto import optim
 from ..proto.defaults import OUTER_LR, OUTER_MOMENTUM
-from ..proto.messages import UpdateMode
+from ..proto.messages import DEFAULT_JOB, UpdateMode
+from .fragments import Fragment, split
 from .optimizer import ShardedOptimizer
 
 DILOCO_OUTER = {"lr": OUTER_LR, "momentum": OUTER_MOMENTUM, "nesterov": True}  # Douillard et al. 2023
@@ -34,7 +41,8 @@ DILOCO_OUTER = {"lr": OUTER_LR, "momentum": OUTER_MOMENTUM, "nesterov": True}  #
 
 class DiLoCo:
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, cluster: str | None = None,
-                 *, sync_every: int | str = 100, sync_seconds: float | None = None, outer: str | type = "sgd", outer_lr: float = DILOCO_OUTER["lr"],
+                 *, sync_every: int | str = 100, sync_seconds: float | None = None, fragments: int = 1,
+                 outer: str | type = "sgd", outer_lr: float = DILOCO_OUTER["lr"],
                  outer_momentum: float | None = None, nesterov: bool | None = None,
                  outer_kwargs: dict[str, Any] | None = None, batch_size: int | None = None, **sharded: Any):
         """
@@ -49,6 +57,10 @@ class DiLoCo:
                 weighs less by its fewer samples). Not with ``mode="async"``, where nobody waits anyway.
             sync_seconds: with ``sync_every="auto"``: the target seconds of inner steps per round (the time
                 between two ``step()`` calls counts, not the time the outer step takes).
+            fragments: F >= 1 (streaming): cut the trained parameters into F contiguous fragments of about
+                equal size, each with its own outer job on the shards (named ``<job>.f<k>``), fragment f
+                synced after the inner steps t with t = f*H/F (mod H); 1: the whole model every H steps.
+                Needs a number ``sync_every`` >= F and at least F trained parameters.
             outer: the shards' optimizer, a name or torch class as ``ShardedOptimizer`` takes.
             outer_lr: its learning rate.
             outer_momentum, nesterov: SGD's (default 0.9 and True, DiLoCo's); only with ``outer="sgd"``.
@@ -61,24 +73,10 @@ class DiLoCo:
                 ``replicas``, ``staleness``, ``job``, timeouts, ...). ``mode`` applies to outer steps.
                 ``overlap`` and ``balance_every`` are per-step mechanisms and are refused.
 
-        Construction blocks as ``ShardedOptimizer``'s does (registration, ``min_workers``) and
-        loads the job's initial parameters into ``model``.
+        Construction blocks as ``ShardedOptimizer``'s does (registration, ``min_workers``; with
+        fragments, once per fragment) and loads the job's initial parameters into ``model``.
         """
-        if sync_every == "auto":
-            if sync_seconds is None or not sync_seconds > 0:
-                raise ValueError(f"sync_every='auto' needs sync_seconds > 0 (seconds per round), got {sync_seconds!r}")
-            if sharded.get("mode") == "async":
-                raise ValueError("sync_every='auto' evens out waiting at sync outer steps; async outer steps "
-                                 "wait for nobody: give async a number of inner steps")
-        elif isinstance(sync_every, str) or int(sync_every) != sync_every or sync_every < 1:
-            raise ValueError(f"sync_every is a number of inner steps >= 1 or 'auto', got {sync_every!r}")
-        elif sync_seconds is not None:
-            raise ValueError("sync_seconds goes with sync_every='auto'")
-        for refused in ("overlap", "balance_every"):
-            if sharded.get(refused):
-                raise ValueError(f"{refused} works per inner step, which DiLoCo keeps on the worker; leave it off")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check(sync_every, sync_seconds, fragments, sharded, batch_size)
         kwargs = dict(outer_kwargs or {}, lr=outer_lr)
         if optim.name_of(outer) == "sgd":
             kwargs.setdefault("momentum", DILOCO_OUTER["momentum"] if outer_momentum is None else outer_momentum)
@@ -91,75 +89,123 @@ class DiLoCo:
         if any(id(p) not in owned for p in self.params):
             raise ValueError("the inner optimizer trains a parameter that is not model's: build it over "
                              "model.parameters()")
+        if fragments > len(self.params):
+            raise ValueError(f"fragments={fragments} needs at least as many trained parameters; the inner "
+                             f"optimizer trains {len(self.params)}")
         self.inner, self.sync_every, self.sync_seconds = inner_optimizer, sync_every, sync_seconds
-        self.outer = ShardedOptimizer(model, cluster, outer, **sharded, **kwargs)
-        self.outer._moves_between_steps = True  # the inner steps move the model; that is no edit to warn about
         self._nominal = batch_size
-        # "auto": inner steps before each outer step this worker took (by outer step), as a rollback needs them.
-        self._base, self._history, self._rollbacks = 0, {self.outer.steps_taken: 0}, self.outer.rollbacks
-        self._begin_round()
+        self._inner_steps = 0  # streaming: inner steps taken (a fragment's rollback voids its round only)
+        self.fragments: list[Fragment] = []
+        try:
+            if fragments == 1:
+                self.fragments.append(Fragment(ShardedOptimizer(model, cluster, outer, **sharded, **kwargs),
+                                                self.params, 0))
+            else:
+                names = {id(p): n for n, p in model.named_parameters()}
+                job = sharded.pop("job", DEFAULT_JOB)
+                for k, part in enumerate(split(self.params, fragments)):
+                    named = [(names[id(p)], p) for p in part]  # the job's names are the model's
+                    opt = ShardedOptimizer(named, cluster, outer, model=model if k == 0 else None,
+                                           job=f"{job}.f{k}", **sharded, **kwargs)  # buffers with fragment 0
+                    self.fragments.append(Fragment(opt, part, k * sync_every // fragments))
+        except BaseException:
+            self.close()  # the fragments that registered leave
+            raise
+        self.outer = self.fragments[0].outer
 
-    @torch.no_grad()
-    def _begin_round(self) -> None:
-        """The model holds the shards' parameters: they are theta_at_last_sync."""
-        self.anchor = [p.detach().clone() for p in self.params]
-        self.since_sync, self.samples = 0, 0
-        self._round_start = time.monotonic()
+    @staticmethod
+    def _check(sync_every, sync_seconds, fragments, sharded, batch_size) -> None:
+        if sync_every == "auto":
+            if sync_seconds is None or not sync_seconds > 0:
+                raise ValueError(f"sync_every='auto' needs sync_seconds > 0 (seconds per round), got {sync_seconds!r}")
+            if sharded.get("mode") == "async":
+                raise ValueError("sync_every='auto' evens out waiting at sync outer steps; async outer steps "
+                                 "wait for nobody: give async a number of inner steps")
+        elif isinstance(sync_every, str) or int(sync_every) != sync_every or sync_every < 1:
+            raise ValueError(f"sync_every is a number of inner steps >= 1 or 'auto', got {sync_every!r}")
+        elif sync_seconds is not None:
+            raise ValueError("sync_seconds goes with sync_every='auto'")
+        if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
+            raise ValueError(f"fragments is a number >= 1 (1: no streaming), got {fragments!r}")
+        if fragments > 1 and (sync_every == "auto" or fragments > sync_every):
+            raise ValueError(f"fragments={fragments} staggers the fragments' syncs over a fixed sync_every H "
+                             f">= fragments, got sync_every={sync_every!r}")
+        for refused in ("overlap", "balance_every"):
+            if sharded.get(refused):
+                raise ValueError(f"{refused} works per inner step, which DiLoCo keeps on the worker; leave it off")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    # ------------------------------------------------------------------ the round (fragment 0's, or every one's)
+
+    @property
+    def anchor(self) -> list[torch.Tensor]:
+        """theta_at_last_sync of every trained parameter (each fragment's last sync), in ``params`` order."""
+        return [a for f in self.fragments for a in f.anchor]
+
+    @property
+    def since_sync(self) -> int:
+        """Inner steps since the last outer step (of any fragment)."""
+        return min(f.since_sync for f in self.fragments)
+
+    @property
+    def samples(self) -> int:
+        """Samples behind the open round (fragment 0's)."""
+        return self.fragments[0].samples
 
     @property
     def steps_taken(self) -> int:
         """Inner steps this worker took in the job (after a rollback, from the step it went back to):
-        pick data by it, as with ``ShardedOptimizer.steps_taken``."""
+        pick data by it, as with ``ShardedOptimizer.steps_taken``. With fragments, every inner step
+        taken (a fragment's rollback voids that fragment's round and training goes on)."""
+        if len(self.fragments) > 1:
+            return self._inner_steps
+        f = self.fragments[0]
         if self.sync_every == "auto":
-            return self._base + self.since_sync
-        return self.outer.steps_taken * self.sync_every + self.since_sync
+            return f.base + f.since_sync
+        return f.outer.steps_taken * self.sync_every + f.since_sync
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
 
     def step(self, closure=None, *, batch_size: int | None = None):
         """One inner step (``inner_optimizer.step``); every ``sync_every``-th (or, "auto", the first after
-        ``sync_seconds`` in the round) also runs ``sync()``.
+        ``sync_seconds`` in the round) also runs the outer step (with fragments, of the fragments due).
         ``batch_size``: the samples behind this step, summed over the round to weigh its outer
         gradient (default 1 per step). Blocks, raises and recovers as ``sync()`` when it syncs."""
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
         if batch_size is not None and self._nominal is None:
             self._nominal = int(batch_size)
-        self.since_sync += 1
-        self.samples += 1 if batch_size is None else int(batch_size)
+        self._inner_steps += 1
+        for f in self.fragments:
+            f.since_sync += 1
+            f.samples += 1 if batch_size is None else int(batch_size)
         if self.sync_every == "auto":
-            if time.monotonic() - self._round_start >= self.sync_seconds:
+            if time.monotonic() - self.fragments[0].round_start >= self.sync_seconds:
                 self.sync()
-        elif self.since_sync >= self.sync_every:
-            self.sync()
+            return loss
+        streaming = len(self.fragments) > 1
+        for f in self.fragments:
+            if (self._inner_steps - f.offset) % self.sync_every == 0 if streaming else f.since_sync >= self.sync_every:
+                f.sync(self._weight(f))
         return loss
 
     @torch.no_grad()
     def sync(self) -> None:
         """The outer step now, over the inner steps since the last one (``step`` calls it every
-        ``sync_every`` steps; call it at the end of training for a last, shorter round). Blocks as
+        ``sync_every`` steps; call it at the end of training for a last, shorter round; with
+        fragments, of every fragment with inner steps since its last). Blocks as
         ``ShardedOptimizer.step`` does (sync: until every worker pushed its outer gradient). If the
         job rolled back meanwhile, the round is void and the model holds the step the job went back
         to; the inner optimizer's state is kept. Does nothing when no inner step was taken."""
-        if self.since_sync == 0:
-            return
-        weight = 1.0
-        if self.outer.job.mode is UpdateMode.ASYNC:
-            weight = self.samples / (self.sync_every * (self._nominal or 1))
-        for p, anchor in zip(self.params, self.anchor):
-            delta = anchor - p.detach()
-            if weight != 1.0:
-                delta.mul_(weight)
-            p.grad = delta  # the outer step pushes .grad, as any ShardedOptimizer step does
-        self.outer.step(batch_size=self.samples)
-        self.outer.zero_grad(set_to_none=True)  # the outer gradient is no gradient of the model
-        if self.outer.rollbacks != self._rollbacks:  # the round was void: go on from the step the job went back to
-            self._rollbacks = self.outer.rollbacks
-            self._base = max((b for s, b in self._history.items() if s <= self.outer.steps_taken), default=0)
-        else:
-            self._base += self.since_sync
-        self._history[self.outer.steps_taken] = self._base
-        self._begin_round()
+        for f in self.fragments:
+            f.sync(self._weight(f))
+
+    def _weight(self, f: "Fragment") -> float:
+        """Async outer gradients weigh by their samples over a full round's (1 in sync mode)."""
+        if f.outer.job.mode is not UpdateMode.ASYNC:
+            return 1.0
+        return f.samples / (self.sync_every * (self._nominal or 1))
 
     # ------------------------------------------------------------------ the outer optimizer's view of the job
 
@@ -173,18 +219,21 @@ class DiLoCo:
 
     @property
     def versions(self) -> list[int]:
-        return self.outer.versions
+        """Each shard's version (with fragments: fragment 0's shards, then fragment 1's, ...)."""
+        return [v for f in self.fragments for v in f.outer.versions]
 
     def pull(self) -> list[int]:
         """Load the shards' current parameters into the model (they become theta_at_last_sync: the
         inner steps since the last sync are dropped)."""
-        versions = self.outer.pull()
-        self._begin_round()
-        return versions
+        for f in self.fragments:
+            f.outer.pull()
+            f.begin()
+        return self.versions
 
     def close(self) -> None:
         """Leave the job (without syncing: call ``sync()`` first to keep the last round)."""
-        self.outer.close()
+        for f in self.fragments:
+            f.outer.close()
 
     def __enter__(self):
         return self

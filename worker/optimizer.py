@@ -59,7 +59,7 @@ from ..runtime.security import Security
 from . import param_groups as added_groups
 from . import torch_compat
 from .collectives import Collectives
-from .compress import TopK
+from .compress import Int8, TopK
 from .flat import FlatParams
 from .heartbeat import Heartbeat
 from .overlap import OverlapPusher
@@ -67,7 +67,7 @@ from .ps_client import ClipExchange, Locator, PSClient, PushReply, results
 
 log = logging.getLogger("shardps.worker")
 
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 TRANSPORTS = ("auto", "tcp", "grpc")  # see ``transport`` in ShardedOptimizer's docstring
 RECONNECT_S = 60.0  # how long coordinator calls ride out a restarting coordinator
 
@@ -148,8 +148,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             replicas: copies of each shard, each on its own server (at most the number of servers).
                 With 2 or more, a killed server's shards fail over to an in-sync copy and nothing
                 rolls back; 1 (default): a lost server costs a rollback to the last checkpoint.
-            wire_dtype: dtype of pushed gradients: "float32", "bfloat16" or "float16"
-                (servers keep fp32 masters either way).
+            wire_dtype: dtype of pushed gradients: "float32", "bfloat16", "float16" or "int8" (a
+                quarter of fp32's bytes: one fp32 scale per 4096 elements, the rounding error kept on
+                this worker and added to the next step's gradient; over gRPC only, not with
+                ``topk_ratio``). Servers keep fp32 masters either way.
             overlap: push each shard's gradients as soon as backward has produced them,
                 hiding communication behind the rest of backward. Wrap gradient-accumulation
                 micro-batches in ``opt.no_sync()``.
@@ -197,10 +199,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._constructing = False
         named = torch_compat.describe_params(self.param_groups, module)
         self._wire_dtype = dtype_from_name(wire_dtype)
-        # Top-k reads the fp32 gradients and casts only what it sends, so it needs no wire copy.
+        # Top-k and int8 read the fp32 gradients and encode only what they send, so they need no wire copy.
         sparse = 0 < topk_ratio < 1
-        self.flat = FlatParams(*named, len(self.param_groups), torch.float32 if sparse else self._wire_dtype,
-                               shared=transport == "auto" and not sparse)
+        if sparse and self._wire_dtype is torch.int8:
+            raise ValueError("wire_dtype='int8' sends every element; with topk_ratio use float32, bfloat16 or "
+                             "float16 for the chosen ones")
+        compressed = sparse or self._wire_dtype is torch.int8
+        self.flat = FlatParams(*named, len(self.param_groups), torch.float32 if compressed else self._wire_dtype,
+                               shared=transport == "auto" and not compressed)
         try:
             self._buffers = torch_compat.persistent_buffers(module)
             self.job = JobConfig(
@@ -262,7 +268,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.last_replies: list[PushReply] = []
         self._heartbeat = Heartbeat(self)  # the lease runs from registration on
         self.compressor = (TopK(self.job.layout.numel, self.job.topk_ratio, self._wire_dtype)
-                           if self.job.sparse_push else None)
+                           if self.job.sparse_push else Int8(self.job.layout.numel)
+                           if self._wire_dtype is torch.int8 else None)
         locate = (Locator(lambda suspect: self.coordinator.job(job_id=self.job_id, suspect=suspect)[2])
                   if self.job.replicas > 1 else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,

@@ -31,7 +31,7 @@ from ..runtime.rpc import WORKER_METADATA, open_channel
 from ..runtime.status import error_from_rpc, handler_ended
 from ..runtime.shm import Segment
 from .flat import Staged
-from .transports import BytePath, InStream, LinkKeeper, OnLink, ThroughSegment
+from .transports import LINK_DTYPES, BytePath, InStream, LinkKeeper, OnLink, ThroughSegment
 
 log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
@@ -160,16 +160,18 @@ class ShardChannel:
         return split_address(self.info.address), reply.port, reply.ticket
 
     def path_for(self, grad: torch.Tensor | None, out: torch.Tensor, timeout: float, epoch: int,
-                 positions: torch.Tensor | None = None, shm: Segment | None = None) -> BytePath:
-        """Where one attempt's bytes go: the segment, else the byte link (a dense CPU gradient, while the
-        shard offers one and it works), else inside the stream."""
+                 positions: torch.Tensor | None = None, shm: Segment | None = None,
+                 scales: torch.Tensor | None = None) -> BytePath:
+        """Where one attempt's bytes go: the segment, else the byte link (a dense float gradient on the CPU,
+        while the shard offers one and it works), else inside the stream (also sparse and int8 pushes)."""
         if shm is not None:
             return ThroughSegment(shm)
-        if grad is not None and positions is None and grad.device.type == "cpu":
+        if grad is not None and positions is None and scales is None and grad.device.type == "cpu" \
+                and grad.dtype in LINK_DTYPES:
             link = self.links.get(timeout, epoch)
             if link is not None:
                 return OnLink(self.links, link, grad, out, self._what("Push"))
-        return InStream(grad, out, self.chunk_bytes, positions)
+        return InStream(grad, out, self.chunk_bytes, positions, scales)
 
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
@@ -258,9 +260,11 @@ class ShardChannel:
 
     def push(self, header: pb.PushHeader, grad: torch.Tensor | None, out: torch.Tensor, timeout: float,
              commit: Callable[[], pb.StepOptions] | None = None, positions: torch.Tensor | None = None,
-             clip: ClipExchange | None = None, buffers: bytes | None = None, shm: Segment | None = None) -> PushReply:
+             clip: ClipExchange | None = None, buffers: bytes | None = None, shm: Segment | None = None,
+             scales: torch.Tensor | None = None) -> PushReply:
         """Push ``grad`` (this shard's slice, or with ``positions`` only the values at those
-        int32 positions; None: an overflow vote) and write the returned slice into ``out``.
+        int32 positions; None: an overflow vote; int8 values with their ``scales``, ``proto/quant.py``)
+        and write the returned slice into ``out``.
 
         The header carries the step options, or ``commit()`` supplies them in a PushCommit
         after the gradient (it may block until the caller knows them). A clipped push
@@ -288,7 +292,7 @@ class ShardChannel:
                     yield pb.PushRequest(clip_total=pb.ClipTotal(step=h.step, total_norm=total))
 
         def attempt():  # the whole push again: the shard applies it at most once
-            path = self.path_for(grad, out, timeout, header.epoch, positions, shm)
+            path = self.path_for(grad, out, timeout, header.epoch, positions, shm, scales)
             h, pushed_commit = path.header(header), commit
             if not path.in_band and buffers is not None and commit is None and h.HasField("options"):
                 # The stream has no gradient to end the buffers, and the server stops reading at the step
@@ -459,7 +463,7 @@ class PSClient:
         """``segment``: this worker's shared memory; pushes to a shard go through it until that
         shard refuses it (another host), then on the shard's byte link (with ``links``) or over gRPC."""
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
-        self.segment = segment if compressor is None else None  # top-k pushes are sparse: gRPC
+        self.segment = segment if compressor is None else None  # compressed pushes (top-k, int8): gRPC
         self.shm_ok = [self.segment is not None] * len(plan)
         self.retry = retry if retry is not None else Retrier(budget=timeout)
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
@@ -518,7 +522,7 @@ class PSClient:
         copied off the GPU. The header carries the step options unless ``commit`` supplies them
         after the gradient; ``landed(start, stop)`` runs once the reply is in ``values``.
 
-        With a compressor (top-k), the shard's slice is compressed on the pool thread too.
+        With a compressor (top-k, int8), the shard's slice is compressed on the pool thread too.
         """
         h = pb.PushHeader()
         h.CopyFrom(header)
@@ -543,8 +547,9 @@ class PSClient:
                 return shard.push(h, None, out, self.timeout, commit, None, clip, blob)
             wire = grads.wire()
             if self.compressor is not None and r.numel:
-                positions, kept = self.compressor.compress(wire, r.start, r.stop)
-                return shard.push(h, kept, out, self.timeout, commit, positions, clip, blob)
+                sent = self.compressor.compress(wire, r.start, r.stop)
+                return shard.push(h, sent.values, out, self.timeout, commit, sent.positions, clip, blob,
+                                  scales=sent.scales)
             return shard.push(h, self._slice(wire, shard), out, self.timeout, commit, None, clip, blob)
 
         def push_and_land():

@@ -19,7 +19,7 @@ from ..proto import defaults as D
 from ..proto import optim
 from .balance import BatchSplit
 from .diloco import DILOCO_OUTER, DiLoCo
-from .optimizer import ShardedOptimizer
+from .optimizer import WIRE_DTYPES, ShardedOptimizer
 from .workloads import get_workload
 
 
@@ -39,7 +39,7 @@ class TrainConfig:
     device: str = "cpu"  # torch device: cpu, cuda, cuda:1, mps, or auto
     seed: int = 0  # model init and data order
     min_workers: int = 1  # training starts once this many workers joined
-    wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16
+    wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16 | int8
     transport: str = ""  # byte path: "auto" (shared memory with same-host shards, else gRPC) | "grpc" ("" = env/auto)
     backup_workers: int = 0  # sync/ssp: each step closes after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
@@ -88,6 +88,11 @@ class TrainConfig:
             raise ValueError(f"--transport must be auto, tcp or grpc, got {self.transport!r}")
         if not 0 <= self.topk_ratio < 1:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"--wire-dtype takes {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.wire_dtype == "int8" and self.topk_ratio:
+            raise ValueError("--wire-dtype int8 sends every element; with --topk-ratio use float32, bfloat16 or "
+                             "float16")
         if self.balance_every and self.mode not in ("sync", "ssp"):
             raise ValueError("--balance-every needs --mode sync or ssp (async and diloco workers run their own "
                              "steps)")

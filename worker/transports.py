@@ -4,7 +4,8 @@
 exchange, result, errors, deadline, retries); a ``BytePath`` decides, for one attempt, where the
 gradient goes and where the reply's slice comes from:
 
-* ``InStream``: chunk frames inside the stream, both ways (``proto/wire.py``): works everywhere;
+* ``InStream``: chunk frames inside the stream, both ways (``proto/wire.py``): works everywhere, and
+  is the only path of sparse (top-k) and int8 pushes, whose positions and scales travel with them;
 * ``ThroughSegment``: the worker's shared-memory segment (``runtime/shm.py``): the server reads the
   gradient from it and writes the slice into it; nothing but the header travels;
 * ``OnLink``: the shard's byte link (``runtime/link.py``): one raw frame each way beside the stream.
@@ -33,6 +34,8 @@ from ..runtime.shm import Segment
 
 log = logging.getLogger("shardps.worker")
 
+INDICES_FIELD, SCALES_FIELD = 4, 7  # PushRequest.indices, PushRequest.scales
+LINK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # a gradient the byte link carries (not int8)
 LINK_CONNECT_S = 3.0  # longest the worker waits to open a byte link before pushing over gRPC instead
 LINK_IDLE_S = 60.0  # a byte link that moves nothing this long within a push is given up
 LINK_FAILURES = 3  # byte links that failed in a row before a shard's pushes go over gRPC for a while
@@ -70,8 +73,8 @@ class InStream:
     name, in_band = "grpc", True
 
     def __init__(self, grad: torch.Tensor | None, out: torch.Tensor, chunk_bytes: int,
-                 positions: torch.Tensor | None = None):
-        self.grad, self.positions, self.chunk_bytes = grad, positions, chunk_bytes
+                 positions: torch.Tensor | None = None, scales: torch.Tensor | None = None):
+        self.grad, self.positions, self.scales, self.chunk_bytes = grad, positions, scales, chunk_bytes
         self.asm = codec.Assembler(out=out)
 
     def header(self, header: pb.PushHeader) -> pb.PushHeader:
@@ -80,7 +83,10 @@ class InStream:
     def gradient(self, header: pb.PushHeader, deadline: float) -> Iterator[wire.Frame]:
         if self.positions is not None:
             for chunk in codec.views(self.positions, self.chunk_bytes):
-                yield wire.Frame(None, chunk, field=4)  # PushRequest.indices
+                yield wire.Frame(None, chunk, field=INDICES_FIELD)
+        if self.scales is not None:  # int8 values' per-block scales (proto/quant.py)
+            for chunk in codec.views(self.scales, self.chunk_bytes):
+                yield wire.Frame(None, chunk, field=SCALES_FIELD)
         if self.grad is not None:
             for chunk in codec.views(self.grad, self.chunk_bytes):
                 yield wire.Frame(None, chunk)

@@ -787,20 +787,22 @@ class StepOptions(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., hyperparams_json: _Optional[str] = ..., grad_mask: _Optional[bytes] = ..., overflow: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., clip_max_norm: _Optional[float] = ..., clip_norm_type: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "grad", "commit", "indices", "clip_total", "buffers")
+    __slots__ = ("header", "grad", "commit", "indices", "clip_total", "buffers", "scales")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     CLIP_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     grad: TensorChunk
     commit: PushCommit
     indices: TensorChunk
     clip_total: ClipTotal
     buffers: TensorChunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., indices: _Optional[_Union[TensorChunk, _Mapping]] = ..., clip_total: _Optional[_Union[ClipTotal, _Mapping]] = ..., buffers: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    scales: TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., indices: _Optional[_Union[TensorChunk, _Mapping]] = ..., clip_total: _Optional[_Union[ClipTotal, _Mapping]] = ..., buffers: _Optional[_Union[TensorChunk, _Mapping]] = ..., scales: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushCommit(_message.Message):
     __slots__ = ("options",)

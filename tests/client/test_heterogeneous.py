@@ -82,6 +82,8 @@ def test_balanced_batches_move_rows_to_the_faster_worker_and_leave_sync_training
     ({"staleness_lr": True}, "needs --mode async or ssp"),
     ({"balance_every": 5, "mode": "async"}, "needs --mode sync or ssp"),
     ({"slow_workers": {5: 2.0}}, "--slow-worker"),
+    ({"wire_dtype": "int4"}, "--wire-dtype takes"),
+    ({"wire_dtype": "int8", "topk_ratio": 0.1}, "int8 sends every element"),
 ])
 def test_heterogeneous_options_are_checked_before_anything_starts(args, words):
     with pytest.raises(ValueError, match=words):
@@ -94,14 +96,16 @@ def fp32_digits(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option", [{"wire_dtype": "bfloat16"}, {"wire_dtype": "float16"}, {"topk_ratio": 0.1},
-                                    {"topk_ratio": 0.1, "wire_dtype": "bfloat16"}], ids=str)
+@pytest.mark.parametrize("option", [{"wire_dtype": "bfloat16"}, {"wire_dtype": "float16"}, {"wire_dtype": "int8"},
+                                    {"topk_ratio": 0.1}, {"topk_ratio": 0.1, "wire_dtype": "bfloat16"}], ids=str)
 def test_compressed_wires_converge_on_digits_within_one_point_of_fp32(fp32_digits, option, tmp_path):
     # over gRPC, where the wire dtype decides the bytes (shared memory carries fp32 whatever the wire)
     summary = run(RunConfig(eval_every=0, transport="grpc", out=str(tmp_path / "run"), **option))
     assert abs(summary["held_out"]["accuracy"] - fp32_digits["held_out"]["accuracy"]) <= 0.01
     ratio = summary["bytes_in"] / fp32_digits["bytes_in"]
-    expected = 0.5 if "topk_ratio" not in option else 0.1 * (4 + (2 if "wire_dtype" in option else 4)) / 4
+    expected = {"int8": 0.25}.get(option.get("wire_dtype"), 0.5)
+    if "topk_ratio" in option:  # an int32 position and a value per element sent
+        expected = 0.1 * (4 + (2 if "wire_dtype" in option else 4)) / 4
     assert ratio <= expected * 1.1 + 0.01  # the push really got smaller
 
 

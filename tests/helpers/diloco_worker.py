@@ -7,7 +7,8 @@ Rank r trains on rows [sum(sizes[:r]), sum(sizes[:r+1])) of each global batch, a
 ``--steps`` inner steps (a last round shorter than ``--sync-every`` is synced at the end), or ``--rounds``
 outer steps (every worker of a sync job must take the same number: with ``--sync-every auto``).
 Writes {"initial", "final", "rounds": [{"delta": raw outer gradient (flat), "samples", "steps", "versions"}],
-"ranges": each shard's [start, stop) of the flat vector, "rank"}.
+"ranges": each shard's [start, stop) of the flat vector, "rank", "fragments": parameters per fragment}
+(with --fragments, a round is a step that synced a fragment, and versions are every fragment's shards').
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--inner-kwargs", default='{"lr": 0.1}')
     ap.add_argument("--sync-every", default="4", help="inner steps per round, or auto (with --sync-seconds)")
     ap.add_argument("--sync-seconds", type=float, default=None)
+    ap.add_argument("--fragments", type=int, default=1, help="streaming: fragments synced at staggered steps")
     ap.add_argument("--outer-kwargs", default="{}", help="DiLoCo's outer_* arguments as JSON")
     ap.add_argument("--mode", default="sync")
     ap.add_argument("--wire-dtype", default="float32")
@@ -52,7 +54,8 @@ def main():
     model = make_model(a.init_seed)
     inner = INNER[a.inner](model.parameters(), **json.loads(a.inner_kwargs))
     sync_every = a.sync_every if a.sync_every == "auto" else int(a.sync_every)
-    opt = DiLoCo(model, inner, a.cluster, sync_every=sync_every, sync_seconds=a.sync_seconds, mode=a.mode, min_workers=len(sizes),
+    opt = DiLoCo(model, inner, a.cluster, sync_every=sync_every, sync_seconds=a.sync_seconds, fragments=a.fragments,
+                 mode=a.mode, min_workers=len(sizes),
                  wire_dtype=a.wire_dtype, transport=a.transport, connect_timeout=120, **json.loads(a.outer_kwargs))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rounds, pending, batch = [], {}, [0]
@@ -75,14 +78,14 @@ def main():
         opt.step(batch_size=hi - lo)
         if opt.since_sync == 0:  # the step ended the round
             rounds.append(dict(pending, versions=list(opt.versions)))
-    if opt.since_sync:  # the last, shorter round
+    if any(f.since_sync for f in opt.fragments):  # the last, shorter round (of a fragment)
         opt.sync()
         rounds.append(dict(pending, versions=list(opt.versions)))
     opt.outer.pull()
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"rank": opt.rank, "initial": initial, "final": final, "rounds": rounds,
                 "ranges": [(s.info.range.start, s.info.range.stop) for s in opt.outer.ps.shards],
-                "rollbacks": opt.outer.rollbacks}, a.out)
+                "rollbacks": opt.outer.rollbacks, "fragments": [len(f.params) for f in opt.fragments]}, a.out)
     opt.close()
 
 

@@ -168,3 +168,29 @@ def test_bad_sparse_pushes_are_rejected_and_change_nothing(job, positions, words
         list(stub.Push(iter(reqs), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
     assert digest(stub) == before
+
+
+def int8_push(values, scales, scales_first=True):
+    parts = [[pb.PushRequest(scales=c) for c in codec.encode(scales)]] if scales is not None else []
+    parts.insert(len(parts) if scales_first else 0, [pb.PushRequest(grad=c) for c in codec.encode(values)])
+    return [r for part in parts for r in part]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, words", [("int8 without scales", "scales first"),
+                                         ("float32 with scales", "int8 gradient values only"),
+                                         ("scales that do not tile the slice", "overrun"),
+                                         ("scales after the values", "before the grad")])
+def test_bad_int8_pushes_are_rejected_and_change_nothing(job, case, words):
+    cluster, opt, shard, stub = job
+    n = shard.range.numel
+    values, scales = torch.ones(n, dtype=torch.int8), torch.ones(1)
+    body = {"int8 without scales": int8_push(values, None),
+            "float32 with scales": int8_push(torch.ones(n), scales),
+            "scales that do not tile the slice": int8_push(values, torch.ones(n - 1)),
+            "scales after the values": int8_push(values, scales, scales_first=False)}[case]
+    before = digest(stub)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Push(iter([pb.PushRequest(header=good_header(opt, shard))] + body), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+    assert digest(stub) == before

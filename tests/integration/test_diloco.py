@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shardps import LocalCluster
+from shardps.proto import quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
@@ -18,10 +19,11 @@ PLAIN_OUTER = {"outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}
 
 
 def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwargs, wire_dtype=torch.float32,
-                     inner_cls=torch.optim.AdamW):
+                     inner_cls=torch.optim.AdamW, encode=None):
     """DiLoCo in one process: each worker's inner loop (AdamW by default) on its rows, from the same theta each round;
-    the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it); torch's SGD on the
-    flat parameter vector."""
+    the sample-weighted mean of the outer gradients (each as ``wire_dtype`` carries it, or as ``encode(rank, delta)``
+    says the shards receive it); torch's SGD on the flat parameter vector."""
+    encode = encode or (lambda rank, delta: delta.to(wire_dtype).float())
     theta = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(_model(initial).parameters()).detach().clone())
     outer = torch.optim.SGD([theta], **outer_kwargs)
     workers = [_model(initial) for _ in sizes]
@@ -37,7 +39,7 @@ def diloco_reference(initial, sizes, steps, sync_every, inner_kwargs, outer_kwar
                 loss_fn(model, x[lo:hi], y[lo:hi]).backward()
                 inner.step()
             delta = theta.detach() - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-            deltas.append(delta.to(wire_dtype).float())
+            deltas.append(encode(rank, delta))
             samples.append((min(start + sync_every, steps) - start) * (hi - lo))
         theta.grad = sum(d * (n / sum(samples)) for d, n in zip(deltas, samples))
         outer.step()
@@ -102,6 +104,114 @@ def test_two_workers_diloco_with_adamw_and_nesterov_equals_one_process_diloco(ru
     if wire_dtype != "float32":  # the outer gradients did travel rounded: fp32 ones would end elsewhere
         exact = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
         assert max_diff(results[0]["final"], exact) > 1e-5
+
+
+def int8_with_error_feedback(ranges, feedback=True):
+    """What the shards receive from a worker pushing int8 outer gradients: per shard, (delta + its residual)
+    quantised in blocks (``proto/quant.py``); the rounding error is the worker's next residual."""
+    residuals = {}
+
+    def encode(rank, delta):
+        acc = delta + residuals.get(rank, torch.zeros_like(delta))
+        sent = torch.cat([quant.dequantize(*quant.quantize(acc[start:stop])) for start, stop in ranges])
+        if feedback:
+            residuals[rank] = acc - sent
+        return sent
+    return encode
+
+
+@pytest.mark.slow
+def test_two_workers_diloco_with_int8_outer_gradients_and_error_feedback_equals_one_process_diloco(run_workers):
+    from shardps.client.sdk import shard_status
+
+    sizes, steps, sync_every = [24, 40], 18, 4  # 5 outer steps
+    inner_kwargs, outer_kwargs = {"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+    with LocalCluster(servers=2) as cluster:
+        results = run_workers(cluster, 2, script="diloco_worker.py", inner="adamw",
+                              inner_kwargs=json.dumps(inner_kwargs), sync_every=sync_every,
+                              sizes=",".join(map(str, sizes)), steps=steps, wire_dtype="int8")
+        shards = [shard_status(a) for a in cluster.server_addresses.values()]
+    ranges = results[0]["ranges"]
+    run = (results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+    expected = diloco_reference(*run, encode=int8_with_error_feedback(ranges))
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    for r in results:
+        assert max_diff(r["final"], expected) <= 1e-5
+    # Both the rounding and the error feedback show: fp32 outer gradients, or int8 ones without the
+    # residual, end elsewhere.
+    assert max_diff(results[0]["final"], diloco_reference(*run)) > 1e-4
+    assert max_diff(results[0]["final"], diloco_reference(*run, encode=int8_with_error_feedback(ranges, False))) > 1e-4
+    for s in shards:  # int8 pushes go over gRPC (no shared memory) with a quarter of fp32's bytes
+        numel = s.stop - s.start
+        assert s.pushes_received == 2 * 5 and s.shm_bytes_in == 0
+        per_push = (s.bytes_in - 4 * numel) / s.pushes_received  # less the initializer's fp32 upload
+        assert per_push == numel + 4 * quant.blocks_for(numel)  # int8 values and one fp32 scale per block
+        assert per_push / (4 * numel) < 0.26
+
+
+def streaming_reference(initial, sizes, steps, sync_every, fragments, inner_kwargs, outer_kwargs):
+    """Streaming DiLoCo in one process: the workers' inner AdamW steps in lockstep; fragment f (the given
+    numbers of parameters, in order) has its outer step after inner step t when (t - f*H/F) % H == 0 and
+    once more at the end if it has steps left: torch's Nesterov SGD of its own over the sample-weighted
+    mean of the workers' fragment deltas, whose result every worker loads (their other fragments go on)."""
+    workers = [_model(initial) for _ in sizes]
+    inners = [torch.optim.AdamW(m.parameters(), **inner_kwargs) for m in workers]
+    cuts = [sum(fragments[:k]) for k in range(len(fragments) + 1)]
+    parts = [[list(m.parameters())[cuts[k]:cuts[k + 1]] for m in workers] for k in range(len(fragments))]
+    thetas = [torch.nn.Parameter(torch.nn.utils.parameters_to_vector(part[0]).detach().clone()) for part in parts]
+    outers = [torch.optim.SGD([theta], **outer_kwargs) for theta in thetas]
+    last = [0] * len(fragments)
+
+    def outer_step(k, t):
+        deltas = [thetas[k].detach() - torch.nn.utils.parameters_to_vector(ps).detach() for ps in parts[k]]
+        thetas[k].grad = sum(d * (n / sum(sizes)) for d, n in zip(deltas, sizes))  # equal steps: weights by rows
+        outers[k].step()
+        with torch.no_grad():
+            for ps in parts[k]:
+                offset = 0
+                for p in ps:
+                    p.copy_(thetas[k][offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        last[k] = t
+
+    for t in range(1, steps + 1):
+        x, y = global_batch(t - 1, sum(sizes))
+        for rank, (model, inner) in enumerate(zip(workers, inners)):
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            inner.zero_grad()
+            loss_fn(model, x[lo:hi], y[lo:hi]).backward()
+            inner.step()
+        for k in range(len(fragments)):
+            if (t - k * sync_every // len(fragments)) % sync_every == 0:
+                outer_step(k, t)
+    for k in range(len(fragments)):
+        if last[k] < steps:
+            outer_step(k, steps)
+    return workers[0].state_dict()
+
+
+@pytest.mark.slow
+def test_two_workers_streaming_diloco_syncs_fragments_at_staggered_steps_as_one_process_does(run_workers):
+    sizes, steps, sync_every = [24, 40], 18, 4  # fragment 0 syncs after steps 4, 8, 12, 16 (and 18), 1 after 2, 6, ..
+    inner_kwargs, outer_kwargs = {"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+    with LocalCluster(servers=2) as cluster:
+        results = run_workers(cluster, 2, script="diloco_worker.py", inner="adamw",
+                              inner_kwargs=json.dumps(inner_kwargs), sync_every=sync_every, fragments=2,
+                              sizes=",".join(map(str, sizes)), steps=steps)
+    fragments = results[0]["fragments"]
+    assert fragments == [1, 3]  # the first layer's weight (320 elements); its bias and the second layer (164)
+    for r in results:  # one fragment at a time: every 2 steps one job's shards (2 each) move on, in turn
+        assert [round_["versions"] for round_ in r["rounds"]] == [
+            [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2], [2, 2, 2, 2], [2, 2, 3, 3], [3, 3, 3, 3], [3, 3, 4, 4],
+            [4, 4, 4, 4], [4, 4, 5, 5], [5, 5, 5, 5]]
+    expected = streaming_reference(results[0]["initial"], sizes, steps, sync_every, fragments, inner_kwargs,
+                                   outer_kwargs)
+    assert max_diff(expected, results[0]["initial"]) > 1e-2
+    for r in results:
+        assert max_diff(r["final"], expected) <= 1e-5
+    # Staggered syncs are not DiLoCo's whole-model ones: those end elsewhere.
+    whole = diloco_reference(results[0]["initial"], sizes, steps, sync_every, inner_kwargs, outer_kwargs)
+    assert max_diff(results[0]["final"], whole) > 1e-4
 
 
 def replay_async(initial, pushes, ranges, outer_kwargs):

@@ -23,6 +23,10 @@ def _model_and_inner():
     ({"balance_every": 10}, "balance_every works per inner step"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"outer": "adam", "outer_momentum": 0.9}, "pass its own arguments in outer_kwargs"),
+    ({"fragments": 0}, "fragments is a number >= 1"),
+    ({"fragments": 2, "sync_every": "auto", "sync_seconds": 5.0}, "staggers the fragments' syncs over a fixed"),
+    ({"fragments": 2, "sync_every": 1}, "H >= fragments"),
+    ({"fragments": 3, "sync_every": 4}, "needs at least as many trained parameters"),  # weight and bias: 2
 ])
 def test_bad_diloco_arguments_are_refused_naming_the_fix(kwargs, words):
     model, inner = _model_and_inner()
