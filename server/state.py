@@ -29,16 +29,18 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import optim
-from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NoSharedMemory,
-                            NotPrimary, RolledBack, ShardpsError, Superseded, UnknownWorker, Unavailable, WaitTimeout)
+from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy,
+                             NotPrimary, RolledBack, ShardpsError, Superseded,
+                             Unavailable, WaitTimeout)
 from ..runtime.history import NO_HISTORY, History
 from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
-from ..runtime.shm import SegmentFile, ShmUnavailable, sweep
+from ..runtime.shm import SegmentFile
 from . import tensorfile
 from .checkpoint import Snapshot
 from .modes import Closed, Outcome, Push, make_policy
 from . import replica as replicas
+from .segments import SegmentTable
 from .slice_optimizer import SliceOptimizer
 
 log = logging.getLogger("shardps.server")
@@ -79,9 +81,7 @@ class ShardState:
         self.policy = make_policy(job, step_timeout)
         # Shard 0 keeps the job's persistent buffers (the initializer's, then rank 0's after each step).
         self.buffers: bytes | None = None
-        # Same-host workers' shared-memory segments (runtime/shm.py), and the byte path each worker takes.
-        self.segments: dict[int, SegmentFile] = {}
-        self.transport: dict[int, str] = {}
+        self.transport: dict[int, str] = {}  # the byte path each worker's last push came by (status)
         self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
         self.version = 0  # updates applied
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
@@ -106,6 +106,9 @@ class ShardState:
         self.send: replicas.Send | None = None
         self.ship_timeout = step_timeout
         self.applied_table: dict[int, int] = {}  # the dedup table as of the last applied version
+        # Same-host workers' shared-memory segments (runtime/shm.py, server/segments.py).
+        self.segments = SegmentTable(self.cond, job.layout.numel, shard.start, shard.shard_id, self._newest_members,
+                                     self.stats.rejections)
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot, step_timeout: float = 300.0) -> "ShardState":
@@ -505,90 +508,27 @@ class ShardState:
     # ------------------------------------------------------------------ same-host byte path
 
     def segment(self, worker_id: int, name: str, nonce: bytes) -> SegmentFile:
-        """Worker ``worker_id``'s shared-memory segment, opened on first use, with a use started:
-        the caller calls ``release()`` on it when done (it stays open until then, whatever happens
-        to the worker's membership or segment meanwhile).
-
-        Opened only for a member of the newest view (UnknownWorker otherwise: nothing a stranger
-        names is opened). A segment is bound to the worker holding it here: another worker id
-        naming it is refused; a worker may move to a new segment of its own. FailedPrecondition
-        "no shared memory" when this server cannot, or may not, use it (the worker then pushes the
-        same push over gRPC). Nothing changes on a refusal."""
-        with self.cond:
-            self._check_member(worker_id)
-            seg = self.segments.get(worker_id)
-            if seg is not None and seg.name == name and seg.nonce == bytes(nonce) and seg.acquire():
-                return seg
-        try:
-            seg = SegmentFile.open(name, nonce, self.job.layout.numel)
-        except ShmUnavailable as exc:  # (the worker's path shows as gRPC once it pushes that way)
-            raise NoSharedMemory(f"no shared memory: {exc}") from None
-        with self.cond:
-            try:
-                self._check_member(worker_id)  # (it may have left while the file was opened)
-                holder = next((w for w, held in self.segments.items() if held.key == seg.key and w != worker_id), None)
-                if holder is not None:
-                    self.stats.rejections["shm_not_yours"] += 1
-                    raise NoSharedMemory(f"no shared memory: segment {name} is worker {holder}'s on shard "
-                                         f"{self.shard.shard_id}; worker {worker_id} must push through a "
-                                         f"segment of its own (or over gRPC)")
-            except ShardpsError:
-                seg.retire()
-                raise
-            old, self.segments[worker_id] = self.segments.get(worker_id), seg
-            self.transport[worker_id] = "shm"
-            seg.acquire()
-        if old is not None:
-            old.retire()  # closed once the calls still using it are done with it
+        """Worker ``worker_id``'s shared-memory segment, with a use started (``SegmentTable.open``)."""
+        seg = self.segments.open(worker_id, name, nonce)
+        self.note_transport(worker_id, "shm")
         return seg
 
-    def _check_member(self, worker_id: int) -> None:
-        """UnknownWorker unless ``worker_id`` is in the newest view (the workers whose segments are kept)."""
-        members = self.views[self.latest_epoch][1] if self.views else frozenset()
-        if worker_id not in members:
-            self.stats.rejections[UnknownWorker.reason] += 1
-            raise UnknownWorker(f"worker {worker_id} is not a member of the newest view (epoch {self.latest_epoch}, "
-                                f"members {sorted(members)}): its shared memory is not opened; register with the "
-                                f"coordinator")
-
     def read_grads(self, worker_id: int, seg: SegmentFile, out: torch.Tensor) -> None:
-        """Copy this shard's range of ``seg``'s gradients into ``out`` (a buffer of the server's: the
-        worker can change nothing in it afterwards). A file that no longer holds them (truncated by its
-        worker) fails this push only, changing nothing: NoSharedMemory (the
-        worker then pushes over gRPC), and the segment is let go."""
-        try:
-            seg.read_grads(self.shard.start, out)
-        except ShmUnavailable as exc:
-            with self.cond:
-                if self.segments.get(worker_id) is seg:
-                    del self.segments[worker_id]
-                    seg.retire()
-                self.stats.rejections["shm_unreadable"] += 1
-            raise NoSharedMemory(f"no shared memory: {exc}") from None
+        """This shard's range of ``seg``'s gradients into ``out`` (``SegmentTable.read``)."""
+        self.segments.read(worker_id, seg, out)
 
     def write_params(self, seg: SegmentFile) -> int:
         """Write the slice into the worker's values in ``seg`` at one version; returns it. A write the
-        file refuses (a full /dev/shm) raises NoSharedMemory: the worker sends
-        the push again over gRPC, which answers it as the duplicate it is."""
+        file refuses (a full /dev/shm) raises NoSharedMemory: the worker sends the push again another
+        way, which answers it as the duplicate it is."""
         with self.cond:
-            try:
-                seg.write_values(self.shard.start, self.param)
-            except ShmUnavailable as exc:
-                raise NoSharedMemory(f"no shared memory: {exc}") from None
+            self.segments.write(seg, self.param)
             self.stats.shm_bytes_out += self.param.numel() * 4
             return self.version
 
-    def _forget_segments(self) -> None:
-        """Close, and unlink, the segments of workers no longer in the newest view (a worker that left
-        or whose lease ran out: a killed worker leaks no shared memory). Under the lock."""
-        if not self.views:
-            return
-        members = self.views[self.latest_epoch][1]
-        for w in [w for w in self.segments if w not in members]:
-            seg = self.segments.pop(w)
-            seg.unlink()
-            seg.retire()
-        sweep()  # also a worker killed before it ever pushed here
+    def _newest_members(self) -> tuple[int, frozenset[int]]:
+        """(the newest view's epoch, its member ids); (0, none) before any view. Under the lock."""
+        return (self.latest_epoch, self.views[self.latest_epoch][1]) if self.views else (0, frozenset())
 
     # ------------------------------------------------------------------ membership
 
@@ -621,7 +561,7 @@ class ShardState:
                 start = self.version
             self.views[view.epoch] = (start, view.worker_ids)
             self.policy.reconsider(self)
-            self._forget_segments()
+            self.segments.forget_departed()
             self.cond.notify_all()
             return True
 
