@@ -144,7 +144,7 @@ class ShardState:
             self.param.copy_(params)
             if buffers is not None:
                 self.buffers = bytes(buffers)
-            self._snapshot = self._reply_copy = None
+            self._forget_replies()
             first, self.initialized = not self.initialized, True
             self._recopy()  # a replicated shard's backups take the starting point before anyone is told
             self.cond.notify_all()
@@ -273,7 +273,7 @@ class ShardState:
                 # A new version is coming: drop the cached reply frames now (replies still
                 # streaming hold their own reference), so they never coexist with the next
                 # step's receive buffers.
-                self._snapshot = self._reply_copy = None
+                self._forget_replies()
             self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
@@ -438,7 +438,7 @@ class ShardState:
                                 partial=header.clip_partial if header.HasField("clip_partial") else None)
             self.policy.remember(step, closed)
             self._take_table(header)
-            self._snapshot = self._reply_copy = None
+            self._forget_replies()
             self._next_version(blob)
             self._record("replayed", skipped=header.skipped, table=_by_name(self.last_step))
             return self.version
@@ -472,7 +472,8 @@ class ShardState:
             self._take_table(header)
             self.views.update(views)
             self.min_epoch, self.rolled_back_to = header.min_epoch, header.rolled_back_to
-            self.initialized, self._snapshot, self.awaiting_rollback = True, None, False
+            self.initialized, self.awaiting_rollback = True, False
+            self._forget_replies()
             self.generation += 1
             self._record("restored", why="copy", table=_by_name(self.last_step))
             self.cond.notify_all()
@@ -609,7 +610,8 @@ class ShardState:
                 self.optimizer.set_hyper(optim.parse_hyper(self.job.optimizer, self.job.groups, snap.hyper_json))
             self.buffers = snap.buffers
             self.version, self.last_step = snap.version, dict(snap.last_step)
-            self.initialized, self._snapshot = True, None
+            self.initialized = True
+            self._forget_replies()
             self.generation += 1
             self.rolled_back_generation = self.generation
             if epoch:
@@ -657,6 +659,11 @@ class ShardState:
         if self.transport.get(worker_id) != path:
             with self.cond:
                 self.transport[worker_id] = path
+
+    def _forget_replies(self) -> None:
+        """Drop the cached reply slices (encoded frames and link copy): the slice changed without its
+        version moving on (initialised, restored, copied, voided). Under the lock."""
+        self._snapshot = self._reply_copy = None
 
     def reply_tensor(self) -> tuple[int, torch.Tensor]:
         """(version, the slice) for a reply sent from tensor memory: the live slice where the policy

@@ -252,3 +252,17 @@ def test_the_sync_mean_of_huge_finite_gradients_cannot_overflow():
     t.join(5)
     assert state.version == 1 and bool(torch.isfinite(state.param).all())
     assert torch.allclose(state.param, torch.full((N,), 1 - 1e-30 * 3e38))
+
+
+def test_a_restore_at_the_version_a_reply_copy_was_cached_for_replies_with_the_restored_slice():
+    # Async: link replies send a copy of the slice per version (ShardState.reply_tensor). A restore (or a
+    # whole copy from a primary) can put other values in place at the same version number.
+    state = make_state("async")
+    state.push(push(0, 0, torch.ones(N)), frozenset({0, 1}))
+    version, before = state.reply_tensor()
+    snap = state.checkpoint_snapshot()
+    snap.param = torch.full((N,), 7.0)
+    state.restore(snap)
+    again, after = state.reply_tensor()
+    assert again == version == 1 and torch.equal(after, torch.full((N,), 7.0))
+    assert torch.equal(state.snapshot(lambda p: [p.clone()])[1][0], after)  # the encoded reply agrees
