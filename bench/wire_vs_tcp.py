@@ -84,7 +84,7 @@ def run_shardps(nbytes: int, rounds: int, wire_dtype: str, transport: str, serve
             opt.step()
             times.append(time.perf_counter() - t)
         shm = list(opt.ps.shm_ok)  # which shards took the bytes through shared memory
-        linked = [s.on_link for s in opt.ps.shards]  # which took them on a byte link
+        linked = [s.links.on_link for s in opt.ps.shards]  # which took them on a byte link
         opt.close()
     assert all(shm) if transport == "auto" else not any(shm), (transport, shm)
     assert all(linked) if transport == "tcp" else not any(linked), (transport, linked)

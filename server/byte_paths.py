@@ -95,7 +95,7 @@ class SegmentPath:
             self.pool.give(streamed)
         grad = self.pool.take(torch.float32, state.shard.numel)  # copied: the worker can change none of it later
         try:
-            state.read_grads(self.worker_id, self.segment, grad)
+            state.segments.read(self.worker_id, self.segment, grad)
         except BaseException:
             self.pool.give(grad)
             raise

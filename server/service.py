@@ -115,7 +115,7 @@ class ShardServicer:
         """Where this push's gradient comes from and its slice goes (``server/byte_paths.py``)."""
         pool = self.node.buffers
         if h.HasField("shm"):  # a same-host worker's segment, held open (never mapped) for this call
-            return SegmentPath(h.worker_id, state.segment(h.worker_id, h.shm.name, h.shm.nonce), pool)
+            return SegmentPath(h.worker_id, state.segments.open(h.worker_id, h.shm.name, h.shm.nonce), pool)
         if h.HasField("link"):  # the worker's byte link, claimed for this call
             if self.links is None:
                 raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")

@@ -508,16 +508,6 @@ class ShardState:
 
     # ------------------------------------------------------------------ same-host byte path
 
-    def segment(self, worker_id: int, name: str, nonce: bytes) -> SegmentFile:
-        """Worker ``worker_id``'s shared-memory segment, with a use started (``SegmentTable.open``)."""
-        seg = self.segments.open(worker_id, name, nonce)
-        self.note_transport(worker_id, "shm")
-        return seg
-
-    def read_grads(self, worker_id: int, seg: SegmentFile, out: torch.Tensor) -> None:
-        """This shard's range of ``seg``'s gradients into ``out`` (``SegmentTable.read``)."""
-        self.segments.read(worker_id, seg, out)
-
     def write_params(self, seg: SegmentFile) -> int:
         """Write the slice into the worker's values in ``seg`` at one version; returns it. A write the
         file refuses (a full /dev/shm) raises NoSharedMemory: the worker sends the push again another

@@ -145,11 +145,6 @@ class ShardChannel:
         self.links.drop()
         self._channel.close()
 
-    @property
-    def on_link(self) -> bool:
-        """Whether this shard's pushes go on an open byte link now."""
-        return self.links.on_link
-
     def _open_link(self, timeout: float, epoch: int) -> tuple[str, int, bytes]:
         """Ask the shard for a byte link: (host to dial, port, one-time ticket)."""
         request = pb.OpenLinkRequest(target=self.target, worker_id=self.worker_id, epoch=epoch)
@@ -272,7 +267,7 @@ class ShardChannel:
         (shard 0, rank 0) goes first. With ``shm`` the gradient is read from, and the reply
         written into, the worker's shared segment: only the header travels (NoSharedMemory when
         the server cannot open it). Otherwise a dense CPU gradient goes on the shard's byte link
-        when ``use_links`` and the shard offers one (``runtime/link.py``), and the reply's slice comes
+        when ``links.enabled`` and the shard offers one (``runtime/link.py``), and the reply's slice comes
         back on it; a link that fails is closed and the push is sent again (exactly once).
         """
         header.target.CopyFrom(self.target)

@@ -37,12 +37,18 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
+def fit(tmp_path_factory, trainer: str):
+    """``trainer`` run by 2 workers under ``shardps launch`` and by one process on the union batch:
+    (the output folder, each rank's results, the one process's)."""
+    out = tmp_path_factory.mktemp(trainer)
+    launch(out, trainer, str(out))
+    reference(out, trainer, str(out))
+    return out, [load(out, f"{trainer}-rank{r}") for r in (0, 1)], load(out, f"{trainer}-ref")
+
+
 @pytest.fixture(scope="module")
 def lightning_fit(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lightning")
-    launch(out, "lightning", str(out))
-    reference(out, "lightning", str(out))
-    return out, [load(out, f"lightning-rank{r}") for r in (0, 1)], load(out, "lightning-ref")
+    return fit(tmp_path_factory, "lightning")
 
 
 @pytest.mark.slow
@@ -110,10 +116,7 @@ def test_lightning_resumed_from_a_checkpoint_goes_on_as_the_uninterrupted_run(li
 @pytest.fixture(scope="module")
 def hf_fit(tmp_path_factory):
     pytest.importorskip("accelerate")
-    out = tmp_path_factory.mktemp("hf")
-    launch(out, "hf", str(out))
-    reference(out, "hf", str(out))
-    return out, [load(out, f"hf-rank{r}") for r in (0, 1)], load(out, "hf-ref")
+    return fit(tmp_path_factory, "hf")
 
 
 @pytest.mark.slow

@@ -53,10 +53,10 @@ def segments():
 
 def received(state, worker, seg):
     """What the Push handler does with a segment: the gradient copied into a buffer of the server's."""
-    held = state.segment(worker, seg.name, seg.nonce)
+    held = state.segments.open(worker, seg.name, seg.nonce)
     try:
         buf = torch.empty(N)
-        state.read_grads(worker, held, buf)
+        state.segments.read(worker, held, buf)
         return held, buf
     finally:
         held.release()
@@ -72,7 +72,7 @@ def test_a_gradient_is_copied_on_arrival_so_a_worker_rewriting_its_memory_change
     state.push(Push(1, 0, 1, 0, StepOpts(1), grad1), frozenset({0, 1}))
     t.join(5)
     assert state.version == 1 and torch.allclose(state.param, torch.full((N,), 1 - 0.1 * 2.0))
-    held = state.segment(0, mine.name, mine.nonce)
+    held = state.segments.open(0, mine.name, mine.nonce)
     try:
         assert state.write_params(held) == 1
     finally:
@@ -83,11 +83,11 @@ def test_a_gradient_is_copied_on_arrival_so_a_worker_rewriting_its_memory_change
 def test_a_segment_is_opened_for_members_only_and_stays_bound_to_the_worker_holding_it(state, segments):
     mine, theirs, stranger = segments(), segments(), segments()
     with pytest.raises(UnknownWorker, match="not a member"):
-        state.segment(7, stranger.name, stranger.nonce)
+        state.segments.open(7, stranger.name, stranger.nonce)
     received(state, 0, mine)
     received(state, 1, theirs)
     with pytest.raises(FailedPrecondition, match="no shared memory: segment .* is worker 1's"):
-        state.segment(0, theirs.name, theirs.nonce)  # worker 0 naming worker 1's segment
+        state.segments.open(0, theirs.name, theirs.nonce)  # worker 0 naming worker 1's segment
     assert state.segments[0].name == mine.name and state.segments[1].name == theirs.name  # nothing changed
     old = state.segments[0]
     moved = segments()
@@ -97,11 +97,11 @@ def test_a_segment_is_opened_for_members_only_and_stays_bound_to_the_worker_hold
 
 def test_a_segment_in_use_stays_open_until_its_last_use_ends(state, segments):
     mine = segments(2.0)
-    held = state.segment(0, mine.name, mine.nonce)  # a push in flight
+    held = state.segments.open(0, mine.name, mine.nonce)  # a push in flight
     state.learn_view(View(2, 0, (MemberInfo(1, 0),)))  # worker 0 left: its segment is let go and unlinked
     assert 0 not in state.segments and not os.path.exists(mine.path)
     buf = torch.empty(N)
-    state.read_grads(0, held, buf)  # the call in flight still reads through its own descriptor
+    state.segments.read(0, held, buf)  # the call in flight still reads through its own descriptor
     assert torch.equal(buf, torch.full((N,), 2.0))
     held.release()
     assert not held.acquire()
@@ -112,10 +112,10 @@ def test_a_truncated_segment_fails_only_that_push_and_changes_nothing(state, seg
     received(state, 0, mine)
     os.truncate(mine.path, 4096)  # the worker shrinks its file under the server
     before = state.param.clone()
-    held = state.segment(0, mine.name, mine.nonce)
+    held = state.segments.open(0, mine.name, mine.nonce)
     try:
         with pytest.raises(FailedPrecondition, match="no shared memory: .*truncated"):
-            state.read_grads(0, held, torch.empty(N))
+            state.segments.read(0, held, torch.empty(N))
     finally:
         held.release()
     assert 0 not in state.segments  # let go: the worker goes on over gRPC (or a new segment)

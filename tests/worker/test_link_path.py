@@ -83,7 +83,7 @@ def test_a_push_goes_on_the_byte_link_and_its_reply_comes_back_on_it(shard):
         reply = push(ps, 0, torch.full((N,), 2.0), values)
         assert reply.version == 1 and torch.allclose(values, torch.full((N,), 0.8))
         assert torch.equal(values, state.param)
-        assert state.transport[0] == "tcp" and ps.shards[0].on_link and hub.links() == 1
+        assert state.transport[0] == "tcp" and ps.shards[0].links.on_link and hub.links() == 1
         assert state.stats.bytes_in == N * 4 and state.stats.bytes_out == N * 4  # the link's bytes count
     finally:
         ps.close()
@@ -97,7 +97,7 @@ def test_a_server_that_offers_no_link_takes_the_same_push_inside_grpc_and_is_not
         values = torch.zeros(N)
         assert push(ps, 0, torch.full((N,), 2.0), values).version == 1
         assert torch.allclose(values, torch.full((N,), 0.8)) and state.transport[0] == "grpc"
-        assert not ps.shards[0].on_link and ps.shards[0].links.refused
+        assert not ps.shards[0].links.on_link and ps.shards[0].links.refused
     finally:
         ps.close()
 
@@ -137,7 +137,7 @@ def test_a_link_that_breaks_while_its_push_waits_for_the_step_costs_a_retry_neve
         assert replies and replies[0].duplicate  # sent again on a new link, answered as the retry it is
         assert state.version == 1 and torch.allclose(state.param, torch.full((N,), 0.7))  # one apply of the mean
         assert torch.equal(values0, state.param) and torch.equal(values1, state.param)
-        assert first.shards[0].on_link and state.transport[0] == "tcp"
+        assert first.shards[0].links.on_link and state.transport[0] == "tcp"
     finally:
         first.close()
         second.close()
