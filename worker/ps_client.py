@@ -119,6 +119,7 @@ class ShardChannel:
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
         self._moved = threading.Condition()  # guards a move; wakes retries waiting out a backoff
         self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
+        self.closed = False  # close() was called: a cancelled call is ours, not the server's
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
@@ -142,6 +143,7 @@ class ShardChannel:
                                       response_deserializer=pb.GetShardStatusResponse.FromString)
 
     def close(self) -> None:
+        self.closed = True
         self.links.drop()
         self._channel.close()
 
@@ -188,6 +190,10 @@ class ShardChannel:
                     raise
                 reply = attempt()  # moved: the new server at once, not after a backoff
             except ShardpsError as exc:
+                if exc.code == "CANCELLED" and self._moves == moves and not self.closed:
+                    # Not ours: the server ended a stream that stalled past its limit (a partition, a link that
+                    # healed late); it applied nothing it had not answered, so the whole call goes again.
+                    raise Unavailable(f"{exc} (the server cancelled the stalled call; retrying)") from None
                 if self._moves == moves:
                     raise
                 # The shard moved while this call waited (its old channel was closed under it): again, there.
