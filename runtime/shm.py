@@ -96,7 +96,10 @@ class Segment:
         sweep()
         name, nonce = f"shardps-{secrets.token_hex(16)}", secrets.token_bytes(16)
         path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:  # not writable here (another user's /dev/shm, read-only): the bytes go elsewhere
+            raise ShmUnavailable(f"cannot create a segment in {SHM_DIR}: {exc.strerror}") from None
         try:
             os.posix_fallocate(fd, 0, size)
             os.pwrite(fd, _FIELDS.pack(MAGIC, 1, nonce, numel, os.getpid(), _pid_namespace()), 0)

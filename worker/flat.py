@@ -121,7 +121,7 @@ class FlatParams:
             try:
                 self.segment = Segment.create(numel)
             except ShmUnavailable as exc:
-                log.info("pushes go over gRPC only: %s", exc)
+                log.info("no shared memory for this worker's pushes (they go over the network): %s", exc)
         if self.segment is not None:
             self.grads, self.values = self.segment.grads, self.segment.values
             self._registered = Registered([self.grads, self.values], self._host_device)

@@ -17,6 +17,7 @@ from shardps import LocalCluster, ShardedOptimizer
 from shardps.client.sdk import shard_status
 from shardps.runtime import shm
 from shardps.runtime.shm import Segment, SegmentFile, ShmUnavailable
+from shardps.worker.flat import FlatParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from shm_pair import train_pair  # noqa: E402
@@ -195,6 +196,20 @@ def test_a_full_dev_shm_is_refused_up_front_instead_of_a_sigbus_later(tiny_fs, m
     with pytest.raises(ShmUnavailable, match="cannot reserve"):
         Segment.create(1_000_000)  # 8 MB does not fit in 256 kB
     assert os.listdir(tiny_fs) == []  # nothing left behind
+
+
+def test_a_dev_shm_this_worker_cannot_write_is_refused_so_the_bytes_go_over_the_network(tiny_fs, monkeypatch):
+    # A container whose /dev/shm belongs to another user, or is read-only: no segment, no crash ("auto" falls
+    # back to the byte link; FlatParams catches ShmUnavailable).
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    monkeypatch.setattr(shm, "SHM_DIR", str(tiny_fs))
+    with pytest.raises(ShmUnavailable, match="cannot create a segment"):
+        Segment.create(10)
+    flat = FlatParams([torch.nn.Parameter(torch.ones(10))], ["w"], [0], [()], 1, shared=True)
+    try:
+        assert flat.segment is None
+    finally:
+        flat.close()
 
 
 def test_sweep_unlinks_the_segments_of_dead_creators_only():
