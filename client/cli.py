@@ -40,7 +40,7 @@ def _opt(key: str, *flags: str, env: bool = True, **overrides):
 # Training options shared by `run` and `worker`, defined once.
 _TRAIN = {key: _opt(key) for key in (
     "workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed", "wire_dtype",
-    "transport", "backup_workers", "staleness", "topk_ratio", "balance_every", "replicas", "amp", "eval_every",
+    "pull_dtype", "transport", "backup_workers", "staleness", "topk_ratio", "balance_every", "replicas", "amp", "eval_every",
     "sync_every", "outer_lr", "outer_momentum")}
 _TRAIN["staleness_lr"] = _opt("staleness_lr", "--staleness-lr")
 
@@ -162,6 +162,7 @@ def worker(
     seed: int = _TRAIN["seed"],
     min_workers: int = _opt("min_workers"),
     wire_dtype: str = _TRAIN["wire_dtype"],
+    pull_dtype: str = _TRAIN["pull_dtype"],
     transport: str = _TRAIN["transport"],
     backup_workers: int = _TRAIN["backup_workers"],
     staleness: int = _TRAIN["staleness"],
@@ -188,7 +189,8 @@ def worker(
     with _user_errors(cluster):
         config = TrainConfig(cluster=cluster, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                              batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                             min_workers=min_workers, wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
+                             min_workers=min_workers, wire_dtype=wire_dtype, pull_dtype=pull_dtype, transport=transport,
+                             backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, replicas=replicas, amp=amp,
                              sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -213,6 +215,7 @@ def run(
     device: str = _TRAIN["device"],
     seed: int = _TRAIN["seed"],
     wire_dtype: str = _TRAIN["wire_dtype"],
+    pull_dtype: str = _TRAIN["pull_dtype"],
     transport: str = _TRAIN["transport"],
     backup_workers: int = _TRAIN["backup_workers"],
     staleness: int = _TRAIN["staleness"],
@@ -242,7 +245,7 @@ def run(
     with _user_errors():
         config = RunConfig(servers=servers, workers=workers, workload=workload, mode=mode, optimizer=optimizer, lr=lr,
                            batch_size=batch_size, steps=steps, epochs=epochs, device=device, seed=seed,
-                           wire_dtype=wire_dtype, transport=transport, backup_workers=backup_workers,
+                           wire_dtype=wire_dtype, pull_dtype=pull_dtype, transport=transport, backup_workers=backup_workers,
                            staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every,
                            replicas=replicas, amp=amp, sync_every=sync_every, outer_lr=outer_lr,

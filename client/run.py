@@ -51,6 +51,7 @@ class RunConfig:
     device: str = "cpu"  # worker device: cpu, cuda, mps, auto
     seed: int = 0
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16 | int8
+    pull_dtype: str = "float32"  # float32 | bfloat16 | float16: each step's reply over the network
     transport: str = ""  # auto (shared memory with same-host shards, else byte links) | tcp | grpc ("" = SHARDPS_TRANSPORT or auto)
     backup_workers: int = 0  # sync/ssp: close each step after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
@@ -112,7 +113,7 @@ class RunConfig:
 
 # The RunConfig fields that every worker takes over unchanged.
 _TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
-                    "wire_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every",
+                    "wire_dtype", "pull_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every",
                     "replicas", "amp",
                     "eval_every", "sync_every", "outer_lr", "outer_momentum")
 

@@ -148,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wire_dtype", "SHARDPS_WIRE_DTYPE", "float32",
             "Gradient dtype on the wire: float32, bfloat16, float16 or int8 (error feedback).",
             _TRAIN),
+    Setting("pull_dtype", "SHARDPS_PULL_DTYPE", "float32",
+            "Parameter dtype of each step's reply over the network: float32, or bfloat16 / float16 (half the bytes; "
+            "workers hold the shards' fp32 values rounded, the shards keep them exact).", _TRAIN),
     Setting("transport", "SHARDPS_TRANSPORT", "auto",
             "auto: gradients and parameters through shared memory with shards on the same host, on each server's "
             "byte link (raw TCP beside gRPC) with the others, inside gRPC where neither works; tcp: the byte link "
@@ -236,6 +239,8 @@ DEPLOY_SETTINGS: tuple[Setting, ...] = (
     Setting("certs_dir", "SHARDPS_CERTS_DIR", "./deploy/no-certs",
             "Folder of scripts/dev-certs.sh certificates, mounted at /certs for TLS.",
             "docker-compose.yml"),
+    Setting("shm_size", "SHARDPS_SHM_SIZE", "2g", "Size of the /dev/shm the compose stack's servers and workers "
+            "share (the shared-memory byte path between its containers).", "docker-compose.yml"),
     Setting("torch", "SHARDPS_TORCH", "", "keep: scripts/setup.sh leaves the torch already in .venv (a CUDA build).",
             "scripts/setup.sh", shown="install the pinned CPU build"),
     Setting("torch_version", "SHARDPS_TORCH_VERSION", "2.13.0", "The torch version scripts/setup.sh pins.",

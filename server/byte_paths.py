@@ -24,11 +24,15 @@ import torch
 
 from ..proto import codec, wire
 from ..proto.errors import InvalidArgument, Unavailable
+from ..proto.gen import shardps_pb2 as pb
 from ..runtime.link import LinkError, LinkSocket
 from ..runtime.shm import SegmentFile
 from .links import LinkHub
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # wire dtypes a push may use
+# PushHeader.reply_dtype -> the dtype its reply's slice travels in (shared memory: always fp32)
+REPLY_DTYPES = {pb.DTYPE_UNSPECIFIED: torch.float32, pb.DTYPE_FLOAT32: torch.float32,
+                pb.DTYPE_BFLOAT16: torch.bfloat16, pb.DTYPE_FLOAT16: torch.float16}
 
 
 class ServerPath(Protocol):
@@ -59,14 +63,20 @@ def as_fp32(pool, buf: torch.Tensor) -> torch.Tensor:
 class StreamPath:
     name, in_band = "grpc", True
 
-    def __init__(self, chunk_bytes: int, encode: Callable[[torch.Tensor], list]):
-        self.chunk_bytes, self.encode = chunk_bytes, encode
+    def __init__(self, chunk_bytes: int, encode: Callable[[torch.Tensor], list], dtype: torch.dtype = torch.float32):
+        self.chunk_bytes, self.encode, self.dtype = chunk_bytes, encode, dtype
         self.pieces: Iterator = iter(())
 
     def gradient(self, state, streamed: torch.Tensor | None) -> torch.Tensor | None:
         return streamed
 
     def reply(self, state) -> int:
+        if self.dtype is not torch.float32:  # the slice rounded for this reply (a copy: the slice may move on)
+            version, values = state.reply_tensor()
+            narrow = values.to(self.dtype)
+            self.pieces = (wire.Frame(None, c) for c in codec.views(narrow, self.chunk_bytes))
+            state.add_bytes(sent=narrow.numel() * narrow.element_size())
+            return version
         if state.policy.params_still_while_replying:  # stream the slice itself: no encoded copy held
             with state.cond:
                 version = state.version
@@ -115,8 +125,10 @@ class SegmentPath:
 class LinkPath:
     name, in_band = "tcp", False
 
-    def __init__(self, hub: LinkHub, key, link: LinkSocket, nonce: int, deadline: float, pool):
+    def __init__(self, hub: LinkHub, key, link: LinkSocket, nonce: int, deadline: float, pool,
+                 dtype: torch.dtype = torch.float32):
         self.hub, self.key, self.link, self.nonce, self.deadline, self.pool = hub, key, link, nonce, deadline, pool
+        self.dtype = dtype
         self.slice: torch.Tensor | None = None
 
     def gradient(self, state, streamed: torch.Tensor | None) -> torch.Tensor | None:
@@ -144,6 +156,8 @@ class LinkPath:
 
     def reply(self, state) -> int:
         version, self.slice = state.reply_tensor()
+        if self.dtype is not torch.float32:
+            self.slice = self.slice.to(self.dtype)  # (a copy, of half the bytes)
         return version
 
     def after_result(self, state) -> Iterator[wire.Frame]:
@@ -152,7 +166,7 @@ class LinkPath:
             self.link.send(self.nonce, self.slice, self.deadline)
         except LinkError as exc:
             raise Unavailable(f"the byte link broke while sending the reply: {exc}; push again") from None
-        state.add_bytes(sent=self.slice.numel() * 4)
+        state.add_bytes(sent=self.slice.numel() * self.slice.element_size())
         return iter(())
 
     def close(self, failed: bool) -> None:

@@ -27,7 +27,7 @@ from ..runtime.status import error_from_rpc, translate_errors
 from .modes import Push
 from ..runtime.limits import WaitSlots
 from ..runtime.process import release_free_memory
-from .byte_paths import LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
+from .byte_paths import REPLY_DTYPES, LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
 from .links import LinkHub
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 from . import replica as replicas
@@ -102,6 +102,9 @@ class ShardServicer:
             state.reject("bad_header")
             raise InvalidArgument(f"push header out of range: epoch {h.epoch} (>= 1), step {h.step}, base_version "
                                   f"{h.base_version} and worker_id {h.worker_id} (>= 0)")
+        if h.reply_dtype not in REPLY_DTYPES:
+            state.reject("bad_header")
+            raise InvalidArgument(f"push header reply_dtype {h.reply_dtype} is not FLOAT32, BFLOAT16 or FLOAT16")
         members = self._learn_views(state, h.target.job_id, h.epoch).worker_ids
         path = self._path_for(state, h, context)
         failed = True
@@ -120,8 +123,9 @@ class ShardServicer:
             if self.links is None:
                 raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")
             key = (h.target.job_id, state.shard.shard_id, h.worker_id)
-            return LinkPath(self.links, key, self.links.take(key), h.link.nonce, deadline_of(context), pool)
-        return StreamPath(self.chunk_bytes, self._encode_push)
+            return LinkPath(self.links, key, self.links.take(key), h.link.nonce, deadline_of(context), pool,
+                            REPLY_DTYPES[h.reply_dtype])
+        return StreamPath(self.chunk_bytes, self._encode_push, REPLY_DTYPES[h.reply_dtype])
 
     def _push(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int],
               path: ServerPath):

@@ -46,7 +46,7 @@ from ..coordinator.client import CoordinatorClient
 from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.assemble import merge_state, model_state_dict, optimizer_state_dict, split_optimizer_state
-from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name
+from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name, wire_dtype as dtype_on_wire
 from ..proto.defaults import PUSH_TIMEOUT_S
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
@@ -68,6 +68,7 @@ from .ps_client import ClipExchange, Locator, PSClient, PushReply, results
 log = logging.getLogger("shardps.worker")
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+PULL_DTYPES = ("float32", "bfloat16", "float16")  # a step's reply: see ``pull_dtype``
 TRANSPORTS = ("auto", "tcp", "grpc")  # see ``transport`` in ShardedOptimizer's docstring
 RECONNECT_S = 60.0  # how long coordinator calls ride out a restarting coordinator
 
@@ -103,6 +104,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         balance_every: int = 0,
         replicas: int = 1,
         wire_dtype: str = "float32",
+        pull_dtype: str = "float32",
         overlap: bool = False,
         broadcast_buffers: bool = True,
         transport: str = "",
@@ -152,6 +154,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 quarter of fp32's bytes: one fp32 scale per 4096 elements, the rounding error kept on
                 this worker and added to the next step's gradient; over gRPC only, not with
                 ``topk_ratio``). Servers keep fp32 masters either way.
+            pull_dtype: dtype of the parameters each step's reply brings back over the network:
+                "float32" (exact), "bfloat16" or "float16" (half the bytes: the model then holds the
+                shards' fp32 values rounded to it, as autocast's low-precision copies do; the shards
+                keep and apply to the exact fp32 values, which checkpoints and exports save). Replies
+                through shared memory stay fp32; pulls (start, rejoin, rollback) are always exact.
             overlap: push each shard's gradients as soon as backward has produced them,
                 hiding communication behind the rest of backward. Wrap gradient-accumulation
                 micro-batches in ``opt.no_sync()``.
@@ -185,6 +192,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.history = History.open(os.environ.get(HISTORY_ENV, "") if history_dir is None else history_dir, "worker")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        if pull_dtype not in PULL_DTYPES:
+            raise ValueError(f"pull_dtype must be one of {PULL_DTYPES}, got {pull_dtype!r}")
+        # PushHeader.reply_dtype (0, unspecified: float32)
+        self._reply_dtype = 0 if pull_dtype == "float32" else dtype_on_wire(dtype_from_name(pull_dtype))
         transport = transport or os.environ.get("SHARDPS_TRANSPORT", "auto")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -223,7 +234,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._extend_args: dict[str, Any] = dict(
                 cluster=cluster, mode=mode, backup_workers=backup_workers, staleness=staleness,
                 staleness_lr=staleness_lr, topk_ratio=topk_ratio, replicas=replicas, wire_dtype=wire_dtype,
-                transport=transport, name=name, connect_timeout=connect_timeout, step_timeout=step_timeout,
+                pull_dtype=pull_dtype, transport=transport, name=name, connect_timeout=connect_timeout, step_timeout=step_timeout,
                 retry_timeout=retry_timeout, auth_token=auth_token, chunk_bytes=chunk_bytes, history_dir=history_dir)
             self._param_ids = {id(p) for p in self.flat.params}
             self._warned_local_clip = self._warned_edit = False
@@ -558,7 +569,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._overlap.arm(self._header(), self.versions)
 
     def _header(self) -> pb.PushHeader:
-        return pb.PushHeader(worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch)
+        return pb.PushHeader(worker_id=self.worker_id, step=self.steps_taken, epoch=self.epoch,
+                             reply_dtype=self._reply_dtype)
 
     # ------------------------------------------------------------------ membership
 

@@ -158,7 +158,7 @@ class ShardChannel:
 
     def path_for(self, grad: torch.Tensor | None, out: torch.Tensor, timeout: float, epoch: int,
                  positions: torch.Tensor | None = None, shm: Segment | None = None,
-                 scales: torch.Tensor | None = None) -> BytePath:
+                 scales: torch.Tensor | None = None, reply_dtype: torch.dtype = torch.float32) -> BytePath:
         """Where one attempt's bytes go: the segment, else the byte link (a dense float gradient on the CPU,
         while the shard offers one and it works), else inside the stream (also sparse and int8 pushes)."""
         if shm is not None:
@@ -167,8 +167,8 @@ class ShardChannel:
                 and grad.dtype in LINK_DTYPES:
             link = self.links.get(timeout, epoch)
             if link is not None:
-                return OnLink(self.links, link, grad, out, self._what("Push"))
-        return InStream(grad, out, self.chunk_bytes, positions, scales)
+                return OnLink(self.links, link, grad, out, self._what("Push"), reply_dtype)
+        return InStream(grad, out, self.chunk_bytes, positions, scales, reply_dtype)
 
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"
@@ -293,7 +293,8 @@ class ShardChannel:
                     yield pb.PushRequest(clip_total=pb.ClipTotal(step=h.step, total_norm=total))
 
         def attempt():  # the whole push again: the shard applies it at most once
-            path = self.path_for(grad, out, timeout, header.epoch, positions, shm, scales)
+            path = self.path_for(grad, out, timeout, header.epoch, positions, shm, scales,
+                                 codec.torch_dtype(header.reply_dtype) if header.reply_dtype else torch.float32)
             h, pushed_commit = path.header(header), commit
             if not path.in_band and buffers is not None and commit is None and h.HasField("options"):
                 # The stream has no gradient to end the buffers, and the server stops reading at the step

@@ -19,7 +19,7 @@ from ..proto import defaults as D
 from ..proto import optim
 from .balance import BatchSplit
 from .diloco import DILOCO_OUTER, DiLoCo
-from .optimizer import WIRE_DTYPES, ShardedOptimizer
+from .optimizer import PULL_DTYPES, WIRE_DTYPES, ShardedOptimizer
 from .workloads import get_workload
 
 
@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     min_workers: int = 1  # training starts once this many workers joined
     wire_dtype: str = "float32"  # gradient dtype on the wire: float32 | bfloat16 | float16 | int8
+    pull_dtype: str = "float32"  # each step's reply over the network: float32 | bfloat16 | float16
     transport: str = ""  # byte path: "auto" (shared memory with same-host shards, else gRPC) | "grpc" ("" = env/auto)
     backup_workers: int = 0  # sync/ssp: each step closes after the first (workers - b) pushes
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the last closed step
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"--topk-ratio is a fraction in [0, 1), got {self.topk_ratio}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"--wire-dtype takes {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.pull_dtype not in PULL_DTYPES:
+            raise ValueError(f"--pull-dtype takes {', '.join(PULL_DTYPES)}, got {self.pull_dtype!r}")
         if self.wire_dtype == "int8" and self.topk_ratio:
             raise ValueError("--wire-dtype int8 sends every element; with --topk-ratio use float32, bfloat16 or "
                              "float16")
@@ -216,6 +219,7 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module, d, batch_size: int) 
     the shards' optimizer is then Nesterov SGD with --outer-lr and --outer-momentum)."""
     name, lr = config.optimizer or d.optimizer, config.lr or d.lr
     common = dict(cluster=config.cluster, min_workers=config.min_workers, wire_dtype=config.wire_dtype,
+                  pull_dtype=config.pull_dtype,
                   transport=config.transport, name=config.name, connect_timeout=config.connect_timeout,
                   backup_workers=config.backup_workers, staleness_lr=config.staleness_lr, replicas=config.replicas,
                   topk_ratio=config.topk_ratio)

@@ -66,6 +66,20 @@ class BytePath(Protocol):
     def ended(self, answered: bool, server_done: bool) -> None: ...
 
 
+class Narrow:
+    """A reply whose slice travels in a narrower dtype (``PushHeader.reply_dtype``): it lands in
+    ``staging`` and is widened into ``out`` once all of it arrived (never half of it). With float32
+    there is no staging: the slice lands in ``out`` itself."""
+
+    def __init__(self, out: torch.Tensor, dtype: torch.dtype):
+        self.out = out
+        self.staging = None if dtype is torch.float32 else torch.empty(out.numel(), dtype=dtype)
+
+    def widen(self) -> None:
+        if self.staging is not None:
+            self.out.copy_(self.staging.view(self.out.shape))
+
+
 class InStream:
     """Chunks inside the gRPC stream: the gradient (``positions`` first for a sparse push) out,
     the slice back into ``out``."""
@@ -73,9 +87,11 @@ class InStream:
     name, in_band = "grpc", True
 
     def __init__(self, grad: torch.Tensor | None, out: torch.Tensor, chunk_bytes: int,
-                 positions: torch.Tensor | None = None, scales: torch.Tensor | None = None):
+                 positions: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                 reply_dtype: torch.dtype = torch.float32):
         self.grad, self.positions, self.scales, self.chunk_bytes = grad, positions, scales, chunk_bytes
-        self.asm = codec.Assembler(out=out)
+        self.out, self.narrow = out, Narrow(out, reply_dtype)
+        self.asm = codec.Assembler(out=self.narrow.staging if self.narrow.staging is not None else out)
 
     def header(self, header: pb.PushHeader) -> pb.PushHeader:
         return header
@@ -99,6 +115,7 @@ class InStream:
 
     def done(self) -> None:
         self.asm.finish()  # CodecError when the slice did not all come
+        self.narrow.widen()
 
     def failed(self, error: ShardpsError) -> ShardpsError:
         return error
@@ -147,8 +164,10 @@ class OnLink:
 
     name, in_band = "tcp", False
 
-    def __init__(self, keeper: "LinkKeeper", link: LinkSocket, grad: torch.Tensor, out: torch.Tensor, what: str):
+    def __init__(self, keeper: "LinkKeeper", link: LinkSocket, grad: torch.Tensor, out: torch.Tensor, what: str,
+                 reply_dtype: torch.dtype = torch.float32):
         self.keeper, self.link, self.grad, self.out, self.what = keeper, link, grad, out, what
+        self.narrow = Narrow(out, reply_dtype)
         self.nonce = secrets.randbits(64)
         self.broke: LinkError | None = None
 
@@ -170,9 +189,11 @@ class OnLink:
 
     def after_result(self, header: pb.PushHeader, deadline: float) -> None:
         try:
-            self.link.receive(self.nonce, self.out, deadline)
+            self.link.receive(self.nonce, self.narrow.staging if self.narrow.staging is not None else self.out,
+                              deadline)
         except LinkError as exc:
             raise self._broken(exc) from None
+        self.narrow.widen()
 
     def done(self) -> None:
         if self.broke is not None:  # the server answered although the gradient did not all go out: trust neither

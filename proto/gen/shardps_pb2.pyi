@@ -717,7 +717,7 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., already_initialized: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options", "shm", "link")
+    __slots__ = ("target", "worker_id", "step", "epoch", "base_version", "options", "shm", "link", "reply_dtype")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -726,6 +726,7 @@ class PushHeader(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
+    REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     target: ShardTarget
     worker_id: int
     step: int
@@ -734,7 +735,8 @@ class PushHeader(_message.Message):
     options: StepOptions
     shm: ShmSegment
     link: LinkTransfer
-    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ..., shm: _Optional[_Union[ShmSegment, _Mapping]] = ..., link: _Optional[_Union[LinkTransfer, _Mapping]] = ...) -> None: ...
+    reply_dtype: DType
+    def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ..., shm: _Optional[_Union[ShmSegment, _Mapping]] = ..., link: _Optional[_Union[LinkTransfer, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class LinkTransfer(_message.Message):
     __slots__ = ("nonce",)

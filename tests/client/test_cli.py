@@ -135,6 +135,7 @@ def test_status_and_export_against_a_live_cluster(tmp_path):
     (["run", "--mode", "fast"], "sync, ssp or async"),
     (["run", "--mode", "diloco"], "--sync-every H"),
     (["run", "--sync-every", "4"], "need --mode diloco"),
+    (["run", "--pull-dtype", "int8"], "--pull-dtype takes float32, bfloat16, float16"),
     (["run", "--workers", "two"], "--help"),
     (["status", "--cluster", "127.0.0.1:9"], "--cluster HOST:PORT"),
     (["export", "--cluster", "127.0.0.1:9", "--out", "x.safetensors"], "--cluster HOST:PORT"),
