@@ -74,6 +74,7 @@ def _shardps(model, cfg, rank):
 
     opt = ShardedOptimizer(model, cluster=cfg["cluster"], optimizer=cfg["optimizer"], lr=cfg["lr"],
                            job=cfg["job"], min_workers=cfg["world"], wire_dtype=cfg.get("wire_dtype", "float32"),
+                           pull_dtype=cfg.get("pull_dtype", "float32"),
                            backup_workers=cfg.get("backup_workers", 0), transport=cfg.get("transport", "tcp"),
                            connect_timeout=cfg["connect_timeout_s"], name=f"worker-{rank}")
     return model, opt, opt.rank, opt.close
@@ -81,11 +82,13 @@ def _shardps(model, cfg, rank):
 
 def _diloco(model, cfg, rank):
     from shardps import DiLoCo
+    from shardps.worker.diloco import DILOCO_OUTER
 
     inner = _OPTIMIZERS[cfg["optimizer"]](model.parameters(), lr=cfg["lr"])
     opt = DiLoCo(model, inner, cfg["cluster"], sync_every=cfg["sync_every"], fragments=cfg.get("fragments", 1),
-                 job=cfg["job"], min_workers=cfg["world"],
-                 wire_dtype=cfg.get("wire_dtype", "float32"), transport="grpc",
+                 job=cfg["job"], min_workers=cfg["world"], mode=cfg.get("mode", "sync"),
+                 outer_lr=cfg.get("outer_lr", DILOCO_OUTER["lr"]), batch_size=cfg["batch"],
+                 wire_dtype=cfg.get("wire_dtype", "float32"), transport=cfg.get("transport", "grpc"),
                  connect_timeout=cfg["connect_timeout_s"], name=f"worker-{rank}")
     return model, opt, opt.rank, opt.close
 

@@ -38,15 +38,16 @@ def markdown(result: dict) -> str:
         lines += [(f"**{p['profile']}**: links {rates}, delay {p['delay_ms']:g} ms one way; "
                   f"measured TCP RTT worker-0 -> server-0 {_f(p['rtt_ms'])} ms (expected {p['expected_rtt_ms']:g} ms "
                   f"+ the base)"), "",
-                  ("| contender | steps | step s | worker-0 MB/step rx/tx | server-0 MB/step rx/tx | busiest link (util) "
-                  "| to target s | final loss | status |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  ("| contender | steps | step s | steps/s per worker | worker-0 MB/step rx/tx | server-0 MB/step rx/tx "
+                  "| busiest link (util) | to target s | final loss | status |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in p["rows"]:
             w, s = r["links"].get("worker-0", {}), r["links"].get("server-0", {})
             host, link = _busiest(r["links"])
             util = f"{host} ({link['utilisation']:.0%})" if link.get("utilisation") is not None else "-"
             lines.append(
                 f"| {r['contender']} | {r['steps']} | {_f(r['step_s'], 3)} "
+                f"| {' / '.join(_f(v) for v in r.get('process_steps_per_s') or []) or '-'} "
                 f"| {_mb(w, 'rx')}/{_mb(w, 'tx')} | {_mb(s, 'rx')}/{_mb(s, 'tx')} | {util} "
                 f"| {_f(r['time_to_target_s'], 1) if r['time_to_target_s'] is not None else 'not reached'} "
                 f"| {_f(r['final_loss'], 3)} | {r['status']} |")

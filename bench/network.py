@@ -71,6 +71,7 @@ PROFILES = {
     "lan": Profile(1_000, 1.0),
     "wan": Profile(100, 20.0),
     "slowlink": Profile(1_000, slow_last_worker_mbit=100),
+    "gigabit": Profile(1_000),  # slowlink's all-fast twin: what its fast workers would do without the slow one
 }
 
 CONTENDERS = {
@@ -79,6 +80,8 @@ CONTENDERS = {
     "shardps": dict(kind="shardps", transport="tcp"),
     "shardps-grpc": dict(kind="shardps", transport="grpc"),  # every byte inside gRPC
     "shardps-bf16": dict(kind="shardps", wire_dtype="bfloat16", transport="tcp"),
+    # bf16 both ways: gradients pushed and parameters pulled (the workers hold the fp32 masters rounded)
+    "shardps-bf16-both": dict(kind="shardps", wire_dtype="bfloat16", pull_dtype="bfloat16", transport="tcp"),
     "shardps-backup1": dict(kind="shardps", backup_workers=1, transport="tcp"),  # one-slow-link only
     "ddp": dict(kind="ddp"),
     "ddp-bf16": dict(kind="ddp", hook="bf16"),
@@ -88,6 +91,9 @@ CONTENDERS = {
     "diloco20-bf16": dict(kind="diloco", sync_every=20, wire_dtype="bfloat16"),
     "diloco20-int8": dict(kind="diloco", sync_every=20, wire_dtype="int8"),
     "diloco20-stream4": dict(kind="diloco", sync_every=20, fragments=4),  # a quarter of the model every 5 steps
+    # Async outer steps: each worker's outer gradient applied on arrival, nobody waits for a slow link; the
+    # outer lr halved (two workers' outer steps per round where sync takes one, Liu et al. 2024).
+    "diloco20-async": dict(kind="diloco", sync_every=20, mode="async", outer_lr=0.35),
 }
 
 TARGETS = {"digits": 0.5, "charlm": 2.8, "charlm25m": 3.0}  # held-out loss (nats) for time-to-target
@@ -101,6 +107,9 @@ class Row:
     steps: int = 0
     step_s: float | None = None
     process_step_s: list = field(default_factory=list)  # per worker process (host order), median
+    # per worker process: steps / seconds over its steps after warmup, waits and outer steps included (the
+    # throughput a slow link takes away; a median step hides a DiLoCo round's outer step)
+    process_steps_per_s: list = field(default_factory=list)
     links: dict = field(default_factory=dict)  # host -> {rx_per_step, tx_per_step, rate_mbit, utilisation}
     time_to_target_s: float | None = None
     final_loss: float | None = None
@@ -203,6 +212,8 @@ def fill(row: Row, logs: list[list[dict]], before: dict, after: dict, rates: dic
     medians = [stats([r["step_s"] for r in s[args.warmup:]] or [r["step_s"] for r in s])["median"]
                for s in steps if s]
     row.process_step_s = medians
+    row.process_steps_per_s = [len(kept) / sum(r["step_s"] for r in kept)
+                               for kept in ((s[args.warmup:] or s) for s in steps if s)]
     row.step_s = min(medians) if medians else None
     rank0 = next((i for i, lines in enumerate(logs) if any("eval" in r for r in lines)), None)
     if rank0 is not None:

@@ -108,6 +108,7 @@ def test_quick_run_reports_every_contender_with_bytes_on_its_links(tmp_path):
     for name, row in rows.items():
         assert row["status"] == "ok", f"{name}: {row['status']}"
         assert row["steps"] == 6 and row["step_s"] > 0, name
+        assert len(row["process_steps_per_s"]) == 2 and min(row["process_steps_per_s"]) > 0, name
         assert row["final_loss"] is not None and row["curve"], name
         used = ["worker-0", "worker-1"] + (["server-0", "server-1"] if name.startswith("shardps") else [])
         for host in used:
