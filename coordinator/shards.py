@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..proto.errors import ConnectionLost, ShardpsError
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
+from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel, port_refuses
 from ..runtime.status import error_from_rpc
 
 
@@ -43,13 +42,9 @@ class ShardAdmin:
 
     def refuses(self, address: str, timeout: float) -> bool:
         """Whether the server's port refuses a fresh connection now: no process listens there (it died).
-        False when anything answers (even an error) and when the call times out: a paused or cut-off
-        server is not known to be dead. Blocks at most ``timeout`` s."""
-        try:
-            self._call(address, "GetShardStatus", lambda s: s.GetShardStatus(pb.GetShardStatusRequest(), timeout=timeout))
-        except ShardpsError as exc:
-            return isinstance(exc, ConnectionLost) and bool(exc.refused)
-        return False
+        False when the port accepts and when the connect times out: a paused or cut-off server is not
+        known to be dead. Blocks at most ``timeout`` s."""
+        return port_refuses(address, timeout)
 
     def set_membership(self, address: str, job_id: str, view, from_open_step: bool) -> tuple[bool, int]:
         from ..proto.messages import view_to_pb

@@ -38,7 +38,6 @@ class Reason:
     UNKNOWN_WORKER = "unknown_worker"
     STALE_STEP = "stale_step"
     UNAVAILABLE = "unavailable"
-    CONNECTION_LOST = "connection_lost"
     NOT_PRIMARY = "not_primary"
     UNAUTHENTICATED = "unauthenticated"
     TIMEOUT = "timeout"
@@ -65,6 +64,7 @@ class ShardpsError(Exception):
     code = "INTERNAL"
     reason = Reason.INTERNAL
     fields: Mapping[str, type] = {}
+    from_transport = False  # set by the receiver: no shardps handler sent it (``runtime.status.error_from_rpc``)
 
     def __init__(self, message: str = "", **values):
         super().__init__(message)
@@ -154,16 +154,6 @@ class Unavailable(ShardpsError):
 
     code = "UNAVAILABLE"
     reason = Reason.UNAVAILABLE
-
-
-class ConnectionLost(Unavailable):
-    """The transport found the server's port closed (``refused`` = 1) or lost the connection mid-call
-    (reset, closed): its process may be dead. A worker names such a server to the coordinator, which
-    checks for itself (``coordinator.failover``); only ``runtime.status.error_from_rpc`` makes these."""
-
-    reason = Reason.CONNECTION_LOST
-    fields = {"refused": int}
-    refused: int  # (set from ``fields``)
 
 
 class NotPrimary(Unavailable):

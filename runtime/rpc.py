@@ -7,6 +7,8 @@ built in ``runtime.server``; errors become statuses and back in ``runtime.status
 """
 from __future__ import annotations
 
+import socket
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -63,3 +65,22 @@ def check_health(address: str, timeout: float = 2.0, service: str = "", security
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def port_refuses(address: str, timeout: float) -> bool:
+    """Whether a fresh TCP connection to ``address`` (``host:port``) is refused now: nothing listens on
+    the port, so the server's process is gone. Told by the connect's errno (ECONNREFUSED), never by a
+    message's words. False when the connection opens (a live, maybe stuck, server), when it times out
+    or the host is unreachable (paused, partitioned: not known dead), and for non-TCP targets. Blocks at
+    most ``timeout`` seconds."""
+    target = address.split("///", 1)[-1]
+    if address.startswith("unix:") or ":" not in target:
+        return False
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        return False

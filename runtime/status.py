@@ -22,10 +22,6 @@ from ..proto import errors
 # transport or the caller's deadline while the handler still runs: a push through shared memory
 # may then write its reply into the worker's memory later (``runtime/shm.py``).
 HANDLER_ENDED = ("x-shardps-handler", "ended")
-# How gRPC's transport words a port that refuses connections, or a connection lost mid-call (the
-# server's process died): such a status becomes errors.ConnectionLost.
-CONNECTION_REFUSED = "Connection refused"
-CONNECTION_LOST = (CONNECTION_REFUSED, "Connection reset", "Socket closed", "Broken pipe")
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str, metadata=()):
@@ -76,19 +72,21 @@ def failure_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
 
 def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.ShardpsError:
     """A domain error for a failed call, keeping the server's own message: the class its reason
-    names, with its fields (a status without a reason: the class of its code)."""
+    names, with its fields (a status without a reason: the class of its code). ``from_transport`` is
+    set on an error no shardps handler sent (no reason, no handler-ended marker): gRPC's transport,
+    the caller's own deadline, a proxy. Whether such a server is gone is asked of its port
+    (``runtime.rpc.port_refuses``), never of the status's words."""
     code = exc.code()
     name = code.name if code is not None else "UNKNOWN"
     info = failure_info(exc)
     cls = errors.BY_REASON.get(errors.Reason.from_wire(info.reason)) if info is not None else None
     details = exc.details() or ""
     values = info.metadata if info is not None else {}
-    if cls is None and name == "UNAVAILABLE" and any(words in details for words in CONNECTION_LOST):
-        cls, values = errors.ConnectionLost, {"refused": str(int(CONNECTION_REFUSED in details))}
     if cls is None:
         cls = errors.BY_CODE.get(name, errors.ShardpsError)
     err = cls.from_wire(f"{what}: {name}: {details}", values)
     err.code = name
+    err.from_transport = info is None and not handler_ended(exc)
     return err
 
 

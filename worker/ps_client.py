@@ -22,12 +22,12 @@ import grpc
 import torch
 
 from ..proto import codec, wire
-from ..proto.errors import ConnectionLost, NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
+from ..proto.errors import NoSharedMemory, ShardpsError, Unavailable, WaitTimeout
 from ..runtime.link import split_address
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import ShardInfo
 from ..runtime.retry import Retrier
-from ..runtime.rpc import WORKER_METADATA, open_channel
+from ..runtime.rpc import WORKER_METADATA, open_channel, port_refuses
 from ..runtime.status import error_from_rpc, handler_ended
 from ..runtime.shm import Segment
 from .flat import Staged
@@ -35,6 +35,9 @@ from .transports import LINK_DTYPES, BytePath, InStream, LinkKeeper, OnLink, Thr
 
 log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
+# After a transport failure, how long a fresh connection to the server's port may take to tell a gone
+# process (refused at once) from a live one: a replicated shard's worker then names it to the coordinator.
+REFUSAL_PROBE_S = 0.2
 
 BUFFERS_PUSH_FIELD, BUFFERS_REPLY_FIELD = 6, 4  # PushRequest.buffers, PushResponse.buffers
 
@@ -184,8 +187,8 @@ class ShardChannel:
                 reply = attempt()
             except Unavailable as exc:
                 self.failing = True
-                if self.locate is not None and isinstance(exc, ConnectionLost):  # its process may be dead: say so at once
-                    self.locate.suspect(self.info.address)
+                if self.locate is not None and exc.from_transport and port_refuses(self.info.address, REFUSAL_PROBE_S):
+                    self.locate.suspect(self.info.address)  # its process is gone: say so at once
                 if not self._follow():
                     raise
                 reply = attempt()  # moved: the new server at once, not after a backoff

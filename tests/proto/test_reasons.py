@@ -16,7 +16,7 @@ from shardps.proto.gen import shardps_pb2 as pb
 from shardps.proto.layout import Layout
 from shardps.proto.messages import JobConfig, MemberInfo, ShardInfo, UpdateMode, View
 from shardps.proto.plan import ShardRange
-from shardps.runtime import status
+from shardps.runtime import rpc, status
 from shardps.runtime.server import bind, thread_pool_server
 from shardps.runtime.retry import Retrier
 from shardps.runtime.shm import Segment
@@ -116,7 +116,7 @@ def test_a_status_without_a_reason_is_its_code_whatever_its_message_says(failing
     assert "rolled back to step 3" in str(got) and status.handler_ended(exc)
 
 
-def test_a_port_that_refuses_the_connection_is_a_connection_lost_error_that_says_so():
+def test_a_port_that_refuses_is_told_by_its_errno_and_the_status_by_who_sent_it_never_by_words():
     import socket
 
     with socket.socket() as s:  # a port nothing listens on once this socket is closed
@@ -126,8 +126,18 @@ def test_a_port_that_refuses_the_connection_is_a_connection_lost_error_that_says
         with pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary("/shardps.v1.ShardService/GetShardStatus")(b"", timeout=10)
     got = status.error_from_rpc(caught.value, "GetShardStatus")
-    assert type(got) is errors.ConnectionLost and got.refused == 1
-    assert isinstance(got, errors.Unavailable)  # retried like any unavailable server
+    assert type(got) is errors.Unavailable and got.from_transport  # retried like any unavailable server
+    assert rpc.port_refuses(f"127.0.0.1:{port}", 1.0) and rpc.port_refuses(f"dns:///127.0.0.1:{port}", 1.0)
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        assert not rpc.port_refuses(f"127.0.0.1:{live.getsockname()[1]}", 1.0)  # a live port (maybe stuck)
+    assert not rpc.port_refuses("unix:/tmp/nothing.sock", 1.0)  # no TCP port to ask
+
+
+def test_an_error_a_shardps_handler_sent_is_not_from_the_transport():
+    exc = errors.Unavailable("waiting for shard servers: 1/2 registered")
+    assert not exc.from_transport
 
 
 def test_every_reason_has_exactly_one_class_and_they_all_live_in_proto_errors():
@@ -174,8 +184,10 @@ def _pattern_methods(node: ast.Call) -> set[str]:  # compiled_pattern.search(tex
 
 
 def _is_text_of(node) -> bool:
-    """str(x), repr(x), x.args, x.details(): an error's words."""
+    """str(x), repr(x), x.args, x.details(), or a name such text is usually kept in: an error's words."""
     if isinstance(node, ast.Call) and _name(node.func) in {"str", "repr"}:
+        return True
+    if isinstance(node, ast.Name) and node.id in {"details", "message", "msg", "text"}:
         return True
     if isinstance(node, ast.Attribute) and node.attr == "args":
         return True

@@ -1,7 +1,11 @@
 """The worker's channel to one shard: following a replicated shard that moves to another server."""
 import threading
 
-from shardps.proto.errors import ConnectionLost, Unavailable
+import socket
+
+import pytest
+
+from shardps.proto.errors import Unavailable
 from shardps.proto.messages import ShardInfo
 from shardps.proto.plan import ShardRange
 from shardps.runtime.retry import Retrier
@@ -59,32 +63,57 @@ def test_the_plan_watcher_moves_a_failing_shard_without_waiting_for_its_slow_per
         ch.close()
 
 
-def test_a_refused_connection_names_the_server_to_the_coordinator_and_the_call_moves_with_the_answer():
-    # The plan is asked again at once (not after ``every``), naming the server that refused: the
-    # coordinator checks it and answers with the shard already moved; the retry goes there.
+def closed_port() -> str:
+    with socket.socket() as s:  # nothing listens on it once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def transport_failure(address: str) -> Unavailable:
+    """What ``error_from_rpc`` makes of a status no shardps handler sent."""
+    exc = Unavailable(f"Push to shard 0 at {address}: UNAVAILABLE: failed to connect to all addresses")
+    exc.from_transport = True
+    return exc
+
+
+@pytest.mark.parametrize("port_is", ["closed", "open"])
+def test_a_transport_failure_names_the_server_to_the_coordinator_only_when_its_port_refuses(port_is):
+    # The plan is asked again at once (not after ``every``), naming the server whose port refused: the
+    # coordinator checks it and answers with the shard already moved; the retry goes there. A port that
+    # still accepts (a stuck or busy server) is not named: the call goes on retrying there.
+    live = socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen()
+    dead = closed_port() if port_is == "closed" else f"127.0.0.1:{live.getsockname()[1]}"
     asked = []
 
     def fetch(suspect):
         asked.append(list(suspect))
-        return [ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:10" if suspect else "127.0.0.1:9")]
+        return [ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:10" if suspect else dead)]
 
     locator = Locator(fetch, every=600)
     locator.plan()  # the answer is fresh: without the report the next question would wait 600 s
-    ch = ShardChannel(ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:9"), "job", "fp", 1 << 16, Retrier(budget=0),
+    ch = ShardChannel(ShardInfo(ShardRange(0, 0, 8), dead), "job", "fp", 1 << 16, Retrier(budget=0),
                       locate=locator)
     addresses = []
 
     def attempt():
         addresses.append(ch.info.address)
         if len(addresses) == 1:
-            raise ConnectionLost("Push to shard 0 at 127.0.0.1:9: UNAVAILABLE: Connection refused", refused=1)
+            raise transport_failure(dead)
         return "applied"
 
     try:
-        assert ch._call("Push", attempt) == "applied"
+        if port_is == "closed":
+            assert ch._call("Push", attempt) == "applied"
+            assert asked == [[], [dead]] and addresses == [dead, "127.0.0.1:10"]
+        else:
+            with pytest.raises(Unavailable):
+                ch._call("Push", attempt)
+            assert asked == [[]] and addresses == [dead]
     finally:
         ch.close()
-    assert asked == [[], ["127.0.0.1:9"]] and addresses == ["127.0.0.1:9", "127.0.0.1:10"]
+        live.close()
 
 
 def test_a_timeout_is_not_reported_as_a_dead_server():
