@@ -21,6 +21,10 @@ servers, so adding a group extends the job (docs/architecture/torch-semantics.md
    together, ``clip_grad_norm_`` clips by the norm over both, and ``state_dict``,
    ``load_state_dict`` and ``model_state_dict`` read and write both as one torch
    optimizer's.
+4. Rollbacks and joins. In sync and ssp jobs the extension's versions are the job's
+   steps (it starts at the step it was added at), so both checkpoint the same steps and
+   a server restart rolls both back to one (``follow_rollbacks``). A worker that comes
+   after a group was added is refused with the fix (``refuse_late_join``).
 """
 from __future__ import annotations
 
