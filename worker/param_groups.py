@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..proto import optim
-from ..proto.errors import FailedPrecondition, RolledBack, WaitTimeout
+from ..proto.errors import FailedPrecondition, RolledBack, Unavailable, WaitTimeout
 from ..proto.messages import UpdateMode, added_group_job, added_group_jobs
 from . import torch_compat
 from .collectives import decode, encode
@@ -153,7 +153,12 @@ def refuse_late_join(opt: "ShardedOptimizer", joined_at: int | None = None) -> N
     parameters against stale values of the added ones and never push their gradients; and it cannot take
     them on as it joins: its join step is agreed with the job's shards, not with the added groups' jobs
     (each has its own membership)."""
-    names = added_group_jobs(opt.job.name, opt.coordinator.status().job_names)
+    try:
+        names = added_group_jobs(opt.job.name, opt.coordinator.status().job_names)
+    except Unavailable:
+        if joined_at is None:  # a coordinator still starting: registration waits longer; ask again once joined
+            return
+        raise
     added = []
     for name in names:
         _, job, _ = opt.coordinator.job(name=name)

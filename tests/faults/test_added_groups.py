@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from group_worker import reference  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
-JOB, ADD_AT, STEPS, EVERY = "unfreezing", 6, 30, 4  # the group is added between two checkpoints (4 and 8)
+JOB, ADD_AT, STEPS, EVERY = "unfreezing", 6, 24, 4  # the group is added between two checkpoints (4 and 8)
 GROUP_JOB = f"{JOB}.g2"
 
 
