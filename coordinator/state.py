@@ -30,7 +30,8 @@ import uuid
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
 from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
-from ..proto.messages import DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View
+from ..proto.messages import (DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View, added_group_jobs,
+                              added_group_parent)
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
 from ..runtime.gauges import JobGauges
 from .jobs import JobState, Registration, RollbackRecord
@@ -165,7 +166,7 @@ class Coordinator:
                                      f"{self.num_servers} (lower replicas or add servers)")
         ranges = plan_shards(job.layout.numel, self.num_servers, self.align)
         plan = [ShardInfo(r, self.servers.get(r.shard_id, "")) for r in ranges]
-        state = JobState(job.name, job_id or uuid.uuid4().hex[:16], job, plan)
+        state = JobState(job.name, job_id or uuid.uuid4().hex[:16], job, plan, job.first_step)
         if job.replicas > 1:
             state.placement = Placement.initial(self.num_servers, job.replicas)
             self._replan(state)
@@ -462,8 +463,10 @@ class Coordinator:
         """Shard ``shard_id`` restarted and restored its checkpoint of ``version``. Roll every shard
         back to the newest version all of them have a checkpoint of, and start a new membership
         epoch there (same members): workers whose pushes name the old epoch are told to pull and
-        go on from that step. Holds the coordinator's lock throughout, so nothing else changes
-        membership meanwhile."""
+        go on from that step. A job and the jobs of the param groups added to it (``<job>.g<k>``,
+        whose versions are its steps) roll back together, to a step all of them have a checkpoint of:
+        one optimizer's parameters at one step. Returns the reported job's rollback. Holds the
+        coordinator's lock throughout, so nothing else changes membership meanwhile."""
         with self.cond:
             state = self.job(job_id)
             if not 0 <= shard_id < self.num_servers:
@@ -472,29 +475,47 @@ class Coordinator:
                 raise FailedPrecondition("this coordinator cannot reach shard servers to roll them back")
             if len(self.servers) < self.num_servers:
                 raise Unavailable(f"waiting for shard servers: {len(self.servers)}/{self.num_servers} registered")
-            listings = {sid: self.shards.checkpoints(address, job_id) for sid, address in sorted(self.servers.items())}
-            if not listings[shard_id].awaiting_rollback:
+            family = self._family(state)
+            listings = {s.name: {sid: self.shards.checkpoints(address, s.job_id)
+                                 for sid, address in sorted(self.servers.items())} for s in family}
+            if not listings[state.name][shard_id].awaiting_rollback:
                 raise FailedPrecondition(f"shard {shard_id} restored no checkpoint that waits for a rollback")
-            common = set.intersection(*(set(c.versions) for c in listings.values()))
+            common = set.intersection(*(set(c.versions) for by_shard in listings.values() for c in by_shard.values()))
             if not common:
                 raise FailedPrecondition(
                     "no checkpoint version is common to every shard: "
-                    + "; ".join(f"shard {sid} has {c.versions}" for sid, c in listings.items())
+                    + "; ".join(f"{'' if len(family) == 1 else f'job {name}, '}shard {sid} has {c.versions}"
+                                for name, by_shard in listings.items() for sid, c in by_shard.items())
                     + " (checkpoint every shard at the same versions: --checkpoint-every)"
                 )
             target = max(common)
-            epoch = len(state.views) + 1
-            from_version = max(c.version for c in listings.values())
-            for address in (a for _, a in sorted(self.servers.items())):
-                self.shards.rollback(address, job_id, target, epoch)
-            if state.views:
-                self._new_view(state, state.latest().members, start_step=target)
-            else:  # a resumed job, before training started: the first view starts there
-                state.start_step = target
-            record = RollbackRecord(shard_id, from_version, target, epoch, time.time())
-            state.rollbacks.append(record)
+            records = {s.name: self._roll_back(s, shard_id, target, listings[s.name]) for s in family}
             self._persist()
-            return record
+            return records[state.name]
+
+    def _family(self, state: JobState) -> list[JobState]:
+        """``state``'s job and the started jobs of the param groups added to it (its parent's, for one of
+        those), parent first: they roll back together (under the lock). An async job's versions count pushes,
+        not steps: it rolls back on its own."""
+        parent = self.jobs.get(added_group_parent(state.name), state)
+        if parent.job.mode is UpdateMode.ASYNC:
+            return [state]
+        groups = [self.jobs[n] for n in added_group_jobs(parent.name, self.jobs)]
+        return [parent] + [g for g in groups if g.views or g is state]
+
+    def _roll_back(self, state: JobState, shard_id: int, target: int, listings: dict) -> RollbackRecord:
+        """Every shard of ``state``'s job back to its checkpoint of ``target``, a new membership epoch there."""
+        epoch = len(state.views) + 1
+        from_version = max(c.version for c in listings.values())
+        for address in (a for _, a in sorted(self.servers.items())):
+            self.shards.rollback(address, state.job_id, target, epoch)
+        if state.views:
+            self._new_view(state, state.latest().members, start_step=target)
+        else:  # a resumed job, before training started: the first view starts there
+            state.start_step = target
+        record = RollbackRecord(shard_id, from_version, target, epoch, time.time())
+        state.rollbacks.append(record)
+        return record
 
     # ------------------------------------------------------------------ batch balancing
 

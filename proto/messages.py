@@ -35,6 +35,12 @@ def added_group_job(job_name: str, index: int) -> str:
     return f"{job_name}.g{index}"
 
 
+def added_group_parent(job_name: str) -> str:
+    """The job that ``job_name`` holds an added param group of ("" for a job of its own)."""
+    m = re.fullmatch(r"(.+)\.g\d+", job_name)
+    return m.group(1) if m else ""
+
+
 def added_group_jobs(job_name: str, names) -> list[str]:
     """Of the cluster's job ``names``, those holding param groups added to ``job_name``, in group order."""
     pattern = re.compile(re.escape(job_name) + r"\.g(\d+)")
@@ -95,6 +101,9 @@ class JobConfig:
     broadcast_buffers: bool = True  # push replies carry rank 0's buffers to every worker (DDP's default)
     name: str = DEFAULT_JOB  # the job's name in its cluster (a GAN's two optimizers are two jobs)
     replicas: int = 1  # copies of each shard on different servers (>= 2: a lost server costs no rollback)
+    # The step of the job's first update: 0, or for an added param group's job ("<job>.g<k>") its parent's step
+    # when the group was added, so that the two count versions alike (worker/param_groups.py).
+    first_step: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__  # canonical forms for a frozen dataclass
@@ -142,6 +151,8 @@ class JobConfig:
             raise ValueError("staleness-aware lr applies to async and ssp modes only")
         if not 1 <= self.replicas <= MAX_REPLICAS:
             raise ValueError(f"replicas must be in 1..{MAX_REPLICAS} (1: no copies), got {self.replicas}")
+        if not 0 <= self.first_step < 1 << 62:
+            raise ValueError(f"first_step must be in 0..2**62-1, got {self.first_step}")
 
     @property
     def sparse_push(self) -> bool:
@@ -170,7 +181,7 @@ class JobConfig:
         if [e.aliases for e in self.layout.params] != [e.aliases for e in other.layout.params]:
             out.append("tied parameter names differ from the job's")
         for name in ("min_workers", "backup_workers", "staleness_lr", "staleness_bound", "topk_ratio",
-                     "balance_every", "buffers", "broadcast_buffers", "name", "replicas"):
+                     "balance_every", "buffers", "broadcast_buffers", "name", "replicas", "first_step"):
             if getattr(self, name) != getattr(other, name):
                 out.append(f"{name} {getattr(other, name)} differs from the job's {getattr(self, name)}")
         return out
@@ -264,6 +275,7 @@ def job_to_pb(job: JobConfig) -> pb.JobSpec:
         broadcast_buffers=job.broadcast_buffers,
         name=job.name,
         replicas=job.replicas,
+        first_step=job.first_step,
     )
 
 
@@ -312,6 +324,7 @@ def job_from_pb(msg: pb.JobSpec) -> JobConfig:
         broadcast_buffers=msg.broadcast_buffers,
         name=msg.name or DEFAULT_JOB,
         replicas=msg.replicas or 1,
+        first_step=msg.first_step,
     )
 
 

@@ -229,7 +229,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class Checkpointer:
-    """When a shard writes checkpoints: at version 0, every ``every`` versions, on request, at exit.
+    """When a shard writes checkpoints: at its first version (0, or an added param group's first
+    step), every ``every`` versions, on request, at exit.
 
     ``on_version`` runs under the shard's lock at each new version; when a checkpoint
     is due it writes the state's bytes to a temporary file there, from the shard's own
@@ -255,20 +256,33 @@ class Checkpointer:
     def on_version(self, state) -> None:
         version = state.version
         with self._lock:
+            asked = version in self._requests  # by callers waiting for it, or by ``at`` (nobody waits)
             waiting = self._requests.pop(version, [])
-        if waiting or version == 0 or (self.every and version % self.every == 0):
+        if asked or version == state.job.first_step or (self.every and version % self.every == 0):
             self._begin(state, waiting)
+
+    def at(self, state, version: int) -> bool:
+        """Checkpoint ``state`` when it reaches ``version`` (now if it is there), without waiting for it;
+        returns False (writing nothing) if it is past ``version`` already. Takes ``state``'s lock."""
+        return self._ask(state, version, None)
+
+    def _ask(self, state, version: int, done: Future | None) -> bool:
+        waiting = [done] if done is not None else []
+        with state.cond:
+            if version < state.version and done is None:
+                return False
+            if version <= state.version:
+                self._begin(state, waiting)
+            else:
+                with self._lock:
+                    self._requests.setdefault(version, []).extend(waiting)
+        return True
 
     def request(self, state, at_version: int, timeout: float) -> Written:
         """Checkpoint once the shard reaches ``at_version`` (now if it is there or past it); block
         until written. Raises CheckpointError, or WaitTimeout if the version is not reached in time."""
         done: Future = Future()
-        with state.cond:
-            if at_version <= state.version:
-                self._begin(state, [done])
-            else:
-                with self._lock:
-                    self._requests.setdefault(at_version, []).append(done)
+        self._ask(state, at_version, done)
         try:
             return done.result(timeout=timeout)
         except FutureTimeout:

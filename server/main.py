@@ -18,6 +18,7 @@ from ..coordinator.client import CoordinatorClient
 from ..proto.codec import DEFAULT_CHUNK_BYTES
 from ..proto import defaults as D
 from ..proto.defaults import FIRST_MESSAGE_S
+from ..proto.messages import added_group_parent
 from ..runtime.history import History
 from ..runtime.process import wait_for_stop_signal, write_port_file
 from ..runtime.rpc import MAX_MESSAGE_BYTES
@@ -122,7 +123,11 @@ def register(config: ServerConfig, coordinator: CoordinatorClient, node: ShardNo
 def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
     """After a restart: for every job the coordinator runs, restore this shard's newest checkpoint
     of it and have the coordinator roll every shard back to a version all of them have (a job
-    that had started and has no checkpoint here is marked lost, with the reason)."""
+    that had started and has no checkpoint here is marked lost, with the reason). Every job is restored
+    before any is reported: a job's rollback takes its added param groups' jobs with it (to a step all of
+    them have a checkpoint of), so their restored checkpoints must be listed by then; a group whose parent
+    restored one here is not reported on its own."""
+    restored = {}
     for name in coordinator.status().job_names:
         status = coordinator.status(name)
         job_id, job, plan = coordinator.job(job_id=status.job_id)
@@ -134,9 +139,12 @@ def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
                         home.address)
             continue
         version = node.restore_latest(status.job_id, name, started=status.view.epoch > 0)
-        if version is None:
-            continue
-        rollback = coordinator.report_restore(status.job_id, node.shard_id, version)
+        if version is not None:
+            restored[name] = (status.job_id, version)
+    for name, (job_id, version) in restored.items():
+        if added_group_parent(name) in restored:
+            continue  # its parent's rollback rolled it back too
+        rollback = coordinator.report_restore(job_id, node.shard_id, version)
         log.warning("job %s rolled back from version %d to %d (epoch %d)", name, rollback.from_version,
                     rollback.to_version, rollback.epoch)
 

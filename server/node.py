@@ -21,7 +21,7 @@ import torch
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
 from ..proto.defaults import STEP_TIMEOUT_S
-from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View
+from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View, added_group_parent
 from ..runtime.history import NO_HISTORY, History
 from ..runtime.gauges import ShardGauges
 from .checkpoint import Checkpointer, CheckpointStore
@@ -233,6 +233,12 @@ class ShardNode:
             state.on_version = checkpointer.on_version
             if state.replica is not None:  # only a shard's primary checkpoints it (not two writers of one file)
                 state.on_version = _when_primary(state, checkpointer.on_version)
+            elif state.job.first_step:  # an added param group's job (its parent's shard is on this server too)
+                parent = next((p for p in self.states.values() if p.job.name == added_group_parent(state.job.name)),
+                              None)
+                if parent is not None and self.checkpointer_for(parent) is not None:
+                    state.on_version = _checkpointing_parent(checkpointer.on_version, parent,
+                                                             self.checkpointer_for(parent))
         state.send = self.send
         state.history = self.history
         job = state.job
@@ -378,6 +384,19 @@ class ShardNode:
         if problem:
             state.reject(WrongJob.reason)
             raise WrongJob(problem)
+
+
+def _checkpointing_parent(on_version, parent: ShardState, parent_checkpointer: Checkpointer):
+    """An added param group's checkpoint hook: at the group's first version (its parent's step when it was
+    added) the parent checkpoints that step too, so that the two jobs have a checkpoint in common from the
+    group's first step on and a rollback of both never goes below it (docs/architecture/torch-semantics.md).
+    Runs under the group's lock and takes the parent's (nothing takes them the other way round)."""
+    def hook(s: ShardState) -> None:
+        on_version(s)
+        if s.version == s.job.first_step and not parent_checkpointer.at(parent, s.version):
+            log.warning("job %s moved past step %d before its added param group %s started there: the two have "
+                        "no checkpoint in common until both checkpoint again", parent.job.name, s.version, s.job.name)
+    return hook
 
 
 def _when_primary(state: ShardState, on_version):

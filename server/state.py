@@ -83,7 +83,7 @@ class ShardState:
         self.buffers: bytes | None = None
         self.transport: dict[int, str] = {}  # the byte path each worker's last push came by (status)
         self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
-        self.version = 0  # updates applied
+        self.version = job.first_step  # updates applied (counted from the job's first step: an added group's)
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
         self.initialized = False
         self.stats = ShardStats()
@@ -150,7 +150,7 @@ class ShardState:
             self.cond.notify_all()
             self._record("restored", why="initialized" if first else "replaced")
             if first and self.on_version is not None:
-                self.on_version(self)  # version 0: the starting point a rollback can always reach
+                self.on_version(self)  # the first version: the starting point a rollback can always reach
             return True
 
     def check_buffers(self, blob: bytes | None) -> None:

@@ -115,6 +115,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         auth_token: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         history_dir: str | None = None,
+        first_step: int = 0,
         **optimizer_kwargs: Any,
     ):
         """
@@ -179,6 +180,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             chunk_bytes: bytes per streamed chunk.
             history_dir: append every reply this worker takes to the run's history here (``shardps
                 check``; default ``SHARDPS_HISTORY_DIR``, which ``shardps run`` sets; "" records none).
+            first_step: the step number of the job's first update (its shards start at that version):
+                ``add_param_group`` builds an added group's job with its parent's step then, so that the
+                two count steps alike (their checkpoints and rollbacks line up). Leave it 0.
             **optimizer_kwargs: the torch.optim class's own arguments (lr, momentum, betas, ...);
                 ``fused``/``foreach``/``capturable`` are accepted and left to the servers.
         """
@@ -226,7 +230,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 groups=tuple(optim.group_kwargs(optimizer, defaults, g) for g in self.param_groups),
                 buffers=tuple(BufferEntry(n, tuple(b.shape), str(b.dtype).removeprefix("torch."))
                               for n, b in self._buffers.items()),
-                broadcast_buffers=broadcast_buffers, name=job, replicas=replicas)
+                broadcast_buffers=broadcast_buffers, name=job, replicas=replicas, first_step=first_step)
             self._state_keys = list(module.state_dict(keep_vars=True)) if module is not None else []
             self._module, self._own_groups = module, len(self.param_groups)
             self.extensions: list[ShardedOptimizer] = []  # param groups added later (worker.param_groups)
@@ -273,6 +277,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _connect(self, cluster: str, name: str, timeout: float, chunk_bytes: int, overlap: bool) -> None:
         self.coordinator = CoordinatorClient(cluster, security=self.security, reconnect=RECONNECT_S)
+        added_groups.refuse_late_join(self)
         reg = self.coordinator.register_worker(self.job, name, self.device, wait=timeout)
         self.job_id, self.worker_id, self.plan = reg.job_id, reg.worker_id, reg.plan
         self.rollbacks = 0  # times the job rolled back under this worker (a shard restarted)
@@ -295,6 +300,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.steps_taken = self.coordinator.first_view_with(self.job_id, self.worker_id, view).start_step
         else:
             self.steps_taken = self._join(view, timeout)  # the step this worker pushes next
+        added_groups.refuse_late_join(self, joined_at=self.steps_taken)
         if overlap:
             self._overlap = OverlapPusher(self.flat, self.ps, self.step_timeout)
             self._overlap.arm(self._header(), self.versions)
@@ -399,10 +405,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             replies = self._await(step.futures)
         except RolledBack as exc:
             self._rejoin(exc)
-            self._finish_extensions(overflow, found_inf is not None)
-            return loss
-        self._finish(replies, overflow, found_inf is not None)
+        else:
+            self._finish(replies, overflow, found_inf is not None)
         self._finish_extensions(overflow, found_inf is not None)
+        added_groups.follow_rollbacks(self)
         return loss
 
     def _finish_extensions(self, overflow: bool, under_scaler: bool) -> None:

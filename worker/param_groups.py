@@ -21,6 +21,10 @@ servers, so adding a group extends the job (docs/architecture/torch-semantics.md
    together, ``clip_grad_norm_`` clips by the norm over both, and ``state_dict``,
    ``load_state_dict`` and ``model_state_dict`` read and write both as one torch
    optimizer's.
+4. Rollbacks and joins. In sync and ssp jobs the extension's versions are the job's
+   steps (it starts at the step it was added at), so both checkpoint the same steps and
+   a server restart rolls both back to one (``follow_rollbacks``). A worker that comes
+   after a group was added is refused with the fix (``refuse_late_join``).
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..proto import optim
-from ..proto.errors import FailedPrecondition, WaitTimeout
-from ..proto.messages import UpdateMode, added_group_job
+from ..proto.errors import FailedPrecondition, RolledBack, Unavailable, WaitTimeout
+from ..proto.messages import UpdateMode, added_group_job, added_group_jobs
 from . import torch_compat
 from .collectives import decode, encode
 
@@ -121,14 +125,67 @@ def refuse_if_waited_for(opt: "ShardedOptimizer") -> None:
             f"worker pushed step {opt.steps_taken} without it; nothing was added ({FIX})")
 
 
+def follow_rollbacks(opt: "ShardedOptimizer") -> None:
+    """After a step in which a rollback reached some of the job and its added groups' jobs but not the
+    others (their replies came before it): those still ahead go back too, to the step the rollback chose
+    for all of them (``coordinator.state.report_restore`` rolls them back together under one lock, so
+    their rollback views exist once one of them was told). Sync and ssp jobs without backup workers,
+    whose jobs are at one step otherwise. Raises FailedPrecondition if the views disagree."""
+    if not opt.extensions or opt.job.mode is UpdateMode.ASYNC or opt.job.backup_workers:
+        return
+    parts = [opt, *opt.extensions]
+    target = min(p.steps_taken for p in parts)
+    for part in (p for p in parts if p.steps_taken != target):
+        view = part.coordinator.view(part.job_id, 0)
+        if view.start_step != target:
+            raise FailedPrecondition(
+                f"job {part.job.name!r} is at step {part.steps_taken} and its latest view starts at step "
+                f"{view.start_step}, but the jobs of one optimizer rolled back to step {target}; restart the "
+                "workers from a checkpoint")
+        part._rejoin(RolledBack.at(target, view.epoch))
+
+
+def refuse_late_join(opt: "ShardedOptimizer", joined_at: int | None = None) -> None:
+    """Raise FailedPrecondition naming them and the fix if param groups were added to this worker's job
+    before it came (an elastic join after ``add_param_group``). Called before registering, so that a
+    refused worker leaves the job as it was, and again once it joined at step ``joined_at`` (a group added
+    while it waited to join: sync and ssp, one added before that step). Such a worker would train the job's
+    parameters against stale values of the added ones and never push their gradients; and it cannot take
+    them on as it joins: its join step is agreed with the job's shards, not with the added groups' jobs
+    (each has its own membership)."""
+    try:
+        names = added_group_jobs(opt.job.name, opt.coordinator.status().job_names)
+    except Unavailable:
+        if joined_at is None:  # a coordinator still starting: registration waits longer; ask again once joined
+            return
+        raise
+    added = []
+    for name in names:
+        _, job, _ = opt.coordinator.job(name=name)
+        late = joined_at is None or opt.job.mode is UpdateMode.ASYNC or job is None or job.first_step < joined_at
+        if job is not None and late:
+            params = [e.name for e in job.layout.params]
+            added.append(f"{name} (added before step {job.first_step}: {', '.join(params[:4])}"
+                         f"{', ...' if len(params) > 4 else ''})")
+    if added:
+        raise FailedPrecondition(
+            f"job {opt.job.name!r} had param groups added during training ({'; '.join(added)}), and a worker "
+            "cannot join it after that; start every worker before add_param_group (min_workers), or restart the "
+            "run with every worker building the optimizer with those groups from the start, loading the model "
+            f"and opt.state_dict() saved by this job's workers, under a new job name")
+
+
 def _extend(opt: "ShardedOptimizer", index: int, group: dict[str, Any], names: list[str],
             kwargs: dict[str, Any]) -> "ShardedOptimizer":
     """The ShardedOptimizer of the extension job that holds ``group`` (registered, its shards initialised)."""
     from .optimizer import ShardedOptimizer  # the module that imports this one
 
+    # Sync and ssp: its versions are the job's steps (it starts at this one), so that the two jobs checkpoint
+    # the same steps and roll back together (coordinator.state.report_restore). Async versions count pushes.
+    first = opt.steps_taken if opt.job.mode is not UpdateMode.ASYNC else 0
     return ShardedOptimizer([{"params": list(zip(names, group["params"])), **kwargs}], optimizer=opt.job.optimizer,
                             job=added_group_job(opt.job.name, index), min_workers=opt.world_size,
-                            **opt._extend_args)
+                            first_step=first, **opt._extend_args)
 
 
 class ShiftedExchange:

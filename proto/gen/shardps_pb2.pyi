@@ -108,7 +108,7 @@ class ParamGroupSpec(_message.Message):
     def __init__(self, kwargs_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every", "buffers", "broadcast_buffers", "name", "replicas")
+    __slots__ = ("layout", "optimizer", "mode", "min_workers", "backup_workers", "staleness_aware_lr", "staleness_bound", "topk_ratio", "balance_every", "buffers", "broadcast_buffers", "name", "replicas", "first_step")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class JobSpec(_message.Message):
     BROADCAST_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     layout: Layout
     optimizer: OptimizerSpec
     mode: UpdateMode
@@ -135,7 +136,8 @@ class JobSpec(_message.Message):
     broadcast_buffers: bool
     name: str
     replicas: int
-    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[BufferInfo, _Mapping]]] = ..., broadcast_buffers: _Optional[bool] = ..., name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    first_step: int
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., min_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_bound: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., balance_every: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[BufferInfo, _Mapping]]] = ..., broadcast_buffers: _Optional[bool] = ..., name: _Optional[str] = ..., replicas: _Optional[int] = ..., first_step: _Optional[int] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "address", "backups")
