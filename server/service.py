@@ -24,7 +24,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..runtime.rpc import open_channel
 from ..runtime.status import error_from_rpc, translate_errors
-from .modes import Push
+from .steps import Push
 from ..runtime.limits import WaitSlots
 from ..runtime.process import release_free_memory
 from .byte_paths import LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of

@@ -21,9 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
@@ -38,37 +36,14 @@ from ..proto.plan import ShardRange
 from ..runtime.shm import SegmentFile
 from . import tensorfile
 from .checkpoint import Snapshot
-from .modes import Closed, Outcome, Push, make_policy
+from .modes import make_policy
 from . import replica as replicas
 from .segments import SegmentTable
 from .slice_optimizer import SliceOptimizer
+from .stats import ShardStats
+from .steps import Closed, Outcome, Push
 
 log = logging.getLogger("shardps.server")
-
-
-@dataclass
-class ShardStats:
-    """Counters reported by GetShardStatus."""
-
-    pushes_received: int = 0
-    pushes_duplicate: int = 0
-    pushes_dropped: int = 0  # late for a step that closed without them (backup workers)
-    pushes_skipped: int = 0  # steps (sync) or pushes (async) skipped for an fp16 overflow
-    bytes_in: int = 0
-    bytes_out: int = 0
-    shm_bytes_in: int = 0  # moved through a same-host worker's shared memory instead of gRPC
-    shm_bytes_out: int = 0
-    apply_seconds: float = 0.0
-    wait_seconds: float = 0.0  # pushes held back by the sync barrier or the SSP bound, total
-    last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
-    staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
-    rejections: Counter = field(default_factory=Counter)  # reason -> rejected calls
-    rollbacks: int = 0  # times this shard was rolled back to a checkpoint
-    steps_rolled_back: int = 0  # updates those rollbacks undid
-
-    @property
-    def pushes_rejected(self) -> int:
-        return sum(self.rejections.values())
 
 
 class ShardState:
@@ -251,7 +226,7 @@ class ShardState:
         self.validate(push)
         with self.cond:
             if not self.initialized:
-                self.stats.rejections["not_initialized"] += 1
+                self.stats.rejected("not_initialized")
                 raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
             self.check_serving()
             self.check_epoch(push.epoch)
@@ -260,21 +235,19 @@ class ShardState:
                 if push.worker_id not in members and push.step < self.version and self._member_later(push):
                     # A joiner whose view starts at the job's open step, which this shard closed already
                     # (with the members before it): late, as a backup worker's push; it goes on from here.
-                    self.stats.pushes_dropped += 1
+                    self.stats.dropped()
                     return Outcome(self.version, 0, False, next_step=self.version, dropped=True)
             try:
                 duplicate = self.policy.check(self, push, members)
             except ShardpsError as exc:
-                self.stats.rejections[exc.reason] += 1
+                self.stats.rejected(exc.reason)
                 raise
-            self.stats.pushes_received += 1
-            self.stats.pushes_duplicate += duplicate
+            self.stats.received(push.worker_id, duplicate)
             if not duplicate:
                 # A new version is coming: drop the cached reply frames now (replies still
                 # streaming hold their own reference), so they never coexist with the next
                 # step's receive buffers.
                 self._forget_replies()
-            self.stats.last_push[push.worker_id] = time.time()
             return self.policy.submit(self, push, members, duplicate)
 
     def finish_clip(self, push: Push, total_norm: float, duplicate: bool) -> Outcome:
@@ -286,7 +259,7 @@ class ShardState:
                 try:
                     return self.policy.finish_clip(self, push, total_norm, duplicate)
                 except ShardpsError as exc:
-                    self.stats.rejections[exc.reason] += 1
+                    self.stats.rejected(exc.reason)
                     raise
         finally:
             if not push.kept and push.release is not None:
@@ -310,7 +283,7 @@ class ShardState:
             self.optimizer.step(grad, present, lr_scale)
         self._next_version(buffers)
         self._record_update("applied", step, pushed)
-        self.stats.apply_seconds += time.perf_counter() - start
+        self.stats.applied(time.perf_counter() - start)
 
     def skip(self, buffers: bytes | None = None, step: int | None = None,
              pushed: dict[int, int] | None = None) -> None:
@@ -318,7 +291,7 @@ class ShardState:
         if self.replica is not None:
             self._ship(replicas.Update(self.version + 1, None, None, self.hyper_json(), 1.0, buffers,
                                        self._table(step)))
-        self.stats.pushes_skipped += 1
+        self.stats.skipped()
         self._next_version(buffers)
         self._record_update("skipped", step, pushed)
 
@@ -347,16 +320,37 @@ class ShardState:
         replicas.ship(self.replica, self, update, self.send, self.ship_timeout)
         self.applied_table = update.last_step
 
-    def check_voided(self, generation: int) -> None:
+    def raise_voided(self, generation: int, during: str) -> NoReturn:
         """Under the lock, for a call that waited while the generation moved on from ``generation``:
-        Unavailable (the caller retries, where the plan says) unless a restore - a rollback - did it.
-        A replica that stepped down, demoted itself or took a copy voided the call's step, and may
-        already serve again (placed primary anew): that is no rollback, and the worker must not
-        replay from an earlier step for it."""
+        RolledBack when a restore - a rollback - did it, else Unavailable (NotPrimary: the caller
+        retries, where the plan says). A replica that stepped down, demoted itself or took a copy
+        voided the call's step, and may already serve again (placed primary anew): that is no
+        rollback, and the worker must not replay from an earlier step for it. ``during`` ends the
+        RolledBack message (what waited)."""
         self.check_serving()
         if self.rolled_back_generation <= generation:
             raise NotPrimary(replicas.moved(self.shard.shard_id, "the step this call waited in was voided (the "
                                             "replica stepped down or took a copy)"))
+        raise RolledBack.at(self.rolled_back_to, self.min_epoch, during)
+
+    # ------------------------------------------------------------------ what a policy calls (steps.StepHost)
+
+    def last_step_of(self, worker_id: int) -> int:
+        return self.last_step.get(worker_id, -1)
+
+    def took(self, worker_id: int, step: int) -> None:
+        self.last_step[worker_id] = step
+
+    def skip_push(self, buffers: bytes | None) -> None:
+        self.stats.skipped()
+        if buffers is not None:
+            self.buffers = buffers
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return self.cond.wait_for(predicate, timeout=timeout)
+
+    def notify_all(self) -> None:
+        self.cond.notify_all()
 
     def check_serving(self) -> None:
         """Under the lock: refuse work on a replica that is not the shard's primary now (a worker
@@ -366,7 +360,7 @@ class ShardState:
             return
         why = self.replica.serving()
         if why:
-            self.stats.rejections["not_primary"] += 1
+            self.stats.rejected("not_primary")
             raise NotPrimary(replicas.moved(self.shard.shard_id, why))
 
     def _next_version(self, buffers: bytes | None) -> None:
@@ -385,7 +379,7 @@ class ShardState:
             try:
                 self.optimizer.load_state_tensors(tensors)
             except ValueError as exc:
-                self.stats.rejections["bad_state"] += 1
+                self.stats.rejected("bad_state")
                 raise InvalidArgument(str(exc)) from None
             if hyper is not None:
                 self.optimizer.set_hyper(hyper)
@@ -429,7 +423,7 @@ class ShardState:
                 self.optimizer.set_hyper(hyper)
             step = header.version - 1
             if header.skipped:
-                self.stats.pushes_skipped += 1
+                self.stats.skipped()
                 closed = Closed(0.0, skipped=True)
             else:
                 if self.shard.numel:
@@ -514,7 +508,7 @@ class ShardState:
         way, which answers it as the duplicate it is."""
         with self.cond:
             self.segments.write(seg, self.param)
-            self.stats.shm_bytes_out += self.param.numel() * 4
+            self.stats.moved(shm_sent=self.param.numel() * 4)
             return self.version
 
     def _newest_members(self) -> tuple[int, frozenset[int]]:
@@ -562,11 +556,11 @@ class ShardState:
         """Refuse calls that belong to a timeline this shard rolled away from (under the lock);
         ``epoch`` None checks only that the shard's own state is current."""
         if self.awaiting_rollback:
-            self.stats.rejections["awaiting_rollback"] += 1
+            self.stats.rejected("awaiting_rollback")
             raise Unavailable(f"shard {self.shard.shard_id} restarted from its checkpoint at version "
                               f"{self.restored_from} and waits for the coordinator to align the other shards; retry")
         if epoch is not None and epoch < self.min_epoch:
-            self.stats.rejections[RolledBack.reason] += 1
+            self.stats.rejected(RolledBack.reason)
             raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" (this call named epoch {epoch})")
 
     def checkpoint_snapshot(self, live: bool = False) -> Snapshot:
@@ -607,8 +601,7 @@ class ShardState:
             if epoch:
                 self.min_epoch, self.rolled_back_to = epoch, snap.version
                 self.awaiting_rollback = False
-                self.stats.rollbacks += 1
-                self.stats.steps_rolled_back += max(0, before - snap.version)
+                self.stats.rolled_back(before - snap.version)
             self.applied_table = dict(self.last_step)
             self._record("restored", why="rollback" if epoch else "checkpoint")
             if self.replica is not None:  # a backup at the same version number may hold other values now
@@ -619,7 +612,7 @@ class ShardState:
 
     def reject(self, reason: str) -> None:
         with self.cond:
-            self.stats.rejections[reason] += 1
+            self.stats.rejected(reason)
 
     # ------------------------------------------------------------------ pull
 
@@ -637,8 +630,7 @@ class ShardState:
             if self.version >= version:
                 return
             if self.generation != generation:
-                self.check_voided(generation)  # a replica that stopped being the primary: the caller goes elsewhere
-                raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" while this pull waited for version {version}")
+                self.raise_voided(generation, f" while this pull waited for version {version}")
             if self.latest_epoch > known:
                 raise MembershipChanged.at(self.latest_epoch, version)
             raise WaitTimeout(f"shard {self.shard.shard_id} did not reach version {version} within {timeout:.0f}s "
@@ -694,9 +686,7 @@ class ShardState:
 
     def add_bytes(self, received: int = 0, sent: int = 0, shm_received: int = 0) -> None:
         with self.cond:
-            self.stats.bytes_in += received
-            self.stats.bytes_out += sent
-            self.stats.shm_bytes_in += shm_received  # (shm bytes out are counted by write_params)
+            self.stats.moved(received, sent, shm_received)  # (shm bytes out are counted by write_params)
 
     def digest(self) -> str:
         """SHA-256 over version, dedup table, hyper-parameters, buffers, parameters and optimizer state,
