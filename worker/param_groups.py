@@ -34,7 +34,7 @@ from ..proto.messages import UpdateMode, added_group_job
 from . import torch_compat
 from .collectives import decode, encode
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: at run time the optimizer builds extensions (ShardedOptimizer._extension)
     from .optimizer import ShardedOptimizer
 
 PREFIX = "add_param_group#"  # the agreement collective's name: PREFIX + index [+ "@" + step]
@@ -124,11 +124,7 @@ def refuse_if_waited_for(opt: "ShardedOptimizer") -> None:
 def _extend(opt: "ShardedOptimizer", index: int, group: dict[str, Any], names: list[str],
             kwargs: dict[str, Any]) -> "ShardedOptimizer":
     """The ShardedOptimizer of the extension job that holds ``group`` (registered, its shards initialised)."""
-    from .optimizer import ShardedOptimizer  # the module that imports this one
-
-    return ShardedOptimizer([{"params": list(zip(names, group["params"])), **kwargs}], optimizer=opt.job.optimizer,
-                            job=added_group_job(opt.job.name, index), min_workers=opt.world_size,
-                            **opt._extend_args)
+    return opt._extension(list(zip(names, group["params"])), kwargs, added_group_job(opt.job.name, index))
 
 
 class ShiftedExchange:
