@@ -29,7 +29,6 @@ No gRPC here: ``send(address, header, tensors)`` is passed in (``server.service`
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -181,8 +180,8 @@ def send_copy(role: ReplicaRole, state, address: str, send: Send) -> None:
     header = pb.ReplicaHeader(job_id=state.job_id, shard_id=state.shard.shard_id,
                               placement_epoch=role.placement_epoch, full=True, version=state.version,
                               hyperparams_json=state.hyper_json(), last_step=dict(state.applied_table),
-                              views_json=json.dumps({str(e): [s, sorted(ids)] for e, (s, ids) in state.views.items()}),
-                              min_epoch=state.min_epoch, rolled_back_to=state.rolled_back_to)
+                              views_json=state.views.to_json(), min_epoch=state.timeline.min_epoch,
+                              rolled_back_to=state.timeline.rolled_back_to)
     tensors = [("param", state.param), *state.optimizer.state_tensors(copy=False).items()]  # sent under the lock
     if state.buffers is not None:
         tensors.append(("buffers", torch.frombuffer(bytearray(state.buffers), dtype=torch.uint8)))
@@ -226,13 +225,9 @@ def demote(role: ReplicaRole, state, why: str) -> None:
 
 
 def void_open_steps(state) -> None:
-    """Under the state's lock: the steps this replica had open will be closed elsewhere (or again):
-    the pushes waiting in them are refused, and their workers' entries in the dedup table go back to
-    the last applied version, so that their pushes are applied when they come again."""
-    state.last_step = dict(state.applied_table)
-    state.generation += 1  # pushes waiting in a step wake up and are refused
-    state.policy.reset()
-    state.cond.notify_all()
+    """Under the state's lock: the steps this replica had open will be closed elsewhere (or again)
+    (``ShardState.void_open_steps``)."""
+    state.void_open_steps()
 
 
 def moved(shard_id: int, why: str) -> str:
