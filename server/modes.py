@@ -51,11 +51,11 @@ CLOSED_KEPT = 1024  # closed steps a policy remembers (a late SSP reply or retry
 
 def _merge_present(pushes: list[Push]) -> list[bool] | None:
     """Pieces with a gradient on at least one push (None: all of them)."""
-    if any(p.present is None for p in pushes):
-        return None
-    merged = list(pushes[0].present)
-    for p in pushes[1:]:
-        merged = [a or b for a, b in zip(merged, p.present)]
+    merged: list[bool] | None = None
+    for p in pushes:
+        if p.present is None:
+            return None
+        merged = list(p.present) if merged is None else [a or b for a, b in zip(merged, p.present)]
     return merged
 
 
@@ -80,8 +80,8 @@ def _unscale(push: Push) -> torch.Tensor:
     """The push's gradient divided by its loss scale (in place: the buffer is the shard's own)."""
     factor = _scale_of(push)
     if factor != 1.0:
-        push.grad.mul_(factor)
-    return push.grad
+        push.gradient.mul_(factor)
+    return push.gradient
 
 
 def clip_coefficient(max_norm: float, total_norm: float) -> torch.Tensor:
@@ -276,11 +276,11 @@ class SyncPolicy:
             total = sum(p.batch_size for p in pushes)
             weight = pushes[0].batch_size / total * _scale_of(pushes[0])
             clipped = next((p.options for p in pushes if p.options.clipped), None)
-            mean = pushes[0].grad
+            mean = pushes[0].gradient
             if weight != 1.0:
                 mean.mul_(weight)
             for p in pushes[1:]:
-                mean.add_(p.grad, alpha=p.batch_size / total * _scale_of(p))
+                mean.add_(p.gradient, alpha=p.batch_size / total * _scale_of(p))
             lr_scale = 1.0
             if self.staleness_lr:
                 samples = sum(p.batch_size for p in pushes)
@@ -383,9 +383,9 @@ class AsyncPolicy:
                            pushed={push.worker_id: push.step})
         if push.options.clipped:
             push.kept = True
-            pending.grad = push.grad  # scaled in place by the clip coefficient later
+            pending.grad = push.gradient  # scaled in place by the clip coefficient later
             pending.release, push.release = push.release, None
-            pending.partial = state.optimizer.partial_norm(push.grad, push.present, push.options.clip_norm_type)
+            pending.partial = state.optimizer.partial_norm(push.gradient, push.present, push.options.clip_norm_type)
             self._pending[key] = pending
             return Outcome(state.version, staleness, False, next_step=push.step + 1, clip_partial=pending.partial)
         return self._apply(state, push, pending, staleness)

@@ -117,6 +117,13 @@ class ReplicaRole:
                 return "its primary lease ran out (the coordinator is unreachable or placed the shard elsewhere)"
             return ""
 
+    def unsync(self) -> bool:
+        """The state changed outside a step (loaded, restored): every backup needs a whole copy before
+        its next update. Returns whether this replica is the primary."""
+        with self.cond:
+            self.synced.clear()
+            return self.primary
+
     def report(self) -> list[str]:
         with self.cond:
             return sorted(self.unreachable)

@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, cast
 
 import torch
 
@@ -239,8 +239,14 @@ class ShardState:
         return {w: min(s, step) for w, s in self.last_step.items()}
 
     def _ship(self, update: replicas.Update) -> None:
-        replicas.ship(self.replica, self, update, self.send, self.ship_timeout)
+        assert self.replica is not None  # only a replicated shard ships
+        replicas.ship(self.replica, self, update, self._sender(), self.ship_timeout)
         self.applied_table = update.last_step
+
+    def _sender(self) -> replicas.Send:
+        """How updates reach the backups (set by the node when it holds the shard; a primary with no
+        backups ships nothing and never calls it)."""
+        return cast(replicas.Send, self.send)
 
     def raise_voided(self, generation: int, during: str) -> NoReturn:
         """Under the lock, for a call that waited while the generation moved on from ``generation``:
@@ -329,11 +335,9 @@ class ShardState:
         backups take a whole copy before anyone is answered."""
         if self.replica is None:
             return
-        with self.replica.cond:
-            self.replica.synced.clear()
-            primary = self.replica.primary
+        primary = self.replica.unsync()
         if primary and self.initialized:
-            replicas.ship(self.replica, self, None, self.send, self.ship_timeout)
+            replicas.ship(self.replica, self, None, self._sender(), self.ship_timeout)
 
     # ------------------------------------------------------------------ backup replicas
 
@@ -364,6 +368,7 @@ class ShardState:
                 self.stats.skipped()
                 closed = Closed(0.0, skipped=True)
             else:
+                assert grad is not None  # checked above: a replayed step that is not skipped carries one
                 if self.shard.numel:
                     self.optimizer.step(grad, present, header.lr_scale)
                 closed = Closed(self.optimizer.lr() * header.lr_scale,
@@ -507,8 +512,7 @@ class ShardState:
             self.applied_table = dict(self.last_step)
             self._record("restored", why="rollback" if epoch else "checkpoint")
             if self.replica is not None:  # a backup at the same version number may hold other values now
-                with self.replica.cond:
-                    self.replica.synced.clear()
+                self.replica.unsync()
             self.cond.notify_all()
             return before
 

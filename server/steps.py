@@ -51,6 +51,12 @@ class Push:
     def batch_size(self) -> int:
         return self.options.batch_size
 
+    @property
+    def gradient(self) -> torch.Tensor:
+        """``grad`` of a push that is no overflow vote (``ShardState`` refuses such a push without one)."""
+        assert self.grad is not None, "only an fp16 overflow vote carries no gradient"
+        return self.grad
+
 
 @dataclass(frozen=True)
 class Outcome:
