@@ -56,6 +56,13 @@ class PushChecks:
         self._hyper_cache = (text, parsed)
         return parsed
 
+    def replica_parts(self, hyper_json: str, tensors: dict[str, torch.Tensor]) -> tuple[bytes | None, list | None]:
+        """A replica update's or whole copy's buffers file and hyper-parameters, checked."""
+        buffers = tensors.get("buffers")
+        blob = buffers.numpy().tobytes() if buffers is not None else None
+        self.check_buffers(blob)
+        return blob, self.parse_hyper(hyper_json)
+
     def validate(self, push: Push) -> None:
         """Check everything about ``push`` that needs no lock; fill in its parsed fields."""
         try:

@@ -132,6 +132,20 @@ class ReplicaRole:
         with self.cond:
             return sorted(self.synced & set(self.backups)) if self.primary and not self.demoted else []
 
+    def take_from(self, placement_epoch: int, shard_id: int) -> bool:
+        """Whether an update (or copy) sent by the primary of ``placement_epoch`` may be taken: updates
+        come only from the primary of this replica's placement or a newer one (Superseded, naming this
+        placement, otherwise). True when this replica acts as primary of an older placement: it must
+        step down (``step_down``) before it takes the update."""
+        with self.cond:
+            acting = self.primary and not self.demoted
+            if placement_epoch < self.placement_epoch or (acting and placement_epoch == self.placement_epoch):
+                raise Superseded(
+                    f"superseded by placement epoch {self.placement_epoch}: shard {shard_id}'s replica "
+                    f"here {'is the primary' if self.primary else 'follows a newer placement'} (the update named "
+                    f"{placement_epoch})", placement_epoch=self.placement_epoch)
+            return acting
+
 
 def ship(role: ReplicaRole, state, update: Update | None, send: Send, timeout: float) -> None:
     """Have every backup of ``state`` apply ``update`` (under the state's lock, before the primary

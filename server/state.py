@@ -26,7 +26,7 @@ import torch
 
 from ..proto import optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NotPrimary,
-                             ShardpsError, Superseded, WaitTimeout)
+                             ShardpsError, WaitTimeout)
 from ..runtime.history import NO_HISTORY, History
 from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
@@ -353,7 +353,7 @@ class ShardState:
         if present is not None and len(present) != len(self.optimizer.pieces):
             raise InvalidArgument(f"an update names {len(present)} pieces; shard {self.shard.shard_id} has "
                                   f"{len(self.optimizer.pieces)}")
-        blob, hyper = self._replica_parts(header, tensors)
+        blob, hyper = self.checks.replica_parts(header.hyperparams_json, tensors)
         with self.cond:
             self._check_sender(header)
             if self.initialized and self.version == header.version:
@@ -386,7 +386,7 @@ class ShardState:
         param = tensors.get("param")
         if param is None or param.numel() != self.shard.numel or param.dtype != torch.float32:
             raise InvalidArgument(f"a copy of shard {self.shard.shard_id} carries {self.shard.numel} fp32 parameters")
-        blob, hyper = self._replica_parts(header, tensors)
+        blob, hyper = self.checks.replica_parts(header.hyperparams_json, tensors)
         views = Views.parse_json(header.views_json)
         with self.cond:
             self._check_sender(header)
@@ -411,13 +411,6 @@ class ShardState:
             self.cond.notify_all()
             return self.version
 
-    def _replica_parts(self, header, tensors: dict[str, torch.Tensor]) -> tuple[bytes | None, list | None]:
-        """An update's or copy's buffers file and hyper-parameters, checked (before the lock)."""
-        buffers = tensors.get("buffers")
-        blob = buffers.numpy().tobytes() if buffers is not None else None
-        self.checks.check_buffers(blob)
-        return blob, self.checks.parse_hyper(header.hyperparams_json)
-
     def _take_table(self, header) -> None:
         """Under the lock: the primary's dedup table, as of the version this replica is now at."""
         self.last_step = {int(w): int(s) for w, s in header.last_step.items()}
@@ -428,14 +421,8 @@ class ShardState:
         role = self.replica
         if role is None:
             raise FailedPrecondition(f"job {self.job.name!r} keeps no replicas of its shards")
-        with role.cond:
-            acting = role.primary and not role.demoted
-            if header.placement_epoch < role.placement_epoch or (acting and header.placement_epoch == role.placement_epoch):
-                raise Superseded(
-                    f"superseded by placement epoch {role.placement_epoch}: shard {self.shard.shard_id}'s replica "
-                    f"here {'is the primary' if role.primary else 'follows a newer placement'} (the update named "
-                    f"{header.placement_epoch})", placement_epoch=role.placement_epoch)
-        if acting:  # the sender is primary in a newer placement than this stale one (it slept): step down
+        if role.take_from(header.placement_epoch, self.shard.shard_id):
+            # the sender is primary in a newer placement than this stale one (it slept): step down
             replicas.step_down(role, self, f"superseded by placement epoch {header.placement_epoch}")
 
     # ------------------------------------------------------------------ same-host byte path
