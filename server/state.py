@@ -1,10 +1,20 @@
-"""ShardState: one shard's fp32 master slice, its stock torch optimizer, and its counters.
+"""ShardState: one shard's fp32 master slice, its stock torch optimizer, and the apply.
 
 Plain Python and torch, no gRPC: tests drive it in-process. One lock guards the
 whole apply; sync policies wait on ``cond`` (a Condition over that lock). A push
 is validated completely before anything changes (its sizes, step options,
 hyper-parameters, finite values, buffers), so a rejected push leaves the state
 byte-identical. Shard 0 also keeps the job's buffers (rank 0's, as DDP's).
+
+This class keeps what changes together under the lock: the parameters, the optimizer,
+the version, the buffers and the dedup table (an apply, a skip, a load, a restore, a
+backup's replay or whole copy changes them all at once). Each other concern is an object
+of its own, with its invariants in its module and methods the others call (all under
+``cond``): the update policy (``modes.py``, which sees this class as ``steps.StepHost``),
+the checks made before the lock (``checks.py``), the counters (``stats.py``), the
+membership views (``views.py``), the generation and rollback fence (``timeline.py``),
+the reply caches (``replies.py``), the shared-memory segments (``segments.py``) and a
+replicated shard's role (``replica.py``).
 
     state = ShardState(ShardRange(0, 0, 128), job, step_timeout=60)
     state.initialize(torch.zeros(128))
