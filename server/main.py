@@ -172,7 +172,7 @@ def checkpoint_on_exit(node: ShardNode) -> None:
     """SIGTERM: write every job's current version before going (``docker compose down``, ``kubectl delete``)."""
     for state in list(node.states.values()):
         checkpointer = node.checkpointer_for(state)
-        if checkpointer is None or state.awaiting_rollback:
+        if checkpointer is None or state.timeline.awaiting_rollback:
             continue
         try:
             written = checkpointer.request(state, 0, timeout=60.0)

@@ -1,6 +1,6 @@
 """Update policies: when a shard applies pushes, and with what gradient.
 
-A policy is chosen once per job and handed to ``ShardState``; the state never asks
+A policy is chosen once per job (``make_policy``) and handed to ``ShardState``; the state never asks
 which mode it is in (as in Ray's parameter-server example, sync vs async is a
 policy over one unchanged server). Both policies run under the state's lock and
 see the same ``Push``; they differ only in when ``state.apply`` is called.
@@ -10,66 +10,25 @@ on every push of a step are skipped; a step with an fp16 overflow on any of its
 pushes is skipped whole (``state.skip``); a clipped step is applied only once a
 worker has sent the total norm over all shards (``finish_clip``): the push first
 gets an ``Outcome`` carrying ``clip_partial``, its shard's share of that norm.
+
+A policy sees the shard only as a ``StepHost`` and is one ``UpdatePolicy`` (both in
+``server/steps.py``): it reads the version, membership and dedup table and calls the
+host to take a push, apply or skip a step and wait; it writes no field of the state,
+and this module does not import ``state.py``.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable
 
 import torch
 
-from ..proto.errors import (FailedPrecondition, FutureStep, InvalidArgument, RolledBack, StaleStep, UnknownWorker,
-                            WaitTimeout)
-from ..proto.messages import StepOpts, UpdateMode
+from ..proto.errors import FailedPrecondition, FutureStep, InvalidArgument, StaleStep, UnknownWorker, WaitTimeout
+from ..proto.messages import JobConfig, StepOpts, UpdateMode
+from .steps import Closed, Outcome, Push, StepHost, UpdatePolicy
 
-if TYPE_CHECKING:  # the state imports this module; the policies only call it back
-    from .state import ShardState
-
-
-@dataclass
-class Push:
-    """One push. ``grad`` is an fp32 tensor of the shard's size (usually a pooled receive
-    buffer; None for an overflow vote); ``ShardState.push`` calls ``release`` exactly once,
-    when nothing needs it any more."""
-
-    worker_id: int
-    step: int  # the worker's step number (updates it has taken), 0-based
-    epoch: int  # membership epoch the worker believes current
-    base_version: int  # shard version the gradient was computed on
-    options: StepOpts  # batch size, hyper-parameters, mask, overflow, loss scale, clipping
-    grad: torch.Tensor | None
-    release: Callable[[], None] | None = None  # give the grad's buffer back
-    hyper: list | None = None  # the job groups' kwargs parsed from options (None: keep the shard's)
-    present: list[bool] | None = None  # which pieces carry a gradient (None: all)
-    buffers: bytes | None = None  # the model's buffers (shard 0, rank 0), checked
-    kept: bool = False  # set by a policy that holds on to grad past submit()
-    evicted: bool = False  # its worker left the step's membership while the push waited
-
-    @property
-    def batch_size(self) -> int:
-        return self.options.batch_size
-
-
-@dataclass(frozen=True)
-class Outcome:
-    version: int  # shard version the reply's parameters have
-    staleness: int  # version at apply time minus base_version (0 in sync)
-    duplicate: bool  # seen before; not applied again
-    next_step: int  # the step number the worker's next push carries
-    applied_lr: float = 0.0  # lr this push was applied with (0: not applied by it)
-    dropped: bool = False  # arrived after its step closed (backup workers); never applied
-    skipped: bool = False  # its step was skipped (an fp16 overflow on some worker)
-    clip_partial: float | None = None  # clipped step: this shard's share of the norm; send finish_clip next
-
-
-@dataclass
-class Closed:
-    """What a closed step did, remembered for replies that come after it."""
-
-    lr: float  # group 0's lr as applied (0 when skipped)
-    skipped: bool = False
-    partial: float | None = None  # a clipped step: this shard's share of its norm (every clipped push gets it)
+__all__ = ["AsyncPolicy", "Closed", "Outcome", "Push", "SyncPolicy", "UpdatePolicy", "make_policy"]
 
 
 @dataclass
@@ -92,11 +51,11 @@ CLOSED_KEPT = 1024  # closed steps a policy remembers (a late SSP reply or retry
 
 def _merge_present(pushes: list[Push]) -> list[bool] | None:
     """Pieces with a gradient on at least one push (None: all of them)."""
-    if any(p.present is None for p in pushes):
-        return None
-    merged = list(pushes[0].present)
-    for p in pushes[1:]:
-        merged = [a or b for a, b in zip(merged, p.present)]
+    merged: list[bool] | None = None
+    for p in pushes:
+        if p.present is None:
+            return None
+        merged = list(p.present) if merged is None else [a or b for a, b in zip(merged, p.present)]
     return merged
 
 
@@ -121,8 +80,8 @@ def _unscale(push: Push) -> torch.Tensor:
     """The push's gradient divided by its loss scale (in place: the buffer is the shard's own)."""
     factor = _scale_of(push)
     if factor != 1.0:
-        push.grad.mul_(factor)
-    return push.grad
+        push.gradient.mul_(factor)
+    return push.gradient
 
 
 def clip_coefficient(max_norm: float, total_norm: float) -> torch.Tensor:
@@ -180,7 +139,7 @@ class SyncPolicy:
         self._pending: dict[int, _Pending] = {}  # step -> clipped step waiting for its total norm
         self.closed: dict[int, Closed] = {}  # step -> what it did (the last CLOSED_KEPT steps)
 
-    def reconsider(self, state) -> None:
+    def reconsider(self, state: StepHost) -> None:
         """The membership changed: every open step is made up of its new members; pushes of
         workers that are no longer among them are let go (never applied)."""
         for step, open_ in self._open.items():
@@ -215,9 +174,9 @@ class SyncPolicy:
         every worker's next push, which each sends only after its whole reply arrived."""
         return self.staleness == 0 and self.backup == 0
 
-    def check(self, state, push: Push, members: frozenset[int]) -> bool:
+    def check(self, state: StepHost, push: Push, members: frozenset[int]) -> bool:
         """Validate without changing anything; True when the push is a duplicate."""
-        open_step, last = state.version, state.last_step.get(push.worker_id, -1)
+        open_step, last = state.version, state.last_step_of(push.worker_id)
         if push.step > open_step + self.staleness:
             raise FutureStep(
                 f"push for step {push.step} from the future: this shard's open step is {open_step}"
@@ -236,33 +195,32 @@ class SyncPolicy:
             raise StaleStep(f"step {push.step} closed already (open step {open_step}); pull and continue")
         return False
 
-    def submit(self, state, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
+    def submit(self, state: StepHost, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
         w = push.worker_id
         if not duplicate and push.step < state.version:  # late for a step that closed without it
-            state.last_step[w] = push.step
-            state.stats.pushes_dropped += 1
+            state.took(w, push.step)
+            state.stats.dropped()
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
         if not duplicate:
             push.kept = True
             self._open.setdefault(push.step, _OpenStep(members, {})).pushes[w] = push
-            state.last_step[w] = push.step
-            state.stats.staleness[push.step - push.base_version] += 1
+            state.took(w, push.step)
+            state.stats.taken(push.step - push.base_version)
             self._close_ready(state)
         return self.await_reply(state, push, duplicate)
 
-    def await_reply(self, state, push: Push, duplicate: bool, clip_done: bool = False) -> Outcome:
+    def await_reply(self, state: StepHost, push: Push, duplicate: bool, clip_done: bool = False) -> Outcome:
         """Wait (releasing the lock) until the push may be answered: its step - staleness closed, or
         (clipped pushes) its own step is aggregated and waits for the total norm. Every push of a
         clipped step gets the step's partial norm once (``clip_done`` after that), also when another
         worker's total applied the step first: each worker needs every shard's partial."""
         slack = 0 if push.options.clipped else self.staleness
         start, generation = time.monotonic(), state.generation
-        released = state.cond.wait_for(lambda: state.version > push.step - slack or push.step in self._pending
+        released = state.wait_for(lambda: state.version > push.step - slack or push.step in self._pending
                                        or state.generation != generation or push.evicted, timeout=self.timeout)
-        state.stats.wait_seconds += time.monotonic() - start
+        state.stats.waited(time.monotonic() - start)
         if state.generation != generation:  # rolled back (or demoted) while this push waited: it is void
-            state.check_voided(generation)
-            raise RolledBack.at(state.rolled_back_to, state.min_epoch, f" while step {push.step} was open")
+            state.raise_voided(generation, f" while step {push.step} was open")
         if push.evicted:
             raise UnknownWorker(f"worker {push.worker_id} was removed from the membership (its lease ran out) while "
                                 f"its push for step {push.step} waited; register again to rejoin")
@@ -277,14 +235,14 @@ class SyncPolicy:
         if push.step in self._pending and state.version <= push.step:
             return Outcome(state.version, 0, duplicate, next_step=push.step + 1,
                            clip_partial=self._pending[push.step].partial)
-        next_step = max(state.last_step[push.worker_id] + 1, state.version)
+        next_step = max(state.last_step_of(push.worker_id) + 1, state.version)
         closed = self.closed.get(push.step, Closed(0.0))  # SSP answers before the step closes: lr unknown (0)
         if push.options.clipped and not clip_done and closed.partial is not None:
             return Outcome(state.version, 0, duplicate, next_step=next_step, clip_partial=closed.partial)
         return Outcome(state.version, push.step - push.base_version if not duplicate else 0, duplicate,
                        next_step=next_step, applied_lr=0.0 if duplicate else closed.lr, skipped=closed.skipped)
 
-    def finish_clip(self, state, push: Push, total_norm: float, duplicate: bool) -> Outcome:
+    def finish_clip(self, state: StepHost, push: Push, total_norm: float, duplicate: bool) -> Outcome:
         """A worker's total norm for the clipped step of ``push``: apply it (the first total counts;
         every worker computes the same one), then answer as ``await_reply`` does."""
         check_total(total_norm)
@@ -294,11 +252,11 @@ class SyncPolicy:
             self._apply(state, push.step, pending.grad, pending)
             if pending.release is not None:
                 pending.release()
-            state.cond.notify_all()
+            state.notify_all()
             self._close_ready(state)
         return self.await_reply(state, push, duplicate, clip_done=True)
 
-    def _close_ready(self, state) -> None:
+    def _close_ready(self, state: StepHost) -> None:
         """Close the open step, and the ones after it, while they have enough pushes."""
         while state.version not in self._pending:
             open_ = self._open.get(state.version)
@@ -306,7 +264,7 @@ class SyncPolicy:
                 return
             self._close(state, state.version, self._open.pop(state.version))
 
-    def _close(self, state, step: int, open_: _OpenStep) -> None:
+    def _close(self, state: StepHost, step: int, open_: _OpenStep) -> None:
         pushes = [open_.pushes[w] for w in sorted(open_.pushes)]
         buffers = next((p.buffers for p in pushes if p.buffers is not None), None)
         if any(p.options.overflow for p in pushes):
@@ -318,11 +276,11 @@ class SyncPolicy:
             total = sum(p.batch_size for p in pushes)
             weight = pushes[0].batch_size / total * _scale_of(pushes[0])
             clipped = next((p.options for p in pushes if p.options.clipped), None)
-            mean = pushes[0].grad
+            mean = pushes[0].gradient
             if weight != 1.0:
                 mean.mul_(weight)
             for p in pushes[1:]:
-                mean.add_(p.grad, alpha=p.batch_size / total * _scale_of(p))
+                mean.add_(p.gradient, alpha=p.batch_size / total * _scale_of(p))
             lr_scale = 1.0
             if self.staleness_lr:
                 samples = sum(p.batch_size for p in pushes)
@@ -336,21 +294,21 @@ class SyncPolicy:
                 pending.release = first_release  # the mean lives in the first push's buffer until applied
                 self._pending[step] = pending
                 _let_go(pushes[1:])
-                state.cond.notify_all()
+                state.notify_all()
                 return
             self._apply(state, step, mean, pending)
             if first_release is not None:
                 first_release()
         _let_go(pushes)
-        state.cond.notify_all()
+        state.notify_all()
 
-    def _apply(self, state, step: int, grad: torch.Tensor, pending: _Pending) -> None:
+    def _apply(self, state: StepHost, step: int, grad: torch.Tensor, pending: _Pending) -> None:
         partial = pending.partial if pending.options.clipped else None
         state.apply(grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers, step=step,
                     partial=partial, pushed=pending.pushed)
         self._remember(state, step, Closed(state.optimizer.lr() * pending.lr_scale, partial=partial))
 
-    def _remember(self, state, step: int, closed: Closed) -> None:
+    def _remember(self, state: StepHost, step: int, closed: Closed) -> None:
         self.remember(step, closed)
 
     def remember(self, step: int, closed: Closed) -> None:
@@ -381,7 +339,7 @@ class AsyncPolicy:
                 pending.release()
         self._pending.clear()
 
-    def reconsider(self, state) -> None:
+    def reconsider(self, state: StepHost) -> None:
         pass  # nothing waits for other workers
 
     def remember(self, step: int, closed: Closed) -> None:
@@ -392,8 +350,8 @@ class AsyncPolicy:
 
     params_still_while_replying = False  # every push applies on arrival
 
-    def check(self, state, push: Push, members: frozenset[int]) -> bool:
-        last = state.last_step.get(push.worker_id, -1)
+    def check(self, state: StepHost, push: Push, members: frozenset[int]) -> bool:
+        last = state.last_step_of(push.worker_id)
         if push.step <= last:
             return True  # retried push: answered with the current slice, never applied twice
         if push.worker_id not in members:
@@ -407,34 +365,32 @@ class AsyncPolicy:
             )
         return False
 
-    def submit(self, state, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
+    def submit(self, state: StepHost, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
         key = (push.worker_id, push.step)
         if duplicate:
             if key in self._pending:
                 return Outcome(state.version, 0, True, next_step=push.step + 1,
                                clip_partial=self._pending[key].partial)
-            return Outcome(state.version, 0, True, next_step=state.last_step.get(push.worker_id, -1) + 1)
-        state.last_step[push.worker_id] = push.step
+            return Outcome(state.version, 0, True, next_step=state.last_step_of(push.worker_id) + 1)
+        state.took(push.worker_id, push.step)
         if push.options.overflow:
-            state.stats.pushes_skipped += 1
-            if push.buffers is not None:
-                state.buffers = push.buffers
+            state.skip_push(push.buffers)
             return Outcome(state.version, 0, False, next_step=push.step + 1, skipped=True)
         staleness = state.version - push.base_version
-        state.stats.staleness[staleness] += 1
+        state.stats.taken(staleness)
         lr_scale = 1.0 / max(1, staleness) if self.staleness_lr else 1.0
         pending = _Pending(_unscale(push), push.present, push.hyper, lr_scale, push.options, 0.0, push.buffers,
                            pushed={push.worker_id: push.step})
         if push.options.clipped:
             push.kept = True
-            pending.grad = push.grad  # scaled in place by the clip coefficient later
+            pending.grad = push.gradient  # scaled in place by the clip coefficient later
             pending.release, push.release = push.release, None
-            pending.partial = state.optimizer.partial_norm(push.grad, push.present, push.options.clip_norm_type)
+            pending.partial = state.optimizer.partial_norm(push.gradient, push.present, push.options.clip_norm_type)
             self._pending[key] = pending
             return Outcome(state.version, staleness, False, next_step=push.step + 1, clip_partial=pending.partial)
         return self._apply(state, push, pending, staleness)
 
-    def finish_clip(self, state, push: Push, total_norm: float, duplicate: bool) -> Outcome:
+    def finish_clip(self, state: StepHost, push: Push, total_norm: float, duplicate: bool) -> Outcome:
         check_total(total_norm)
         pending = self._pending.pop((push.worker_id, push.step), None)
         if pending is None:  # applied already (a retry of the total)
@@ -446,48 +402,14 @@ class AsyncPolicy:
             if pending.release is not None:
                 pending.release()
 
-    def _apply(self, state, push: Push, pending: _Pending, staleness: int) -> Outcome:
+    def _apply(self, state: StepHost, push: Push, pending: _Pending, staleness: int) -> Outcome:
         state.apply(pending.grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers,
                     pushed=pending.pushed)
         return Outcome(state.version, staleness, False, next_step=push.step + 1,
                        applied_lr=state.optimizer.lr() * pending.lr_scale)
 
 
-class UpdatePolicy(Protocol):
-    """When a shard applies pushes. ``ShardState`` calls these under its lock (``state.cond``); a
-    method that waits (``submit`` in sync mode, ``finish_clip``) releases it while it waits and
-    raises ``WaitTimeout`` after its ``timeout``, never blocking for ever."""
-
-    @property
-    def params_still_while_replying(self) -> bool:
-        """True when the slice cannot change while a reply streams it (the reply may stream the
-        live tensor instead of a copy)."""
-
-    def check(self, state: ShardState, push: Push, members: frozenset[int]) -> bool:
-        """Raise a domain error for a push that may not be submitted (nothing changes); True when it
-        is a retry of one already submitted (it is answered, never applied twice)."""
-
-    def submit(self, state: ShardState, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
-        """Take the push (apply it now, or keep it for its step) and return its answer once it may be
-        answered. Sets ``push.kept`` when the policy keeps ``push.grad`` past the call."""
-
-    def finish_clip(self, state: ShardState, push: Push, total_norm: float, duplicate: bool) -> Outcome:
-        """The total norm over all shards for a clipped push's step: clip, apply, answer."""
-
-    def reconsider(self, state: ShardState) -> None:
-        """The membership changed: steps waiting on members who left are made up of the new view."""
-
-    def reset(self) -> None:
-        """Forget everything open or pending (a rollback); kept buffers go back to their pool."""
-
-    def remember(self, step: int, closed: Closed) -> None:
-        """Record what a step did (a backup replica replays its primary's steps)."""
-
-    def waiting_pushes(self) -> int:
-        """Pushes held by the policy now (status)."""
-
-
-def make_policy(job, step_timeout: float) -> UpdatePolicy:
+def make_policy(job: JobConfig, step_timeout: float) -> UpdatePolicy:
     """The policy object for the job's mode: the one place a mode is looked at."""
     if job.mode is UpdateMode.ASYNC:
         return AsyncPolicy(job.staleness_lr, step_timeout)

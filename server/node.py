@@ -135,7 +135,7 @@ class ShardNode:
             with state.cond:  # one consistent copy of each shard
                 s = state.stats
                 out.append(ShardGauges(
-                    shard=self.shard_id, job=state.job.name, version=state.version, epoch=state.latest_epoch,
+                    shard=self.shard_id, job=state.job.name, version=state.version, epoch=state.views.latest_epoch,
                     pushes={"received": s.pushes_received, "duplicate": s.pushes_duplicate, "dropped": s.pushes_dropped,
                             "skipped": s.pushes_skipped, "rejected": s.pushes_rejected},
                     bytes_in=s.bytes_in, bytes_out=s.bytes_out, shm_bytes_in=s.shm_bytes_in,
@@ -297,7 +297,7 @@ class ShardNode:
                 log.error("%s", why)
             return None
         state = ShardState.from_snapshot(snap, self.step_timeout)
-        state.awaiting_rollback = True
+        state.timeline.hold_until_aligned()
         with self._cond:
             held = self.states.get(job_id)
             if held is not None and held.initialized:  # the coordinator's rollback got here first and restored it
@@ -314,7 +314,7 @@ class ShardNode:
         self.check_generation(generation)
         with self._cond:
             state = self.states.get(job_id)
-        latest = state.latest_epoch if state is not None else 0
+        latest = state.views.latest_epoch if state is not None else 0
         if version < 0 or not 1 <= epoch <= latest + MAX_EPOCH_JUMP:
             raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) in 1..{latest} + "
                                   f"{MAX_EPOCH_JUMP}")

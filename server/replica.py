@@ -29,7 +29,6 @@ No gRPC here: ``send(address, header, tensors)`` is passed in (``server.service`
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -118,6 +117,13 @@ class ReplicaRole:
                 return "its primary lease ran out (the coordinator is unreachable or placed the shard elsewhere)"
             return ""
 
+    def unsync(self) -> bool:
+        """The state changed outside a step (loaded, restored): every backup needs a whole copy before
+        its next update. Returns whether this replica is the primary."""
+        with self.cond:
+            self.synced.clear()
+            return self.primary
+
     def report(self) -> list[str]:
         with self.cond:
             return sorted(self.unreachable)
@@ -125,6 +131,20 @@ class ReplicaRole:
     def in_sync(self) -> list[str]:
         with self.cond:
             return sorted(self.synced & set(self.backups)) if self.primary and not self.demoted else []
+
+    def take_from(self, placement_epoch: int, shard_id: int) -> bool:
+        """Whether an update (or copy) sent by the primary of ``placement_epoch`` may be taken: updates
+        come only from the primary of this replica's placement or a newer one (Superseded, naming this
+        placement, otherwise). True when this replica acts as primary of an older placement: it must
+        step down (``step_down``) before it takes the update."""
+        with self.cond:
+            acting = self.primary and not self.demoted
+            if placement_epoch < self.placement_epoch or (acting and placement_epoch == self.placement_epoch):
+                raise Superseded(
+                    f"superseded by placement epoch {self.placement_epoch}: shard {shard_id}'s replica "
+                    f"here {'is the primary' if self.primary else 'follows a newer placement'} (the update named "
+                    f"{placement_epoch})", placement_epoch=self.placement_epoch)
+            return acting
 
 
 def ship(role: ReplicaRole, state, update: Update | None, send: Send, timeout: float) -> None:
@@ -181,8 +201,8 @@ def send_copy(role: ReplicaRole, state, address: str, send: Send) -> None:
     header = pb.ReplicaHeader(job_id=state.job_id, shard_id=state.shard.shard_id,
                               placement_epoch=role.placement_epoch, full=True, version=state.version,
                               hyperparams_json=state.hyper_json(), last_step=dict(state.applied_table),
-                              views_json=json.dumps({str(e): [s, sorted(ids)] for e, (s, ids) in state.views.items()}),
-                              min_epoch=state.min_epoch, rolled_back_to=state.rolled_back_to)
+                              views_json=state.views.to_json(), min_epoch=state.timeline.min_epoch,
+                              rolled_back_to=state.timeline.rolled_back_to)
     tensors = [("param", state.param), *state.optimizer.state_tensors(copy=False).items()]  # sent under the lock
     if state.buffers is not None:
         tensors.append(("buffers", torch.frombuffer(bytearray(state.buffers), dtype=torch.uint8)))
@@ -226,13 +246,9 @@ def demote(role: ReplicaRole, state, why: str) -> None:
 
 
 def void_open_steps(state) -> None:
-    """Under the state's lock: the steps this replica had open will be closed elsewhere (or again):
-    the pushes waiting in them are refused, and their workers' entries in the dedup table go back to
-    the last applied version, so that their pushes are applied when they come again."""
-    state.last_step = dict(state.applied_table)
-    state.generation += 1  # pushes waiting in a step wake up and are refused
-    state.policy.reset()
-    state.cond.notify_all()
+    """Under the state's lock: the steps this replica had open will be closed elsewhere (or again)
+    (``ShardState.void_open_steps``)."""
+    state.void_open_steps()
 
 
 def moved(shard_id: int, why: str) -> str:

@@ -24,7 +24,7 @@ from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..runtime.rpc import open_channel
 from ..runtime.status import error_from_rpc, translate_errors
-from .modes import Push
+from .steps import Push
 from ..runtime.limits import WaitSlots
 from ..runtime.process import release_free_memory
 from .byte_paths import REPLY_DTYPES, LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
@@ -145,7 +145,7 @@ class ShardServicer:
         version = path.reply(state)
         yield pb.PushResponse(result=pb.PushResult(
             version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
-            next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.latest_epoch,
+            next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.views.latest_epoch,
             skipped=outcome.skipped))
         yield from path.after_result(state)
         if state.job.broadcast_buffers:
@@ -265,9 +265,9 @@ class ShardServicer:
         if self.links is None:
             raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")
         state = self.node.require(_target(request.target), self.wait_timeout)
-        if request.epoch < 1 or request.epoch > state.latest_epoch + MAX_EPOCH_JUMP:
+        if request.epoch < 1 or request.epoch > state.views.latest_epoch + MAX_EPOCH_JUMP:
             raise InvalidArgument(f"OpenLink names membership epoch {request.epoch}; this shard knows up to "
-                                  f"{state.latest_epoch}")
+                                  f"{state.views.latest_epoch}")
         if request.worker_id not in self._learn_views(state, request.target.job_id, request.epoch).worker_ids:
             raise UnknownWorker(f"worker {request.worker_id} is not a member of view {request.epoch}: no byte link "
                                 f"for it (register with the coordinator)")
@@ -308,7 +308,7 @@ class ShardServicer:
         state = self.node.require(_target(request.target), self.wait_timeout)
         with state.cond:
             state.check_serving()  # a backup replica (or a primary without its lease) hands out nothing
-            state.check_epoch(request.epoch or None)  # a restored shard hands out nothing until the job is aligned
+            state.timeline.check(request.epoch or None)  # a restored shard hands out nothing until the job is aligned
             ready = state.version >= request.min_version
         if not ready:
             with self.pull_waits.slot():
@@ -362,7 +362,7 @@ class ShardServicer:
         versions = self.node.store(state.job.name).versions() if self.node.checkpoint_dir else []
         with state.cond:
             return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, job_id=state.job_id, versions=versions,
-                                              version=state.version, awaiting_rollback=state.awaiting_rollback)
+                                              version=state.version, awaiting_rollback=state.timeline.awaiting_rollback)
 
     @translate_errors
     def SetMembership(self, request, context):
@@ -373,8 +373,8 @@ class ShardServicer:
         state = self.node.state_for(request.job_id) if request.job_id else None
         if state is None:  # no such job here yet: the view is fetched when the first push names it
             return pb.SetMembershipResponse(accepted=True)
-        if view.epoch > state.latest_epoch + MAX_EPOCH_JUMP:
-            raise InvalidArgument(f"view epoch {view.epoch} is far past this shard's newest ({state.latest_epoch})")
+        if view.epoch > state.views.latest_epoch + MAX_EPOCH_JUMP:
+            raise InvalidArgument(f"view epoch {view.epoch} is far past this shard's newest ({state.views.latest_epoch})")
         accepted, version = True, 0
         for held in self.node.replicas_of(request.job_id):  # every replica here: a backup may be promoted
             serving = held.replica is None or not held.replica.serving()
@@ -384,7 +384,7 @@ class ShardServicer:
                 accepted = accepted and learned
                 with held.cond:
                     version = max(version, held.version)
-        if self.links is not None and view.epoch >= state.latest_epoch:
+        if self.links is not None and view.epoch >= state.views.latest_epoch:
             members = view.worker_ids  # a worker that left (or whose lease ran out) keeps no link open here
             self.links.drop_where(lambda key: key[0] != request.job_id or key[2] in members)
         return pb.SetMembershipResponse(accepted=accepted, version=version)
@@ -499,8 +499,8 @@ class ShardServicer:
                 worker_transport=dict(sorted(state.transport.items())[-STATUS_WORKERS:]),
                 rollbacks=s.rollbacks,
                 steps_rolled_back=s.steps_rolled_back,
-                restored=state.restored_from is not None,
-                restored_from_version=state.restored_from or 0,
+                restored=state.timeline.restored_from is not None,
+                restored_from_version=state.timeline.restored_from or 0,
                 job_ids=job_ids,
                 **self._checkpoint_status(state),
                 **self._replica_status(state),

@@ -1,10 +1,20 @@
-"""ShardState: one shard's fp32 master slice, its stock torch optimizer, and its counters.
+"""ShardState: one shard's fp32 master slice, its stock torch optimizer, and the apply.
 
 Plain Python and torch, no gRPC: tests drive it in-process. One lock guards the
 whole apply; sync policies wait on ``cond`` (a Condition over that lock). A push
 is validated completely before anything changes (its sizes, step options,
 hyper-parameters, finite values, buffers), so a rejected push leaves the state
 byte-identical. Shard 0 also keeps the job's buffers (rank 0's, as DDP's).
+
+This class keeps what changes together under the lock: the parameters, the optimizer,
+the version, the buffers and the dedup table (an apply, a skip, a load, a restore, a
+backup's replay or whole copy changes them all at once). Each other concern is an object
+of its own, with its invariants in its module and methods the others call (all under
+``cond``): the update policy (``modes.py``, which sees this class as ``steps.StepHost``),
+the checks made before the lock (``checks.py``), the counters (``stats.py``), the
+membership views (``views.py``), the generation and rollback fence (``timeline.py``),
+the reply caches (``replies.py``), the shared-memory segments (``segments.py``) and a
+replicated shard's role (``replica.py``).
 
     state = ShardState(ShardRange(0, 0, 128), job, step_timeout=60)
     state.initialize(torch.zeros(128))
@@ -18,57 +28,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NoReturn, cast
 
 import torch
 
-from ..proto import buffers as buffer_file
 from ..proto import optim
-from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy,
-                             NotPrimary, RolledBack, ShardpsError, Superseded,
-                             Unavailable, WaitTimeout)
+from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NotPrimary,
+                             ShardpsError, WaitTimeout)
 from ..runtime.history import NO_HISTORY, History
-from ..proto.messages import MAX_GRAD_SCALE, JobConfig, job_from_pb, job_to_pb
+from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
 from ..runtime.shm import SegmentFile
 from . import tensorfile
 from .checkpoint import Snapshot
-from .modes import Closed, Outcome, Push, make_policy
+from .checks import PushChecks, all_finite
+from .modes import make_policy
 from . import replica as replicas
+from .replies import ReplyCache
 from .segments import SegmentTable
 from .slice_optimizer import SliceOptimizer
+from .stats import ShardStats
+from .steps import Closed, Outcome, Push
+from .timeline import Timeline
+from .views import Views
 
 log = logging.getLogger("shardps.server")
-
-
-@dataclass
-class ShardStats:
-    """Counters reported by GetShardStatus."""
-
-    pushes_received: int = 0
-    pushes_duplicate: int = 0
-    pushes_dropped: int = 0  # late for a step that closed without them (backup workers)
-    pushes_skipped: int = 0  # steps (sync) or pushes (async) skipped for an fp16 overflow
-    bytes_in: int = 0
-    bytes_out: int = 0
-    shm_bytes_in: int = 0  # moved through a same-host worker's shared memory instead of gRPC
-    shm_bytes_out: int = 0
-    apply_seconds: float = 0.0
-    wait_seconds: float = 0.0  # pushes held back by the sync barrier or the SSP bound, total
-    last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
-    staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
-    rejections: Counter = field(default_factory=Counter)  # reason -> rejected calls
-    rollbacks: int = 0  # times this shard was rolled back to a checkpoint
-    steps_rolled_back: int = 0  # updates those rollbacks undid
-
-    @property
-    def pushes_rejected(self) -> int:
-        return sum(self.rejections.values())
 
 
 class ShardState:
@@ -82,32 +68,25 @@ class ShardState:
         # Shard 0 keeps the job's persistent buffers (the initializer's, then rank 0's after each step).
         self.buffers: bytes | None = None
         self.transport: dict[int, str] = {}  # the byte path each worker's last push came by (status)
-        self._hyper_cache: tuple[str, list] = ("", [])  # the last hyper-parameters parsed (usually every push's)
         self.version = job.first_step  # updates applied (counted from the job's first step: an added group's)
         self.last_step: dict[int, int] = {}  # worker_id -> last step applied (the dedup table)
         self.initialized = False
         self.stats = ShardStats()
         self.cond = threading.Condition(threading.Lock())
-        self._snapshot: tuple[int, list] | None = None  # (version, encoded slice) for replies
-        self._reply_copy: tuple[int, torch.Tensor] | None = None  # (version, a copy of the slice) for link replies
-        self.generation = 0  # bumped by every restore, copy or void: pushes waiting across one start over
-        self.rolled_back_generation = 0  # the generation the last restore made (later bumps are not rollbacks)
-        self.min_epoch = 0  # pushes naming an earlier membership epoch were rolled back
-        self.rolled_back_to = 0  # the version of the last rollback
-        self.awaiting_rollback = False  # restored at start-up; the coordinator has not aligned the others yet
-        self.restored_from: int | None = None  # version restored at start-up
+        # The concerns below each keep their own invariants (their modules say which), all under ``cond``.
+        self.checks = PushChecks(shard, job, len(self.optimizer.pieces), self.reject)  # before the lock
+        self.replies = ReplyCache()  # the slice of the current version, encoded or copied once for all replies
+        self.timeline = Timeline(shard.shard_id, self.stats)  # generation and the rollback fence
         self.on_version: Callable[["ShardState"], None] | None = None  # called under the lock at each new version
         self.history: History = NO_HISTORY  # the run's history (runtime/history.py), set by the node
-        # Membership views this shard knows: epoch -> (first step it governs here, member ids). A
-        # step is made up of the members of the newest view that governs it.
-        self.views: dict[int, tuple[int, frozenset[int]]] = {}
+        self.views = Views()  # membership views known: which members make up each step
         # A replicated job's shard (server/replica.py): this copy's role, and how updates reach backups.
         self.replica: replicas.ReplicaRole | None = replicas.ReplicaRole() if job.replicas > 1 else None
         self.send: replicas.Send | None = None
         self.ship_timeout = step_timeout
         self.applied_table: dict[int, int] = {}  # the dedup table as of the last applied version
         # Same-host workers' shared-memory segments (runtime/shm.py, server/segments.py).
-        self.segments = SegmentTable(self.cond, job.layout.numel, shard.start, shard.shard_id, self._newest_members,
+        self.segments = SegmentTable(self.cond, job.layout.numel, shard.start, shard.shard_id, self.views.newest,
                                      self.stats.rejections)
 
     @classmethod
@@ -118,7 +97,7 @@ class ShardState:
         job = job_from_pb(pb.JobSpec.FromString(snap.job_spec))
         state = cls(ShardRange(snap.shard_id, snap.start, snap.stop), job, snap.job_id, step_timeout)
         state.restore(snap)
-        state.restored_from = snap.version
+        state.timeline.started_from(snap.version)
         return state
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,9 +111,9 @@ class ShardState:
                 f"initial parameters must be {self.shard.numel} fp32 elements, "
                 f"got {list(params.shape)} {params.dtype}"
             )
-        if not _all_finite(params):
+        if not all_finite(params):
             raise InvalidArgument("parameters contain NaN or Inf; nothing was changed")
-        self.check_buffers(buffers)
+        self.checks.check_buffers(buffers)
         if self.replica is not None:
             self.replica.wait_assigned(self.ship_timeout)
         with self.cond:
@@ -144,7 +123,7 @@ class ShardState:
             self.param.copy_(params)
             if buffers is not None:
                 self.buffers = bytes(buffers)
-            self._forget_replies()
+            self.replies.forget()
             first, self.initialized = not self.initialized, True
             self._recopy()  # a replicated shard's backups take the starting point before anyone is told
             self.cond.notify_all()
@@ -152,34 +131,6 @@ class ShardState:
             if first and self.on_version is not None:
                 self.on_version(self)  # the first version: the starting point a rollback can always reach
             return True
-
-    def check_buffers(self, blob: bytes | None) -> None:
-        """Refuse buffers that are not exactly the job's (or sent to a shard that keeps none)."""
-        if blob is None:
-            return
-        if self.shard.shard_id != 0 or not self.job.buffers:
-            self.reject("bad_buffers")
-            raise InvalidArgument("only shard 0 of a job with buffers takes buffers")
-        try:
-            buffer_file.check(blob, self.job.buffers)
-        except ValueError as exc:
-            self.reject("bad_buffers")
-            raise InvalidArgument(str(exc)) from None
-
-    def parse_hyper(self, text: str) -> list | None:
-        """The job groups' kwargs with a push's hyper-parameters applied (None for ""), checked."""
-        if not text:
-            return None
-        cached_text, cached = self._hyper_cache
-        if text == cached_text:
-            return cached
-        try:
-            parsed = optim.parse_hyper(self.job.optimizer, self.job.groups, text)
-        except ValueError as exc:
-            self.reject("bad_hyperparameters")
-            raise InvalidArgument(str(exc)) from None
-        self._hyper_cache = (text, parsed)
-        return parsed
 
     def wait_initialized(self, timeout: float) -> None:
         with self.cond:
@@ -190,50 +141,6 @@ class ShardState:
                 )
 
     # ------------------------------------------------------------------ push
-
-    def validate(self, push: Push) -> None:
-        """Check everything about ``push`` that needs no lock; fill in its parsed fields."""
-        pieces = len(self.optimizer.pieces)
-        try:
-            push.options.check(pieces)
-        except ValueError as exc:
-            self.reject("bad_options")
-            raise InvalidArgument(str(exc)) from None
-        push.present = push.options.present(pieces)
-        push.hyper = self.parse_hyper(push.options.hyper_json)
-        self.check_buffers(push.buffers)
-        if push.options.overflow:
-            return  # an overflow vote: its gradient (if any) is never read
-        if push.grad is None:
-            self.reject("bad_size")
-            raise InvalidArgument("push carried no gradient chunks (only an fp16 overflow vote may)")
-        self.validate_grad(push.grad, push.options.grad_scale)
-
-    def validate_grad(self, grad: torch.Tensor, grad_scale: float = 0.0) -> None:
-        """Reject a gradient of the wrong size, with NaN/Inf values, or one that its loss scale's
-        reciprocal would overflow to Inf when the step unscales it (counted, state unchanged)."""
-        if grad.numel() != self.shard.numel:
-            self.reject("bad_size")
-            raise InvalidArgument(
-                f"gradient has {grad.numel()} elements, shard {self.shard.shard_id} owns "
-                f"[{self.shard.start}, {self.shard.stop}) = {self.shard.numel}"
-            )
-        if not grad_scale or grad_scale == 1.0:
-            if not _all_finite(grad):
-                self.reject("nonfinite")
-                raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
-            return
-        largest = _largest_magnitude(grad)  # NaN when any element is
-        if not math.isfinite(largest):
-            self.reject("nonfinite")
-            raise InvalidArgument("gradient contains NaN or Inf; the push was rejected and nothing was applied")
-        if largest / grad_scale > MAX_GRAD_SCALE / 2:  # the unscaled gradient (float32) would hold Inf; /2: the
-            # weighted mean of such terms stays finite after rounding
-            self.reject("nonfinite")
-            raise InvalidArgument(
-                f"grad_scale {grad_scale:.3g} unscales this gradient (largest |value| {largest:.3g}) past float32's "
-                f"range: the unscaled gradient would be Inf; the push was rejected and nothing was applied (send "
-                f"the loss scale the gradient was multiplied by, or unscale on the worker)")
 
     def push(self, push: Push, members: frozenset[int]) -> Outcome:
         """Submit one push to the policy. Raises a domain error (state unchanged) for bad pushes.
@@ -248,33 +155,31 @@ class ShardState:
                 push.release()
 
     def _push(self, push: Push, members: frozenset[int]) -> Outcome:
-        self.validate(push)
+        self.checks.validate(push)
         with self.cond:
             if not self.initialized:
-                self.stats.rejections["not_initialized"] += 1
+                self.stats.rejected("not_initialized")
                 raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
             self.check_serving()
-            self.check_epoch(push.epoch)
+            self.timeline.check(push.epoch)
             if self.views:  # the views this shard knows decide, not the caller (a view may have changed since)
                 members = self.members_for(push.step)
-                if push.worker_id not in members and push.step < self.version and self._member_later(push):
+                if push.worker_id not in members and push.step < self.version and self.views.member_later(push.worker_id, push.step):
                     # A joiner whose view starts at the job's open step, which this shard closed already
                     # (with the members before it): late, as a backup worker's push; it goes on from here.
-                    self.stats.pushes_dropped += 1
+                    self.stats.dropped()
                     return Outcome(self.version, 0, False, next_step=self.version, dropped=True)
             try:
                 duplicate = self.policy.check(self, push, members)
             except ShardpsError as exc:
-                self.stats.rejections[exc.reason] += 1
+                self.stats.rejected(exc.reason)
                 raise
-            self.stats.pushes_received += 1
-            self.stats.pushes_duplicate += duplicate
+            self.stats.received(push.worker_id, duplicate)
             if not duplicate:
                 # A new version is coming: drop the cached reply frames now (replies still
                 # streaming hold their own reference), so they never coexist with the next
                 # step's receive buffers.
-                self._forget_replies()
-            self.stats.last_push[push.worker_id] = time.time()
+                self.replies.forget()
             return self.policy.submit(self, push, members, duplicate)
 
     def finish_clip(self, push: Push, total_norm: float, duplicate: bool) -> Outcome:
@@ -282,11 +187,11 @@ class ShardState:
         the step is applied with torch's clip coefficient, and the push answered as usual."""
         try:
             with self.cond:
-                self.check_epoch(push.epoch)
+                self.timeline.check(push.epoch)
                 try:
                     return self.policy.finish_clip(self, push, total_norm, duplicate)
                 except ShardpsError as exc:
-                    self.stats.rejections[exc.reason] += 1
+                    self.stats.rejected(exc.reason)
                     raise
         finally:
             if not push.kept and push.release is not None:
@@ -310,7 +215,7 @@ class ShardState:
             self.optimizer.step(grad, present, lr_scale)
         self._next_version(buffers)
         self._record_update("applied", step, pushed)
-        self.stats.apply_seconds += time.perf_counter() - start
+        self.stats.applied(time.perf_counter() - start)
 
     def skip(self, buffers: bytes | None = None, step: int | None = None,
              pushed: dict[int, int] | None = None) -> None:
@@ -318,7 +223,7 @@ class ShardState:
         if self.replica is not None:
             self._ship(replicas.Update(self.version + 1, None, None, self.hyper_json(), 1.0, buffers,
                                        self._table(step)))
-        self.stats.pushes_skipped += 1
+        self.stats.skipped()
         self._next_version(buffers)
         self._record_update("skipped", step, pushed)
 
@@ -344,19 +249,62 @@ class ShardState:
         return {w: min(s, step) for w, s in self.last_step.items()}
 
     def _ship(self, update: replicas.Update) -> None:
-        replicas.ship(self.replica, self, update, self.send, self.ship_timeout)
+        assert self.replica is not None  # only a replicated shard ships
+        replicas.ship(self.replica, self, update, self._sender(), self.ship_timeout)
         self.applied_table = update.last_step
 
-    def check_voided(self, generation: int) -> None:
+    def _sender(self) -> replicas.Send:
+        """How updates reach the backups (set by the node when it holds the shard; a primary with no
+        backups ships nothing and never calls it)."""
+        return cast(replicas.Send, self.send)
+
+    def raise_voided(self, generation: int, during: str) -> NoReturn:
         """Under the lock, for a call that waited while the generation moved on from ``generation``:
-        Unavailable (the caller retries, where the plan says) unless a restore - a rollback - did it.
-        A replica that stepped down, demoted itself or took a copy voided the call's step, and may
-        already serve again (placed primary anew): that is no rollback, and the worker must not
-        replay from an earlier step for it."""
+        RolledBack when a restore - a rollback - did it, else Unavailable (NotPrimary: the caller
+        retries, where the plan says). A replica that stepped down, demoted itself or took a copy
+        voided the call's step, and may already serve again (placed primary anew): that is no
+        rollback, and the worker must not replay from an earlier step for it. ``during`` ends the
+        RolledBack message (what waited)."""
         self.check_serving()
-        if self.rolled_back_generation <= generation:
+        if not self.timeline.rolled_back_since(generation):
             raise NotPrimary(replicas.moved(self.shard.shard_id, "the step this call waited in was voided (the "
                                             "replica stepped down or took a copy)"))
+        raise self.timeline.rolled_back(during)
+
+    def void_open_steps(self) -> None:
+        """Under the lock: the steps this replica had open will be closed elsewhere (or again): the
+        pushes waiting in them are refused, and their workers' entries in the dedup table go back to
+        the last applied version, so that their pushes are applied when they come again."""
+        self.last_step = dict(self.applied_table)
+        self.timeline.void()  # pushes waiting in a step wake up and are refused
+        self.policy.reset()
+        self.cond.notify_all()
+
+    # ------------------------------------------------------------------ what a policy calls (steps.StepHost)
+
+    @property
+    def generation(self) -> int:
+        return self.timeline.generation
+
+    def members_for(self, step: int) -> frozenset[int]:
+        return self.views.members_for(step)
+
+    def last_step_of(self, worker_id: int) -> int:
+        return self.last_step.get(worker_id, -1)
+
+    def took(self, worker_id: int, step: int) -> None:
+        self.last_step[worker_id] = step
+
+    def skip_push(self, buffers: bytes | None) -> None:
+        self.stats.skipped()
+        if buffers is not None:
+            self.buffers = buffers
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return self.cond.wait_for(predicate, timeout=timeout)
+
+    def notify_all(self) -> None:
+        self.cond.notify_all()
 
     def check_serving(self) -> None:
         """Under the lock: refuse work on a replica that is not the shard's primary now (a worker
@@ -366,7 +314,7 @@ class ShardState:
             return
         why = self.replica.serving()
         if why:
-            self.stats.rejections["not_primary"] += 1
+            self.stats.rejected("not_primary")
             raise NotPrimary(replicas.moved(self.shard.shard_id, why))
 
     def _next_version(self, buffers: bytes | None) -> None:
@@ -379,13 +327,13 @@ class ShardState:
     def load_state(self, tensors: dict[str, torch.Tensor], hyper_json: str) -> int:
         """Take over optimizer state by name (``optim/<i>/<key>``) and the groups' hyper-parameters,
         between two steps; checked completely first. Returns the version it applies at."""
-        hyper = self.parse_hyper(hyper_json)
+        hyper = self.checks.parse_hyper(hyper_json)
         with self.cond:
-            self.check_epoch(None)
+            self.timeline.check(None)
             try:
                 self.optimizer.load_state_tensors(tensors)
             except ValueError as exc:
-                self.stats.rejections["bad_state"] += 1
+                self.stats.rejected("bad_state")
                 raise InvalidArgument(str(exc)) from None
             if hyper is not None:
                 self.optimizer.set_hyper(hyper)
@@ -397,11 +345,9 @@ class ShardState:
         backups take a whole copy before anyone is answered."""
         if self.replica is None:
             return
-        with self.replica.cond:
-            self.replica.synced.clear()
-            primary = self.replica.primary
+        primary = self.replica.unsync()
         if primary and self.initialized:
-            replicas.ship(self.replica, self, None, self.send, self.ship_timeout)
+            replicas.ship(self.replica, self, None, self._sender(), self.ship_timeout)
 
     # ------------------------------------------------------------------ backup replicas
 
@@ -417,7 +363,7 @@ class ShardState:
         if present is not None and len(present) != len(self.optimizer.pieces):
             raise InvalidArgument(f"an update names {len(present)} pieces; shard {self.shard.shard_id} has "
                                   f"{len(self.optimizer.pieces)}")
-        blob, hyper = self._replica_parts(header, tensors)
+        blob, hyper = self.checks.replica_parts(header.hyperparams_json, tensors)
         with self.cond:
             self._check_sender(header)
             if self.initialized and self.version == header.version:
@@ -429,16 +375,17 @@ class ShardState:
                 self.optimizer.set_hyper(hyper)
             step = header.version - 1
             if header.skipped:
-                self.stats.pushes_skipped += 1
+                self.stats.skipped()
                 closed = Closed(0.0, skipped=True)
             else:
+                assert grad is not None  # checked above: a replayed step that is not skipped carries one
                 if self.shard.numel:
                     self.optimizer.step(grad, present, header.lr_scale)
                 closed = Closed(self.optimizer.lr() * header.lr_scale,
                                 partial=header.clip_partial if header.HasField("clip_partial") else None)
             self.policy.remember(step, closed)
             self._take_table(header)
-            self._forget_replies()
+            self.replies.forget()
             self._next_version(blob)
             self._record("replayed", skipped=header.skipped, table=_by_name(self.last_step))
             return self.version
@@ -449,12 +396,8 @@ class ShardState:
         param = tensors.get("param")
         if param is None or param.numel() != self.shard.numel or param.dtype != torch.float32:
             raise InvalidArgument(f"a copy of shard {self.shard.shard_id} carries {self.shard.numel} fp32 parameters")
-        blob, hyper = self._replica_parts(header, tensors)
-        try:
-            views = {int(e): (int(v[0]), frozenset(int(w) for w in v[1]))
-                     for e, v in json.loads(header.views_json or "{}").items()}
-        except (ValueError, TypeError, IndexError) as exc:
-            raise InvalidArgument(f"a copy's views are not {{epoch: [start, [worker ids]]}}: {exc}") from None
+        blob, hyper = self.checks.replica_parts(header.hyperparams_json, tensors)
+        views = Views.parse_json(header.views_json)
         with self.cond:
             self._check_sender(header)
             self.policy.reset()
@@ -470,21 +413,13 @@ class ShardState:
             self.buffers = blob
             self.version = header.version
             self._take_table(header)
-            self.views.update(views)
-            self.min_epoch, self.rolled_back_to = header.min_epoch, header.rolled_back_to
-            self.initialized, self.awaiting_rollback = True, False
-            self._forget_replies()
-            self.generation += 1
+            self.views.take(views)
+            self.initialized = True
+            self.replies.forget()
+            self.timeline.copied(header.min_epoch, header.rolled_back_to)
             self._record("restored", why="copy", table=_by_name(self.last_step))
             self.cond.notify_all()
             return self.version
-
-    def _replica_parts(self, header, tensors: dict[str, torch.Tensor]) -> tuple[bytes | None, list | None]:
-        """An update's or copy's buffers file and hyper-parameters, checked (before the lock)."""
-        buffers = tensors.get("buffers")
-        blob = buffers.numpy().tobytes() if buffers is not None else None
-        self.check_buffers(blob)
-        return blob, self.parse_hyper(header.hyperparams_json)
 
     def _take_table(self, header) -> None:
         """Under the lock: the primary's dedup table, as of the version this replica is now at."""
@@ -496,14 +431,8 @@ class ShardState:
         role = self.replica
         if role is None:
             raise FailedPrecondition(f"job {self.job.name!r} keeps no replicas of its shards")
-        with role.cond:
-            acting = role.primary and not role.demoted
-            if header.placement_epoch < role.placement_epoch or (acting and header.placement_epoch == role.placement_epoch):
-                raise Superseded(
-                    f"superseded by placement epoch {role.placement_epoch}: shard {self.shard.shard_id}'s replica "
-                    f"here {'is the primary' if role.primary else 'follows a newer placement'} (the update named "
-                    f"{header.placement_epoch})", placement_epoch=role.placement_epoch)
-        if acting:  # the sender is primary in a newer placement than this stale one (it slept): step down
+        if role.take_from(header.placement_epoch, self.shard.shard_id):
+            # the sender is primary in a newer placement than this stale one (it slept): step down
             replicas.step_down(role, self, f"superseded by placement epoch {header.placement_epoch}")
 
     # ------------------------------------------------------------------ same-host byte path
@@ -514,27 +443,10 @@ class ShardState:
         way, which answers it as the duplicate it is."""
         with self.cond:
             self.segments.write(seg, self.param)
-            self.stats.shm_bytes_out += self.param.numel() * 4
+            self.stats.moved(shm_sent=self.param.numel() * 4)
             return self.version
 
-    def _newest_members(self) -> tuple[int, frozenset[int]]:
-        """(the newest view's epoch, its member ids); (0, none) before any view. Under the lock."""
-        return (self.latest_epoch, self.views[self.latest_epoch][1]) if self.views else (0, frozenset())
-
     # ------------------------------------------------------------------ membership
-
-    @property
-    def latest_epoch(self) -> int:
-        return max(self.views, default=0)
-
-    def _member_later(self, push: Push) -> bool:
-        """Whether ``push``'s worker is a member of a view that starts after ``push.step`` (under the lock)."""
-        return any(start > push.step and push.worker_id in ids for start, ids in self.views.values())
-
-    def members_for(self, step: int) -> frozenset[int]:
-        """Member ids of the newest known view that governs ``step`` (under the lock)."""
-        best = max((e for e, (start, _) in self.views.items() if start <= step), default=None)
-        return self.views[best][1] if best is not None else frozenset()
 
     def learn_view(self, view, from_open_step: bool = False) -> bool:
         """Install ``view`` (a ``proto.messages.View``) for the steps from its start_step on.
@@ -550,24 +462,13 @@ class ShardState:
                 if not from_open_step:
                     return False
                 start = self.version
-            self.views[view.epoch] = (start, view.worker_ids)
+            self.views.install(view.epoch, start, view.worker_ids)
             self.policy.reconsider(self)
             self.segments.forget_departed()
             self.cond.notify_all()
             return True
 
     # ------------------------------------------------------------------ checkpoints and rollback
-
-    def check_epoch(self, epoch: int | None) -> None:
-        """Refuse calls that belong to a timeline this shard rolled away from (under the lock);
-        ``epoch`` None checks only that the shard's own state is current."""
-        if self.awaiting_rollback:
-            self.stats.rejections["awaiting_rollback"] += 1
-            raise Unavailable(f"shard {self.shard.shard_id} restarted from its checkpoint at version "
-                              f"{self.restored_from} and waits for the coordinator to align the other shards; retry")
-        if epoch is not None and epoch < self.min_epoch:
-            self.stats.rejections[RolledBack.reason] += 1
-            raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" (this call named epoch {epoch})")
 
     def checkpoint_snapshot(self, live: bool = False) -> Snapshot:
         """Everything a checkpoint holds, at the current version (call under the lock): copies, or
@@ -601,25 +502,20 @@ class ShardState:
             self.buffers = snap.buffers
             self.version, self.last_step = snap.version, dict(snap.last_step)
             self.initialized = True
-            self._forget_replies()
-            self.generation += 1
-            self.rolled_back_generation = self.generation
+            self.replies.forget()
+            self.timeline.restored(snap.version, epoch)
             if epoch:
-                self.min_epoch, self.rolled_back_to = epoch, snap.version
-                self.awaiting_rollback = False
-                self.stats.rollbacks += 1
-                self.stats.steps_rolled_back += max(0, before - snap.version)
+                self.stats.rolled_back(before - snap.version)
             self.applied_table = dict(self.last_step)
             self._record("restored", why="rollback" if epoch else "checkpoint")
             if self.replica is not None:  # a backup at the same version number may hold other values now
-                with self.replica.cond:
-                    self.replica.synced.clear()
+                self.replica.unsync()
             self.cond.notify_all()
             return before
 
     def reject(self, reason: str) -> None:
         with self.cond:
-            self.stats.rejections[reason] += 1
+            self.stats.rejected(reason)
 
     # ------------------------------------------------------------------ pull
 
@@ -630,17 +526,16 @@ class ShardState:
         than the views known now). Either can make the waiting worker a member from an earlier
         step, which the shards wait for while it waits for this one. WaitTimeout after ``timeout`` s."""
         with self.cond:
-            self.check_epoch(epoch or None)
-            generation, known = self.generation, epoch or self.latest_epoch
+            self.timeline.check(epoch or None)
+            generation, known = self.generation, epoch or self.views.latest_epoch
             self.cond.wait_for(lambda: self.version >= version or self.generation != generation
-                               or self.latest_epoch > known, timeout=timeout)
+                               or self.views.latest_epoch > known, timeout=timeout)
             if self.version >= version:
                 return
             if self.generation != generation:
-                self.check_voided(generation)  # a replica that stopped being the primary: the caller goes elsewhere
-                raise RolledBack.at(self.rolled_back_to, self.min_epoch, f" while this pull waited for version {version}")
-            if self.latest_epoch > known:
-                raise MembershipChanged.at(self.latest_epoch, version)
+                self.raise_voided(generation, f" while this pull waited for version {version}")
+            if self.views.latest_epoch > known:
+                raise MembershipChanged.at(self.views.latest_epoch, version)
             raise WaitTimeout(f"shard {self.shard.shard_id} did not reach version {version} within {timeout:.0f}s "
                               f"(it is at {self.version})")
 
@@ -650,11 +545,6 @@ class ShardState:
             with self.cond:
                 self.transport[worker_id] = path
 
-    def _forget_replies(self) -> None:
-        """Drop the cached reply slices (encoded frames and link copy): the slice changed without its
-        version moving on (initialised, restored, copied, voided). Under the lock."""
-        self._snapshot = self._reply_copy = None
-
     def reply_tensor(self) -> tuple[int, torch.Tensor]:
         """(version, the slice) for a reply sent from tensor memory: the live slice where the policy
         keeps it still while replies go out, else a copy of that version (shared by the replies of
@@ -662,10 +552,7 @@ class ShardState:
         with self.cond:
             if self.policy.params_still_while_replying:
                 return self.version, self.param
-            if self._reply_copy is None or self._reply_copy[0] != self.version:
-                self._reply_copy = None
-                self._reply_copy = (self.version, self.param.clone())
-            return self._reply_copy
+            return self.replies.copy(self.version, self.param)
 
     def snapshot(self, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
         """(version, encode(slice)), cached per version.
@@ -675,10 +562,7 @@ class ShardState:
         one sync step then share one encoding.
         """
         with self.cond:
-            if self._snapshot is None or self._snapshot[0] != self.version:
-                self._snapshot = None  # free the old encoding before making the new one
-                self._snapshot = (self.version, encode(self.param))
-            return self._snapshot
+            return self.replies.encoded(self.version, self.param, encode)
 
     def export(self, directory: str | None = None, optimizer_state: bool = True) -> tuple[int, tensorfile.Spill, str]:
         """(version, the slice and (``optimizer_state``) its optimizer state, the groups' hyper-parameters)
@@ -694,9 +578,7 @@ class ShardState:
 
     def add_bytes(self, received: int = 0, sent: int = 0, shm_received: int = 0) -> None:
         with self.cond:
-            self.stats.bytes_in += received
-            self.stats.bytes_out += sent
-            self.stats.shm_bytes_in += shm_received  # (shm bytes out are counted by write_params)
+            self.stats.moved(received, sent, shm_received)  # (shm bytes out are counted by write_params)
 
     def digest(self) -> str:
         """SHA-256 over version, dedup table, hyper-parameters, buffers, parameters and optimizer state,
@@ -716,18 +598,3 @@ def _by_name(table: dict[int, int]) -> dict[str, int]:
     """A worker -> step table with JSON's string keys (the history's form)."""
     return {str(w): s for w, s in table.items()}
 
-
-def _largest_magnitude(t: torch.Tensor) -> float:
-    """max |t| (NaN when an element is NaN), without an elementwise copy."""
-    if not t.numel():
-        return 0.0
-    low, high = torch.aminmax(t)
-    low, high = float(low), float(high)
-    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Exact check for NaN/Inf. A float32 sum (~2 ms per 25M elements) is finite whenever
-    every element is, unless finite values overflow it; only then pay for the elementwise
-    check (~60-80 ms)."""
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())

@@ -138,6 +138,14 @@ def test_no_module_of_the_contract_or_the_runtime_is_in_a_circle():
     assert not _cycle(edges), f"modules in a circle: {' -> '.join(_cycle(edges))}"
 
 
+def test_no_module_of_the_shard_server_is_in_a_circle():
+    """server/state.py and its update policies (server/modes.py) meet in server/steps.py's Protocols."""
+    edges = {name: {t for t in targets if room(t) == "server"}
+             for name, targets in graph().items() if room(name) == "server"}
+    assert {"server.state", "server.modes", "server.steps"} <= set(edges)  # the scan sees the shard's modules
+    assert not _cycle(edges), f"modules in a circle: {' -> '.join(_cycle(edges))}"
+
+
 def test_the_cycle_finder_finds_a_planted_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": {"c"}}) == []

@@ -658,6 +658,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         else:
             added_groups.add(self, param_group)
 
+    def _extension(self, params: list[tuple[str, torch.Tensor]], kwargs: dict[str, Any],
+                   job: str, first_step: int = 0) -> "ShardedOptimizer":
+        """A ShardedOptimizer of job ``job`` over ``params`` (an added param group) whose versions start at
+        ``first_step``, on this one's cluster with its settings: built here so that ``worker.param_groups``
+        need not import this module (which imports it)."""
+        return ShardedOptimizer([{"params": params, **kwargs}], optimizer=self.job.optimizer, job=job,
+                                min_workers=self.world_size, first_step=first_step, **self._extend_args)
+
     def no_sync(self):
         """Context manager for gradient-accumulation micro-batches (as DDP's): with ``overlap=True``,
         backward inside it pushes nothing; the next backward outside it pushes the sum."""

@@ -38,7 +38,7 @@ from ..proto.messages import UpdateMode, added_group_job, added_group_jobs
 from . import torch_compat
 from .collectives import decode, encode
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: at run time the optimizer builds extensions (ShardedOptimizer._extension)
     from .optimizer import ShardedOptimizer
 
 PREFIX = "add_param_group#"  # the agreement collective's name: PREFIX + index [+ "@" + step]
@@ -178,14 +178,10 @@ def refuse_late_join(opt: "ShardedOptimizer", joined_at: int | None = None) -> N
 def _extend(opt: "ShardedOptimizer", index: int, group: dict[str, Any], names: list[str],
             kwargs: dict[str, Any]) -> "ShardedOptimizer":
     """The ShardedOptimizer of the extension job that holds ``group`` (registered, its shards initialised)."""
-    from .optimizer import ShardedOptimizer  # the module that imports this one
-
     # Sync and ssp: its versions are the job's steps (it starts at this one), so that the two jobs checkpoint
     # the same steps and roll back together (coordinator.state.report_restore). Async versions count pushes.
     first = opt.steps_taken if opt.job.mode is not UpdateMode.ASYNC else 0
-    return ShardedOptimizer([{"params": list(zip(names, group["params"])), **kwargs}], optimizer=opt.job.optimizer,
-                            job=added_group_job(opt.job.name, index), min_workers=opt.world_size,
-                            first_step=first, **opt._extend_args)
+    return opt._extension(list(zip(names, group["params"])), kwargs, added_group_job(opt.job.name, index), first)
 
 
 class ShiftedExchange:
