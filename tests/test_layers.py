@@ -138,11 +138,11 @@ def test_no_module_of_the_contract_or_the_runtime_is_in_a_circle():
     assert not _cycle(edges), f"modules in a circle: {' -> '.join(_cycle(edges))}"
 
 
-def test_no_module_of_the_shard_server_is_in_a_circle():
-    """server/state.py and its update policies (server/modes.py) meet in server/steps.py's Protocols."""
-    edges = {name: {t for t in targets if room(t) == "server"}
-             for name, targets in graph().items() if room(name) == "server"}
-    assert {"server.state", "server.modes", "server.steps"} <= set(edges)  # the scan sees the shard's modules
+def test_no_module_of_the_package_is_in_a_circle():
+    """Not even inside a room: server/state.py and its update policies (server/modes.py) meet in
+    server/steps.py's Protocols; worker/param_groups.py sees the optimizer as its GroupHost Protocol."""
+    edges = graph()
+    assert {"server.state", "server.modes", "server.steps", "worker.optimizer", "worker.param_groups"} <= set(edges)
     assert not _cycle(edges), f"modules in a circle: {' -> '.join(_cycle(edges))}"
 
 

@@ -28,7 +28,7 @@ servers, so adding a group extends the job (docs/architecture/torch-semantics.md
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -38,15 +38,43 @@ from ..proto.messages import UpdateMode, added_group_job, added_group_jobs
 from . import torch_compat
 from .collectives import decode, encode
 
-if TYPE_CHECKING:  # types only: at run time the optimizer builds extensions (ShardedOptimizer._extension)
-    from .optimizer import ShardedOptimizer
+if TYPE_CHECKING:  # types only
+    from ..coordinator.client import CoordinatorClient
+    from ..proto.messages import JobConfig
+    from .collectives import Collectives
+    from .heartbeat import Heartbeat
+
+
+class GroupHost(Protocol):
+    """What this module needs of the optimizer whose param groups change (``ShardedOptimizer``, which
+    calls in here and builds the extensions itself: ``_extension``), so that it never imports it."""
+
+    param_groups: list[dict[str, Any]]
+    extensions: list[Any]  # the added groups' optimizers, each a GroupHost too
+    steps_taken: int
+    step_timeout: float
+    worker_id: int
+    job_id: str
+    job: "JobConfig"
+    coordinator: "CoordinatorClient"
+    _module: torch.nn.Module | None
+    _inflight: object | None
+    _heartbeat: "Heartbeat"
+
+    @property
+    def collectives(self) -> "Collectives": ...
+
+    def _extension(self, params: list[tuple[str, torch.Tensor]], kwargs: dict[str, Any], job: str,
+                   first_step: int = 0) -> Any: ...
+
+    def _rejoin(self, rollback: RolledBack) -> Any: ...
 
 PREFIX = "add_param_group#"  # the agreement collective's name: PREFIX + index [+ "@" + step]
 FIX = ("every worker must call add_param_group with the same parameters (names and shapes) and the same "
        "hyper-parameters before the same step()")
 
 
-def add(opt: "ShardedOptimizer", param_group: dict[str, Any]) -> None:
+def add(opt: GroupHost, param_group: dict[str, Any]) -> None:
     """Add ``param_group`` to ``opt`` and to its job. Blocks until every worker added it (at most the
     step timeout) and the extension's shards hold the parameters. On any error (torch's own checks,
     a worker that added another group or none) ``opt`` and the job are as they were."""
@@ -54,7 +82,8 @@ def add(opt: "ShardedOptimizer", param_group: dict[str, Any]) -> None:
         raise RuntimeError("add_param_group between clip_grad_norm_ and step(): this step's pushes started "
                            "without the group; add it after step() (or before backward)")
     index = len(opt.param_groups)
-    torch.optim.Optimizer.add_param_group(opt, param_group)  # torch's checks and its defaults
+    # torch's checks and its defaults (the host is a torch Optimizer: ShardedOptimizer)
+    torch.optim.Optimizer.add_param_group(cast(torch.optim.Optimizer, opt), param_group)
     try:
         group = opt.param_groups[index]
         _, names, _, _ = torch_compat.describe_params([group], opt._module)
@@ -71,7 +100,7 @@ def add(opt: "ShardedOptimizer", param_group: dict[str, Any]) -> None:
     opt.extensions.append(child)
 
 
-def agree(opt: "ShardedOptimizer", index: int, group: dict[str, Any]) -> None:
+def agree(opt: GroupHost, index: int, group: dict[str, Any]) -> None:
     """Meet every worker in the collective for group ``index``; raise FailedPrecondition naming the
     group, the step and the fix unless all brought the same group (sync and ssp: at the same step)."""
     step = opt.steps_taken
@@ -103,7 +132,7 @@ def _differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return out
 
 
-def refuse_if_waited_for(opt: "ShardedOptimizer") -> None:
+def refuse_if_waited_for(opt: GroupHost) -> None:
     """Raise FailedPrecondition if the other workers wait for this one to add a param group before a
     step it is pushing now (sync and ssp jobs; called while pushing). It first answers their
     collective with a refusal, so that they fail at once instead of at their timeout."""
@@ -125,7 +154,7 @@ def refuse_if_waited_for(opt: "ShardedOptimizer") -> None:
             f"worker pushed step {opt.steps_taken} without it; nothing was added ({FIX})")
 
 
-def follow_rollbacks(opt: "ShardedOptimizer") -> None:
+def follow_rollbacks(opt: GroupHost) -> None:
     """After a step in which a rollback reached some of the job and its added groups' jobs but not the
     others (their replies came before it): those still ahead go back too, to the step the rollback chose
     for all of them (``coordinator.state.report_restore`` rolls them back together under one lock, so
@@ -145,7 +174,7 @@ def follow_rollbacks(opt: "ShardedOptimizer") -> None:
         part._rejoin(RolledBack.at(target, view.epoch))
 
 
-def refuse_late_join(opt: "ShardedOptimizer", joined_at: int | None = None) -> None:
+def refuse_late_join(opt: GroupHost, joined_at: int | None = None) -> None:
     """Raise FailedPrecondition naming them and the fix if param groups were added to this worker's job
     before it came (an elastic join after ``add_param_group``). Called before registering, so that a
     refused worker leaves the job as it was, and again once it joined at step ``joined_at`` (a group added
@@ -175,8 +204,8 @@ def refuse_late_join(opt: "ShardedOptimizer", joined_at: int | None = None) -> N
             f"and opt.state_dict() saved by this job's workers, under a new job name")
 
 
-def _extend(opt: "ShardedOptimizer", index: int, group: dict[str, Any], names: list[str],
-            kwargs: dict[str, Any]) -> "ShardedOptimizer":
+def _extend(opt: GroupHost, index: int, group: dict[str, Any], names: list[str],
+            kwargs: dict[str, Any]) -> GroupHost:
     """The ShardedOptimizer of the extension job that holds ``group`` (registered, its shards initialised)."""
     # Sync and ssp: its versions are the job's steps (it starts at this one), so that the two jobs checkpoint
     # the same steps and roll back together (coordinator.state.report_restore). Async versions count pushes.
