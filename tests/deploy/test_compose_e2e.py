@@ -12,7 +12,7 @@ import pytest
 
 from dockerenv import ROOT, sh, wait_for
 
-STEPS = 6000  # digits steps take milliseconds: long enough for every fault to land mid-run
+STEPS = 15000  # digits steps through shared memory take milliseconds: long enough for every fault to land mid-run
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1200)]
 
