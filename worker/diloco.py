@@ -174,6 +174,13 @@ class DiLoCo:
         ``batch_size``: the samples behind this step, summed over the round to weigh its outer
         gradient (default 1 per step). Blocks, raises and recovers as ``sync()`` when it syncs."""
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
+        self.stepped(batch_size=batch_size)
+        return loss
+
+    def stepped(self, *, batch_size: int | None = None) -> None:
+        """The inner optimizer took one step that ``step()`` did not run (a trainer stepped it: the
+        Lightning and HF integrations): count it and run the outer step when one is due, as ``step()``
+        does after its inner step."""
         if batch_size is not None and self._nominal is None:
             self._nominal = int(batch_size)
         self._inner_steps += 1
@@ -183,12 +190,11 @@ class DiLoCo:
         if self.sync_every == "auto":
             if time.monotonic() - self.fragments[0].round_start >= self.sync_seconds:
                 self.sync()
-            return loss
+            return
         streaming = len(self.fragments) > 1
         for f in self.fragments:
             if (self._inner_steps - f.offset) % self.sync_every == 0 if streaming else f.since_sync >= self.sync_every:
                 f.sync(self._weight(f))
-        return loss
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -229,6 +235,28 @@ class DiLoCo:
             f.outer.pull()
             f.begin()
         return self.versions
+
+    def upload_params(self) -> None:
+        """Make this worker's parameters the job's (a loaded checkpoint: every worker loads the same
+        one) and begin a new round from them; the inner steps since the last sync are dropped."""
+        for f in self.fragments:
+            f.outer.upload_params()
+            f.begin()
+
+    def outer_state_dict(self) -> dict[str, Any]:
+        """The outer optimizer's state from the shards (each fragment's, in torch.optim's format):
+        what a checkpoint keeps beside the model and the inner optimizer's state."""
+        return {"fragments": [f.outer.state_dict() for f in self.fragments]}
+
+    def load_outer_state_dict(self, state: dict[str, Any]) -> None:
+        """Load ``outer_state_dict()``'s result onto the shards. Every worker may load the same state
+        (loading it again changes nothing); raises ValueError, loading nothing, if its fragments differ."""
+        parts = state.get("fragments") if isinstance(state, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(self.fragments):
+            raise ValueError(f"the outer state holds {len(parts) if isinstance(parts, list) else 'no'} fragments; "
+                             f"this DiLoCo has {len(self.fragments)}: resume with the fragments it was saved with")
+        for f, part in zip(self.fragments, parts):
+            f.outer.load_state_dict(part)
 
     def close(self) -> None:
         """Leave the job (without syncing: call ``sync()`` first to keep the last round)."""
