@@ -93,6 +93,7 @@ class DiLoCo:
             raise ValueError(f"fragments={fragments} needs at least as many trained parameters; the inner "
                              f"optimizer trains {len(self.params)}")
         self.inner, self.sync_every, self.sync_seconds = inner_optimizer, sync_every, sync_seconds
+        self._owned = owned
         self._nominal = batch_size
         self._inner_steps = 0  # streaming: inner steps taken (a fragment's rollback voids its round only)
         self.fragments: list[Fragment] = []
@@ -112,6 +113,7 @@ class DiLoCo:
             self.close()  # the fragments that registered leave
             raise
         self.outer = self.fragments[0].outer
+        self._hook = inner_optimizer.register_step_pre_hook(lambda *_: self._adopt_added_params())
 
     @staticmethod
     def _check(sync_every, sync_seconds, fragments, sharded, batch_size) -> None:
@@ -167,6 +169,25 @@ class DiLoCo:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def _adopt_added_params(self) -> None:
+        """Before each inner step: parameters a param group added to the inner optimizer since the last
+        step (a fine-tuning callback unfreezing a backbone) join the round. The job holds every parameter
+        of the model, and they were not trained since the last sync, so their values now are
+        theta_at_last_sync. With fragments the split is fixed: ValueError, nothing adopted."""
+        if sum(len(g["params"]) for g in self.inner.param_groups) == len(self.params):
+            return
+        known = {id(p) for p in self.params}
+        added = [p for g in self.inner.param_groups for p in g["params"] if id(p) not in known]
+        if any(id(p) not in self._owned for p in added):
+            raise ValueError("a param group added to the inner optimizer trains a parameter that is not the model's")
+        if len(self.fragments) > 1:
+            raise ValueError(f"a param group was added to the inner optimizer; with fragments={len(self.fragments)} "
+                             "the model's split is fixed: build the inner optimizer over every parameter to train")
+        f = self.fragments[0]
+        f.params.extend(added)  # the same list as self.params
+        f.anchor.extend(p.detach().clone() for p in added)
 
     def step(self, closure=None, *, batch_size: int | None = None):
         """One inner step (``inner_optimizer.step``); every ``sync_every``-th (or, "auto", the first after
@@ -260,6 +281,8 @@ class DiLoCo:
 
     def close(self) -> None:
         """Leave the job (without syncing: call ``sync()`` first to keep the last round)."""
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
         for f in self.fragments:
             f.outer.close()
 
