@@ -144,3 +144,29 @@ def test_diloco_options_without_diloco_mode_are_refused_before_joining():
     model = torch.nn.Linear(4, 2)
     with pytest.raises(ValueError, match="add mode='diloco'"):
         for_trainer(torch.optim.SGD(model.parameters(), lr=0.1), model, cluster="127.0.0.1:1", sync_every=4)
+
+
+def test_lightning_diloco_refuses_two_optimizers_before_joining(tmp_path):
+    import lightning as L
+
+    from shardps.worker.lightning import ShardpsStrategy
+
+    class TwoOptimizers(L.LightningModule):  # a GAN's shape: DiLoCo syncs the whole model after one optimizer
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, _):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    strategy = ShardpsStrategy(cluster="127.0.0.1:1", mode="diloco", sync_every=4, min_workers=1)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="returned 2 optimizers; DiLoCo mode"):
+        trainer.fit(TwoOptimizers(), loader)
+    assert strategy.sharded == [] and strategy.diloco == []
