@@ -170,3 +170,23 @@ def test_lightning_diloco_refuses_two_optimizers_before_joining(tmp_path):
     with pytest.raises(RuntimeError, match="returned 2 optimizers; DiLoCo mode"):
         trainer.fit(TwoOptimizers(), loader)
     assert strategy.sharded == [] and strategy.diloco == []
+
+
+@pytest.mark.slow
+def test_hf_diloco_resumed_with_outer_nesterov_momentum_restores_the_momentum_on_the_shards(tmp_path):
+    """The outer SGD's momentum buffers are the shards' state: the checkpoint carries them
+    (outer_optimizer.pt) and the resumed run, on a fresh cluster, goes on with them."""
+    run = ("hf", str(tmp_path), "--diloco", "--outer-momentum", "0.9")
+    launch(tmp_path, *run, "--tag", "momentum")
+    zero = next(r for r in (load(tmp_path, f"hf-momentum-rank{k}") for k in (0, 1)) if r["rank"] == 0)
+    saved = torch.load(Path(zero["root"]) / "checkpoint-4" / "outer_optimizer.pt", weights_only=True)
+    buffers = [s["momentum_buffer"] for s in saved["fragments"][0]["state"].values()]
+    assert buffers and max(float(b.abs().max()) for b in buffers) > 0  # one outer step behind it
+    launch(tmp_path, *run, "--resume", str(Path(zero["root"]) / "checkpoint-4"), "--tag", "momentum-resumed",
+           logs="logs-resumed")
+    reference(tmp_path, *run, "--tag", "momentum-whole", "--inner-from-rank0", "4")
+    want = load(tmp_path, "hf-momentum-whole-ref")
+    for r in (0, 1):
+        resumed = load(tmp_path, f"hf-momentum-resumed-rank{r}")
+        close(resumed["model"], want["model"], TOL, f"rank {r}: ")
+        assert resumed["loads"] == [len(buffers)]

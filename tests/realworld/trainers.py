@@ -29,6 +29,11 @@ WORKERS = 2
 DILOCO = dict(mode="diloco", sync_every=4, outer_lr=1.0, outer_momentum=0.0, nesterov=False)  # outer: SGD(lr=1)
 
 
+def diloco_options(outer_momentum: float) -> dict:
+    """``DILOCO``, with Nesterov momentum on the shards' outer SGD when ``outer_momentum`` > 0."""
+    return dict(DILOCO, outer_momentum=outer_momentum, nesterov=outer_momentum > 0)
+
+
 class Digits(torch.utils.data.Dataset):
     def __init__(self, start: int, stop: int):
         x, y = M._digits()
@@ -58,7 +63,7 @@ def decay_groups(model, weight_decay: float):
 
 
 def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, finetune: bool = False,
-                  diloco: bool = False) -> None:
+                  diloco: dict | None = None) -> None:
     """``finetune``: ``BackboneFinetuning`` freezes the first layer and its norm before the optimizer is
     built over what trains, and adds them as a param group of their own when epoch 1 starts."""
     import lightning as L
@@ -116,7 +121,7 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
     if not reference:
         from shardps.worker.lightning import ShardpsStrategy
 
-        kwargs["strategy"] = ShardpsStrategy(job=f"lightning{tag}", step_timeout=120, **(DILOCO if diloco else {}))
+        kwargs["strategy"] = ShardpsStrategy(job=f"lightning{tag}", step_timeout=120, **(diloco or {}))
     trainer = L.Trainer(**kwargs)
     model = Classifier()
     trainer.fit(model, loader, val, ckpt_path=resume or None)
@@ -155,7 +160,7 @@ def hf_arguments(root: Path, epochs: int, batch: int):
         disable_tqdm=True, dataloader_num_workers=0)
 
 
-def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, diloco: bool = False) -> None:
+def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, diloco: dict | None = None) -> None:
     if not reference:
         from shardps.worker.hf import ShardpsTrainer  # first: the TrainingArguments below see one process
     from transformers import GPT2LMHeadModel, Trainer
@@ -195,7 +200,7 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, diloc
 
         ShardedOptimizer.load_state_dict = load_state_dict
         trainer = ShardpsTrainer(model=model, args=args, train_dataset=Windows(), data_collator=collate,
-                                 job=f"hf{tag}", sharded_kwargs={"step_timeout": 120, **(DILOCO if diloco else {})})
+                                 job=f"hf{tag}", sharded_kwargs={"step_timeout": 120, **(diloco or {})})
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(str(root / "final"))
     rank = trainer.args.process_index
@@ -221,6 +226,7 @@ def main():
     ap.add_argument("--tag", default="", help="names this run's files and job")
     ap.add_argument("--finetune", action="store_true", help="lightning: BackboneFinetuning adds a group at epoch 1")
     ap.add_argument("--diloco", action="store_true", help="DiLoCo mode (DILOCO); with --reference: written out")
+    ap.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo: the outer SGD's (Nesterov) momentum")
     ap.add_argument("--inner-from-rank0", type=int, default=None,
                     help="DiLoCo reference: every worker takes rank 0's inner optimizer state here (the epoch, "
                          "Lightning, or step, HF, a resumed run starts at)")
@@ -231,10 +237,11 @@ def main():
         import trainers_diloco
 
         run = {"lightning": trainers_diloco.lightning_reference, "hf": trainers_diloco.hf_reference}[a.trainer]
-        return run(Path(a.out), a.epochs, tag, a.inner_from_rank0)
+        return run(Path(a.out), a.epochs, tag, a.inner_from_rank0, a.outer_momentum)
     run = {"lightning": lightning_run, "hf": hf_run}[a.trainer]
     extra = {"finetune": True} if a.finetune else {}
-    run(Path(a.out), a.reference, a.epochs, a.resume, tag, diloco=a.diloco, **extra)
+    run(Path(a.out), a.reference, a.epochs, a.resume, tag, diloco=diloco_options(a.outer_momentum) if a.diloco else None,
+        **extra)
 
 
 if __name__ == "__main__":

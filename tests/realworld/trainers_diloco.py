@@ -27,11 +27,10 @@ TURN_TIMEOUT_S = 300.0
 class Outer:
     """theta (the job's parameters) and the outer SGD over the mean of the workers' outer gradients."""
 
-    def __init__(self, models: list[torch.nn.Module]):
+    def __init__(self, models: list[torch.nn.Module], momentum: float):
         self.models = models
         self.theta = torch.nn.Parameter(self.flat(models[0]).clone())
-        self.opt = torch.optim.SGD([self.theta], lr=DILOCO["outer_lr"], momentum=DILOCO["outer_momentum"],
-                                   nesterov=DILOCO["nesterov"])
+        self.opt = torch.optim.SGD([self.theta], lr=DILOCO["outer_lr"], momentum=momentum, nesterov=momentum > 0)
 
     @staticmethod
     def flat(model) -> torch.Tensor:
@@ -53,7 +52,7 @@ def take_rank0_state(inners: list[torch.optim.Optimizer]) -> None:
         inner.load_state_dict(copy.deepcopy(inners[0].state_dict()))
 
 
-def lightning_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None) -> None:
+def lightning_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None, momentum: float) -> None:
     """``trainers.lightning_run``'s module, optimizer (AdamW, decay groups), per-step schedule and
     gradient_clip_val=1.0 (torch's, on each worker's own gradient), Lightning's shuffling
     DistributedSampler (seed 0, set to the epoch) per worker."""
@@ -61,7 +60,7 @@ def lightning_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int 
     models = [mlp() for _ in range(WORKERS)]
     inners = [torch.optim.AdamW(decay_groups(m, 0.05), lr=0.02) for m in models]
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1.0 + 0.2 * s)) for o in inners]
-    outer = Outer(models)
+    outer = Outer(models, momentum)
     samplers = [torch.utils.data.DistributedSampler(train, num_replicas=WORKERS, rank=r, shuffle=True)
                 for r in range(WORKERS)]
     seen, norms, steps = [[] for _ in models], [[] for _ in models], 0
@@ -119,7 +118,7 @@ class Turns:
             self.cond.notify_all()
 
 
-def hf_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None) -> None:
+def hf_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None, momentum: float) -> None:
     """``trainers.hf_run``'s GPT-2, TrainingArguments and data, one stock Trainer per worker on its
     DistributedSampler's part (the seed HF's sampler takes); the Trainers' own AdamW, schedule,
     accumulation and clipping are the inner side."""
@@ -131,7 +130,7 @@ def hf_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None)
     for _ in range(WORKERS):
         torch.manual_seed(9)
         models.append(GPT2LMHeadModel(hf_config()))
-    outer, turns = Outer(models), Turns(WORKERS)
+    outer, turns = Outer(models, momentum), Turns(WORKERS)
     seen: list[list[int]] = [[] for _ in models]
     inners: list = [None] * WORKERS
     steps = [0] * WORKERS
