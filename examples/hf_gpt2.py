@@ -3,6 +3,7 @@ standard library, with the Trainer's defaults (AdamW decay / no-decay groups, ma
 plus gradient accumulation and a warmup schedule.
 
     shardps launch --nproc 2 examples/hf_gpt2.py --epochs 2
+    shardps launch --nproc 2 examples/hf_gpt2.py --diloco 20   # DiLoCo: an outer step every 20 steps
 
 Each worker trains on its part of every epoch; rank 0 alone logs, checkpoints and calls
 save_pretrained (runs/hf-gpt2).
@@ -35,6 +36,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--windows", type=int, default=512)
+    ap.add_argument("--diloco", type=int, default=0, metavar="H",
+                    help="DiLoCo mode: the Trainer's AdamW on each worker, an outer step on the shards every H steps")
     a = ap.parse_args()
     config = GPT2Config(vocab_size=96, n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
                         eos_token_id=0)
@@ -42,7 +45,9 @@ def main():
                              weight_decay=0.01, warmup_steps=10, lr_scheduler_type="cosine",
                              per_device_train_batch_size=8, gradient_accumulation_steps=2, logging_steps=10,
                              save_strategy="epoch", report_to="none", use_cpu=not torch.cuda.is_available())
-    trainer = ShardpsTrainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Windows(a.windows))
+    diloco = {"mode": "diloco", "sync_every": a.diloco} if a.diloco else {}
+    trainer = ShardpsTrainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Windows(a.windows),
+                             sharded_kwargs=diloco)
     trainer.train()
     trainer.save_model("runs/hf-gpt2/final")
 

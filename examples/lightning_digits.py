@@ -1,6 +1,7 @@
 """Lightning on shardps: an MLP on scikit-learn's digits, with clipping and a per-step schedule.
 
     shardps launch --nproc 2 examples/lightning_digits.py --epochs 3
+    shardps launch --nproc 2 examples/lightning_digits.py --diloco 10   # DiLoCo: an outer step every 10 steps
 
 Each worker trains on its part of every epoch (Lightning's DistributedSampler, by the job's
 rank); rank 0 alone writes logs and checkpoints under runs/lightning-digits.
@@ -44,12 +45,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32, help="rows per worker step")
+    ap.add_argument("--diloco", type=int, default=0, metavar="H",
+                    help="DiLoCo mode: AdamW steps on each worker, an outer step on the shards every H steps")
     a = ap.parse_args()
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
     train = torch.utils.data.TensorDataset(x[:1500], y[:1500])
     val = torch.utils.data.TensorDataset(x[1500:], y[1500:])
-    trainer = L.Trainer(strategy=ShardpsStrategy(), accelerator="cpu", devices=1, max_epochs=a.epochs,
+    strategy = ShardpsStrategy(mode="diloco", sync_every=a.diloco) if a.diloco else ShardpsStrategy()
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=a.epochs,
                         gradient_clip_val=1.0, default_root_dir="runs/lightning-digits", enable_progress_bar=False)
     trainer.fit(Digits(), torch.utils.data.DataLoader(train, batch_size=a.batch_size, shuffle=True),
                 torch.utils.data.DataLoader(val, batch_size=a.batch_size))

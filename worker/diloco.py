@@ -93,6 +93,7 @@ class DiLoCo:
             raise ValueError(f"fragments={fragments} needs at least as many trained parameters; the inner "
                              f"optimizer trains {len(self.params)}")
         self.inner, self.sync_every, self.sync_seconds = inner_optimizer, sync_every, sync_seconds
+        self._owned = owned
         self._nominal = batch_size
         self._inner_steps = 0  # streaming: inner steps taken (a fragment's rollback voids its round only)
         self.fragments: list[Fragment] = []
@@ -112,6 +113,7 @@ class DiLoCo:
             self.close()  # the fragments that registered leave
             raise
         self.outer = self.fragments[0].outer
+        self._hook = inner_optimizer.register_step_pre_hook(lambda *_: self._adopt_added_params())
 
     @staticmethod
     def _check(sync_every, sync_seconds, fragments, sharded, batch_size) -> None:
@@ -168,12 +170,38 @@ class DiLoCo:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
 
+    @torch.no_grad()
+    def _adopt_added_params(self) -> None:
+        """Before each inner step: parameters a param group added to the inner optimizer since the last
+        step (a fine-tuning callback unfreezing a backbone) join the round. The job holds every parameter
+        of the model, and they were not trained since the last sync, so their values now are
+        theta_at_last_sync. With fragments the split is fixed: ValueError, nothing adopted."""
+        if sum(len(g["params"]) for g in self.inner.param_groups) == len(self.params):
+            return
+        known = {id(p) for p in self.params}
+        added = [p for g in self.inner.param_groups for p in g["params"] if id(p) not in known]
+        if any(id(p) not in self._owned for p in added):
+            raise ValueError("a param group added to the inner optimizer trains a parameter that is not the model's")
+        if len(self.fragments) > 1:
+            raise ValueError(f"a param group was added to the inner optimizer; with fragments={len(self.fragments)} "
+                             "the model's split is fixed: build the inner optimizer over every parameter to train")
+        f = self.fragments[0]
+        f.params.extend(added)  # the same list as self.params
+        f.anchor.extend(p.detach().clone() for p in added)
+
     def step(self, closure=None, *, batch_size: int | None = None):
         """One inner step (``inner_optimizer.step``); every ``sync_every``-th (or, "auto", the first after
         ``sync_seconds`` in the round) also runs the outer step (with fragments, of the fragments due).
         ``batch_size``: the samples behind this step, summed over the round to weigh its outer
         gradient (default 1 per step). Blocks, raises and recovers as ``sync()`` when it syncs."""
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
+        self.stepped(batch_size=batch_size)
+        return loss
+
+    def stepped(self, *, batch_size: int | None = None) -> None:
+        """The inner optimizer took one step that ``step()`` did not run (a trainer stepped it: the
+        Lightning and HF integrations): count it and run the outer step when one is due, as ``step()``
+        does after its inner step."""
         if batch_size is not None and self._nominal is None:
             self._nominal = int(batch_size)
         self._inner_steps += 1
@@ -183,12 +211,11 @@ class DiLoCo:
         if self.sync_every == "auto":
             if time.monotonic() - self.fragments[0].round_start >= self.sync_seconds:
                 self.sync()
-            return loss
+            return
         streaming = len(self.fragments) > 1
         for f in self.fragments:
             if (self._inner_steps - f.offset) % self.sync_every == 0 if streaming else f.since_sync >= self.sync_every:
                 f.sync(self._weight(f))
-        return loss
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -230,8 +257,32 @@ class DiLoCo:
             f.begin()
         return self.versions
 
+    def upload_params(self) -> None:
+        """Make this worker's parameters the job's (a loaded checkpoint: every worker loads the same
+        one) and begin a new round from them; the inner steps since the last sync are dropped."""
+        for f in self.fragments:
+            f.outer.upload_params()
+            f.begin()
+
+    def outer_state_dict(self) -> dict[str, Any]:
+        """The outer optimizer's state from the shards (each fragment's, in torch.optim's format):
+        what a checkpoint keeps beside the model and the inner optimizer's state."""
+        return {"fragments": [f.outer.state_dict() for f in self.fragments]}
+
+    def load_outer_state_dict(self, state: dict[str, Any]) -> None:
+        """Load ``outer_state_dict()``'s result onto the shards. Every worker may load the same state
+        (loading it again changes nothing); raises ValueError, loading nothing, if its fragments differ."""
+        parts = state.get("fragments") if isinstance(state, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(self.fragments):
+            raise ValueError(f"the outer state holds {len(parts) if isinstance(parts, list) else 'no'} fragments; "
+                             f"this DiLoCo has {len(self.fragments)}: resume with the fragments it was saved with")
+        for f, part in zip(self.fragments, parts):
+            f.outer.load_state_dict(part)
+
     def close(self) -> None:
         """Leave the job (without syncing: call ``sync()`` first to keep the last round)."""
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
         for f in self.fragments:
             f.outer.close()
 

@@ -37,6 +37,10 @@ class Fragment:
         """Push this fragment's outer gradient (x ``weight``), load the new values: ``DiLoCo.sync``."""
         if self.since_sync == 0:
             return
+        mine = {id(p) for p in self.params}
+        for p in self.outer.flat.params:  # the job's others (the model's, untrained by the inner optimizer): no
+            if id(p) not in mine:         # outer gradient, whatever backward left in their .grad
+                p.grad = None
         for p, anchor in zip(self.params, self.anchor):
             delta = anchor - p.detach()
             if weight != 1.0:

@@ -22,6 +22,16 @@ Gradient accumulation works as the Trainer does it (the step pushes the accumula
 Workers average their gradients with equal weights (as DDP does): give them equal batches.
 Evaluation is not split: every worker evaluates the whole eval set (the same model gives the
 same result).
+
+DiLoCo mode (``sharded_kwargs={"mode": "diloco", "sync_every": 20, "outer_lr": 0.7}``, or
+``"diloco-async"``): the optimizer the Trainer builds (or is given) stays on the worker as DiLoCo's
+inner optimizer, driven by its scheduler as usual, and every ``sync_every``-th optimizer step also
+runs the outer step on the shards (``worker.diloco``). ``max_grad_norm`` clips this worker's own
+gradient (the Trainer's own clipping: inner steps are local). A checkpoint closes the round first
+(the outer step over the steps so far), so it holds the job's model; beside rank 0's inner
+optimizer state (``optimizer.pt``, which every worker resumes with) it holds the shards' outer
+state (``outer_optimizer.pt``). ``train()`` ends with a last outer step over the steps left.
+Between two outer steps each worker holds its own model: evaluate at multiples of ``sync_every``.
 """
 from __future__ import annotations
 
@@ -30,10 +40,13 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from .convert import from_torch, rebind_scheduler
+from .convert import for_trainer, is_diloco, rebind_scheduler
+from .diloco import DiLoCo
 from .optimizer import ShardedOptimizer
+
+OUTER_NAME = "outer_optimizer.pt"  # a DiLoCo checkpoint's outer state (the shards'), beside optimizer.pt
 
 
 def _not_torchrun() -> None:
@@ -55,11 +68,13 @@ class ShardpsTrainer(Trainer):
     def __init__(self, *args, cluster: str | None = None, job: str = "default",
                  sharded_kwargs: dict[str, Any] | None = None, **kwargs):
         """``cluster``: the coordinator (default ``SHARDPS_CLUSTER``, which ``shardps launch`` sets);
-        ``sharded_kwargs``: ShardedOptimizer's options (mode, min_workers, wire_dtype, step_timeout, ...).
+        ``sharded_kwargs``: ShardedOptimizer's options (mode, min_workers, wire_dtype, step_timeout, ...);
+        with ``"mode": "diloco"`` (or ``"diloco-async"``) also DiLoCo's (``sync_every``, ``outer_lr``, ...).
         Everything else is the Trainer's."""
         super().__init__(*args, **kwargs)
         self.shardps_options = dict(cluster=cluster, job=job, **(sharded_kwargs or {}))
-        self.sharded: ShardedOptimizer | None = None
+        self.sharded: ShardedOptimizer | None = None  # the job (in DiLoCo mode: the outer steps')
+        self.diloco: DiLoCo | None = None
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -79,10 +94,14 @@ class ShardpsTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.sharded is None:
             torch_opt = super().create_optimizer(model)
-            self.sharded = from_torch(torch_opt, model=self.model, **self.shardps_options)
-            self.optimizer = self.sharded
-            if self.lr_scheduler is not None:  # passed in optimizers=(opt, scheduler), built on the stock one
-                rebind_scheduler(self.lr_scheduler, self.sharded)
+            job = for_trainer(torch_opt, self.model, **self.shardps_options)
+            if is_diloco(self.shardps_options):  # the Trainer's optimizer and scheduler stay: the inner ones
+                self.diloco, self.sharded = job, job.outer
+                self.add_callback(_OuterSteps(job))
+            else:
+                self.sharded = self.optimizer = job
+                if self.lr_scheduler is not None:  # passed in optimizers=(opt, scheduler), built on the stock one
+                    rebind_scheduler(self.lr_scheduler, self.sharded)
             state = self.args.distributed_state
             self.args.distributed_state = JobState(state.inner if isinstance(state, JobState) else state, self.sharded)
             atexit.register(self.close)
@@ -90,9 +109,14 @@ class ShardpsTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self.create_optimizer()  # the rank picks the data, before the Trainer builds its DataLoader
-        return super().train(*args, **kwargs)
+        out = super().train(*args, **kwargs)
+        if self.diloco is not None:  # a last, shorter round: every worker ends with the job's model
+            self.diloco.sync()
+        return out
 
     def _clip_grad_norm(self, model):
+        if self.diloco is not None:  # an inner step is this worker's own: so is its gradient's norm
+            return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # under fp16 the shards must see the true gradient
         return self.sharded.clip_grad_norm_(self.args.max_grad_norm)
 
@@ -116,12 +140,44 @@ class ShardpsTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.sharded is not None:  # every worker loaded the same weights: they become the job's
-            self.sharded.upload_params()
+            (self.diloco or self.sharded).upload_params()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Every worker saves (rank 0 writes): the round closes first, so the checkpoint holds the job's
+        # model, not rank 0's own inner steps since the last outer step.
+        if self.diloco is not None:
+            self.diloco.sync()
+        super()._save_checkpoint(model, trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)  # optimizer.pt: the inner optimizer's, rank 0's
+        if self.diloco is not None and self.args.should_save:
+            torch.save(self.diloco.outer_state_dict(), os.path.join(output_dir, OUTER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        outer = os.path.join(checkpoint, OUTER_NAME) if checkpoint else None
+        if outer is not None and (self.diloco is not None) != os.path.isfile(outer):
+            raise ValueError(f"{checkpoint} was saved {'without' if self.diloco else 'in'} DiLoCo mode and its "
+                             "optimizer.pt is another optimizer's state: resume with the mode it was saved with, or "
+                             "start from its weights (from_pretrained) without resume_from_checkpoint")
+        super()._load_optimizer_and_scheduler(checkpoint)  # the inner optimizer: rank 0's state, on every worker
+        if outer is not None and self.diloco is not None:
+            self.diloco.load_outer_state_dict(torch.load(outer, weights_only=True))
 
     def close(self) -> None:
         """Leave the job (also at exit)."""
         if self.sharded is not None:
             self.sharded.close()
+
+
+class _OuterSteps(TrainerCallback):
+    """After each optimizer step of the Trainer (DiLoCo's inner step): the outer step when one is due."""
+
+    def __init__(self, diloco: DiLoCo):
+        self.diloco = diloco
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.diloco.stepped()
 
 
 class JobState:

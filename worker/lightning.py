@@ -20,6 +20,15 @@ come in a DataLoader Lightning can give a DistributedSampler (``use_distributed_
 Fine-tuning callbacks (``BackboneFinetuning``, any ``BaseFinetuning``) freeze before the
 optimizers are built, as Lightning promises, and the group they add at an epoch's start is
 added to the job on every worker (``ShardedOptimizer.add_param_group``).
+
+DiLoCo mode (``ShardpsStrategy(mode="diloco", sync_every=20, outer_lr=0.7)``, or
+``"diloco-async"``): the optimizer ``configure_optimizers`` returns stays on the worker as DiLoCo's
+inner optimizer (its state and schedulers are as without shardps), and every ``sync_every``-th
+optimizer step also runs the outer step on the shards (``worker.diloco``). Gradient clipping is
+torch's own, on this worker's gradient (its inner steps are its own). A checkpoint closes the
+round first (the outer step over the inner steps so far), so it holds the job's model; it also
+holds the shards' outer state (``"shardps_diloco"``) and rank 0's inner optimizer state, which
+every worker resumes with. Fit ends with a last outer step over the steps left.
 """
 from __future__ import annotations
 
@@ -37,8 +46,11 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .collectives import Collectives
-from .convert import from_torch, rebind_scheduler
+from .convert import for_trainer, is_diloco, rebind_scheduler
+from .diloco import DiLoCo
 from .optimizer import ShardedOptimizer
+
+DILOCO_KEY = "shardps_diloco"  # a DiLoCo checkpoint's outer state (the shards' optimizer), beside Lightning's keys
 
 REDUCE_OPS = {"sum": "sum", "mean": "mean", "avg": "mean", "max": "max", "min": "min"}
 
@@ -50,10 +62,13 @@ class ShardpsStrategy(ParallelStrategy):
                  precision_plugin=None, **sharded_kwargs: Any):
         """``cluster``: the coordinator (default ``SHARDPS_CLUSTER``, which ``shardps launch`` sets);
         ``job``: the first optimizer's job name; ``sharded_kwargs``: ShardedOptimizer's options (mode,
-        min_workers, wire_dtype, step_timeout, ...) for every optimizer."""
+        min_workers, wire_dtype, step_timeout, ...) for every optimizer. ``mode="diloco"`` (outer steps
+        sync) or ``"diloco-async"``: DiLoCo, with its options (``sync_every``, ``outer_lr``,
+        ``outer_momentum``, ``fragments``, ...) beside ShardedOptimizer's."""
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         self.cluster, self.job, self.sharded_kwargs = cluster, job, sharded_kwargs
-        self.sharded: list[ShardedOptimizer] = []
+        self.sharded: list[ShardedOptimizer] = []  # the jobs (in DiLoCo mode: the outer steps')
+        self.diloco: list[DiLoCo] = []
 
     # ------------------------------------------------------------------ who is who
 
@@ -120,19 +135,26 @@ class ShardpsStrategy(ParallelStrategy):
         optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
         if not optimizers:
             raise RuntimeError("configure_optimizers returned no optimizer: a shardps job trains with one")
+        if is_diloco(self.sharded_kwargs) and len(optimizers) > 1:
+            raise RuntimeError(f"configure_optimizers returned {len(optimizers)} optimizers; DiLoCo mode syncs the "
+                               "whole model after one inner optimizer's steps: return one (or use mode='sync')")
         cluster = self.cluster or os.environ.get("SHARDPS_CLUSTER")
-        sharded = []
+        jobs = []
         try:
             for i, opt in enumerate(optimizers):
                 job = self.job if i == 0 else f"{self.job}-{i}"
-                sharded.append(from_torch(opt, model=module, cluster=cluster, job=job, **self.sharded_kwargs))
+                jobs.append(for_trainer(opt, module, cluster=cluster, job=job, **self.sharded_kwargs))
         except BaseException:
-            for opt in sharded:
+            for opt in jobs:
                 opt.close()
             raise
-        for config in schedulers:
-            rebind_scheduler(config.scheduler, sharded[optimizers.index(config.scheduler.optimizer)])
-        self.sharded, self.optimizers, self.lr_scheduler_configs = sharded, sharded, schedulers
+        if is_diloco(self.sharded_kwargs):  # the user's optimizers and schedulers stay: they are the inner ones
+            self.diloco, self.sharded, self.optimizers = jobs, [d.outer for d in jobs], optimizers
+        else:
+            for config in schedulers:
+                rebind_scheduler(config.scheduler, jobs[optimizers.index(config.scheduler.optimizer)])
+            self.sharded, self.optimizers = jobs, jobs
+        self.lr_scheduler_configs = schedulers
         atexit.register(self.close)
         if trainer is not None and getattr(trainer.fit_loop, "_combined_loader", None) is not None:
             trainer.fit_loop._combined_loader = None  # set up by configure_optimizers before the rank was known
@@ -146,19 +168,56 @@ class ShardpsStrategy(ParallelStrategy):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
+        if self.diloco:  # inner steps are this worker's own: torch's clipping of its own gradient is exact
+            return
         plugin = self.precision_plugin
         plugin.clip_grad_by_norm = _clip_by_norm  # the job's averaged gradient, on the shards
         plugin.clip_grad_by_value = _refuse_value_clipping
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         super().load_model_state_dict(checkpoint, strict=strict)
-        for opt in self.sharded:  # every worker loads the same checkpoint: the job takes its weights
+        for opt in self.diloco or self.sharded:  # every worker loads the same checkpoint: the job takes its weights
             opt.upload_params()
 
     def close(self) -> None:
         """Leave the job (at exit, or when you are done with the Trainer)."""
-        for opt in self.sharded:
+        for opt in self.diloco or self.sharded:
             opt.close()
+
+    # ------------------------------------------------------------------ DiLoCo mode
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)  # the inner step, clipping and all
+        for d in self.diloco:
+            d.stepped()  # every sync_every-th: the outer step
+        return out
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Lightning dumps a checkpoint on every rank, the model first: the round closes here, so the
+        # checkpoint holds the job's model (every worker's), not rank 0's own inner steps since the last sync.
+        for d in self.diloco:
+            d.sync()
+        return super().lightning_module_state_dict()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self.diloco and self.is_global_zero:
+            checkpoint[DILOCO_KEY] = {"outer": [d.outer_state_dict() for d in self.diloco]}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        saved = checkpoint.get(DILOCO_KEY)
+        if bool(self.diloco) != (saved is not None):
+            raise ValueError(f"the checkpoint was saved {'without' if self.diloco else 'in'} DiLoCo mode and its "
+                             "optimizer state is another optimizer's: resume with the mode it was saved with, or "
+                             "load only its weights (Model.load_from_checkpoint(path)) and fit without ckpt_path")
+        super().load_optimizer_state_dict(checkpoint)  # the inner optimizers: rank 0's state, on every worker
+        for d, outer in zip(self.diloco, saved["outer"] if self.diloco else ()):
+            d.load_outer_state_dict(outer)
+
+    def on_train_end(self) -> None:
+        for d in self.diloco:  # a last, shorter round: every worker ends with the job's model
+            d.sync()
+        super().on_train_end()
 
     def teardown(self) -> None:
         # The job stays joined: trainer.validate/test after fit go on with it (close() leaves it).

@@ -101,7 +101,8 @@ def track(opt) -> None:
         params = [parameters] if torch.is_tensor(parameters) else list(parameters)
         ids = {id(p) for p in params}
         for opt_ in list(_LIVE):
-            if not opt_._warned_local_clip and ids & opt_._param_ids:
+            # DiLoCo's outer jobs (_moves_between_steps): its inner steps are local, so is their clipping.
+            if not opt_._warned_local_clip and not opt_._moves_between_steps and ids & opt_._param_ids:
                 opt_._warned_local_clip = True
                 warnings.warn(
                     "torch.nn.utils.clip_grad_norm_ on a ShardedOptimizer's parameters clips this worker's own "

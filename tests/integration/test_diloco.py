@@ -323,3 +323,42 @@ def test_a_server_killed_mid_diloco_run_rolls_the_outer_steps_back_and_the_inner
                                 {"lr": 0.7, "momentum": 0.9, "nesterov": True}, inner_cls=torch.optim.SGD)
     for r in results:
         assert max_diff(r["final"], expected) <= 1e-5
+
+
+def _train_with_a_group_added_at(opt_step, inner, model, steps: int, add_at: int) -> None:
+    """Inner SGD over the last layer only, the first layer added as a param group at ``add_at`` (what a
+    fine-tuning callback unfreezing a backbone does), on the helpers' batches."""
+    for step in range(steps):
+        if step == add_at:
+            inner.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
+        x, y = global_batch(step, 32)
+        inner.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt_step()
+
+
+@pytest.mark.slow
+def test_a_param_group_added_to_the_inner_optimizer_mid_round_joins_the_outer_steps():
+    """One worker, outer SGD(lr=1): DiLoCo is plain local training, so the run equals torch's, the added
+    group's training included (a DiLoCo that left it out would pull it back to its frozen value)."""
+    from shardps import DiLoCo
+
+    steps, add_at = 10, 5  # syncs after steps 4 and 8 (and a last one): the group is added mid-round
+    want = make_model(3)
+    plain = torch.optim.SGD(list(want[2].parameters()), lr=0.1)
+    _train_with_a_group_added_at(plain.step, plain, want, steps, add_at)
+    model = make_model(3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    inner = torch.optim.SGD(list(model[2].parameters()), lr=0.1)
+    with LocalCluster(servers=2) as cluster:
+        opt = DiLoCo(model, inner, cluster.address, sync_every=4, **PLAIN_OUTER)
+        try:
+            _train_with_a_group_added_at(opt.step, inner, model, steps, add_at)
+            opt.sync()
+            assert opt.versions == [3, 3]
+            final = opt.outer.model_state_dict()
+        finally:
+            opt.close()
+    assert max_diff(want.state_dict(), start) > 1e-3 and (want[0].weight - start["0.weight"]).abs().max() > 1e-3
+    assert max_diff(final, want.state_dict()) <= 1e-6
+    assert max_diff(model.state_dict(), want.state_dict()) <= 1e-6

@@ -2,6 +2,8 @@
 
     shardps launch --nproc 2 trainers.py lightning OUT     # each worker: OUT/lightning-rank<r>.pt
     python trainers.py lightning OUT --reference           # one process on the union batch: OUT/lightning-ref.pt
+    shardps launch --nproc 2 trainers.py hf OUT --diloco   # DiLoCo mode (H = 4, outer SGD lr 1): OUT/hf-rank<r>.pt
+    python trainers.py hf OUT --diloco --reference         # the same DiLoCo in one process (``trainers_diloco.py``)
 
 A worker trains on its DistributedSampler's part of every epoch with ``BATCH`` rows a step;
 the reference trains on ``2 * BATCH`` rows a step in one process, in the order the two
@@ -24,6 +26,12 @@ import models as M  # noqa: E402
 TRAIN, VAL = 256, 64  # digits rows: the first TRAIN train, the next VAL validate
 BATCH = 16  # rows per worker step (the reference takes WORKERS * BATCH)
 WORKERS = 2
+DILOCO = dict(mode="diloco", sync_every=4, outer_lr=1.0, outer_momentum=0.0, nesterov=False)  # outer: SGD(lr=1)
+
+
+def diloco_options(outer_momentum: float) -> dict:
+    """``DILOCO``, with Nesterov momentum on the shards' outer SGD when ``outer_momentum`` > 0."""
+    return dict(DILOCO, outer_momentum=outer_momentum, nesterov=outer_momentum > 0)
 
 
 class Digits(torch.utils.data.Dataset):
@@ -54,7 +62,8 @@ def decay_groups(model, weight_decay: float):
 # ------------------------------------------------------------------ Lightning
 
 
-def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, finetune: bool = False) -> None:
+def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, finetune: bool = False,
+                  diloco: dict | None = None) -> None:
     """``finetune``: ``BackboneFinetuning`` freezes the first layer and its norm before the optimizer is
     built over what trains, and adds them as a param group of their own when epoch 1 starts."""
     import lightning as L
@@ -66,6 +75,10 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
             self.backbone = self.net[0:2]  # what BackboneFinetuning freezes (the same modules as net's)
             self.seen: list[int] = []
             self.norms: list[float] = []  # of the gradient before clipping (this process's own)
+            self.start: dict = {}  # the weights training starts from (a resumed checkpoint's)
+
+        def on_train_start(self):
+            self.start = M_sd(self.net)
 
         def training_step(self, batch, _):
             x, y, ids = batch
@@ -108,14 +121,15 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
     if not reference:
         from shardps.worker.lightning import ShardpsStrategy
 
-        kwargs["strategy"] = ShardpsStrategy(job=f"lightning{tag}", step_timeout=120)
+        kwargs["strategy"] = ShardpsStrategy(job=f"lightning{tag}", step_timeout=120, **(diloco or {}))
     trainer = L.Trainer(**kwargs)
     model = Classifier()
     trainer.fit(model, loader, val, ckpt_path=resume or None)
     rank = trainer.global_rank
     torch.save({"rank": rank, "world_size": trainer.world_size, "model": M_sd(model.net), "seen": model.seen,
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "norms": model.norms,
-                "root": str(root), "index": index},
+                "root": str(root), "index": index, "start": model.start,
+                "outer_steps": [d.outer.steps_taken for d in getattr(trainer.strategy, "diloco", ())]},
                out / f"lightning{tag}-{'ref' if reference else f'rank{rank}'}.pt")
 
 
@@ -135,10 +149,21 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x, "idx": i}
 
 
-def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> None:
+def hf_arguments(root: Path, epochs: int, batch: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(root), num_train_epochs=epochs, learning_rate=5e-3, weight_decay=0.01, adam_epsilon=1e-6,
+        lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0,  # the defaults' clipping, at 1.0
+        per_device_train_batch_size=batch, gradient_accumulation_steps=HF_ACCUMULATE, logging_steps=1,
+        save_strategy="steps", save_steps=4, report_to="none", use_cpu=True, remove_unused_columns=False, seed=5,
+        disable_tqdm=True, dataloader_num_workers=0)
+
+
+def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, diloco: dict | None = None) -> None:
     if not reference:
         from shardps.worker.hf import ShardpsTrainer  # first: the TrainingArguments below see one process
-    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2LMHeadModel, Trainer
 
     from scenarios import hf_config
 
@@ -156,12 +181,7 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> No
     model = GPT2LMHeadModel(hf_config())
     plain_save = model.save_pretrained
     model.save_pretrained = lambda path, *a, **k: (saves.append(str(path)), plain_save(path, *a, **k))[1]
-    args = TrainingArguments(
-        output_dir=str(root), num_train_epochs=epochs, learning_rate=5e-3, weight_decay=0.01, adam_epsilon=1e-6,
-        lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0,  # the defaults' clipping, at 1.0
-        per_device_train_batch_size=HF_BATCH * (WORKERS if reference else 1),
-        gradient_accumulation_steps=HF_ACCUMULATE, logging_steps=1, save_strategy="steps", save_steps=4,
-        report_to="none", use_cpu=True, remove_unused_columns=False, seed=5, disable_tqdm=True, dataloader_num_workers=0)
+    args = hf_arguments(root, epochs, HF_BATCH * (WORKERS if reference else 1))
     if reference:
         class OneProcess(Trainer):
             def _get_train_sampler(self, train_dataset=None):  # the permutation the workers' samplers split
@@ -180,14 +200,15 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str) -> No
 
         ShardedOptimizer.load_state_dict = load_state_dict
         trainer = ShardpsTrainer(model=model, args=args, train_dataset=Windows(), data_collator=collate,
-                                 job=f"hf{tag}", sharded_kwargs={"step_timeout": 120})
+                                 job=f"hf{tag}", sharded_kwargs={"step_timeout": 120, **(diloco or {})})
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(str(root / "final"))
     rank = trainer.args.process_index
     losses = [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in trainer.state.log_history
               if "loss" in e]
     torch.save({"rank": rank, "world_size": trainer.args.world_size, "model": M_sd(model), "seen": seen,
-                "saves": saves, "loads": loads, "losses": losses, "root": str(root), "index": index},
+                "saves": saves, "loads": loads, "losses": losses, "root": str(root), "index": index,
+                "outer_steps": trainer.diloco.outer.steps_taken if getattr(trainer, "diloco", None) else None},
                out / f"hf{tag}-{'ref' if reference else f'rank{rank}'}.pt")
 
 
@@ -204,11 +225,23 @@ def main():
     ap.add_argument("--resume", default="", help="a checkpoint to resume from")
     ap.add_argument("--tag", default="", help="names this run's files and job")
     ap.add_argument("--finetune", action="store_true", help="lightning: BackboneFinetuning adds a group at epoch 1")
+    ap.add_argument("--diloco", action="store_true", help="DiLoCo mode (DILOCO); with --reference: written out")
+    ap.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo: the outer SGD's (Nesterov) momentum")
+    ap.add_argument("--inner-from-rank0", type=int, default=None,
+                    help="DiLoCo reference: every worker takes rank 0's inner optimizer state here (the epoch, "
+                         "Lightning, or step, HF, a resumed run starts at)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    tag = a.tag and f"-{a.tag}"
+    if a.diloco and a.reference:
+        import trainers_diloco
+
+        run = {"lightning": trainers_diloco.lightning_reference, "hf": trainers_diloco.hf_reference}[a.trainer]
+        return run(Path(a.out), a.epochs, tag, a.inner_from_rank0, a.outer_momentum)
     run = {"lightning": lightning_run, "hf": hf_run}[a.trainer]
     extra = {"finetune": True} if a.finetune else {}
-    run(Path(a.out), a.reference, a.epochs, a.resume, a.tag and f"-{a.tag}", **extra)
+    run(Path(a.out), a.reference, a.epochs, a.resume, tag, diloco=diloco_options(a.outer_momentum) if a.diloco else None,
+        **extra)
 
 
 if __name__ == "__main__":
