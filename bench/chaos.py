@@ -53,13 +53,15 @@ def chaos_run(args, out: Path) -> dict:
     a, b = load_model_file(clean["model_file"]), load_model_file(faulty["model_file"])
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     report = _read_report(out / "chaos")
-    kills = [e for e in report["timeline"] if e["action"] == "kill"]
-    restarts = [e for e in report["timeline"] if e["action"] == "restart"]
+    # a failure is a kill or a pause; it is survived when its role came back (restart, resume) and the run ended
+    kills = [e for e in report["timeline"] if e["action"] in ("kill", "pause")]
+    restarts = [e for e in report["timeline"] if e["action"] in ("restart", "resume")]
     return {
         "scenario": scenario.read_text(),
         "failures_injected": len(kills),
         "failures_survived": sum(e["ok"] for e in restarts) if faulty["steps"] == args.steps else 0,
-        "killed": [e["target"] for e in kills],  # in order
+        "kills": sum(e["action"] == "kill" for e in kills),
+        "killed": [e["target"] for e in kills],  # in order (kills and pauses)
         "steps": faulty["steps"],
         "steps_rolled_back": report["counters"].get("steps_rolled_back", 0),
         "rollbacks": report["counters"].get("rollbacks", 0),

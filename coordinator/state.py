@@ -542,10 +542,10 @@ class Coordinator:
         target = max(common)
         epoch = len(state.views) + 1
         from_version = max(c.version for c in listings.values())
-        if state.placement is not None:  # a lost shard's copies are gone: the workers' steps say how far it got
-            from_version = max([from_version, *(step for step, _ in state.reports.values())])
         for _, address in sorted(self.servers.items(), key=lambda item: (item[0] == shard_id, item[0])):
-            self.shards.rollback(address, job_id, target, epoch)
+            from_version = max(from_version, self.shards.rollback(address, job_id, target, epoch))
+        if state.placement is not None:  # a lost shard's copies are gone: the workers' steps say how far it got
+            from_version = max([from_version, target, *(step for step, _ in state.reports.values())])
         if state.views:
             self._new_view(state, state.latest().members, start_step=target)
         else:  # a resumed job, before training started: the first view starts there
