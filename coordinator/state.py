@@ -199,9 +199,10 @@ class Coordinator:
     def _orphaned(self, server: int) -> None:
         """``server`` restarted (under the lock): shards it is still primary of had no backup in sync
         (``Placement.lose`` moved the others), so no live copy of them is left; ``restore_lost`` restores
-        the job from checkpoints once every server answers."""
+        the job from checkpoints once every server answers. Not before training starts: the initializer's
+        upload (retried) still makes the shard, as for an unreplicated server (``ShardNode.restore_latest``)."""
         for state in self.jobs.values():
-            if state.placement is not None and (gone := state.placement.restarted(server)):
+            if state.placement is not None and state.views and (gone := state.placement.restarted(server)):
                 log.error("job %s: server %d restarted while no backup of shard(s) %s was in sync: no live copy "
                           "is left; the job will roll back to the newest common checkpoint", state.name, server,
                           sorted(gone))
