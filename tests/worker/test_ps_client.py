@@ -1,7 +1,7 @@
 """The worker's channel to one shard: following a replicated shard that moves to another server."""
 import threading
 
-from shardps.proto.errors import ConnectionLost, Unavailable
+from shardps.proto.errors import ConnectionLost, ShardpsError, Unavailable
 from shardps.proto.messages import ShardInfo
 from shardps.proto.plan import ShardRange
 from shardps.runtime.retry import Retrier
@@ -104,3 +104,32 @@ def test_a_timeout_is_not_reported_as_a_dead_server():
     finally:
         ch.close()
     assert asked == [[]]  # asked where the shard is, naming nobody
+
+
+def test_a_shard_that_moves_again_while_the_followed_retry_waits_is_retried_not_fatal():
+    # Chaos with partitions made a shard flap between two servers: the retry that followed the first
+    # move was on a channel the second move closed, and its CANCELLED ("Channel closed!") killed the
+    # worker. It is retried like any call whose shard moved under it.
+    locator = Locator(lambda suspect: [ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:10" if suspect else "127.0.0.1:9")],
+                      every=600)
+    locator.plan()
+    ch = ShardChannel(ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:9"), "job", "fp", 1 << 16,
+                      Retrier(budget=30, initial=0.01, maximum=0.02), locate=locator)
+    addresses = []
+
+    def attempt():
+        addresses.append(ch.info.address)
+        if len(addresses) == 1:
+            raise ConnectionLost("Push to shard 0 at 127.0.0.1:9: UNAVAILABLE: Connection refused", refused=1)
+        if len(addresses) == 2:  # the followed retry, on :10, when the shard moves on to :11
+            ch.move("127.0.0.1:11")
+            err = ShardpsError("Push to shard 0 at 127.0.0.1:10: CANCELLED: Channel closed!")
+            err.code = "CANCELLED"
+            raise err
+        return "applied"
+
+    try:
+        assert ch._call("Push", attempt) == "applied"
+    finally:
+        ch.close()
+    assert addresses == ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11"]
