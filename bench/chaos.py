@@ -6,6 +6,7 @@ run of `shardps run`; the same run without faults beside it.
     python bench/chaos.py --failures 3 --every 4 --steps 300     # short (what CI runs)
     python bench/chaos.py --failures 200 --every 1.5 --down 0.5 --steps 6000 --replicas 2 \
         --targets servers workers coordinator --kinds kill pause      # at scale: 200 failures over every role
+    sudo python bench/chaos.py --replicas 2 --targets servers workers coordinator --kinds kill pause partition
 
 The failures come from a ``[chaos]`` scenario (``chaos/scenario.py``), so ``shardps run --scenario``
 does the same. Reported, per run: failures injected and survived (the role came back and the
@@ -41,9 +42,10 @@ def chaos_run(args, out: Path) -> dict:
     from shardps.client.run import RunConfig, run
     from shardps.client.sdk import load_model_file
 
+    # partitions cut network-namespace hosts (root): both runs get them, so the fault-free one is a fair peer
     common = dict(workload=args.workload, steps=args.steps, servers=args.servers, workers=args.workers, seed=args.seed,
                   checkpoint_every=args.checkpoint_every, lease_seconds=args.lease, eval_every=10 ** 9,
-                  replicas=args.replicas)
+                  replicas=args.replicas, hosts="partition" in args.kinds)
     clean = run(RunConfig(out=str(out / "clean"), **common))
     scenario = out / "chaos.toml"
     scenario.write_text(scenario_text(args.failures, args.every, args.down, args.start, args.seed, args.targets,
@@ -53,13 +55,16 @@ def chaos_run(args, out: Path) -> dict:
     a, b = load_model_file(clean["model_file"]), load_model_file(faulty["model_file"])
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     report = _read_report(out / "chaos")
-    kills = [e for e in report["timeline"] if e["action"] == "kill"]
-    restarts = [e for e in report["timeline"] if e["action"] == "restart"]
+    # a failure is a kill, a pause or a partition; survived when its role came back (restart, resume, heal) and the
+    # run ended
+    kills = [e for e in report["timeline"] if e["action"] in ("kill", "pause", "partition")]
+    restarts = [e for e in report["timeline"] if e["action"] in ("restart", "resume", "heal")]
     return {
         "scenario": scenario.read_text(),
         "failures_injected": len(kills),
         "failures_survived": sum(e["ok"] for e in restarts) if faulty["steps"] == args.steps else 0,
-        "killed": [e["target"] for e in kills],  # in order
+        "kills": sum(e["action"] == "kill" for e in kills),
+        "killed": [e["target"] for e in kills],  # in order (kills and pauses)
         "steps": faulty["steps"],
         "steps_rolled_back": report["counters"].get("steps_rolled_back", 0),
         "rollbacks": report["counters"].get("rollbacks", 0),
@@ -95,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--start", type=float, default=3.0, help="seconds into training of the first failure")
     ap.add_argument("--targets", nargs="+", default=["servers", "coordinator"],
                     help="servers, workers, coordinator or role names (workers: see the note in bench/RESULTS.md)")
-    ap.add_argument("--kinds", nargs="+", default=["kill"], choices=["kill", "pause"],
-                    help="what a failure is: kill + restart, pause (SIGSTOP) + resume; drawn per failure")
+    ap.add_argument("--kinds", nargs="+", default=["kill"], choices=["kill", "pause", "partition"],
+                    help="what a failure is: kill + restart, pause (SIGSTOP) + resume, partition + heal of the "
+                         "role's network-namespace host (root; every role on a host of its own); drawn per failure")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workload", default="digits")
     ap.add_argument("--steps", type=int, default=1500)

@@ -63,7 +63,7 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "timeouts": sum(w["timeouts"] for w in workers.values()),
         "rollbacks": len(status.get("rollbacks", [])),
         "steps_rolled_back": sum(r["steps"] for r in status.get("rollbacks", [])),
-        "failovers": sum(f["reason"] != "rebalance" for f in status.get("failovers", [])),
+        "failovers": sum(f["reason"] not in ("rebalance", "rollback") for f in status.get("failovers", [])),
         "shards_handed_back": sum(f["reason"] == "rebalance" for f in status.get("failovers", [])),
         "deduplicated_pushes": sum(s.get("duplicates", 0) for s in shards),
         "dropped_pushes": sum(s.get("dropped", 0) for s in shards),

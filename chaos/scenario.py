@@ -28,7 +28,8 @@
 
     [chaos]                        # an MTBF loop: every 8 s SIGKILL a role drawn at random (seeded),
     every_s = 8                    # restart it down_s later; `failures` times, from start_s on
-    kinds = ["kill", "pause"]      # optional: each failure a kill + restart or a pause + resume (SIGSTOP/SIGCONT)
+    kinds = ["kill", "pause"]      # optional: each failure a kill + restart, a pause + resume (SIGSTOP/SIGCONT)
+                                   # or a partition + heal of the role's host (needs --hosts)
     failures = 5
     down_s = 1.0
     start_s = 5
@@ -183,7 +184,8 @@ def _fault(entry: dict, index: int, path: Path, processes: list[str]) -> Fault:
 
 
 _CHAOS_KEYS = ("every_s", "failures", "down_s", "start_s", "seed", "targets", "kinds")
-CHAOS_KINDS = {"kill": "restart", "pause": "resume"}  # a failure's action, and what ends it down_s later
+# a failure's action, and what ends it down_s later (a partition cuts the role's host off: needs --hosts)
+CHAOS_KINDS = {"kill": "restart", "pause": "resume", "partition": "heal"}
 
 
 def _chaos(entry, path: Path, processes: list[str]) -> list[Fault]:

@@ -97,7 +97,8 @@ def build_coordinator_server(config: CoordinatorConfig) -> tuple[grpc.Server, in
 
 
 def reconfigure_forever(coordinator: Coordinator, stop: threading.Event, every: float = 0.25) -> None:
-    """Expire leases and admit joiners a few times a second, until ``stop``."""
+    """Expire leases, admit joiners and restore lost replicated shards a few times a second, until ``stop``."""
+    postponed = ""  # the last reason a restore was put off (logged once, not every round)
     while not stop.wait(every):
         try:
             for view in coordinator.reconfigure():
@@ -105,6 +106,15 @@ def reconfigure_forever(coordinator: Coordinator, stop: threading.Event, every: 
                             sorted(view.worker_ids))
         except Exception as exc:  # a shard may be down for a moment; try again
             log.warning("membership change postponed: %s", exc)
+        try:
+            for r in coordinator.restore_lost():
+                log.warning("shard %d had no live copy: the job rolled back from version %d to %d (epoch %d)",
+                            r.shard_id, r.from_version, r.to_version, r.epoch)
+            postponed = ""
+        except Exception as exc:  # noqa: BLE001 - a server may be unreachable for a moment; try again
+            if str(exc) != postponed:
+                log.error("restoring a lost shard from checkpoints postponed: %s", exc)
+            postponed = str(exc)
 
 
 def renew_replicas_forever(coordinator: Coordinator, stop: threading.Event, every: float = 0.25) -> None:

@@ -8,7 +8,9 @@ acknowledged every update the primary answered), and it is dropped as a backup
 elsewhere; each change starts a new placement epoch. A server that answers again is
 added back as a backup where copies are missing (its primary sends it a whole copy),
 and once it is in sync with the shard it is home to, it takes that shard's primary
-back (the plan rebalances).
+back (the plan rebalances). A primary that restarts while no backup is in sync took the
+shard's only copy with it: the shard is *lost*, and the coordinator restores the job from
+checkpoints (``Coordinator.restore_lost``), each shard on its home server again.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ DROP_BACKOFF_S, MAX_DROP_BACKOFF_S = 1.0, 8.0
 
 # Why a shard's primary moved (``Failover.reason``), for people; all but "rebalance" are failovers.
 REASONS = {"dead": "its primary was silent for its lease", "refused": "its primary's port refused connections",
-           "rebalance": "handed back"}
+           "rebalance": "handed back", "rollback": "no live copy was left: restored from its home server's checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Failover:
     unix_time: float
     # "dead" (the primary stopped answering for its lease), "refused" (its port refused the coordinator
     # after a worker reported its connection refused or reset: the process is gone) or "rebalance"
-    # (a server took its shard back)
+    # (a server took its shard back) or "rollback" (every copy was lost: restored from a checkpoint)
     reason: str = "dead"
 
 
@@ -46,6 +48,9 @@ class Placement:
     failovers: list[Failover] = field(default_factory=list)
     # (shard, server) -> (monotonic time it may be placed back, backoff): dropped as unreachable (not journaled)
     shunned: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    # shards whose only copies were on a primary that restarted before a backup was in sync: nobody holds
+    # them until the job is restored from checkpoints (journaled: a restarted coordinator must still do it)
+    lost: set[int] = field(default_factory=set)
 
     @classmethod
     def initial(cls, num_servers: int, replicas: int) -> "Placement":
@@ -55,14 +60,15 @@ class Placement:
         return {"replicas": {str(k): v for k, v in self.replicas.items()}, "epoch": self.epoch,
                 "in_sync": {str(k): sorted(v) for k, v in self.in_sync.items()},
                 "failovers": [[f.shard_id, f.from_server, f.to_server, f.epoch, f.unix_time, f.reason]
-                              for f in self.failovers]}
+                              for f in self.failovers], "lost": sorted(self.lost)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Placement":
         return cls({int(k): [int(s) for s in v] for k, v in d["replicas"].items()}, int(d["epoch"]),
                    in_sync={int(k): {int(s) for s in v} for k, v in d.get("in_sync", {}).items()},
                    failovers=[Failover(int(a), int(b), int(c), int(e), float(t), str(r))
-                              for a, b, c, e, t, r in d.get("failovers", [])])
+                              for a, b, c, e, t, r in d.get("failovers", [])],
+                   lost={int(k) for k in d.get("lost", [])})
 
     def primary(self, shard_id: int) -> int:
         return self.replicas[shard_id][0]
@@ -98,6 +104,28 @@ class Placement:
             self.epoch += 1
             self.failovers.extend(out)
         return out
+
+    def restarted(self, server: int) -> set[int]:
+        """``server`` restarted (after ``lose``): the shards it is still primary of had no backup in sync,
+        so their only copy died with its process. They are lost; returns them."""
+        gone = {k for k, reps in self.replicas.items() if reps[0] == server}
+        self.lost |= gone
+        return gone
+
+    def restore_homes(self, num_servers: int, want: int) -> bool:
+        """Place every shard as at the start (shard k's primary on server k, whose disk holds its
+        checkpoints; the backups after it), none in sync: the job rolls back to a checkpoint, and every
+        backup gets a whole copy of the restored primary. Returns whether anything changed (a new epoch)."""
+        home = Placement.initial(num_servers, want).replicas
+        out = [Failover(k, reps[0], k, self.epoch + 1, time.time(), "rollback")
+               for k, reps in sorted(self.replicas.items()) if reps[0] != k]
+        changed = home != self.replicas or any(self.in_sync.values()) or bool(out)
+        self.replicas, self.in_sync = home, {}
+        self.shunned.clear()
+        if changed:
+            self.epoch += 1
+            self.failovers.extend(out)
+        return changed
 
     def learn_in_sync(self, shard_id: int, reported: set[int]) -> bool:
         """The primary reports the backups it knows hold its version. A backup joins the set once

@@ -30,6 +30,7 @@ import uuid
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, Unavailable, UnknownWorker, WrongJob
 from ..proto.defaults import LEASE_S, REPLICA_LEASE_S
+from ..runtime.rpc import CONTROL_TIMEOUT_S
 from ..proto.messages import (DEFAULT_JOB, JobConfig, MemberInfo, ShardInfo, UpdateMode, View, added_group_jobs,
                               added_group_parent)
 from ..proto.plan import DEFAULT_ALIGN, plan_shards
@@ -117,6 +118,7 @@ class Coordinator:
             if restarted:  # its process is new: the copies it held are gone (replicated jobs fail over now),
                 self._lose(shard_id)  # but it is alive: it is placed again as a backup
                 self.last_ok[shard_id] = time.monotonic()
+                self._orphaned(shard_id)
             for state in self.jobs.values():
                 self._replan(state)
             self._persist()
@@ -195,6 +197,48 @@ class Coordinator:
                 log.warning("job %s: shard %d fails over from server %d to server %d (placement epoch %d)",
                             state.name, f.shard_id, f.from_server, f.to_server, f.epoch)
 
+    def _orphaned(self, server: int) -> None:
+        """``server`` restarted (under the lock): shards it is still primary of had no backup in sync
+        (``Placement.lose`` moved the others), so no live copy of them is left; ``restore_lost`` restores
+        the job from checkpoints once every server answers. Not before training starts: the initializer's
+        upload (retried) still makes the shard, as for an unreplicated server (``ShardNode.restore_latest``)."""
+        for state in self.jobs.values():
+            if state.placement is not None and state.views and (gone := state.placement.restarted(server)):
+                log.error("job %s: server %d restarted while no backup of shard(s) %s was in sync: no live copy "
+                          "is left; the job will roll back to the newest common checkpoint", state.name, server,
+                          sorted(gone))
+
+    def restore_lost(self) -> list[RollbackRecord]:
+        """Replicated jobs with a lost shard (no live copy, ``_orphaned``): once every server is registered
+        and answers, place every shard on its home server again (``Placement.restore_homes``), tell every
+        server (no lease: a job with a lost shard gets none until it is restored, see ``replica_calls``,
+        so no replica serves or copies a stale state meanwhile), then roll the job back as for an
+        unreplicated server's restart (``_roll_back``). Called a few times a second; blocks while it rolls
+        back (up to a minute per server); raises (and is called again) when a server cannot be reached or
+        no checkpoint version is common to every shard."""
+        with self.cond:
+            due = [s for s in self.jobs.values() if s.placement is not None and s.placement.lost]
+            if not due or self.shards is None or len(self.servers) < self.num_servers or self.down:
+                return []  # (a server that is down cannot restore its home shard: wait for it)
+            changed = [s.placement.restore_homes(self.num_servers, s.job.replicas) for s in due]
+            if any(changed):
+                self.replanned()
+            calls, epochs = self._placement_rows(due), {s.job_id: s.placement.epoch for s in due}
+        for address, rows in calls.values():  # outside the lock: a server placed anew asks for the job (GetJob)
+            self.shards.set_replicas(address, rows, self.replica_lease_s, timeout=CONTROL_TIMEOUT_S)
+        out = []
+        with self.cond:
+            for state in due:
+                p = state.placement
+                if not p.lost or p.epoch != epochs[state.job_id] or self.down:
+                    continue  # the placement changed meanwhile: the next call places it again
+                log.warning("job %s: restoring lost shard(s) %s from checkpoints, every shard on its home server",
+                            state.name, sorted(p.lost))
+                out.append(self._roll_back(state, min(p.lost)))
+                p.lost.clear()
+                self._persist()
+        return out
+
     def declare_dead(self, sid: int, why: str, reason: str) -> None:
         """Server ``sid`` is dead (under the lock): its shards fail over (``Placement.lose``); the caller
         replans, persists and sends the placement."""
@@ -209,18 +253,25 @@ class Coordinator:
             jobs = [s for s in self.jobs.values() if s.placement is not None]
             if not jobs:
                 return {}
+            # A job with a lost shard renews no lease (its primaries stop serving) until ``restore_lost``
+            # has rolled it back; every server is still called (its answers are its liveness).
+            jobs = [s for s in jobs if not s.placement.lost]
             self.rounds_started += 1
             if self._placing_since is None:
                 self._placing_since = time.monotonic()
-            out = {}
-            for sid, address in sorted(self.servers.items()):
-                rows = []
-                for state in jobs:
-                    for k, primary, backups in state.placement.held_by(sid):
-                        rows.append((state.job_id, k, state.placement.epoch, primary,
-                                     [self.servers.get(b, "") for b in backups]))
-                out[sid] = (address, rows)
-            return out
+            return self._placement_rows(jobs)
+
+    def _placement_rows(self, jobs: list[JobState]) -> dict[int, tuple[str, list]]:
+        """server -> (address, its SetReplicas rows) for ``jobs`` (under the lock)."""
+        out = {}
+        for sid, address in sorted(self.servers.items()):
+            rows = []
+            for state in jobs:
+                for k, primary, backups in state.placement.held_by(sid):
+                    rows.append((state.job_id, k, state.placement.epoch, primary,
+                                 [self.servers.get(b, "") for b in backups]))
+            out[sid] = (address, rows)
+        return out
 
     def replicas_renewed(self, answers: dict[int, tuple[float, list] | None]) -> bool:
         """The servers' answers to one round of placement calls (None: no answer): record who is
@@ -475,23 +526,29 @@ class Coordinator:
                 raise FailedPrecondition("this coordinator cannot reach shard servers to roll them back")
             if len(self.servers) < self.num_servers:
                 raise Unavailable(f"waiting for shard servers: {len(self.servers)}/{self.num_servers} registered")
-            family = self._family(state)
-            listings = {s.name: {sid: self.shards.checkpoints(address, s.job_id)
-                                 for sid, address in sorted(self.servers.items())} for s in family}
-            if not listings[state.name][shard_id].awaiting_rollback:
+            if not self.shards.checkpoints(self.servers[shard_id], job_id).awaiting_rollback:
                 raise FailedPrecondition(f"shard {shard_id} restored no checkpoint that waits for a rollback")
-            common = set.intersection(*(set(c.versions) for by_shard in listings.values() for c in by_shard.values()))
-            if not common:
-                raise FailedPrecondition(
-                    "no checkpoint version is common to every shard: "
-                    + "; ".join(f"{'' if len(family) == 1 else f'job {name}, '}shard {sid} has {c.versions}"
-                                for name, by_shard in listings.items() for sid, c in by_shard.items())
-                    + " (checkpoint every shard at the same versions: --checkpoint-every)"
-                )
-            target = max(common)
-            records = {s.name: self._roll_back(s, shard_id, target, listings[s.name]) for s in family}
-            self._persist()
-            return records[state.name]
+            return self._roll_back(state, shard_id)
+
+    def _roll_back(self, state: JobState, shard_id: int) -> RollbackRecord:
+        """``state``'s job and the jobs of the param groups added to it (``_family``) back to the newest
+        version every shard of every one of them has a checkpoint of; returns ``state``'s record (under
+        the lock)."""
+        family = self._family(state)
+        listings = {s.name: {sid: self.shards.checkpoints(address, s.job_id)
+                             for sid, address in sorted(self.servers.items())} for s in family}
+        common = set.intersection(*(set(c.versions) for by_shard in listings.values() for c in by_shard.values()))
+        if not common:
+            raise FailedPrecondition(
+                "no checkpoint version is common to every shard: "
+                + "; ".join(f"{'' if len(family) == 1 else f'job {name}, '}shard {sid} has {c.versions}"
+                            for name, by_shard in listings.items() for sid, c in by_shard.items())
+                + " (checkpoint every shard at the same versions: --checkpoint-every)"
+            )
+        target = max(common)
+        records = {s.name: self._roll_back_job(s, shard_id, target, listings[s.name]) for s in family}
+        self._persist()
+        return records[state.name]
 
     def _family(self, state: JobState) -> list[JobState]:
         """``state``'s job and the started jobs of the param groups added to it (its parent's, for one of
@@ -503,12 +560,16 @@ class Coordinator:
         groups = [self.jobs[n] for n in added_group_jobs(parent.name, self.jobs)]
         return [parent] + [g for g in groups if g.views or g is state]
 
-    def _roll_back(self, state: JobState, shard_id: int, target: int, listings: dict) -> RollbackRecord:
-        """Every shard of ``state``'s job back to its checkpoint of ``target``, a new membership epoch there."""
+    def _roll_back_job(self, state: JobState, shard_id: int, target: int, listings: dict) -> RollbackRecord:
+        """Every server restores its own shard of ``state``'s job from its checkpoint of ``target``, and a new
+        membership epoch (same members) starts there; recorded as caused by ``shard_id``. The server of
+        ``shard_id`` goes last: were another unreachable, a retry finds it as it was."""
         epoch = len(state.views) + 1
         from_version = max(c.version for c in listings.values())
-        for address in (a for _, a in sorted(self.servers.items())):
-            self.shards.rollback(address, state.job_id, target, epoch)
+        for _, address in sorted(self.servers.items(), key=lambda item: (item[0] == shard_id, item[0])):
+            from_version = max(from_version, self.shards.rollback(address, state.job_id, target, epoch))
+        if state.placement is not None:  # a lost shard's copies are gone: the workers' steps say how far it got
+            from_version = max([from_version, target, *(step for step, _ in state.reports.values())])
         if state.views:
             self._new_view(state, state.latest().members, start_step=target)
         else:  # a resumed job, before training started: the first view starts there

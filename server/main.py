@@ -132,12 +132,19 @@ def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
         status = coordinator.status(name)
         job_id, job, plan = coordinator.job(job_id=status.job_id)
         home = next((s for s in plan if s.range.shard_id == node.shard_id), None)
-        if job is not None and job.replicas > 1 and home is not None and home.address != node.address:
-            # A live copy took the shard over: this server rejoins as a backup, and the primary sends it
-            # a whole copy (the coordinator places it); the disk's older copy would only roll the job back.
-            log.warning("job %s: shard %d is served by %s now; rejoining as a backup", name, node.shard_id,
-                        home.address)
-            continue
+        if job is not None and job.replicas > 1 and home is not None:
+            if home.address != node.address:
+                # A live copy took the shard over: this server rejoins as a backup, and the primary sends it
+                # a whole copy (the coordinator places it); the disk's older copy would only roll the job back.
+                log.warning("job %s: shard %d is served by %s now; rejoining as a backup", name, node.shard_id,
+                            home.address)
+                continue
+            if node.checkpoint_dir:
+                # No live copy is left (this server was still its primary): the coordinator restores every
+                # lost shard from the home servers' checkpoints and rolls the job back (restore_lost).
+                log.warning("job %s: shard %d had no live copy left; the coordinator restores it from checkpoints",
+                            name, node.shard_id)
+                continue
         version = node.restore_latest(status.job_id, name, started=status.view.epoch > 0)
         if version is not None:
             restored[name] = (status.job_id, version)

@@ -181,17 +181,12 @@ class ShardChannel:
         looked up again (a replicated shard's backup may have been promoted on another server)."""
         seen = [self._moves]  # moves when the last attempt started
 
-        def rerouting():
+        def one() -> T:
             seen[0] = moves = self._moves
             try:
-                reply = attempt()
-            except Unavailable as exc:
-                self.failing = True
-                if self.locate is not None and exc.from_transport and port_refuses(self.info.address, REFUSAL_PROBE_S):
-                    self.locate.suspect(self.info.address)  # its process is gone: say so at once
-                if not self._follow():
-                    raise
-                reply = attempt()  # moved: the new server at once, not after a backoff
+                return attempt()
+            except Unavailable:
+                raise
             except ShardpsError as exc:
                 if exc.code == "CANCELLED" and self._moves == moves and not self.closed:
                     # Not ours: the server ended a stream that stalled past its limit (a partition, a link that
@@ -201,6 +196,19 @@ class ShardChannel:
                     raise
                 # The shard moved while this call waited (its old channel was closed under it): again, there.
                 raise Unavailable(f"{exc} (the shard moved to {self.info.address}; retrying there)") from None
+
+        def rerouting():
+            try:
+                reply = one()
+            except Unavailable as exc:
+                self.failing = True
+                if self.locate is not None and exc.from_transport and port_refuses(self.info.address, REFUSAL_PROBE_S):
+                    self.locate.suspect(self.info.address)  # its process is gone: say so at once
+                if not self._follow():
+                    raise
+                # Moved: the new server at once, not after a backoff. (A shard that moves again meanwhile
+                # closes this attempt's channel too: that CANCELLED is retried as well, never fatal.)
+                reply = one()
             self.failing = False
             return reply
 

@@ -39,6 +39,17 @@ def test_a_chaos_table_with_kinds_draws_kills_and_pauses_each_ended_down_s_later
     assert [f.action for f in chaos(tmp_path, body)] == [f.action for f in faults]  # seeded
 
 
+def test_a_chaos_table_with_partitions_draws_partition_and_heal_pairs_and_needs_hosts(tmp_path):
+    path = tmp_path / "chaos.toml"
+    path.write_text("[chaos]\nevery_s = 2\nfailures = 30\ndown_s = 0.5\nseed = 2\nkinds = [\"kill\", \"partition\"]\n")
+    scenario = load(path, workers=2, servers=2)
+    pairs = list(zip(scenario.faults[0::2], scenario.faults[1::2]))
+    assert {(a.action, b.action) for a, b in pairs} == {("kill", "restart"), ("partition", "heal")}
+    assert all(a.target == b.target and b.start - a.start == 0.5 for a, b in pairs)
+    assert scenario.needs_hosts  # a partition cuts a role's network-namespace host: shardps run --hosts
+    assert not load(ROOT / "examples" / "scenarios" / "chaos.toml", workers=2, servers=2).needs_hosts
+
+
 def test_a_chaos_table_beside_faults_and_the_shipped_example(tmp_path):
     path = tmp_path / "both.toml"
     path.write_text('[[fault]]\nat_step = 3\naction = "checkpoint"\n[chaos]\nevery_s = 4\nfailures = 2\n')

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from shardps.proto.errors import Unavailable
+from shardps.proto.errors import ShardpsError, Unavailable
 from shardps.proto.messages import ShardInfo
 from shardps.proto.plan import ShardRange
 from shardps.runtime.retry import Retrier
@@ -133,3 +133,33 @@ def test_a_timeout_is_not_reported_as_a_dead_server():
     finally:
         ch.close()
     assert asked == [[]]  # asked where the shard is, naming nobody
+
+
+def test_a_shard_that_moves_again_while_the_followed_retry_waits_is_retried_not_fatal():
+    # Chaos with partitions made a shard flap between two servers: the retry that followed the first
+    # move was on a channel the second move closed, and its CANCELLED ("Channel closed!") killed the
+    # worker. It is retried like any call whose shard moved under it.
+    dead = closed_port()
+    locator = Locator(lambda suspect: [ShardInfo(ShardRange(0, 0, 8), "127.0.0.1:10" if suspect else dead)],
+                      every=600)
+    locator.plan()
+    ch = ShardChannel(ShardInfo(ShardRange(0, 0, 8), dead), "job", "fp", 1 << 16,
+                      Retrier(budget=30, initial=0.01, maximum=0.02), locate=locator)
+    addresses = []
+
+    def attempt():
+        addresses.append(ch.info.address)
+        if len(addresses) == 1:
+            raise transport_failure(dead)
+        if len(addresses) == 2:  # the followed retry, on :10, when the shard moves on to :11
+            ch.move("127.0.0.1:11")
+            err = ShardpsError("Push to shard 0 at 127.0.0.1:10: CANCELLED: Channel closed!")
+            err.code = "CANCELLED"
+            raise err
+        return "applied"
+
+    try:
+        assert ch._call("Push", attempt) == "applied"
+    finally:
+        ch.close()
+    assert addresses == [dead, "127.0.0.1:10", "127.0.0.1:11"]
