@@ -19,7 +19,7 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, quant, wire
-from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, UnknownWorker
+from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, ShardpsError, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
 from ..runtime.rpc import open_channel
@@ -550,6 +550,11 @@ def _named_tensors(state, frames: Iterator[wire.Frame], into: dict[str, torch.Te
     return {name: asm.finish() for name, asm in tensors.items()}
 
 
+# A Replicate call the transport failed within this long failed on the channel's state (refused, or a
+# reconnect backoff after an earlier refusal), not after waiting on a network: it is dialled afresh once.
+REDIAL_WITHIN_S = 1.0
+
+
 class ReplicaSender:
     """A primary's calls to its backups (server to server, with the cluster's credential): one
     channel per backup, kept; each call has a deadline sized to its bytes."""
@@ -569,6 +574,10 @@ class ReplicaSender:
             return self._stubs[address][1]
 
     def send(self, address: str, header, tensors: list) -> int:
+        """One Replicate call; a backup's refusal comes back as its class (NeedsCopy, Superseded). A call
+        the transport failed at once is made once more on a fresh channel: a backup that restarted at the
+        same address is reachable although the kept channel still waits out its reconnect backoff (it
+        answers with the last connect's error), and the primary would report it unreachable for nothing."""
         nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
 
         def requests():
@@ -577,10 +586,26 @@ class ReplicaSender:
                 for chunk in codec.views(tensor.contiguous(), self.chunk_bytes):
                     yield wire.Frame(pb.ReplicateRequest(name=name), chunk)
 
+        timeout, started = 10.0 + nbytes / 50e6, time.monotonic()
         try:
-            return self._stub(address)(requests(), timeout=10.0 + nbytes / 50e6).version
-        except grpc.RpcError as exc:  # a backup's refusal comes back as its class (NeedsCopy, Superseded)
+            return self._replicate(address, requests(), timeout)
+        except ShardpsError as err:
+            if not (err.from_transport and err.code == "UNAVAILABLE" and time.monotonic() - started <= REDIAL_WITHIN_S):
+                raise
+        self._forget(address)
+        return self._replicate(address, requests(), timeout)
+
+    def _replicate(self, address: str, requests, timeout: float) -> int:
+        try:
+            return self._stub(address)(requests, timeout=timeout).version
+        except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"Replicate to {address}") from None
+
+    def _forget(self, address: str) -> None:
+        with self._lock:
+            kept = self._stubs.pop(address, None)
+        if kept is not None:
+            kept[0].close()
 
 
 class _BlobReader:

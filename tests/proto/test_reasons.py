@@ -268,3 +268,54 @@ def test_a_primary_a_backup_calls_superseded_steps_down_whatever_the_message_say
         for channel, _ in sender._stubs.values():
             channel.close()
         server.stop(0)
+
+
+
+def test_a_backup_restarted_at_its_address_gets_the_next_copy_at_once_not_after_the_channels_backoff():
+    """A primary keeps one channel per backup. Once the backup died, that channel waits out a reconnect
+    backoff and fails calls with its last connect's error; the backup restarted at the same port must
+    not look unreachable meanwhile (the coordinator would drop it as a backup, and a shard whose
+    primary died next would have no in-sync copy to fail over to)."""
+    import socket
+
+    job = sync_job(replicated=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+
+    def backup():
+        state = ShardState(ShardRange(0, 0, N), job, "job", step_timeout=10)
+        state.replica.assign(2, False, [], 30)
+        node = ShardNode(0, lambda job_id: (job_id, job, []), lambda job_id, e: View(e, 0, (MemberInfo(0, 0),)))
+        node.states[state.job_id] = state
+        server = thread_pool_server(8)
+        add_to_server(ShardServicer(node, 1 << 16, wait_timeout=10, threads=8), server)
+        assert bind(server, address) == port
+        server.start()
+        return state, server
+
+    primary = ShardState(ShardRange(0, 0, N), job, "job", step_timeout=10)
+    primary.replica.assign(2, True, [], 30)
+    primary.initialize(torch.linspace(0, 1, N))
+    primary.replica.assign(2, True, [address], 30)
+    sender = ReplicaSender(1 << 16)
+
+    def copy():
+        with primary.cond:
+            replicas.send_copy(primary.replica, primary, address, sender.send)
+
+    first, server = backup()
+    try:
+        copy()
+        assert first.initialized
+        server.stop(0).wait(10)
+        with pytest.raises(errors.Unavailable):
+            copy()  # the backup is gone: its kept channel now backs off before it dials again
+        second, server = backup()  # restarted at the same address, a moment later
+        copy()
+        assert second.initialized and torch.equal(second.param, primary.param)
+    finally:
+        server.stop(0)
+        for channel, _ in sender._stubs.values():
+            channel.close()
