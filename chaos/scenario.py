@@ -296,13 +296,24 @@ class ScenarioRunner:
         return self.timeline[-1]
 
     def finish(self, step: int) -> None:
-        """Undo windows still open when training ended (so teardown finds a sane cluster)."""
+        """Undo windows still open when training ended, and restart a role whose kill landed but whose
+        restart was still due (a chaos table's kill and restart are two faults), so teardown and the
+        run's report find a sane cluster."""
         elapsed = time.monotonic() - (self.started or time.monotonic())
         for fault in self.scenario.faults:
             windowed = fault.end is not None or fault.duration_s is not None
             if windowed and fault.applied and not fault.undone:
                 fault.undone = True
                 self._do(_UNDO[fault.action], fault, step, elapsed)
+        down: dict[str, int] = {}  # target -> kills that landed minus restarts that did
+        for fault in self.scenario.faults:
+            if fault.applied and fault.action in ("kill", "restart"):
+                down[fault.target] = down.get(fault.target, 0) + (1 if fault.action == "kill" else -1)
+        for fault in self.scenario.faults:
+            if fault.action == "restart" and not fault.applied and down.get(fault.target, 0) > 0:
+                fault.applied = True
+                down[fault.target] -= 1
+                self._do("restart", fault, step, elapsed)
 
     def _do(self, action: str, fault: Fault, step: int, elapsed: float) -> None:
         event = Event(round(elapsed, 3), step, action, fault.target, fault.describe(), time.time())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shardps.chaos.scenario import ScenarioError, load
+from shardps.chaos.scenario import ScenarioError, ScenarioRunner, load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +28,30 @@ def test_a_chaos_table_is_seeded_kill_and_restart_pairs_over_the_named_roles(tmp
     assert {k.target for k in kills} == {"server-0", "server-1", "worker-1"}  # groups expand; 40 draws hit all
     assert [f.target for f in chaos(tmp_path, body.format(3))] == [f.target for f in faults]  # same seed, same run
     assert [f.target for f in chaos(tmp_path, body.format(4))] != [f.target for f in faults]
+
+
+def test_a_kill_whose_restart_was_still_due_when_training_ended_is_restarted_at_the_end(tmp_path):
+    # A run that ends between a kill and its restart must not leave the role dead (the run's report asks
+    # the coordinator for the job's status next); a kill whose restart already landed is left alone.
+    path = tmp_path / "chaos.toml"
+    path.write_text("[chaos]\nevery_s = 100\nfailures = 2\ndown_s = 30\nstart_s = 0\nseed = 1\n"
+                    "targets = [\"coordinator\"]\n")
+    done = []
+
+    def recorder(action):
+        def do(target, params):
+            done.append((action, target))
+            return ""
+        return do
+
+    actions = {a: recorder(a) for a in ("kill", "restart")}
+    runner = ScenarioRunner(load(path, workers=2, servers=2), actions)
+    runner.tick(1)  # training started: the first kill is due at once, its restart in 30 s
+    assert done == [("kill", "coordinator")]
+    runner.finish(2)
+    assert done == [("kill", "coordinator"), ("restart", "coordinator")]
+    runner.finish(2)  # nothing twice
+    assert len(done) == 2 and [e.action for e in runner.timeline] == ["kill", "restart"]
 
 
 def test_a_chaos_table_with_kinds_draws_kills_and_pauses_each_ended_down_s_later(tmp_path):
