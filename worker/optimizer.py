@@ -402,11 +402,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                              f"step() too (or give clip_grad_norm_ batch_size={batch_size})")
         self._inflight = None
         try:
-            replies = self._await(step.futures)
+            self._finish(self._await(step.futures), overflow, found_inf is not None)
         except RolledBack as exc:
             self._rejoin(exc)
-        else:
-            self._finish(replies, overflow, found_inf is not None)
         self._finish_extensions(overflow, found_inf is not None)
         added_groups.follow_rollbacks(self)
         return loss
@@ -556,7 +554,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.history.record("acked", job=self.job_id, shard=shard.info.range.shard_id, worker=self.worker_id,
                                 step=self.steps_taken, version=r.version, duplicate=r.duplicate, dropped=r.dropped)
         if self.flat.exposed:  # before the step returns: the pull moves the model to a new segment first
-            self._pull(min(self.versions))
+            # (naming this worker's epoch: a rollback meanwhile answers RolledBack at once, and step() rejoins,
+            # instead of the pull waiting for a version the rolled-back shards may never reach again)
+            self._pull(min(self.versions), epoch=self.epoch)
         self.last_replies = replies
         blob = next((r.buffers for r in replies if r.buffers is not None), None)
         if blob is not None and self.rank != 0:
