@@ -37,12 +37,12 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
-def fit(tmp_path_factory, trainer: str):
-    """``trainer`` run by 2 workers under ``shardps launch`` and by one process on the union batch:
-    (the output folder, each rank's results, the one process's)."""
+def fit(tmp_path_factory, trainer: str, *flags: str):
+    """``trainer`` run by 2 workers under ``shardps launch`` and by one process on the union batch, both
+    with ``flags`` (e.g. ``--diloco``): (the output folder, each rank's results, the one process's)."""
     out = tmp_path_factory.mktemp(trainer)
-    launch(out, trainer, str(out))
-    reference(out, trainer, str(out))
+    launch(out, trainer, str(out), *flags)
+    reference(out, trainer, str(out), *flags)
     return out, [load(out, f"{trainer}-rank{r}") for r in (0, 1)], load(out, f"{trainer}-ref")
 
 

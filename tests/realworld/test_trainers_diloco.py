@@ -9,22 +9,15 @@ import pytest
 import torch
 
 from test_patterns import close
-from test_trainers import assert_each_sample_once_per_epoch, files_under, launch, load, reference
+from test_trainers import assert_each_sample_once_per_epoch, files_under, fit, launch, load, reference
 
 pytest.importorskip("lightning")
 TOL = 1e-5
 
 
-def fit(tmp_path_factory, trainer: str):
-    out = tmp_path_factory.mktemp(f"{trainer}-diloco")
-    launch(out, trainer, str(out), "--diloco")
-    reference(out, trainer, str(out), "--diloco")
-    return out, [load(out, f"{trainer}-rank{r}") for r in (0, 1)], load(out, f"{trainer}-ref")
-
-
 @pytest.fixture(scope="module")
 def lightning_fit(tmp_path_factory):
-    return fit(tmp_path_factory, "lightning")
+    return fit(tmp_path_factory, "lightning", "--diloco")
 
 
 @pytest.mark.slow
@@ -83,7 +76,7 @@ def test_lightning_diloco_resumed_from_a_checkpoint_starts_from_its_model_and_go
 @pytest.fixture(scope="module")
 def hf_fit(tmp_path_factory):
     pytest.importorskip("accelerate")
-    return fit(tmp_path_factory, "hf")
+    return fit(tmp_path_factory, "hf", "--diloco")
 
 
 @pytest.mark.slow
