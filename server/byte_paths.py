@@ -71,9 +71,8 @@ class StreamPath:
         return streamed
 
     def reply(self, state) -> int:
-        if self.dtype is not torch.float32:  # the slice rounded for this reply (a copy: the slice may move on)
-            version, values = state.reply_tensor()
-            narrow = values.to(self.dtype)
+        if self.dtype is not torch.float32:  # the slice rounded once per version, shared by its replies
+            version, narrow = state.reply_tensor(self.dtype)
             self.pieces = (wire.Frame(None, c) for c in codec.views(narrow, self.chunk_bytes))
             state.add_bytes(sent=narrow.numel() * narrow.element_size())
             return version
@@ -155,9 +154,7 @@ class LinkPath:
         return as_fp32(self.pool, buf)
 
     def reply(self, state) -> int:
-        version, self.slice = state.reply_tensor()
-        if self.dtype is not torch.float32:
-            self.slice = self.slice.to(self.dtype)  # (a copy, of half the bytes)
+        version, self.slice = state.reply_tensor(self.dtype)
         return version
 
     def after_result(self, state) -> Iterator[wire.Frame]:

@@ -19,18 +19,21 @@ import torch
 class ReplyCache:
     def __init__(self) -> None:
         self._encoded: tuple[int, list] | None = None  # (version, encoded slice) for gRPC replies
-        self._copy: tuple[int, torch.Tensor] | None = None  # (version, a copy of the slice) for link replies
+        # dtype -> (version, a copy of the slice in it) for link replies and narrow (bf16/fp16) ones
+        self._copies: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
 
     def forget(self) -> None:
-        """Drop both cached slices: the slice changed without its version moving on."""
-        self._encoded = self._copy = None
+        """Drop every cached slice: the slice changed without its version moving on."""
+        self._encoded = None
+        self._copies.clear()
 
-    def copy(self, version: int, param: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """(version, a copy of ``param`` at ``version``), made once per version."""
-        if self._copy is None or self._copy[0] != version:
-            self._copy = None
-            self._copy = (version, param.clone())
-        return self._copy
+    def copy(self, version: int, param: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+        """(version, a copy of ``param`` at ``version`` in ``dtype``), made once per version and dtype."""
+        kept = self._copies.get(dtype)
+        if kept is None or kept[0] != version:
+            self._copies.pop(dtype, None)  # free the old copy before making the new one
+            kept = self._copies[dtype] = (version, param.to(dtype, copy=True))
+        return kept
 
     def encoded(self, version: int, param: torch.Tensor, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
         """(version, encode(param)), encoded once per version; ``encode`` must copy what it needs."""

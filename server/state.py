@@ -545,14 +545,14 @@ class ShardState:
             with self.cond:
                 self.transport[worker_id] = path
 
-    def reply_tensor(self) -> tuple[int, torch.Tensor]:
-        """(version, the slice) for a reply sent from tensor memory: the live slice where the policy
-        keeps it still while replies go out, else a copy of that version (shared by the replies of
-        one version, like ``snapshot``'s encoding)."""
+    def reply_tensor(self, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+        """(version, the slice in ``dtype``) for a reply sent from tensor memory: the live fp32 slice
+        where the policy keeps it still while replies go out, else a copy of that version in ``dtype``
+        (rounded once, shared by the replies of one version, like ``snapshot``'s encoding)."""
         with self.cond:
-            if self.policy.params_still_while_replying:
+            if dtype is torch.float32 and self.policy.params_still_while_replying:
                 return self.version, self.param
-            return self.replies.copy(self.version, self.param)
+            return self.replies.copy(self.version, self.param, dtype)
 
     def snapshot(self, encode: Callable[[torch.Tensor], list]) -> tuple[int, list]:
         """(version, encode(slice)), cached per version.

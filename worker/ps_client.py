@@ -31,7 +31,7 @@ from ..runtime.rpc import WORKER_METADATA, open_channel, port_refuses
 from ..runtime.status import error_from_rpc, handler_ended
 from ..runtime.shm import Segment
 from .flat import Staged
-from .transports import LINK_DTYPES, BytePath, InStream, LinkKeeper, OnLink, ThroughSegment
+from .transports import LINK_DTYPES, BytePath, InStream, Landing, LinkKeeper, OnLink, ThroughSegment
 
 log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
@@ -123,6 +123,7 @@ class ShardChannel:
         self._moved = threading.Condition()  # guards a move; wakes retries waiting out a backoff
         self.failing = False  # the last attempt found the server unavailable (the plan watcher looks more often)
         self.closed = False  # close() was called: a cancelled call is ours, not the server's
+        self._staging: torch.Tensor | None = None  # a narrow reply's landing (``_landing``)
         self._metadata = ((WORKER_METADATA, str(worker_id)),) if worker_id >= 0 else ()
         r = info.range
         self.target = pb.ShardTarget(job_id=job_id, fingerprint=fingerprint, shard_id=r.shard_id, start=r.start, stop=r.stop)
@@ -170,8 +171,17 @@ class ShardChannel:
                 and grad.dtype in LINK_DTYPES:
             link = self.links.get(timeout, epoch)
             if link is not None:
-                return OnLink(self.links, link, grad, out, self._what("Push"), reply_dtype)
-        return InStream(grad, out, self.chunk_bytes, positions, scales, reply_dtype)
+                return OnLink(self.links, link, grad, out, self._what("Push"), self._landing(out, reply_dtype))
+        return InStream(grad, out, self.chunk_bytes, positions, scales, self._landing(out, reply_dtype))
+
+    def _landing(self, out: torch.Tensor, dtype: torch.dtype) -> Landing:
+        """Where an attempt's reply lands: ``out``, or for a narrow reply this channel's staging buffer
+        (one per channel, reused: a shard's attempts run one after another)."""
+        if dtype is torch.float32:
+            return Landing(out)
+        if self._staging is None or self._staging.dtype != dtype or self._staging.numel() != out.numel():
+            self._staging = torch.empty(out.numel(), dtype=dtype)
+        return Landing(out, self._staging)
 
     def _what(self, rpc: str) -> str:
         return f"{rpc} to shard {self.info.range.shard_id} at {self.info.address}"

@@ -66,14 +66,17 @@ class BytePath(Protocol):
     def ended(self, answered: bool, server_done: bool) -> None: ...
 
 
-class Narrow:
-    """A reply whose slice travels in a narrower dtype (``PushHeader.reply_dtype``): it lands in
-    ``staging`` and is widened into ``out`` once all of it arrived (never half of it). With float32
-    there is no staging: the slice lands in ``out`` itself."""
+class Landing:
+    """Where a reply's slice lands: ``out`` itself, or, when it travels in a narrower dtype
+    (``PushHeader.reply_dtype``), ``staging`` (the channel's, reused from push to push), widened into
+    ``out`` once all of it arrived (never half of it)."""
 
-    def __init__(self, out: torch.Tensor, dtype: torch.dtype):
-        self.out = out
-        self.staging = None if dtype is torch.float32 else torch.empty(out.numel(), dtype=dtype)
+    def __init__(self, out: torch.Tensor, staging: torch.Tensor | None = None):
+        self.out, self.staging = out, staging
+
+    @property
+    def into(self) -> torch.Tensor:
+        return self.out if self.staging is None else self.staging
 
     def widen(self) -> None:
         if self.staging is not None:
@@ -88,10 +91,10 @@ class InStream:
 
     def __init__(self, grad: torch.Tensor | None, out: torch.Tensor, chunk_bytes: int,
                  positions: torch.Tensor | None = None, scales: torch.Tensor | None = None,
-                 reply_dtype: torch.dtype = torch.float32):
+                 landing: Landing | None = None):
         self.grad, self.positions, self.scales, self.chunk_bytes = grad, positions, scales, chunk_bytes
-        self.out, self.narrow = out, Narrow(out, reply_dtype)
-        self.asm = codec.Assembler(out=self.narrow.staging if self.narrow.staging is not None else out)
+        self.landing = landing or Landing(out)
+        self.asm = codec.Assembler(out=self.landing.into)
 
     def header(self, header: pb.PushHeader) -> pb.PushHeader:
         return header
@@ -115,7 +118,7 @@ class InStream:
 
     def done(self) -> None:
         self.asm.finish()  # CodecError when the slice did not all come
-        self.narrow.widen()
+        self.landing.widen()
 
     def failed(self, error: ShardpsError) -> ShardpsError:
         return error
@@ -165,9 +168,9 @@ class OnLink:
     name, in_band = "tcp", False
 
     def __init__(self, keeper: "LinkKeeper", link: LinkSocket, grad: torch.Tensor, out: torch.Tensor, what: str,
-                 reply_dtype: torch.dtype = torch.float32):
-        self.keeper, self.link, self.grad, self.out, self.what = keeper, link, grad, out, what
-        self.narrow = Narrow(out, reply_dtype)
+                 landing: Landing | None = None):
+        self.keeper, self.link, self.grad, self.what = keeper, link, grad, what
+        self.landing = landing or Landing(out)
         self.nonce = secrets.randbits(64)
         self.broke: LinkError | None = None
 
@@ -189,11 +192,10 @@ class OnLink:
 
     def after_result(self, header: pb.PushHeader, deadline: float) -> None:
         try:
-            self.link.receive(self.nonce, self.narrow.staging if self.narrow.staging is not None else self.out,
-                              deadline)
+            self.link.receive(self.nonce, self.landing.into, deadline)
         except LinkError as exc:
             raise self._broken(exc) from None
-        self.narrow.widen()
+        self.landing.widen()
 
     def done(self) -> None:
         if self.broke is not None:  # the server answered although the gradient did not all go out: trust neither
