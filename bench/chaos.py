@@ -40,6 +40,7 @@ def scenario_text(failures: int, every: float, down: float, start: float, seed: 
 def chaos_run(args, out: Path) -> dict:
     """Both runs; the comparison as a dict."""
     from shardps.client.run import RunConfig, run
+    from shardps.chaos.scenario import CHAOS_KINDS
     from shardps.client.sdk import load_model_file
 
     # partitions cut network-namespace hosts (root): both runs get them, so the fault-free one is a fair peer
@@ -55,16 +56,16 @@ def chaos_run(args, out: Path) -> dict:
     a, b = load_model_file(clean["model_file"]), load_model_file(faulty["model_file"])
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     report = _read_report(out / "chaos")
-    # a failure is a kill, a pause or a partition; survived when its role came back (restart, resume, heal) and the
-    # run ended
-    kills = [e for e in report["timeline"] if e["action"] in ("kill", "pause", "partition")]
-    restarts = [e for e in report["timeline"] if e["action"] in ("restart", "resume", "heal")]
+    # a failure is a kill, a pause or a partition; survived when its end (restart, resume, heal) worked and the run
+    # ended
+    failures = [e for e in report["timeline"] if e["action"] in CHAOS_KINDS]
+    ends = [e for e in report["timeline"] if e["action"] in CHAOS_KINDS.values()]
     return {
         "scenario": scenario.read_text(),
-        "failures_injected": len(kills),
-        "failures_survived": sum(e["ok"] for e in restarts) if faulty["steps"] == args.steps else 0,
-        "kills": sum(e["action"] == "kill" for e in kills),
-        "killed": [e["target"] for e in kills],  # in order (kills and pauses)
+        "failures_injected": len(failures),
+        "failures_survived": sum(e["ok"] for e in ends) if faulty["steps"] == args.steps else 0,
+        "kills": sum(e["action"] == "kill" for e in failures),
+        "killed": [e["target"] for e in failures],  # the roles hit, in order (killed, paused or cut off)
         "steps": faulty["steps"],
         "steps_rolled_back": report["counters"].get("steps_rolled_back", 0),
         "rollbacks": report["counters"].get("rollbacks", 0),
@@ -78,7 +79,7 @@ def chaos_run(args, out: Path) -> dict:
         # chaos over steps per second without, beside the model's figure if a failure cost one step
         "step_efficiency": clean["wall_s"] / faulty["wall_s"],
         "mtbf_s": args.every,
-        "lost_s_per_failure": (faulty["wall_s"] - clean["wall_s"]) / max(1, len(kills)),
+        "lost_s_per_failure": (faulty["wall_s"] - clean["wall_s"]) / max(1, len(failures)),
         "efficiency_if_one_step_lost": 1 - clean["wall_s"] / args.steps / args.every,
         "held_out": {"clean": clean["held_out"], "chaos": faulty["held_out"]},
         "max_abs_param_diff": diff,

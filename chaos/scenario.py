@@ -296,24 +296,28 @@ class ScenarioRunner:
         return self.timeline[-1]
 
     def finish(self, step: int) -> None:
-        """Undo windows still open when training ended, and restart a role whose kill landed but whose
-        restart was still due (a chaos table's kill and restart are two faults), so teardown and the
-        run's report find a sane cluster."""
+        """Undo windows still open when training ended, and end a chaos failure that landed while the fault
+        that ends it was still due (a chaos table's kill and restart, pause and resume, partition and heal
+        are two faults each), so teardown and the run's report find a sane cluster."""
         elapsed = time.monotonic() - (self.started or time.monotonic())
         for fault in self.scenario.faults:
             windowed = fault.end is not None or fault.duration_s is not None
             if windowed and fault.applied and not fault.undone:
                 fault.undone = True
                 self._do(_UNDO[fault.action], fault, step, elapsed)
-        down: dict[str, int] = {}  # target -> kills that landed minus restarts that did
+        ends = {end: failure for failure, end in CHAOS_KINDS.items()}
+        still: dict[tuple[str, str], int] = {}  # (target, failure) -> failures that landed minus their ends that did
+        for fault in (f for f in self.scenario.faults if f.applied):
+            if fault.action in CHAOS_KINDS:
+                still[fault.target, fault.action] = still.get((fault.target, fault.action), 0) + 1
+            elif fault.action in ends:
+                still[fault.target, ends[fault.action]] = still.get((fault.target, ends[fault.action]), 0) - 1
         for fault in self.scenario.faults:
-            if fault.applied and fault.action in ("kill", "restart"):
-                down[fault.target] = down.get(fault.target, 0) + (1 if fault.action == "kill" else -1)
-        for fault in self.scenario.faults:
-            if fault.action == "restart" and not fault.applied and down.get(fault.target, 0) > 0:
+            key = (fault.target, ends.get(fault.action, ""))
+            if not fault.applied and fault.action in ends and still.get(key, 0) > 0:
                 fault.applied = True
-                down[fault.target] -= 1
-                self._do("restart", fault, step, elapsed)
+                still[key] -= 1
+                self._do(fault.action, fault, step, elapsed)
 
     def _do(self, action: str, fault: Fault, step: int, elapsed: float) -> None:
         event = Event(round(elapsed, 3), step, action, fault.target, fault.describe(), time.time())

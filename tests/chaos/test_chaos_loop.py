@@ -30,12 +30,13 @@ def test_a_chaos_table_is_seeded_kill_and_restart_pairs_over_the_named_roles(tmp
     assert [f.target for f in chaos(tmp_path, body.format(4))] != [f.target for f in faults]
 
 
-def test_a_kill_whose_restart_was_still_due_when_training_ended_is_restarted_at_the_end(tmp_path):
-    # A run that ends between a kill and its restart must not leave the role dead (the run's report asks
-    # the coordinator for the job's status next); a kill whose restart already landed is left alone.
+def test_a_failure_whose_end_was_still_due_when_training_ended_is_ended_at_the_end(tmp_path):
+    # A run that ends between a kill and its restart (or a pause and its resume) must not leave the role
+    # dead or stopped (the run's report asks the coordinator for the job's status next); a failure whose
+    # end already landed is left alone.
     path = tmp_path / "chaos.toml"
     path.write_text("[chaos]\nevery_s = 100\nfailures = 2\ndown_s = 30\nstart_s = 0\nseed = 1\n"
-                    "targets = [\"coordinator\"]\n")
+                    "targets = [\"coordinator\"]\nkinds = [\"kill\", \"pause\"]\n")
     done = []
 
     def recorder(action):
@@ -44,14 +45,15 @@ def test_a_kill_whose_restart_was_still_due_when_training_ended_is_restarted_at_
             return ""
         return do
 
-    actions = {a: recorder(a) for a in ("kill", "restart")}
-    runner = ScenarioRunner(load(path, workers=2, servers=2), actions)
-    runner.tick(1)  # training started: the first kill is due at once, its restart in 30 s
-    assert done == [("kill", "coordinator")]
+    scenario = load(path, workers=2, servers=2)
+    first = scenario.faults[0].action
+    runner = ScenarioRunner(scenario, {a: recorder(a) for a in ("kill", "restart", "pause", "resume")})
+    runner.tick(1)  # training started: the first failure is due at once, its end in 30 s
+    assert done == [(first, "coordinator")]
     runner.finish(2)
-    assert done == [("kill", "coordinator"), ("restart", "coordinator")]
+    assert done == [(first, "coordinator"), ({"kill": "restart", "pause": "resume"}[first], "coordinator")]
     runner.finish(2)  # nothing twice
-    assert len(done) == 2 and [e.action for e in runner.timeline] == ["kill", "restart"]
+    assert len(done) == 2 and len(runner.timeline) == 2
 
 
 def test_a_chaos_table_with_kinds_draws_kills_and_pauses_each_ended_down_s_later(tmp_path):
