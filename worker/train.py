@@ -19,6 +19,7 @@ from ..proto import defaults as D
 from ..proto import optim
 from .balance import BatchSplit
 from .diloco import DILOCO_OUTER, DiLoCo
+from .convert import DILOCO_MODES
 from .optimizer import PULL_DTYPES, WIRE_DTYPES, ShardedOptimizer
 from .workloads import get_workload
 
@@ -108,12 +109,12 @@ class TrainConfig:
 
     @property
     def diloco(self) -> bool:
-        return self.mode.startswith("diloco")
+        return self.mode in DILOCO_MODES
 
     @property
     def outer_mode(self) -> str:
         """The mode the shards run: a diloco mode's outer steps are sync or async steps."""
-        return {"diloco": "sync", "diloco-async": "async"}.get(self.mode, self.mode)
+        return DILOCO_MODES.get(self.mode, self.mode)
 
     def _check_diloco(self) -> None:
         if not self.diloco:
