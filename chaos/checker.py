@@ -7,7 +7,8 @@ the files and checks, shard by shard, naming the events behind any violation:
   of a shard is made once, except after a recorded rollback (a restore to an earlier version,
   which the job then replays);
 - **sync steps are their view's**: a sync step aggregates members of the view governing it
-  only, all of them but at most ``backup_workers``, each pushing that step;
+  only, all of them but at most ``backup_workers``, each pushing that step (a step applied in parts
+  that a member left midway is recorded ``torn`` and counted: its first parts had that member);
 - **nothing acknowledged is lost**: a version a worker was answered with is still there at the end,
   unless a recorded rollback went back past it;
 - **versions grow** per process and per shard, by one per update, except at recorded restores;
@@ -118,6 +119,8 @@ def check_events(events: list[dict]) -> Verdict:
             counts["acks"] += 1
         elif kind == "fault":
             counts["faults"] += 1
+        elif kind == "torn":  # a member left a step applied in parts after some parts took its gradient
+            counts["torn"] += 1
         elif kind in ("applied", "skipped"):
             counts["updates"] += 1
             _applied(shards[(e["job"], e["shard"])], e, jobs.get(e["job"]), bad)

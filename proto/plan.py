@@ -63,3 +63,33 @@ def owner_of(ranges: list[ShardRange], index: int) -> ShardRange:
     while ranges[i].numel == 0 or index >= ranges[i].stop:  # skip empty shards sharing a start
         i += 1
     return ranges[i]
+
+
+MIN_PART_NUMEL = 1 << 18  # 1 MiB of fp32: a smaller part costs more in frames and waits than it overlaps
+
+
+def part_stops(boundaries: list[int], numel: int, parts: int, min_numel: int = MIN_PART_NUMEL) -> list[int]:
+    """Where a slice of ``numel`` elements is cut into at most ``parts`` contiguous parts of near-equal
+    size for a push in parts (``LinkTransfer.parts``): the end offset of each part, the last one
+    ``numel``. Cuts fall only on ``boundaries`` (offsets in the slice where one parameter's piece
+    ends and the next begins), so a part's optimizer step covers whole pieces; a part is at least
+    ``min_numel`` elements. Returns [numel] (one part: the push goes whole) when no cut is worth it.
+
+    >>> part_stops([100, 200, 300], 400, 2, min_numel=1)
+    [200, 400]
+    """
+    if parts <= 1 or numel < 2 * min_numel:
+        return [numel]
+    stops: list[int] = []
+    cuts = sorted(b for b in boundaries if 0 < b < numel)
+    for k in range(1, parts):
+        target = numel * k // parts
+        i = bisect.bisect_left(cuts, target)
+        near = cuts[max(0, i - 1):i + 1]
+        if not near:
+            continue
+        cut = min(near, key=lambda c: abs(c - target))
+        last = stops[-1] if stops else 0
+        if cut - last >= min_numel and numel - cut >= min_numel:
+            stops.append(cut)
+    return sorted(set(stops)) + [numel]

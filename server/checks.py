@@ -73,6 +73,12 @@ class PushChecks:
         push.present = push.options.present(self.pieces)
         push.hyper = self.parse_hyper(push.options.hyper_json)
         self.check_buffers(push.buffers)
+        if push.stops is not None:
+            if push.options.clipped or push.present is not None or push.options.overflow:
+                self.reject("bad_options")
+                raise InvalidArgument("a push in parts cannot be clipped, masked or an overflow vote (its parts are "
+                                      "applied as they come): send it whole")
+            return  # its parts are checked as they arrive (``validate_grad`` with ``numel``)
         if push.options.overflow:
             return  # an overflow vote: its gradient (if any) is never read
         if push.grad is None:
@@ -80,10 +86,11 @@ class PushChecks:
             raise InvalidArgument("push carried no gradient chunks (only an fp16 overflow vote may)")
         self.validate_grad(push.grad, push.options.grad_scale)
 
-    def validate_grad(self, grad: torch.Tensor, grad_scale: float = 0.0) -> None:
+    def validate_grad(self, grad: torch.Tensor, grad_scale: float = 0.0, numel: int | None = None) -> None:
         """Reject a gradient of the wrong size, with NaN/Inf values, or one that its loss scale's
-        reciprocal would overflow to Inf when the step unscales it (counted, state unchanged)."""
-        if grad.numel() != self.shard.numel:
+        reciprocal would overflow to Inf when the step unscales it (counted, state unchanged).
+        ``numel``: the size expected (a part of a push in parts); default the shard's."""
+        if grad.numel() != (self.shard.numel if numel is None else numel):
             self.reject("bad_size")
             raise InvalidArgument(
                 f"gradient has {grad.numel()} elements, shard {self.shard.shard_id} owns "

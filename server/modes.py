@@ -104,6 +104,23 @@ class _OpenStep:
 
     members: frozenset[int]  # who makes up the step (the view governing it; changes with the membership)
     pushes: dict[int, Push]  # worker_id -> its push
+    applied: int = 0  # parts of it applied already (pushes in parts; the slice is between versions meanwhile)
+
+    def stops(self) -> list[int] | None:
+        """The parts' end offsets of its pushes in parts (None: every push came whole)."""
+        return next((p.stops for p in self.pushes.values() if p.stops is not None), None)
+
+
+def _mean_into(pushes: list[Push], lo: int, hi: int | None) -> None:
+    """sum_i (b_i / B) g_i / s_i (s_i: loss scale) over elements [lo, hi), into the first push's buffer.
+    A weighted mean of finite values never overflows; b_i g_i summed could."""
+    total = sum(p.batch_size for p in pushes)
+    weight = pushes[0].batch_size / total * _scale_of(pushes[0])
+    mean = pushes[0].gradient[lo:hi]
+    if weight != 1.0:
+        mean.mul_(weight)
+    for p in pushes[1:]:
+        mean.add_(p.gradient[lo:hi], alpha=p.batch_size / total * _scale_of(p))
 
 
 class SyncPolicy:
@@ -149,6 +166,8 @@ class SyncPolicy:
             for w in [w for w in open_.pushes if w not in members]:
                 gone = open_.pushes.pop(w)
                 gone.evicted = True
+                if open_.applied:  # its parts so far are in the applied parts of the step: it is torn
+                    state.torn(step, w, open_.applied)
                 if gone.release is not None:
                     gone.release()
             open_.members = members
@@ -202,12 +221,39 @@ class SyncPolicy:
             state.stats.dropped()
             return Outcome(state.version, 0, False, next_step=state.version, dropped=True)
         if not duplicate:
-            push.kept = True
-            self._open.setdefault(push.step, _OpenStep(members, {})).pushes[w] = push
-            state.took(w, push.step)
-            state.stats.taken(push.step - push.base_version)
-            self._close_ready(state)
+            self._take(state, push, members)
         return self.await_reply(state, push, duplicate)
+
+    def take(self, state: StepHost, push: Push, members: frozenset[int]) -> None:
+        if not self.params_still_while_replying:
+            raise InvalidArgument("a push in parts needs plain sync (no staleness bound, no backup workers): "
+                                  "send it whole")
+        self._take(state, push, members)
+
+    def _take(self, state: StepHost, push: Push, members: frozenset[int]) -> None:
+        push.kept = True
+        self._open.setdefault(push.step, _OpenStep(members, {})).pushes[push.worker_id] = push
+        state.took(push.worker_id, push.step)
+        state.stats.taken(push.step - push.base_version)
+        self._close_ready(state)
+
+    def parts_arrived(self, state: StepHost) -> None:
+        self._close_ready(state)
+
+    def continuing(self, worker_id: int, step: int) -> Push | None:
+        open_ = self._open.get(step)
+        push = open_.pushes.get(worker_id) if open_ is not None else None
+        return push if push is not None and not push.complete else None
+
+    def part_ready(self, state: StepHost, step: int, part: int) -> bool:
+        if state.version > step:
+            return True
+        open_ = self._open.get(step)
+        return step == state.version and open_ is not None and open_.applied > part
+
+    def mid_step(self, state: StepHost) -> bool:
+        open_ = self._open.get(state.version)
+        return open_ is not None and open_.applied > 0
 
     def await_reply(self, state: StepHost, push: Push, duplicate: bool, clip_done: bool = False) -> Outcome:
         """Wait (releasing the lock) until the push may be answered: its step - staleness closed, or
@@ -262,7 +308,36 @@ class SyncPolicy:
             open_ = self._open.get(state.version)
             if open_ is None or len(open_.pushes) < len(open_.members) - self.backup:
                 return
+            if not all(p.complete for p in open_.pushes.values()):
+                self._apply_parts(state, open_)
+                return
             self._close(state, state.version, self._open.pop(state.version))
+
+    def _apply_parts(self, state: StepHost, open_: _OpenStep) -> None:
+        """Apply the parts of the open step that every member's push has sent (pushes in parts): the
+        mean of each part, then the optimizer on that part only. The step closes (``_close``) once
+        every part is in; until then the slice is between versions (``mid_step``)."""
+        stops = open_.stops()
+        pushes = [open_.pushes[w] for w in sorted(open_.pushes)]
+        if stops is None or not state.early_parts or any(p.options.overflow or p.options.clipped for p in pushes):
+            return  # applied whole once every part is in (a skipped or clipped step needs all of it first)
+        ready = min(p.parts_in(stops) for p in pushes)
+        if open_.applied >= ready:
+            return
+        present, lr_scale = _merge_present(pushes), self._lr_scale(pushes)
+        while open_.applied < ready:
+            lo, hi = stops[open_.applied - 1] if open_.applied else 0, stops[open_.applied]
+            _mean_into(pushes, lo, hi)
+            state.apply_part(pushes[0].gradient, present, pushes[0].hyper if not open_.applied else None, lr_scale,
+                             lo, hi)
+            open_.applied += 1
+        state.notify_all()
+
+    def _lr_scale(self, pushes: list[Push]) -> float:
+        if not self.staleness_lr:
+            return 1.0
+        samples = sum(p.batch_size for p in pushes)
+        return 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
 
     def _close(self, state: StepHost, step: int, open_: _OpenStep) -> None:
         pushes = [open_.pushes[w] for w in sorted(open_.pushes)]
@@ -271,20 +346,11 @@ class SyncPolicy:
             state.skip(buffers, step=step, pushed=_pushed(pushes))
             self._remember(state, step, Closed(0.0, skipped=True))
         else:
-            # sum_i (b_i / B) g_i / s_i (s_i: loss scale), in the first push's buffer. A weighted mean of
-            # finite values never overflows; b_i g_i summed could.
-            total = sum(p.batch_size for p in pushes)
-            weight = pushes[0].batch_size / total * _scale_of(pushes[0])
+            stops = open_.stops()
+            stepped = stops[open_.applied - 1] if stops is not None and open_.applied else 0
+            _mean_into(pushes, stepped, None)  # (the parts applied already hold their mean)
             clipped = next((p.options for p in pushes if p.options.clipped), None)
-            mean = pushes[0].gradient
-            if weight != 1.0:
-                mean.mul_(weight)
-            for p in pushes[1:]:
-                mean.add_(p.gradient, alpha=p.batch_size / total * _scale_of(p))
-            lr_scale = 1.0
-            if self.staleness_lr:
-                samples = sum(p.batch_size for p in pushes)
-                lr_scale = 1.0 / max(1.0, sum(p.batch_size * (p.step - p.base_version) for p in pushes) / samples)
+            mean, lr_scale = pushes[0].gradient, self._lr_scale(pushes)
             present = _merge_present(pushes)
             pushes[0].release, first_release = None, pushes[0].release  # the mean's buffer, given back after apply
             pending = _Pending(mean, present, pushes[0].hyper, lr_scale, clipped or pushes[0].options, 0.0,
@@ -296,16 +362,16 @@ class SyncPolicy:
                 _let_go(pushes[1:])
                 state.notify_all()
                 return
-            self._apply(state, step, mean, pending)
+            self._apply(state, step, mean, pending, stepped)
             if first_release is not None:
                 first_release()
         _let_go(pushes)
         state.notify_all()
 
-    def _apply(self, state: StepHost, step: int, grad: torch.Tensor, pending: _Pending) -> None:
+    def _apply(self, state: StepHost, step: int, grad: torch.Tensor, pending: _Pending, stepped: int = 0) -> None:
         partial = pending.partial if pending.options.clipped else None
         state.apply(grad, pending.present, pending.hyper, pending.lr_scale, pending.buffers, step=step,
-                    partial=partial, pushed=pending.pushed)
+                    partial=partial, pushed=pending.pushed, stepped=stepped)
         self._remember(state, step, Closed(state.optimizer.lr() * pending.lr_scale, partial=partial))
 
     def _remember(self, state: StepHost, step: int, closed: Closed) -> None:
@@ -349,6 +415,24 @@ class AsyncPolicy:
         return len(self._pending)
 
     params_still_while_replying = False  # every push applies on arrival
+
+    def take(self, state: StepHost, push: Push, members: frozenset[int]) -> None:
+        raise InvalidArgument("a push in parts needs plain sync; this job is async: send it whole")
+
+    def await_reply(self, state: StepHost, push: Push, duplicate: bool, clip_done: bool = False) -> Outcome:
+        return Outcome(state.version, 0, duplicate, next_step=state.last_step_of(push.worker_id) + 1)
+
+    def parts_arrived(self, state: StepHost) -> None:
+        pass  # (no push in parts is taken)
+
+    def continuing(self, worker_id: int, step: int) -> Push | None:
+        return None
+
+    def part_ready(self, state: StepHost, step: int, part: int) -> bool:
+        return True
+
+    def mid_step(self, state: StepHost) -> bool:
+        return False
 
     def check(self, state: StepHost, push: Push, members: frozenset[int]) -> bool:
         last = state.last_step_of(push.worker_id)

@@ -67,8 +67,18 @@ class SliceOptimizer:
         """The job groups' kwargs for the next steps (checked by ``optim.parse_hyper``)."""
         self.hyper = groups
 
-    def step(self, grad: torch.Tensor, present: list[bool] | None, lr_scale: float = 1.0) -> None:
-        """One torch step with ``grad`` (the slice's gradient); pieces not ``present`` are skipped."""
+    def boundaries(self) -> list[int]:
+        """Offsets in the slice where one piece ends and the next begins (where ``step`` may be cut)."""
+        return [p.stop - self.shard.start for p in self.pieces[:-1]]
+
+    def step(self, grad: torch.Tensor, present: list[bool] | None, lr_scale: float = 1.0,
+             lo: int = 0, hi: int | None = None) -> None:
+        """One torch step with ``grad`` (the slice's gradient); pieces not ``present`` are skipped.
+        With ``lo``/``hi`` (offsets in the slice, on ``boundaries``) only the pieces inside [lo, hi)
+        step: a push in parts steps each part once all of it arrived (torch steps the other pieces
+        not at all, as it skips a parameter whose ``.grad`` is None), and the parts of one step
+        together are that step, to the bit."""
+        hi = self.shard.numel if hi is None else hi
         for group, g in zip(self.optimizer.param_groups, self.group_ids):
             for key in self._keys[g]:
                 value = self.hyper[g][key]
@@ -76,7 +86,9 @@ class SliceOptimizer:
             group["lr"] = self.hyper[g]["lr"] * lr_scale
         base = self.shard.start
         for i, (piece, tensor) in enumerate(zip(self.pieces, self.tensors)):
-            tensor.grad = grad[piece.start - base:piece.stop - base] if present is None or present[i] else None
+            inside = lo <= piece.start - base and piece.stop - base <= hi
+            tensor.grad = grad[piece.start - base:piece.stop - base] if inside and (present is None or present[i]) \
+                else None
         try:
             self.optimizer.step()
         finally:

@@ -36,7 +36,7 @@ import torch
 
 from ..proto import optim
 from ..proto.errors import (FailedPrecondition, InvalidArgument, MembershipChanged, NeedsCopy, NotPrimary,
-                             ShardpsError, WaitTimeout)
+                             ShardpsError, Unavailable, WaitTimeout)
 from ..runtime.history import NO_HISTORY, History
 from ..proto.messages import JobConfig, job_from_pb, job_to_pb
 from ..proto.plan import ShardRange
@@ -83,7 +83,7 @@ class ShardState:
         # A replicated job's shard (server/replica.py): this copy's role, and how updates reach backups.
         self.replica: replicas.ReplicaRole | None = replicas.ReplicaRole() if job.replicas > 1 else None
         self.send: replicas.Send | None = None
-        self.ship_timeout = step_timeout
+        self.ship_timeout = self.step_timeout = step_timeout
         self.applied_table: dict[int, int] = {}  # the dedup table as of the last applied version
         # Same-host workers' shared-memory segments (runtime/shm.py, server/segments.py).
         self.segments = SegmentTable(self.cond, job.layout.numel, shard.start, shard.shard_id, self.views.newest,
@@ -157,30 +157,40 @@ class ShardState:
     def _push(self, push: Push, members: frozenset[int]) -> Outcome:
         self.checks.validate(push)
         with self.cond:
-            if not self.initialized:
-                self.stats.rejected("not_initialized")
-                raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
-            self.check_serving()
-            self.timeline.check(push.epoch)
-            if self.views:  # the views this shard knows decide, not the caller (a view may have changed since)
-                members = self.members_for(push.step)
-                if push.worker_id not in members and push.step < self.version and self.views.member_later(push.worker_id, push.step):
-                    # A joiner whose view starts at the job's open step, which this shard closed already
-                    # (with the members before it): late, as a backup worker's push; it goes on from here.
-                    self.stats.dropped()
-                    return Outcome(self.version, 0, False, next_step=self.version, dropped=True)
-            try:
-                duplicate = self.policy.check(self, push, members)
-            except ShardpsError as exc:
-                self.stats.rejected(exc.reason)
-                raise
-            self.stats.received(push.worker_id, duplicate)
-            if not duplicate:
-                # A new version is coming: drop the cached reply frames now (replies still
-                # streaming hold their own reference), so they never coexist with the next
-                # step's receive buffers.
-                self.replies.forget()
+            admitted = self.admit(push, members)
+            if admitted is None:
+                return Outcome(self.version, 0, False, next_step=self.version, dropped=True)
+            members, duplicate = admitted
             return self.policy.submit(self, push, members, duplicate)
+
+    def admit(self, push: Push, members: frozenset[int]) -> tuple[frozenset[int], bool] | None:
+        """Under the lock: check that ``push`` may be submitted (raises a domain error, nothing
+        changed); returns (the members of its step, whether it is a duplicate), or None for a
+        joiner's push that came late (dropped, counted)."""
+        if not self.initialized:
+            self.stats.rejected("not_initialized")
+            raise FailedPrecondition(f"shard {self.shard.shard_id} has no parameters yet; initialise it first")
+        self.check_serving()
+        self.timeline.check(push.epoch)
+        if self.views:  # the views this shard knows decide, not the caller (a view may have changed since)
+            members = self.members_for(push.step)
+            if push.worker_id not in members and push.step < self.version and self.views.member_later(push.worker_id, push.step):
+                # A joiner whose view starts at the job's open step, which this shard closed already
+                # (with the members before it): late, as a backup worker's push; it goes on from here.
+                self.stats.dropped()
+                return None
+        try:
+            duplicate = self.policy.check(self, push, members)
+        except ShardpsError as exc:
+            self.stats.rejected(exc.reason)
+            raise
+        self.stats.received(push.worker_id, duplicate)
+        if not duplicate:
+            # A new version is coming: drop the cached reply frames now (replies still
+            # streaming hold their own reference), so they never coexist with the next
+            # step's receive buffers.
+            self.replies.forget()
+        return members, duplicate
 
     def finish_clip(self, push: Push, total_norm: float, duplicate: bool) -> Outcome:
         """The total norm of ``push``'s clipped step (after its ``push`` answered with a partial):
@@ -199,23 +209,53 @@ class ShardState:
 
     def apply(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float = 1.0,
               buffers: bytes | None = None, step: int | None = None, partial: float | None = None,
-              pushed: dict[int, int] | None = None) -> None:
+              pushed: dict[int, int] | None = None, stepped: int = 0) -> None:
         """One optimizer step with ``grad`` (called by the policy, under the lock): pieces not
         ``present`` are skipped, ``hyper`` (the groups' kwargs, None: unchanged) applies from now on.
         ``step``: the sync step it closes (None: async, one push); ``pushed``: worker -> step of the
         pushes behind it (the run's history). A replicated shard's backups apply it first
-        (``server/replica.py``)."""
+        (``server/replica.py``). ``stepped``: elements [0, stepped) took the step already, part by part
+        (``apply_part``; an unreplicated shard only)."""
         start = time.perf_counter()
         if self.replica is not None:
             self._ship(replicas.Update(self.version + 1, grad, present, self.hyper_json(hyper), lr_scale, buffers,
                                        self._table(step), clip_partial=partial))
         if hyper is not None:
             self.optimizer.set_hyper(hyper)
-        if self.shard.numel:
-            self.optimizer.step(grad, present, lr_scale)
+        if self.shard.numel and stepped < self.shard.numel:
+            self.optimizer.step(grad, present, lr_scale, lo=stepped)
         self._next_version(buffers)
         self._record_update("applied", step, pushed)
         self.stats.applied(time.perf_counter() - start)
+
+    @property
+    def early_parts(self) -> bool:
+        return self.replica is None
+
+    def apply_part(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float,
+                   lo: int, hi: int) -> None:
+        """Elements [lo, hi) take the open step now (a part every member sent; under the lock): the
+        optimizer steps their pieces only; ``apply(stepped=...)`` closes the step."""
+        start = time.perf_counter()
+        if hyper is not None:
+            self.optimizer.set_hyper(hyper)
+        self.optimizer.step(grad, present, lr_scale, lo=lo, hi=hi)
+        self.stats.applied(time.perf_counter() - start, part=True)
+
+    def torn(self, step: int, worker_id: int, parts: int) -> None:
+        log.warning("shard %d: worker %d left step %d after %d part(s) of it were applied with its gradient; the "
+                    "rest of the step is applied without it", self.shard.shard_id, worker_id, step, parts)
+        self._record("torn", step=step, worker=worker_id, parts=parts)
+
+    def settle(self) -> None:
+        """Under the lock: wait while the open step is applied part by part (the slice is between two
+        versions then), so that a reader (pull, checkpoint, digest, export) sees one version; the
+        step's last parts are on their way. Unavailable after the step timeout (retry)."""
+        if not self.policy.mid_step(self):
+            return
+        if not self.cond.wait_for(lambda: not self.policy.mid_step(self), timeout=self.step_timeout):
+            raise Unavailable(f"shard {self.shard.shard_id}'s step {self.version} is still being applied part by "
+                              f"part (a member's parts stopped coming); try again")
 
     def skip(self, buffers: bytes | None = None, step: int | None = None,
              pushed: dict[int, int] | None = None) -> None:
@@ -442,6 +482,7 @@ class ShardState:
         file refuses (a full /dev/shm) raises NoSharedMemory: the worker sends the push again another
         way, which answers it as the duplicate it is."""
         with self.cond:
+            self.settle()
             self.segments.write(seg, self.param)
             self.stats.moved(shm_sent=self.param.numel() * 4)
             return self.version
@@ -474,6 +515,7 @@ class ShardState:
         """Everything a checkpoint holds, at the current version (call under the lock): copies, or
         with ``live`` the shard's own tensors (no memory taken; valid only until the lock is released,
         for ``CheckpointStore.begin``)."""
+        self.settle()
         param = self.param.detach() if live else self.param.detach().clone()
         return Snapshot(self.job_id, job_to_pb(self.job).SerializeToString(), self.shard.shard_id, self.shard.start,
                         self.shard.stop, self.version, dict(self.last_step), param,
@@ -550,6 +592,7 @@ class ShardState:
         where the policy keeps it still while replies go out, else a copy of that version in ``dtype``
         (rounded once, shared by the replies of one version, like ``snapshot``'s encoding)."""
         with self.cond:
+            self.settle()
             if dtype is torch.float32 and self.policy.params_still_while_replying:
                 return self.version, self.param
             return self.replies.copy(self.version, self.param, dtype)
@@ -562,6 +605,7 @@ class ShardState:
         one sync step then share one encoding.
         """
         with self.cond:
+            self.settle()
             return self.replies.encoded(self.version, self.param, encode)
 
     def export(self, directory: str | None = None, optimizer_state: bool = True) -> tuple[int, tensorfile.Spill, str]:
@@ -572,6 +616,7 @@ class ShardState:
         pushes wait for that write. The caller closes the Spill. Raises SpillError (RESOURCE_EXHAUSTED)
         when the directory is full."""
         with self.cond:
+            self.settle()
             tensors = {"param": self.param, **(self.optimizer.state_tensors(copy=False) if optimizer_state else {})}
             spill = tensorfile.Spill(tensors, directory)
             return self.version, spill, self.hyper_json()
@@ -585,6 +630,7 @@ class ShardState:
         all of one version: hashed from the tensors' own memory under the lock (no copy; pushes wait
         for the hashing, about 2 s per GB on a 2-core machine)."""
         with self.cond:
+            self.settle()
             h = hashlib.sha256(repr((self.version, sorted(self.last_step.items()), self.hyper_json())).encode())
             h.update(self.buffers or b"")
             tensors = {"param": self.param, **self.optimizer.state_tensors(copy=False)}

@@ -25,6 +25,7 @@ class ShardStats:
     shm_bytes_in: int = 0  # moved through a same-host worker's shared memory instead of gRPC
     shm_bytes_out: int = 0
     apply_seconds: float = 0.0
+    parts_applied: int = 0  # parts of steps applied before their step closed (pushes in parts)
     wait_seconds: float = 0.0  # pushes held back by the sync barrier or the SSP bound, total
     last_push: dict[int, float] = field(default_factory=dict)  # worker_id -> Unix time of its last push
     staleness: Counter = field(default_factory=Counter)  # staleness value -> applied pushes
@@ -62,8 +63,10 @@ class ShardStats:
     def waited(self, seconds: float) -> None:
         self.wait_seconds += seconds
 
-    def applied(self, seconds: float) -> None:
+    def applied(self, seconds: float, part: bool = False) -> None:
+        """Time in the optimizer: a whole step's, or (``part``) one part of a step applied early."""
         self.apply_seconds += seconds
+        self.parts_applied += part
 
     def rolled_back(self, steps: int) -> None:
         self.rollbacks += 1

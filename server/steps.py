@@ -17,7 +17,7 @@ policy with ``modes.make_policy`` and hands itself to every call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Protocol
 
 import torch
 
@@ -46,6 +46,20 @@ class Push:
     buffers: bytes | None = None  # the model's buffers (shard 0, rank 0), checked
     kept: bool = False  # set by a policy that holds on to grad past submit()
     evicted: bool = False  # its worker left the step's membership while the push waited
+    # A push in parts (byte link, plain sync): ``grad`` fills part by part; ``stops`` are the parts' end
+    # offsets in the slice (``proto.plan.part_stops``), ``have`` how many arrived. None: it came whole.
+    stops: list[int] | None = None
+    have: int = 0
+    filler: Any = None  # the attempt now writing its parts (``server/parts.py``'s Fill)
+
+    @property
+    def complete(self) -> bool:
+        """Its whole gradient is in (a whole push always is)."""
+        return self.stops is None or self.have >= len(self.stops)
+
+    def parts_in(self, stops: list[int]) -> int:
+        """How many of ``stops``' parts of the step have arrived from this push."""
+        return len(stops) if self.stops is None else self.have
 
     @property
     def batch_size(self) -> int:
@@ -110,8 +124,22 @@ class StepHost(Protocol):
 
     def apply(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float = 1.0,
               buffers: bytes | None = None, step: int | None = None, partial: float | None = None,
-              pushed: dict[int, int] | None = None) -> None:
-        """One optimizer step: a new version (a replicated shard's backups take it first)."""
+              pushed: dict[int, int] | None = None, stepped: int = 0) -> None:
+        """One optimizer step: a new version (a replicated shard's backups take it first). ``stepped``:
+        the slice's first ``stepped`` elements took this step already, part by part (``apply_part``)."""
+
+    @property
+    def early_parts(self) -> bool:
+        """Whether parts of an open step may be applied before the step closes (an unreplicated shard:
+        a replicated one's backups must take a step before its primary changes)."""
+
+    def apply_part(self, grad: torch.Tensor, present: list[bool] | None, hyper: list | None, lr_scale: float,
+                   lo: int, hi: int) -> None:
+        """Step the optimizer on elements [lo, hi) of the slice only (a part of the open step); no new
+        version: ``apply`` with ``stepped`` closes the step."""
+
+    def torn(self, step: int, worker_id: int, parts: int) -> None:
+        """Record that ``worker_id`` left step ``step`` after its first ``parts`` parts were applied with it."""
 
     def skip(self, buffers: bytes | None = None, step: int | None = None,
              pushed: dict[int, int] | None = None) -> None:
@@ -148,6 +176,26 @@ class UpdatePolicy(Protocol):
     def submit(self, state: StepHost, push: Push, members: frozenset[int], duplicate: bool) -> Outcome:
         """Take the push (apply it now, or keep it for its step) and return its answer once it may be
         answered. Sets ``push.kept`` when the policy keeps ``push.grad`` past the call."""
+
+    def take(self, state: StepHost, push: Push, members: frozenset[int]) -> None:
+        """Take a push in parts (not a duplicate) into its step without waiting: its parts arrive
+        later (``parts_arrived``), its answer comes from ``await_reply``. Plain sync only."""
+
+    def await_reply(self, state: StepHost, push: Push, duplicate: bool, clip_done: bool = False) -> Outcome:
+        """Wait (releasing the lock) until a taken push may be answered, and answer it."""
+
+    def parts_arrived(self, state: StepHost) -> None:
+        """More parts of a push in parts are in: apply the open step's parts every member has sent."""
+
+    def continuing(self, worker_id: int, step: int) -> Push | None:
+        """The push in parts of ``worker_id`` for ``step`` that is still open with parts missing (a
+        retry fills them in), or None."""
+
+    def part_ready(self, state: StepHost, step: int, part: int) -> bool:
+        """Whether part ``part`` of step ``step``'s answer may go out (applied, or the step closed)."""
+
+    def mid_step(self, state: StepHost) -> bool:
+        """Whether the open step has parts applied but is not closed (the slice is between versions)."""
 
     def finish_clip(self, state: StepHost, push: Push, total_norm: float, duplicate: bool) -> Outcome:
         """The total norm over all shards for a clipped push's step: clip, apply, answer."""

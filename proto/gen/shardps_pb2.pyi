@@ -741,10 +741,12 @@ class PushHeader(_message.Message):
     def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., options: _Optional[_Union[StepOptions, _Mapping]] = ..., shm: _Optional[_Union[ShmSegment, _Mapping]] = ..., link: _Optional[_Union[LinkTransfer, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class LinkTransfer(_message.Message):
-    __slots__ = ("nonce",)
+    __slots__ = ("nonce", "parts")
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     nonce: int
-    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+    parts: int
+    def __init__(self, nonce: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class OpenLinkRequest(_message.Message):
     __slots__ = ("target", "worker_id", "epoch")
@@ -757,12 +759,14 @@ class OpenLinkRequest(_message.Message):
     def __init__(self, target: _Optional[_Union[ShardTarget, _Mapping]] = ..., worker_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class OpenLinkResponse(_message.Message):
-    __slots__ = ("port", "ticket")
+    __slots__ = ("port", "ticket", "part_stops")
     PORT_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    PART_STOPS_FIELD_NUMBER: _ClassVar[int]
     port: int
     ticket: bytes
-    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+    part_stops: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., part_stops: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("name", "nonce")
