@@ -72,6 +72,9 @@ def _ddp(model, cfg, rank):
 def _shardps(model, cfg, rank):
     from shardps import ShardedOptimizer
 
+    if "link_parts" in cfg:  # (1: push whole where the shards cut pushes into parts)
+        os.environ["SHARDPS_LINK_PARTS"] = str(cfg["link_parts"])
+
     opt = ShardedOptimizer(model, cluster=cfg["cluster"], optimizer=cfg["optimizer"], lr=cfg["lr"],
                            job=cfg["job"], min_workers=cfg["world"], wire_dtype=cfg.get("wire_dtype", "float32"),
                            pull_dtype=cfg.get("pull_dtype", "float32"),

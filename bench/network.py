@@ -78,6 +78,7 @@ CONTENDERS = {
     # The hosts are network namespaces of one machine: they share /dev/shm, so transport "auto" would
     # move the bytes through shared memory and never cross the shaped link. "tcp": the byte link.
     "shardps": dict(kind="shardps", transport="tcp"),
+    "shardps-whole": dict(kind="shardps", transport="tcp", link_parts=1),  # pushes not cut into parts
     "shardps-grpc": dict(kind="shardps", transport="grpc"),  # every byte inside gRPC
     "shardps-bf16": dict(kind="shardps", wire_dtype="bfloat16", transport="tcp"),
     # bf16 both ways: gradients pushed and parameters pulled (the workers hold the fp32 masters rounded)

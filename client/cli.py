@@ -129,6 +129,7 @@ def server(
     metrics_port: int = _METRICS_PORT,
     history_dir: str = _opt("history_dir"),
     data_port: int = _opt("data_port"),
+    link_parts: int = _opt("link_parts"),
     log_level: str = _LOG_LEVEL,
 ):
     """Run a shard server (one slice of the parameters and its optimizer state)."""
@@ -142,7 +143,7 @@ def server(
                               port_file=port_file,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               checkpoint_keep=checkpoint_keep, metrics_port=metrics_port, history_dir=history_dir,
-                              data_port=data_port)
+                              data_port=data_port, link_parts=link_parts)
     except ValueError as exc:
         _fail(str(exc))
     serve(config)

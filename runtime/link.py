@@ -63,9 +63,20 @@ class LinkSocket:
     def close(self) -> None:
         self.closed = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it (and on its ``duplex`` twin)
         except OSError:
             pass
+        self.sock.close()
+
+    def duplex(self) -> "LinkSocket":
+        """A second end on the same connection, for one thread to write while another reads (a push
+        in parts): its own descriptor and timeouts. ``close`` either end to break the connection;
+        ``let_go`` the twin when done with it (its descriptor only)."""
+        return LinkSocket(self.sock.dup(), self.idle_timeout)
+
+    def let_go(self) -> None:
+        """Close this end's descriptor without breaking the connection (a ``duplex`` twin that is done)."""
+        self.closed = True
         self.sock.close()
 
     def send(self, nonce: int, tensor: torch.Tensor, deadline: float) -> None:

@@ -53,6 +53,7 @@ class ServerConfig:
     compute_threads: int = 0  # torch threads for the optimizer step (0: torch's default, every core)
     history_dir: str = ""  # append what this server does to the run's history here (shardps check); "" records none
     data_port: int = D.setting("data_port").default  # byte links (server/links.py); 0: any free port, -1: none
+    link_parts: int = D.LINK_PARTS  # sync pushes on a byte link come in up to this many parts (server/parts.py)
 
     def __post_init__(self):
         if ":" not in self.coordinator:
@@ -72,6 +73,8 @@ class ServerConfig:
             raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
         if not -1 <= self.data_port <= 65535:
             raise ValueError(f"data_port must be a port, 0 (any free one) or -1 (none), got {self.data_port}")
+        if not 1 <= self.link_parts <= 64:
+            raise ValueError(f"link_parts must be in 1..64 (1: whole pushes), got {self.link_parts}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every needs --checkpoint-dir")
 
@@ -103,7 +106,7 @@ def build_shard_server(config: ServerConfig, coordinator: CoordinatorClient) -> 
         links = LinkHub(config.host, config.data_port, idle_timeout=config.first_message_timeout)
         log.info("byte links on %s:%d", config.host, links.port)
     servicer = ShardServicer(node, config.chunk_bytes, wait_timeout=config.register_wait, threads=config.threads,
-                             links=links, links_off=off)
+                             links=links, links_off=off, link_parts=config.link_parts)
     add_to_server(servicer, server)
     add_health(server, ["shardps.v1.ShardService"])
     port = bind(server, f"{config.host}:{config.port}")

@@ -19,6 +19,8 @@ import torch
 
 from ..proto import buffers as buffer_file
 from ..proto import codec, quant, wire
+from ..proto import defaults as D
+from ..proto.plan import part_stops
 from ..proto.errors import FailedPrecondition, InvalidArgument, NeedsCopy, NoLink, ShardpsError, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.messages import StepOpts, mode_to_pb, view_from_pb
@@ -27,7 +29,9 @@ from ..runtime.status import error_from_rpc, translate_errors
 from .steps import Push
 from ..runtime.limits import WaitSlots
 from ..runtime.process import release_free_memory
-from .byte_paths import REPLY_DTYPES, LinkPath, SegmentPath, ServerPath, StreamPath, as_fp32, deadline_of
+from . import parts
+from .byte_paths import (REPLY_DTYPES, LinkPath, PartsPath, SegmentPath, ServerPath, StreamPath, as_fp32,
+                         deadline_of)
 from .links import LinkHub
 from .node import MAX_EPOCH_JUMP, ShardNode, Target
 from . import replica as replicas
@@ -51,10 +55,12 @@ def _target(msg: pb.ShardTarget) -> Target:
 
 class ShardServicer:
     def __init__(self, node: ShardNode, chunk_bytes: int, wait_timeout: float, threads: int = 64,
-                 links: LinkHub | None = None, links_off: str = "it was started with --data-port -1"):
-        """``links``: the byte links workers may push through (None: none offered; ``links_off`` says why)."""
+                 links: LinkHub | None = None, links_off: str = "it was started with --data-port -1",
+                 link_parts: int = D.LINK_PARTS):
+        """``links``: the byte links workers may push through (None: none offered; ``links_off`` says why);
+        ``link_parts``: a sync push on a link comes in up to this many parts (1: whole)."""
         self.node = node
-        self.links, self.links_off = links, links_off
+        self.links, self.links_off, self.link_parts = links, links_off, link_parts
         self.chunk_bytes = chunk_bytes
         self.wait_timeout = wait_timeout  # how long calls wait for the shard to be initialised
         self._push_frames = wire.serializer(pb.PushResponse)
@@ -109,7 +115,10 @@ class ShardServicer:
         path = self._path_for(state, h, context)
         failed = True
         try:
-            yield from self._push(state, first, frames, members, path)
+            if isinstance(path, PartsPath):
+                yield from self._push_in_parts(state, first, frames, members, path)
+            else:
+                yield from self._push(state, first, frames, members, path)
             failed = False
         finally:
             path.close(failed)
@@ -123,6 +132,14 @@ class ShardServicer:
             if self.links is None:
                 raise NoLink(f"this server offers no byte link ({self.links_off}): push over gRPC")
             key = (h.target.job_id, state.shard.shard_id, h.worker_id)
+            if h.link.parts > 1:
+                stops = self._part_stops(state)
+                if h.link.parts != len(stops):
+                    state.reject("bad_header")
+                    raise InvalidArgument(f"the push comes in {h.link.parts} parts; this shard cuts its slice into "
+                                          f"{len(stops)} (OpenLink's part_stops): open a new link")
+                return PartsPath(self.links, key, self.links.take(key), h.link.nonce, deadline_of(context), pool,
+                                 REPLY_DTYPES[h.reply_dtype], stops)
             return LinkPath(self.links, key, self.links.take(key), h.link.nonce, deadline_of(context), pool,
                             REPLY_DTYPES[h.reply_dtype])
         return StreamPath(self.chunk_bytes, self._encode_push, REPLY_DTYPES[h.reply_dtype])
@@ -150,6 +167,51 @@ class ShardServicer:
         yield from path.after_result(state)
         if state.job.broadcast_buffers:
             yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
+
+    def _push_in_parts(self, state, first: wire.Frame, frames: Iterator[wire.Frame], members: frozenset[int],
+                       path: PartsPath):
+        """A push in parts (``server/parts.py``): the options (and buffers) on the stream, then the
+        gradient's parts on the link, each applied once every member's is in and sent back by the
+        path's thread meanwhile; the result once the step closed."""
+        h = first.fields.header
+        _, options, blob = self._receive(state, _chain(first, frames), h.options if h.HasField("options") else None,
+                                         expect_grad=False)
+        state.note_transport(h.worker_id, path.name)
+        pool = self.node.buffers
+        buf = pool.take(torch.float32, state.shard.numel)
+
+        def give() -> None:
+            pool.give(buf)
+
+        push = Push(h.worker_id, h.step, h.epoch, h.base_version, StepOpts.from_pb(options), buf, buffers=blob,
+                    stops=path.stops)
+        push.release = parts.releaser(push, give)
+        try:
+            fill = parts.begin(state, push, members, abort=path.link.close, give=give)
+        except BaseException:
+            give()
+            raise
+        if fill.push is not push or not fill.active:
+            give()  # (a continued push keeps its first attempt's buffer; a repeat's parts are read and dropped)
+        path.answer(state, fill.push.step, fill.generation)
+        try:
+            path.read(state, fill)
+        finally:
+            with state.cond:
+                parts.stop(state, fill)
+        with state.cond:
+            outcome = parts.finish(state, fill)
+        yield pb.PushResponse(result=pb.PushResult(
+            version=path.reply(state), staleness=outcome.staleness, duplicate=outcome.duplicate,
+            dropped=outcome.dropped, next_step=outcome.next_step, applied_lr=outcome.applied_lr,
+            epoch=state.views.latest_epoch, skipped=outcome.skipped))
+        yield from path.after_result(state)
+        if state.job.broadcast_buffers:
+            yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
+
+    def _part_stops(self, state) -> list[int]:
+        """Where this shard's slice is cut for pushes in parts ([numel]: they go whole)."""
+        return part_stops(state.optimizer.boundaries(), state.shard.numel, self.link_parts)
 
     @staticmethod
     def _clip_total(state, frames: Iterator[wire.Frame], step: int) -> float:
@@ -272,7 +334,9 @@ class ShardServicer:
             raise UnknownWorker(f"worker {request.worker_id} is not a member of view {request.epoch}: no byte link "
                                 f"for it (register with the coordinator)")
         key = (request.target.job_id, state.shard.shard_id, request.worker_id)
-        return pb.OpenLinkResponse(port=self.links.port, ticket=self.links.ticket(key))
+        stops = self._part_stops(state) if state.policy.params_still_while_replying and state.early_parts else []
+        return pb.OpenLinkResponse(port=self.links.port, ticket=self.links.ticket(key),
+                                   part_stops=stops if len(stops) > 1 else [])
 
     def _dequantize(self, state, values: torch.Tensor, scales: torch.Tensor, pooled: bool) -> torch.Tensor:
         """The fp32 values an int8 push's ``values`` and ``scales`` stand for (``proto/quant.py``); a

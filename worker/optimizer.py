@@ -47,6 +47,7 @@ from ..proto import buffers as buffer_file
 from ..proto import optim
 from ..proto.assemble import merge_state, model_state_dict, optimizer_state_dict, split_optimizer_state
 from ..proto.codec import DEFAULT_CHUNK_BYTES, dtype_from_name, wire_dtype as dtype_on_wire
+from ..proto import defaults as D
 from ..proto.defaults import PUSH_TIMEOUT_S
 from ..proto.errors import FailedPrecondition, MembershipChanged, RolledBack, UnknownWorker
 from ..proto.gen import shardps_pb2 as pb
@@ -290,7 +291,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                   if self.job.replicas > 1 else None)
         self.ps = PSClient(reg.plan, reg.job_id, self.job.layout.fingerprint, chunk_bytes, self.step_timeout,
                            self.compressor, self.retry, self.worker_id, self.security, self.flat.segment, locate,
-                           links=self.transport in ("auto", "tcp"))
+                           links=self.transport in ("auto", "tcp"),
+                           parts=self.job.mode is UpdateMode.SYNC and not self.job.staleness_bound
+                           and not self.job.backup_workers and self.job.replicas == 1
+                           and os.environ.get(D.setting("link_parts").env, "") != "1")
         if reg.initializer:
             self.ps.init(self.flat.gather_params(), self.worker_id, self._buffers_blob())
         view = self.coordinator.wait_for_view(self.job_id, self.worker_id, timeout)

@@ -117,6 +117,7 @@ class ShardChannel:
         self.info, self.chunk_bytes, self.retry = info, chunk_bytes, retry
         self.security, self.locate = security, locate
         self.worker_id = worker_id
+        self.parts = False  # the job is plain sync: a push may go in parts (PSClient's ``parts``)
         # The shard's byte link (enabled by PSClient's ``links``): pushes go on it while it works.
         self.links = LinkKeeper(info.range.shard_id, lambda: self.info.address, self._open_link)
         self._moves = 0  # times the shard moved to another server (calls in flight then are retried there)
@@ -151,27 +152,34 @@ class ShardChannel:
         self.links.drop()
         self._channel.close()
 
-    def _open_link(self, timeout: float, epoch: int) -> tuple[str, int, bytes]:
-        """Ask the shard for a byte link: (host to dial, port, one-time ticket)."""
+    def _open_link(self, timeout: float, epoch: int) -> tuple[str, int, bytes, list[int]]:
+        """Ask the shard for a byte link: (host to dial, port, one-time ticket, where it cuts a push in
+        parts: ``OpenLinkResponse.part_stops``, checked)."""
         request = pb.OpenLinkRequest(target=self.target, worker_id=self.worker_id, epoch=epoch)
         try:
             reply = self._link_call(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._what("OpenLink")) from None
-        return split_address(self.info.address), reply.port, reply.ticket
+        stops = [int(s) for s in reply.part_stops]
+        if stops and (stops[-1] != self.info.range.numel or any(b <= a for a, b in zip([0, *stops], stops))):
+            stops = []  # (not this shard's slice cut in order: push whole)
+        return split_address(self.info.address), reply.port, reply.ticket, stops
 
     def path_for(self, grad: torch.Tensor | None, out: torch.Tensor, timeout: float, epoch: int,
                  positions: torch.Tensor | None = None, shm: Segment | None = None,
-                 scales: torch.Tensor | None = None, reply_dtype: torch.dtype = torch.float32) -> BytePath:
+                 scales: torch.Tensor | None = None, reply_dtype: torch.dtype = torch.float32,
+                 whole: bool = True) -> BytePath:
         """Where one attempt's bytes go: the segment, else the byte link (a dense float gradient on the CPU,
-        while the shard offers one and it works), else inside the stream (also sparse and int8 pushes)."""
+        while the shard offers one and it works; in parts where the shard cuts its slice and not ``whole``),
+        else inside the stream (also sparse and int8 pushes)."""
         if shm is not None:
             return ThroughSegment(shm)
         if grad is not None and positions is None and scales is None and grad.device.type == "cpu" \
                 and grad.dtype in LINK_DTYPES:
             link = self.links.get(timeout, epoch)
             if link is not None:
-                return OnLink(self.links, link, grad, out, self._what("Push"), self._landing(out, reply_dtype))
+                return OnLink(self.links, link, grad, out, self._what("Push"), self._landing(out, reply_dtype),
+                              None if whole else self.links.stops)
         return InStream(grad, out, self.chunk_bytes, positions, scales, self._landing(out, reply_dtype))
 
     def _landing(self, out: torch.Tensor, dtype: torch.dtype) -> Landing:
@@ -315,7 +323,9 @@ class ShardChannel:
 
         def attempt():  # the whole push again: the shard applies it at most once
             path = self.path_for(grad, out, timeout, header.epoch, positions, shm, scales,
-                                 codec.torch_dtype(header.reply_dtype) if header.reply_dtype else torch.float32)
+                                 codec.torch_dtype(header.reply_dtype) if header.reply_dtype else torch.float32,
+                                 whole=not self.parts or commit is not None or clip is not None
+                                 or header.options.overflow)
             h, pushed_commit = path.header(header), commit
             if not path.in_band and buffers is not None and commit is None and h.HasField("options"):
                 # The stream has no gradient to end the buffers, and the server stops reading at the step
@@ -482,9 +492,11 @@ class PSClient:
 
     def __init__(self, plan: list[ShardInfo], job_id: str, fingerprint: str, chunk_bytes: int, timeout: float,
                  compressor=None, retry: Retrier | None = None, worker_id: int = -1, security=None,
-                 segment: Segment | None = None, locate: Locator | None = None, links: bool = False):
+                 segment: Segment | None = None, locate: Locator | None = None, links: bool = False,
+                 parts: bool = False):
         """``segment``: this worker's shared memory; pushes to a shard go through it until that
-        shard refuses it (another host), then on the shard's byte link (with ``links``) or over gRPC."""
+        shard refuses it (another host), then on the shard's byte link (with ``links``) or over gRPC.
+        ``parts``: the job is plain sync and unreplicated, so pushes on a link may go in parts."""
         self.plan, self.timeout, self.compressor = plan, timeout, compressor
         self.segment = segment if compressor is None else None  # compressed pushes (top-k, int8): gRPC
         self.shm_ok = [self.segment is not None] * len(plan)
@@ -492,7 +504,7 @@ class PSClient:
         self.shards = [ShardChannel(info, job_id, fingerprint, chunk_bytes, self.retry, worker_id, security, locate)
                        for info in plan]
         for shard in self.shards:
-            shard.links.enabled = links
+            shard.links.enabled, shard.parts = links, parts
         self._pool = ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="shardps-push")
         self._stop = threading.Event()
         if locate is not None:  # a replicated job: follow primaries that move

@@ -8,7 +8,9 @@ gradient goes and where the reply's slice comes from:
   is the only path of sparse (top-k) and int8 pushes, whose positions and scales travel with them;
 * ``ThroughSegment``: the worker's shared-memory segment (``runtime/shm.py``): the server reads the
   gradient from it and writes the slice into it; nothing but the header travels;
-* ``OnLink``: the shard's byte link (``runtime/link.py``): one raw frame each way beside the stream.
+* ``OnLink``: the shard's byte link (``runtime/link.py``): one raw frame each way beside the stream,
+  or, for a plain sync push to a shard that cuts its slice into parts (``OpenLinkResponse.part_stops``),
+  one frame per part each way, the reply's parts read by a thread while later gradient parts go out.
 
 The channel picks per attempt (``ShardChannel.path_for``): the segment while the shard can open
 it, else the link while the shard offers one and it works, else the stream. Each path turns its
@@ -21,6 +23,7 @@ import logging
 import math
 import secrets
 import socket
+import threading
 import time
 from typing import Callable, Iterator, Protocol
 
@@ -168,33 +171,67 @@ class OnLink:
     name, in_band = "tcp", False
 
     def __init__(self, keeper: "LinkKeeper", link: LinkSocket, grad: torch.Tensor, out: torch.Tensor, what: str,
-                 landing: Landing | None = None):
+                 landing: Landing | None = None, stops: list[int] | None = None):
         self.keeper, self.link, self.grad, self.what = keeper, link, grad, what
         self.landing = landing or Landing(out)
         self.nonce = secrets.randbits(64)
         self.broke: LinkError | None = None
+        self.stops = stops  # a push in parts: each part's end offset in the slice
+        self._reader: threading.Thread | None = None
+        self._read_error: LinkError | None = None
 
     def header(self, header: pb.PushHeader) -> pb.PushHeader:
         h = pb.PushHeader()
         h.CopyFrom(header)
         h.link.nonce = self.nonce
+        if self.stops is not None:
+            h.link.parts = len(self.stops)
         return h
 
     def gradient(self, header: pb.PushHeader, deadline: float) -> Iterator[wire.Frame]:
         try:
-            self.link.send(self.nonce, self.grad, deadline)
+            if self.stops is None:
+                self.link.send(self.nonce, self.grad, deadline)
+            else:  # the reply's parts come back while later parts go out: read them on a thread
+                self._reader = threading.Thread(target=self._read_parts, args=(self.link.duplex(), deadline),
+                                                daemon=True, name="shardps-parts-read")
+                self._reader.start()
+                for lo, hi in self._bounds():
+                    self.link.send(self.nonce, self.grad[lo:hi], deadline)
         except LinkError as exc:  # the server refused the push (it closes the link), or the link broke
             self.broke = exc
         return iter(())
+
+    def _bounds(self) -> Iterator[tuple[int, int]]:
+        assert self.stops is not None
+        lo = 0
+        for hi in self.stops:
+            yield lo, hi
+            lo = hi
+
+    def _read_parts(self, reader: LinkSocket, deadline: float) -> None:
+        into = self.landing.into
+        try:
+            for lo, hi in self._bounds():
+                reader.receive(self.nonce, into[lo:hi], deadline)
+        except LinkError as exc:
+            self._read_error = exc
+        finally:
+            reader.let_go()
 
     def reply_chunk(self, chunk) -> None:
         pass
 
     def after_result(self, header: pb.PushHeader, deadline: float) -> None:
-        try:
-            self.link.receive(self.nonce, self.landing.into, deadline)
-        except LinkError as exc:
-            raise self._broken(exc) from None
+        if self._reader is not None:
+            self._reader.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._reader.is_alive() or self._read_error is not None:
+                raise self._broken(self._read_error or LinkError("the reply's parts did not all arrive in time"))
+        else:
+            try:
+                self.link.receive(self.nonce, self.landing.into, deadline)
+            except LinkError as exc:
+                raise self._broken(exc) from None
         self.landing.widen()
 
     def done(self) -> None:
@@ -213,7 +250,10 @@ class OnLink:
         return error
 
     def ended(self, answered: bool, server_done: bool) -> None:
-        pass
+        reader = self._reader
+        if reader is not None and reader.is_alive():  # the attempt failed: nothing may land after it ended
+            self.link.close()
+            reader.join(timeout=LINK_CONNECT_S)
 
     def _broken(self, exc: LinkError) -> Unavailable:
         self.keeper.failed(f"the byte link to {self.keeper.address()} broke: {exc}")
@@ -227,10 +267,11 @@ class LinkKeeper:
     again of a shard that offers none, until ``reset`` (the shard moved)."""
 
     def __init__(self, shard_id: int, address: Callable[[], str],
-                 open_link: Callable[[float, int], tuple[str, int, bytes]]):
+                 open_link: Callable[[float, int], tuple[str, int, bytes, list[int]]]):
         self.shard_id, self.address, self._open_link = shard_id, address, open_link
         self.enabled = False
         self._link: LinkSocket | None = None
+        self.stops: list[int] | None = None  # where the shard cuts a push in parts (None: it takes them whole)
         self._failures = 0  # in a row
         self._again = 0.0  # time.monotonic() from which links are tried again (math.inf: never)
         self._backoff = LINK_BACKOFF_S[0]
@@ -261,7 +302,8 @@ class LinkKeeper:
         return self._link
 
     def _connect(self, timeout: float, epoch: int) -> LinkSocket:
-        host, port, ticket = self._open_link(timeout, epoch)
+        host, port, ticket, stops = self._open_link(timeout, epoch)
+        self.stops = stops if len(stops) > 1 else None
         if not host:
             raise NoLink(f"{self.address()} is not a TCP address")
         sock = socket.create_connection((host, port), timeout=timeout)
