@@ -121,9 +121,18 @@ def summarize(series: dict, errors: dict, rejected: dict, args) -> dict:
             slope = slope_per_minute(values)
             first, last = points[0][1][key], points[-1][1][key]
             growth = slope * (half[-1][0] - half[0][0]) / 60 if len(half) > 1 else 0.0
-            flat = abs(growth) <= max(0.05 * abs(last), {"rss_mib": 8, "threads": 2, "fds": 4}.get(key, 0))
+            if key == "steps_per_s":  # throughput holds unless it falls (a step getting dearer as the run grows)
+                early = [v[key] for t, v in points if points[0][0] < t < points[-1][0] / 2]
+                later = [v for _, v in values]
+                mean = sum(later) / len(later) if later else 0.0
+                flat = growth >= -0.05 * abs(mean)
+                row = {"first_half_mean": round(sum(early) / len(early), 2) if early else None,
+                       "second_half_mean": round(mean, 2)}
+            else:
+                flat = abs(growth) <= max(0.05 * abs(last), {"rss_mib": 8, "threads": 2, "fds": 4}.get(key, 0))
+                row = {}
             rows[f"{name} {key}"] = {"first": round(first, 2), "last": round(last, 2),
-                                     "slope_per_min": round(slope, 4), "flat": flat}
+                                     "slope_per_min": round(slope, 4), "flat": flat, **row}
     return {"config": vars(args), "machine": machine(), "series": rows, "worker_errors": errors,
             "rejected_pushes": rejected, "all_flat": all(r["flat"] for r in rows.values()),
             "errors": len(errors) + sum(rejected.values())}

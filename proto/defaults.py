@@ -32,7 +32,7 @@ COORDINATOR_PORT, SERVER_PORT = 7070, 7071
 COORDINATOR_THREADS, SERVER_THREADS, WORKER_THREADS = 32, 64, 1
 EVAL_EVERY = 50  # rank 0 evaluates on held-out data every N steps
 OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # DiLoCo's outer Nesterov SGD (Douillard et al. 2023)
-LINK_PARTS = 4  # a sync push on a byte link comes in up to this many parts (server/parts.py)
+LINK_PARTS = 8  # a sync push on a byte link comes in up to this many parts (server/parts.py)
 
 # The optimizers a shard can run: every elementwise torch.optim class, by its lower-case name
 # (proto/optim.py maps them to the classes; a test keeps the two lists equal).
@@ -79,7 +79,7 @@ SETTINGS: tuple[Setting, ...] = (
             "TCP (0: any free port, told to workers over gRPC; -1: none, every byte over gRPC). Not offered under "
             "TLS.", "server"),
     Setting("link_parts", "SHARDPS_LINK_PARTS", LINK_PARTS,
-            "Sync pushes on a byte link come in up to this many parts (of at least 1 MiB, cut between "
+            "Sync pushes on a byte link come in up to this many parts (of at least 512 KiB, cut between "
             "parameters): each part is applied once every worker's is in and sent back while later parts still "
             "arrive, so both directions of a link are busy at once (1: whole pushes; a worker with 1 pushes "
             "whole whatever its servers offer).", "server, worker"),

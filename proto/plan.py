@@ -65,7 +65,7 @@ def owner_of(ranges: list[ShardRange], index: int) -> ShardRange:
     return ranges[i]
 
 
-MIN_PART_NUMEL = 1 << 18  # 1 MiB of fp32: a smaller part costs more in frames and waits than it overlaps
+MIN_PART_NUMEL = 1 << 17  # 512 KiB of fp32: a smaller part costs more in frames and waits than it overlaps
 
 
 def part_stops(boundaries: list[int], numel: int, parts: int, min_numel: int = MIN_PART_NUMEL) -> list[int]:
