@@ -41,7 +41,7 @@ def _opt(key: str, *flags: str, env: bool = True, **overrides):
 _TRAIN = {key: _opt(key) for key in (
     "workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed", "wire_dtype",
     "pull_dtype", "transport", "backup_workers", "staleness", "topk_ratio", "balance_every", "replicas", "amp", "eval_every",
-    "sync_every", "outer_lr", "outer_momentum")}
+    "sync_every", "fragments", "outer_lr", "outer_momentum")}
 _TRAIN["staleness_lr"] = _opt("staleness_lr", "--staleness-lr")
 
 # Every role (coordinator, server, worker) serves Prometheus metrics the same way.
@@ -173,6 +173,7 @@ def worker(
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
     sync_every: int = _TRAIN["sync_every"],
+    fragments: int = _TRAIN["fragments"],
     outer_lr: float = _TRAIN["outer_lr"],
     outer_momentum: float = _TRAIN["outer_momentum"],
     slowdown: float = _opt("slowdown"),
@@ -194,7 +195,7 @@ def worker(
                              backup_workers=backup_workers,
                              staleness=staleness, staleness_lr=staleness_lr, slowdown=slowdown,
                              topk_ratio=topk_ratio, balance_every=balance_every, replicas=replicas, amp=amp,
-                             sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                             sync_every=sync_every, fragments=fragments, outer_lr=outer_lr, outer_momentum=outer_momentum,
                              metrics=metrics,
                              tensorboard=tensorboard, eval_every=eval_every,
                              threads=threads, name=name, connect_timeout=connect_timeout, metrics_port=metrics_port)
@@ -226,6 +227,7 @@ def run(
     replicas: int = _TRAIN["replicas"],
     amp: str = _TRAIN["amp"],
     sync_every: int = _TRAIN["sync_every"],
+    fragments: int = _TRAIN["fragments"],
     outer_lr: float = _TRAIN["outer_lr"],
     outer_momentum: float = _TRAIN["outer_momentum"],
     slow_worker: list[str] = typer.Option([], "--slow-worker",
@@ -249,7 +251,7 @@ def run(
                            wire_dtype=wire_dtype, pull_dtype=pull_dtype, transport=transport, backup_workers=backup_workers,
                            staleness=staleness,
                            staleness_lr=staleness_lr, topk_ratio=topk_ratio, balance_every=balance_every,
-                           replicas=replicas, amp=amp, sync_every=sync_every, outer_lr=outer_lr,
+                           replicas=replicas, amp=amp, sync_every=sync_every, fragments=fragments, outer_lr=outer_lr,
                            outer_momentum=outer_momentum,
                            slow_workers=_parse_slow(slow_worker), eval_every=eval_every, out=out, hosts=hosts,
                            scenario=scenario, checkpoint_every=checkpoint_every, durable=durable, resume=resume)

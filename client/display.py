@@ -58,7 +58,8 @@ def print_summary(s: dict) -> None:
         ("held-out loss", f"{s['held_out']['loss']:.4f}"),
         ("wall time", f"{s['wall_s']:.1f} s"),
         ("samples/s (training)", f"{s['samples_per_s']:,.0f}"),
-        ("updates per shard", " ".join(str(v) for v in s["updates_per_shard"])),
+        ("updates per shard", " ".join(str(v) for v in s["updates_per_shard"])
+         + (f" ({', '.join(s['fragments'])}: each one's shards in turn)" if s.get("fragments") else "")),
         ("bytes over gRPC", f"{_bytes(s['bytes_in'])} pushed, {_bytes(s['bytes_out'])} pulled"),
         ("bytes through shared memory", (f"{_bytes(s.get('shm_bytes_in', 0))} pushed, "
                                          f"{_bytes(s.get('shm_bytes_out', 0))} pulled")),
@@ -78,6 +79,9 @@ def print_status(st: dict) -> None:
     else:
         console.print(f"job {st['job_id']}: {job['mode']}, {job['optimizer']} {job['optimizer_kwargs']}, "
                       f"{job['numel']:,} parameters, min_workers {job['min_workers']}")
+    if st.get("fragments"):
+        console.print(f"streaming DiLoCo: the model in {len(st['fragments'])} fragments, each a job of its own: "
+                      f"{', '.join(st['fragments'])} (shardps status --job NAME for one)")
     if st.get("added_groups"):
         console.print(f"param groups added during training, each a job of its own: {', '.join(st['added_groups'])} "
                       "(shardps status --job NAME)")
@@ -113,8 +117,9 @@ def print_status(st: dict) -> None:
     for col in columns:
         shards.add_column(col)
     for s in st["shards"]:
+        label = f"{s['job']}/{s['shard_id']}" if "job" in s else str(s["shard_id"])  # fragments: per job
         if "error" in s or "range" not in s:
-            shards.add_row(str(s["shard_id"]), s["address"], s.get("error", "not registered"), *[""] * (len(columns) - 3))
+            shards.add_row(label, s["address"], s.get("error", "not registered"), *[""] * (len(columns) - 3))
             continue
         stale = s["staleness"]
         stale_text = f"mean {stale['mean']:.2f} max {stale['max']}" if stale.get("count") else "-"
@@ -122,7 +127,7 @@ def print_status(st: dict) -> None:
         ckpt_text = "-" if ckpt is None or ckpt < 0 else f"v{ckpt}"
         if s.get("checkpoint_failures"):
             ckpt_text += f" ({s['checkpoint_failures']} failed)"
-        shards.add_row(str(s["shard_id"]), s["address"], f"[{s['range'][0]}, {s['range'][1]})", str(s["version"]),
+        shards.add_row(label, s["address"], f"[{s['range'][0]}, {s['range'][1]})", str(s["version"]),
                        str(s["pushes"]), str(s["duplicates"]), str(s["dropped"]), str(s["rejected"]),
                        _bytes(s["bytes_in"]), _bytes(s["bytes_out"]), stale_text, ckpt_text,
                        f"{s.get('rollbacks', 0)} ({s.get('steps_rolled_back', 0)} steps)")

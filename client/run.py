@@ -71,6 +71,7 @@ class RunConfig:
     resume: str = ""  # a run directory (or checkpoint folder) to go on from; --steps counts from step 0
     lease_seconds: float = D.LEASE_S  # a worker silent this long leaves the membership
     sync_every: int = 0  # diloco modes: inner steps between two outer steps
+    fragments: int = 1  # diloco modes: streaming DiLoCo, F fragments (jobs default.f<k>) synced H/F steps apart
     outer_lr: float = D.OUTER_LR  # diloco modes: the shards' Nesterov SGD learning rate (TrainConfig checks both)
     outer_momentum: float = D.OUTER_MOMENTUM  # diloco modes: its momentum (0: plain SGD)
 
@@ -115,7 +116,7 @@ class RunConfig:
 _TRAINING_FIELDS = ("workload", "mode", "optimizer", "lr", "batch_size", "steps", "epochs", "device", "seed",
                     "wire_dtype", "pull_dtype", "transport", "backup_workers", "staleness", "staleness_lr", "topk_ratio", "balance_every",
                     "replicas", "amp",
-                    "eval_every", "sync_every", "outer_lr", "outer_momentum")
+                    "eval_every", "sync_every", "fragments", "outer_lr", "outer_momentum")
 
 
 class RunError(RuntimeError):
@@ -222,23 +223,34 @@ def _tensorboard_run(path: Path, timeline, summary: dict, notes: list[str]) -> N
 
 
 def _prepare_resume(config: RunConfig, checkpoints: Path) -> Path:
-    """Cut the checkpoint of ``config.resume`` for this run's servers; returns the coordinator's job file."""
+    """Cut the checkpoint of ``config.resume`` (a streaming run's: every fragment's) for this run's
+    servers; returns the coordinator's job file."""
     import shutil
 
-    from ..worker.workloads import get_workload
-    from .resume import load_job_checkpoint, prepare_resume
     from ..proto.layout import fingerprint_of
+    from ..worker.convert import DILOCO_MODES
+    from ..worker.fragments import split
+    from ..worker.workloads import get_workload
+    from .resume import load_model_checkpoints, prepare_resume
 
-    ckpt = load_job_checkpoint(config.resume)
+    ckpts = load_model_checkpoints(config.resume)
+    if len(ckpts) != config.fragments:
+        raise RunError(f"the checkpoint in {ckpts[0].source} holds the model in {len(ckpts)} "
+                       f"fragment{'s' if len(ckpts) > 1 else ''}: resume with "
+                       + (f"--mode diloco --fragments {len(ckpts)}" if len(ckpts) > 1 else "no --fragments"))
     model = get_workload(config.workload, config.seed).model()
-    fingerprint = fingerprint_of((n, tuple(p.shape)) for n, p in model.named_parameters())
-    if fingerprint != ckpt.job.layout.fingerprint:
-        raise RunError(f"the checkpoint in {ckpt.source} is of another model than --workload {config.workload}; "
+    names = {id(p): n for n, p in model.named_parameters()}
+    parts = split(list(model.parameters()), len(ckpts)) if len(ckpts) > 1 else [list(model.parameters())]
+    if [fingerprint_of((names[id(p)], tuple(p.shape)) for p in part) for part in parts] != \
+            [c.job.layout.fingerprint for c in ckpts]:
+        raise RunError(f"the checkpoint in {ckpts[0].source} is of another model than --workload {config.workload}; "
                        "resume with the workload it was trained with")
-    if ckpt.version >= (config.steps or 0) > 0:
-        raise RunError(f"the checkpoint is at step {ckpt.version}: ask for more --steps than that to go on")
+    # Shard versions count outer steps in the diloco modes (fragment 0's: one every --sync-every steps).
+    done = ckpts[0].version * (config.sync_every if config.mode in DILOCO_MODES else 1)
+    if done >= (config.steps or 0) > 0:
+        raise RunError(f"the checkpoint is at step {done}: ask for more --steps than that to go on")
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return prepare_resume(ckpt, config.servers, checkpoints)
+    return prepare_resume(ckpts, config.servers, checkpoints)
 
 
 class WorkerSet:
@@ -321,6 +333,7 @@ class Control:
 def _watch(config, cluster: LocalCluster, workers: WorkerSet, logs: Path, tail: MetricsTail, on_progress,
            runner, control: Control) -> MetricsTail:
     progress, rates = Progress(), []
+    job_ids: list[str] = []  # streaming DiLoCo: the fragments' jobs, once the workers defined them
     while True:
         for rec in tail.poll():
             _fold(progress, rec, rates)
@@ -333,7 +346,8 @@ def _watch(config, cluster: LocalCluster, workers: WorkerSet, logs: Path, tail: 
         for name, proc in cluster.procs.items():
             if proc.poll() is not None and name not in down:
                 raise RunError(f"{name} died with code {proc.returncode} (see {logs}/{name}.log)")
-        progress.versions = _shard_versions(cluster, progress.versions)
+        job_ids = job_ids or _fragment_job_ids(cluster, config.fragments)
+        progress.versions = _shard_versions(cluster, progress.versions, job_ids)
         step = min(progress.versions) if progress.versions else 0
         runner.tick(step)
         control.serve(step)
@@ -424,20 +438,39 @@ def _fault_counts(cluster: LocalCluster, workers: WorkerSet) -> dict:
             "network": cluster.network.faults() if cluster.network is not None else {}}
 
 
-def _shard_versions(cluster: LocalCluster, last: list[int]) -> list[int]:
-    """Each shard's version, as its home server's copy has it; a shard whose server is too busy to
-    answer in time, or holds no copy yet (it just restarted: it answers version 0), keeps its last value."""
+def _fragment_job_ids(cluster: LocalCluster, fragments: int) -> list[str]:
+    """A streaming run's fragment jobs (``default.f<k>``), all or none: [] until every one is defined
+    (and for a run without fragments, whose one job the servers answer for by default)."""
+    if fragments < 2:
+        return []
+    from ..coordinator.client import CoordinatorClient
+    from ..proto.messages import DEFAULT_JOB, fragment_job
+
+    try:
+        with CoordinatorClient(cluster.address) as coord:
+            ids = [coord.job(fragment_job(DEFAULT_JOB, k))[0] for k in range(fragments)]
+    except ShardpsError:
+        return []
+    return ids if all(ids) else []
+
+
+def _shard_versions(cluster: LocalCluster, last: list[int], job_ids: list[str] = ()) -> list[int]:
+    """Each shard's version, as its home server's copy has it (``job_ids``: of each of these jobs, the
+    shards of the first, then the next's: a streaming run's fragments); a shard whose server is too
+    busy to answer in time, or holds no copy yet (it just restarted: it answers version 0), keeps its
+    last value."""
     from .sdk import shard_status
 
     out = []
-    for shard_id in range(cluster.num_servers):
-        before = last[shard_id] if shard_id < len(last) else 0
-        try:
-            s = shard_status(cluster.server_address(shard_id), timeout=2)
-        except ShardpsError:
-            out.append(before)
-        else:
-            out.append(s.version if s.initialized else before)
+    for job_id in job_ids or [""]:
+        for shard_id in range(cluster.num_servers):
+            before = last[len(out)] if len(out) < len(last) else 0
+            try:
+                s = shard_status(cluster.server_address(shard_id), timeout=2, job_id=job_id)
+            except ShardpsError:
+                out.append(before)
+            else:
+                out.append(s.version if s.initialized else before)
     return out
 
 
@@ -480,10 +513,12 @@ def _summarize(config: RunConfig, records: list[dict], status: dict, exported: d
         "wall_s": wall,
         "samples_per_s": total_samples / max(1e-9, span),  # while training, all workers
         "numel": exported["numel"],
+        # streaming DiLoCo: fragment 0's shards, then fragment 1's, ... (each fragment a job of its own)
         "updates_per_shard": [s.get("version") for s in status["shards"]],
+        **({"fragments": status["fragments"]} if status.get("fragments") else {}),
         "dropped_pushes": sum(s.get("dropped", 0) for s in status["shards"]),
-        "shards": [{k: s.get(k) for k in ("shard_id", "version", "pushes", "dropped", "duplicates", "rejected")}
-                   for s in status["shards"]],
+        "shards": [{k: s.get(k) for k in ("job", "shard_id", "version", "pushes", "dropped", "duplicates",
+                                          "rejected") if k in s or k != "job"} for s in status["shards"]],
         "bytes_in": sum(s.get("bytes_in", 0) for s in status["shards"]),
         "bytes_out": sum(s.get("bytes_out", 0) for s in status["shards"]),
         "shm_bytes_in": sum(s.get("shm_bytes_in", 0) for s in status["shards"]),

@@ -20,7 +20,7 @@ from ..proto.assemble import hyper_groups, merge_state, model_state_dict, optimi
 from ..proto.errors import FailedPrecondition, Unavailable
 from ..proto.gen import shardps_pb2 as pb
 from ..proto.gen import shardps_pb2_grpc as pb_grpc
-from ..proto.messages import added_group_jobs, job_from_pb, mode_from_pb, view_from_pb
+from ..proto.messages import DEFAULT_JOB, added_group_jobs, fragment_jobs, job_from_pb, mode_from_pb, view_from_pb
 from ..runtime.rpc import CONTROL_TIMEOUT_S, open_channel
 from ..runtime.status import error_from_rpc
 
@@ -49,9 +49,15 @@ def _staleness_summary(counts: dict[int, int]) -> dict:
 
 def cluster_status(address: str, job: str = "", security=None) -> dict:
     """Job ``job`` (default: the job named "default"), its membership and every shard's counters
-    for it, as plain JSON-able data; ``jobs`` lists every job of the cluster."""
+    for it, as plain JSON-able data; ``jobs`` lists every job of the cluster. A streaming DiLoCo job
+    (no job of that name, its fragments ``<job>.f<k>`` instead) answers for all its fragments:
+    ``fragments`` names them, ``shards`` holds fragment 0's shards, then fragment 1's, ... (each
+    entry with its ``job``), ``job`` is fragment 0's with the whole model's ``numel``."""
     with CoordinatorClient(address, security=security) as coord:
         st = coord.status(job)
+    fragments = [] if st.job_id else fragment_jobs(job or DEFAULT_JOB, st.job_names)
+    if fragments:
+        return _fragments_status([cluster_status(address, f, security) for f in fragments], fragments)
     out: dict = {"coordinator": address, "job_id": st.job_id, "num_servers": st.num_servers, "job": None,
                  "jobs": list(st.job_names), "coordinator_generation": st.generation, "added_groups": []}
     if st.job_id:
@@ -122,6 +128,16 @@ def cluster_status(address: str, job: str = "", security=None) -> dict:
     return out
 
 
+def _fragments_status(parts: list[dict], names: list[str]) -> dict:
+    """One status of a streaming DiLoCo job from its fragments' (see ``cluster_status``)."""
+    out = dict(parts[0], fragments=names)
+    out["job"] = dict(parts[0]["job"], numel=sum(p["job"]["numel"] for p in parts),
+                      parameters=sum(p["job"]["parameters"] for p in parts))
+    for key in ("shards", "rollbacks", "failovers"):
+        out[key] = [dict(entry, job=name) for name, p in zip(names, parts) for entry in p[key]]
+    return out
+
+
 def _faults_injected(coordinator: str, servers: dict[int, str], security=None) -> dict[str, dict[str, int]]:
     """RPC faults each role injected so far ("kind/method" -> count); roles that do not answer are left out."""
     out = {}
@@ -139,39 +155,55 @@ def _faults_injected(coordinator: str, servers: dict[int, str], security=None) -
 def export_model(address: str, out: str | os.PathLike, optimizer_state: bool = False, job: str = "",
                  security=None) -> dict:
     """Assemble the model's ``state_dict`` (names, shapes, dtypes) from the shards and write it.
-    Param groups added during training (jobs of their own, ``<job>.g<index>``) are part of it.
+    Param groups added during training (jobs of their own, ``<job>.g<index>``) are part of it; so
+    are a streaming DiLoCo job's fragments (``<job>.f<k>``, when no job is named ``job``: together
+    they hold the model, fragment 0 its buffers).
 
     ``.safetensors`` files are written with safetensors, anything else with ``torch.save``.
     With ``optimizer_state`` the torch.optim-shaped state goes to ``<stem>.optim.pt``.
-    Returns {"model": path, "optimizer": path or None, "versions": [...], "numel": n, "added_groups": {...}}.
+    Returns {"model": path, "optimizer": path or None, "versions": [...], "numel": n, "added_groups": {...}}
+    (and, for fragments, "fragments": {name: versions}; "versions" then lists every fragment's shards).
     """
     with CoordinatorClient(address, security=security) as coord:
         job_id, spec, plan = coord.job(job)
-        if not job_id:
+        names = coord.status(job).job_names
+        fragments = [] if job_id else fragment_jobs(job or DEFAULT_JOB, names)
+        if not job_id and not fragments:
             raise FailedPrecondition(f"the cluster at {address} has no job {job or 'default'!r}: nothing to export")
-        added = [(name, *coord.job(name)) for name in added_group_jobs(spec.name, coord.status(job).job_names)]
-    parts = [_pull_job(job_id, spec, plan, optimizer_state, security)]
-    parts += [_pull_job(i, s, p, optimizer_state, security) for _, i, s, p in added if i]
-    versions, flat, blob, shards = parts[0]
+        if fragments:
+            jobs, added = [(name, *coord.job(name)) for name in fragments], []
+        else:
+            added = [(name, *coord.job(name)) for name in added_group_jobs(spec.name, names)]
+            jobs = [(spec.name, job_id, spec, plan), *added]
+    jobs = [j for j in jobs if j[1]]
+    parts = [_pull_job(i, s, p, optimizer_state, security) for _, i, s, p in jobs]
+    specs = [s for _, _, s, _ in jobs]
+    blob = parts[0][2]
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"shardps_job_id": job_id, "versions": json.dumps(versions), "fingerprint": spec.layout.fingerprint}
-    model = model_state_dict(spec.layout, flat, buffer_file.decode(blob) if blob is not None else {})
-    jobs = [spec, *(s for _, i, s, _ in added if i)]
-    for part_job, (_, part_flat, _, _) in zip(jobs[1:], parts[1:]):
+    meta = {"shardps_job_id": jobs[0][1], "versions": json.dumps(parts[0][0]), "fingerprint": specs[0].layout.fingerprint}
+    model = model_state_dict(specs[0].layout, parts[0][1], buffer_file.decode(blob) if blob is not None else {})
+    for part_job, (_, part_flat, _, _) in zip(specs[1:], parts[1:]):
         model.update(model_state_dict(part_job.layout, part_flat, {}))
+    by_name = {name: part[0] for (name, *_), part in zip(jobs, parts)}
     if added:
-        meta["added_groups"] = json.dumps({name: part[0] for (name, *_), part in zip(added, parts[1:])})
+        meta["added_groups"] = json.dumps({name: by_name[name] for name, *_ in added if name in by_name})
+    if fragments:
+        meta["fragments"] = json.dumps(by_name)
     _atomic_save(model, path, meta)
     optim_path = None
     if optimizer_state:
         optim_path = path.with_name(path.stem + ".optim.pt")
         whole = merge_state([optimizer_state_dict(j, [t for _, t, _ in part[3]], hyper_groups(j, part[3][0][2]))
-                             for j, part in zip(jobs, parts)])
+                             for j, part in zip(specs, parts)])
         _atomic_save(whole, optim_path, None)
-    return {"model": str(path), "optimizer": str(optim_path) if optim_path else None, "versions": versions,
-            "numel": sum(j.layout.numel for j in jobs), "added_groups": {name: part[0] for (name, *_), part
-                                                                       in zip(added, parts[1:])}}
+    result = {"model": str(path), "optimizer": str(optim_path) if optim_path else None,
+              "versions": [v for part in parts for v in part[0]] if fragments else parts[0][0],
+              "numel": sum(j.layout.numel for j in specs),
+              "added_groups": {name: by_name[name] for name, *_ in added if name in by_name}}
+    if fragments:
+        result["fragments"] = by_name
+    return result
 
 
 def _pull_job(job_id: str, job, plan, optimizer_state: bool, security) -> tuple:
@@ -248,13 +280,17 @@ def checkpoint_cluster(address: str, timeout: float = 120.0, job: str = "", secu
     """Checkpoint every shard at one common version, the highest any shard has reached (a shard
     behind it writes when it gets there), and wait until all are on disk.
 
-    Returns one {"shard_id", "version", "path", "bytes"} per shard. Raises the shard's own error
+    Returns one {"shard_id", "version", "path", "bytes"} per shard (a streaming DiLoCo job: per shard of
+    every fragment, each fragment's job at its own newest version, with its "job"). Raises the shard's own error
     (e.g. RESOURCE_EXHAUSTED: disk full; the previous checkpoint is intact). An operator's call:
     ``security`` (or SHARDPS_CLUSTER_TOKEN) must hold the cluster's credential.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     st = cluster_status(address, job, security)
+    if st.get("fragments"):  # a streaming DiLoCo job: each fragment's job at its own newest version
+        return [dict(row, job=name) for name in st["fragments"]
+                for row in checkpoint_cluster(address, timeout, name, security)]
     if not st["job_id"]:
         raise FailedPrecondition(f"the cluster at {address} has no job yet: nothing to checkpoint")
     broken = [s for s in st["shards"] if "version" not in s]

@@ -37,7 +37,7 @@ class CoordinatorConfig:
     threads: int = D.COORDINATOR_THREADS  # gRPC handler threads (membership watches hold one each)
     lease_seconds: float = D.LEASE_S  # a worker silent this long is removed from the membership
     replica_lease_seconds: float = D.REPLICA_LEASE_S  # replicated jobs: how long a primary answers after its last renewal
-    resume_job: str = ""  # job.json written by prepare_resume: run that job from its checkpoint step
+    resume_job: str = ""  # job.json written by prepare_resume: run its job(s) from their checkpoint steps
     state_dir: str = ""  # keep the coordinator's state here, so a restart resumes its jobs ("": in memory only)
     metrics_port: int = -1  # serve Prometheus metrics here (0: any free port, -1: off)
     port_file: str = ""  # if set, the bound port is written here
@@ -55,13 +55,15 @@ class CoordinatorConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
 
-def read_resume_file(path: str) -> tuple[str, JobConfig, int]:
-    """(job_id, job, step) from the job.json that ``client.resume.prepare_resume`` writes."""
+def read_resume_file(path: str) -> list[tuple[str, JobConfig, int]]:
+    """[(job_id, job, step)] from the job.json that ``client.resume.prepare_resume`` writes: one job,
+    or (``{"jobs": [...]}``) several, e.g. a streaming DiLoCo run's fragments."""
     try:
         spec = json.loads(Path(path).read_text())
-        job = job_from_pb(pb.JobSpec.FromString(base64.b64decode(spec["job_spec"])))
-        return spec["job_id"], job, int(spec["version"])
-    except (OSError, KeyError, ValueError) as exc:
+        specs = spec["jobs"] if "jobs" in spec else [spec]
+        return [(s["job_id"], job_from_pb(pb.JobSpec.FromString(base64.b64decode(s["job_spec"]))), int(s["version"]))
+                for s in specs]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot read the resume file {path}: {exc}") from None
 
 
@@ -72,15 +74,14 @@ def build_coordinator_server(config: CoordinatorConfig) -> tuple[grpc.Server, in
     coordinator = Coordinator(config.num_servers, shards=shards, lease_s=config.lease_seconds, journal=journal)
     coordinator.replica_lease_s = config.replica_lease_seconds
     shards.generation = coordinator.generation
-    if config.resume_job:
-        job_id, job, step = read_resume_file(config.resume_job)
+    for job_id, job, step in read_resume_file(config.resume_job) if config.resume_job else ():
         with coordinator.cond:
             known = coordinator.named(job.name)
         if known is None:
             coordinator.resume(job_id, job, step)
         elif known.job_id != job_id:
             raise ValueError(f"the state in {config.state_dir} runs another job named {job.name!r}; use a new "
-                             "--state-dir to resume from {config.resume_job}")
+                             f"--state-dir to resume from {config.resume_job}")
     server, injector = role_server(config.threads)
     if config.metrics_port >= 0:
         from ..runtime import metrics

@@ -135,6 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
             "sync, ssp or async; diloco or diloco-async: local SGD (DiLoCo), --optimizer takes --sync-every steps on "
             "each worker, then the shards take one Nesterov SGD outer step (sync or async).", _TRAIN),
     Setting("sync_every", "SHARDPS_SYNC_EVERY", 0, "diloco modes: inner steps between two outer steps (H).", _TRAIN),
+    Setting("fragments", "SHARDPS_FRAGMENTS", 1,
+            "diloco modes: streaming DiLoCo, the model cut into F fragments (jobs <job>.f0 ...), one synced every "
+            "H/F inner steps (1: the whole model every H).", _TRAIN),
     Setting("outer_lr", "SHARDPS_OUTER_LR", OUTER_LR, "diloco modes: the outer Nesterov SGD's lr.", _TRAIN),
     Setting("outer_momentum", "SHARDPS_OUTER_MOMENTUM", OUTER_MOMENTUM,
             "diloco modes: the outer SGD's momentum (0: plain SGD, no Nesterov).", _TRAIN),

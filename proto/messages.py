@@ -47,6 +47,20 @@ def added_group_jobs(job_name: str, names) -> list[str]:
     found = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
     return [n for _, n in sorted(found)]
 
+
+def fragment_job(job_name: str, index: int) -> str:
+    """The job that holds fragment ``index`` of a streaming DiLoCo job ``job_name`` (worker/diloco.py)."""
+    return f"{job_name}.f{index}"
+
+
+def fragment_jobs(job_name: str, names) -> list[str]:
+    """Of the cluster's job ``names``, the fragments of streaming DiLoCo job ``job_name``, in fragment
+    order ([] when it is no streaming job): together they hold its model, fragment 0 its buffers."""
+    pattern = re.compile(re.escape(job_name) + r"\.f(\d+)")
+    found = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
+    return [n for _, n in found]
+
+
 _DTYPE_NAMES = {
     "float32": pb.DTYPE_FLOAT32,
     "float64": pb.DTYPE_FLOAT64,

@@ -32,7 +32,7 @@ import torch
 
 from ..proto import optim
 from ..proto.defaults import OUTER_LR, OUTER_MOMENTUM
-from ..proto.messages import DEFAULT_JOB, UpdateMode
+from ..proto.messages import DEFAULT_JOB, UpdateMode, fragment_job
 from .fragments import Fragment, split
 from .optimizer import ShardedOptimizer
 
@@ -107,12 +107,15 @@ class DiLoCo:
                 for k, part in enumerate(split(self.params, fragments)):
                     named = [(names[id(p)], p) for p in part]  # the job's names are the model's
                     opt = ShardedOptimizer(named, cluster, outer, model=model if k == 0 else None,
-                                           job=f"{job}.f{k}", **sharded, **kwargs)  # buffers with fragment 0
+                                           job=fragment_job(job, k), **sharded, **kwargs)  # buffers with fragment 0
                     self.fragments.append(Fragment(opt, part, k * sync_every // fragments))
         except BaseException:
             self.close()  # the fragments that registered leave
             raise
         self.outer = self.fragments[0].outer
+        # A worker joining a running (or resumed) streaming job takes up the schedule where the job is:
+        # fragment 0 syncs at multiples of H, so its outer steps tell the inner steps the job took.
+        self._inner_steps = self.outer.steps_taken * sync_every if fragments > 1 else 0
         self._hook = inner_optimizer.register_step_pre_hook(lambda *_: self._adopt_added_params())
 
     @staticmethod

@@ -29,8 +29,9 @@ inner optimizer, driven by its scheduler as usual, and every ``sync_every``-th o
 runs the outer step on the shards (``worker.diloco``). ``max_grad_norm`` clips this worker's own
 gradient (the Trainer's own clipping: inner steps are local). A checkpoint closes the round first
 (the outer step over the steps so far), so it holds the job's model; beside rank 0's inner
-optimizer state (``optimizer.pt``, which every worker resumes with) it holds the shards' outer
-state (``outer_optimizer.pt``). ``train()`` ends with a last outer step over the steps left.
+optimizer state (``optimizer.pt``) it holds the shards' outer state (``outer_optimizer.pt``) and
+every other worker's own inner state (``inner_optimizer_rank<r>.pt``, ``worker/inner_state.py``):
+each worker resumes with its own. ``train()`` ends with a last outer step over the steps left.
 Between two outer steps each worker holds its own model: evaluate at multiples of ``sync_every``.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from transformers import Trainer, TrainerCallback
 
 from .convert import for_trainer, is_diloco, rebind_scheduler
 from .diloco import DiLoCo
+from .inner_state import inner_state_path, load_inner_state, save_inner_state
 from .optimizer import ShardedOptimizer
 
 OUTER_NAME = "outer_optimizer.pt"  # a DiLoCo checkpoint's outer state (the shards'), beside optimizer.pt
@@ -151,8 +153,14 @@ class ShardpsTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)  # optimizer.pt: the inner optimizer's, rank 0's
-        if self.diloco is not None and self.args.should_save:
+        if self.diloco is None:
+            return
+        if self.args.should_save:
             torch.save(self.diloco.outer_state_dict(), os.path.join(output_dir, OUTER_NAME))
+        # Every other worker's own inner state goes into the folder rank 0 writes (which a resume names).
+        shared = self.sharded.collectives.broadcast(output_dir, 0, name="hf.checkpoint_dir")
+        if not self.args.should_save:
+            save_inner_state(self.optimizer.state_dict(), inner_state_path(shared, self.args.process_index, True))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         outer = os.path.join(checkpoint, OUTER_NAME) if checkpoint else None
@@ -163,11 +171,15 @@ class ShardpsTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)  # the inner optimizer: rank 0's state, on every worker
         if outer is not None and self.diloco is not None:
             self.diloco.load_outer_state_dict(torch.load(outer, weights_only=True))
+            rank = self.args.process_index
+            own = load_inner_state(inner_state_path(checkpoint, rank, True), rank) if rank else None
+            if own is not None:  # this worker's own inner state, as it was at the checkpoint
+                self.optimizer.load_state_dict(own)
 
     def close(self) -> None:
-        """Leave the job (also at exit)."""
+        """Leave the job (also at exit; in DiLoCo mode with fragments, every fragment's job)."""
         if self.sharded is not None:
-            self.sharded.close()
+            (self.diloco or self.sharded).close()
 
 
 class _OuterSteps(TrainerCallback):

@@ -27,8 +27,9 @@ inner optimizer (its state and schedulers are as without shardps), and every ``s
 optimizer step also runs the outer step on the shards (``worker.diloco``). Gradient clipping is
 torch's own, on this worker's gradient (its inner steps are its own). A checkpoint closes the
 round first (the outer step over the inner steps so far), so it holds the job's model; it also
-holds the shards' outer state (``"shardps_diloco"``) and rank 0's inner optimizer state, which
-every worker resumes with. Fit ends with a last outer step over the steps left.
+holds the shards' outer state (``"shardps_diloco"``) and rank 0's inner optimizer state, and every
+other worker writes its own beside it (``<ckpt>.rank<r>.inner.pt``, ``worker/inner_state.py``):
+each worker resumes with its own. Fit ends with a last outer step over the steps left.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from .collectives import Collectives
 from .convert import for_trainer, is_diloco, rebind_scheduler
 from .diloco import DiLoCo
+from .inner_state import inner_state_path, load_inner_state, save_inner_state
 from .optimizer import ShardedOptimizer
 
 DILOCO_KEY = "shardps_diloco"  # a DiLoCo checkpoint's outer state (the shards' optimizer), beside Lightning's keys
@@ -202,7 +204,23 @@ class ShardpsStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if self.diloco and self.is_global_zero:
             checkpoint[DILOCO_KEY] = {"outer": [d.outer_state_dict() for d in self.diloco]}
+        elif self.diloco:  # every worker keeps its own inner state: beside rank 0's file (all ranks get its path)
+            save_inner_state({"optimizer_states": checkpoint["optimizer_states"]},
+                             inner_state_path(filepath, self.global_rank))
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def remove_checkpoint(self, filepath) -> None:
+        super().remove_checkpoint(filepath)  # rank 0's file
+        if self.diloco and not self.is_global_zero:
+            inner_state_path(filepath, self.global_rank).unlink(missing_ok=True)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.diloco and self.global_rank != 0 and DILOCO_KEY in checkpoint:
+            own = load_inner_state(inner_state_path(checkpoint_path, self.global_rank), self.global_rank)
+            if own is not None:  # this worker's own inner optimizer state, as it was at the checkpoint
+                checkpoint["optimizer_states"] = own["optimizer_states"]
+        return checkpoint
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         saved = checkpoint.get(DILOCO_KEY)
@@ -210,7 +228,7 @@ class ShardpsStrategy(ParallelStrategy):
             raise ValueError(f"the checkpoint was saved {'without' if self.diloco else 'in'} DiLoCo mode and its "
                              "optimizer state is another optimizer's: resume with the mode it was saved with, or "
                              "load only its weights (Model.load_from_checkpoint(path)) and fit without ckpt_path")
-        super().load_optimizer_state_dict(checkpoint)  # the inner optimizers: rank 0's state, on every worker
+        super().load_optimizer_state_dict(checkpoint)  # the inner optimizers: this worker's own (load_checkpoint)
         for d, outer in zip(self.diloco, saved["outer"] if self.diloco else ()):
             d.load_outer_state_dict(outer)
 

@@ -59,6 +59,7 @@ class TrainConfig:
     connect_timeout: float = D.CONNECT_TIMEOUT_S  # seconds to wait for the cluster and min_workers
     metrics_port: int = -1  # serve Prometheus metrics on this port while training (0: any free, -1: off)
     sync_every: int = 0  # diloco modes: inner steps (of --optimizer) between two outer steps on the shards
+    fragments: int = 1  # diloco modes: streaming, F fragments (jobs <job>.f<k>) synced at staggered inner steps
     outer_lr: float = DILOCO_OUTER["lr"]  # diloco modes: the shards' (outer) Nesterov SGD learning rate
     outer_momentum: float = DILOCO_OUTER["momentum"]  # diloco modes: its momentum (0: plain SGD)
 
@@ -118,8 +119,10 @@ class TrainConfig:
 
     def _check_diloco(self) -> None:
         if not self.diloco:
-            if self.sync_every or (self.outer_lr, self.outer_momentum) != (DILOCO_OUTER["lr"], DILOCO_OUTER["momentum"]):
-                raise ValueError("--sync-every, --outer-lr and --outer-momentum need --mode diloco or diloco-async")
+            if self.sync_every or self.fragments != 1 or \
+                    (self.outer_lr, self.outer_momentum) != (DILOCO_OUTER["lr"], DILOCO_OUTER["momentum"]):
+                raise ValueError("--sync-every, --fragments, --outer-lr and --outer-momentum need --mode diloco or "
+                                 "diloco-async")
             return
         if self.sync_every < 1:
             raise ValueError(f"--mode {self.mode} needs --sync-every H >= 1 (inner steps between two outer steps, "
@@ -127,6 +130,21 @@ class TrainConfig:
         if not self.outer_lr > 0 or not 0 <= self.outer_momentum < 1:
             raise ValueError(f"--outer-lr must be > 0 and --outer-momentum in [0, 1), got {self.outer_lr}, "
                              f"{self.outer_momentum}")
+        if self.fragments < 1:
+            raise ValueError(f"--fragments is a number >= 1 (1: the whole model every --sync-every steps), got "
+                             f"{self.fragments}")
+        if self.fragments > self.sync_every:
+            raise ValueError(f"--fragments {self.fragments} staggers the fragments' syncs over the --sync-every H "
+                             f"inner steps: give --sync-every >= {self.fragments} or fewer --fragments")
+        if self.fragments > 1:
+            from .workloads import get_workload
+
+            workload = get_workload(self.workload, self.seed)
+            with torch.device("meta"):  # the parameters' count only: no memory, no init
+                count = len(list(workload.model().parameters()))
+            if self.fragments > count:
+                raise ValueError(f"--fragments {self.fragments}: the {self.workload} model has {count} parameters "
+                                 f"and every fragment holds at least one; give --fragments <= {count}")
 
     def to_args(self) -> list[str]:
         """The ``shardps worker`` flags that recreate exactly this config: every field, so
@@ -226,7 +244,7 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module, d, batch_size: int) 
                   topk_ratio=config.topk_ratio)
     if config.diloco:
         inner = optim.check_name(optim.name_of(name))(model.parameters(), lr=lr)
-        return DiLoCo(model, inner, sync_every=config.sync_every, outer_lr=config.outer_lr,
+        return DiLoCo(model, inner, sync_every=config.sync_every, fragments=config.fragments, outer_lr=config.outer_lr,
                       outer_momentum=config.outer_momentum, nesterov=config.outer_momentum > 0,
                       mode=config.outer_mode, batch_size=batch_size, **common)
     return ShardedOptimizer(model, optimizer=name, lr=lr, mode=config.mode, staleness=config.staleness,
@@ -284,7 +302,7 @@ def train(config: TrainConfig) -> dict:
             rank = sharded.rank  # may change between steps when the membership does
             log.write({"kind": "step", "step": step, "rank": rank, "worker_id": sharded.worker_id, "loss": loss.item(),
                        "samples": len(x), "compute_s": t1 - t0, "push_pull_s": t2 - t1,
-                       "samples_per_s": len(x) / (t2 - t0), "versions": sharded.versions,
+                       "samples_per_s": len(x) / (t2 - t0), "versions": opt.versions,
                        "staleness": [r.staleness for r in sharded.last_replies],
                        "dropped": [r.dropped for r in sharded.last_replies],
                        "applied_lr": [r.applied_lr for r in sharded.last_replies], "overflow": overflow,

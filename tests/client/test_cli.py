@@ -69,6 +69,63 @@ def test_shardps_run_mode_diloco_takes_one_outer_step_every_sync_every_inner_ste
     assert summary["final_train_loss"] < 0.8 * first
 
 
+def fragment_checkpoints(path) -> dict:
+    """What each fragment's shards hold, read from their own checkpoint files: {job: (version, state_dict)}."""
+    from shardps.client.resume import load_job_checkpoint
+    from shardps.proto.assemble import model_state_dict
+
+    out = {}
+    for name in ("default.f0", "default.f1"):
+        ckpt = load_job_checkpoint(path, name)
+        out[name] = ckpt.version, model_state_dict(ckpt.job.layout, ckpt.param, {})
+    return out
+
+
+def assert_holds_the_fragments(exported: dict, held: dict) -> None:
+    """``exported`` is every fragment's parameters (each in exactly one fragment) and nothing else."""
+    init = get_workload("digits").model().state_dict()
+    names = [set(sd) for _, sd in held.values()]
+    assert all(names) and not names[0] & names[1] and set(exported) == names[0] | names[1] == set(init)
+    for _, sd in held.values():
+        for name, value in sd.items():
+            assert torch.equal(exported[name], value), name
+            assert not torch.equal(value, init[name]), f"{name} never moved"
+
+
+@pytest.mark.slow
+def test_shardps_run_diloco_with_fragments_exports_the_fragments_shards_and_resumes_them(tmp_path):
+    out = tmp_path / "run"
+    common = ("--mode", "diloco", "--sync-every", 4, "--fragments", 2, "--outer-momentum", 0, "--eval-every", 0)
+    res = shardps("run", *common, "--steps", 8, "--out", out, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    # fragment 0 syncs after inner steps 4 and 8; fragment 1 after 2 and 6, and the last round's 2 steps
+    assert summary["fragments"] == ["default.f0", "default.f1"]
+    assert summary["updates_per_shard"] == [2, 2, 3, 3] and summary["steps"] == 8
+    assert [(s["job"], s["version"]) for s in summary["shards"]] == [("default.f0", 2)] * 2 + [("default.f1", 3)] * 2
+    assert summary["history"]["ok"], summary["history"]["violations"]  # each fragment's pushes applied once
+    held = fragment_checkpoints(out)  # the servers wrote their shards when the run stopped
+    assert {name: version for name, (version, _) in held.items()} == {"default.f0": 2, "default.f1": 3}
+    assert_holds_the_fragments(load_model_file(out / "model.safetensors"), held)
+    res = shardps("export", "--from-checkpoint", out, "--out", tmp_path / "ckpt.safetensors", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["fragments"] == {"default.f0": 2, "default.f1": 3}
+    assert_holds_the_fragments(load_model_file(tmp_path / "ckpt.safetensors"), held)
+
+    wrong = shardps("run", "--mode", "diloco", "--sync-every", 4, "--steps", 16, "--resume", out,
+                    "--out", tmp_path / "wrong", timeout=120)
+    assert wrong.returncode != 0 and "resume with --mode diloco --fragments 2" in wrong.stderr, wrong.stderr
+    res = shardps("run", *common, "--steps", 16, "--resume", out, "--out", tmp_path / "b", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = json.loads(res.stdout)
+    # from inner step 8 on: fragment 0 syncs after 12 and 16, fragment 1 after 10, 14 and the last round
+    assert resumed["updates_per_shard"] == [4, 4, 6, 6]
+    steps = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in steps if r["kind"] == "step"}) == list(range(8, 16))
+    assert_holds_the_fragments(load_model_file(tmp_path / "b" / "model.safetensors"),
+                               fragment_checkpoints(tmp_path / "b"))
+
+
 @pytest.mark.slow
 def test_digits_sync_accuracy_matches_the_single_process_run(tmp_path):
     from shardps.client.run import RunConfig, run
@@ -128,6 +185,39 @@ def test_status_and_export_against_a_live_cluster(tmp_path):
     assert float(opt.state[model[0].weight]["step"]) == 40
 
 
+@pytest.mark.slow
+def test_status_checkpoint_and_export_of_a_live_streaming_diloco_job_cover_every_fragment(tmp_path):
+    with LocalCluster(servers=2, log_dir=tmp_path / "logs") as cluster:
+        workers = [subprocess.Popen([*SHARDPS, "worker", "--cluster", cluster.address, "--min-workers", "2",
+                                     "--mode", "diloco", "--sync-every", "4", "--fragments", "2", "--steps", "8",
+                                     "--eval-every", "0", "--name", f"w{i}"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT) for i in range(2)]
+        for w in workers:
+            assert w.wait(timeout=180) == 0, w.stdout.read().decode()[-2000:]
+        res = shardps("status", "--cluster", cluster.address, "--json", timeout=60)
+        assert res.returncode == 0, res.stderr
+        st = json.loads(res.stdout)
+        assert st["fragments"] == ["default.f0", "default.f1"] and st["job"]["mode"] == "sync"
+        assert st["job"]["numel"] == sum(p.numel() for p in get_workload("digits").model().parameters())
+        assert [(s["job"], s["version"], s["pushes"]) for s in st["shards"]] == \
+            [("default.f0", 2, 4)] * 2 + [("default.f1", 3, 6)] * 2
+        plain = shardps("status", "--cluster", cluster.address, timeout=60)
+        assert plain.returncode == 0 and "default.f0, default.f1" in " ".join(plain.stdout.split()), plain.stdout
+        res = shardps("checkpoint", "--run", tmp_path, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert sorted((w["job"], w["version"]) for w in json.loads(res.stdout)) == \
+            [("default.f0", 2)] * 2 + [("default.f1", 3)] * 2
+        held = fragment_checkpoints(cluster.checkpoint_dir)
+        res = shardps("export", "--cluster", cluster.address, "--out", tmp_path / "m.safetensors", "--optimizer-state",
+                      timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["fragments"] == {"default.f0": [2, 2], "default.f1": [3, 3]}
+    assert_holds_the_fragments(load_model_file(tmp_path / "m.safetensors"), held)
+    # the outer SGD's momentum buffers of both fragments, under the model's parameters (torch.optim's format)
+    state = torch.load(tmp_path / "m.optim.pt", weights_only=True)
+    assert len(state["state"]) == 4 and all("momentum_buffer" in s for s in state["state"].values())
+
+
 @pytest.mark.parametrize("args, words", [
     (["run", "--workload", "nope"], "choose one of"),
     (["run", "--workers", "0"], "at least 1"),
@@ -135,6 +225,10 @@ def test_status_and_export_against_a_live_cluster(tmp_path):
     (["run", "--mode", "fast"], "sync, ssp or async"),
     (["run", "--mode", "diloco"], "--sync-every H"),
     (["run", "--sync-every", "4"], "need --mode diloco"),
+    (["run", "--fragments", "2"], "need --mode diloco"),
+    (["run", "--mode", "diloco", "--sync-every", "4", "--fragments", "0"], "--fragments is a number >= 1"),
+    (["run", "--mode", "diloco", "--sync-every", "4", "--fragments", "5"], "give --sync-every >= 5"),
+    (["run", "--mode", "diloco-async", "--sync-every", "20", "--fragments", "5"], "give --fragments <= 4"),
     (["run", "--pull-dtype", "int8"], "--pull-dtype takes float32, bfloat16, float16"),
     (["run", "--workers", "two"], "--help"),
     (["status", "--cluster", "127.0.0.1:9"], "--cluster HOST:PORT"),

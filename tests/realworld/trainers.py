@@ -29,9 +29,10 @@ WORKERS = 2
 DILOCO = dict(mode="diloco", sync_every=4, outer_lr=1.0, outer_momentum=0.0, nesterov=False)  # outer: SGD(lr=1)
 
 
-def diloco_options(outer_momentum: float) -> dict:
-    """``DILOCO``, with Nesterov momentum on the shards' outer SGD when ``outer_momentum`` > 0."""
-    return dict(DILOCO, outer_momentum=outer_momentum, nesterov=outer_momentum > 0)
+def diloco_options(outer_momentum: float, mode: str = "diloco", fragments: int = 1) -> dict:
+    """``DILOCO``, with Nesterov momentum on the shards' outer SGD when ``outer_momentum`` > 0, outer steps
+    sync or async (``mode``), and the model in ``fragments`` streaming fragments."""
+    return dict(DILOCO, outer_momentum=outer_momentum, nesterov=outer_momentum > 0, mode=mode, fragments=fragments)
 
 
 class Digits(torch.utils.data.Dataset):
@@ -129,7 +130,9 @@ def lightning_run(out: Path, reference: bool, epochs: int, resume: str, tag: str
     torch.save({"rank": rank, "world_size": trainer.world_size, "model": M_sd(model.net), "seen": model.seen,
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "norms": model.norms,
                 "root": str(root), "index": index, "start": model.start,
-                "outer_steps": [d.outer.steps_taken for d in getattr(trainer.strategy, "diloco", ())]},
+                "outer_steps": [d.outer.steps_taken for d in getattr(trainer.strategy, "diloco", ())],
+                "fragment_steps": [[f.outer.steps_taken for f in d.fragments]
+                                   for d in getattr(trainer.strategy, "diloco", ())]},
                out / f"lightning{tag}-{'ref' if reference else f'rank{rank}'}.pt")
 
 
@@ -208,7 +211,8 @@ def hf_run(out: Path, reference: bool, epochs: int, resume: str, tag: str, diloc
               if "loss" in e]
     torch.save({"rank": rank, "world_size": trainer.args.world_size, "model": M_sd(model), "seen": seen,
                 "saves": saves, "loads": loads, "losses": losses, "root": str(root), "index": index,
-                "outer_steps": trainer.diloco.outer.steps_taken if getattr(trainer, "diloco", None) else None},
+                "outer_steps": trainer.diloco.outer.steps_taken if getattr(trainer, "diloco", None) else None,
+                "versions": trainer.diloco.versions if getattr(trainer, "diloco", None) else None},
                out / f"hf{tag}-{'ref' if reference else f'rank{rank}'}.pt")
 
 
@@ -227,21 +231,24 @@ def main():
     ap.add_argument("--finetune", action="store_true", help="lightning: BackboneFinetuning adds a group at epoch 1")
     ap.add_argument("--diloco", action="store_true", help="DiLoCo mode (DILOCO); with --reference: written out")
     ap.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo: the outer SGD's (Nesterov) momentum")
-    ap.add_argument("--inner-from-rank0", type=int, default=None,
-                    help="DiLoCo reference: every worker takes rank 0's inner optimizer state here (the epoch, "
-                         "Lightning, or step, HF, a resumed run starts at)")
+    ap.add_argument("--diloco-mode", default="diloco", choices=["diloco", "diloco-async"],
+                    help="DiLoCo: outer steps sync or async (the references write out sync ones)")
+    ap.add_argument("--fragments", type=int, default=1, help="DiLoCo: streaming fragments (reference: Lightning's)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tag = a.tag and f"-{a.tag}"
     if a.diloco and a.reference:
         import trainers_diloco
 
-        run = {"lightning": trainers_diloco.lightning_reference, "hf": trainers_diloco.hf_reference}[a.trainer]
-        return run(Path(a.out), a.epochs, tag, a.inner_from_rank0, a.outer_momentum)
+        if a.diloco_mode != "diloco" or (a.fragments > 1 and a.trainer == "hf"):
+            ap.error("the DiLoCo references write out sync outer steps (Lightning's also with --fragments)")
+        if a.trainer == "lightning":
+            return trainers_diloco.lightning_reference(Path(a.out), a.epochs, tag, a.outer_momentum, a.fragments)
+        return trainers_diloco.hf_reference(Path(a.out), a.epochs, tag, a.outer_momentum)
     run = {"lightning": lightning_run, "hf": hf_run}[a.trainer]
     extra = {"finetune": True} if a.finetune else {}
-    run(Path(a.out), a.reference, a.epochs, a.resume, tag, diloco=diloco_options(a.outer_momentum) if a.diloco else None,
-        **extra)
+    diloco = diloco_options(a.outer_momentum, a.diloco_mode, a.fragments) if a.diloco else None
+    run(Path(a.out), a.reference, a.epochs, a.resume, tag, diloco=diloco, **extra)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,21 @@
 """DiLoCo in one process, as ``trainers.py``'s workers run it in DiLoCo mode (``DILOCO``: H = 4, outer SGD):
 each worker's own inner optimizer, schedule and clipping on its DistributedSampler's part of every epoch,
-and after every H-th optimizer step the outer step, written out in torch on the flat parameter vector.
+and after every H-th optimizer step the outer step, written out in torch on the flat parameter vector
+(Lightning with ``--fragments F``: streaming, one outer step per fragment, staggered by H/F steps).
 
 Lightning's loop is written out in torch (``lightning_reference``); the HF reference runs the stock
 ``Trainer`` of each worker in a thread, one at a time in lockstep (each runs to its next optimizer step
 and hands over), and takes the outer step in a callback once every worker took the round's steps.
-``inner_from_rank0``: where a resumed run starts (epoch, Lightning; optimizer step, HF), every worker
-takes rank 0's inner optimizer state, as resuming from rank 0's checkpoint makes them.
 """
 from __future__ import annotations
 
-import copy
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from shardps.worker.fragments import split
 from trainers import (BATCH, DILOCO, HF_BATCH, TRAIN, VAL, WORKERS, Digits, M_sd, Windows, decay_groups,
                       hf_arguments, mlp)
 
@@ -25,48 +24,64 @@ TURN_TIMEOUT_S = 300.0
 
 
 class Outer:
-    """theta (the job's parameters) and the outer SGD over the mean of the workers' outer gradients."""
+    """theta (the job's parameters) and the outer SGD over the mean of the workers' outer gradients; with
+    ``fragments`` F > 1 (streaming), one theta and SGD per fragment of the inner optimizers' parameters
+    (``worker.fragments.split``: each fragment a job of its own), fragment k synced after the inner
+    steps t with t = k*H/F (mod H)."""
 
-    def __init__(self, models: list[torch.nn.Module], momentum: float):
-        self.models = models
-        self.theta = torch.nn.Parameter(self.flat(models[0]).clone())
-        self.opt = torch.optim.SGD([self.theta], lr=DILOCO["outer_lr"], momentum=momentum, nesterov=momentum > 0)
+    def __init__(self, models: list[torch.nn.Module], momentum: float, fragments: int = 1,
+                 params=lambda m: list(m.parameters())):
+        self.parts = [split(params(m), fragments) for m in models]  # [worker][fragment] -> its parameters
+        self.thetas = [torch.nn.Parameter(self.flat(part).clone()) for part in self.parts[0]]
+        self.opts = [torch.optim.SGD([t], lr=DILOCO["outer_lr"], momentum=momentum, nesterov=momentum > 0)
+                     for t in self.thetas]
+        self.since = [0] * fragments
 
     @staticmethod
-    def flat(model) -> torch.Tensor:
-        return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    def flat(params) -> torch.Tensor:
+        return torch.nn.utils.parameters_to_vector(params).detach()
+
+    def stepped(self, steps: int) -> None:
+        """Every worker took inner step ``steps`` (1, 2, ...): the outer steps that are due."""
+        for k in range(len(self.thetas)):
+            self.since[k] += 1
+            if (steps - k * H // len(self.thetas)) % H == 0:
+                self.step(k)
+
+    def close_round(self) -> None:
+        """The outer step of every fragment with inner steps since its last (a checkpoint, the end)."""
+        for k in range(len(self.thetas)):
+            if self.since[k]:
+                self.step(k)
 
     @torch.no_grad()
-    def step(self) -> None:
-        self.theta.grad = sum(self.theta.detach() - self.flat(m) for m in self.models) / len(self.models)
-        self.opt.step()
-        for m in self.models:
+    def step(self, k: int = 0) -> None:
+        theta = self.thetas[k]
+        theta.grad = sum(theta.detach() - self.flat(parts[k]) for parts in self.parts) / len(self.parts)
+        self.opts[k].step()
+        for parts in self.parts:
             offset = 0
-            for p in m.parameters():
-                p.copy_(self.theta[offset:offset + p.numel()].view_as(p))
+            for p in parts[k]:
+                p.copy_(theta[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
+        self.since[k] = 0
 
 
-def take_rank0_state(inners: list[torch.optim.Optimizer]) -> None:
-    for inner in inners[1:]:
-        inner.load_state_dict(copy.deepcopy(inners[0].state_dict()))
-
-
-def lightning_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None, momentum: float) -> None:
+def lightning_reference(out: Path, epochs: int, tag: str, momentum: float, fragments: int = 1) -> None:
     """``trainers.lightning_run``'s module, optimizer (AdamW, decay groups), per-step schedule and
     gradient_clip_val=1.0 (torch's, on each worker's own gradient), Lightning's shuffling
-    DistributedSampler (seed 0, set to the epoch) per worker."""
+    DistributedSampler (seed 0, set to the epoch) per worker; the checkpoint at each epoch's end
+    closes the round (of every fragment)."""
     train = Digits(0, TRAIN)
     models = [mlp() for _ in range(WORKERS)]
     inners = [torch.optim.AdamW(decay_groups(m, 0.05), lr=0.02) for m in models]
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1.0 + 0.2 * s)) for o in inners]
-    outer = Outer(models, momentum)
+    # DiLoCo cuts the fragments over the inner optimizer's parameters, in its groups' order
+    outer = Outer(models, momentum, fragments, params=lambda m: [p for g in decay_groups(m, 0.0) for p in g["params"]])
     samplers = [torch.utils.data.DistributedSampler(train, num_replicas=WORKERS, rank=r, shuffle=True)
                 for r in range(WORKERS)]
     seen, norms, steps = [[] for _ in models], [[] for _ in models], 0
     for epoch in range(epochs):
-        if epoch == inner_from_rank0:
-            take_rank0_state(inners)
         losses = []
         for s in samplers:
             s.set_epoch(epoch)
@@ -81,12 +96,10 @@ def lightning_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int 
                 inners[r].step()
                 losses.append(float(loss.detach()))
             steps += 1
-            if steps % H == 0:
-                outer.step()
+            outer.stepped(steps)
             for s in schedules:
                 s.step()
-    if steps % H:
-        outer.step()
+        outer.close_round()  # ModelCheckpoint saves at the epoch's end
     held_out = Digits(TRAIN, TRAIN + VAL)
     with torch.no_grad():
         val = float(F.cross_entropy(models[0](held_out.x), held_out.y))
@@ -118,7 +131,7 @@ class Turns:
             self.cond.notify_all()
 
 
-def hf_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None, momentum: float) -> None:
+def hf_reference(out: Path, epochs: int, tag: str, momentum: float) -> None:
     """``trainers.hf_run``'s GPT-2, TrainingArguments and data, one stock Trainer per worker on its
     DistributedSampler's part (the seed HF's sampler takes); the Trainers' own AdamW, schedule,
     accumulation and clipping are the inner side."""
@@ -132,7 +145,6 @@ def hf_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None,
         models.append(GPT2LMHeadModel(hf_config()))
     outer, turns = Outer(models, momentum), Turns(WORKERS)
     seen: list[list[int]] = [[] for _ in models]
-    inners: list = [None] * WORKERS
     steps = [0] * WORKERS
     last = WORKERS - 1
 
@@ -140,20 +152,16 @@ def hf_reference(out: Path, epochs: int, tag: str, inner_from_rank0: int | None,
         def __init__(self, rank: int):
             self.rank = rank
 
-        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-            inners[self.rank] = optimizer.optimizer  # accelerate's wrapper around the Trainer's AdamW
+        def on_optimizer_step(self, args, state, control, **kwargs):
             steps[self.rank] += 1
             if self.rank == last:  # every worker took this step: the round may end
-                if steps[last] % H == 0:
-                    outer.step()
-                if steps[last] == inner_from_rank0:
-                    take_rank0_state(inners)
+                outer.stepped(steps[last])
             turns.hand_over(self.rank)
             turns.wait(self.rank)
 
         def on_train_end(self, args, state, control, **kwargs):
-            if len(turns.done) == WORKERS - 1 and steps[self.rank] % H:  # the last one: a last, shorter round
-                outer.step()
+            if len(turns.done) == WORKERS - 1:  # the last one: a last, shorter round
+                outer.close_round()
             turns.hand_over(self.rank, finished=True)
 
     def collate_for(rank):
