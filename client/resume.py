@@ -158,8 +158,9 @@ def export_checkpoint(path: str | Path, out: str | Path, optimizer_state: bool =
             whole = split_optimizer_state(c.job, {"state": c.optimizer_state}, [plan_shards(c.job.layout.numel, 1)[0]])
             parts.append(optimizer_state_dict(c.job, whole, hyper_groups(c.job, c.hyper_json)))
         _atomic_save(merge_state(parts), optim_path, None)
-    result = {"model": str(out), "optimizer": str(optim_path) if optim_path else None, "version": first.version,
-              "numel": sum(c.job.layout.numel for c in ckpts), "source": str(first.source)}
+    result: dict[str, object] = {"model": str(out), "optimizer": str(optim_path) if optim_path else None,
+                                 "version": first.version, "numel": sum(c.job.layout.numel for c in ckpts),
+                                 "source": str(first.source)}
     if len(ckpts) > 1:
         result["fragments"] = {c.job.name: c.version for c in ckpts}
     return result
