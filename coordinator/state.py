@@ -488,7 +488,7 @@ class Coordinator:
         # the views from its primaries' copies when it comes back.
         servers = sorted((sid, a) for sid, a in self.servers.items() if sid not in self.down)
         for _ in range(20):
-            versions = {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
+            versions = self._shard_versions(state, servers)
             start = min(versions.values()) if from_open_step else max(versions.values()) + margin
             view = View(epoch, start, members)
             answers = [self.shards.set_membership(a, state.job_id, view, from_open_step) for _, a in servers]
@@ -498,6 +498,19 @@ class Coordinator:
                 return view
             margin *= 2
         raise Unavailable(f"could not agree on a step for membership epoch {epoch} with the shards; retrying")
+
+    def _shard_versions(self, state: JobState, servers: list[tuple[int, str]]) -> dict[int, int]:
+        """shard -> its version now (under the lock): each live server's own shard; for a replicated job, each
+        shard's at its primary (a restarted server's own replica may be an empty backup waiting for its copy:
+        its 0 is no shard's step)."""
+        p = state.placement
+        if p is None:
+            return {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
+        live = dict(servers)
+        versions = {k: self.shards.checkpoints(live[p.primary(k)], state.job_id, k).version
+                    for k in sorted(p.replicas) if p.primary(k) in live}
+        # (every primary down: no shard's step is known; the live servers' own replicas are all there is)
+        return versions or {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
 
     # ------------------------------------------------------------------ views
 

@@ -155,3 +155,21 @@ def test_with_no_version_common_to_every_shard_the_restore_names_what_each_serve
         c.restore_lost()
     assert disks.rollbacks == [] and c.named("").placement.to_dict() == before  # tried again on the next call
 
+
+def test_a_view_after_a_restart_starts_at_the_shards_step_not_at_an_empty_replicas_zero():
+    # Server 1 restarted and waits for its copy of shard 1 as a backup (its replica: version 0); server 0 is
+    # primary of both shards at 321. A worker's lease runs out: the view that removes it starts at the open
+    # step of the shards (their primaries'), not at "step 0".
+    c, reg = _replicated(min_workers=1)
+    now = time.monotonic()
+    c.replicas_renewed({0: (now, []), 1: (now, [(reg.job_id, 1, [A], [])])})  # shard 1's backup is in sync
+    c.register_server(B, 1)  # server 1 restarted: shard 1 fails over to server 0; server 1 comes back a backup
+    c.replicas_renewed({0: (time.monotonic(), []), 1: (time.monotonic(), [])})
+    assert c.named("").placement.replicas == {0: [0, 1], 1: [0, 1]}
+    c.shards = Disks({(A, 0): 321, (A, 1): 321, (B, 0): 0, (B, 1): 0}, {})
+    c.register_worker(dataclasses.replace(job(min_workers=1), replicas=2))  # a second worker joins ...
+    joined = c.reconfigure()
+    assert [v.epoch for v in joined] == [2] and joined[0].start_step > 321  # ... a few steps past the shards' step
+    c.named("").last_seen[reg.worker_id] = time.monotonic() - 10 * c.lease_s  # the first one's lease ran out
+    [view] = c.reconfigure()
+    assert (view.epoch, view.start_step) == (3, 321)
