@@ -12,6 +12,7 @@ from shardps.chaos.report import chaos_pacing
 from shardps.chaos.scenario import ScenarioError, ScenarioRunner, load
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = "1200"  # the benchmark's runs: long enough to outlast two paced failures on a busy machine
 
 
 def chaos(tmp_path, body: str, workers=2, servers=2):
@@ -147,10 +148,12 @@ def test_the_chaos_benchmark_kills_servers_and_the_coordinator_and_the_run_ends_
     sys.path.insert(0, str(ROOT / "bench"))
     import chaos as bench  # bench/chaos.py
 
-    # seed 1 draws server-0, the coordinator, then server-0 again
-    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", "600", "--seed", "1",
+    # seed 1 draws server-0, the coordinator, then server-0 again. Failures are paced by the restarts (each
+    # waits for 3 s of healthy running after the one before ended): the run is long enough for two of them
+    # even where a restart takes seconds.
+    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", STEPS, "--seed", "1",
                          "--targets", "servers", "coordinator", "--dir", str(tmp_path)])
-    assert result["steps"] == 600 and result["failures_injected"] >= 2  # the run outlasts at least two
+    assert result["steps"] == int(STEPS) and result["failures_injected"] >= 2  # the run outlasts at least two
     assert result["killed"][:2] == ["server-0", "coordinator"]
     assert result["failures_survived"] == result["failures_injected"]
     assert result["pushes_applied_twice"] == 0
@@ -165,9 +168,10 @@ def test_with_replicas_the_chaos_benchmark_loses_no_step_to_a_killed_server(tmp_
     sys.path.insert(0, str(ROOT / "bench"))
     import chaos as bench  # bench/chaos.py
 
-    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", "600", "--seed", "1",
+    # training goes on while the killed server restarts: the coordinator's kill comes 3 s after it is back
+    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", STEPS, "--seed", "1",
                          "--targets", "servers", "coordinator", "--replicas", "2", "--dir", str(tmp_path)])
-    assert result["steps"] == 600 and result["killed"][:2] == ["server-0", "coordinator"]
+    assert result["steps"] == int(STEPS) and result["killed"][:2] == ["server-0", "coordinator"]
     assert result["failures_survived"] == result["failures_injected"]
     assert result["failovers"] >= 1  # server-0's shard moved to its copy on server-1 ...
     assert result["rollbacks"] == 0 and result["steps_rolled_back"] == 0  # ... and nothing was undone
