@@ -17,6 +17,13 @@ and one primary applied at a time; its verdict is in the result), wall time agai
 against the fault-free model: max |difference|, 0 expected when no worker is killed (a
 restarted worker joins as a new member, so the steps its lease was running out in had a
 smaller global batch).
+
+Failures are paced by what happened: a failure ends --down s after it was done, and the next one
+comes no sooner than --every minus --down after that end returned (a restart returns once the role
+is healthy), so a slow restart stretches the gaps rather than piling failures up. The MTBF, downtime
+and healthy time are reported as asked and as realised, and step efficiency (steps per second under
+chaos over steps per second without) beside torchft's model, 1 - step / MTBF, with the realised MTBF:
+over the chaos window (from the first failure to the last one's end) and over the whole run.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ def scenario_text(failures: int, every: float, down: float, start: float, seed: 
 def chaos_run(args, out: Path) -> dict:
     """Both runs; the comparison as a dict."""
     from shardps.client.run import RunConfig, run
+    from shardps.chaos.report import chaos_pacing
     from shardps.chaos.scenario import CHAOS_KINDS
     from shardps.client.sdk import load_model_file
 
@@ -60,6 +68,12 @@ def chaos_run(args, out: Path) -> dict:
     # ended
     failures = [e for e in report["timeline"] if e["action"] in CHAOS_KINDS]
     ends = [e for e in report["timeline"] if e["action"] in CHAOS_KINDS.values()]
+    pacing = chaos_pacing(report["timeline"])
+    step_s = clean["train_s"] / args.steps  # a fault-free step, start-up left out
+    # torchft's model, efficiency ~ 1 - (time a failure costs) / MTBF, with a failure costing one step and the
+    # MTBF that happened (a slow restart stretches the gaps: the runner paces failures by their ends)
+    mtbf = pacing["mtbf_s"] or args.every
+    window = pacing["window_s"]
     return {
         "scenario": scenario.read_text(),
         "failures_injected": len(failures),
@@ -75,12 +89,23 @@ def chaos_run(args, out: Path) -> dict:
         "history": faulty["history"],  # the checker's verdict over every role's recorded events
         "wall_s": {"clean": clean["wall_s"], "chaos": faulty["wall_s"]},
         "wall_ratio": faulty["wall_s"] / clean["wall_s"],
-        # step efficiency (torchft's model: ~ 1 - time lost per failure / MTBF): steps per second under
-        # chaos over steps per second without, beside the model's figure if a failure cost one step
+        # the failures as asked and as they happened (chaos.report.chaos_pacing): the runner waits for a
+        # failure's end before the next failure's healthy stretch starts, so a slow restart lengthens the MTBF
+        "mtbf_s": {"asked": args.every, "realised": pacing["mtbf_s"]},
+        "downtime_s": {"asked": args.down, "realised": pacing["downtime_s"], "max": pacing["downtime_max_s"]},
+        "healthy_s": {"asked": args.every - args.down, "realised": pacing["healthy_s"], "min": pacing["healthy_min_s"]},
+        "chaos_window_s": window,  # from the first failure to the last one's end
+        # step efficiency: steps per second under chaos over steps per second without. Over the chaos window
+        # (steps the job advanced while failures came, by the timeline) against torchft's model with the
+        # realised MTBF; and over the whole run (wall time, start-up included) against the same model
+        # summed over the failures that happened (each costing one step)
+        "step_efficiency_in_window": (pacing["steps_in_window"] / window) * step_s if window else None,
+        "efficiency_model_in_window": 1 - step_s / mtbf,
         "step_efficiency": clean["wall_s"] / faulty["wall_s"],
-        "mtbf_s": args.every,
+        "efficiency_model": clean["wall_s"] / (clean["wall_s"] + len(failures) * step_s),
+        "efficiency_model_as_asked": 1 - step_s / args.every,
+        "step_s": step_s,
         "lost_s_per_failure": (faulty["wall_s"] - clean["wall_s"]) / max(1, len(failures)),
-        "efficiency_if_one_step_lost": 1 - clean["wall_s"] / args.steps / args.every,
         "held_out": {"clean": clean["held_out"], "chaos": faulty["held_out"]},
         "max_abs_param_diff": diff,
         "report": faulty["report"]["path"],

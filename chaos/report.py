@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..coordinator.placement import REASONS
+from .scenario import CHAOS_KINDS
 
 
 def _series(records: list[dict]) -> dict:
@@ -49,6 +50,39 @@ def _mean_staleness(shards: list[dict]) -> float:
     counted = [s["staleness"] for s in shards if s.get("staleness", {}).get("count")]
     total = sum(st["count"] for st in counted)
     return round(sum(st["mean"] * st["count"] for st in counted) / total, 3) if total else 0.0
+
+
+def chaos_pacing(timeline: list[dict]) -> dict:
+    """What the failures of a timeline (``asdict`` of its events) were like, as they happened: a failure is
+    a kill, pause or partition, and it lasted until the restart, resume or heal of its target after it
+    returned (for a worker, its process started: joining the job takes longer). Returns the failures
+    counted, the realised MTBF (mean time between consecutive failures' starts), downtime (mean and max)
+    and healthy running between one failure's end and the next failure (mean and min), in seconds; the
+    step at the first failure and at the last end, and the seconds between them (None where undefined)."""
+    failures = [i for i, e in enumerate(timeline) if e["action"] in CHAOS_KINDS]
+    spans = []  # (failure event, end event or None)
+    for i in failures:
+        e = timeline[i]
+        end = next((x for x in timeline[i + 1:] if x["target"] == e["target"]
+                    and x["action"] == CHAOS_KINDS[e["action"]]), None)
+        spans.append((e, end))
+    ended = [(e, end["time_s"] + end.get("took_s", 0.0)) for e, end in spans if end is not None]
+    down = [t - e["time_s"] for e, t in ended]
+    starts = [e["time_s"] for e, _ in spans]
+    healthy = [nxt[0]["time_s"] - (end["time_s"] + end.get("took_s", 0.0))
+               for (_, end), nxt in zip(spans, spans[1:]) if end is not None]
+
+    def mean(xs):
+        return round(sum(xs) / len(xs), 3) if xs else None
+
+    window = (ended[-1][1] - starts[0]) if ended else None
+    last_end = next((end for _, end in reversed(spans) if end is not None), None)
+    return {"failures": len(spans), "mtbf_s": round((starts[-1] - starts[0]) / (len(starts) - 1), 3)
+            if len(starts) > 1 else None,
+            "downtime_s": mean(down), "downtime_max_s": round(max(down), 3) if down else None,
+            "healthy_s": mean(healthy), "healthy_min_s": round(min(healthy), 3) if healthy else None,
+            "window_s": round(window, 3) if window is not None else None,
+            "steps_in_window": (last_end["step"] - spans[0][0]["step"]) if last_end is not None else None}
 
 
 def write_report(out: Path, scenario, timeline, records: list[dict], status: dict, faults: dict,
@@ -92,6 +126,7 @@ def write_report(out: Path, scenario, timeline, records: list[dict], status: dic
         "rpc_injected": faults.get("rpc_injected", {}),
         "result": {"steps": summary["steps"], "held_out": summary["held_out"], "wall_s": summary["wall_s"]},
         "history": summary.get("history"),  # shardps check's verdict over the run's recorded history
+        "pacing": chaos_pacing([asdict(e) for e in timeline]),  # the failures as they happened
         "series": series,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -107,6 +142,13 @@ def _markdown(r: dict) -> str:
     for e in r["timeline"]:
         lines.append(f"| {e['time_s']:.1f} | {e['step']} | {e['action']} | {e['target']} | "
                      f"{'ok' if e['ok'] else 'FAILED: ' + e['error']} |")
+    pacing = r["pacing"]
+    if pacing["failures"]:
+        lines += ["", "## Failures as they happened", "",
+                  (f"- {pacing['failures']} failures; mean time between their starts {pacing['mtbf_s']} s; down "
+                  f"{pacing['downtime_s']} s on average (longest {pacing['downtime_max_s']} s, until the restart, "
+                  f"resume or heal returned); healthy between one's end and the next {pacing['healthy_s']} s on "
+                  f"average (shortest {pacing['healthy_min_s']} s)")]
     lines += ["", "## What the system counted", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in r["counters"].items()]
     for rb in r["rollbacks"]:

@@ -52,7 +52,14 @@ Actions and what undoes them at the end of a window:
 
 A ``[chaos]`` table expands into ``kill`` + ``restart`` pairs (or ``pause`` + ``resume`` pairs, with
 ``kinds``) at those times (the same seed gives the same failures); it may stand alone or beside
-``[[fault]]`` entries.
+``[[fault]]`` entries. Its failures are paced by what happened, not only by the clock: a failure's
+end comes down_s after the failure was done, and the next failure no sooner than every_s - down_s
+after that end returned (a restart waits until the role is healthy again). On a machine where a
+restart takes down_s this is the schedule above (one failure every every_s); where one takes 20 s,
+the failures behind it move later rather than piling up and firing back to back, so every failure
+is followed by at least every_s - down_s of healthy running. The timeline records when each action
+started and how long it took (``took_s``); ``chaos.report.chaos_pacing`` derives the realised MTBF
+and downtime from it.
 
 Everything the runner does is recorded in its timeline (time, step, action, target, outcome),
 which ``shardps run --scenario`` writes into the run's report.
@@ -94,9 +101,18 @@ class Fault:
     by_step: bool
     duration_s: float | None = None  # a window that lasts this long once applied (at_step/at_s + for_s)
     params: dict = field(default_factory=dict)
+    # paced (a [chaos] table's faults): due no earlier than gap_s after ``after``'s action returned, so a
+    # slow restart delays the faults behind it instead of leaving them overdue, to be fired back to back
+    after: Fault | None = field(default=None, repr=False, compare=False)
+    gap_s: float = 0.0
     applied: bool = False
     undone: bool = False
     applied_at: float = 0.0  # monotonic
+    done_at: float | None = None  # monotonic: when its action returned
+
+    def paced_due(self, now: float) -> bool:
+        """Whether the fault it follows (if any) returned at least gap_s ago (monotonic ``now``)."""
+        return self.after is None or (self.after.done_at is not None and now - self.after.done_at >= self.gap_s)
 
     def describe(self) -> str:
         unit = "step" if self.by_step else "s"
@@ -190,7 +206,9 @@ CHAOS_KINDS = {"kill": "restart", "pause": "resume", "partition": "heal"}
 
 def _chaos(entry, path: Path, processes: list[str]) -> list[Fault]:
     """A [chaos] table as kill + restart faults by time: failure i at start_s + i * every_s, its
-    target drawn with ``random.Random(seed)`` from the targets, restarted down_s later."""
+    target drawn with ``random.Random(seed)`` from the targets, restarted down_s later; each also paced
+    by the one before it (``Fault.after``): no sooner than down_s after its failure was done, and a
+    failure no sooner than every_s - down_s after the previous failure's end returned."""
     where = f"scenario {path}, [chaos]"
     if not isinstance(entry, dict):
         raise ScenarioError(f"{where}: must be a table ([chaos] with every_s and failures)")
@@ -230,7 +248,10 @@ def _chaos(entry, path: Path, processes: list[str]) -> list[Fault]:
     for i in range(failures):
         at, target = float(start + i * every), rng.choice(pool)
         kind = kinds[0] if len(kinds) == 1 else rng.choice(kinds)  # one kind draws as before: same seed, same run
-        faults += [Fault(kind, target, at, None, False), Fault(CHAOS_KINDS[kind], target, at + down, None, False)]
+        # Paced: the failure waits for every_s - down_s of healthy running after the previous one's end
+        # returned (the schedule's own gap), its end for down_s after the failure was done.
+        failure = Fault(kind, target, at, None, False, after=faults[-1] if faults else None, gap_s=every - down)
+        faults += [failure, Fault(CHAOS_KINDS[kind], target, at + down, None, False, after=failure, gap_s=down)]
     return faults
 
 
@@ -244,6 +265,7 @@ class Event:
     unix: float = 0.0
     ok: bool = True
     error: str = ""
+    took_s: float = 0.0  # how long the action took (a restart returns once the role is healthy again)
 
 
 class ScenarioRunner:
@@ -264,34 +286,46 @@ class ScenarioRunner:
 
     def poll_s(self) -> float:
         """How long the caller may wait before the next tick: 50 ms while a fault waits for a step
-        (a small model takes tens of steps a second), 250 ms otherwise."""
+        (a small model takes tens of steps a second), else 250 ms or until the next fault by time is
+        due, whichever is sooner (a paced chaos failure's end is due down_s after it, often < 250 ms)."""
         waiting = any(f.by_step and (not f.applied or (f.end is not None and not f.undone))
                       for f in self.scenario.faults)
-        return 0.05 if waiting else 0.25
+        if waiting:
+            return 0.05
+        if self.started is None:
+            return 0.25
+        now, soonest = time.monotonic(), 0.25
+        for f in self.scenario.faults:
+            if not f.applied and not f.by_step and (f.after is None or f.after.done_at is not None):
+                due = max(self.started + f.start, f.after.done_at + f.gap_s if f.after is not None else 0.0)
+                soonest = min(soonest, due - now)
+        return max(0.01, soonest)
 
     def tick(self, step: int) -> None:
-        now = time.monotonic()
+        """Fire every fault due at ``step`` and now, in order; blocks while their actions run (a restart
+        until the role is healthy again)."""
         if self.started is None and step > 0:
-            self.started = now  # the clock of by-time faults starts with training: its first step closed
-        elapsed = now - self.started if self.started is not None else 0.0
+            self.started = time.monotonic()  # the clock of by-time faults starts with training: its first step closed
         for fault in self.scenario.faults:
             if not fault.by_step and self.started is None:
                 continue
-            position = step if fault.by_step else elapsed
-            if not fault.applied and position >= fault.start:
-                fault.applied, fault.applied_at = True, time.monotonic()
-                self._do(fault.action, fault, step, elapsed)
+            # read the clock per fault: an action before it in this tick may have taken seconds
+            now = time.monotonic()
+            position = step if fault.by_step else now - (self.started or now)
+            if not fault.applied and position >= fault.start and fault.paced_due(now):
+                fault.applied, fault.applied_at = True, now
+                self._do(fault.action, fault, step)
+                fault.done_at = time.monotonic()
             due = (fault.end is not None and position >= fault.end) or (
                 fault.duration_s is not None and time.monotonic() - fault.applied_at >= fault.duration_s)
             if fault.applied and not fault.undone and due and (fault.end is not None or fault.duration_s is not None):
                 fault.undone = True
-                self._do(_UNDO[fault.action], fault, step, elapsed)
+                self._do(_UNDO[fault.action], fault, step)
 
     def do_now(self, action: str, target: str, params: dict, step: int) -> Event:
         """An ad-hoc fault (``shardps chaos kill server-1 --run DIR``), recorded like scheduled ones."""
-        now = time.monotonic()
         fault = Fault(action, target, float(step), None, True, params=dict(params))
-        self._do(action, fault, step, now - self.started if self.started is not None else 0.0)
+        self._do(action, fault, step)
         self.timeline[-1].detail = f"on request: {action} {target}"
         return self.timeline[-1]
 
@@ -299,12 +333,11 @@ class ScenarioRunner:
         """Undo windows still open when training ended, and end a chaos failure that landed while the fault
         that ends it was still due (a chaos table's kill and restart, pause and resume, partition and heal
         are two faults each), so teardown and the run's report find a sane cluster."""
-        elapsed = time.monotonic() - (self.started or time.monotonic())
         for fault in self.scenario.faults:
             windowed = fault.end is not None or fault.duration_s is not None
             if windowed and fault.applied and not fault.undone:
                 fault.undone = True
-                self._do(_UNDO[fault.action], fault, step, elapsed)
+                self._do(_UNDO[fault.action], fault, step)
         ends = {end: failure for failure, end in CHAOS_KINDS.items()}
         still: dict[tuple[str, str], int] = {}  # (target, failure) -> failures that landed minus their ends that did
         for fault in (f for f in self.scenario.faults if f.applied):
@@ -317,9 +350,12 @@ class ScenarioRunner:
             if not fault.applied and fault.action in ends and still.get(key, 0) > 0:
                 fault.applied = True
                 still[key] -= 1
-                self._do(fault.action, fault, step, elapsed)
+                self._do(fault.action, fault, step)
+                fault.done_at = time.monotonic()
 
-    def _do(self, action: str, fault: Fault, step: int, elapsed: float) -> None:
+    def _do(self, action: str, fault: Fault, step: int) -> None:
+        began = time.monotonic()
+        elapsed = began - self.started if self.started is not None else 0.0
         event = Event(round(elapsed, 3), step, action, fault.target, fault.describe(), time.time())
         try:
             detail = self.actions[action](fault.target, fault.params)
@@ -327,6 +363,7 @@ class ScenarioRunner:
                 event.detail += f" ({detail})"
         except Exception as exc:  # an action that fails is part of the experiment's record
             event.ok, event.error = False, str(exc).splitlines()[0]
+        event.took_s = round(time.monotonic() - began, 3)
         self.timeline.append(event)
         self.history.record("fault", action=action, target=fault.target, step=step, ok=event.ok, error=event.error)
 

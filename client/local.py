@@ -72,6 +72,7 @@ class LocalCluster:
         mutual_tls: bool = False,
         metrics: bool = False,
         history: bool = True,
+        own_disks: bool = False,
     ):
         """Durable by default: the coordinator keeps its state in the log directory (a restarted
         coordinator resumes its jobs), and servers checkpoint their shards at version 0, every
@@ -83,7 +84,10 @@ class LocalCluster:
         detected this long (x 1.01) after its last answer, a dead one at once when a worker finds its port
         refusing; None: the coordinator's default, proto/defaults.REPLICA_LEASE_S). ``history``: every role appends what it does to
         ``history_dir`` (``<log dir>/history``), which ``shardps check`` proves the promises over;
-        workers record there when given ``history_dir=cluster.history_dir`` (``shardps run``'s do)."""
+        workers record there when given ``history_dir=cluster.history_dir`` (``shardps run``'s do).
+        ``own_disks``: each server checkpoints into a folder of its own, ``<checkpoint_dir>/server-<k>``,
+        and reads only what it wrote there, as with docker-compose's and Kubernetes' volumes (by default
+        the servers share ``checkpoint_dir``, so any of them reads a shard's checkpoints whoever wrote them)."""
         if servers < 1:
             raise ValueError(f"a cluster needs at least one server, got servers={servers}")
         self.num_servers, self.host = servers, host
@@ -137,6 +141,7 @@ class LocalCluster:
         self.checkpoint_dir = (None if not durable else Path(checkpoint_dir) if checkpoint_dir is not None
                                else self.log_dir / "checkpoints")
         self.state_dir = self.log_dir / "coordinator-state" if durable else None
+        self.own_disks = own_disks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -165,8 +170,8 @@ class LocalCluster:
                         # the servers share this host's cores rather than each running every core's worth of threads
                         "--compute-threads", str(max(1, (os.cpu_count() or 1) // self.num_servers))]
                 if self.checkpoint_dir is not None:
-                    args += ["--checkpoint-dir", str(self.checkpoint_dir), "--checkpoint-every",
-                             str(self.checkpoint_every)]
+                    disk = self.checkpoint_dir / name if self.own_disks else self.checkpoint_dir
+                    args += ["--checkpoint-dir", str(disk), "--checkpoint-every", str(self.checkpoint_every)]
                 self.server_addresses[shard_id] = f"{self._host_of(name)}:{self._spawn(name, args)}"
             for shard_id, address in self.server_addresses.items():
                 self._wait_healthy(f"server-{shard_id}", address)

@@ -511,6 +511,7 @@ def _summarize(config: RunConfig, records: list[dict], status: dict, exported: d
         "held_out": held_out,
         "metric": wl.metric,
         "wall_s": wall,
+        "train_s": span,  # from the first step's start to the last step's end (no start-up, no teardown)
         "samples_per_s": total_samples / max(1e-9, span),  # while training, all workers
         "numel": exported["numel"],
         # streaming DiLoCo: fragment 0's shards, then fragment 1's, ... (each fragment a job of its own)

@@ -10,7 +10,8 @@ added back as a backup where copies are missing (its primary sends it a whole co
 and once it is in sync with the shard it is home to, it takes that shard's primary
 back (the plan rebalances). A primary that restarts while no backup is in sync took the
 shard's only copy with it: the shard is *lost*, and the coordinator restores the job from
-checkpoints (``Coordinator.restore_lost``), each shard on its home server again.
+checkpoints (``Coordinator.restore_lost``), each shard on the server holding the newest
+checkpoint common to the job (its home server when that one does).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ DROP_BACKOFF_S, MAX_DROP_BACKOFF_S = 1.0, 8.0
 
 # Why a shard's primary moved (``Failover.reason``), for people; all but "rebalance" are failovers.
 REASONS = {"dead": "its primary was silent for its lease", "refused": "its primary's port refused connections",
-           "rebalance": "handed back", "rollback": "no live copy was left: restored from its home server's checkpoint"}
+           "rebalance": "handed back", "rollback": "no live copy was left: restored from a checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,18 @@ class Placement:
         self.lost |= gone
         return gone
 
-    def restore_homes(self, num_servers: int, want: int) -> bool:
-        """Place every shard as at the start (shard k's primary on server k, whose disk holds its
-        checkpoints; the backups after it), none in sync: the job rolls back to a checkpoint, and every
-        backup gets a whole copy of the restored primary. Returns whether anything changed (a new epoch)."""
+    def restore_homes(self, num_servers: int, want: int, primaries: dict[int, int] | None = None) -> bool:
+        """Place every shard as at the start (shard k's primary on server k, the backups after it), or
+        with ``primaries``, shard k's primary on ``primaries[k]`` (the server whose disk holds the
+        checkpoint the job goes back to; ``coordinator.restore``) and the rest of its home copies after
+        it; none in sync: the job rolls back to a checkpoint, and every backup gets a whole copy of the
+        restored primary (a shard away from home goes back once its home copy is in sync, ``heal``).
+        Returns whether anything changed (a new epoch)."""
         home = Placement.initial(num_servers, want).replicas
-        out = [Failover(k, reps[0], k, self.epoch + 1, time.time(), "rollback")
-               for k, reps in sorted(self.replicas.items()) if reps[0] != k]
+        for k, primary in (primaries or {}).items():
+            home[k] = [primary, *(s for s in home[k] if s != primary)][:want]
+        out = [Failover(k, reps[0], home[k][0], self.epoch + 1, time.time(), "rollback")
+               for k, reps in sorted(self.replicas.items()) if reps[0] != home[k][0]]
         changed = home != self.replicas or any(self.in_sync.values()) or bool(out)
         self.replicas, self.in_sync = home, {}
         self.shunned.clear()

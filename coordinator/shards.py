@@ -35,9 +35,12 @@ class ShardAdmin:
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, f"{what} at shard server {address}") from None
 
-    def checkpoints(self, address: str, job_id: str) -> Checkpoints:
-        reply = self._call(address, "ListCheckpoints",
-                           lambda s: s.ListCheckpoints(pb.ListCheckpointsRequest(job_id=job_id), timeout=self.timeout))
+    def checkpoints(self, address: str, job_id: str, shard_id: int | None = None, job_name: str = "") -> Checkpoints:
+        """The server's checkpoints of its own shard of ``job_id`` and that shard's live version; with
+        ``shard_id``, of that shard (a replicated job's primary checkpoints whichever shard it serves) and
+        its replica's version there (0: it holds none; ``job_name`` then finds the checkpoints)."""
+        req = pb.ListCheckpointsRequest(job_id=job_id, shard_id=shard_id, job_name=job_name)
+        reply = self._call(address, "ListCheckpoints", lambda s: s.ListCheckpoints(req, timeout=self.timeout))
         return Checkpoints(list(reply.versions), reply.version, reply.awaiting_rollback)
 
     def refuses(self, address: str, timeout: float) -> bool:
@@ -54,8 +57,11 @@ class ShardAdmin:
         reply = self._call(address, "SetMembership", lambda s: s.SetMembership(req, timeout=self.timeout))
         return reply.accepted, reply.version
 
-    def rollback(self, address: str, job_id: str, version: int, epoch: int) -> int:
-        req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch, coordinator_generation=self.generation)
+    def rollback(self, address: str, job_id: str, version: int, epoch: int, shard_id: int | None = None) -> int:
+        """Restore the server's checkpoint of ``version`` of its own shard (or of ``shard_id``, whose replica
+        it must hold); returns the version it was at."""
+        req = pb.RollbackRequest(job_id=job_id, version=version, epoch=epoch, coordinator_generation=self.generation,
+                                 shard_id=shard_id)
         return self._call(address, "Rollback", lambda s: s.Rollback(req, timeout=60.0)).from_version
 
     def set_replicas(self, address: str, rows: list, lease_s: float, timeout: float,

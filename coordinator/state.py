@@ -37,6 +37,7 @@ from ..proto.plan import DEFAULT_ALIGN, plan_shards
 from ..runtime.gauges import JobGauges
 from .jobs import JobState, Registration, RollbackRecord
 from .placement import Placement
+from .restore import Candidates, RestorePoint, choose, list_checkpoints
 
 log = logging.getLogger("shardps.coordinator")
 
@@ -210,17 +211,28 @@ class Coordinator:
 
     def restore_lost(self) -> list[RollbackRecord]:
         """Replicated jobs with a lost shard (no live copy, ``_orphaned``): once every server is registered
-        and answers, place every shard on its home server again (``Placement.restore_homes``), tell every
-        server (no lease: a job with a lost shard gets none until it is restored, see ``replica_calls``,
-        so no replica serves or copies a stale state meanwhile), then roll the job back as for an
-        unreplicated server's restart (``_roll_back``). Called a few times a second; blocks while it rolls
-        back (up to a minute per server); raises (and is called again) when a server cannot be reached or
-        no checkpoint version is common to every shard."""
+        and answers, find the newest checkpoint version common to the job and which server holds each
+        shard's (``coordinator.restore``: a primary checkpoints whichever shard it serves, so that may not
+        be the shard's home server), make that server the shard's primary (``Placement.restore_homes``),
+        tell every server (no lease: a job with a lost shard gets none until it is restored, see
+        ``replica_calls``, so no replica serves or copies a stale state meanwhile), then roll the job back
+        as for an unreplicated server's restart (``_roll_back``). Called a few times a second; blocks
+        while it rolls back (up to a minute per server); raises (and is called again) when a server cannot
+        be reached or no checkpoint version is common to every shard."""
         with self.cond:
             due = [s for s in self.jobs.values() if s.placement is not None and s.placement.lost]
             if not due or self.shards is None or len(self.servers) < self.num_servers or self.down:
                 return []  # (a server that is down cannot restore its home shard: wait for it)
-            changed = [s.placement.restore_homes(self.num_servers, s.job.replicas) for s in due]
+            candidates = {s.job_id: self._candidates(self._family(s)) for s in due}
+            addresses = dict(self.servers)
+        # Outside the lock: a restarted server holds no replica of the job and answers from its disk.
+        points = {job_id: choose(jobs, list_checkpoints(self.shards, jobs, addresses))
+                  for job_id, jobs in candidates.items()}
+        with self.cond:
+            if self.down or self.servers != addresses:
+                return []  # a server died or moved meanwhile: the next call lists again
+            changed = [s.placement.restore_homes(self.num_servers, s.job.replicas, points[s.job_id].sources[s.job_id])
+                       for s in due]
             if any(changed):
                 self.replanned()
             calls, epochs = self._placement_rows(due), {s.job_id: s.placement.epoch for s in due}
@@ -232,11 +244,28 @@ class Coordinator:
                 p = state.placement
                 if not p.lost or p.epoch != epochs[state.job_id] or self.down:
                     continue  # the placement changed meanwhile: the next call places it again
-                log.warning("job %s: restoring lost shard(s) %s from checkpoints, every shard on its home server",
-                            state.name, sorted(p.lost))
-                out.append(self._roll_back(state, min(p.lost)))
+                point = points[state.job_id]
+                log.warning("job %s: restoring lost shard(s) %s from the checkpoints of version %d on servers %s",
+                            state.name, sorted(p.lost), point.target, point.sources[state.job_id])
+                out.append(self._roll_back(state, min(p.lost), point))
                 p.lost.clear()
                 self._persist()
+        return out
+
+    def _candidates(self, family: list[JobState]) -> list[Candidates]:
+        """Which servers may restore each shard of ``family`` (under the lock): an unreplicated shard its
+        own server; a replicated job with a lost shard, any server (home first: placed anew); any other
+        replicated job, its primary (its copy lives there)."""
+        out = []
+        for s in family:
+            p = s.placement
+            if p is None:
+                out.append(Candidates.own(s.job_id, s.job.name, sorted(self.servers)))
+            elif p.lost:
+                out.append(Candidates(s.job_id, s.job.name, {k: [k, *(j for j in sorted(self.servers) if j != k)]
+                                                            for k in p.replicas}, True))
+            else:
+                out.append(Candidates(s.job_id, s.job.name, {k: [p.primary(k)] for k in p.replicas}, True))
         return out
 
     def declare_dead(self, sid: int, why: str, reason: str) -> None:
@@ -459,7 +488,7 @@ class Coordinator:
         # the views from its primaries' copies when it comes back.
         servers = sorted((sid, a) for sid, a in self.servers.items() if sid not in self.down)
         for _ in range(20):
-            versions = {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
+            versions = self._shard_versions(state, servers)
             start = min(versions.values()) if from_open_step else max(versions.values()) + margin
             view = View(epoch, start, members)
             answers = [self.shards.set_membership(a, state.job_id, view, from_open_step) for _, a in servers]
@@ -469,6 +498,19 @@ class Coordinator:
                 return view
             margin *= 2
         raise Unavailable(f"could not agree on a step for membership epoch {epoch} with the shards; retrying")
+
+    def _shard_versions(self, state: JobState, servers: list[tuple[int, str]]) -> dict[int, int]:
+        """shard -> its version now (under the lock): each live server's own shard; for a replicated job, each
+        shard's at its primary (a restarted server's own replica may be an empty backup waiting for its copy:
+        its 0 is no shard's step)."""
+        p = state.placement
+        if p is None:
+            return {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
+        live = dict(servers)
+        versions = {k: self.shards.checkpoints(live[p.primary(k)], state.job_id, k).version
+                    for k in sorted(p.replicas) if p.primary(k) in live}
+        # (every primary down: no shard's step is known; the live servers' own replicas are all there is)
+        return versions or {sid: self.shards.checkpoints(a, state.job_id).version for sid, a in servers}
 
     # ------------------------------------------------------------------ views
 
@@ -530,23 +572,15 @@ class Coordinator:
                 raise FailedPrecondition(f"shard {shard_id} restored no checkpoint that waits for a rollback")
             return self._roll_back(state, shard_id)
 
-    def _roll_back(self, state: JobState, shard_id: int) -> RollbackRecord:
+    def _roll_back(self, state: JobState, shard_id: int, point: RestorePoint | None = None) -> RollbackRecord:
         """``state``'s job and the jobs of the param groups added to it (``_family``) back to the newest
-        version every shard of every one of them has a checkpoint of; returns ``state``'s record (under
-        the lock)."""
+        version every shard of every one of them has a checkpoint of (``point``, or listed now from the
+        servers that may restore each shard: ``_candidates``); returns ``state``'s record (under the lock)."""
         family = self._family(state)
-        listings = {s.name: {sid: self.shards.checkpoints(address, s.job_id)
-                             for sid, address in sorted(self.servers.items())} for s in family}
-        common = set.intersection(*(set(c.versions) for by_shard in listings.values() for c in by_shard.values()))
-        if not common:
-            raise FailedPrecondition(
-                "no checkpoint version is common to every shard: "
-                + "; ".join(f"{'' if len(family) == 1 else f'job {name}, '}shard {sid} has {c.versions}"
-                            for name, by_shard in listings.items() for sid, c in by_shard.items())
-                + " (checkpoint every shard at the same versions: --checkpoint-every)"
-            )
-        target = max(common)
-        records = {s.name: self._roll_back_job(s, shard_id, target, listings[s.name]) for s in family}
+        if point is None:
+            jobs = self._candidates(family)
+            point = choose(jobs, list_checkpoints(self.shards, jobs, self.servers))
+        records = {s.name: self._roll_back_job(s, shard_id, point) for s in family}
         self._persist()
         return records[state.name]
 
@@ -560,14 +594,17 @@ class Coordinator:
         groups = [self.jobs[n] for n in added_group_jobs(parent.name, self.jobs)]
         return [parent] + [g for g in groups if g.views or g is state]
 
-    def _roll_back_job(self, state: JobState, shard_id: int, target: int, listings: dict) -> RollbackRecord:
-        """Every server restores its own shard of ``state``'s job from its checkpoint of ``target``, and a new
+    def _roll_back_job(self, state: JobState, shard_id: int, point: RestorePoint) -> RollbackRecord:
+        """Each shard of ``state``'s job restores its checkpoint of ``point.target`` on the server ``point``
+        chose (an unreplicated one: its own server; a replicated one: its primary, by shard id), and a new
         membership epoch (same members) starts there; recorded as caused by ``shard_id``. The server of
         ``shard_id`` goes last: were another unreachable, a retry finds it as it was."""
-        epoch = len(state.views) + 1
-        from_version = max(c.version for c in listings.values())
-        for _, address in sorted(self.servers.items(), key=lambda item: (item[0] == shard_id, item[0])):
-            from_version = max(from_version, self.shards.rollback(address, state.job_id, target, epoch))
+        epoch, target = len(state.views) + 1, point.target
+        from_version = max(c.version for c in point.listings[state.job_id].values())
+        by_shard = state.placement is not None
+        for shard, server in sorted(point.sources[state.job_id].items(), key=lambda item: (item[0] == shard_id, item[0])):
+            from_version = max(from_version, self.shards.rollback(self.servers[server], state.job_id, target, epoch,
+                                                                  shard if by_shard else None))
         if state.placement is not None:  # a lost shard's copies are gone: the workers' steps say how far it got
             from_version = max([from_version, target, *(step for step, _ in state.reports.values())])
         if state.views:

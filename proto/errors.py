@@ -198,6 +198,8 @@ class RolledBack(FailedPrecondition):
 
     reason = Reason.ROLLED_BACK
     fields = {"step": int, "epoch": int}
+    step: int  # set from ``fields`` (declared for the type checker)
+    epoch: int
 
     @classmethod
     def at(cls, step: int, epoch: int, detail: str = "") -> RolledBack:
@@ -213,6 +215,7 @@ class MembershipChanged(FailedPrecondition):
 
     reason = Reason.MEMBERSHIP_CHANGED
     fields = {"epoch": int}
+    epoch: int  # set from ``fields`` (declared for the type checker)
 
     @classmethod
     def at(cls, epoch: int, version: int) -> MembershipChanged:
@@ -237,6 +240,7 @@ class Superseded(ReplicaRefused):
 
     reason = Reason.SUPERSEDED
     fields = {"placement_epoch": int}
+    placement_epoch: int  # set from ``fields`` (declared for the type checker)
 
 
 class NoSharedMemory(FailedPrecondition):

@@ -144,7 +144,8 @@ def recover(coordinator: CoordinatorClient, node: ShardNode) -> None:
                 continue
             if node.checkpoint_dir:
                 # No live copy is left (this server was still its primary): the coordinator restores every
-                # lost shard from the home servers' checkpoints and rolls the job back (restore_lost).
+                # lost shard from the servers' checkpoints (this disk's among them) and rolls the job back
+                # (restore_lost).
                 log.warning("job %s: shard %d had no live copy left; the coordinator restores it from checkpoints",
                             name, node.shard_id)
                 continue

@@ -309,9 +309,27 @@ class ShardNode:
         log.warning("shard %d restored job %s's checkpoint at version %d", self.shard_id, job_name, snap.version)
         return snap.version
 
-    def rollback(self, job_id: str, version: int, epoch: int, generation: int = 0) -> int:
-        """Restore the checkpoint of ``version``; calls must name ``epoch`` or later. Returns the old version."""
+    def checkpoints_of(self, job_id: str, shard_id: int, job_name: str = "") -> tuple[list[int], ShardState | None]:
+        """The versions of this server's checkpoints of shard ``shard_id`` of ``job_id`` (a replicated job's
+        primary checkpoints whichever shard it serves), and its replica of that shard (None if it holds none
+        now: then ``job_name`` names the checkpoint directory; without it, no versions). Never calls the
+        coordinator: it calls this while holding its lock."""
+        if not 0 <= shard_id < 1 << 20:
+            raise InvalidArgument(f"shard id {shard_id} is out of range")
+        state = self.find(job_id, shard_id)
+        held = state or next(iter(self.replicas_of(job_id)), None)
+        name = held.job.name if held is not None else job_name
+        if not self.checkpoint_dir or not name:
+            return [], state
+        return self.store(name, shard_id).versions(), state
+
+    def rollback(self, job_id: str, version: int, epoch: int, generation: int = 0, shard_id: int | None = None) -> int:
+        """Restore the checkpoint of ``version`` of shard ``shard_id`` (default: this server's own) from this
+        server's disk; calls must name ``epoch`` or later. Returns the old version. Another shard's replica
+        must be here already (placed by the coordinator): FailedPrecondition otherwise, nothing changed."""
         self.check_generation(generation)
+        if shard_id is not None and shard_id != self.shard_id:
+            return self._rollback_replica(job_id, shard_id, version, epoch)
         with self._cond:
             state = self.states.get(job_id)
         latest = state.views.latest_epoch if state is not None else 0
@@ -330,6 +348,21 @@ class ShardNode:
             if job_id not in self.states:  # not restored yet (still starting): take the checkpoint as its state
                 self._install(ShardState.from_snapshot(snap, self.step_timeout))
             state = self.states[job_id]
+        return state.restore(snap, epoch)
+
+    def _rollback_replica(self, job_id: str, shard_id: int, version: int, epoch: int) -> int:
+        state = self.find(job_id, shard_id)
+        if state is None:
+            raise FailedPrecondition(f"server {self.shard_id} holds no replica of shard {shard_id} of job "
+                                     f"{job_id[:64]!r} to roll back; place it here first (SetReplicas)")
+        latest = state.views.latest_epoch
+        if version < 0 or not 1 <= epoch <= latest + MAX_EPOCH_JUMP:
+            raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) in 1..{latest} + "
+                                  f"{MAX_EPOCH_JUMP}")
+        snap = self.store(state.job.name, shard_id).load(version, shard_id)
+        if snap.job_id != job_id:
+            raise WrongJob(f"server {self.shard_id}'s checkpoint of shard {shard_id} at version {version} belongs "
+                           f"to job {snap.job_id!r}")
         return state.restore(snap, epoch)
 
     def check_generation(self, generation: int) -> None:

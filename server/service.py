@@ -420,12 +420,17 @@ class ShardServicer:
 
     @translate_errors
     def ListCheckpoints(self, request, context):
-        state = self.node.state_for(request.job_id)
-        if state is None:
-            return pb.ListCheckpointsResponse(shard_id=self.node.shard_id)
-        versions = self.node.store(state.job.name).versions() if self.node.checkpoint_dir else []
+        if request.HasField("shard_id"):
+            versions, state = self.node.checkpoints_of(request.job_id, request.shard_id, request.job_name)
+            if state is None:
+                return pb.ListCheckpointsResponse(shard_id=request.shard_id, job_id=request.job_id, versions=versions)
+        else:
+            state = self.node.state_for(request.job_id)
+            if state is None:
+                return pb.ListCheckpointsResponse(shard_id=self.node.shard_id)
+            versions = self.node.store(state.job.name).versions() if self.node.checkpoint_dir else []
         with state.cond:
-            return pb.ListCheckpointsResponse(shard_id=self.node.shard_id, job_id=state.job_id, versions=versions,
+            return pb.ListCheckpointsResponse(shard_id=state.shard.shard_id, job_id=state.job_id, versions=versions,
                                               version=state.version, awaiting_rollback=state.timeline.awaiting_rollback)
 
     @translate_errors
@@ -522,7 +527,8 @@ class ShardServicer:
 
     @translate_errors
     def Rollback(self, request, context):
-        before = self.node.rollback(request.job_id, request.version, request.epoch, request.coordinator_generation)
+        before = self.node.rollback(request.job_id, request.version, request.epoch, request.coordinator_generation,
+                                    request.shard_id if request.HasField("shard_id") else None)
         return pb.RollbackResponse(from_version=before, version=request.version)
 
     def GetShardStatus(self, request, context):

@@ -643,10 +643,14 @@ class CheckpointResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "shard_id", "job_name")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    shard_id: int
+    job_name: str
+    def __init__(self, job_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., job_name: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
     __slots__ = ("shard_id", "job_id", "versions", "version", "awaiting_rollback")
@@ -663,16 +667,18 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., job_id: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., awaiting_rollback: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("job_id", "version", "epoch", "coordinator_generation")
+    __slots__ = ("job_id", "version", "epoch", "coordinator_generation", "shard_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     version: int
     epoch: int
     coordinator_generation: int
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., epoch: _Optional[int] = ..., coordinator_generation: _Optional[int] = ...) -> None: ...
+    shard_id: int
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., epoch: _Optional[int] = ..., coordinator_generation: _Optional[int] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class RollbackResponse(_message.Message):
     __slots__ = ("from_version", "version")

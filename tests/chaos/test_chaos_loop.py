@@ -1,14 +1,18 @@
 """The chaos loop: a [chaos] table becomes seeded kill + restart pairs, bad tables are refused with
 the fix, and a short MTBF run (bench/chaos.py, the benchmark itself) survives every failure with
 no step lost for good, no push applied twice and the fault-free run's final model."""
+import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from shardps.chaos.report import chaos_pacing
 from shardps.chaos.scenario import ScenarioError, ScenarioRunner, load
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = "1200"  # the benchmark's runs: long enough to outlast two paced failures on a busy machine
 
 
 def chaos(tmp_path, body: str, workers=2, servers=2):
@@ -54,6 +58,41 @@ def test_a_failure_whose_end_was_still_due_when_training_ended_is_ended_at_the_e
     assert done == [(first, "coordinator"), ({"kill": "restart", "pause": "resume"}[first], "coordinator")]
     runner.finish(2)  # nothing twice
     assert len(done) == 2 and len(runner.timeline) == 2
+
+
+def test_a_slow_restart_delays_the_failures_behind_it_instead_of_firing_them_back_to_back(tmp_path):
+    # On loaded cores a restart (which returns once the role is healthy) can take far longer than every_s:
+    # the failures scheduled meanwhile must not pile up and fire ~10 ms apart when it returns. Each failure
+    # ends down_s after it was done, and the next one waits for every_s - down_s of healthy running after
+    # that end returned; the timeline says when each action started and how long it took.
+    path = tmp_path / "chaos.toml"
+    every, down, slow = 0.2, 0.05, 0.6
+    path.write_text(f"[chaos]\nevery_s = {every}\nfailures = 4\ndown_s = {down}\nstart_s = 0\nseed = 1\n"
+                    "targets = [\"server-0\"]\n")
+
+    def act(action):
+        def do(target, params):
+            if action == "restart":
+                time.sleep(slow)  # a restart that waits for the role to be healthy again, on a busy machine
+            return ""
+        return do
+
+    scenario = load(path, workers=1, servers=1)
+    runner = ScenarioRunner(scenario, {a: act(a) for a in ("kill", "restart")})
+    give_up = time.monotonic() + 60
+    while not all(f.applied for f in scenario.faults) and time.monotonic() < give_up:
+        runner.tick(1)
+        time.sleep(runner.poll_s())
+    events = [(e.action, e.time_s, e.took_s) for e in runner.timeline]
+    assert [a for a, _, _ in events] == ["kill", "restart"] * 4
+    assert all(took >= slow for a, _, took in events if a == "restart")
+    for (_, kill_at, kill_took), (_, restart_at, _) in zip(events[0::2], events[1::2]):
+        assert restart_at - (kill_at + kill_took) >= down - 0.01, events  # down_s after the kill was done
+    for (_, restart_at, took), (_, next_kill_at, _) in zip(events[1::2], events[2::2]):
+        assert next_kill_at - (restart_at + took) >= every - down - 0.01, events  # healthy between failures
+    pacing = chaos_pacing([dataclasses.asdict(e) for e in runner.timeline])
+    assert pacing["failures"] == 4 and pacing["downtime_s"] >= down + slow and pacing["healthy_min_s"] >= every - down - 0.01
+    assert pacing["mtbf_s"] >= every + slow - 0.01  # the realised MTBF, not the asked-for 0.2 s
 
 
 def test_a_chaos_table_with_kinds_draws_kills_and_pauses_each_ended_down_s_later(tmp_path):
@@ -109,10 +148,12 @@ def test_the_chaos_benchmark_kills_servers_and_the_coordinator_and_the_run_ends_
     sys.path.insert(0, str(ROOT / "bench"))
     import chaos as bench  # bench/chaos.py
 
-    # seed 1 draws server-0, the coordinator, then server-0 again
-    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", "600", "--seed", "1",
+    # seed 1 draws server-0, the coordinator, then server-0 again. Failures are paced by the restarts (each
+    # waits for 3 s of healthy running after the one before ended): the run is long enough for two of them
+    # even where a restart takes seconds.
+    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", STEPS, "--seed", "1",
                          "--targets", "servers", "coordinator", "--dir", str(tmp_path)])
-    assert result["steps"] == 600 and result["failures_injected"] >= 2  # the run outlasts at least two
+    assert result["steps"] == int(STEPS) and result["failures_injected"] >= 2  # the run outlasts at least two
     assert result["killed"][:2] == ["server-0", "coordinator"]
     assert result["failures_survived"] == result["failures_injected"]
     assert result["pushes_applied_twice"] == 0
@@ -127,9 +168,10 @@ def test_with_replicas_the_chaos_benchmark_loses_no_step_to_a_killed_server(tmp_
     sys.path.insert(0, str(ROOT / "bench"))
     import chaos as bench  # bench/chaos.py
 
-    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", "600", "--seed", "1",
+    # training goes on while the killed server restarts: the coordinator's kill comes 3 s after it is back
+    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", STEPS, "--seed", "1",
                          "--targets", "servers", "coordinator", "--replicas", "2", "--dir", str(tmp_path)])
-    assert result["steps"] == 600 and result["killed"][:2] == ["server-0", "coordinator"]
+    assert result["steps"] == int(STEPS) and result["killed"][:2] == ["server-0", "coordinator"]
     assert result["failures_survived"] == result["failures_injected"]
     assert result["failovers"] >= 1  # server-0's shard moved to its copy on server-1 ...
     assert result["rollbacks"] == 0 and result["steps_rolled_back"] == 0  # ... and nothing was undone
