@@ -21,7 +21,8 @@ import torch
 
 from ..proto.errors import FailedPrecondition, InvalidArgument, WrongJob
 from ..proto.defaults import STEP_TIMEOUT_S
-from ..proto.messages import DEFAULT_JOB, MAX_REPLICAS, JobConfig, ShardInfo, View, added_group_parent
+from ..proto.messages import (DEFAULT_JOB, JOB_NAME, MAX_REPLICAS, JobConfig, ShardInfo, View,
+                              added_group_parent)
 from ..runtime.history import NO_HISTORY, History
 from ..runtime.gauges import ShardGauges
 from .checkpoint import Checkpointer, CheckpointStore
@@ -316,6 +317,8 @@ class ShardNode:
         coordinator: it calls this while holding its lock."""
         if not 0 <= shard_id < 1 << 20:
             raise InvalidArgument(f"shard id {shard_id} is out of range")
+        if job_name and not JOB_NAME.fullmatch(job_name):  # (it names a folder on this server's disk)
+            raise InvalidArgument(f"job name {job_name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-'")
         state = self.find(job_id, shard_id)
         held = state or next(iter(self.replicas_of(job_id)), None)
         name = held.job.name if held is not None else job_name
