@@ -93,3 +93,12 @@ def part_stops(boundaries: list[int], numel: int, parts: int, min_numel: int = M
         if cut - last >= min_numel and numel - cut >= min_numel:
             stops.append(cut)
     return sorted(set(stops)) + [numel]
+
+
+def part_bounds(stops: list[int]) -> list[tuple[int, int]]:
+    """Each part's [lo, hi) in the slice, from ``part_stops``' end offsets.
+
+    >>> part_bounds([200, 400])
+    [(0, 200), (200, 400)]
+    """
+    return list(zip([0, *stops[:-1]], stops))

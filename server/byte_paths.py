@@ -29,6 +29,7 @@ import torch
 from ..proto import codec, wire
 from ..proto.errors import InvalidArgument, Unavailable
 from ..proto.gen import shardps_pb2 as pb
+from ..proto.plan import part_bounds
 from ..runtime.link import LinkError, LinkSocket
 from ..runtime.shm import SegmentFile
 from . import parts
@@ -183,12 +184,10 @@ class PartsPath(LinkPath):
     slice back once the shard applied it (or the step closed). ``after_result`` waits for the last
     part to go out; ``close`` stops the thread. Both directions of the link are busy at once."""
 
-    name = "tcp"
-
     def __init__(self, hub: LinkHub, key, link: LinkSocket, nonce: int, deadline: float, pool,
                  dtype: torch.dtype, stops: list[int]):
         super().__init__(hub, key, link, nonce, deadline, pool, dtype)
-        self.stops = stops
+        self.stops, self.bounds = stops, part_bounds(stops)
         self.writer: LinkSocket | None = None
         self._sender: threading.Thread | None = None
         self._stopped = False
@@ -196,17 +195,13 @@ class PartsPath(LinkPath):
         self._sent = 0  # parts of the slice sent
         self._state = None
 
-    def bounds(self, part: int) -> tuple[int, int]:
-        return (self.stops[part - 1] if part else 0), self.stops[part]
-
     def read(self, state, fill: parts.Fill) -> None:
         """Every part of the gradient, in order, into ``fill.push``'s buffer (the parts ``fill`` skips
         are read and dropped). InvalidArgument for a frame of another size or dtype, or a part with
         NaN/Inf (nothing of it is taken; parts before it may be applied already); Unavailable when the
         link breaks (the worker sends the push again and the retry continues it)."""
         first: torch.dtype | None = None
-        for part in range(len(self.stops)):
-            lo, hi = self.bounds(part)
+        for part, (lo, hi) in enumerate(self.bounds):
             try:
                 dtype, nbytes = self.link.receive_header(self.nonce, self.deadline)
             except LinkError as exc:
@@ -247,7 +242,7 @@ class PartsPath(LinkPath):
     def _send(self, state, step: int, generation: int) -> None:
         assert self.writer is not None
         try:
-            for part in range(len(self.stops)):
+            for part, (lo, hi) in enumerate(self.bounds):
                 def ready(part: int = part) -> bool:
                     return state.policy.part_ready(state, step, part)
 
@@ -256,7 +251,6 @@ class PartsPath(LinkPath):
                                         timeout=max(0.0, self.deadline - time.monotonic()))
                     if self._stopped or state.generation != generation or not ready():
                         return  # (the push failed, rolled back, or ran out of time: its handler says so)
-                lo, hi = self.bounds(part)
                 # The live slice: in plain sync part ``part`` changes again only with this worker's next push.
                 values = state.param[lo:hi]
                 if self.dtype is not torch.float32:

@@ -26,6 +26,7 @@ import torch
 
 from ..proto.errors import FailedPrecondition, FutureStep, InvalidArgument, StaleStep, UnknownWorker, WaitTimeout
 from ..proto.messages import JobConfig, StepOpts, UpdateMode
+from ..proto.plan import part_bounds
 from .steps import Closed, Outcome, Push, StepHost, UpdatePolicy
 
 __all__ = ["AsyncPolicy", "Closed", "Outcome", "Push", "SyncPolicy", "UpdatePolicy", "make_policy"]
@@ -325,8 +326,9 @@ class SyncPolicy:
         if open_.applied >= ready:
             return
         present, lr_scale = _merge_present(pushes), self._lr_scale(pushes)
+        bounds = part_bounds(stops)
         while open_.applied < ready:
-            lo, hi = stops[open_.applied - 1] if open_.applied else 0, stops[open_.applied]
+            lo, hi = bounds[open_.applied]
             _mean_into(pushes, lo, hi)
             state.apply_part(pushes[0].gradient, present, pushes[0].hyper if not open_.applied else None, lr_scale,
                              lo, hi)

@@ -159,11 +159,14 @@ class ShardServicer:
         if outcome.clip_partial is not None:
             yield pb.PushResponse(clip_partial=pb.ClipPartial(step=h.step, partial=outcome.clip_partial))
             outcome = state.finish_clip(push, self._clip_total(state, frames, h.step), outcome.duplicate)
-        version = path.reply(state)
+        yield from self._answer(state, outcome, path)
+
+    def _answer(self, state, outcome, path: ServerPath):
+        """A push's PushResult, then what its path sends after it (the slice), then the buffers file."""
         yield pb.PushResponse(result=pb.PushResult(
-            version=version, staleness=outcome.staleness, duplicate=outcome.duplicate, dropped=outcome.dropped,
-            next_step=outcome.next_step, applied_lr=outcome.applied_lr, epoch=state.views.latest_epoch,
-            skipped=outcome.skipped))
+            version=path.reply(state), staleness=outcome.staleness, duplicate=outcome.duplicate,
+            dropped=outcome.dropped, next_step=outcome.next_step, applied_lr=outcome.applied_lr,
+            epoch=state.views.latest_epoch, skipped=outcome.skipped))
         yield from path.after_result(state)
         if state.job.broadcast_buffers:
             yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
@@ -201,13 +204,7 @@ class ShardServicer:
                 parts.stop(state, fill)
         with state.cond:
             outcome = parts.finish(state, fill)
-        yield pb.PushResponse(result=pb.PushResult(
-            version=path.reply(state), staleness=outcome.staleness, duplicate=outcome.duplicate,
-            dropped=outcome.dropped, next_step=outcome.next_step, applied_lr=outcome.applied_lr,
-            epoch=state.views.latest_epoch, skipped=outcome.skipped))
-        yield from path.after_result(state)
-        if state.job.broadcast_buffers:
-            yield from self._buffer_frames(state, pb.PushResponse, BUFFERS_REPLY_FIELD)
+        yield from self._answer(state, outcome, path)
 
     def _part_stops(self, state) -> list[int]:
         """Where this shard's slice is cut for pushes in parts ([numel]: they go whole)."""

@@ -32,6 +32,7 @@ import torch
 from ..proto import codec, wire
 from ..proto.errors import NoLink, ShardpsError, Unavailable
 from ..proto.gen import shardps_pb2 as pb
+from ..proto.plan import part_bounds
 from ..runtime.link import ACK, HELLO, MAGIC, LinkError, LinkSocket
 from ..runtime.shm import Segment
 
@@ -196,23 +197,16 @@ class OnLink:
                 self._reader = threading.Thread(target=self._read_parts, args=(self.link.duplex(), deadline),
                                                 daemon=True, name="shardps-parts-read")
                 self._reader.start()
-                for lo, hi in self._bounds():
+                for lo, hi in part_bounds(self.stops):
                     self.link.send(self.nonce, self.grad[lo:hi], deadline)
         except LinkError as exc:  # the server refused the push (it closes the link), or the link broke
             self.broke = exc
         return iter(())
 
-    def _bounds(self) -> Iterator[tuple[int, int]]:
-        assert self.stops is not None
-        lo = 0
-        for hi in self.stops:
-            yield lo, hi
-            lo = hi
-
     def _read_parts(self, reader: LinkSocket, deadline: float) -> None:
         into = self.landing.into
         try:
-            for lo, hi in self._bounds():
+            for lo, hi in part_bounds(self.stops or []):
                 reader.receive(self.nonce, into[lo:hi], deadline)
         except LinkError as exc:
             self._read_error = exc
