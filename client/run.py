@@ -240,7 +240,7 @@ def _prepare_resume(config: RunConfig, checkpoints: Path) -> Path:
                        + (f"--mode diloco --fragments {len(ckpts)}" if len(ckpts) > 1 else "no --fragments"))
     model = get_workload(config.workload, config.seed).model()
     names = {id(p): n for n, p in model.named_parameters()}
-    parts = split(list(model.parameters()), len(ckpts)) if len(ckpts) > 1 else [list(model.parameters())]
+    parts = split(list(model.parameters()), len(ckpts))  # (one fragment: one part, the whole model)
     if [fingerprint_of((names[id(p)], tuple(p.shape)) for p in part) for part in parts] != \
             [c.job.layout.fingerprint for c in ckpts]:
         raise RunError(f"the checkpoint in {ckpts[0].source} is of another model than --workload {config.workload}; "

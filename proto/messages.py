@@ -41,11 +41,16 @@ def added_group_parent(job_name: str) -> str:
     return m.group(1) if m else ""
 
 
+def _numbered_jobs(job_name: str, names, letter: str) -> list[str]:
+    """Of ``names``, the jobs ``<job_name>.<letter><k>``, in order of k."""
+    pattern = re.compile(re.escape(job_name) + rf"\.{letter}(\d+)")
+    found = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
+    return [n for _, n in found]
+
+
 def added_group_jobs(job_name: str, names) -> list[str]:
     """Of the cluster's job ``names``, those holding param groups added to ``job_name``, in group order."""
-    pattern = re.compile(re.escape(job_name) + r"\.g(\d+)")
-    found = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
-    return [n for _, n in sorted(found)]
+    return _numbered_jobs(job_name, names, "g")
 
 
 def fragment_job(job_name: str, index: int) -> str:
@@ -56,9 +61,7 @@ def fragment_job(job_name: str, index: int) -> str:
 def fragment_jobs(job_name: str, names) -> list[str]:
     """Of the cluster's job ``names``, the fragments of streaming DiLoCo job ``job_name``, in fragment
     order ([] when it is no streaming job): together they hold its model, fragment 0 its buffers."""
-    pattern = re.compile(re.escape(job_name) + r"\.f(\d+)")
-    found = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
-    return [n for _, n in found]
+    return _numbered_jobs(job_name, names, "f")
 
 
 _DTYPE_NAMES = {

@@ -95,7 +95,6 @@ class DiLoCo:
         self.inner, self.sync_every, self.sync_seconds = inner_optimizer, sync_every, sync_seconds
         self._owned = owned
         self._nominal = batch_size
-        self._inner_steps = 0  # streaming: inner steps taken (a fragment's rollback voids its round only)
         self.fragments: list[Fragment] = []
         try:
             if fragments == 1:
@@ -115,6 +114,7 @@ class DiLoCo:
         self.outer = self.fragments[0].outer
         # A worker joining a running (or resumed) streaming job takes up the schedule where the job is:
         # fragment 0 syncs at multiples of H, so its outer steps tell the inner steps the job took.
+        # (streaming: inner steps taken; a fragment's rollback voids its round only)
         self._inner_steps = self.outer.steps_taken * sync_every if fragments > 1 else 0
         self._hook = inner_optimizer.register_step_pre_hook(lambda *_: self._adopt_added_params())
 

@@ -137,8 +137,6 @@ class TrainConfig:
             raise ValueError(f"--fragments {self.fragments} staggers the fragments' syncs over the --sync-every H "
                              f"inner steps: give --sync-every >= {self.fragments} or fewer --fragments")
         if self.fragments > 1:
-            from .workloads import get_workload
-
             workload = get_workload(self.workload, self.seed)
             with torch.device("meta"):  # the parameters' count only: no memory, no init
                 count = len(list(workload.model().parameters()))
