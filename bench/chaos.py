@@ -47,7 +47,6 @@ def scenario_text(failures: int, every: float, down: float, start: float, seed: 
 def chaos_run(args, out: Path) -> dict:
     """Both runs; the comparison as a dict."""
     from shardps.client.run import RunConfig, run
-    from shardps.chaos.report import chaos_pacing
     from shardps.chaos.scenario import CHAOS_KINDS
     from shardps.client.sdk import load_model_file
 
@@ -68,7 +67,7 @@ def chaos_run(args, out: Path) -> dict:
     # ended
     failures = [e for e in report["timeline"] if e["action"] in CHAOS_KINDS]
     ends = [e for e in report["timeline"] if e["action"] in CHAOS_KINDS.values()]
-    pacing = chaos_pacing(report["timeline"])
+    pacing = report["pacing"]  # (chaos.report.chaos_pacing, written with the report)
     step_s = clean["train_s"] / args.steps  # a fault-free step, start-up left out
     # torchft's model, efficiency ~ 1 - (time a failure costs) / MTBF, with a failure costing one step and the
     # MTBF that happened (a slow restart stretches the gaps: the runner paces failures by their ends)

@@ -331,10 +331,16 @@ class ShardNode:
         server's disk; calls must name ``epoch`` or later. Returns the old version. Another shard's replica
         must be here already (placed by the coordinator): FailedPrecondition otherwise, nothing changed."""
         self.check_generation(generation)
-        if shard_id is not None and shard_id != self.shard_id:
-            return self._rollback_replica(job_id, shard_id, version, epoch)
-        with self._cond:
-            state = self.states.get(job_id)
+        sid = self.shard_id if shard_id is None else shard_id
+        own = sid == self.shard_id
+        if own:
+            with self._cond:
+                state = self.states.get(job_id)
+        else:
+            state = self.find(job_id, sid)
+            if state is None:
+                raise FailedPrecondition(f"server {self.shard_id} holds no replica of shard {sid} of job "
+                                         f"{job_id[:64]!r} to roll back; place it here first (SetReplicas)")
         latest = state.views.latest_epoch if state is not None else 0
         if version < 0 or not 1 <= epoch <= latest + MAX_EPOCH_JUMP:
             raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) in 1..{latest} + "
@@ -344,28 +350,16 @@ class ShardNode:
             name = job.name if job is not None else DEFAULT_JOB
         else:
             name = state.job.name
-        snap = self.store(name).load(version, self.shard_id)
+        snap = self.store(name, sid).load(version, sid)
         if snap.job_id != job_id:
-            raise WrongJob(f"shard {self.shard_id}'s checkpoint of version {version} belongs to job {snap.job_id!r}")
-        with self._cond:
-            if job_id not in self.states:  # not restored yet (still starting): take the checkpoint as its state
-                self._install(ShardState.from_snapshot(snap, self.step_timeout))
-            state = self.states[job_id]
-        return state.restore(snap, epoch)
-
-    def _rollback_replica(self, job_id: str, shard_id: int, version: int, epoch: int) -> int:
-        state = self.find(job_id, shard_id)
-        if state is None:
-            raise FailedPrecondition(f"server {self.shard_id} holds no replica of shard {shard_id} of job "
-                                     f"{job_id[:64]!r} to roll back; place it here first (SetReplicas)")
-        latest = state.views.latest_epoch
-        if version < 0 or not 1 <= epoch <= latest + MAX_EPOCH_JUMP:
-            raise InvalidArgument(f"rollback version ({version}) must be >= 0 and epoch ({epoch}) in 1..{latest} + "
-                                  f"{MAX_EPOCH_JUMP}")
-        snap = self.store(state.job.name, shard_id).load(version, shard_id)
-        if snap.job_id != job_id:
-            raise WrongJob(f"server {self.shard_id}'s checkpoint of shard {shard_id} at version {version} belongs "
-                           f"to job {snap.job_id!r}")
+            raise WrongJob(f"server {self.shard_id}'s checkpoint of shard {sid} at version {version} belongs to job "
+                           f"{snap.job_id!r}")
+        if own:
+            with self._cond:
+                if job_id not in self.states:  # not restored yet (still starting): take the checkpoint as its state
+                    self._install(ShardState.from_snapshot(snap, self.step_timeout))
+                state = self.states[job_id]
+        assert state is not None
         return state.restore(snap, epoch)
 
     def check_generation(self, generation: int) -> None:
