@@ -53,6 +53,9 @@ MAX_ADDRESS = 256  # characters of a server address
 LEASE_RATE_MARGIN = 0.01
 
 
+RESTORE_BACKOFF_S = (0.5, 4.0)  # restore_lost lists checkpoints again after this long, doubling (same servers)
+
+
 class Coordinator:
     def __init__(self, num_servers: int, align: int = DEFAULT_ALIGN, shards=None, lease_s: float = LEASE_S,
                  journal=None):
@@ -73,6 +76,8 @@ class Coordinator:
         self.placement_due = threading.Event()  # set: the placement loop sends a round now (a failover)
         self.rounds_started = self.rounds_sent = 0  # placement rounds begun / answered (coordinator.main)
         self.cond = threading.Condition()
+        # restore_lost's last listing that found no restore point: (servers then, when to list again, backoff)
+        self._restore_failed: tuple[dict[int, str], float, float] | None = None
         self.journal = journal
         if journal is not None:
             journal.restore(self)
@@ -223,11 +228,24 @@ class Coordinator:
             due = [s for s in self.jobs.values() if s.placement is not None and s.placement.lost]
             if not due or self.shards is None or len(self.servers) < self.num_servers or self.down:
                 return []  # (a server that is down cannot restore its home shard: wait for it)
-            candidates = {s.job_id: self._candidates(self._family(s)) for s in due}
             addresses = dict(self.servers)
+            failed = self._restore_failed
+            if failed is not None and failed[0] == addresses and time.monotonic() < failed[1]:
+                return []  # the same servers found no restore point a moment ago: list them again later
+            candidates = {s.job_id: self._candidates(self._family(s)) for s in due}
         # Outside the lock: a restarted server holds no replica of the job and answers from its disk.
-        points = {job_id: choose(jobs, list_checkpoints(self.shards, jobs, addresses))
-                  for job_id, jobs in candidates.items()}
+        try:
+            points = {job_id: choose(jobs, list_checkpoints(self.shards, jobs, addresses))
+                      for job_id, jobs in candidates.items()}
+        except Exception:  # unreachable, or no common version: every shard on every server is asked again,
+            # after 0.5 s, doubling to 4 s while the same servers keep failing (not four times a second)
+            backoff = min(RESTORE_BACKOFF_S[1], 2 * failed[2]) if failed is not None and failed[0] == addresses \
+                else RESTORE_BACKOFF_S[0]
+            with self.cond:
+                self._restore_failed = (addresses, time.monotonic() + backoff, backoff)
+            raise
+        with self.cond:
+            self._restore_failed = None
         with self.cond:
             if self.down or self.servers != addresses:
                 return []  # a server died or moved meanwhile: the next call lists again
