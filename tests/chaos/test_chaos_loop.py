@@ -168,8 +168,11 @@ def test_with_replicas_the_chaos_benchmark_loses_no_step_to_a_killed_server(tmp_
     sys.path.insert(0, str(ROOT / "bench"))
     import chaos as bench  # bench/chaos.py
 
-    # training goes on while the killed server restarts: the coordinator's kill comes 3 s after it is back
-    result = bench.main(["--failures", "3", "--every", "4", "--start", "2", "--steps", STEPS, "--seed", "1",
+    # training goes on while the killed server restarts: the coordinator's kill comes 3 s after it is back.
+    # Two failures: seed 1's third kills server-0 again, and where the run is fast enough to reach it, that
+    # kill can land before the restarted server's copy is back in sync: a lost shard, restored by a rollback
+    # (tests/faults/test_lost_replicas.py), which is not what this test is about.
+    result = bench.main(["--failures", "2", "--every", "4", "--start", "2", "--steps", STEPS, "--seed", "1",
                          "--targets", "servers", "coordinator", "--replicas", "2", "--dir", str(tmp_path)])
     assert result["steps"] == int(STEPS) and result["killed"][:2] == ["server-0", "coordinator"]
     assert result["failures_survived"] == result["failures_injected"]
